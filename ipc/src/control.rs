@@ -1,0 +1,97 @@
+//! Control messages: rkyv archives, validated only on a private copy.
+//!
+//! Socket calls, demux changes, statistics and supervisor commands are small rkyv
+//! archives. The sender is untrusted, so the bytes are first copied out of shared
+//! memory into a private, aligned buffer, and only then validated (bytecheck) and
+//! deserialised: a peer can neither change them between check and use nor make the
+//! receiver read outside them.
+
+use rkyv::api::high::{HighDeserializer, HighSerializer, HighValidator};
+use rkyv::bytecheck::CheckBytes;
+use rkyv::rancor::Error as RancorError;
+use rkyv::ser::allocator::ArenaHandle;
+use rkyv::util::AlignedVec;
+use rkyv::{Archive, Deserialize, Serialize};
+
+/// The largest control message accepted.
+pub const MAX_CONTROL_LEN: usize = 64 * 1024;
+
+/// Encoding or decoding a control message failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ControlError {
+    /// The message is larger than [`MAX_CONTROL_LEN`].
+    #[error("control message of {0} bytes exceeds the {MAX_CONTROL_LEN}-byte limit")]
+    TooLarge(usize),
+    /// Serialisation failed.
+    #[error("cannot encode control message: {0}")]
+    Encode(String),
+    /// The bytes are not a valid archive of the expected type.
+    #[error("invalid control message from peer: {0}")]
+    Invalid(String),
+}
+
+/// Serialises `msg` into an archive.
+pub fn encode<T>(msg: &T) -> Result<AlignedVec, ControlError>
+where
+    T: for<'a> Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, RancorError>>,
+{
+    let bytes = rkyv::to_bytes::<RancorError>(msg).map_err(|e| ControlError::Encode(e.to_string()))?;
+    if bytes.len() > MAX_CONTROL_LEN {
+        return Err(ControlError::TooLarge(bytes.len()));
+    }
+    Ok(bytes)
+}
+
+/// Copies `bytes` (already out of shared memory) into an aligned private buffer,
+/// validates them as an archive of `T`, and deserialises.
+pub fn decode<T>(bytes: &[u8]) -> Result<T, ControlError>
+where
+    T: Archive,
+    T::Archived: for<'a> CheckBytes<HighValidator<'a, RancorError>> + Deserialize<T, HighDeserializer<RancorError>>,
+{
+    if bytes.len() > MAX_CONTROL_LEN {
+        return Err(ControlError::TooLarge(bytes.len()));
+    }
+    let mut private = AlignedVec::<16>::with_capacity(bytes.len());
+    private.extend_from_slice(bytes);
+    rkyv::from_bytes::<T, RancorError>(&private).map_err(|e| ControlError::Invalid(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[derive(Archive, Serialize, Deserialize, Debug, PartialEq)]
+    #[rkyv(derive(Debug))]
+    enum Msg {
+        Bind { port: u16, addr: [u8; 4] },
+        Close(u32),
+        Name(String),
+    }
+
+    #[test]
+    fn round_trip() {
+        for m in [Msg::Bind { port: 7, addr: [10, 77, 0, 2] }, Msg::Close(3), Msg::Name("tcp".into())] {
+            let bytes = encode(&m).expect("encode");
+            assert_eq!(decode::<Msg>(&bytes).expect("decode"), m);
+        }
+    }
+
+    #[test]
+    fn truncated_and_corrupted_archives_are_refused() {
+        let bytes = encode(&Msg::Name("a fairly long name".into())).expect("encode");
+        assert!(decode::<Msg>(&bytes[..bytes.len() - 3]).is_err());
+        let mut bad = bytes.to_vec();
+        let n = bad.len();
+        bad[n - 4..].copy_from_slice(&u32::MAX.to_le_bytes()); // relative pointer
+        assert!(decode::<Msg>(&bad).is_err());
+    }
+
+    proptest! {
+        #[test]
+        fn garbage_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode::<Msg>(&bytes);
+        }
+    }
+}
