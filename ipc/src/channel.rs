@@ -214,7 +214,7 @@ impl Interest {
     pub const NONE: Self = Self { rx: false, space: false };
 
     fn bits(self) -> u32 {
-        u32::from(self.rx) * WANT_RX | u32::from(self.space) * WANT_SPACE
+        (u32::from(self.rx) * WANT_RX) | (u32::from(self.space) * WANT_SPACE)
     }
 }
 
@@ -317,7 +317,9 @@ where
         // peer's sleep announcement and its re-check: either the peer's re-check sees
         // our index store, or we see its sleep word here.
         fence(Ordering::SeqCst);
-        let sleep = self.tx.peer().load32(SLEEP, Ordering::Relaxed);
+        // Acquire pairs with the Release store in `announce_sleep`: the peer read our
+        // wake sequence before announcing, so our bump below is after that read.
+        let sleep = self.tx.peer().load32(SLEEP, Ordering::Acquire);
         if sleep & cause != 0 && sleep != self.peer_sleep_woken {
             self.peer_sleep_woken = sleep;
             let mine = self.tx.mine();
@@ -336,7 +338,8 @@ where
             return false;
         }
         self.sleep_gen = self.sleep_gen.wrapping_add(1) & (u32::MAX >> 2);
-        self.rx.mine().store32(SLEEP, (self.sleep_gen << 2) | bits, Ordering::Relaxed);
+        // Release: see `Waiter::wait` (the wake-sequence read comes first).
+        self.rx.mine().store32(SLEEP, (self.sleep_gen << 2) | bits, Ordering::Release);
         true
     }
 
@@ -344,6 +347,10 @@ where
         self.rx.mine().store32(SLEEP, 0, Ordering::Relaxed);
     }
 }
+
+/// How many channel ends one [`Waiter::wait`] can sleep on (futex_waitv's limit is
+/// 128; a domain has a handful of channels).
+pub const MAX_WAIT_ENDS: usize = 16;
 
 /// Counters of one waiting thread.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -380,13 +387,13 @@ impl Waiter {
         Self { policy, stats: WaiterStats::default() }
     }
 
-    /// Waits until one of `ends` is ready for its [`ChannelEnd::interest`], the
+    /// Waits until one of `ends` (at most [`MAX_WAIT_ENDS`]) is ready for its [`ChannelEnd::interest`], the
     /// timeout passes, or a spurious wake. Callers drain every end to empty before
     /// calling this (the design's drain-to-empty rule), and loop on `Idle`.
     ///
-    /// Spins first if `tokens` grants a token and the budget is non-zero; then
-    /// announces sleep on every end, re-checks, and sleeps on the peers' wake
-    /// sequences with the values just read.
+    /// Spins first if `tokens` grants a token and the budget is non-zero; then reads
+    /// the peers' wake sequences, announces sleep on every end, re-checks, and sleeps
+    /// on those sequences with the values read.
     pub fn wait<M, P, T, F, S>(
         &mut self,
         ends: &mut [&mut ChannelEnd<M, P, T, F>],
@@ -400,6 +407,7 @@ impl Waiter {
         F: Futex,
         S: ShmWrite,
     {
+        assert!(ends.len() <= MAX_WAIT_ENDS, "wait on at most {MAX_WAIT_ENDS} channel ends");
         self.stats.waits += 1;
         if ends.iter_mut().any(|e| e.ready()) {
             return WaitOutcome::Ready;
@@ -408,6 +416,16 @@ impl Waiter {
             self.stats.spins_won += 1;
             return WaitOutcome::Ready;
         }
+        // Read each peer's wake sequence *before* announcing sleep. The Release
+        // store of the announcement pairs with the Acquire load of it in
+        // `wake_peer_if`, so a peer that sees this announcement bumps the sequence
+        // after our read: its first wake for this sleep always changes the value we
+        // wait on, and one wake per announced sleep is enough.
+        let mut expected = [0u32; MAX_WAIT_ENDS];
+        for (slot, e) in expected.iter_mut().zip(ends.iter()) {
+            // Acquire pairs with the Release bump in `wake_peer_if` (for the stamp).
+            *slot = e.rx.peer().load32(WAKE_SEQ, Ordering::Acquire);
+        }
         let mut announced = false;
         for e in ends.iter_mut() {
             announced |= e.announce_sleep();
@@ -415,15 +433,9 @@ impl Waiter {
         if !announced {
             return WaitOutcome::Idle;
         }
-        // SeqCst fence pairs with the one in `wake_peer_if`: our sleep words are
-        // visible to a peer that stores an index after this point, or our re-check
-        // below sees its index.
+        // SeqCst fence pairs with the one in `wake_peer_if`: either the peer sees our
+        // sleep word after its index store, or our re-check below sees its index.
         fence(Ordering::SeqCst);
-        let mut expected = [0u32; 16];
-        for (slot, e) in expected.iter_mut().zip(ends.iter()) {
-            // Acquire pairs with the Release bump in `wake_peer_if`.
-            *slot = e.rx.peer().load32(WAKE_SEQ, Ordering::Acquire);
-        }
         let ready = ends.iter_mut().any(|e| e.ready());
         if !ready {
             let words: Vec<_> = ends

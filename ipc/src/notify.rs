@@ -84,7 +84,10 @@ pub struct LoomFutex {
 impl Futex for LoomFutex {
     fn wait_any(&self, words: &[(&AtomicU32, u32)], _timeout: Option<Duration>) {
         let guard = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-        if words.iter().all(|(w, v)| w.load(Ordering::SeqCst) == *v) {
+        // The kernel compares against the word's current value. A plain loom load may
+        // return any value not yet overwritten in this thread's view; a no-op
+        // read-modify-write always reads the latest one, as the kernel does.
+        if words.iter().all(|(w, v)| w.fetch_add(0, Ordering::SeqCst) == *v) {
             drop(self.cv.wait(guard));
         }
     }
