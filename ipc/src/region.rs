@@ -117,10 +117,8 @@ impl Region {
     pub fn copy_in(&self, off: usize, src: &[u8]) {
         let end = off.checked_add(src.len()).expect("offset overflow");
         assert!(end <= self.map.len(), "copy_in out of bounds: {off}+{} > {}", src.len(), self.map.len());
-        // SAFETY: [off, end) lies inside our live read-write mapping (checked above);
-        // the destination is shared memory that only this process writes, and readers
-        // elsewhere only load from it, so no Rust reference is invalidated. `src` is
-        // private memory and cannot overlap the mapping's pages as a Rust slice.
+        // SAFETY: [off, end) is inside our live writable mapping (checked above); only
+        // this process writes it, readers only load atomically; `src` is private memory.
         unsafe { atomic_copy_in(self.map.as_ptr().cast_mut().add(off), src) }
     }
 
@@ -142,10 +140,8 @@ impl RegionRo {
     /// `min_len` bytes long) and maps it read-only.
     pub fn attach(fd: OwnedFd, min_len: usize) -> Result<Self, RegionError> {
         let (mfd, len) = checked_memfd(fd, &REQUIRED_SEALS, min_len)?;
-        // SAFETY: the SHRINK seal (checked above) means the file can never get shorter
-        // than the mapping, so no access through it can SIGBUS; FUTURE_WRITE only makes
-        // the owner's earlier writable mapping the sole writer. We map PROT_READ and
-        // read only through atomics and copies.
+        // SAFETY: the SHRINK seal (checked above) keeps the file at least as long as
+        // the mapping, so no access can SIGBUS; we map PROT_READ and read only atomically.
         let map = unsafe { MmapOptions::new().len(len).map(mfd.as_file()) }.map_err(RegionError::Map)?;
         Ok(Self { _fd: mfd.into_file().into(), map })
     }

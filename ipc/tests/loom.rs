@@ -40,6 +40,18 @@ fn model(f: impl Fn() + Sync + Send + 'static) {
     b.check(f);
 }
 
+/// Pops one at a time until `n` arrived, sleeping (never spinning) when empty.
+fn recv_blocking(rx: &mut End_, n: usize) -> Vec<Descriptor> {
+    let mut w = Waiter::new(SpinPolicy::NEVER);
+    let mut got = Vec::new();
+    while got.len() < n {
+        if rx.recv(&mut got, 1).unwrap() == 0 {
+            w.wait(&mut [&mut *rx], None, NO_TOKENS);
+        }
+    }
+    got
+}
+
 const NO_TOKENS: Option<&SpinTokens<HeapWords>> = None;
 
 /// Producer pushes 3 items through a 2-slot ring, yielding when full; the consumer
@@ -88,14 +100,7 @@ fn sleep_wake_no_lost_wakeup() {
                 }
             }
         });
-        let mut w = Waiter::new(SpinPolicy::NEVER);
-        let mut got = Vec::new();
-        while got.len() < 3 {
-            if rx.recv(&mut got, 1).unwrap() == 0 {
-                w.wait(&mut [&mut rx], None, NO_TOKENS);
-            }
-        }
-        assert_eq!(got, vec![d(0), d(1), d(2)]);
+        assert_eq!(recv_blocking(&mut rx, 3), vec![d(0), d(1), d(2)]);
         h.join().unwrap();
     });
 }
@@ -110,13 +115,7 @@ fn consumer_sleeps_producer_yields() {
             tx.send(&[d(0)]).unwrap();
             tx.send(&[d(1)]).unwrap();
         });
-        let mut w = Waiter::new(SpinPolicy::NEVER);
-        let mut got = Vec::new();
-        while got.len() < 2 {
-            if rx.recv(&mut got, 1).unwrap() == 0 {
-                w.wait(&mut [&mut rx], None, NO_TOKENS);
-            }
-        }
+        assert_eq!(recv_blocking(&mut rx, 2), vec![d(0), d(1)]);
         h.join().unwrap();
     });
 }
