@@ -275,9 +275,29 @@ fn main() {
         eprintln!("{name}: {m:.2} {unit} (spread {spread:.0}%)");
         (name.to_owned(), m, unit.to_owned(), spread)
     };
-    let pp = run("raw cache-line ping-pong, one way", "ns", &mut || raw_pingpong(50_000 * scale));
-    let spin = run("ring one way, spinning", "ns", &mut || ring_pingpong(50_000 * scale, false));
-    let wake = run("ring one way, futex wake every hop", "ns", &mut || ring_pingpong(5_000 * scale, true));
+    // Latencies alternate within each repetition (ping-pong, spinning ring, waking
+    // ring), and each ratio is taken inside its repetition before the median, so
+    // drift on this shared machine hits numerator and denominator alike.
+    let (mut pps, mut spins, mut wakes, mut spin_ratios, mut wake_ratios) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for _ in 0..reps {
+        let pp = raw_pingpong(50_000 * scale);
+        let spin = ring_pingpong(50_000 * scale, false);
+        let wake = ring_pingpong(5_000 * scale, true);
+        pps.push(pp);
+        spins.push(spin);
+        wakes.push(wake);
+        spin_ratios.push(spin / pp);
+        wake_ratios.push(wake / pp);
+    }
+    let named = |name: &str, v: Vec<f64>| {
+        let (m, spread) = median(v);
+        eprintln!("{name}: {m:.2} ns (spread {spread:.0}%)");
+        (name.to_owned(), m, "ns".to_owned(), spread)
+    };
+    let pp = named("raw cache-line ping-pong, one way", pps);
+    let spin = named("ring one way, spinning", spins);
+    let wake = named("ring one way, futex wake every hop", wakes);
     let mut add = |r: (String, f64, String, f64), ratio: Option<f64>| {
         rows.push((
             r.0,
@@ -286,12 +306,9 @@ fn main() {
             format!("{:.0}%", r.3),
         ));
     };
-    let base = pp.1;
     add(pp, Some(1.0));
-    let spin_ratio = spin.1 / base;
-    add(spin, Some(spin_ratio));
-    let wake_ratio = wake.1 / base;
-    add(wake, Some(wake_ratio));
+    add(spin, Some(median(spin_ratios).0));
+    add(wake, Some(median(wake_ratios).0));
     let mut futex_per_msg = 0.0;
     for batch in [1usize, 8, 32] {
         let mut calls = Vec::new();
@@ -311,13 +328,13 @@ fn main() {
     add(gb, None);
     rows.push((
         "futex calls per message, streaming (batch 32, window 1024)".into(),
-        format!("{futex_per_msg:.4}"),
+        format!("{futex_per_msg:.5}"),
         "—".into(),
         "—".into(),
     ));
 
     let mut table =
-        String::from("| measurement | median | ratio to ping-pong | spread (max−min)/median |\n|---|---|---|---|\n");
+        String::from("| measurement | median | ratio to ping-pong (median of per-run ratios) | spread (max−min)/median |\n|---|---|---|---|\n");
     for (name, value, ratio, spread) in &rows {
         table.push_str(&format!("| {name} | {value} | {ratio} | {spread} |\n"));
     }

@@ -248,6 +248,14 @@ fn word_ptr<T>(base: *const u8, len: usize, off: usize) -> *const T {
     unsafe { base.add(off) }.cast()
 }
 
+/// The start of a checked run of `n` 8-aligned `u64` words at `off` in a mapping.
+fn run_ptr(base: *const u8, len: usize, off: usize, n: usize) -> *const std::sync::atomic::AtomicU64 {
+    let bytes = n.checked_mul(8).and_then(|b| b.checked_add(off));
+    assert!(off % 8 == 0 && bytes.is_some_and(|e| e <= len), "bad word run {off}+{n}×8 (len {len})");
+    // SAFETY: the whole run is inside the mapping (checked above).
+    unsafe { base.add(off) }.cast()
+}
+
 macro_rules! impl_shm_read {
     ($t:ty) => {
         impl ShmRead for $t {
@@ -266,9 +274,25 @@ macro_rules! impl_shm_read {
                 // SAFETY: as in word32, with 8-byte alignment checked.
                 unsafe { &*p }
             }
+            fn load64_run(&self, off: usize, dst: &mut [u64]) {
+                let p = run_ptr(self.map.as_ptr(), self.map.len(), off, dst.len());
+                for (i, w) in dst.iter_mut().enumerate() {
+                    // SAFETY: word i of a run checked in bounds and aligned by run_ptr.
+                    *w = unsafe { &*p.add(i) }.load(Ordering::Relaxed);
+                }
+            }
         }
     };
 }
 impl_shm_read!(Region);
 impl_shm_read!(RegionRo);
-impl ShmWrite for Region {}
+impl ShmWrite for Region {
+    fn store64_run(&self, off: usize, src: &[u64]) {
+        let p = run_ptr(self.map.as_ptr(), self.map.len(), off, src.len());
+        for (i, w) in src.iter().enumerate() {
+            // SAFETY: word i of a run checked in bounds and aligned by run_ptr; this
+            // is our own writable mapping.
+            unsafe { &*p.add(i) }.store(*w, Ordering::Relaxed);
+        }
+    }
+}

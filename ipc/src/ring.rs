@@ -89,6 +89,8 @@ pub struct Producer<M, P, T> {
     tail: u32,
     cached_head: u32,
     broken: Option<RingError>,
+    /// Private staging for slot words (allocated once: no per-call zeroing).
+    scratch: Box<[u64]>,
     _t: PhantomData<T>,
 }
 
@@ -99,7 +101,7 @@ impl<M: ShmWrite, P: ShmRead, T: ShmSafe> Producer<M, P, T> {
         assert!(layout.capacity.is_power_of_two(), "ring capacity must be a power of two");
         assert!(layout.slots + layout.slot_bytes::<T>() <= mine.len(), "ring slots exceed the area");
         let tail = mine.load32(layout.tail, Ordering::Relaxed);
-        Self { mine, peer, layout, tail, cached_head: tail, broken: None, _t: PhantomData }
+        Self { mine, peer, layout, tail, cached_head: tail, broken: None, scratch: scratch(), _t: PhantomData }
     }
 
     /// The producer's own area.
@@ -144,15 +146,17 @@ impl<M: ShmWrite, P: ShmRead, T: ShmSafe> Producer<M, P, T> {
             return Ok(0);
         }
         let words = words_of::<T>();
-        let mask = self.layout.capacity - 1;
-        let mut buf = [0u64; MAX_SLOT_WORDS];
-        for (k, item) in items[..n].iter().enumerate() {
-            let slot = (self.tail.wrapping_add(k as u32) & mask) as usize;
-            let base = self.layout.slots + slot * size_of::<T>();
-            to_words(item, &mut buf[..words]);
-            for (w, word) in buf[..words].iter().enumerate() {
-                self.mine.store64(base + w * 8, *word, Ordering::Relaxed);
+        let buf = &mut self.scratch;
+        let mut done = 0;
+        while done < n {
+            // One run: contiguous slots (up to the wrap) that fit the stack buffer.
+            let k = run_len(self.layout.capacity, self.tail.wrapping_add(done as u32), n - done, words);
+            let slot = (self.tail.wrapping_add(done as u32) & (self.layout.capacity - 1)) as usize;
+            for (j, item) in items[done..done + k].iter().enumerate() {
+                to_words(item, &mut buf[j * words..(j + 1) * words]);
             }
+            self.mine.store64_run(self.layout.slots + slot * size_of::<T>(), &buf[..k * words]);
+            done += k;
         }
         self.tail = self.tail.wrapping_add(n as u32);
         // Release pairs with the Acquire load of the tail in `Consumer::available`:
@@ -167,6 +171,20 @@ impl<M: ShmWrite, P: ShmRead, T: ShmSafe> Producer<M, P, T> {
     }
 }
 
+/// Words copied per run through a stack buffer.
+const RUN_WORDS: usize = 256;
+
+fn scratch() -> Box<[u64]> {
+    vec![0; RUN_WORDS].into_boxed_slice()
+}
+
+/// Slots in the next contiguous run from `index`: at most `left`, not past the
+/// wrap, and fitting [`RUN_WORDS`].
+fn run_len(capacity: u32, index: u32, left: usize, words: usize) -> usize {
+    let to_wrap = (capacity - (index & (capacity - 1))) as usize;
+    left.min(to_wrap).min(RUN_WORDS / words)
+}
+
 /// The reading side of a ring.
 #[derive(Debug)]
 pub struct Consumer<M, P, T> {
@@ -176,6 +194,8 @@ pub struct Consumer<M, P, T> {
     head: u32,
     cached_tail: u32,
     broken: Option<RingError>,
+    /// Private staging for slot words copied out of the peer's area.
+    scratch: Box<[u64]>,
     _t: PhantomData<T>,
 }
 
@@ -184,7 +204,7 @@ impl<M: ShmWrite, P: ShmRead, T: ShmSafe> Consumer<M, P, T> {
     pub fn new(mine: M, peer: P, layout: RingLayout) -> Self {
         assert!(layout.capacity.is_power_of_two(), "ring capacity must be a power of two");
         let head = mine.load32(layout.head, Ordering::Relaxed);
-        Self { mine, peer, layout, head, cached_tail: head, broken: None, _t: PhantomData }
+        Self { mine, peer, layout, head, cached_tail: head, broken: None, scratch: scratch(), _t: PhantomData }
     }
 
     /// The consumer's own area.
@@ -229,16 +249,15 @@ impl<M: ShmWrite, P: ShmRead, T: ShmSafe> Consumer<M, P, T> {
             return Ok(0);
         }
         let words = words_of::<T>();
-        let mask = self.layout.capacity - 1;
         out.reserve(n);
-        for k in 0..n {
-            let slot = (self.head.wrapping_add(k as u32) & mask) as usize;
-            let base = self.layout.slots + slot * size_of::<T>();
-            let mut buf = [0u64; MAX_SLOT_WORDS];
-            for (w, word) in buf[..words].iter_mut().enumerate() {
-                *word = self.peer.load64(base + w * 8, Ordering::Relaxed);
-            }
-            out.push(from_words(&buf[..words]));
+        let buf = &mut self.scratch;
+        let mut done = 0;
+        while done < n {
+            let k = run_len(self.layout.capacity, self.head.wrapping_add(done as u32), n - done, words);
+            let slot = (self.head.wrapping_add(done as u32) & (self.layout.capacity - 1)) as usize;
+            self.peer.load64_run(self.layout.slots + slot * size_of::<T>(), &mut buf[..k * words]);
+            out.extend(buf[..k * words].chunks_exact(words).map(from_words::<T>));
+            done += k;
         }
         self.head = self.head.wrapping_add(n as u32);
         // Release pairs with the Acquire load of the head in `Producer::free`: our

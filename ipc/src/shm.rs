@@ -36,6 +36,14 @@ pub trait ShmRead {
     fn load64(&self, off: usize, ord: Ordering) -> u64 {
         self.word64(off).load(ord)
     }
+    /// Relaxed atomic loads of consecutive `u64`s starting at `off` into `dst`.
+    /// Mappings override this with one bounds check for the whole run.
+    #[inline]
+    fn load64_run(&self, off: usize, dst: &mut [u64]) {
+        for (i, w) in dst.iter_mut().enumerate() {
+            *w = self.load64(off + i * 8, Ordering::Relaxed);
+        }
+    }
 }
 
 /// Write access: only the single owner of an area implements this for it.
@@ -49,6 +57,13 @@ pub trait ShmWrite: ShmRead {
     #[inline]
     fn store64(&self, off: usize, v: u64, ord: Ordering) {
         self.word64(off).store(v, ord)
+    }
+    /// Relaxed atomic stores of `src` into consecutive `u64`s starting at `off`.
+    #[inline]
+    fn store64_run(&self, off: usize, src: &[u64]) {
+        for (i, w) in src.iter().enumerate() {
+            self.store64(off + i * 8, *w, Ordering::Relaxed);
+        }
     }
     /// Atomic add on the `u32` at `off`, returning the previous value.
     #[inline]
@@ -67,8 +82,15 @@ impl<T: ShmRead + ?Sized> ShmRead for std::sync::Arc<T> {
     fn word64(&self, off: usize) -> &AtomicU64 {
         (**self).word64(off)
     }
+    fn load64_run(&self, off: usize, dst: &mut [u64]) {
+        (**self).load64_run(off, dst)
+    }
 }
-impl<T: ShmWrite + ?Sized> ShmWrite for std::sync::Arc<T> {}
+impl<T: ShmWrite + ?Sized> ShmWrite for std::sync::Arc<T> {
+    fn store64_run(&self, off: usize, src: &[u64]) {
+        (**self).store64_run(off, src)
+    }
+}
 
 /// Heap-backed words with the same interface as a mapped region.
 ///
