@@ -163,8 +163,10 @@ fn checked_memfd(fd: OwnedFd, seals: &[FileSeal], min_len: usize) -> Result<(mem
     if let Some(missing) = seals.iter().find(|s| !have.contains(s)) {
         return Err(RegionError::NotSealed { missing: *missing });
     }
-    let len = usize::try_from(mfd.as_file().metadata().map_err(RegionError::Map)?.len())
-        .map_err(|_| RegionError::Size { expected: min_len, actual: usize::MAX })?;
+    // fstat, not std's metadata (statx with a path argument): sandboxed domains
+    // attach regions and may only stat an fd.
+    let st = rustix::fs::fstat(mfd.as_file()).map_err(|e| RegionError::Map(e.into()))?;
+    let len = usize::try_from(st.st_size).map_err(|_| RegionError::Size { expected: min_len, actual: usize::MAX })?;
     if len < min_len || len == 0 {
         return Err(RegionError::Size { expected: min_len.max(1), actual: len });
     }
