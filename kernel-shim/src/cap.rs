@@ -253,6 +253,30 @@ pub fn send_caps(sock: BorrowedFd<'_>, caps: &[(&Cap, Rights)]) -> Result<(), Ca
     Ok(())
 }
 
+/// Closes the fds of a truncated SCM_RIGHTS message, which the kernel installed as
+/// far as they fit but nix will not parse (it refuses truncated control data).
+fn close_truncated_rights(space: &[u8]) {
+    let hdr = std::mem::size_of::<libc::cmsghdr>();
+    if space.len() < hdr {
+        return;
+    }
+    // SAFETY: `space` holds at least one cmsghdr written by recvmsg; read_unaligned
+    // copies it out without assuming alignment.
+    let cmsg: libc::cmsghdr = unsafe { std::ptr::read_unaligned(space.as_ptr().cast()) };
+    if cmsg.cmsg_level != libc::SOL_SOCKET || cmsg.cmsg_type != libc::SCM_RIGHTS {
+        return;
+    }
+    let len = (cmsg.cmsg_len as usize).min(space.len());
+    for chunk in space[hdr.min(len)..len].chunks_exact(4) {
+        let fd = i32::from_ne_bytes([chunk[0], chunk[1], chunk[2], chunk[3]]);
+        if fd >= 0 {
+            // SAFETY: the kernel installed this fd for us with the truncated message;
+            // nothing else refers to it. Owning it closes it.
+            drop(unsafe { OwnedFd::from_raw_fd(fd) });
+        }
+    }
+}
+
 /// Receives one capability message, checking every fd before returning any.
 pub fn recv_caps(sock: BorrowedFd<'_>) -> Result<Vec<Cap>, CapError> {
     let mut buf = [0u8; 6 + MAX_CAPS_PER_MESSAGE * ENTRY + 1];
@@ -274,6 +298,9 @@ pub fn recv_caps(sock: BorrowedFd<'_>) -> Result<Vec<Cap>, CapError> {
         (msg.bytes, msg.flags.contains(MsgFlags::MSG_TRUNC), msg.flags.contains(MsgFlags::MSG_CTRUNC), fds)
     };
     if ctrunc {
+        if fds.is_empty() {
+            close_truncated_rights(&space);
+        }
         return Err(CapError::Truncated);
     }
     if len == 0 && fds.is_empty() {
