@@ -227,6 +227,9 @@ pub struct EndStats {
     pub received: u64,
     /// futex wake system calls made for the peer.
     pub wakes: u64,
+    /// Protocol violations by the peer seen on this end (a broken ring is counted
+    /// once; the end stays broken and every later call returns the same error).
+    pub violations: u64,
 }
 
 /// One end of a channel: an outbound ring, an inbound ring, and the wake protocol.
@@ -271,7 +274,7 @@ where
 
     /// Pushes as many of `items` as fit; wakes the peer if it sleeps waiting for data.
     pub fn send(&mut self, items: &[T]) -> Result<usize, RingError> {
-        let n = self.tx.push(items)?;
+        let n = self.counted(|e| e.tx.push(items))?;
         if n > 0 {
             self.stats.sent += n as u64;
             self.wake_peer_if(WANT_RX);
@@ -282,7 +285,7 @@ where
     /// Pops up to `max` entries into `out`; wakes the peer if it sleeps waiting for
     /// space.
     pub fn recv(&mut self, out: &mut Vec<T>, max: usize) -> Result<usize, RingError> {
-        let n = self.rx.pop(out, max)?;
+        let n = self.counted(|e| e.rx.pop(out, max))?;
         if n > 0 {
             self.stats.received += n as u64;
             self.wake_peer_if(WANT_SPACE);
@@ -292,12 +295,27 @@ where
 
     /// Free outbound slots (refreshing the peer's head if none are cached).
     pub fn space(&mut self) -> Result<usize, RingError> {
-        self.tx.free(1)
+        self.counted(|e| e.tx.free(1))
     }
 
     /// Inbound entries ready (refreshing the peer's tail if none are cached).
     pub fn pending(&mut self) -> Result<usize, RingError> {
-        self.rx.available()
+        self.counted(|e| e.rx.available())
+    }
+
+    /// Whether the peer has broken either ring (the runtime then reports it and the
+    /// supervisor cuts the channel off).
+    pub fn is_broken(&self) -> bool {
+        self.stats.violations > 0
+    }
+
+    /// Runs a ring operation, counting the first violation it reveals.
+    fn counted(&mut self, op: impl FnOnce(&mut Self) -> Result<usize, RingError>) -> Result<usize, RingError> {
+        let r = op(self);
+        if r.is_err() && self.stats.violations == 0 {
+            self.stats.violations = 1;
+        }
+        r
     }
 
     /// Outbound entries the peer has not yet taken, as last seen.

@@ -109,6 +109,7 @@ proptest! {
                         Err(e) => {
                             if let Some(prev) = broken { prop_assert_eq!(prev, e); }
                             broken = Some(e);
+                            prop_assert!(ours.is_broken(), "a violation is counted on the end");
                         }
                     }
                 }
@@ -125,6 +126,7 @@ proptest! {
             }
         }
         let _ = violations;
+        prop_assert!(ours.stats.violations <= 1, "a broken end counts its violation once");
     }
 }
 
