@@ -1,0 +1,684 @@
+//! capnet-ip: the ip domain's protocol core — Ethernet II, ARP, IPv4 with
+//! fragmentation and reassembly, ICMP, routing and the transport demux table.
+//!
+//! It is sans-IO (DESIGN, "Protocol code is sans-IO"): inputs are frames from the
+//! driver, datagrams from transport domains, and `now`; outputs are frames for the
+//! driver, deliveries and ICMP errors for transport domains, and the next deadline
+//! ([`IpCore::poll_at`]). It never reads a clock, touches a device or logs. Every
+//! frame it is given is a private copy (the runtime copies headers out of shared
+//! memory before parsing), parsed with smoltcp's `wire` views after a length check.
+//! Every frame it refuses is counted by [`DropReason`].
+
+#![forbid(unsafe_code)]
+
+mod arp;
+mod reasm;
+mod route;
+
+use std::collections::VecDeque;
+
+pub use arp::ArpCache;
+pub use reasm::{ReasmLimits, Reassembler};
+pub use route::{Route, RouteTable};
+pub use smoltcp::time::{Duration, Instant};
+pub use smoltcp::wire::{EthernetAddress, IpProtocol, Ipv4Address, Ipv4Cidr};
+use smoltcp::wire::{EthernetFrame, EthernetProtocol, Icmpv4Message, Icmpv4Packet, Ipv4Packet};
+
+/// Ethernet II header length.
+pub const ETH_HDR: usize = 14;
+/// IPv4 header length without options (we never emit options).
+pub const IP_HDR: usize = 20;
+
+/// Which transport domain a packet belongs to (an index the graph assigns).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct TransportId(pub u16);
+
+/// How the ip core is set up.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Our MAC address.
+    pub mac: EthernetAddress,
+    /// Our address and connected subnet.
+    pub addr: Ipv4Cidr,
+    /// Default gateway, if any.
+    pub gateway: Option<Ipv4Address>,
+    /// The IP MTU of the link (bytes of IP datagram per frame).
+    pub mtu: usize,
+    /// TTL of datagrams we originate.
+    pub ttl: u8,
+    /// How long a learned ARP entry stays valid.
+    pub arp_expiry: Duration,
+    /// Interval between ARP requests for an unresolved address.
+    pub arp_retry: Duration,
+    /// Requests sent before giving up on an address.
+    pub arp_tries: u8,
+    /// Datagrams queued per unresolved address (more are dropped and counted).
+    pub arp_queue: usize,
+    /// Reassembly limits.
+    pub reasm: ReasmLimits,
+}
+
+impl Config {
+    /// Defaults for `addr` with MAC `mac`.
+    pub fn new(mac: EthernetAddress, addr: Ipv4Cidr) -> Self {
+        Self {
+            mac,
+            addr,
+            gateway: None,
+            mtu: 1500,
+            ttl: 64,
+            arp_expiry: Duration::from_secs(60),
+            arp_retry: Duration::from_secs(1),
+            arp_tries: 3,
+            arp_queue: 16,
+            reasm: ReasmLimits::default(),
+        }
+    }
+}
+
+/// Why a frame or datagram was dropped. Counted per reason in [`Stats`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[repr(usize)]
+pub enum DropReason {
+    /// Shorter than an Ethernet header.
+    EthTruncated,
+    /// Addressed to another MAC.
+    EthNotForUs,
+    /// Neither IPv4 nor ARP.
+    EthUnknownType,
+    /// A malformed ARP packet (not Ethernet/IPv4, bad lengths).
+    ArpMalformed,
+    /// An IPv4 header or total length that does not fit the frame.
+    IpTruncated,
+    /// Version is not 4.
+    IpBadVersion,
+    /// IHL below 5 or beyond the packet.
+    IpBadHeaderLen,
+    /// Header checksum mismatch.
+    IpBadChecksum,
+    /// Not addressed to us (we do not forward).
+    IpNotForUs,
+    /// A fragment overlapping one already held: the whole datagram is dropped.
+    FragOverlap,
+    /// Fragments that would make a datagram larger than 65535 bytes.
+    FragTooLarge,
+    /// Reassembly memory or datagram limit reached.
+    FragMemory,
+    /// A non-final fragment whose length is not a multiple of 8, or empty.
+    FragMalformed,
+    /// A datagram not completed within the reassembly timeout.
+    FragTimeout,
+    /// A malformed ICMP message or bad ICMP checksum.
+    IcmpMalformed,
+    /// No transport domain claims the protocol and port.
+    NoTransport,
+    /// The ARP queue for an unresolved address is full.
+    ArpQueueFull,
+    /// An address did not answer ARP: its queued datagrams are dropped.
+    ArpUnresolved,
+    /// No route to the destination.
+    NoRoute,
+    /// Larger than the MTU with DF set.
+    TooBigDf,
+}
+
+impl DropReason {
+    /// Every reason, in counter order.
+    pub const ALL: [DropReason; 20] = [
+        Self::EthTruncated,
+        Self::EthNotForUs,
+        Self::EthUnknownType,
+        Self::ArpMalformed,
+        Self::IpTruncated,
+        Self::IpBadVersion,
+        Self::IpBadHeaderLen,
+        Self::IpBadChecksum,
+        Self::IpNotForUs,
+        Self::FragOverlap,
+        Self::FragTooLarge,
+        Self::FragMemory,
+        Self::FragMalformed,
+        Self::FragTimeout,
+        Self::IcmpMalformed,
+        Self::NoTransport,
+        Self::ArpQueueFull,
+        Self::ArpUnresolved,
+        Self::NoRoute,
+        Self::TooBigDf,
+    ];
+
+    /// The counter name used in `capnet status --json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::EthTruncated => "eth_truncated",
+            Self::EthNotForUs => "eth_not_for_us",
+            Self::EthUnknownType => "eth_unknown_type",
+            Self::ArpMalformed => "arp_malformed",
+            Self::IpTruncated => "ip_truncated",
+            Self::IpBadVersion => "ip_bad_version",
+            Self::IpBadHeaderLen => "ip_bad_header_len",
+            Self::IpBadChecksum => "ip_bad_checksum",
+            Self::IpNotForUs => "ip_not_for_us",
+            Self::FragOverlap => "frag_overlap",
+            Self::FragTooLarge => "frag_too_large",
+            Self::FragMemory => "frag_memory",
+            Self::FragMalformed => "frag_malformed",
+            Self::FragTimeout => "frag_timeout",
+            Self::IcmpMalformed => "icmp_malformed",
+            Self::NoTransport => "no_transport",
+            Self::ArpQueueFull => "arp_queue_full",
+            Self::ArpUnresolved => "arp_unresolved",
+            Self::NoRoute => "no_route",
+            Self::TooBigDf => "too_big_df",
+        }
+    }
+}
+
+/// Counters of the ip core.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Stats {
+    /// Frames received from the driver.
+    pub frames_in: u64,
+    /// Frames handed to the driver.
+    pub frames_out: u64,
+    /// IPv4 datagrams accepted (after reassembly).
+    pub packets_in: u64,
+    /// IPv4 packets sent (fragments count one each).
+    pub packets_out: u64,
+    /// Echo requests answered.
+    pub echo_replies: u64,
+    /// Drops by reason, indexed by `DropReason as usize`.
+    pub drops: [u64; 20],
+}
+
+impl Stats {
+    /// Drops for one reason.
+    pub fn dropped(&self, r: DropReason) -> u64 {
+        self.drops[r as usize]
+    }
+}
+
+/// A datagram for a transport domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    /// The transport domain it belongs to.
+    pub to: TransportId,
+    /// Source address.
+    pub src: Ipv4Address,
+    /// Destination address (ours, or a broadcast).
+    pub dst: Ipv4Address,
+    /// Transport protocol.
+    pub protocol: IpProtocol,
+    /// The transport header and payload (reassembled).
+    pub payload: Vec<u8>,
+}
+
+/// An ICMP error concerning a flow of a transport domain.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IcmpError {
+    /// The transport domain that owns the flow.
+    pub to: TransportId,
+    /// Who sent the error.
+    pub reporter: Ipv4Address,
+    /// ICMP type and code.
+    pub icmp_type: u8,
+    /// ICMP code.
+    pub icmp_code: u8,
+    /// The protocol of the datagram that caused it.
+    pub protocol: IpProtocol,
+    /// Its destination (the remote end of our flow).
+    pub remote: Ipv4Address,
+    /// Our port in it (source port of the original datagram).
+    pub local_port: u16,
+    /// The remote port (its destination port).
+    pub remote_port: u16,
+}
+
+/// What the core produced.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// A frame for the driver.
+    Frame(Vec<u8>),
+    /// A datagram for a transport domain.
+    Deliver(Delivery),
+    /// An ICMP error for a transport domain.
+    Icmp(IcmpError),
+}
+
+/// Sending a datagram failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum SendError {
+    /// No route.
+    #[error("no route to {0}")]
+    NoRoute(Ipv4Address),
+    /// Too big with DF.
+    #[error("datagram of {len} bytes exceeds the MTU {mtu} and DF is set")]
+    TooBig {
+        /// IP datagram length.
+        len: usize,
+        /// The MTU.
+        mtu: usize,
+    },
+    /// Larger than an IPv4 datagram can be.
+    #[error("payload of {0} bytes exceeds the IPv4 maximum")]
+    TooLarge(usize),
+    /// The ARP queue for the next hop is full.
+    #[error("too many datagrams waiting for {0} to answer ARP")]
+    QueueFull(Ipv4Address),
+}
+
+/// The demux table: (protocol, local port range) → transport domain. For ICMP the
+/// "port" is the echo identifier (the ping socket's).
+#[derive(Debug, Clone, Default)]
+pub struct Demux {
+    entries: Vec<(IpProtocol, std::ops::RangeInclusive<u16>, TransportId)>,
+}
+
+impl Demux {
+    /// Routes `protocol` packets whose local port is in `ports` to `to`. Later
+    /// entries take precedence (a swapped-in domain claims a range over the old).
+    pub fn insert(&mut self, protocol: IpProtocol, ports: std::ops::RangeInclusive<u16>, to: TransportId) {
+        self.entries.push((protocol, ports, to));
+    }
+
+    /// Removes every entry pointing at `to`.
+    pub fn remove(&mut self, to: TransportId) {
+        self.entries.retain(|e| e.2 != to);
+    }
+
+    /// Who gets `protocol` traffic for local port `port`.
+    pub fn lookup(&self, protocol: IpProtocol, port: u16) -> Option<TransportId> {
+        self.entries.iter().rev().find(|(p, r, _)| *p == protocol && r.contains(&port)).map(|e| e.2)
+    }
+}
+
+/// The ip domain's core.
+#[derive(Debug)]
+pub struct IpCore {
+    cfg: Config,
+    routes: RouteTable,
+    /// The demux table (the supervisor edits it through control messages).
+    pub demux: Demux,
+    arp: ArpCache,
+    reasm: Reassembler,
+    ident: u16,
+    out: VecDeque<Output>,
+    stats: Stats,
+}
+
+impl IpCore {
+    /// A core with `cfg`, announcing itself with a gratuitous ARP.
+    pub fn new(cfg: Config, now: Instant) -> Self {
+        let routes = RouteTable::connected(cfg.addr, cfg.gateway);
+        let arp = ArpCache::new(cfg.arp_expiry, cfg.arp_retry, cfg.arp_tries, cfg.arp_queue);
+        let reasm = Reassembler::new(cfg.reasm);
+        let mut core = Self {
+            cfg,
+            routes,
+            demux: Demux::default(),
+            arp,
+            reasm,
+            ident: 1,
+            out: VecDeque::new(),
+            stats: Stats::default(),
+        };
+        let addr = core.cfg.addr.address();
+        // A gratuitous ARP announces us (and refreshes stale caches) at start.
+        core.emit_arp(arp::ArpOp::Request, EthernetAddress::BROADCAST, EthernetAddress([0; 6]), addr);
+        let _ = now; // the announcement needs no timer
+        core
+    }
+
+    /// The configuration.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The routing table (published read-only by the runtime).
+    pub fn routes(&self) -> &RouteTable {
+        &self.routes
+    }
+
+    /// Adds a static route.
+    pub fn add_route(&mut self, route: Route) {
+        self.routes.add(route);
+    }
+
+    /// The ARP cache.
+    pub fn arp(&self) -> &ArpCache {
+        &self.arp
+    }
+
+    /// Bytes held by reassembly now.
+    pub fn reassembly_bytes(&self) -> usize {
+        self.reasm.bytes_held()
+    }
+
+    /// Counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// Takes the next output.
+    pub fn pop_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// When [`IpCore::poll`] next has work (ARP retries and expiry, reassembly
+    /// timeouts).
+    pub fn poll_at(&self) -> Option<Instant> {
+        match (self.arp.poll_at(), self.reasm.poll_at()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Runs timers.
+    pub fn poll(&mut self, now: Instant) {
+        let (retries, failed) = self.arp.poll(now);
+        for ip in retries {
+            self.emit_arp(arp::ArpOp::Request, EthernetAddress::BROADCAST, EthernetAddress([0; 6]), ip);
+        }
+        for _ in 0..failed {
+            self.drop(DropReason::ArpUnresolved);
+        }
+        for _ in 0..self.reasm.expire(now) {
+            self.drop(DropReason::FragTimeout);
+        }
+    }
+
+    fn drop(&mut self, r: DropReason) {
+        self.stats.drops[r as usize] += 1;
+    }
+
+    /// Takes one frame from the driver.
+    pub fn receive_frame(&mut self, now: Instant, frame: &[u8]) {
+        self.stats.frames_in += 1;
+        let Ok(eth) = EthernetFrame::new_checked(frame) else { return self.drop(DropReason::EthTruncated) };
+        let dst = eth.dst_addr();
+        if dst != self.cfg.mac && !dst.is_broadcast() {
+            return self.drop(DropReason::EthNotForUs);
+        }
+        match eth.ethertype() {
+            EthernetProtocol::Arp => self.receive_arp(now, eth.payload()),
+            EthernetProtocol::Ipv4 => self.receive_ipv4(now, eth.payload()),
+            _ => self.drop(DropReason::EthUnknownType),
+        }
+    }
+
+    fn receive_arp(&mut self, now: Instant, bytes: &[u8]) {
+        let Some(a) = arp::parse(bytes) else { return self.drop(DropReason::ArpMalformed) };
+        let ours = self.cfg.addr.address();
+        // RFC 826: update an entry we have; add one if the packet is for us.
+        let for_us = a.target_ip == ours;
+        if a.sender_ip != ours && !a.sender_ip.is_unspecified() {
+            let released = self.arp.learn(now, a.sender_ip, a.sender_mac, for_us);
+            for packet in released {
+                self.emit_ip_frame(a.sender_mac, &packet);
+            }
+        }
+        if for_us && a.op == arp::ArpOp::Request {
+            self.emit_arp(arp::ArpOp::Reply, a.sender_mac, a.sender_mac, a.sender_ip);
+        }
+    }
+
+    fn receive_ipv4(&mut self, now: Instant, bytes: &[u8]) {
+        if bytes.len() < IP_HDR {
+            return self.drop(DropReason::IpTruncated);
+        }
+        if bytes[0] >> 4 != 4 {
+            return self.drop(DropReason::IpBadVersion);
+        }
+        let ihl = usize::from(bytes[0] & 0x0f) * 4;
+        if ihl < IP_HDR || ihl > bytes.len() {
+            return self.drop(DropReason::IpBadHeaderLen);
+        }
+        let total = usize::from(u16::from_be_bytes([bytes[2], bytes[3]]));
+        if total < ihl || total > bytes.len() {
+            return self.drop(DropReason::IpTruncated);
+        }
+        // Lengths checked above, so the view's accessors cannot panic.
+        let Ok(ip) = Ipv4Packet::new_checked(&bytes[..total]) else { return self.drop(DropReason::IpTruncated) };
+        if !ip.verify_checksum() {
+            return self.drop(DropReason::IpBadChecksum);
+        }
+        let dst = ip.dst_addr();
+        let ours = self.cfg.addr.address();
+        if dst != ours && !dst.is_broadcast() && Some(dst) != self.cfg.addr.broadcast() {
+            return self.drop(DropReason::IpNotForUs);
+        }
+        let (src, protocol) = (ip.src_addr(), ip.next_header());
+        // Options (IHL > 5) are skipped: the payload starts after the full header.
+        let payload = &bytes[ihl..total];
+        let datagram = if ip.more_frags() || ip.frag_offset() != 0 {
+            let key = reasm::Key { src, dst, protocol, ident: ip.ident() };
+            match self.reasm.add(now, key, usize::from(ip.frag_offset()), ip.more_frags(), payload) {
+                reasm::Added::Incomplete => return,
+                reasm::Added::Complete(d) => d,
+                reasm::Added::Dropped(r) => return self.drop(r),
+            }
+        } else {
+            payload.to_vec()
+        };
+        self.stats.packets_in += 1;
+        self.deliver(now, src, dst, protocol, datagram, bytes[..total.min(ihl + 8)].to_vec());
+    }
+
+    fn deliver(
+        &mut self,
+        now: Instant,
+        src: Ipv4Address,
+        dst: Ipv4Address,
+        protocol: IpProtocol,
+        payload: Vec<u8>,
+        quote: Vec<u8>,
+    ) {
+        match protocol {
+            IpProtocol::Icmp => self.receive_icmp(now, src, dst, payload),
+            IpProtocol::Udp | IpProtocol::Tcp => {
+                if payload.len() < 4 {
+                    return self.drop(DropReason::NoTransport);
+                }
+                let port = u16::from_be_bytes([payload[2], payload[3]]);
+                match self.demux.lookup(protocol, port) {
+                    Some(to) => self.out.push_back(Output::Deliver(Delivery { to, src, dst, protocol, payload })),
+                    None => {
+                        self.drop(DropReason::NoTransport);
+                        // RFC 1122 §3.2.2.1: a host SHOULD send port unreachable for
+                        // a UDP port nobody listens on (TCP answers with RST itself).
+                        if protocol == IpProtocol::Udp && dst == self.cfg.addr.address() {
+                            self.send_unreachable(now, src, 3, &quote);
+                        }
+                    }
+                }
+            }
+            _ => {
+                self.drop(DropReason::NoTransport);
+                if dst == self.cfg.addr.address() {
+                    self.send_unreachable(now, src, 2, &quote);
+                }
+            }
+        }
+    }
+
+    fn receive_icmp(&mut self, now: Instant, src: Ipv4Address, dst: Ipv4Address, payload: Vec<u8>) {
+        let Ok(icmp) = Icmpv4Packet::new_checked(&payload[..]) else { return self.drop(DropReason::IcmpMalformed) };
+        if !icmp.verify_checksum() {
+            return self.drop(DropReason::IcmpMalformed);
+        }
+        match icmp.msg_type() {
+            Icmpv4Message::EchoRequest => {
+                if dst != self.cfg.addr.address() {
+                    return; // no replies to broadcast pings
+                }
+                let mut reply = payload.clone();
+                reply[0] = 0; // echo reply
+                reply[2] = 0;
+                reply[3] = 0;
+                let mut p = Icmpv4Packet::new_unchecked(&mut reply[..]);
+                p.fill_checksum();
+                self.stats.echo_replies += 1;
+                let _ = self.send(now, src, IpProtocol::Icmp, &reply, false);
+            }
+            Icmpv4Message::EchoReply => match self.demux.lookup(IpProtocol::Icmp, icmp.echo_ident()) {
+                Some(to) => {
+                    self.out.push_back(Output::Deliver(Delivery { to, src, dst, protocol: IpProtocol::Icmp, payload }))
+                }
+                None => self.drop(DropReason::NoTransport),
+            },
+            Icmpv4Message::DstUnreachable | Icmpv4Message::TimeExceeded => {
+                // The quoted datagram: its header and at least 8 bytes of transport.
+                let quoted = &payload[8..];
+                if quoted.len() < IP_HDR + 4 || quoted[0] >> 4 != 4 {
+                    return self.drop(DropReason::IcmpMalformed);
+                }
+                let ihl = usize::from(quoted[0] & 0x0f) * 4;
+                if ihl < IP_HDR || quoted.len() < ihl + 4 {
+                    return self.drop(DropReason::IcmpMalformed);
+                }
+                let protocol = IpProtocol::from(quoted[9]);
+                let remote = Ipv4Address::new(quoted[16], quoted[17], quoted[18], quoted[19]);
+                let local_port = u16::from_be_bytes([quoted[ihl], quoted[ihl + 1]]);
+                let remote_port = u16::from_be_bytes([quoted[ihl + 2], quoted[ihl + 3]]);
+                match self.demux.lookup(protocol, local_port) {
+                    Some(to) => self.out.push_back(Output::Icmp(IcmpError {
+                        to,
+                        reporter: src,
+                        icmp_type: payload[0],
+                        icmp_code: payload[1],
+                        protocol,
+                        remote,
+                        local_port,
+                        remote_port,
+                    })),
+                    None => self.drop(DropReason::NoTransport),
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// ICMP destination unreachable with `code`, quoting `quote` (the offending
+    /// header and 8 bytes).
+    pub fn send_unreachable(&mut self, now: Instant, to: Ipv4Address, code: u8, quote: &[u8]) {
+        let mut msg = vec![0u8; 8 + quote.len()];
+        msg[0] = 3;
+        msg[1] = code;
+        msg[8..].copy_from_slice(quote);
+        Icmpv4Packet::new_unchecked(&mut msg[..]).fill_checksum();
+        let _ = self.send(now, to, IpProtocol::Icmp, &msg, false);
+    }
+
+    /// Sends `payload` (a transport header and data) to `dst`, fragmenting above the
+    /// MTU unless `dont_frag`, resolving the next hop with ARP (queueing meanwhile).
+    pub fn send(
+        &mut self,
+        now: Instant,
+        dst: Ipv4Address,
+        protocol: IpProtocol,
+        payload: &[u8],
+        dont_frag: bool,
+    ) -> Result<(), SendError> {
+        if payload.len() > 65535 - IP_HDR {
+            return Err(SendError::TooLarge(payload.len()));
+        }
+        let Some(hop) = self.routes.next_hop(dst) else {
+            self.drop(DropReason::NoRoute);
+            return Err(SendError::NoRoute(dst));
+        };
+        let mtu = self.cfg.mtu;
+        if IP_HDR + payload.len() > mtu && dont_frag {
+            self.drop(DropReason::TooBigDf);
+            return Err(SendError::TooBig { len: IP_HDR + payload.len(), mtu });
+        }
+        let ident = self.ident;
+        self.ident = self.ident.wrapping_add(1);
+        // RFC 791: every fragment but the last carries a multiple of 8 bytes.
+        let per = (mtu - IP_HDR) / 8 * 8;
+        let mut packets = Vec::new();
+        let mut off = 0;
+        loop {
+            let end = (off + per).min(payload.len());
+            let more = end < payload.len();
+            packets.push(self.build_ip(dst, protocol, ident, off, more, dont_frag, &payload[off..end]));
+            off = end;
+            if !more {
+                break;
+            }
+        }
+        let broadcast = dst.is_broadcast() || Some(dst) == self.cfg.addr.broadcast();
+        let mac = if broadcast { Some(EthernetAddress::BROADCAST) } else { self.arp.lookup(now, hop) };
+        match mac {
+            Some(mac) => {
+                for p in packets {
+                    self.emit_ip_frame(mac, &p);
+                }
+                Ok(())
+            }
+            None => {
+                let (first, accepted) = self.arp.enqueue(now, hop, packets);
+                if !accepted {
+                    self.drop(DropReason::ArpQueueFull);
+                    return Err(SendError::QueueFull(hop));
+                }
+                if first {
+                    self.emit_arp(arp::ArpOp::Request, EthernetAddress::BROADCAST, EthernetAddress([0; 6]), hop);
+                }
+                Ok(())
+            }
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn build_ip(
+        &self,
+        dst: Ipv4Address,
+        protocol: IpProtocol,
+        ident: u16,
+        off: usize,
+        more: bool,
+        df: bool,
+        data: &[u8],
+    ) -> Vec<u8> {
+        let mut buf = vec![0u8; IP_HDR + data.len()];
+        let mut p = Ipv4Packet::new_unchecked(&mut buf[..]);
+        p.set_version(4);
+        p.set_header_len(IP_HDR as u8);
+        p.set_total_len((IP_HDR + data.len()) as u16);
+        p.set_ident(ident);
+        p.set_dont_frag(df);
+        p.set_more_frags(more);
+        p.set_frag_offset(off as u16);
+        p.set_hop_limit(self.cfg.ttl);
+        p.set_next_header(protocol);
+        p.set_src_addr(self.cfg.addr.address());
+        p.set_dst_addr(dst);
+        p.fill_checksum();
+        p.payload_mut().copy_from_slice(data);
+        buf
+    }
+
+    fn emit_ip_frame(&mut self, mac: EthernetAddress, packet: &[u8]) {
+        let mut frame = vec![0u8; ETH_HDR + packet.len()];
+        let mut eth = EthernetFrame::new_unchecked(&mut frame[..]);
+        eth.set_dst_addr(mac);
+        eth.set_src_addr(self.cfg.mac);
+        eth.set_ethertype(EthernetProtocol::Ipv4);
+        eth.payload_mut().copy_from_slice(packet);
+        self.stats.packets_out += 1;
+        self.stats.frames_out += 1;
+        self.out.push_back(Output::Frame(frame));
+    }
+
+    fn emit_arp(
+        &mut self,
+        op: arp::ArpOp,
+        eth_dst: EthernetAddress,
+        target_mac: EthernetAddress,
+        target_ip: Ipv4Address,
+    ) {
+        let frame = arp::build(op, self.cfg.mac, self.cfg.addr.address(), eth_dst, target_mac, target_ip);
+        self.stats.frames_out += 1;
+        self.out.push_back(Output::Frame(frame));
+    }
+}

@@ -1,0 +1,442 @@
+//! The ip core against byte-level fixtures: what Linux would send it, what it must
+//! answer, and every malformed frame it must drop and count. Time is simulated.
+
+use capnet_ip::Duration;
+use capnet_ip::{
+    Config, DropReason, EthernetAddress, Instant, IpCore, IpProtocol, Ipv4Address, Ipv4Cidr, Output, ReasmLimits,
+    SendError, TransportId,
+};
+use proptest::prelude::*;
+use smoltcp::wire::{ArpOperation, ArpPacket, ArpRepr, EthernetFrame, EthernetProtocol, Icmpv4Packet, Ipv4Packet};
+
+const OUR_MAC: EthernetAddress = EthernetAddress([0x02, 0, 0, 0, 0, 2]);
+const PEER_MAC: EthernetAddress = EthernetAddress([0x02, 0, 0, 0, 0, 1]);
+const OUR_IP: Ipv4Address = Ipv4Address::new(10, 77, 0, 2);
+const PEER_IP: Ipv4Address = Ipv4Address::new(10, 77, 0, 1);
+
+fn t(ms: u64) -> Instant {
+    Instant::from_millis(ms as i64)
+}
+
+fn core() -> IpCore {
+    let mut cfg = Config::new(OUR_MAC, Ipv4Cidr::new(OUR_IP, 24));
+    cfg.arp_expiry = Duration::from_secs(2);
+    cfg.reasm = ReasmLimits { timeout: Duration::from_secs(5), max_bytes: 64 * 1024, max_datagrams: 4 };
+    let mut c = IpCore::new(cfg, t(0));
+    drain(&mut c);
+    c
+}
+
+fn drain(c: &mut IpCore) -> Vec<Output> {
+    std::iter::from_fn(|| c.pop_output()).collect()
+}
+
+fn frames(c: &mut IpCore) -> Vec<Vec<u8>> {
+    drain(c)
+        .into_iter()
+        .filter_map(|o| match o {
+            Output::Frame(f) => Some(f),
+            _ => None,
+        })
+        .collect()
+}
+
+fn eth(dst: EthernetAddress, src: EthernetAddress, ty: EthernetProtocol, payload: &[u8]) -> Vec<u8> {
+    let mut f = vec![0u8; 14 + payload.len()];
+    let mut e = EthernetFrame::new_unchecked(&mut f[..]);
+    e.set_dst_addr(dst);
+    e.set_src_addr(src);
+    e.set_ethertype(ty);
+    e.payload_mut().copy_from_slice(payload);
+    f
+}
+
+fn arp(op: ArpOperation, sender: (EthernetAddress, Ipv4Address), target: (EthernetAddress, Ipv4Address)) -> Vec<u8> {
+    let repr = ArpRepr::EthernetIpv4 {
+        operation: op,
+        source_hardware_addr: sender.0,
+        source_protocol_addr: sender.1,
+        target_hardware_addr: target.0,
+        target_protocol_addr: target.1,
+    };
+    let mut p = vec![0u8; repr.buffer_len()];
+    repr.emit(&mut ArpPacket::new_unchecked(&mut p[..]));
+    eth(EthernetAddress::BROADCAST, sender.0, EthernetProtocol::Arp, &p)
+}
+
+/// An IPv4 packet from the peer (optionally a fragment).
+fn ip(proto: IpProtocol, ident: u16, off: usize, more: bool, payload: &[u8]) -> Vec<u8> {
+    let total = 20 + payload.len();
+    let mut b = vec![0u8; total];
+    let mut p = Ipv4Packet::new_unchecked(&mut b[..]);
+    p.set_version(4);
+    p.set_header_len(20);
+    p.set_total_len(total as u16);
+    p.set_ident(ident);
+    p.set_more_frags(more);
+    p.set_frag_offset(off as u16);
+    p.set_hop_limit(64);
+    p.set_next_header(proto);
+    p.set_src_addr(PEER_IP);
+    p.set_dst_addr(OUR_IP);
+    p.payload_mut().copy_from_slice(payload);
+    p.fill_checksum();
+    b
+}
+
+fn to_us(packet: &[u8]) -> Vec<u8> {
+    eth(OUR_MAC, PEER_MAC, EthernetProtocol::Ipv4, packet)
+}
+
+fn echo_request(id: u16, seq: u16, data: &[u8]) -> Vec<u8> {
+    let mut m = vec![0u8; 8 + data.len()];
+    m[0] = 8;
+    m[4..6].copy_from_slice(&id.to_be_bytes());
+    m[6..8].copy_from_slice(&seq.to_be_bytes());
+    m[8..].copy_from_slice(data);
+    Icmpv4Packet::new_unchecked(&mut m[..]).fill_checksum();
+    m
+}
+
+/// Teaches the core the peer's MAC, as Linux's first ARP request would.
+fn learn_peer(c: &mut IpCore) {
+    c.receive_frame(t(1), &arp(ArpOperation::Request, (PEER_MAC, PEER_IP), (EthernetAddress([0; 6]), OUR_IP)));
+    drain(c);
+}
+
+fn parse_ip(frame: &[u8]) -> (Ipv4Packet<&[u8]>, EthernetAddress) {
+    let e = EthernetFrame::new_checked(frame).expect("eth");
+    let dst = e.dst_addr();
+    assert_eq!(e.ethertype(), EthernetProtocol::Ipv4);
+    (Ipv4Packet::new_checked(&frame[14..]).expect("ipv4"), dst)
+}
+
+#[test]
+fn announces_itself_with_gratuitous_arp() {
+    let mut cfg = Config::new(OUR_MAC, Ipv4Cidr::new(OUR_IP, 24));
+    cfg.gateway = None;
+    let mut c = IpCore::new(cfg, t(0));
+    let f = frames(&mut c);
+    assert_eq!(f.len(), 1);
+    let e = EthernetFrame::new_checked(&f[0][..]).expect("eth");
+    assert!(e.dst_addr().is_broadcast());
+    let ArpRepr::EthernetIpv4 { source_protocol_addr, target_protocol_addr, .. } =
+        ArpRepr::parse(&ArpPacket::new_checked(e.payload()).expect("arp")).expect("repr")
+    else {
+        panic!("not ethernet/ipv4 arp")
+    };
+    assert_eq!((source_protocol_addr, target_protocol_addr), (OUR_IP, OUR_IP));
+}
+
+#[test]
+fn answers_arp_for_its_address_only() {
+    let mut c = core();
+    c.receive_frame(
+        t(1),
+        &arp(ArpOperation::Request, (PEER_MAC, PEER_IP), (EthernetAddress([0; 6]), Ipv4Address::new(10, 77, 0, 9))),
+    );
+    assert!(frames(&mut c).is_empty(), "not our address");
+    assert_eq!(c.arp().lookup(t(1), PEER_IP), None, "nor learned from a request for someone else");
+    c.receive_frame(t(1), &arp(ArpOperation::Request, (PEER_MAC, PEER_IP), (EthernetAddress([0; 6]), OUR_IP)));
+    let f = frames(&mut c);
+    assert_eq!(f.len(), 1);
+    let e = EthernetFrame::new_checked(&f[0][..]).expect("eth");
+    assert_eq!(e.dst_addr(), PEER_MAC);
+    let repr = ArpRepr::parse(&ArpPacket::new_checked(e.payload()).expect("arp")).expect("repr");
+    assert!(matches!(
+        repr,
+        ArpRepr::EthernetIpv4 {
+            operation: ArpOperation::Reply,
+            source_hardware_addr: OUR_MAC,
+            source_protocol_addr: OUR_IP,
+            ..
+        }
+    ));
+    assert_eq!(c.arp().lookup(t(1), PEER_IP), Some(PEER_MAC));
+}
+
+#[test]
+fn echo_request_gets_a_reply_with_the_same_data() {
+    let mut c = core();
+    learn_peer(&mut c);
+    c.receive_frame(t(2), &to_us(&ip(IpProtocol::Icmp, 7, 0, false, &echo_request(0x1234, 9, b"abcdefgh"))));
+    let f = frames(&mut c);
+    assert_eq!(f.len(), 1);
+    let (p, mac) = parse_ip(&f[0]);
+    assert_eq!(mac, PEER_MAC);
+    assert!(p.verify_checksum());
+    assert_eq!((p.src_addr(), p.dst_addr()), (OUR_IP, PEER_IP));
+    let icmp = Icmpv4Packet::new_checked(p.payload()).expect("icmp");
+    assert!(icmp.verify_checksum());
+    assert_eq!((p.payload()[0], icmp.echo_ident(), icmp.echo_seq_no(), icmp.data()), (0, 0x1234, 9, &b"abcdefgh"[..]));
+    assert_eq!(c.stats().echo_replies, 1);
+}
+
+#[test]
+fn a_reply_to_an_unknown_mac_waits_for_arp() {
+    let mut c = core();
+    c.receive_frame(t(2), &to_us(&ip(IpProtocol::Icmp, 7, 0, false, &echo_request(1, 1, b"x"))));
+    let f = frames(&mut c);
+    assert_eq!(f.len(), 1, "an ARP request, not the reply");
+    assert_eq!(EthernetFrame::new_checked(&f[0][..]).expect("eth").ethertype(), EthernetProtocol::Arp);
+    c.receive_frame(t(3), &arp(ArpOperation::Reply, (PEER_MAC, PEER_IP), (OUR_MAC, OUR_IP)));
+    let f = frames(&mut c);
+    assert_eq!(f.len(), 1, "the queued echo reply");
+    assert_eq!(parse_ip(&f[0]).0.payload()[0], 0);
+}
+
+#[test]
+fn udp_is_demuxed_or_answered_with_port_unreachable() {
+    let mut c = core();
+    learn_peer(&mut c);
+    c.demux.insert(IpProtocol::Udp, 1..=1023, TransportId(3));
+    let udp = |dport: u16| {
+        let mut u = vec![0u8; 12];
+        u[0..2].copy_from_slice(&5555u16.to_be_bytes());
+        u[2..4].copy_from_slice(&dport.to_be_bytes());
+        u[4..6].copy_from_slice(&12u16.to_be_bytes());
+        u
+    };
+    c.receive_frame(t(2), &to_us(&ip(IpProtocol::Udp, 1, 0, false, &udp(7))));
+    let out = drain(&mut c);
+    assert!(
+        matches!(&out[..], [Output::Deliver(d)] if d.to == TransportId(3) && d.src == PEER_IP && d.payload == udp(7))
+    );
+    c.receive_frame(t(2), &to_us(&ip(IpProtocol::Udp, 2, 0, false, &udp(4000))));
+    let f = frames(&mut c);
+    assert_eq!(f.len(), 1);
+    let (p, _) = parse_ip(&f[0]);
+    assert_eq!((p.payload()[0], p.payload()[1]), (3, 3), "ICMP port unreachable");
+    assert_eq!(&p.payload()[8 + 20 + 2..8 + 20 + 4], &4000u16.to_be_bytes(), "quotes the offending header");
+    assert_eq!(c.stats().dropped(DropReason::NoTransport), 1);
+}
+
+#[test]
+fn fragments_in_any_order_reassemble_and_big_replies_fragment() {
+    let mut c = core();
+    learn_peer(&mut c);
+    let data: Vec<u8> = (0..4000u32).map(|i| (i % 251) as u8).collect();
+    let msg = echo_request(5, 1, &data);
+    let chunks: Vec<(usize, &[u8])> = msg.chunks(1480).enumerate().map(|(i, ch)| (i * 1480, ch)).collect();
+    for &(off, ch) in chunks.iter().rev() {
+        let more = off + ch.len() < msg.len();
+        c.receive_frame(t(2), &to_us(&ip(IpProtocol::Icmp, 99, off, more, ch)));
+    }
+    let f = frames(&mut c);
+    assert_eq!(f.len(), 3, "4008 bytes of ICMP leave in three fragments");
+    let mut reply = vec![0u8; msg.len()];
+    for (i, fr) in f.iter().enumerate() {
+        let (p, _) = parse_ip(fr);
+        assert!(p.verify_checksum());
+        assert_eq!(p.more_frags(), i < 2);
+        assert_eq!(p.frag_offset() % 8, 0);
+        let off = usize::from(p.frag_offset());
+        reply[off..off + p.payload().len()].copy_from_slice(p.payload());
+    }
+    assert_eq!(&reply[8..], &data[..], "the reply carries the request's data");
+    assert_eq!(c.reassembly_bytes(), 0);
+}
+
+#[test]
+fn overlapping_fragments_drop_the_datagram_and_pings_keep_working() {
+    let mut c = core();
+    learn_peer(&mut c);
+    let msg = echo_request(5, 1, &[7u8; 64]);
+    c.receive_frame(t(2), &to_us(&ip(IpProtocol::Icmp, 50, 0, true, &msg[..40])));
+    c.receive_frame(t(2), &to_us(&ip(IpProtocol::Icmp, 50, 32, false, &msg[32..])));
+    assert!(frames(&mut c).is_empty());
+    assert_eq!(c.stats().dropped(DropReason::FragOverlap), 1);
+    // An exact duplicate fragment is harmless.
+    c.receive_frame(t(2), &to_us(&ip(IpProtocol::Icmp, 51, 0, true, &msg[..40])));
+    c.receive_frame(t(2), &to_us(&ip(IpProtocol::Icmp, 51, 0, true, &msg[..40])));
+    c.receive_frame(t(2), &to_us(&ip(IpProtocol::Icmp, 51, 40, false, &msg[40..])));
+    assert_eq!(frames(&mut c).len(), 1, "reassembled despite the duplicate");
+    c.receive_frame(t(3), &to_us(&ip(IpProtocol::Icmp, 52, 0, false, &echo_request(5, 2, b"ok"))));
+    assert_eq!(frames(&mut c).len(), 1);
+}
+
+#[test]
+fn malformed_frames_are_dropped_by_reason() {
+    let mut c = core();
+    learn_peer(&mut c);
+    let good = ip(IpProtocol::Icmp, 1, 0, false, &echo_request(1, 1, b"hi"));
+    let mut bad_sum = good.clone();
+    bad_sum[10] ^= 0xff;
+    let mut bad_ver = good.clone();
+    bad_ver[0] = 0x65;
+    let mut short_ihl = good.clone();
+    short_ihl[0] = 0x44;
+    let mut long_ihl = good.clone();
+    long_ihl[0] = 0x4f;
+    let mut long_total = good.clone();
+    long_total[2..4].copy_from_slice(&500u16.to_be_bytes());
+    let cases: Vec<(Vec<u8>, DropReason)> = vec![
+        (vec![1, 2, 3], DropReason::EthTruncated),
+        (eth(EthernetAddress([2, 9, 9, 9, 9, 9]), PEER_MAC, EthernetProtocol::Ipv4, &good), DropReason::EthNotForUs),
+        (eth(OUR_MAC, PEER_MAC, EthernetProtocol::Unknown(0x88b5), &good), DropReason::EthUnknownType),
+        (eth(OUR_MAC, PEER_MAC, EthernetProtocol::Arp, &[0; 10]), DropReason::ArpMalformed),
+        (to_us(&good[..12]), DropReason::IpTruncated),
+        (to_us(&bad_sum), DropReason::IpBadChecksum),
+        (to_us(&bad_ver), DropReason::IpBadVersion),
+        (to_us(&short_ihl), DropReason::IpBadHeaderLen),
+        (to_us(&long_ihl), DropReason::IpBadHeaderLen),
+        (to_us(&long_total), DropReason::IpTruncated),
+    ];
+    for (frame, reason) in cases {
+        let before = c.stats().dropped(reason);
+        c.receive_frame(t(2), &frame);
+        assert_eq!(c.stats().dropped(reason), before + 1, "{reason:?}");
+        assert!(frames(&mut c).is_empty(), "{reason:?} must produce nothing");
+    }
+    c.receive_frame(t(2), &to_us(&good));
+    assert_eq!(frames(&mut c).len(), 1, "pings still work");
+}
+
+#[test]
+fn options_are_skipped() {
+    let mut c = core();
+    learn_peer(&mut c);
+    let icmp = echo_request(3, 3, b"opt");
+    let mut b = vec![0u8; 24 + icmp.len()];
+    b[0] = 0x46; // IHL 6: one word of options (NOPs and end-of-list)
+    let total = b.len() as u16;
+    b[2..4].copy_from_slice(&total.to_be_bytes());
+    b[8] = 64;
+    b[9] = 1;
+    b[12..16].copy_from_slice(&PEER_IP.octets());
+    b[16..20].copy_from_slice(&OUR_IP.octets());
+    b[20..24].copy_from_slice(&[1, 1, 1, 0]);
+    b[24..].copy_from_slice(&icmp);
+    Ipv4Packet::new_unchecked(&mut b[..]).fill_checksum();
+    c.receive_frame(t(2), &to_us(&b));
+    let f = frames(&mut c);
+    assert_eq!(f.len(), 1);
+    assert_eq!(&parse_ip(&f[0]).0.payload()[8..], b"opt");
+}
+
+#[test]
+fn reassembly_is_bounded_in_time_and_memory() {
+    let mut c = core();
+    learn_peer(&mut c);
+    c.receive_frame(t(0), &to_us(&ip(IpProtocol::Icmp, 60, 0, true, &[0u8; 8])));
+    assert!(c.poll_at().is_some_and(|at| at <= t(5000)), "the reassembly deadline is a timer");
+    c.poll(t(5000));
+    assert_eq!(c.stats().dropped(DropReason::FragTimeout), 1);
+    assert_eq!(c.reassembly_bytes(), 0);
+    // A flood of first fragments: at most 4 datagrams in progress.
+    for id in 0..100u16 {
+        c.receive_frame(t(6000), &to_us(&ip(IpProtocol::Icmp, 1000 + id, 0, true, &[0u8; 1024])));
+    }
+    assert_eq!(c.stats().dropped(DropReason::FragMemory), 96);
+    assert!(c.reassembly_bytes() <= 64 * 1024);
+    // A fragment reaching past 65535 bytes.
+    c.receive_frame(t(6000), &to_us(&ip(IpProtocol::Icmp, 7, 65528, false, &[0u8; 16])));
+    assert_eq!(c.stats().dropped(DropReason::FragTooLarge), 1);
+}
+
+#[test]
+fn arp_entries_expire_and_silent_hosts_are_given_up() {
+    let mut c = core();
+    learn_peer(&mut c);
+    c.send(t(100), PEER_IP, IpProtocol::Udp, &[0u8; 8], false).expect("send");
+    assert_eq!(frames(&mut c).len(), 1, "resolved: sent at once");
+    assert_eq!(c.arp().lookup(t(2001), PEER_IP), None, "expired after 2 s");
+    c.poll(t(2001));
+    c.send(t(2001), PEER_IP, IpProtocol::Udp, &[0u8; 8], false).expect("send");
+    let f = frames(&mut c);
+    assert_eq!(EthernetFrame::new_checked(&f[0][..]).expect("eth").ethertype(), EthernetProtocol::Arp, "asks again");
+    // Nobody answers: two retries, then the queued datagram is dropped.
+    let mut requests = 1;
+    let mut now = 2001;
+    while let Some(at) = c.poll_at() {
+        now = at.total_millis() as u64;
+        c.poll(t(now));
+        requests += frames(&mut c).len();
+        if c.stats().dropped(DropReason::ArpUnresolved) > 0 {
+            break;
+        }
+    }
+    assert_eq!(requests, 3);
+    assert_eq!(c.stats().dropped(DropReason::ArpUnresolved), 1);
+    assert!(now >= 4001);
+}
+
+#[test]
+fn send_errors_are_clear() {
+    let mut c = core();
+    let err = c.send(t(1), Ipv4Address::new(192, 0, 2, 1), IpProtocol::Udp, &[0; 8], false).expect_err("no gateway");
+    assert_eq!(err, SendError::NoRoute(Ipv4Address::new(192, 0, 2, 1)));
+    let err = c.send(t(1), PEER_IP, IpProtocol::Udp, &[0; 2000], true).expect_err("DF");
+    assert_eq!(err, SendError::TooBig { len: 2020, mtu: 1500 });
+    assert_eq!(c.stats().dropped(DropReason::TooBigDf), 1);
+}
+
+#[test]
+fn the_gateway_is_resolved_for_off_link_destinations() {
+    let mut cfg = Config::new(OUR_MAC, Ipv4Cidr::new(OUR_IP, 24));
+    cfg.gateway = Some(PEER_IP);
+    let mut c = IpCore::new(cfg, t(0));
+    drain(&mut c);
+    c.send(t(1), Ipv4Address::new(192, 0, 2, 1), IpProtocol::Udp, &[0; 8], false).expect("via gateway");
+    let f = frames(&mut c);
+    let e = EthernetFrame::new_checked(&f[0][..]).expect("eth");
+    let ArpRepr::EthernetIpv4 { target_protocol_addr, .. } =
+        ArpRepr::parse(&ArpPacket::new_checked(e.payload()).expect("arp")).expect("repr")
+    else {
+        panic!()
+    };
+    assert_eq!(target_protocol_addr, PEER_IP, "ARP for the gateway, not the destination");
+}
+
+#[test]
+fn icmp_errors_reach_the_transport_that_owns_the_port() {
+    let mut c = core();
+    learn_peer(&mut c);
+    c.demux.insert(IpProtocol::Udp, 40000..=40010, TransportId(4));
+    // Linux's port unreachable quoting our datagram 10.77.0.2:40001 -> 10.77.0.1:9.
+    let mut quoted = vec![0u8; 28];
+    quoted[0] = 0x45;
+    quoted[9] = 17;
+    quoted[12..16].copy_from_slice(&OUR_IP.octets());
+    quoted[16..20].copy_from_slice(&PEER_IP.octets());
+    quoted[20..22].copy_from_slice(&40001u16.to_be_bytes());
+    quoted[22..24].copy_from_slice(&9u16.to_be_bytes());
+    let mut m = vec![0u8; 8 + quoted.len()];
+    m[0] = 3;
+    m[1] = 3;
+    m[8..].copy_from_slice(&quoted);
+    Icmpv4Packet::new_unchecked(&mut m[..]).fill_checksum();
+    c.receive_frame(t(2), &to_us(&ip(IpProtocol::Icmp, 3, 0, false, &m)));
+    let out = drain(&mut c);
+    assert!(
+        matches!(&out[..], [Output::Icmp(e)] if e.to == TransportId(4) && e.icmp_type == 3 && e.icmp_code == 3 && e.local_port == 40001 && e.remote_port == 9 && e.remote == PEER_IP),
+        "{out:?}"
+    );
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 2000, ..ProptestConfig::default() })]
+
+    #[test]
+    fn random_frames_never_panic(bytes in proptest::collection::vec(any::<u8>(), 0..1600)) {
+        let mut c = core();
+        c.receive_frame(t(1), &bytes);
+        prop_assert_eq!(c.stats().frames_in, 1);
+        drain(&mut c);
+    }
+
+    #[test]
+    fn mutated_valid_frames_never_panic(pos in 0usize..80, val in any::<u8>(), frag in any::<bool>(), cut in 0usize..80) {
+        let mut c = core();
+        learn_peer(&mut c);
+        c.demux.insert(IpProtocol::Udp, 0..=65535, TransportId(1));
+        let base = ip(if frag { IpProtocol::Udp } else { IpProtocol::Icmp }, 9, 0, frag, &echo_request(1, 1, &[5u8; 48]));
+        let mut f = to_us(&base);
+        let p = pos % f.len();
+        f[p] = val;
+        f.truncate(f.len() - cut.min(f.len()));
+        c.receive_frame(t(2), &f);
+        c.poll(t(60_000));
+        drain(&mut c);
+    }
+}
