@@ -211,6 +211,9 @@ pub struct Delivery {
     pub protocol: IpProtocol,
     /// The transport header and payload (reassembled).
     pub payload: Vec<u8>,
+    /// The IPv4 header it arrived with (first fragment's), for the transport to
+    /// quote in an ICMP error (e.g. UDP's port unreachable).
+    pub ip_header: Vec<u8>,
 }
 
 /// An ICMP error concerning a flow of a transport domain.
@@ -265,6 +268,14 @@ pub enum SendError {
     /// The ARP queue for the next hop is full.
     #[error("too many datagrams waiting for {0} to answer ARP")]
     QueueFull(Ipv4Address),
+}
+
+/// What an ICMP error quotes (RFC 792): the offending datagram's IP header and
+/// the first 8 bytes of its payload.
+pub fn quote(ip_header: &[u8], payload: &[u8]) -> Vec<u8> {
+    let mut q = ip_header.to_vec();
+    q.extend_from_slice(&payload[..payload.len().min(8)]);
+    q
 }
 
 /// The demux table: (protocol, local port range) → transport domain. For ICMP the
@@ -461,7 +472,7 @@ impl IpCore {
             payload.to_vec()
         };
         self.stats.packets_in += 1;
-        self.deliver(now, src, dst, protocol, datagram, bytes[..total.min(ihl + 8)].to_vec());
+        self.deliver(now, src, dst, protocol, datagram, bytes[..ihl].to_vec());
     }
 
     fn deliver(
@@ -471,23 +482,26 @@ impl IpCore {
         dst: Ipv4Address,
         protocol: IpProtocol,
         payload: Vec<u8>,
-        quote: Vec<u8>,
+        ip_header: Vec<u8>,
     ) {
         match protocol {
-            IpProtocol::Icmp => self.receive_icmp(now, src, dst, payload),
+            IpProtocol::Icmp => self.receive_icmp(now, src, dst, payload, ip_header),
             IpProtocol::Udp | IpProtocol::Tcp => {
                 if payload.len() < 4 {
                     return self.drop(DropReason::NoTransport);
                 }
                 let port = u16::from_be_bytes([payload[2], payload[3]]);
                 match self.demux.lookup(protocol, port) {
-                    Some(to) => self.out.push_back(Output::Deliver(Delivery { to, src, dst, protocol, payload })),
+                    Some(to) => {
+                        self.out.push_back(Output::Deliver(Delivery { to, src, dst, protocol, payload, ip_header }))
+                    }
                     None => {
                         self.drop(DropReason::NoTransport);
                         // RFC 1122 §3.2.2.1: a host SHOULD send port unreachable for
                         // a UDP port nobody listens on (TCP answers with RST itself).
                         if protocol == IpProtocol::Udp && dst == self.cfg.addr.address() {
-                            self.send_unreachable(now, src, 3, &quote);
+                            let q = quote(&ip_header, &payload);
+                            self.send_unreachable(now, src, 3, &q);
                         }
                     }
                 }
@@ -495,13 +509,14 @@ impl IpCore {
             _ => {
                 self.drop(DropReason::NoTransport);
                 if dst == self.cfg.addr.address() {
-                    self.send_unreachable(now, src, 2, &quote);
+                    let q = quote(&ip_header, &payload);
+                    self.send_unreachable(now, src, 2, &q);
                 }
             }
         }
     }
 
-    fn receive_icmp(&mut self, now: Instant, src: Ipv4Address, dst: Ipv4Address, payload: Vec<u8>) {
+    fn receive_icmp(&mut self, now: Instant, src: Ipv4Address, dst: Ipv4Address, payload: Vec<u8>, ip_header: Vec<u8>) {
         let Ok(icmp) = Icmpv4Packet::new_checked(&payload[..]) else { return self.drop(DropReason::IcmpMalformed) };
         if !icmp.verify_checksum() {
             return self.drop(DropReason::IcmpMalformed);
@@ -521,9 +536,14 @@ impl IpCore {
                 let _ = self.send(now, src, IpProtocol::Icmp, &reply, false);
             }
             Icmpv4Message::EchoReply => match self.demux.lookup(IpProtocol::Icmp, icmp.echo_ident()) {
-                Some(to) => {
-                    self.out.push_back(Output::Deliver(Delivery { to, src, dst, protocol: IpProtocol::Icmp, payload }))
-                }
+                Some(to) => self.out.push_back(Output::Deliver(Delivery {
+                    to,
+                    src,
+                    dst,
+                    protocol: IpProtocol::Icmp,
+                    payload,
+                    ip_header,
+                })),
                 None => self.drop(DropReason::NoTransport),
             },
             Icmpv4Message::DstUnreachable | Icmpv4Message::TimeExceeded => {
@@ -559,7 +579,7 @@ impl IpCore {
     }
 
     /// ICMP destination unreachable with `code`, quoting `quote` (the offending
-    /// header and 8 bytes).
+    /// header and 8 bytes: see [`quote`]).
     pub fn send_unreachable(&mut self, now: Instant, to: Ipv4Address, code: u8, quote: &[u8]) {
         let mut msg = vec![0u8; 8 + quote.len()];
         msg[0] = 3;
