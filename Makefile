@@ -14,9 +14,13 @@ LOOM_TARGET := target/loom
 
 all: test
 
-# What a fresh machine may lack: iproute2 (namespace clean-up) and cargo-nextest.
+# What a fresh machine may lack: the Linux-side peers the tests drive (iproute2,
+# tcpdump, socat, ping, nftables, curl) and cargo-nextest.
+DEB_TOOLS := ip:iproute2 tcpdump:tcpdump socat:socat ping:iputils-ping nft:nftables curl:curl
 deps:
-	@command -v ip >/dev/null || { apt-get update -q && apt-get install -y -q --no-install-recommends iproute2; }
+	@missing=""; for pair in $(DEB_TOOLS); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
+	  command -v $$cmd >/dev/null || PATH="$$PATH:/usr/sbin:/sbin" command -v $$cmd >/dev/null || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $$missing; fi
 	@command -v cargo-nextest >/dev/null || $(CARGO) install --locked cargo-nextest
 
 clean-leftovers:
