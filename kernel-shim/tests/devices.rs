@@ -5,47 +5,10 @@
 //! when a test fails; traffic never leaves them.
 
 use std::os::fd::AsFd;
-use std::path::PathBuf;
-use std::process::Command;
 use std::time::Duration;
 
 use capnet_kernel_shim::device::{Device, DeviceKind, VNET_HDR_LEN};
-
-/// A network namespace that exists for one test.
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new(tag: &str) -> Self {
-        let name = format!("capt-{}-{tag}", std::process::id());
-        let _ = Command::new("ip").args(["netns", "del", &name]).status();
-        run(&["ip", "netns", "add", &name]);
-        Self { name }
-    }
-    fn path(&self) -> PathBuf {
-        PathBuf::from(format!("/run/netns/{}", self.name))
-    }
-    fn exec(&self, cmd: &[&str]) {
-        let mut full = vec!["ip", "netns", "exec", &self.name];
-        full.extend_from_slice(cmd);
-        run(&full);
-    }
-    fn link_exists(&self, dev: &str) -> bool {
-        Command::new("ip").args(["-n", &self.name, "link", "show", dev]).output().is_ok_and(|o| o.status.success())
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
-    }
-}
-
-fn run(cmd: &[&str]) {
-    let out = Command::new(cmd[0]).args(&cmd[1..]).output().expect("run");
-    assert!(out.status.success(), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
-}
+use capnet_testkit::Netns;
 
 /// Reads frames until one satisfies `want` (or the deadline passes).
 fn read_until(dev: &Device, skip: usize, want: impl Fn(&[u8]) -> bool) -> Option<Vec<u8>> {
@@ -76,7 +39,7 @@ fn is_arp_request_for(frame: &[u8], ip: [u8; 4]) -> bool {
 
 /// Asks the kernel in the namespace to send a datagram to `ip`, which makes it ARP.
 fn poke(ns: &Netns, ip: &str) {
-    ns.exec(&["bash", "-c", &format!("echo x > /dev/udp/{ip}/9 || true")]);
+    ns.run_ok(&["bash", "-c", &format!("echo x > /dev/udp/{ip}/9 || true")]);
 }
 
 #[test]
@@ -87,8 +50,8 @@ fn tap_in_a_namespace_carries_the_kernels_arp_with_vnet_header() {
     assert!(off.vnet_hdr && off.csum && off.tso, "offloads refused: {off:?}");
     assert!(ns.link_exists("capt0"), "the TAP lives in the test's namespace");
     assert!(!std::path::Path::new("/sys/class/net/capt0").exists(), "and not in ours");
-    ns.exec(&["ip", "link", "set", "capt0", "up"]);
-    ns.exec(&["ip", "addr", "add", "10.99.0.1/24", "dev", "capt0"]);
+    ns.run_ok(&["ip", "link", "set", "capt0", "up"]);
+    ns.run_ok(&["ip", "addr", "add", "10.99.0.1/24", "dev", "capt0"]);
     poke(&ns, "10.99.0.2");
     let frame =
         read_until(&dev, VNET_HDR_LEN, |f| is_arp_request_for(f, [10, 99, 0, 2])).expect("ARP request from the kernel");
@@ -110,8 +73,8 @@ fn plain_tap_has_no_header() {
         dev.kind(),
         &DeviceKind::Tap(capnet_kernel_shim::device::Offloads { vnet_hdr: false, csum: false, tso: false })
     );
-    ns.exec(&["ip", "link", "set", "capt1", "up"]);
-    ns.exec(&["ip", "addr", "add", "10.99.1.1/24", "dev", "capt1"]);
+    ns.run_ok(&["ip", "link", "set", "capt1", "up"]);
+    ns.run_ok(&["ip", "addr", "add", "10.99.1.1/24", "dev", "capt1"]);
     poke(&ns, "10.99.1.2");
     read_until(&dev, 0, |f| is_arp_request_for(f, [10, 99, 1, 2])).expect("ARP request, no header");
 }
@@ -119,10 +82,10 @@ fn plain_tap_has_no_header() {
 #[test]
 fn packet_socket_on_a_veth_sees_the_kernels_arp() {
     let ns = Netns::new("pkt");
-    ns.exec(&["ip", "link", "add", "cva", "type", "veth", "peer", "name", "cvb"]);
-    ns.exec(&["ip", "link", "set", "cva", "up"]);
-    ns.exec(&["ip", "link", "set", "cvb", "up"]);
-    ns.exec(&["ip", "addr", "add", "10.98.0.1/24", "dev", "cva"]);
+    ns.run_ok(&["ip", "link", "add", "cva", "type", "veth", "peer", "name", "cvb"]);
+    ns.run_ok(&["ip", "link", "set", "cva", "up"]);
+    ns.run_ok(&["ip", "link", "set", "cvb", "up"]);
+    ns.run_ok(&["ip", "addr", "add", "10.98.0.1/24", "dev", "cva"]);
     let dev = Device::open_packet("cvb", Some(&ns.path())).expect("packet socket");
     assert_eq!(dev.kind(), &DeviceKind::Packet);
     poke(&ns, "10.98.0.2");
