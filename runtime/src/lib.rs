@@ -1,14 +1,21 @@
-//! capnet-runtime: binds protocol cores to a device and to real time.
+//! capnet-runtime: binds protocol cores to devices, channels and real time.
 //!
-//! [`MonoStack`] is the one-group composition of the packet path: the ip and udp
-//! cores in one thread, calling each other directly, over a device fd (a TAP or an
-//! AF_PACKET socket from kernel-shim). Everything that differs between compositions
-//! lives in runtimes like this one, never in a core; the factored runtime joins the
-//! same cores over ipc channels instead of function calls.
+//! The same cores run in every composition (DESIGN, "Groups"); only this crate
+//! differs between them:
+//!
+//! - [`MonoStack`]: one group — the ip and udp cores and the device in one thread,
+//!   calling each other directly;
+//! - [`two_group`]: driver | stack — the driver's device loops and the ip + udp
+//!   cores joined by ipc channels and buffer pools, as two groups would be as two
+//!   processes.
+//!
+//! [`Cores`] is what both share: the cores, moving outputs between each other.
 
 #![forbid(unsafe_code)]
 
-use std::os::fd::{AsFd, OwnedFd};
+pub mod two_group;
+
+use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant as StdInstant};
 
 use capnet_ip::{Config, Instant, IpCore, IpProtocol, Output, TransportId};
@@ -22,116 +29,65 @@ pub const UDP: TransportId = TransportId(1);
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
     /// The device needs offloads this runtime does not handle yet.
-    #[error("device {0} was opened with the virtio-net header; the mono runtime takes plain frames for now")]
+    #[error("device {0} was opened with the virtio-net header; the runtimes take plain frames for now")]
     Offloads(String),
     /// A device read or write failed.
     #[error("device I/O failed: {0}")]
     Io(#[from] std::io::Error),
+    /// Making the channels or pools between groups failed.
+    #[error("cannot join the groups: {0}")]
+    Ipc(String),
+    /// A peer group broke the channel protocol.
+    #[error("peer group broke the channel protocol: {0}")]
+    Peer(String),
 }
 
-/// Counters the runtime adds to the cores'.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RuntimeStats {
-    /// Frames read from the device.
-    pub frames_read: u64,
-    /// Frames written to the device.
-    pub frames_written: u64,
-    /// Writes the device refused (e.g. link down): the frame is dropped.
-    pub write_errors: u64,
-}
-
-/// The ip and udp cores in one thread over one device.
+/// The packet-path cores of one stack, and the clock they run on.
 #[derive(Debug)]
-pub struct MonoStack {
-    fd: OwnedFd,
-    ip: IpCore,
-    udp: UdpCore,
+pub struct Cores {
+    /// The ip core.
+    pub ip: IpCore,
+    /// The udp core.
+    pub udp: UdpCore,
     epoch: StdInstant,
-    buf: Vec<u8>,
-    /// The runtime's own counters.
-    pub stats: RuntimeStats,
 }
 
-impl MonoStack {
-    /// A stack on `dev` (plain frames) with ip configuration `cfg`; UDP owns every
-    /// UDP port.
-    pub fn new(dev: Device, cfg: Config, udp_queue_bytes: usize) -> Result<Self, RuntimeError> {
-        if matches!(dev.kind(), DeviceKind::Tap(o) if o.vnet_hdr) {
-            return Err(RuntimeError::Offloads(dev.name().to_owned()));
-        }
-        let fd = dev.fd().try_clone_to_owned()?;
-        let flags = rustix::fs::fcntl_getfl(&fd).map_err(std::io::Error::from)?;
-        rustix::fs::fcntl_setfl(&fd, flags | rustix::fs::OFlags::NONBLOCK).map_err(std::io::Error::from)?;
-        let epoch = StdInstant::now();
+impl Cores {
+    /// Cores for `cfg`; UDP owns every UDP port.
+    pub fn new(cfg: Config, udp_queue_bytes: usize) -> Self {
         let local = cfg.addr.address();
         let mut ip = IpCore::new(cfg, Instant::ZERO);
         ip.demux.insert(IpProtocol::Udp, 0..=65535, UDP);
-        let mut s = Self {
-            fd,
-            ip,
-            udp: UdpCore::new(local, udp_queue_bytes),
-            epoch,
-            buf: vec![0u8; 65536 + VNET_HDR_LEN],
-            stats: RuntimeStats::default(),
-        };
-        s.pump()?;
-        Ok(s)
+        Self { ip, udp: UdpCore::new(local, udp_queue_bytes), epoch: StdInstant::now() }
     }
 
-    /// The ip core.
-    pub fn ip(&self) -> &IpCore {
-        &self.ip
-    }
-
-    /// The udp core (the application side calls it between polls).
-    pub fn udp(&mut self) -> &mut UdpCore {
-        &mut self.udp
-    }
-
-    fn now(&self) -> Instant {
+    /// Time since the stack started, as the cores count it.
+    pub fn now(&self) -> Instant {
         Instant::from_micros(self.epoch.elapsed().as_micros() as i64)
     }
 
-    /// Waits up to `max_wait` for the device or a timer, then processes every frame
-    /// that is ready (drain to empty) and every output that results.
-    pub fn poll(&mut self, max_wait: Duration) -> Result<(), RuntimeError> {
+    /// How long a runtime may wait before the cores' next deadline.
+    pub fn wait_bound(&self, max_wait: Duration) -> Duration {
         let now = self.now();
-        let timer = self.ip.poll_at().map(|at| Duration::from_micros((at - now).total_micros()));
-        let wait = timer.map_or(max_wait, |t| t.min(max_wait));
-        let ts = rustix::time::Timespec { tv_sec: wait.as_secs() as i64, tv_nsec: i64::from(wait.subsec_nanos()) };
-        let mut fds = [rustix::event::PollFd::new(&self.fd, rustix::event::PollFlags::IN)];
-        match rustix::event::poll(&mut fds, Some(&ts)) {
-            Ok(_) | Err(rustix::io::Errno::INTR) => {}
-            Err(e) => return Err(std::io::Error::from(e).into()),
+        match self.ip.poll_at() {
+            // smoltcp's Instant difference is absolute: a deadline already past waits 0.
+            Some(at) if at <= now => Duration::ZERO,
+            Some(at) => Duration::from_micros((at - now).total_micros()).min(max_wait),
+            None => max_wait,
         }
-        loop {
-            match rustix::io::read(&self.fd, &mut self.buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    self.stats.frames_read += 1;
-                    let now = self.now();
-                    self.ip.receive_frame(now, &self.buf[..n]);
-                    self.pump()?;
-                }
-                Err(rustix::io::Errno::AGAIN) => break,
-                Err(rustix::io::Errno::INTR) => continue,
-                Err(e) => return Err(std::io::Error::from(e).into()),
-            }
-        }
-        let now = self.now();
-        self.ip.poll(now);
-        self.pump()
     }
 
-    /// Moves every output between the cores and onto the device.
-    pub fn pump(&mut self) -> Result<(), RuntimeError> {
+    /// Runs timers and moves every output between the cores; frames for the
+    /// device go to `emit`.
+    pub fn pump(&mut self, mut emit: impl FnMut(Vec<u8>)) {
+        let now = self.now();
+        self.ip.poll(now);
         loop {
-            let now = self.now();
             let mut progressed = false;
             while let Some(out) = self.ip.pop_output() {
                 progressed = true;
                 match out {
-                    Output::Frame(f) => self.write(&f),
+                    Output::Frame(f) => emit(f),
                     Output::Deliver(d) if d.to == UDP => self.udp.receive(d.src, d.dst, &d.payload, &d.ip_header),
                     Output::Deliver(_) => {}
                     Output::Icmp(e) => {
@@ -149,20 +105,113 @@ impl MonoStack {
                 }
             }
             if !progressed {
-                return Ok(());
+                return;
             }
         }
     }
+}
 
-    fn write(&mut self, frame: &[u8]) {
-        match rustix::io::write(&self.fd, frame) {
-            Ok(_) => self.stats.frames_written += 1,
-            Err(_) => self.stats.write_errors += 1,
-        }
+/// A composition of the packet path an application thread drives: it polls, and
+/// calls the udp core in between. Tests are written once against this trait.
+pub trait Stack {
+    /// Waits up to `max_wait` for work, then does all that is ready.
+    fn poll(&mut self, max_wait: Duration) -> Result<(), RuntimeError>;
+    /// The cores (the application side calls the udp core between polls).
+    fn cores(&mut self) -> &mut Cores;
+}
+
+/// Counters the device side of a runtime keeps.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DeviceStats {
+    /// Frames read from the device.
+    pub frames_read: u64,
+    /// Frames written to the device.
+    pub frames_written: u64,
+    /// Writes the device refused (e.g. link down): the frame is dropped.
+    pub write_errors: u64,
+}
+
+/// Checks a device is plain frames and returns a non-blocking copy of its fd.
+fn plain_nonblocking(dev: &Device) -> Result<OwnedFd, RuntimeError> {
+    if matches!(dev.kind(), DeviceKind::Tap(o) if o.vnet_hdr) {
+        return Err(RuntimeError::Offloads(dev.name().to_owned()));
+    }
+    let fd = dev.fd().try_clone_to_owned()?;
+    let flags = rustix::fs::fcntl_getfl(&fd).map_err(std::io::Error::from)?;
+    rustix::fs::fcntl_setfl(&fd, flags | rustix::fs::OFlags::NONBLOCK).map_err(std::io::Error::from)?;
+    Ok(fd)
+}
+
+/// Waits until `fd` is readable or `wait` passes.
+fn wait_readable(fd: &OwnedFd, wait: Duration) -> Result<(), RuntimeError> {
+    let ts = rustix::time::Timespec { tv_sec: wait.as_secs() as i64, tv_nsec: i64::from(wait.subsec_nanos()) };
+    let mut fds = [rustix::event::PollFd::new(fd, rustix::event::PollFlags::IN)];
+    match rustix::event::poll(&mut fds, Some(&ts)) {
+        Ok(_) | Err(rustix::io::Errno::INTR) => Ok(()),
+        Err(e) => Err(std::io::Error::from(e).into()),
+    }
+}
+
+/// Reads one frame if one is ready (`None` when the device has nothing).
+fn read_frame(fd: &OwnedFd, buf: &mut [u8]) -> Result<Option<usize>, RuntimeError> {
+    loop {
+        return match rustix::io::read(fd, &mut *buf) {
+            Ok(n) => Ok(Some(n)),
+            Err(rustix::io::Errno::AGAIN) => Ok(None),
+            Err(rustix::io::Errno::INTR) => continue,
+            Err(e) => Err(std::io::Error::from(e).into()),
+        };
+    }
+}
+
+/// The ip and udp cores in one thread over one device.
+#[derive(Debug)]
+pub struct MonoStack {
+    fd: OwnedFd,
+    cores: Cores,
+    buf: Vec<u8>,
+    /// The device side's counters.
+    pub stats: DeviceStats,
+}
+
+impl MonoStack {
+    /// A stack on `dev` (plain frames) with ip configuration `cfg`.
+    pub fn new(dev: Device, cfg: Config, udp_queue_bytes: usize) -> Result<Self, RuntimeError> {
+        let fd = plain_nonblocking(&dev)?;
+        let mut s = Self {
+            fd,
+            cores: Cores::new(cfg, udp_queue_bytes),
+            buf: vec![0u8; 65536 + VNET_HDR_LEN],
+            stats: DeviceStats::default(),
+        };
+        s.flush();
+        Ok(s)
     }
 
-    /// The device fd (for callers that multiplex several stacks).
-    pub fn device_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        self.fd.as_fd()
+    fn flush(&mut self) {
+        let (fd, stats) = (&self.fd, &mut self.stats);
+        self.cores.pump(|frame| match rustix::io::write(fd, &frame) {
+            Ok(_) => stats.frames_written += 1,
+            Err(_) => stats.write_errors += 1,
+        });
+    }
+}
+
+impl Stack for MonoStack {
+    fn poll(&mut self, max_wait: Duration) -> Result<(), RuntimeError> {
+        self.flush();
+        wait_readable(&self.fd, self.cores.wait_bound(max_wait))?;
+        while let Some(n) = read_frame(&self.fd, &mut self.buf)? {
+            self.stats.frames_read += 1;
+            let now = self.cores.now();
+            self.cores.ip.receive_frame(now, &self.buf[..n]);
+            self.flush();
+        }
+        self.flush();
+        Ok(())
+    }
+
+    fn cores(&mut self) -> &mut Cores {
+        &mut self.cores
     }
 }

@@ -11,56 +11,119 @@ use std::time::Duration;
 
 use capnet_ip::{Config, EthernetAddress, Ipv4Address, Ipv4Cidr};
 use capnet_kernel_shim::device::Device;
-use capnet_runtime::MonoStack;
+use capnet_runtime::two_group::{self, Driver};
+use capnet_runtime::{MonoStack, Stack};
 use capnet_testkit::Netns;
 
-/// Brings up namespace + TAP + stack with a UDP echo service on port 7; runs the
-/// stack on a thread until the returned guard is dropped.
-fn stack(tag: &str) -> (Netns, Arc<AtomicBool>, std::thread::JoinHandle<MonoStack>) {
+/// The compositions every test here runs on.
+#[derive(Debug, Clone, Copy)]
+enum Composition {
+    /// One group: cores and device in one thread.
+    Mono,
+    /// Two groups: driver | ip + udp, over ipc channels and pools.
+    TwoGroup,
+}
+
+const ALL: [Composition; 2] = [Composition::Mono, Composition::TwoGroup];
+
+/// A running stack: namespace, the stack thread, and its stop flag.
+struct Running {
+    ns: Netns,
+    stop: Arc<AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Box<dyn Stack + Send>>>,
+    driver: Option<Driver>,
+}
+
+impl Running {
+    /// Stops the stack and hands back its cores for inspection.
+    fn finish(mut self) -> Box<dyn Stack + Send> {
+        self.stop.store(true, Ordering::Relaxed);
+        let s = self.thread.take().expect("running").join().expect("stack thread");
+        if let Some(d) = self.driver.take() {
+            let stats = d.stop().expect("driver");
+            assert!(stats.frames_written > 0 && stats.write_errors == 0, "{stats:?}");
+        }
+        s
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        if let Some(d) = self.driver.take() {
+            let _ = d.stop();
+        }
+    }
+}
+
+/// Brings up namespace + TAP + stack in `comp` with a UDP echo service on port 7,
+/// served from the stack's thread.
+fn stack(tag: &str, comp: Composition) -> Running {
     let ns = Netns::new(tag);
     let dev = Device::open_tap("cap0", Some(&ns.path()), false).expect("tap");
     ns.run_ok(&["ip", "link", "set", "cap0", "up"]);
     ns.run_ok(&["ip", "addr", "add", "10.77.0.1/24", "dev", "cap0"]);
     let cfg =
         Config::new(EthernetAddress([0x02, 0xca, 0xfe, 0, 0, 2]), Ipv4Cidr::new(Ipv4Address::new(10, 77, 0, 2), 24));
-    let mut s = MonoStack::new(dev, cfg, 1 << 20).expect("stack");
-    let echo = s.udp().bind(7).expect("bind 7");
+    let (mut s, driver): (Box<dyn Stack + Send>, Option<Driver>) = match comp {
+        Composition::Mono => (Box::new(MonoStack::new(dev, cfg, 1 << 20).expect("stack")), None),
+        Composition::TwoGroup => {
+            let (s, d) = two_group::start(dev, cfg, 1 << 20).expect("two groups");
+            (Box::new(s), Some(d))
+        }
+    };
+    let echo = s.cores().udp.bind(7).expect("bind 7");
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
-    let h = std::thread::spawn(move || {
+    let thread = std::thread::spawn(move || {
         while !flag.load(Ordering::Relaxed) {
             s.poll(Duration::from_millis(20)).expect("poll");
-            while let Ok(Some(d)) = s.udp().recv_from(echo) {
-                s.udp().send_to(echo, Some((d.src, d.src_port)), &d.data).expect("echo");
+            let udp = &mut s.cores().udp;
+            while let Ok(Some(d)) = udp.recv_from(echo) {
+                udp.send_to(echo, Some((d.src, d.src_port)), &d.data).expect("echo");
             }
-            s.pump().expect("pump");
         }
         s
     });
-    (ns, stop, h)
+    Running { ns, stop, thread: Some(thread), driver }
 }
 
 #[test]
 fn linux_ping_gets_replies_small_and_fragmented() {
-    let (ns, stop, h) = stack("ping");
+    for comp in ALL {
+        ping_case(comp);
+    }
+}
+
+fn ping_case(comp: Composition) {
+    let run = stack("ping", comp);
+    let ns = &run.ns;
     let out = ns.run(&["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.77.0.2"]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(out.status.success() && text.contains("3 received"), "ping: {text}");
+    assert!(out.status.success() && text.contains("3 received"), "{comp:?} ping: {text}");
     let big = ns.run(&["ping", "-c", "2", "-s", "4000", "-W", "2", "10.77.0.2"]);
     let text = String::from_utf8_lossy(&big.stdout).into_owned();
     assert!(
         big.status.success() && text.contains("2 received") && text.contains("4008 bytes from"),
-        "ping -s 4000: {text}"
+        "{comp:?} ping -s 4000: {text}"
     );
-    stop.store(true, Ordering::Relaxed);
-    let s = h.join().expect("stack thread");
-    assert!(s.ip().stats().echo_replies >= 5, "the replies Linux counted came from this stack");
-    assert!(s.stats.frames_written >= 5 && s.stats.write_errors == 0, "{:?}", s.stats);
+    let mut s = run.finish();
+    assert!(s.cores().ip.stats().echo_replies >= 5, "the replies Linux counted came from this stack");
 }
 
 #[test]
 fn udp_echo_against_socat_is_byte_exact_up_to_the_maximum() {
-    let (ns, stop, h) = stack("udp");
+    for comp in ALL {
+        udp_case(comp);
+    }
+}
+
+fn udp_case(comp: Composition) {
+    let run = stack("udp", comp);
+    let ns = &run.ns;
     for size in [1usize, 1472, 1473, 8000, 65507] {
         let payload: String = (0..size).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
         let script = format!(
@@ -73,24 +136,33 @@ fn udp_echo_against_socat_is_byte_exact_up_to_the_maximum() {
         let path = format!("/tmp/capt-{}-{size}", std::process::id());
         let got = std::fs::read(&path).unwrap_or_default();
         let _ = std::fs::remove_file(&path);
-        assert_eq!(got.len(), size, "echo of {size} bytes; socat: {}", String::from_utf8_lossy(&socat.stderr));
-        assert!(got == payload.as_bytes(), "echo of {size} bytes differs");
+        assert_eq!(
+            got.len(),
+            size,
+            "{comp:?}: echo of {size} bytes; socat: {}",
+            String::from_utf8_lossy(&socat.stderr)
+        );
+        assert!(got == payload.as_bytes(), "{comp:?}: echo of {size} bytes differs");
     }
-    stop.store(true, Ordering::Relaxed);
-    let s = h.join().expect("stack thread");
-    assert!(s.ip().stats().packets_in >= 5);
+    let mut s = run.finish();
+    assert!(s.cores().ip.stats().packets_in >= 5);
 }
 
 #[test]
 fn a_closed_udp_port_is_refused_to_linux() {
-    let (ns, stop, h) = stack("closed");
+    for comp in ALL {
+        closed_case(comp);
+    }
+}
+
+fn closed_case(comp: Composition) {
+    let run = stack("closed", comp);
+    let ns = &run.ns;
     // Linux reports ICMP port unreachable on a connected UDP socket as ECONNREFUSED.
     let script = "import socket,sys\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.settimeout(3)\ns.connect(('10.77.0.2',9))\ns.send(b'x')\ntry:\n    s.recv(10)\nexcept ConnectionRefusedError:\n    print('refused')\nexcept socket.timeout:\n    print('timeout')\n";
     let out = ns.run(&["python3", "-c", script]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(text.contains("refused"), "python said: {text} {}", String::from_utf8_lossy(&out.stderr));
-    stop.store(true, Ordering::Relaxed);
-    let s = h.join().expect("stack thread");
-    let mut s = s;
-    assert_eq!(s.udp().stats().dropped(capnet_udp::DropReason::NoSocket), 1);
+    assert!(text.contains("refused"), "{comp:?}: python said: {text} {}", String::from_utf8_lossy(&out.stderr));
+    let mut s = run.finish();
+    assert_eq!(s.cores().udp.stats().dropped(capnet_udp::DropReason::NoSocket), 1);
 }

@@ -1,0 +1,327 @@
+//! driver | stack: two groups joined by ipc channels and buffer pools.
+//!
+//! The driver group owns the device. Its reader thread copies each frame the device
+//! hands it into a buffer of the rx pool (the one copy at the device edge) and lends
+//! it to the stack over channel R; its writer thread takes the stack's frames from
+//! the tx pool over channel T, copies each out to the device, and returns the loan.
+//! The stack group owns the tx pool and the ip + udp cores; it copies each received
+//! frame out of the driver's pool before parsing (DESIGN, "Distrust") and returns
+//! the loan at once.
+//!
+//! Two channels, one per direction of frames, so each driver thread owns one
+//! channel end outright: the reader blocks in the device, the writer on its
+//! channel's futex, and neither ever waits on the other. Here the groups are
+//! threads; as processes (the factored issue) the same code runs on the other side
+//! of `SCM_RIGHTS`.
+
+use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use capnet_ip::Config;
+use capnet_ipc::channel::ChannelParams;
+use capnet_ipc::notify::{SpinPolicy, SpinTokens};
+use capnet_ipc::pool::{BufferPool, PoolLayout, PoolView, ReaderId};
+use capnet_ipc::region::Region;
+use capnet_ipc::shm_channel::{self, ShmEnd};
+use capnet_ipc::{Descriptor, Interest, Waiter};
+use capnet_kernel_shim::device::{Device, VNET_HDR_LEN};
+
+use crate::{plain_nonblocking, read_frame, wait_readable, Cores, DeviceStats, RuntimeError, Stack};
+
+/// The driver's receive pool.
+pub const RX_POOL: u16 = 1;
+/// The stack's transmit pool.
+pub const TX_POOL: u16 = 2;
+const POOL_BUFFERS: u32 = 1024;
+const QUOTA: u32 = 768;
+const BATCH: usize = 64;
+/// How often a blocked driver thread looks at its stop flag.
+const STOP_CHECK: Duration = Duration::from_millis(100);
+
+type NoTokens = Option<&'static SpinTokens<Arc<Region>>>;
+
+fn ipc_err(e: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError::Ipc(e.to_string())
+}
+
+fn peer_err(e: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError::Peer(e.to_string())
+}
+
+fn returned(d: &Descriptor) -> Descriptor {
+    Descriptor { flags: Descriptor::RETURN, ..*d }
+}
+
+/// The driver group's threads.
+#[derive(Debug)]
+pub struct Driver {
+    stop: Arc<AtomicBool>,
+    reader: JoinHandle<Result<DeviceStats, RuntimeError>>,
+    writer: JoinHandle<Result<DeviceStats, RuntimeError>>,
+}
+
+impl Driver {
+    /// Stops both threads and returns their combined counters.
+    pub fn stop(self) -> Result<DeviceStats, RuntimeError> {
+        self.stop.store(true, Ordering::Relaxed);
+        let join = |h: JoinHandle<Result<DeviceStats, RuntimeError>>| {
+            h.join().unwrap_or_else(|_| Err(RuntimeError::Peer("driver thread panicked".into())))
+        };
+        let (r, w) = (join(self.reader)?, join(self.writer)?);
+        Ok(DeviceStats { frames_read: r.frames_read, frames_written: w.frames_written, write_errors: w.write_errors })
+    }
+}
+
+/// The stack group: the ip and udp cores, fed by the driver over channels.
+#[derive(Debug)]
+pub struct StackGroup {
+    cores: Cores,
+    rx: ShmEnd,
+    tx: ShmEnd,
+    rx_view: PoolView,
+    tx_pool: BufferPool,
+    driver: ReaderId,
+    waiter: Waiter,
+    inbox: Vec<Descriptor>,
+    batch: Vec<Descriptor>,
+    frame: Vec<u8>,
+    backlog: VecDeque<Vec<u8>>,
+}
+
+/// Starts the driver group on `dev` and returns the stack group to drive.
+pub fn start(dev: Device, cfg: Config, udp_queue_bytes: usize) -> Result<(StackGroup, Driver), RuntimeError> {
+    let fd = plain_nonblocking(&dev)?;
+    let mut rx_pool =
+        BufferPool::create("capnet-rx", RX_POOL, PoolLayout::with_count(POOL_BUFFERS)).map_err(ipc_err)?;
+    let mut tx_pool =
+        BufferPool::create("capnet-tx", TX_POOL, PoolLayout::with_count(POOL_BUFFERS)).map_err(ipc_err)?;
+    let stack_reader = rx_pool.add_reader(QUOTA);
+    let driver_reader = tx_pool.add_reader(QUOTA);
+    let dup = |p: &BufferPool| p.region().fd().try_clone_to_owned().map_err(ipc_err);
+    let rx_view = PoolView::attach(dup(&rx_pool)?, RX_POOL).map_err(ipc_err)?;
+    let tx_view = PoolView::attach(dup(&tx_pool)?, TX_POOL).map_err(ipc_err)?;
+    let params = ChannelParams::default();
+    let (r_driver, r_stack) = shm_channel::pair::<Descriptor>("capnet-frames-in", params).map_err(ipc_err)?;
+    let (t_stack, t_driver) = shm_channel::pair::<Descriptor>("capnet-frames-out", params).map_err(ipc_err)?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let wfd = fd.try_clone()?;
+    let reader = {
+        let stop = stop.clone();
+        std::thread::Builder::new()
+            .name("driver-rx".into())
+            .spawn(move || reader_loop(fd, rx_pool, stack_reader, r_driver, stop))?
+    };
+    let writer = {
+        let stop = stop.clone();
+        std::thread::Builder::new().name("driver-tx".into()).spawn(move || writer_loop(wfd, tx_view, t_driver, stop))?
+    };
+    let mut stack = StackGroup {
+        cores: Cores::new(cfg, udp_queue_bytes),
+        rx: r_stack,
+        tx: t_stack,
+        rx_view,
+        tx_pool,
+        driver: driver_reader,
+        waiter: Waiter::new(SpinPolicy::DEFAULT),
+        inbox: Vec::with_capacity(1024),
+        batch: Vec::with_capacity(BATCH),
+        frame: Vec::with_capacity(2048),
+        backlog: VecDeque::new(),
+    };
+    stack.flush()?;
+    Ok((stack, Driver { stop, reader, writer }))
+}
+
+/// Device → rx pool → channel R; takes back returned loans.
+fn reader_loop(
+    fd: OwnedFd,
+    mut pool: BufferPool,
+    stack: ReaderId,
+    mut end: ShmEnd,
+    stop: Arc<AtomicBool>,
+) -> Result<DeviceStats, RuntimeError> {
+    let mut stats = DeviceStats::default();
+    let mut waiter = Waiter::new(SpinPolicy::NEVER);
+    let mut buf = vec![0u8; 65536 + VNET_HDR_LEN];
+    let (mut inbox, mut batch) = (Vec::with_capacity(1024), Vec::with_capacity(BATCH));
+    while !stop.load(Ordering::Relaxed) {
+        inbox.clear();
+        end.recv(&mut inbox, 1024).map_err(peer_err)?;
+        for d in &inbox {
+            if !d.has(Descriptor::RETURN) {
+                return Err(RuntimeError::Peer(format!("stack sent {d:?} on the receive channel")));
+            }
+            pool.give_back(stack, d).map_err(peer_err)?;
+        }
+        let quota_left = (QUOTA - pool.held_by(stack).min(QUOTA)) as usize;
+        let room = end.space().map_err(peer_err)?.min(pool.free_count()).min(quota_left).min(BATCH);
+        if room == 0 {
+            // Out of buffers or ring slots: wait for the stack to return some.
+            waiter.wait(&mut [&mut end], Some(STOP_CHECK), None as NoTokens);
+            continue;
+        }
+        wait_readable(&fd, STOP_CHECK)?;
+        batch.clear();
+        while batch.len() < room {
+            let Some(n) = read_frame(&fd, &mut buf)? else { break };
+            stats.frames_read += 1;
+            if n > (pool.layout().buf_size - pool.layout().headroom) as usize {
+                continue; // larger than a buffer (offloads are off): count as read, drop
+            }
+            let Some(d) = pool.fill(&buf[..n]).map_err(ipc_err)? else { break };
+            pool.lend(stack, &d).map_err(ipc_err)?;
+            batch.push(d);
+        }
+        let mut sent = 0;
+        while sent < batch.len() {
+            let k = end.send(&batch[sent..]).map_err(peer_err)?;
+            if k == 0 {
+                end.interest = Interest::SPACE;
+                waiter.wait(&mut [&mut end], Some(STOP_CHECK), None as NoTokens);
+                end.interest = Interest::RX;
+                if stop.load(Ordering::Relaxed) {
+                    break;
+                }
+            }
+            sent += k;
+        }
+    }
+    Ok(stats)
+}
+
+/// Channel T → device; returns each loan once written.
+fn writer_loop(
+    fd: OwnedFd,
+    view: PoolView,
+    mut end: ShmEnd,
+    stop: Arc<AtomicBool>,
+) -> Result<DeviceStats, RuntimeError> {
+    let mut stats = DeviceStats::default();
+    let mut waiter = Waiter::new(SpinPolicy::DEFAULT);
+    let (mut inbox, mut returns, mut frame) =
+        (Vec::with_capacity(256), Vec::with_capacity(256), Vec::with_capacity(2048));
+    while !stop.load(Ordering::Relaxed) {
+        inbox.clear();
+        if end.recv(&mut inbox, 256).map_err(peer_err)? == 0 {
+            waiter.wait(&mut [&mut end], Some(STOP_CHECK), None as NoTokens);
+            continue;
+        }
+        returns.clear();
+        for d in &inbox {
+            frame.clear();
+            view.read_into(d, &mut frame).map_err(peer_err)?;
+            match rustix::io::write(&fd, &frame) {
+                Ok(_) => stats.frames_written += 1,
+                Err(_) => stats.write_errors += 1,
+            }
+            returns.push(returned(d));
+        }
+        let mut sent = 0;
+        while sent < returns.len() && !stop.load(Ordering::Relaxed) {
+            let k = end.send(&returns[sent..]).map_err(peer_err)?;
+            if k == 0 {
+                end.interest = Interest::SPACE;
+                waiter.wait(&mut [&mut end], Some(STOP_CHECK), None as NoTokens);
+                end.interest = Interest::RX;
+            }
+            sent += k;
+        }
+    }
+    Ok(stats)
+}
+
+impl StackGroup {
+    /// Runs the cores' outputs and sends queued frames to the driver, as far as
+    /// pool buffers and ring slots allow; the rest waits in the backlog.
+    fn flush(&mut self) -> Result<(), RuntimeError> {
+        let backlog = &mut self.backlog;
+        self.cores.pump(|f| backlog.push_back(f));
+        while !self.backlog.is_empty() {
+            self.batch.clear();
+            for f in self.backlog.iter().take(BATCH) {
+                if self.tx_pool.held_by(self.driver) >= QUOTA {
+                    break; // the driver holds its quota: wait for returns
+                }
+                let Some(d) = self.tx_pool.fill(f).map_err(ipc_err)? else { break };
+                self.tx_pool.lend(self.driver, &d).map_err(ipc_err)?;
+                self.batch.push(d);
+            }
+            if self.batch.is_empty() {
+                return Ok(()); // every buffer is out: wait for returns
+            }
+            let sent = self.tx.send(&self.batch).map_err(peer_err)?;
+            self.backlog.drain(..sent);
+            // Ring full: take back the loans of what did not fit; those frames stay
+            // queued, in order, for the next poll.
+            for d in &self.batch[sent..] {
+                self.tx_pool.give_back(self.driver, d).map_err(ipc_err)?;
+            }
+            if sent < self.batch.len() {
+                return Ok(());
+            }
+        }
+        Ok(())
+    }
+
+    /// Drains both channels; returns whether anything arrived.
+    fn drain(&mut self) -> Result<bool, RuntimeError> {
+        let mut any = false;
+        loop {
+            self.inbox.clear();
+            let k = self.rx.recv(&mut self.inbox, 256).map_err(peer_err)?;
+            if k == 0 {
+                break;
+            }
+            any = true;
+            self.batch.clear();
+            for i in 0..self.inbox.len() {
+                let d = self.inbox[i];
+                self.frame.clear();
+                self.rx_view.read_into(&d, &mut self.frame).map_err(peer_err)?;
+                self.batch.push(returned(&d));
+                let now = self.cores.now();
+                self.cores.ip.receive_frame(now, &self.frame);
+            }
+            let mut sent = 0;
+            while sent < self.batch.len() {
+                sent += self.rx.send(&self.batch[sent..]).map_err(peer_err)?;
+            }
+            self.flush()?;
+        }
+        loop {
+            self.inbox.clear();
+            if self.tx.recv(&mut self.inbox, 1024).map_err(peer_err)? == 0 {
+                break;
+            }
+            any = true;
+            for d in &self.inbox {
+                if !d.has(Descriptor::RETURN) {
+                    return Err(RuntimeError::Peer(format!("driver sent {d:?} on the transmit channel")));
+                }
+                self.tx_pool.give_back(self.driver, d).map_err(peer_err)?;
+            }
+        }
+        Ok(any)
+    }
+}
+
+impl Stack for StackGroup {
+    fn poll(&mut self, max_wait: Duration) -> Result<(), RuntimeError> {
+        self.flush()?;
+        if !self.drain()? {
+            let wait = self.cores.wait_bound(max_wait);
+            self.tx.interest = if self.backlog.is_empty() { Interest::RX } else { Interest::BOTH };
+            self.waiter.wait(&mut [&mut self.rx, &mut self.tx], Some(wait), None as NoTokens);
+            self.drain()?;
+        }
+        self.flush()
+    }
+
+    fn cores(&mut self) -> &mut Cores {
+        &mut self.cores
+    }
+}
