@@ -18,6 +18,7 @@ pub mod two_group;
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant as StdInstant};
 
+use capnet_driver::impair::{ImpairStats, Impairer, Impairment};
 use capnet_ip::{Config, Instant, IpCore, IpProtocol, Output, TransportId};
 use capnet_kernel_shim::device::{Device, DeviceKind, VNET_HDR_LEN};
 use capnet_udp::UdpCore;
@@ -118,6 +119,53 @@ pub trait Stack {
     fn poll(&mut self, max_wait: Duration) -> Result<(), RuntimeError>;
     /// The cores (the application side calls the udp core between polls).
     fn cores(&mut self) -> &mut Cores;
+    /// The device side's counters, where this composition keeps them in the same
+    /// thread (`None` when the driver is a group of its own).
+    fn device_stats(&self) -> Option<DeviceStats> {
+        None
+    }
+}
+
+/// Impairment of the link, per direction, applied by the driver (this kernel has no
+/// netem).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LinkImpairment {
+    /// Frames from the device to the stack.
+    pub inbound: Impairment,
+    /// Frames from the stack to the device.
+    pub outbound: Impairment,
+}
+
+impl LinkImpairment {
+    /// A perfect link.
+    pub const NONE: Self = Self { inbound: Impairment::NONE, outbound: Impairment::NONE };
+}
+
+/// One direction's impairment stage on the driver's clock (time since start).
+#[derive(Debug)]
+struct Stage {
+    stage: Impairer,
+    epoch: StdInstant,
+}
+
+impl Stage {
+    fn new(cfg: Impairment) -> Result<Self, RuntimeError> {
+        Ok(Self { stage: Impairer::new(cfg).map_err(|e| RuntimeError::Ipc(e.to_string()))?, epoch: StdInstant::now() })
+    }
+
+    fn push(&mut self, frame: Vec<u8>) {
+        let now = self.epoch.elapsed();
+        self.stage.push(now, frame);
+    }
+
+    fn pop(&mut self) -> Option<Vec<u8>> {
+        self.stage.pop(self.epoch.elapsed())
+    }
+
+    /// How long until the next held frame is due (zero if one is due).
+    fn due_in(&self) -> Option<Duration> {
+        self.stage.poll_at().map(|at| at.saturating_sub(self.epoch.elapsed()))
+    }
 }
 
 /// Counters the device side of a runtime keeps.
@@ -129,6 +177,10 @@ pub struct DeviceStats {
     pub frames_written: u64,
     /// Writes the device refused (e.g. link down): the frame is dropped.
     pub write_errors: u64,
+    /// What the inbound impairment did.
+    pub inbound: ImpairStats,
+    /// What the outbound impairment did.
+    pub outbound: ImpairStats,
 }
 
 /// Checks a device is plain frames and returns a non-blocking copy of its fd.
@@ -170,41 +222,63 @@ pub struct MonoStack {
     fd: OwnedFd,
     cores: Cores,
     buf: Vec<u8>,
+    inbound: Stage,
+    outbound: Stage,
     /// The device side's counters.
     pub stats: DeviceStats,
 }
 
 impl MonoStack {
-    /// A stack on `dev` (plain frames) with ip configuration `cfg`.
-    pub fn new(dev: Device, cfg: Config, udp_queue_bytes: usize) -> Result<Self, RuntimeError> {
+    /// A stack on `dev` (plain frames) with ip configuration `cfg`, its link
+    /// impaired as `link` says.
+    pub fn new(dev: Device, cfg: Config, udp_queue_bytes: usize, link: LinkImpairment) -> Result<Self, RuntimeError> {
         let fd = plain_nonblocking(&dev)?;
         let mut s = Self {
             fd,
             cores: Cores::new(cfg, udp_queue_bytes),
             buf: vec![0u8; 65536 + VNET_HDR_LEN],
+            inbound: Stage::new(link.inbound)?,
+            outbound: Stage::new(link.outbound)?,
             stats: DeviceStats::default(),
         };
         s.flush();
         Ok(s)
     }
 
+    /// The device side's counters, with the impairment stages'.
+    pub fn device_stats(&self) -> DeviceStats {
+        DeviceStats { inbound: self.inbound.stage.stats, outbound: self.outbound.stage.stats, ..self.stats }
+    }
+
+    /// Delivers inbound frames that are due, runs the cores, and writes outbound
+    /// frames that are due.
     fn flush(&mut self) {
-        let (fd, stats) = (&self.fd, &mut self.stats);
-        self.cores.pump(|frame| match rustix::io::write(fd, &frame) {
-            Ok(_) => stats.frames_written += 1,
-            Err(_) => stats.write_errors += 1,
-        });
+        while let Some(f) = self.inbound.pop() {
+            let now = self.cores.now();
+            self.cores.ip.receive_frame(now, &f);
+        }
+        let out = &mut self.outbound;
+        self.cores.pump(|frame| out.push(frame));
+        while let Some(frame) = self.outbound.pop() {
+            match rustix::io::write(&self.fd, &frame) {
+                Ok(_) => self.stats.frames_written += 1,
+                Err(_) => self.stats.write_errors += 1,
+            }
+        }
     }
 }
 
 impl Stack for MonoStack {
     fn poll(&mut self, max_wait: Duration) -> Result<(), RuntimeError> {
         self.flush();
-        wait_readable(&self.fd, self.cores.wait_bound(max_wait))?;
+        let mut wait = self.cores.wait_bound(max_wait);
+        for due in [self.inbound.due_in(), self.outbound.due_in()].into_iter().flatten() {
+            wait = wait.min(due);
+        }
+        wait_readable(&self.fd, wait)?;
         while let Some(n) = read_frame(&self.fd, &mut self.buf)? {
             self.stats.frames_read += 1;
-            let now = self.cores.now();
-            self.cores.ip.receive_frame(now, &self.buf[..n]);
+            self.inbound.push(self.buf[..n].to_vec());
             self.flush();
         }
         self.flush();
@@ -213,5 +287,9 @@ impl Stack for MonoStack {
 
     fn cores(&mut self) -> &mut Cores {
         &mut self.cores
+    }
+
+    fn device_stats(&self) -> Option<DeviceStats> {
+        Some(MonoStack::device_stats(self))
     }
 }

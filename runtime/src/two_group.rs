@@ -30,7 +30,9 @@ use capnet_ipc::shm_channel::{self, ShmEnd};
 use capnet_ipc::{Descriptor, Interest, Waiter};
 use capnet_kernel_shim::device::{Device, VNET_HDR_LEN};
 
-use crate::{plain_nonblocking, read_frame, wait_readable, Cores, DeviceStats, RuntimeError, Stack};
+use crate::{
+    plain_nonblocking, read_frame, wait_readable, Cores, DeviceStats, LinkImpairment, RuntimeError, Stack, Stage,
+};
 
 /// The driver's receive pool.
 pub const RX_POOL: u16 = 1;
@@ -72,7 +74,7 @@ impl Driver {
             h.join().unwrap_or_else(|_| Err(RuntimeError::Peer("driver thread panicked".into())))
         };
         let (r, w) = (join(self.reader)?, join(self.writer)?);
-        Ok(DeviceStats { frames_read: r.frames_read, frames_written: w.frames_written, write_errors: w.write_errors })
+        Ok(DeviceStats { frames_written: w.frames_written, write_errors: w.write_errors, outbound: w.outbound, ..r })
     }
 }
 
@@ -92,8 +94,14 @@ pub struct StackGroup {
     backlog: VecDeque<Vec<u8>>,
 }
 
-/// Starts the driver group on `dev` and returns the stack group to drive.
-pub fn start(dev: Device, cfg: Config, udp_queue_bytes: usize) -> Result<(StackGroup, Driver), RuntimeError> {
+/// Starts the driver group on `dev` (its link impaired as `link` says) and returns
+/// the stack group to drive.
+pub fn start(
+    dev: Device,
+    cfg: Config,
+    udp_queue_bytes: usize,
+    link: LinkImpairment,
+) -> Result<(StackGroup, Driver), RuntimeError> {
     let fd = plain_nonblocking(&dev)?;
     let mut rx_pool =
         BufferPool::create("capnet-rx", RX_POOL, PoolLayout::with_count(POOL_BUFFERS)).map_err(ipc_err)?;
@@ -109,15 +117,18 @@ pub fn start(dev: Device, cfg: Config, udp_queue_bytes: usize) -> Result<(StackG
     let (t_stack, t_driver) = shm_channel::pair::<Descriptor>("capnet-frames-out", params).map_err(ipc_err)?;
     let stop = Arc::new(AtomicBool::new(false));
     let wfd = fd.try_clone()?;
+    let (inbound, outbound) = (Stage::new(link.inbound)?, Stage::new(link.outbound)?);
     let reader = {
         let stop = stop.clone();
         std::thread::Builder::new()
             .name("driver-rx".into())
-            .spawn(move || reader_loop(fd, rx_pool, stack_reader, r_driver, stop))?
+            .spawn(move || reader_loop(fd, rx_pool, stack_reader, r_driver, inbound, stop))?
     };
     let writer = {
         let stop = stop.clone();
-        std::thread::Builder::new().name("driver-tx".into()).spawn(move || writer_loop(wfd, tx_view, t_driver, stop))?
+        std::thread::Builder::new()
+            .name("driver-tx".into())
+            .spawn(move || writer_loop(wfd, tx_view, t_driver, outbound, stop))?
     };
     let mut stack = StackGroup {
         cores: Cores::new(cfg, udp_queue_bytes),
@@ -142,6 +153,7 @@ fn reader_loop(
     mut pool: BufferPool,
     stack: ReaderId,
     mut end: ShmEnd,
+    mut impair: Stage,
     stop: Arc<AtomicBool>,
 ) -> Result<DeviceStats, RuntimeError> {
     let mut stats = DeviceStats::default();
@@ -164,15 +176,19 @@ fn reader_loop(
             waiter.wait(&mut [&mut end], Some(STOP_CHECK), None as NoTokens);
             continue;
         }
-        wait_readable(&fd, STOP_CHECK)?;
-        batch.clear();
-        while batch.len() < room {
-            let Some(n) = read_frame(&fd, &mut buf)? else { break };
+        wait_readable(&fd, impair.due_in().map_or(STOP_CHECK, |d| d.min(STOP_CHECK)))?;
+        while let Some(n) = read_frame(&fd, &mut buf)? {
             stats.frames_read += 1;
-            if n > (pool.layout().buf_size - pool.layout().headroom) as usize {
-                continue; // larger than a buffer (offloads are off): count as read, drop
+            impair.push(buf[..n].to_vec());
+        }
+        batch.clear();
+        let room_bytes = (pool.layout().buf_size - pool.layout().headroom) as usize;
+        while batch.len() < room {
+            let Some(frame) = impair.pop() else { break };
+            if frame.len() > room_bytes {
+                continue; // larger than a buffer (offloads are off): counted as read, dropped
             }
-            let Some(d) = pool.fill(&buf[..n]).map_err(ipc_err)? else { break };
+            let Some(d) = pool.fill(&frame).map_err(ipc_err)? else { break };
             pool.lend(stack, &d).map_err(ipc_err)?;
             batch.push(d);
         }
@@ -190,6 +206,7 @@ fn reader_loop(
             sent += k;
         }
     }
+    stats.inbound = impair.stage.stats;
     Ok(stats)
 }
 
@@ -198,26 +215,30 @@ fn writer_loop(
     fd: OwnedFd,
     view: PoolView,
     mut end: ShmEnd,
+    mut impair: Stage,
     stop: Arc<AtomicBool>,
 ) -> Result<DeviceStats, RuntimeError> {
     let mut stats = DeviceStats::default();
     let mut waiter = Waiter::new(SpinPolicy::DEFAULT);
-    let (mut inbox, mut returns, mut frame) =
-        (Vec::with_capacity(256), Vec::with_capacity(256), Vec::with_capacity(2048));
+    let (mut inbox, mut returns) = (Vec::with_capacity(256), Vec::with_capacity(256));
     while !stop.load(Ordering::Relaxed) {
-        inbox.clear();
-        if end.recv(&mut inbox, 256).map_err(peer_err)? == 0 {
-            waiter.wait(&mut [&mut end], Some(STOP_CHECK), None as NoTokens);
-            continue;
-        }
-        returns.clear();
-        for d in &inbox {
-            frame.clear();
-            view.read_into(d, &mut frame).map_err(peer_err)?;
+        while let Some(frame) = impair.pop() {
             match rustix::io::write(&fd, &frame) {
                 Ok(_) => stats.frames_written += 1,
                 Err(_) => stats.write_errors += 1,
             }
+        }
+        inbox.clear();
+        if end.recv(&mut inbox, 256).map_err(peer_err)? == 0 {
+            let wait = impair.due_in().map_or(STOP_CHECK, |d| d.min(STOP_CHECK));
+            waiter.wait(&mut [&mut end], Some(wait), None as NoTokens);
+            continue;
+        }
+        returns.clear();
+        for d in &inbox {
+            let mut frame = Vec::with_capacity(d.len as usize);
+            view.read_into(d, &mut frame).map_err(peer_err)?;
+            impair.push(frame);
             returns.push(returned(d));
         }
         let mut sent = 0;
@@ -231,6 +252,7 @@ fn writer_loop(
             sent += k;
         }
     }
+    stats.outbound = impair.stage.stats;
     Ok(stats)
 }
 

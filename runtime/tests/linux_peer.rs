@@ -9,10 +9,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use capnet_driver::impair::Impairment;
 use capnet_ip::{Config, EthernetAddress, Ipv4Address, Ipv4Cidr};
 use capnet_kernel_shim::device::Device;
 use capnet_runtime::two_group::{self, Driver};
-use capnet_runtime::{MonoStack, Stack};
+use capnet_runtime::{DeviceStats, LinkImpairment, MonoStack, Stack};
 use capnet_testkit::Netns;
 
 /// The compositions every test here runs on.
@@ -35,15 +36,16 @@ struct Running {
 }
 
 impl Running {
-    /// Stops the stack and hands back its cores for inspection.
-    fn finish(mut self) -> Box<dyn Stack + Send> {
+    /// Stops the stack and hands back its cores and the device-side counters.
+    fn finish(mut self) -> (Box<dyn Stack + Send>, DeviceStats) {
         self.stop.store(true, Ordering::Relaxed);
         let s = self.thread.take().expect("running").join().expect("stack thread");
-        if let Some(d) = self.driver.take() {
-            let stats = d.stop().expect("driver");
-            assert!(stats.frames_written > 0 && stats.write_errors == 0, "{stats:?}");
-        }
-        s
+        let stats = match self.driver.take() {
+            Some(d) => d.stop().expect("driver"),
+            None => s.device_stats().expect("a mono stack keeps device counters"),
+        };
+        assert!(stats.frames_written > 0 && stats.write_errors == 0, "{stats:?}");
+        (s, stats)
     }
 }
 
@@ -62,16 +64,22 @@ impl Drop for Running {
 /// Brings up namespace + TAP + stack in `comp` with a UDP echo service on port 7,
 /// served from the stack's thread.
 fn stack(tag: &str, comp: Composition) -> Running {
+    stack_with(tag, comp, LinkImpairment::NONE)
+}
+
+fn stack_with(tag: &str, comp: Composition, link: LinkImpairment) -> Running {
     let ns = Netns::new(tag);
     let dev = Device::open_tap("cap0", Some(&ns.path()), false).expect("tap");
+    // IPv4 only (the design's scope): no IPv6 chatter from the kernel side.
+    ns.run_ok(&["sysctl", "-qw", "net.ipv6.conf.cap0.disable_ipv6=1"]);
     ns.run_ok(&["ip", "link", "set", "cap0", "up"]);
     ns.run_ok(&["ip", "addr", "add", "10.77.0.1/24", "dev", "cap0"]);
     let cfg =
         Config::new(EthernetAddress([0x02, 0xca, 0xfe, 0, 0, 2]), Ipv4Cidr::new(Ipv4Address::new(10, 77, 0, 2), 24));
     let (mut s, driver): (Box<dyn Stack + Send>, Option<Driver>) = match comp {
-        Composition::Mono => (Box::new(MonoStack::new(dev, cfg, 1 << 20).expect("stack")), None),
+        Composition::Mono => (Box::new(MonoStack::new(dev, cfg, 1 << 20, link).expect("stack")), None),
         Composition::TwoGroup => {
-            let (s, d) = two_group::start(dev, cfg, 1 << 20).expect("two groups");
+            let (s, d) = two_group::start(dev, cfg, 1 << 20, link).expect("two groups");
             (Box::new(s), Some(d))
         }
     };
@@ -110,7 +118,7 @@ fn ping_case(comp: Composition) {
         big.status.success() && text.contains("2 received") && text.contains("4008 bytes from"),
         "{comp:?} ping -s 4000: {text}"
     );
-    let mut s = run.finish();
+    let (mut s, _) = run.finish();
     assert!(s.cores().ip.stats().echo_replies >= 5, "the replies Linux counted came from this stack");
 }
 
@@ -144,7 +152,7 @@ fn udp_case(comp: Composition) {
         );
         assert!(got == payload.as_bytes(), "{comp:?}: echo of {size} bytes differs");
     }
-    let mut s = run.finish();
+    let (mut s, _) = run.finish();
     assert!(s.cores().ip.stats().packets_in >= 5);
 }
 
@@ -163,6 +171,37 @@ fn closed_case(comp: Composition) {
     let out = ns.run(&["python3", "-c", script]);
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(text.contains("refused"), "{comp:?}: python said: {text} {}", String::from_utf8_lossy(&out.stderr));
-    let mut s = run.finish();
+    let (mut s, _) = run.finish();
     assert_eq!(s.cores().udp.stats().dropped(capnet_udp::DropReason::NoSocket), 1);
+}
+
+#[test]
+fn ten_percent_loss_each_way_and_the_counters_agree() {
+    for comp in ALL {
+        let link = LinkImpairment { inbound: Impairment::loss(0.10, 11), outbound: Impairment::loss(0.10, 12) };
+        let run = stack_with("loss", comp, link);
+        let out = run.ns.run(&["ping", "-q", "-c", "500", "-i", "0.01", "-W", "1", "10.77.0.2"]);
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let received: u32 = text
+            .split(", ")
+            .find_map(|part| part.strip_suffix(" received").and_then(|n| n.trim().parse().ok()))
+            .unwrap_or_else(|| panic!("{comp:?}: no summary in {text}"));
+        // Each way loses 10%: about 81% of pings come back.
+        assert!((350..=450).contains(&received), "{comp:?}: {received}/500 replies");
+        std::thread::sleep(Duration::from_millis(200));
+        let (mut s, dev) = run.finish();
+        let ip = s.cores().ip.stats().clone();
+        assert!(dev.inbound.dropped > 20 && dev.outbound.dropped > 20, "{comp:?}: {dev:?}");
+        assert_eq!(
+            ip.frames_in,
+            dev.inbound.frames - dev.inbound.dropped,
+            "{comp:?}: every frame not dropped reached ip"
+        );
+        assert_eq!(
+            dev.frames_written,
+            dev.outbound.frames - dev.outbound.dropped,
+            "{comp:?}: every frame not dropped was written"
+        );
+        assert_eq!(dev.inbound.frames, dev.frames_read, "{comp:?}: every frame read went through the stage");
+    }
 }
