@@ -205,3 +205,79 @@ fn ten_percent_loss_each_way_and_the_counters_agree() {
         assert_eq!(dev.inbound.frames, dev.frames_read, "{comp:?}: every frame read went through the stage");
     }
 }
+
+/// Crafted frames from a raw packet socket on the Linux side of the TAP.
+const MALFORMED: &str = r#"
+import socket, struct, sys
+US = bytes.fromhex('02cafe000002')
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind(('cap0', 0))
+me = s.getsockname()[4]
+
+def csum(b):
+    if len(b) % 2: b += b'\0'
+    t = sum(struct.unpack('!%dH' % (len(b) // 2), b))
+    while t >> 16: t = (t & 0xffff) + (t >> 16)
+    return (~t) & 0xffff
+
+def ip(payload, ident=1, proto=1, frag=0, ihl=5, total=None, good_sum=True, ver=4):
+    total = total if total is not None else ihl * 4 + len(payload)
+    h = struct.pack('!BBHHHBBH4s4s', (ver << 4) | ihl, 0, total, ident, frag, 64, proto, 0,
+                    bytes([10, 77, 0, 1]), bytes([10, 77, 0, 2]))
+    h += b'\0' * (ihl * 4 - 20) if ihl >= 5 else b''
+    c = csum(h[:20] if ihl < 5 else h)
+    if not good_sum: c ^= 0xffff
+    h = h[:10] + struct.pack('!H', c) + h[12:]
+    return h + payload
+
+def frame(p, ethertype=0x0800):
+    s.send(US + me + struct.pack('!H', ethertype) + p)
+
+echo = b'\x08\x00' + b'\0\0' + struct.pack('!HH', 7, 1) + b'x' * 32
+echo = echo[:2] + struct.pack('!H', csum(echo)) + echo[4:]
+frame(ip(echo, good_sum=False))                       # ip_bad_checksum
+frame(ip(echo)[:12])                                  # ip_truncated (header cut)
+frame(ip(echo, ihl=4)[:len(echo) + 16])               # ip_bad_header_len
+frame(ip(echo, total=500))                            # ip_truncated (total > frame)
+frame(ip(echo, ver=6))                                # ip_bad_version
+frame(ip(echo[:24], ident=9, frag=0x2000))            # overlapping fragments ...
+frame(ip(echo[16:], ident=9, frag=2))                 # ... frag_overlap
+for i in range(200):                                  # a fragment flood: frag_memory
+    frame(ip(b'\0' * 64, ident=1000 + i, frag=0x2000))
+frame(b'\0' * 20, ethertype=0x88b5)                   # eth_unknown_type
+print('sent')
+"#;
+
+#[test]
+fn malformed_frames_from_linux_are_counted_by_reason_and_pings_keep_working() {
+    use capnet_ip::DropReason::*;
+    for comp in ALL {
+        let run = stack("bad", comp);
+        let out = run.ns.run(&["python3", "-c", MALFORMED]);
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("sent"),
+            "{comp:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let ping = run.ns.run(&["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.77.0.2"]);
+        assert!(String::from_utf8_lossy(&ping.stdout).contains("3 received"), "{comp:?}: pings after the garbage");
+        let (mut s, _) = run.finish();
+        let st = s.cores().ip.stats().clone();
+        for (reason, at_least) in [
+            (IpBadChecksum, 1),
+            (IpTruncated, 2),
+            (IpBadHeaderLen, 1),
+            (IpBadVersion, 1),
+            (FragOverlap, 1),
+            (FragMemory, 100),
+            (EthUnknownType, 1),
+        ] {
+            assert!(
+                st.dropped(reason) >= at_least,
+                "{comp:?}: {} = {} (want ≥ {at_least})",
+                reason.name(),
+                st.dropped(reason)
+            );
+        }
+    }
+}
