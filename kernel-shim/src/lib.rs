@@ -10,5 +10,6 @@
 
 pub mod cap;
 pub mod device;
+pub mod netns;
 pub mod sandbox;
 pub mod spawn;

@@ -101,3 +101,27 @@ fn bad_names_and_namespaces_are_clear_errors() {
     let err = Device::open_tap("capt9", Some(std::path::Path::new("/run/netns/capt-none-such")), true).expect_err("ns");
     assert!(err.to_string().contains("cannot enter network namespace"), "{err}");
 }
+
+#[test]
+fn named_namespaces_are_made_and_removed_like_iproute2_does() {
+    use capnet_kernel_shim::netns;
+    let name = format!("capt-{}-native", std::process::id());
+    let _ = netns::delete(&name);
+    let path = netns::create(&name).expect("create");
+    assert!(matches!(netns::create(&name), Err(netns::NetnsError::Exists(_))), "a second create is refused");
+    let listed = std::process::Command::new("ip").args(["netns", "list"]).output().expect("ip");
+    assert!(String::from_utf8_lossy(&listed.stdout).contains(&name), "iproute2 sees it");
+    let ours = std::fs::read_link("/proc/self/ns/net").expect("ours");
+    let out = std::process::Command::new("ip")
+        .args(["netns", "exec", &name, "readlink", "/proc/self/ns/net"])
+        .output()
+        .expect("exec");
+    let theirs = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    assert!(!theirs.is_empty() && theirs != ours.to_string_lossy(), "a namespace of its own: {theirs}");
+    let dev = Device::open_tap("captn0", Some(&path), false).expect("tap inside");
+    drop(dev);
+    netns::delete(&name).expect("delete");
+    assert!(!netns::exists(&name));
+    netns::delete(&name).expect("deleting twice is fine");
+    assert!(matches!(netns::create("../etc"), Err(netns::NetnsError::Name(_))));
+}

@@ -62,20 +62,31 @@ fn returned(d: &Descriptor) -> Descriptor {
 #[derive(Debug)]
 pub struct Driver {
     stop: Arc<AtomicBool>,
+    live: [Arc<std::sync::Mutex<DeviceStats>>; 2],
     reader: JoinHandle<Result<DeviceStats, RuntimeError>>,
     writer: JoinHandle<Result<DeviceStats, RuntimeError>>,
 }
 
 impl Driver {
+    /// The counters as the threads last published them (after every batch).
+    pub fn stats(&self) -> DeviceStats {
+        let get = |m: &Arc<std::sync::Mutex<DeviceStats>>| *m.lock().unwrap_or_else(|e| e.into_inner());
+        combine(get(&self.live[0]), get(&self.live[1]))
+    }
+
     /// Stops both threads and returns their combined counters.
     pub fn stop(self) -> Result<DeviceStats, RuntimeError> {
         self.stop.store(true, Ordering::Relaxed);
         let join = |h: JoinHandle<Result<DeviceStats, RuntimeError>>| {
             h.join().unwrap_or_else(|_| Err(RuntimeError::Peer("driver thread panicked".into())))
         };
-        let (r, w) = (join(self.reader)?, join(self.writer)?);
-        Ok(DeviceStats { frames_written: w.frames_written, write_errors: w.write_errors, outbound: w.outbound, ..r })
+        Ok(combine(join(self.reader)?, join(self.writer)?))
     }
+}
+
+/// The reader's counters with the writer's.
+fn combine(r: DeviceStats, w: DeviceStats) -> DeviceStats {
+    DeviceStats { frames_written: w.frames_written, write_errors: w.write_errors, outbound: w.outbound, ..r }
 }
 
 /// The stack group: the ip and udp cores, fed by the driver over channels.
@@ -118,17 +129,18 @@ pub fn start(
     let stop = Arc::new(AtomicBool::new(false));
     let wfd = fd.try_clone()?;
     let (inbound, outbound) = (Stage::new(link.inbound)?, Stage::new(link.outbound)?);
+    let live: [Arc<std::sync::Mutex<DeviceStats>>; 2] = [Arc::default(), Arc::default()];
     let reader = {
-        let stop = stop.clone();
+        let (stop, live) = (stop.clone(), live[0].clone());
         std::thread::Builder::new()
             .name("driver-rx".into())
-            .spawn(move || reader_loop(fd, rx_pool, stack_reader, r_driver, inbound, stop))?
+            .spawn(move || reader_loop(fd, rx_pool, stack_reader, r_driver, inbound, stop, live))?
     };
     let writer = {
-        let stop = stop.clone();
+        let (stop, live) = (stop.clone(), live[1].clone());
         std::thread::Builder::new()
             .name("driver-tx".into())
-            .spawn(move || writer_loop(wfd, tx_view, t_driver, outbound, stop))?
+            .spawn(move || writer_loop(wfd, tx_view, t_driver, outbound, stop, live))?
     };
     let mut stack = StackGroup {
         cores: Cores::new(cfg, udp_queue_bytes),
@@ -144,7 +156,7 @@ pub fn start(
         backlog: VecDeque::new(),
     };
     stack.flush()?;
-    Ok((stack, Driver { stop, reader, writer }))
+    Ok((stack, Driver { stop, live, reader, writer }))
 }
 
 /// Device → rx pool → channel R; takes back returned loans.
@@ -155,12 +167,15 @@ fn reader_loop(
     mut end: ShmEnd,
     mut impair: Stage,
     stop: Arc<AtomicBool>,
+    live: Arc<std::sync::Mutex<DeviceStats>>,
 ) -> Result<DeviceStats, RuntimeError> {
     let mut stats = DeviceStats::default();
     let mut waiter = Waiter::new(SpinPolicy::NEVER);
     let mut buf = vec![0u8; 65536 + VNET_HDR_LEN];
     let (mut inbox, mut batch) = (Vec::with_capacity(1024), Vec::with_capacity(BATCH));
     while !stop.load(Ordering::Relaxed) {
+        stats.inbound = impair.stage.stats;
+        *live.lock().unwrap_or_else(|e| e.into_inner()) = stats;
         inbox.clear();
         end.recv(&mut inbox, 1024).map_err(peer_err)?;
         for d in &inbox {
@@ -217,11 +232,14 @@ fn writer_loop(
     mut end: ShmEnd,
     mut impair: Stage,
     stop: Arc<AtomicBool>,
+    live: Arc<std::sync::Mutex<DeviceStats>>,
 ) -> Result<DeviceStats, RuntimeError> {
     let mut stats = DeviceStats::default();
     let mut waiter = Waiter::new(SpinPolicy::DEFAULT);
     let (mut inbox, mut returns) = (Vec::with_capacity(256), Vec::with_capacity(256));
     while !stop.load(Ordering::Relaxed) {
+        stats.outbound = impair.stage.stats;
+        *live.lock().unwrap_or_else(|e| e.into_inner()) = stats;
         while let Some(frame) = impair.pop() {
             match rustix::io::write(&fd, &frame) {
                 Ok(_) => stats.frames_written += 1,

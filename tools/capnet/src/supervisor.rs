@@ -1,0 +1,357 @@
+//! `capnet up` and `capnet down`: the supervisor's life cycle.
+//!
+//! Today every group runs as threads of the supervisor's process (`--mono`, or
+//! `--two-group` with the driver joined by ipc channels); the per-domain sandboxed
+//! processes arrive with the factored graph. What `up` makes — the namespace (and
+//! with it the TAP), the run directory with the control socket, pid file and log —
+//! `down` removes, also after a crash or a `kill -9`.
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::os::unix::process::CommandExt;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use capnet_driver::impair::Impairment;
+use capnet_ip::{Config, EthernetAddress, Ipv4Cidr};
+use capnet_kernel_shim::device::Device;
+use capnet_kernel_shim::netns;
+use capnet_runtime::two_group::{self, Driver};
+use capnet_runtime::{DeviceStats, LinkImpairment, MonoStack, Stack};
+
+use crate::control::{self, recv, run_dir, send, socket_path, Reply, Request};
+use crate::status::{Domain, Status};
+use crate::UpArgs;
+
+/// Removes what `up` made when dropped.
+struct Made {
+    netns: String,
+}
+
+impl Drop for Made {
+    fn drop(&mut self) {
+        let _ = netns::delete(&self.netns);
+        let _ = std::fs::remove_dir_all(run_dir(&self.netns));
+    }
+}
+
+fn ip_cmd(netns: &str, args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(["-n", netns])
+        .args(args)
+        .output()
+        .context("running `ip` (iproute2) to configure the kernel side of the TAP")?;
+    if !out.status.success() {
+        bail!("ip -n {netns} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(())
+}
+
+fn same_subnet(a: Ipv4Addr, b: Ipv4Addr, prefix: u8) -> bool {
+    let mask = u32::MAX << (32 - u32::from(prefix));
+    u32::from(a) & mask == u32::from(b) & mask
+}
+
+/// `capnet up`.
+pub fn up(args: UpArgs) -> Result<()> {
+    let (host, host_prefix) = args.host_addr;
+    let (addr, prefix) = args.addr;
+    if host == addr {
+        bail!("--host-addr and --addr are both {addr}: the kernel and the stack need addresses of their own");
+    }
+    if host_prefix != prefix || !same_subnet(host, addr, prefix) {
+        bail!("--host-addr {host}/{host_prefix} and --addr {addr}/{prefix} must be on one subnet");
+    }
+    if !(0.0..=1.0).contains(&args.loss) {
+        bail!("--loss {} is not a probability between 0 and 1", args.loss);
+    }
+    netns::path(&args.target.netns)?;
+    if control::ask(&args.target.netns, &Request::Status).is_ok() {
+        bail!("capnet is already up in namespace {0}: `capnet status --netns {0}` shows it", args.target.netns);
+    }
+    if netns::exists(&args.target.netns) {
+        bail!(netns::NetnsError::Exists(args.target.netns.clone()));
+    }
+    if args.detach {
+        return detach(&args);
+    }
+    run(args)
+}
+
+/// Starts the supervisor in the background and returns once it answers.
+fn detach(args: &UpArgs) -> Result<()> {
+    let dir = run_dir(&args.target.netns);
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    let log_path = dir.join("log");
+    let log = std::fs::File::create(&log_path)?;
+    let argv: Vec<String> = std::env::args().skip(1).filter(|a| a != "-d" && a != "--detach").collect();
+    let mut child = Command::new(std::env::current_exe()?)
+        .args(&argv)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .process_group(0)
+        .spawn()
+        .context("starting the supervisor in the background")?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Instant::now() < deadline {
+        if let Some(status) = child.try_wait()? {
+            let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+            let _ = std::fs::remove_dir_all(&dir);
+            bail!("the supervisor exited ({status}): {}", log.trim());
+        }
+        if control::ask(&args.target.netns, &Request::Status).is_ok() {
+            println!(
+                "capnet up (pid {}) in namespace {}: log in {}",
+                child.id(),
+                args.target.netns,
+                log_path.display()
+            );
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let _ = child.kill();
+    bail!("the supervisor did not come up within 20 s; see {}", log_path.display())
+}
+
+enum Running {
+    Mono(Box<MonoStack>),
+    TwoGroup(Box<two_group::StackGroup>, Driver),
+}
+
+/// The foreground supervisor: makes everything, runs until Ctrl-C or `down`.
+fn run(args: UpArgs) -> Result<()> {
+    let name = args.target.netns.clone();
+    let dir = run_dir(&name);
+    // The namespace first: if it exists (someone else's), nothing of it is touched.
+    let path = netns::create(&name)?;
+    // From here on, any error (and the end of the run) removes what was made.
+    let made = Made { netns: name.clone() };
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    let dev = Device::open_tap(&args.tap, Some(&path), false)?;
+    let (host, prefix) = args.host_addr;
+    let (addr, _) = args.addr;
+    let _ = Command::new("ip")
+        .args(["netns", "exec", &name, "sysctl", "-qw", &format!("net.ipv6.conf.{}.disable_ipv6=1", args.tap)])
+        .output();
+    ip_cmd(&name, &["link", "set", "lo", "up"])?;
+    ip_cmd(&name, &["link", "set", &args.tap, "up"])?;
+    ip_cmd(&name, &["addr", "add", &format!("{host}/{prefix}"), "dev", &args.tap])?;
+
+    let o = addr.octets();
+    let mac = EthernetAddress([0x02, 0xca, 0xfe, o[1], o[2], o[3]]);
+    let mut cfg = Config::new(mac, Ipv4Cidr::new(addr, prefix));
+    cfg.gateway = Some(host);
+    let link = LinkImpairment {
+        inbound: Impairment::loss(args.loss, args.seed),
+        outbound: Impairment::loss(args.loss, args.seed.wrapping_add(1)),
+    };
+    let mode = if args.two_group { "two-group" } else { "mono" };
+    let mut stack = if args.two_group {
+        let (s, d) = two_group::start(dev, cfg, 4 << 20, link)?;
+        Running::TwoGroup(Box::new(s), d)
+    } else {
+        Running::Mono(Box::new(MonoStack::new(dev, cfg, 4 << 20, link)?))
+    };
+
+    let stop = Arc::new(AtomicBool::new(false));
+    signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
+    signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
+    let started = Instant::now();
+    let base = Status {
+        mode: mode.into(),
+        netns: name.clone(),
+        tap: args.tap.clone(),
+        host_addr: format!("{host}/{prefix}"),
+        addr: format!("{addr}/{prefix}"),
+        domains: Vec::new(),
+    };
+    let snapshot = Arc::new(Mutex::new(String::new()));
+    *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = render(&base, &mut stack, started)?;
+    let sock = socket_path(&name);
+    let _ = std::fs::remove_file(&sock);
+    let listener = UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::write(dir.join("pid"), format!("{}\n", std::process::id()))?;
+    {
+        let (snapshot, stop) = (snapshot.clone(), stop.clone());
+        std::thread::Builder::new().name("control".into()).spawn(move || serve(listener, snapshot, stop))?;
+    }
+    println!("capnet up: {mode} stack at {addr}/{prefix} on {} in namespace {name}; the kernel is {host}", args.tap);
+    println!("try: ip netns exec {name} ping {addr}");
+    let _ = std::io::stdout().flush();
+
+    let mut last = Instant::now();
+    while !stop.load(Ordering::Relaxed) {
+        let r = match &mut stack {
+            Running::Mono(s) => s.poll(Duration::from_millis(50)),
+            Running::TwoGroup(s, _) => s.poll(Duration::from_millis(50)),
+        };
+        if let Err(e) = r {
+            eprintln!("capnet: the stack failed: {e}; taking it down");
+            break;
+        }
+        if last.elapsed() >= Duration::from_millis(200) {
+            *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = render(&base, &mut stack, started)?;
+            last = Instant::now();
+        }
+    }
+    if let Running::TwoGroup(_, d) = stack {
+        let _ = d.stop();
+    }
+    drop(made);
+    println!("capnet down: namespace {name} and its TAP removed");
+    Ok(())
+}
+
+/// The status object as JSON, from the live counters.
+fn render(base: &Status, stack: &mut Running, started: Instant) -> Result<String> {
+    let (cpu_s, rss_bytes) = process_usage();
+    let pid = std::process::id() as i32;
+    let (device, cores) = match stack {
+        Running::Mono(s) => (s.device_stats(), s.cores()),
+        Running::TwoGroup(s, d) => (d.stats(), s.cores()),
+    };
+    let domain = |name: &str, counters: BTreeMap<String, u64>| Domain {
+        name: name.into(),
+        pid,
+        state: "running".into(),
+        restarts: 0,
+        uptime_s: started.elapsed().as_secs_f64(),
+        cpu_s,
+        rss_bytes,
+        counters,
+        last_error: None,
+    };
+    let mut status = base.clone();
+    status.domains = vec![
+        domain("driver", driver_counters(&device)),
+        domain("ip", ip_counters(cores.ip.stats())),
+        domain("udp", udp_counters(cores.udp.stats())),
+    ];
+    Ok(serde_json::to_string(&status)?)
+}
+
+fn driver_counters(d: &DeviceStats) -> BTreeMap<String, u64> {
+    let mut c = BTreeMap::new();
+    c.insert("frames_in".into(), d.frames_read);
+    c.insert("frames_out".into(), d.frames_written);
+    c.insert("write_errors".into(), d.write_errors);
+    for (dir, s) in [("in", d.inbound), ("out", d.outbound)] {
+        c.insert(format!("impair_{dir}_dropped"), s.dropped);
+        c.insert(format!("impair_{dir}_duplicated"), s.duplicated);
+        c.insert(format!("impair_{dir}_reordered"), s.reordered);
+        c.insert(format!("impair_{dir}_corrupted"), s.corrupted);
+    }
+    c
+}
+
+fn ip_counters(s: &capnet_ip::Stats) -> BTreeMap<String, u64> {
+    let mut c = BTreeMap::new();
+    c.insert("frames_in".into(), s.frames_in);
+    c.insert("frames_out".into(), s.frames_out);
+    c.insert("packets_in".into(), s.packets_in);
+    c.insert("packets_out".into(), s.packets_out);
+    c.insert("echo_replies".into(), s.echo_replies);
+    for r in capnet_ip::DropReason::ALL {
+        c.insert(format!("drop_{}", r.name()), s.dropped(r));
+    }
+    c
+}
+
+fn udp_counters(s: &capnet_udp::Stats) -> BTreeMap<String, u64> {
+    let mut c = BTreeMap::new();
+    c.insert("datagrams_in".into(), s.datagrams_in);
+    c.insert("datagrams_out".into(), s.datagrams_out);
+    for r in capnet_udp::DropReason::ALL {
+        c.insert(format!("drop_{}", r.name()), s.dropped(r));
+    }
+    c
+}
+
+/// CPU seconds and resident bytes of this process, from /proc.
+fn process_usage() -> (f64, u64) {
+    let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
+    let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten().unwrap_or(4096) as u64;
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the parenthesised command name; utime and stime are 14 and 15.
+    let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let ticks = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
+        + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    let rss = std::fs::read_to_string("/proc/self/statm")
+        .ok()
+        .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
+        .unwrap_or(0);
+    (ticks / tick, rss * page)
+}
+
+/// Serves the control socket: one request per connection, from our own user only.
+fn serve(listener: UnixListener, snapshot: Arc<Mutex<String>>, stop: Arc<AtomicBool>) {
+    let me = nix::unistd::geteuid().as_raw();
+    for conn in listener.incoming() {
+        let Ok(mut conn) = conn else { continue };
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
+        let allowed = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)
+            .is_ok_and(|c| c.uid() == me || c.uid() == 0);
+        if !allowed {
+            let _ =
+                send(&mut conn, &Reply::Refused("only the supervisor's own user may use its control socket".into()));
+            continue;
+        }
+        let reply = match recv::<Request>(&mut conn) {
+            Ok(Request::Status) => Reply::Status(snapshot.lock().unwrap_or_else(|e| e.into_inner()).clone()),
+            Ok(Request::Down) => {
+                stop.store(true, Ordering::Relaxed);
+                Reply::Ok
+            }
+            Err(e) => Reply::Refused(format!("bad request: {e}")),
+        };
+        let _ = send(&mut conn, &reply);
+    }
+}
+
+/// `capnet down`: asks the supervisor to stop; if it is gone (crashed, killed),
+/// removes what it left behind itself.
+pub fn down(name: &str) -> Result<()> {
+    netns::path(name)?;
+    let dir = run_dir(name);
+    if matches!(control::ask(name, &Request::Down), Ok(Reply::Ok)) {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if !dir.exists() && !netns::exists(name) {
+                println!("capnet down: namespace {name} and its TAP removed");
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        bail!("the supervisor acknowledged but did not finish within 15 s; run `capnet down --netns {name}` again");
+    }
+    // No supervisor answers: kill a leftover one (by its pid file), then clean up.
+    if let Some(pid) = std::fs::read_to_string(dir.join("pid")).ok().and_then(|p| p.trim().parse::<i32>().ok()) {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains("capnet") {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+    }
+    let had = netns::exists(name) || dir.exists();
+    netns::delete(name)?;
+    let _ = UnixStream::connect(socket_path(name));
+    std::fs::remove_dir_all(&dir)
+        .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })?;
+    if had {
+        println!("capnet down: the supervisor was gone; removed namespace {name} and {}", dir.display());
+    } else {
+        println!("capnet down: nothing is up in namespace {name}");
+    }
+    Ok(())
+}

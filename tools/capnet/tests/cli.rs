@@ -1,0 +1,153 @@
+//! The `capnet` command against the real kernel: up (detached and foreground, in
+//! both compositions), ping from the Linux side, status in its JSON shape, down —
+//! and clean-up after Ctrl-C and after `kill -9`; bad arguments and an existing
+//! namespace are one-line errors that leave nothing behind.
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const CAPNET: &str = env!("CARGO_BIN_EXE_capnet");
+
+fn capnet(args: &[&str]) -> Output {
+    Command::new(CAPNET).args(args).output().expect("run capnet")
+}
+
+/// A namespace name for this test; `capnet down` runs on drop, whatever happened.
+struct Up(String);
+
+impl Up {
+    fn name(tag: &str) -> Self {
+        Self(format!("capt-{}-{tag}", std::process::id()))
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = capnet(&["down", "--netns", &self.0]);
+    }
+}
+
+fn in_ns(ns: &str, cmd: &[&str]) -> Output {
+    Command::new("ip").args(["netns", "exec", ns]).args(cmd).output().expect("ip netns exec")
+}
+
+fn gone(ns: &str) -> bool {
+    !std::path::Path::new(&format!("/run/netns/{ns}")).exists()
+        && !std::path::Path::new(&format!("/run/capnet/{ns}")).exists()
+}
+
+fn status(ns: &str) -> Value {
+    let out = capnet(&["status", "--netns", ns, "--json"]);
+    assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+}
+
+fn counter(s: &Value, domain: &str, name: &str) -> u64 {
+    s["domains"].as_array().expect("domains").iter().find(|d| d["name"] == domain).expect("domain")["counters"][name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{domain}.{name} missing"))
+}
+
+#[test]
+fn up_detached_ping_status_down_in_both_compositions() {
+    for (tag, mode_flag, mode) in [("cli-mono", "--mono", "mono"), ("cli-two", "--two-group", "two-group")] {
+        let up = Up::name(tag);
+        let out = capnet(&["up", "-d", mode_flag, "--netns", &up.0, "--tap", "capt0"]);
+        assert!(out.status.success(), "up: {}", String::from_utf8_lossy(&out.stderr));
+        let ping = in_ns(&up.0, &["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.77.0.2"]);
+        assert!(
+            String::from_utf8_lossy(&ping.stdout).contains("3 received"),
+            "{mode}: {}",
+            String::from_utf8_lossy(&ping.stdout)
+        );
+        std::thread::sleep(Duration::from_millis(400)); // the status snapshot is refreshed every 200 ms
+        let s = status(&up.0);
+        assert_eq!(s["mode"], mode);
+        assert_eq!(s["netns"], up.0.as_str());
+        assert_eq!(s["tap"], "capt0");
+        assert_eq!(s["host_addr"], "10.77.0.1/24");
+        assert_eq!(s["addr"], "10.77.0.2/24");
+        for d in s["domains"].as_array().expect("domains") {
+            for key in ["name", "pid", "state", "restarts", "uptime_s", "cpu_s", "rss_bytes", "counters", "last_error"]
+            {
+                assert!(d.get(key).is_some(), "{mode}: domain field {key} missing in {d}");
+            }
+        }
+        assert!(counter(&s, "ip", "echo_replies") >= 3, "{mode}: {s}");
+        assert!(counter(&s, "driver", "frames_in") >= 4);
+        assert_eq!(counter(&s, "ip", "drop_ip_bad_checksum"), 0);
+        let out = capnet(&["down", "--netns", &up.0]);
+        assert!(out.status.success(), "down: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(gone(&up.0), "{mode}: down left something behind");
+    }
+}
+
+#[test]
+fn ctrl_c_on_a_foreground_up_is_down() {
+    let up = Up::name("cli-fg");
+    let mut child = Command::new(CAPNET).args(["up", "--netns", &up.0, "--tap", "capt1"]).spawn().expect("up");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !capnet(&["status", "--netns", &up.0]).status.success() {
+        assert!(Instant::now() < deadline, "never came up");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT)
+        .expect("SIGINT");
+    let st = child.wait().expect("wait");
+    assert!(st.success(), "{st}");
+    assert!(gone(&up.0), "Ctrl-C left something behind");
+}
+
+#[test]
+fn down_cleans_up_after_kill_9() {
+    let up = Up::name("cli-k9");
+    assert!(capnet(&["up", "-d", "--netns", &up.0, "--tap", "capt2"]).status.success());
+    let pid: i32 =
+        std::fs::read_to_string(format!("/run/capnet/{}/pid", up.0)).expect("pid file").trim().parse().expect("pid");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill -9");
+    std::thread::sleep(Duration::from_millis(200));
+    let st = capnet(&["status", "--netns", &up.0]);
+    assert!(!st.status.success(), "a dead supervisor does not answer");
+    let out = capnet(&["down", "--netns", &up.0]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("was gone"));
+    assert!(gone(&up.0));
+    // Gone, or a zombie waiting for whoever adopted the detached supervisor.
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
+    let running = state.as_deref().and_then(|s| s.rsplit_once(") ")).is_some_and(|(_, rest)| !rest.starts_with('Z'));
+    assert!(!running, "no supervisor process left running");
+}
+
+#[test]
+fn bad_arguments_and_an_existing_namespace_are_one_line_errors() {
+    let up = Up::name("cli-bad");
+    for args in [
+        vec!["up", "--netns", up.0.as_str(), "--addr", "10.77.0.1/24"],
+        vec!["up", "--netns", up.0.as_str(), "--addr", "10.78.0.2/24"],
+        vec!["up", "--netns", up.0.as_str(), "--addr", "300.1.1.1/24"],
+        vec!["up", "--netns", up.0.as_str(), "--loss", "2"],
+        vec!["up", "--netns", "../etc"],
+        vec!["up", "--netns", up.0.as_str(), "--mono", "--two-group"],
+    ] {
+        let out = capnet(&args);
+        assert!(!out.status.success(), "{args:?} must fail");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.trim().is_empty(), "{args:?}: says why");
+        assert!(gone(&up.0), "{args:?} left something behind");
+    }
+    // A namespace that is not ours is refused and left alone.
+    let ns = capnet_testkit::Netns::new("cli-exists");
+    let out = capnet(&["up", "--netns", ns.name()]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("exists already"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(std::path::Path::new(&format!("/run/netns/{}", ns.name())).exists(), "someone else's namespace survives");
+    let out = capnet(&["status", "--netns", &up.0]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not up"));
+}
