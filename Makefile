@@ -48,10 +48,11 @@ ci: fmt-check clippy test
 bench:
 	$(CARGO) bench -p capnet-ipc --bench ipc
 
-demo:
-	@echo "make demo: the factored stack (driver, ip, tcp, udp, sockets) does not exist yet."
-	@echo "Today capnet is its ipc foundation; 'make bench' shows it working between processes."
-	@$(CARGO) bench -p capnet-ipc --bench ipc -- --quick
+# The main job: capnet up in a private namespace, Linux traffic through it, status,
+# down — narrated (scripts/demo.sh).
+demo: deps
+	$(CARGO) build --release -p capnet
+	bash scripts/demo.sh
 
 # Coverage-guided fuzzing of the ring consumer on stable Rust (no cargo-fuzz or
 # nightly needed): libFuzzer from libfuzzer-sys, sancov instrumentation by rustc.

@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# make demo: the stack brought up in a private namespace, real Linux traffic
+# through it, its counters read back, everything taken down — each step said in
+# plain words. Exits non-zero if any step does not do what it says.
+set -euo pipefail
+CAPNET=${CAPNET:-target/release/capnet}
+NS=capnet-demo
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+fail() { printf '\ndemo failed: %s\n' "$*" >&2; "$CAPNET" down --netns "$NS" >/dev/null 2>&1 || true; exit 1; }
+trap '"$CAPNET" down --netns "$NS" >/dev/null 2>&1 || true' EXIT
+
+say "Bringing capnet up: two groups (driver | ip + udp) joined by shared-memory ipc channels, in namespace $NS"
+"$CAPNET" down --netns "$NS" >/dev/null 2>&1 || true
+"$CAPNET" up -d --two-group --netns "$NS" || fail "capnet up"
+
+say "The Linux kernel (10.77.0.1, inside $NS) pings the stack (10.77.0.2) through the TAP"
+ip netns exec "$NS" ping -c 5 -i 0.2 -W 2 10.77.0.2 || fail "ping"
+
+say "4000-byte pings: Linux fragments them, the stack reassembles, answers, and fragments its replies"
+ip netns exec "$NS" ping -c 3 -i 0.2 -s 4000 -W 2 10.77.0.2 || fail "big ping"
+
+say "A UDP datagram to a port nobody listens on: the stack answers ICMP port unreachable"
+out=$(ip netns exec "$NS" python3 -c "
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(3)
+s.connect(('10.77.0.2', 9)); s.send(b'anyone?')
+try: s.recv(10); print('unexpected reply')
+except ConnectionRefusedError: print('Linux says: connection refused (ICMP port unreachable from capnet)')
+except socket.timeout: print('timeout')
+")
+echo "$out"
+[[ $out == *refused* ]] || fail "port unreachable"
+
+sleep 0.3
+say "capnet status: every domain and its counters"
+"$CAPNET" status --netns "$NS"
+replies=$("$CAPNET" status --netns "$NS" --json | python3 -c "import json,sys; s=json.load(sys.stdin); print(next(d for d in s['domains'] if d['name']=='ip')['counters']['echo_replies'])")
+[[ $replies -ge 8 ]] || fail "status shows $replies echo replies, expected at least 8"
+
+say "Taking everything down"
+"$CAPNET" down --netns "$NS" || fail "capnet down"
+[[ ! -e /run/netns/$NS ]] || fail "namespace left behind"
+trap - EXIT
+
+say "Shown: capnet came up in two groups over ipc channels in a namespace of its own; the Linux kernel"
+echo "   pinged it (also with fragmented 4000-byte pings), got ICMP port unreachable for a closed UDP port,"
+echo "   capnet status counted $replies echo replies, and capnet down removed the namespace and its TAP."
+echo "   Not yet shown (next issues): TCP, per-domain sandboxed processes, restart and live swap."
