@@ -62,8 +62,17 @@ FUZZ_TARGET_TRIPLE := $(shell rustc -vV | awk '/^host/{print $$2}')
 FUZZ_RUSTFLAGS := -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4 \
 	-Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
 	-Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks
-.PHONY: fuzz-ipc
+# One rule per fuzz crate: fuzz-ipc (ring_consumer), fuzz-domains (ip_frame,
+# udp_segment). Each target runs FUZZ_SECONDS on a copy of its in-tree corpus.
+.PHONY: fuzz fuzz-ipc fuzz-domains
+fuzz: fuzz-ipc fuzz-domains
 fuzz-ipc:
-	cd ipc/fuzz && RUSTFLAGS="$(FUZZ_RUSTFLAGS)" $(CARGO) build --release --bin ring_consumer --target $(FUZZ_TARGET_TRIPLE)
-	mkdir -p target/fuzz-corpus/ring_consumer && cp -n ipc/fuzz/corpus/ring_consumer/* target/fuzz-corpus/ring_consumer/
-	ipc/fuzz/target/$(FUZZ_TARGET_TRIPLE)/release/ring_consumer target/fuzz-corpus/ring_consumer -max_total_time=$(FUZZ_SECONDS)
+	$(call fuzz_run,ipc/fuzz,ring_consumer)
+fuzz-domains:
+	$(call fuzz_run,domains/fuzz,ip_frame)
+	$(call fuzz_run,domains/fuzz,udp_segment)
+define fuzz_run
+	cd $(1) && RUSTFLAGS="$(FUZZ_RUSTFLAGS)" $(CARGO) build --release --bin $(2) --target $(FUZZ_TARGET_TRIPLE)
+	mkdir -p target/fuzz-corpus/$(2) && cp -n $(1)/corpus/$(2)/* target/fuzz-corpus/$(2)/
+	$(1)/target/$(FUZZ_TARGET_TRIPLE)/release/$(2) target/fuzz-corpus/$(2) -max_total_time=$(FUZZ_SECONDS)
+endef
