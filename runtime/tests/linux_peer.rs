@@ -13,7 +13,7 @@ use capnet_driver::impair::Impairment;
 use capnet_ip::{Config, EthernetAddress, Ipv4Address, Ipv4Cidr};
 use capnet_kernel_shim::device::Device;
 use capnet_runtime::two_group::{self, Driver};
-use capnet_runtime::{DeviceStats, LinkImpairment, MonoStack, Stack};
+use capnet_runtime::{Cores, DeviceStats, LinkImpairment, MonoStack, Stack};
 use capnet_testkit::Netns;
 
 /// The compositions every test here runs on.
@@ -27,15 +27,26 @@ enum Composition {
 
 const ALL: [Composition; 2] = [Composition::Mono, Composition::TwoGroup];
 
+/// Work for the stack's thread (it owns the cores).
+type Job = Box<dyn FnOnce(&mut Cores) + Send>;
+
 /// A running stack: namespace, the stack thread, and its stop flag.
 struct Running {
     ns: Netns,
+    jobs: std::sync::mpsc::Sender<Job>,
     stop: Arc<AtomicBool>,
     thread: Option<std::thread::JoinHandle<Box<dyn Stack + Send>>>,
     driver: Option<Driver>,
 }
 
 impl Running {
+    /// Runs `f` on the stack's thread and returns its result.
+    fn on_stack<T: Send + 'static>(&self, f: impl FnOnce(&mut Cores) -> T + Send + 'static) -> T {
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.jobs.send(Box::new(move |c| drop(tx.send(f(c))))).expect("stack thread alive");
+        rx.recv_timeout(Duration::from_secs(10)).expect("stack thread answered")
+    }
+
     /// Stops the stack and hands back its cores and the device-side counters.
     fn finish(mut self) -> (Box<dyn Stack + Send>, DeviceStats) {
         self.stop.store(true, Ordering::Relaxed);
@@ -68,14 +79,19 @@ fn stack(tag: &str, comp: Composition) -> Running {
 }
 
 fn stack_with(tag: &str, comp: Composition, link: LinkImpairment) -> Running {
+    stack_cfg(tag, comp, link, |_| {})
+}
+
+fn stack_cfg(tag: &str, comp: Composition, link: LinkImpairment, tweak: impl FnOnce(&mut Config)) -> Running {
     let ns = Netns::new(tag);
     let dev = Device::open_tap("cap0", Some(&ns.path()), false).expect("tap");
     // IPv4 only (the design's scope): no IPv6 chatter from the kernel side.
     ns.run_ok(&["sysctl", "-qw", "net.ipv6.conf.cap0.disable_ipv6=1"]);
     ns.run_ok(&["ip", "link", "set", "cap0", "up"]);
     ns.run_ok(&["ip", "addr", "add", "10.77.0.1/24", "dev", "cap0"]);
-    let cfg =
+    let mut cfg =
         Config::new(EthernetAddress([0x02, 0xca, 0xfe, 0, 0, 2]), Ipv4Cidr::new(Ipv4Address::new(10, 77, 0, 2), 24));
+    tweak(&mut cfg);
     let (mut s, driver): (Box<dyn Stack + Send>, Option<Driver>) = match comp {
         Composition::Mono => (Box::new(MonoStack::new(dev, cfg, 1 << 20, link).expect("stack")), None),
         Composition::TwoGroup => {
@@ -86,9 +102,13 @@ fn stack_with(tag: &str, comp: Composition, link: LinkImpairment) -> Running {
     let echo = s.cores().udp.bind(7).expect("bind 7");
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
+    let (jobs, inbox) = std::sync::mpsc::channel::<Job>();
     let thread = std::thread::spawn(move || {
         while !flag.load(Ordering::Relaxed) {
             s.poll(Duration::from_millis(20)).expect("poll");
+            while let Ok(job) = inbox.try_recv() {
+                job(s.cores());
+            }
             let udp = &mut s.cores().udp;
             while let Ok(Some(d)) = udp.recv_from(echo) {
                 udp.send_to(echo, Some((d.src, d.src_port)), &d.data).expect("echo");
@@ -96,7 +116,7 @@ fn stack_with(tag: &str, comp: Composition, link: LinkImpairment) -> Running {
         }
         s
     });
-    Running { ns, stop, thread: Some(thread), driver }
+    Running { ns, jobs, stop, thread: Some(thread), driver }
 }
 
 #[test]
@@ -279,5 +299,48 @@ fn malformed_frames_from_linux_are_counted_by_reason_and_pings_keep_working() {
                 st.dropped(reason)
             );
         }
+    }
+}
+
+#[test]
+fn the_stack_resolves_before_its_first_send_and_again_after_expiry() {
+    for comp in ALL {
+        let run = stack_cfg("arp", comp, LinkImpairment::NONE, |c| c.arp_expiry = capnet_ip::Duration::from_secs(2));
+        // A Linux UDP echo service for exactly two datagrams.
+        let mut echo = Command::new("ip")
+            .args(["netns", "exec", run.ns.name(), "python3", "-c"])
+            .arg("import socket\ns=socket.socket(2,2)\ns.bind(('10.77.0.1',7777))\nfor _ in range(2):\n    d,a=s.recvfrom(65535); s.sendto(d,a)\n")
+            .spawn()
+            .expect("python echo");
+        std::thread::sleep(Duration::from_millis(300));
+        let requests = |run: &Running| run.on_stack(|c| c.ip.stats().arp_requests);
+        let at_start = requests(&run);
+        let sock = run.on_stack(|c| c.udp.bind(40000).expect("bind"));
+        let exchange = |payload: &'static [u8]| {
+            run.on_stack(move |c| {
+                c.udp.send_to(sock, Some((Ipv4Address::new(10, 77, 0, 1), 7777)), payload).expect("send")
+            });
+            let deadline = std::time::Instant::now() + Duration::from_secs(5);
+            loop {
+                if let Some(d) = run.on_stack(move |c| c.udp.recv_from(sock).expect("recv")) {
+                    assert_eq!((d.src, d.src_port, d.data.as_slice()), (Ipv4Address::new(10, 77, 0, 1), 7777, payload));
+                    return;
+                }
+                assert!(std::time::Instant::now() < deadline, "{comp:?}: no echo from Linux");
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+        exchange(b"one");
+        assert_eq!(requests(&run), at_start + 1, "{comp:?}: one ARP request resolved the first send");
+        let neigh = run.ns.run(&["ip", "neigh", "show", "10.77.0.2"]);
+        assert!(
+            String::from_utf8_lossy(&neigh.stdout).contains("02:ca:fe:00:00:02"),
+            "{comp:?}: Linux learned our MAC"
+        );
+        std::thread::sleep(Duration::from_millis(2500));
+        exchange(b"two");
+        assert!(requests(&run) >= at_start + 2, "{comp:?}: the entry expired after 2 s and was resolved again");
+        let _ = echo.wait();
+        let _ = run.finish();
     }
 }

@@ -187,6 +187,8 @@ pub struct Stats {
     pub packets_out: u64,
     /// Echo requests answered.
     pub echo_replies: u64,
+    /// ARP requests sent (the gratuitous one at start included).
+    pub arp_requests: u64,
     /// Drops by reason, indexed by `DropReason as usize`.
     pub drops: [u64; 20],
 }
@@ -699,6 +701,9 @@ impl IpCore {
     ) {
         let frame = arp::build(op, self.cfg.mac, self.cfg.addr.address(), eth_dst, target_mac, target_ip);
         self.stats.frames_out += 1;
+        if op == arp::ArpOp::Request {
+            self.stats.arp_requests += 1;
+        }
         self.out.push_back(Output::Frame(frame));
     }
 }

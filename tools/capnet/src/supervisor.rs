@@ -262,6 +262,7 @@ fn ip_counters(s: &capnet_ip::Stats) -> BTreeMap<String, u64> {
     c.insert("packets_in".into(), s.packets_in);
     c.insert("packets_out".into(), s.packets_out);
     c.insert("echo_replies".into(), s.echo_replies);
+    c.insert("arp_requests".into(), s.arp_requests);
     for r in capnet_ip::DropReason::ALL {
         c.insert(format!("drop_{}", r.name()), s.dropped(r));
     }
