@@ -1,0 +1,176 @@
+//! The application protocol: what crosses an application's channel, as rkyv
+//! archives validated on a private copy. Addresses travel as octets.
+
+use rkyv::{Archive, Deserialize, Serialize};
+
+/// An unforgeable socket handle: slot, generation, and the owning application's
+/// secret.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Archive, Serialize, Deserialize)]
+pub struct Handle {
+    /// Table slot.
+    pub slot: u32,
+    /// Bumped each time the slot is reused.
+    pub generation: u32,
+    /// The application's secret.
+    pub secret: u64,
+}
+
+/// A call and the id its response will carry.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub struct Request {
+    /// Chosen by the client; echoed in the response.
+    pub id: u64,
+    /// What to do.
+    pub call: Call,
+}
+
+/// The calls.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub enum Call {
+    /// Bind a UDP socket (0: ephemeral).
+    UdpBind {
+        /// Port.
+        port: u16,
+    },
+    /// Fix a UDP socket's peer.
+    UdpConnect {
+        /// Socket.
+        handle: Handle,
+        /// Peer address.
+        addr: [u8; 4],
+        /// Peer port.
+        port: u16,
+    },
+    /// Send a datagram (to the connected peer if `to` is `None`).
+    UdpSend {
+        /// Socket.
+        handle: Handle,
+        /// Destination.
+        to: Option<([u8; 4], u16)>,
+        /// Payload.
+        data: Vec<u8>,
+    },
+    /// Receive the next datagram or echo reply; with `wait`, park until one comes.
+    Recv {
+        /// Socket.
+        handle: Handle,
+        /// Park instead of answering WouldBlock.
+        wait: bool,
+    },
+    /// Give up a parked receive (the client's timeout passed).
+    Cancel {
+        /// Socket.
+        handle: Handle,
+    },
+    /// Close a socket.
+    Close {
+        /// Socket.
+        handle: Handle,
+    },
+    /// Open an ICMP echo socket (a free identifier is chosen).
+    EchoOpen,
+    /// Send an echo request.
+    EchoSend {
+        /// Socket.
+        handle: Handle,
+        /// Destination.
+        dst: [u8; 4],
+        /// Sequence number.
+        seq: u16,
+        /// Payload.
+        data: Vec<u8>,
+    },
+}
+
+/// A response to the request with the same id.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub struct Response {
+    /// The request's id.
+    pub id: u64,
+    /// The outcome.
+    pub reply: Reply,
+}
+
+/// Outcomes.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub enum Reply {
+    /// Done, nothing to return.
+    Done,
+    /// A socket was made (`port`: its UDP port, or its echo identifier).
+    Bound {
+        /// Its handle.
+        handle: Handle,
+        /// Its port or identifier.
+        port: u16,
+    },
+    /// A datagram.
+    Datagram {
+        /// Sender.
+        from: ([u8; 4], u16),
+        /// Payload.
+        data: Vec<u8>,
+    },
+    /// An echo reply.
+    EchoReply {
+        /// Who answered.
+        from: [u8; 4],
+        /// Its sequence number.
+        seq: u16,
+        /// Its payload.
+        data: Vec<u8>,
+    },
+    /// The call failed.
+    Err(SocketError),
+}
+
+/// Socket call errors; each maps to one `io::ErrorKind` in the client library.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize, thiserror::Error)]
+pub enum SocketError {
+    /// Not a handle of this application (forged or foreign).
+    #[error("not a socket of this application (forged or foreign handle)")]
+    BadHandle,
+    /// The socket was closed, or the stack restarted since.
+    #[error("stale socket handle: the socket was closed or the stack restarted")]
+    StaleHandle,
+    /// The call does not fit the socket's kind.
+    #[error("wrong kind of socket for this call")]
+    WrongKind,
+    /// The port is in use.
+    #[error("address in use")]
+    AddrInUse,
+    /// No destination.
+    #[error("destination address required")]
+    NoDestination,
+    /// Too large for one datagram.
+    #[error("message too large")]
+    TooLarge,
+    /// Nothing to receive now.
+    #[error("operation would block")]
+    WouldBlock,
+    /// The timeout passed.
+    #[error("timed out")]
+    TimedOut,
+    /// ICMP port unreachable came back: the peer refused.
+    #[error("connection refused (ICMP port unreachable)")]
+    Refused,
+    /// Another ICMP error.
+    #[error("ICMP error type {0} code {1}")]
+    Icmp(u8, u8),
+    /// No route to the destination.
+    #[error("no route to host")]
+    NoRoute,
+}
+
+impl From<capnet_udp::UdpError> for SocketError {
+    fn from(e: capnet_udp::UdpError) -> Self {
+        use capnet_udp::UdpError as U;
+        match e {
+            U::AddrInUse(_) | U::NoEphemeral => Self::AddrInUse,
+            U::BadSocket => Self::StaleHandle,
+            U::NoDestination => Self::NoDestination,
+            U::TooLarge(_) => Self::TooLarge,
+            U::Icmp { icmp_type: 3, icmp_code: 3, .. } => Self::Refused,
+            U::Icmp { icmp_type, icmp_code, .. } => Self::Icmp(icmp_type, icmp_code),
+        }
+    }
+}

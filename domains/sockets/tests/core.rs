@@ -1,0 +1,163 @@
+//! The socket table: handles are unforgeable, per application and generation-checked;
+//! receives park and complete; detaching closes everything.
+
+use capnet_sockets::{
+    AppId, Call, Handle, Ipv4Address, Reply, Request, Response, SocketError, SocketsCore, Transports,
+};
+use capnet_udp::{Datagram, SocketId, UdpCore, UdpError};
+
+const US: Ipv4Address = Ipv4Address::new(10, 77, 0, 2);
+const PEER: Ipv4Address = Ipv4Address::new(10, 77, 0, 1);
+
+/// The udp core for real, and a recorded ICMP side.
+struct Fake {
+    udp: UdpCore,
+    claimed: Vec<u16>,
+    echoes: Vec<(Ipv4Address, u16, u16, Vec<u8>)>,
+}
+
+impl Transports for Fake {
+    fn udp_bind(&mut self, port: u16) -> Result<SocketId, UdpError> {
+        self.udp.bind(port)
+    }
+    fn udp_port(&self, s: SocketId) -> Result<u16, UdpError> {
+        self.udp.local_port(s)
+    }
+    fn udp_connect(&mut self, s: SocketId, addr: Ipv4Address, port: u16) -> Result<(), UdpError> {
+        self.udp.connect(s, addr, port)
+    }
+    fn udp_send(&mut self, s: SocketId, to: Option<(Ipv4Address, u16)>, data: &[u8]) -> Result<(), UdpError> {
+        self.udp.send_to(s, to, data)
+    }
+    fn udp_recv(&mut self, s: SocketId) -> Result<Option<Datagram>, UdpError> {
+        self.udp.recv_from(s)
+    }
+    fn udp_close(&mut self, s: SocketId) -> Result<(), UdpError> {
+        self.udp.close(s)
+    }
+    fn echo_claim(&mut self, ident: u16) -> bool {
+        !self.claimed.contains(&ident) && {
+            self.claimed.push(ident);
+            true
+        }
+    }
+    fn echo_release(&mut self, ident: u16) {
+        self.claimed.retain(|i| *i != ident);
+    }
+    fn echo_send(&mut self, dst: Ipv4Address, ident: u16, seq: u16, data: &[u8]) -> Result<(), SocketError> {
+        self.echoes.push((dst, ident, seq, data.to_vec()));
+        Ok(())
+    }
+}
+
+fn setup() -> (SocketsCore, Fake, AppId, AppId) {
+    let mut core = SocketsCore::new();
+    let a = core.attach(0x1111_2222_3333_4444);
+    let b = core.attach(0x5555_6666_7777_8888);
+    (core, Fake { udp: UdpCore::new(US, 1 << 16), claimed: vec![], echoes: vec![] }, a, b)
+}
+
+fn call(core: &mut SocketsCore, t: &mut Fake, app: AppId, id: u64, c: Call) -> Option<Reply> {
+    core.request(app, Request { id, call: c }, t);
+    let r = core.pop_response();
+    r.map(|(to, Response { id: rid, reply })| {
+        assert_eq!((to, rid), (app, id));
+        reply
+    })
+}
+
+fn bind(core: &mut SocketsCore, t: &mut Fake, app: AppId, port: u16) -> Handle {
+    match call(core, t, app, 1, Call::UdpBind { port }) {
+        Some(Reply::Bound { handle, port: p }) => {
+            assert!(port == 0 || p == port);
+            handle
+        }
+        other => panic!("bind: {other:?}"),
+    }
+}
+
+fn segment(dport: u16, data: &[u8]) -> Vec<u8> {
+    let mut s = vec![0u8; 8 + data.len()];
+    s[0..2].copy_from_slice(&9u16.to_be_bytes());
+    s[2..4].copy_from_slice(&dport.to_be_bytes());
+    s[4..6].copy_from_slice(&((8 + data.len()) as u16).to_be_bytes());
+    s[8..].copy_from_slice(data);
+    s
+}
+
+#[test]
+fn forged_foreign_and_stale_handles_are_refused() {
+    let (mut core, mut t, a, b) = setup();
+    let h = bind(&mut core, &mut t, a, 7);
+    let recv = |h| Call::Recv { handle: h, wait: false };
+    assert_eq!(call(&mut core, &mut t, a, 2, recv(h)), Some(Reply::Err(SocketError::WouldBlock)), "the owner may");
+    let forged = Handle { secret: h.secret ^ 1, ..h };
+    assert_eq!(call(&mut core, &mut t, a, 3, recv(forged)), Some(Reply::Err(SocketError::BadHandle)), "forged");
+    assert_eq!(call(&mut core, &mut t, b, 4, recv(h)), Some(Reply::Err(SocketError::BadHandle)), "foreign");
+    let guessed = Handle { slot: 99, ..h };
+    assert_eq!(call(&mut core, &mut t, a, 5, recv(guessed)), Some(Reply::Err(SocketError::BadHandle)), "no such slot");
+    assert_eq!(call(&mut core, &mut t, a, 6, Call::Close { handle: h }), Some(Reply::Done));
+    assert_eq!(call(&mut core, &mut t, a, 7, recv(h)), Some(Reply::Err(SocketError::StaleHandle)), "closed");
+    let again = bind(&mut core, &mut t, a, 7);
+    assert_eq!(again.slot, h.slot, "the slot is reused");
+    assert_eq!(call(&mut core, &mut t, a, 8, recv(h)), Some(Reply::Err(SocketError::StaleHandle)), "old generation");
+    assert_eq!(call(&mut core, &mut t, a, 9, recv(again)), Some(Reply::Err(SocketError::WouldBlock)));
+}
+
+#[test]
+fn a_parked_receive_completes_when_data_arrives_or_is_cancelled() {
+    let (mut core, mut t, a, _) = setup();
+    let h = bind(&mut core, &mut t, a, 7);
+    assert_eq!(call(&mut core, &mut t, a, 10, Call::Recv { handle: h, wait: true }), None, "parked");
+    t.udp.receive(PEER, US, &segment(7, b"hello"), &[0x45; 20]);
+    core.poll_ready(&mut t);
+    let (to, r) = core.pop_response().expect("completed");
+    assert_eq!((to, r.id), (a, 10));
+    assert_eq!(r.reply, Reply::Datagram { from: (PEER.octets(), 9), data: b"hello".to_vec() });
+    assert_eq!(call(&mut core, &mut t, a, 11, Call::Recv { handle: h, wait: true }), None);
+    core.request(a, Request { id: 12, call: Call::Cancel { handle: h } }, &mut t);
+    let (_, parked) = core.pop_response().expect("the parked receive's answer");
+    assert_eq!((parked.id, parked.reply), (11, Reply::Err(SocketError::TimedOut)), "the parked one times out");
+    let (_, done) = core.pop_response().expect("cancel's own reply");
+    assert_eq!((done.id, done.reply), (12, Reply::Done));
+}
+
+#[test]
+fn sends_go_out_and_detach_closes_everything() {
+    let (mut core, mut t, a, b) = setup();
+    let h = bind(&mut core, &mut t, a, 5000);
+    let data = vec![7u8; 1000];
+    let r = call(&mut core, &mut t, a, 2, Call::UdpSend { handle: h, to: Some((PEER.octets(), 9)), data });
+    assert_eq!(r, Some(Reply::Done));
+    assert!(matches!(t.udp.pop_output(), Some(capnet_udp::Output::Send { dst, .. }) if dst == PEER));
+    let r = call(&mut core, &mut t, a, 3, Call::UdpSend { handle: h, to: None, data: vec![1] });
+    assert_eq!(r, Some(Reply::Err(SocketError::NoDestination)));
+    assert_eq!(call(&mut core, &mut t, b, 4, Call::UdpBind { port: 5000 }), Some(Reply::Err(SocketError::AddrInUse)));
+    core.detach(a, &mut t);
+    assert!(
+        matches!(call(&mut core, &mut t, b, 5, Call::UdpBind { port: 5000 }), Some(Reply::Bound { .. })),
+        "port freed by detach"
+    );
+    assert_eq!(
+        call(&mut core, &mut t, a, 6, Call::UdpBind { port: 1 }),
+        Some(Reply::Err(SocketError::BadHandle)),
+        "a detached app is gone"
+    );
+}
+
+#[test]
+fn echo_sockets_send_requests_and_receive_their_replies() {
+    let (mut core, mut t, a, _) = setup();
+    let Some(Reply::Bound { handle, port: ident }) = call(&mut core, &mut t, a, 1, Call::EchoOpen) else { panic!() };
+    let r = call(&mut core, &mut t, a, 2, Call::EchoSend { handle, dst: PEER.octets(), seq: 1, data: b"abc".to_vec() });
+    assert_eq!(r, Some(Reply::Done));
+    assert_eq!(t.echoes, vec![(PEER, ident, 1, b"abc".to_vec())]);
+    core.echo_reply(ident, PEER, 1, b"abc".to_vec());
+    let r = call(&mut core, &mut t, a, 3, Call::Recv { handle, wait: true });
+    assert_eq!(r, Some(Reply::EchoReply { from: PEER.octets(), seq: 1, data: b"abc".to_vec() }));
+    let udp = bind(&mut core, &mut t, a, 7);
+    let r = call(&mut core, &mut t, a, 4, Call::EchoSend { handle: udp, dst: PEER.octets(), seq: 1, data: vec![] });
+    assert_eq!(r, Some(Reply::Err(SocketError::WrongKind)));
+    assert_eq!(call(&mut core, &mut t, a, 5, Call::Close { handle }), Some(Reply::Done));
+    assert!(t.claimed.is_empty(), "the identifier is released");
+}
