@@ -32,6 +32,8 @@ pub mod shm;
 mod sync;
 
 #[cfg(not(loom))]
+pub mod msg;
+#[cfg(not(loom))]
 pub mod shm_channel;
 
 pub use channel::{ChannelEnd, ChannelParams, End, Interest, WaitOutcome, Waiter};

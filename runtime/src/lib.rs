@@ -25,6 +25,11 @@ use capnet_udp::UdpCore;
 
 /// The transport id the udp core has in the ip core's demux table.
 pub const UDP: TransportId = TransportId(1);
+/// The transport id of the sockets domain's ICMP echo sockets.
+pub const SOCKETS: TransportId = TransportId(2);
+
+/// An echo reply for an echo socket: (identifier, from, sequence, data).
+pub type EchoReply = (u16, capnet_ip::Ipv4Address, u16, Vec<u8>);
 
 /// Errors running a stack.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +55,8 @@ pub struct Cores {
     pub ip: IpCore,
     /// The udp core.
     pub udp: UdpCore,
+    /// Echo replies for echo sockets, waiting for the sockets domain.
+    pub echo_replies: Vec<EchoReply>,
     epoch: StdInstant,
 }
 
@@ -59,7 +66,7 @@ impl Cores {
         let local = cfg.addr.address();
         let mut ip = IpCore::new(cfg, Instant::ZERO);
         ip.demux.insert(IpProtocol::Udp, 0..=65535, UDP);
-        Self { ip, udp: UdpCore::new(local, udp_queue_bytes), epoch: StdInstant::now() }
+        Self { ip, udp: UdpCore::new(local, udp_queue_bytes), echo_replies: Vec::new(), epoch: StdInstant::now() }
     }
 
     /// Time since the stack started, as the cores count it.
@@ -90,6 +97,13 @@ impl Cores {
                 match out {
                     Output::Frame(f) => emit(f),
                     Output::Deliver(d) if d.to == UDP => self.udp.receive(d.src, d.dst, &d.payload, &d.ip_header),
+                    Output::Deliver(d) if d.to == SOCKETS && d.payload.len() >= 8 => {
+                        // An echo reply (the ip core checked its checksum).
+                        let p = &d.payload;
+                        let ident = u16::from_be_bytes([p[4], p[5]]);
+                        let seq = u16::from_be_bytes([p[6], p[7]]);
+                        self.echo_replies.push((ident, d.src, seq, p[8..].to_vec()));
+                    }
                     Output::Deliver(_) => {}
                     Output::Icmp(e) => {
                         self.udp.on_icmp(e.local_port, e.remote, e.remote_port, e.icmp_type, e.icmp_code, e.reporter)
@@ -291,5 +305,60 @@ impl Stack for MonoStack {
 
     fn device_stats(&self) -> Option<DeviceStats> {
         Some(MonoStack::device_stats(self))
+    }
+}
+
+/// The sockets domain reaches the transports of this stack by direct calls.
+impl capnet_sockets::Transports for Cores {
+    fn udp_bind(&mut self, port: u16) -> Result<capnet_udp::SocketId, capnet_udp::UdpError> {
+        self.udp.bind(port)
+    }
+    fn udp_port(&self, s: capnet_udp::SocketId) -> Result<u16, capnet_udp::UdpError> {
+        self.udp.local_port(s)
+    }
+    fn udp_connect(
+        &mut self,
+        s: capnet_udp::SocketId,
+        addr: capnet_ip::Ipv4Address,
+        port: u16,
+    ) -> Result<(), capnet_udp::UdpError> {
+        self.udp.connect(s, addr, port)
+    }
+    fn udp_send(
+        &mut self,
+        s: capnet_udp::SocketId,
+        to: Option<(capnet_ip::Ipv4Address, u16)>,
+        data: &[u8],
+    ) -> Result<(), capnet_udp::UdpError> {
+        self.udp.send_to(s, to, data)
+    }
+    fn udp_recv(&mut self, s: capnet_udp::SocketId) -> Result<Option<capnet_udp::Datagram>, capnet_udp::UdpError> {
+        self.udp.recv_from(s)
+    }
+    fn udp_close(&mut self, s: capnet_udp::SocketId) -> Result<(), capnet_udp::UdpError> {
+        self.udp.close(s)
+    }
+    fn echo_claim(&mut self, ident: u16) -> bool {
+        if self.ip.demux.lookup(IpProtocol::Icmp, ident).is_some() {
+            return false;
+        }
+        self.ip.demux.insert(IpProtocol::Icmp, ident..=ident, SOCKETS);
+        true
+    }
+    fn echo_release(&mut self, ident: u16) {
+        self.ip.demux.remove_range(IpProtocol::Icmp, ident..=ident);
+    }
+    fn echo_send(
+        &mut self,
+        dst: capnet_ip::Ipv4Address,
+        ident: u16,
+        seq: u16,
+        data: &[u8],
+    ) -> Result<(), capnet_sockets::SocketError> {
+        let now = self.now();
+        self.ip.send_echo_request(now, dst, ident, seq, data).map_err(|e| match e {
+            capnet_ip::SendError::NoRoute(_) => capnet_sockets::SocketError::NoRoute,
+            _ => capnet_sockets::SocketError::TooLarge,
+        })
     }
 }

@@ -349,16 +349,31 @@ impl StackGroup {
     }
 }
 
-impl Stack for StackGroup {
-    fn poll(&mut self, max_wait: Duration) -> Result<(), RuntimeError> {
+impl StackGroup {
+    /// Like [`Stack::poll`], also waking for the channel ends in `extra` (the
+    /// applications' channels the sockets domain serves).
+    pub fn poll_with(&mut self, max_wait: Duration, extra: &mut [&mut ShmEnd]) -> Result<(), RuntimeError> {
         self.flush()?;
         if !self.drain()? {
             let wait = self.cores.wait_bound(max_wait);
             self.tx.interest = if self.backlog.is_empty() { Interest::RX } else { Interest::BOTH };
-            self.waiter.wait(&mut [&mut self.rx, &mut self.tx], Some(wait), None as NoTokens);
+            let mut ends: Vec<&mut ShmEnd> = vec![&mut self.rx, &mut self.tx];
+            ends.extend(extra.iter_mut().map(|e| &mut **e));
+            self.waiter.wait(&mut ends, Some(wait), None as NoTokens);
             self.drain()?;
         }
         self.flush()
+    }
+
+    /// Runs the cores' outputs now (after the application side called them).
+    pub fn push(&mut self) -> Result<(), RuntimeError> {
+        self.flush()
+    }
+}
+
+impl Stack for StackGroup {
+    fn poll(&mut self, max_wait: Duration) -> Result<(), RuntimeError> {
+        self.poll_with(max_wait, &mut [])
     }
 
     fn cores(&mut self) -> &mut Cores {

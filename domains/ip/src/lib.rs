@@ -294,6 +294,11 @@ impl Demux {
         self.entries.push((protocol, ports, to));
     }
 
+    /// Removes the entries for exactly `protocol` and `ports`.
+    pub fn remove_range(&mut self, protocol: IpProtocol, ports: std::ops::RangeInclusive<u16>) {
+        self.entries.retain(|e| !(e.0 == protocol && e.1 == ports));
+    }
+
     /// Removes every entry pointing at `to`.
     pub fn remove(&mut self, to: TransportId) {
         self.entries.retain(|e| e.2 != to);
@@ -578,6 +583,24 @@ impl IpCore {
             }
             _ => {}
         }
+    }
+
+    /// Sends an ICMP echo request (RFC 792) for an echo socket.
+    pub fn send_echo_request(
+        &mut self,
+        now: Instant,
+        dst: Ipv4Address,
+        ident: u16,
+        seq: u16,
+        data: &[u8],
+    ) -> Result<(), SendError> {
+        let mut m = vec![0u8; 8 + data.len()];
+        m[0] = 8;
+        m[4..6].copy_from_slice(&ident.to_be_bytes());
+        m[6..8].copy_from_slice(&seq.to_be_bytes());
+        m[8..].copy_from_slice(data);
+        Icmpv4Packet::new_unchecked(&mut m[..]).fill_checksum();
+        self.send(now, dst, IpProtocol::Icmp, &m, false)
     }
 
     /// ICMP destination unreachable with `code`, quoting `quote` (the offending

@@ -7,6 +7,7 @@
 //! in a directory only its owner can enter, callers checked with `SO_PEERCRED`).
 #![forbid(unsafe_code)]
 
+mod apps;
 mod control;
 mod status;
 mod supervisor;
@@ -32,6 +33,39 @@ enum Command {
     Down(Target),
     /// Show mode, addresses and every domain's counters.
     Status(StatusArgs),
+    /// Ping an address from the stack (an application attached to it).
+    Ping(PingArgs),
+    /// Echo datagrams back to their senders (an application attached to the stack).
+    EchoServe(EchoArgs),
+}
+
+#[derive(Debug, Args)]
+struct PingArgs {
+    #[command(flatten)]
+    target: Target,
+    /// The address to ping.
+    addr: Ipv4Addr,
+    /// How many echo requests.
+    #[arg(short = 'c', long, default_value_t = 4)]
+    count: u16,
+    /// Seconds between requests.
+    #[arg(short = 'i', long, default_value_t = 1.0)]
+    interval: f64,
+    /// Payload bytes per request.
+    #[arg(short = 's', long, default_value_t = 56)]
+    size: usize,
+}
+
+#[derive(Debug, Args)]
+struct EchoArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Echo UDP datagrams (TCP arrives with the TCP domain).
+    #[arg(long, required = true)]
+    udp: bool,
+    /// The port to serve.
+    #[arg(long, default_value_t = 7)]
+    port: u16,
 }
 
 /// Which running stack.
@@ -65,10 +99,10 @@ pub struct UpArgs {
     /// The stack's address, with prefix length.
     #[arg(long, default_value = "10.77.0.2/24", value_parser = parse_cidr)]
     addr: (Ipv4Addr, u8),
-    /// One group: every domain in one process (today's default; `--two-group` splits the driver off).
+    /// One group: every domain in one thread (serves no applications yet).
     #[arg(long, conflicts_with = "two_group")]
     mono: bool,
-    /// Two groups: driver | ip + udp, joined by ipc channels.
+    /// Two groups: driver | ip + udp + sockets, joined by ipc channels (the default).
     #[arg(long)]
     two_group: bool,
     /// Detach: return once the stack is up, leaving it running.
@@ -96,6 +130,8 @@ fn main() -> ExitCode {
         Command::Up(args) => supervisor::up(args),
         Command::Down(t) => supervisor::down(&t.netns),
         Command::Status(s) => status::show(&s.target.netns, s.json),
+        Command::Ping(p) => apps::ping(&p.target.netns, p.addr, p.count, p.interval, p.size),
+        Command::EchoServe(e) => apps::echo_serve(&e.target.netns, e.port),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

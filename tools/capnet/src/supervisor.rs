@@ -28,6 +28,9 @@ use capnet_runtime::{DeviceStats, LinkImpairment, MonoStack, Stack};
 use crate::control::{self, recv, run_dir, send, socket_path, Reply, Request};
 use crate::status::{Domain, Status};
 use crate::UpArgs;
+use capnet_ipc::control::{decode, encode};
+use capnet_ipc::msg::MsgEnd;
+use capnet_sockets::{AppId, SocketsCore};
 
 /// Removes what `up` made when dropped.
 struct Made {
@@ -155,8 +158,8 @@ fn run(args: UpArgs) -> Result<()> {
         inbound: Impairment::loss(args.loss, args.seed),
         outbound: Impairment::loss(args.loss, args.seed.wrapping_add(1)),
     };
-    let mode = if args.two_group { "two-group" } else { "mono" };
-    let mut stack = if args.two_group {
+    let mode = if args.mono { "mono" } else { "two-group" };
+    let mut stack = if !args.mono {
         let (s, d) = two_group::start(dev, cfg, 4 << 20, link)?;
         Running::TwoGroup(Box::new(s), d)
     } else {
@@ -186,6 +189,15 @@ fn run(args: UpArgs) -> Result<()> {
         let (snapshot, stop) = (snapshot.clone(), stop.clone());
         std::thread::Builder::new().name("control".into()).spawn(move || serve(listener, snapshot, stop))?;
     }
+    let (app_tx, app_rx) = std::sync::mpsc::channel::<(MsgEnd, UnixStream)>();
+    if !args.mono {
+        let path = capnet::attach::app_socket(&name);
+        let _ = std::fs::remove_file(&path);
+        let apps = UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        std::thread::Builder::new().name("apps".into()).spawn(move || serve_apps(apps, app_tx))?;
+    }
+    let mut apps = Apps::default();
     println!("capnet up: {mode} stack at {addr}/{prefix} on {} in namespace {name}; the kernel is {host}", args.tap);
     println!("try: ip netns exec {name} ping {addr}");
     let _ = std::io::stdout().flush();
@@ -194,7 +206,12 @@ fn run(args: UpArgs) -> Result<()> {
     while !stop.load(Ordering::Relaxed) {
         let r = match &mut stack {
             Running::Mono(s) => s.poll(Duration::from_millis(50)),
-            Running::TwoGroup(s, _) => s.poll(Duration::from_millis(50)),
+            Running::TwoGroup(s, _) => {
+                while let Ok((msg, sock)) = app_rx.try_recv() {
+                    apps.add(msg, sock);
+                }
+                apps.serve(s)
+            }
         };
         if let Err(e) = r {
             eprintln!("capnet: the stack failed: {e}; taking it down");
@@ -294,6 +311,124 @@ fn process_usage() -> (f64, u64) {
         .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
         .unwrap_or(0);
     (ticks / tick, rss * page)
+}
+
+/// One attached application.
+struct App {
+    id: AppId,
+    msg: MsgEnd,
+    sock: UnixStream,
+    outbox: std::collections::VecDeque<Vec<u8>>,
+}
+
+/// The sockets domain and the applications it serves (in the stack group).
+#[derive(Default)]
+struct Apps {
+    sockets: Option<SocketsCore>,
+    list: Vec<App>,
+    inbox: Vec<Vec<u8>>,
+    checked: Option<Instant>,
+}
+
+impl Apps {
+    fn add(&mut self, msg: MsgEnd, sock: UnixStream) {
+        let mut secret = [0u8; 8];
+        let _ = rustix::rand::getrandom(&mut secret, rustix::rand::GetRandomFlags::empty());
+        let id = self.sockets.get_or_insert_with(SocketsCore::new).attach(u64::from_ne_bytes(secret));
+        let _ = sock.set_nonblocking(true);
+        self.list.push(App { id, msg, sock, outbox: Default::default() });
+    }
+
+    /// One round: wait for the driver or an application, run calls, answer.
+    fn serve(&mut self, stack: &mut two_group::StackGroup) -> Result<(), capnet_runtime::RuntimeError> {
+        {
+            let mut ends: Vec<_> = self.list.iter_mut().map(|a| a.msg.channel()).collect();
+            stack.poll_with(Duration::from_millis(50), &mut ends)?;
+        }
+        let Some(sockets) = self.sockets.as_mut() else { return Ok(()) };
+        let mut gone = Vec::new();
+        for (i, app) in self.list.iter_mut().enumerate() {
+            self.inbox.clear();
+            if app.msg.recv(&mut self.inbox).is_err() {
+                gone.push(i); // broke the channel protocol: cut off
+                continue;
+            }
+            for m in self.inbox.drain(..) {
+                match decode::<capnet_sockets::Request>(&m) {
+                    Ok(req) => sockets.request(app.id, req, stack.cores()),
+                    Err(_) => {
+                        gone.push(i);
+                        break;
+                    }
+                }
+            }
+        }
+        let cores = stack.cores();
+        for (ident, from, seq, data) in std::mem::take(&mut cores.echo_replies) {
+            sockets.echo_reply(ident, from, seq, data);
+        }
+        sockets.poll_ready(cores);
+        while let Some((id, resp)) = sockets.pop_response() {
+            if let (Some(app), Ok(bytes)) = (self.list.iter_mut().find(|a| a.id == id), encode(&resp)) {
+                app.outbox.push_back(bytes.to_vec());
+            }
+        }
+        for app in &mut self.list {
+            while let Some(m) = app.outbox.front() {
+                match app.msg.send(m) {
+                    Ok(true) => {
+                        app.outbox.pop_front();
+                    }
+                    _ => break,
+                }
+            }
+        }
+        // Applications that closed their attach socket are gone.
+        if self.checked.is_none_or(|t| t.elapsed() >= Duration::from_millis(200)) {
+            self.checked = Some(Instant::now());
+            let mut probe = [0u8; 1];
+            for (i, app) in self.list.iter().enumerate() {
+                let peeked = nix::sys::socket::recv(
+                    std::os::fd::AsRawFd::as_raw_fd(&app.sock),
+                    &mut probe,
+                    nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+                );
+                if matches!(peeked, Ok(0)) {
+                    gone.push(i);
+                }
+            }
+        }
+        gone.sort_unstable();
+        gone.dedup();
+        for i in gone.into_iter().rev() {
+            let app = self.list.remove(i);
+            sockets.detach(app.id, stack.cores());
+        }
+        stack.push()
+    }
+}
+
+/// Accepts applications: checks the caller, runs the attach handshake, hands the
+/// new channel to the stack's thread.
+fn serve_apps(listener: UnixListener, to_stack: std::sync::mpsc::Sender<(MsgEnd, UnixStream)>) {
+    let me = nix::unistd::geteuid().as_raw();
+    for (n, conn) in listener.incoming().enumerate() {
+        let Ok(conn) = conn else { continue };
+        let allowed = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)
+            .is_ok_and(|c| c.uid() == me || c.uid() == 0);
+        if !allowed {
+            continue;
+        }
+        let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
+        match capnet::attach::serve(&conn, &format!("capnet-sockets-{n}")) {
+            Ok(msg) => {
+                if to_stack.send((msg, conn)).is_err() {
+                    return;
+                }
+            }
+            Err(e) => eprintln!("capnet: an application failed to attach: {e}"),
+        }
+    }
 }
 
 /// Serves the control socket: one request per connection, from our own user only.

@@ -1,0 +1,160 @@
+//! Message ends: a channel plus a pool of one's own and a view of the peer's, for
+//! variable-size messages (control calls with their payloads).
+//!
+//! A message is written into a buffer of the sender's pool, lent with a
+//! [`Descriptor::CONTROL`] descriptor, copied out by the receiver (which validates
+//! it — rkyv — only on that private copy) and returned at once with
+//! [`Descriptor::RETURN`]. Both directions share the channel; each side owns one
+//! pool.
+
+use std::os::fd::OwnedFd;
+
+use crate::channel::ChannelParams;
+use crate::pool::{BufferPool, PoolError, PoolLayout, PoolView, ReaderId};
+use crate::shm_channel::{self, ShmChannelError, ShmEnd};
+use crate::{Descriptor, End, RingError};
+
+/// The largest message (a 65 507-byte datagram plus its call).
+pub const MAX_MESSAGE: u32 = 70 * 1024;
+const BUFFERS: u32 = 32;
+
+/// What a message end needs from its side to be attached.
+#[derive(Debug)]
+pub struct MsgHalf {
+    area: crate::region::Region,
+    pool: BufferPool,
+}
+
+/// The fds one side grants the other: its channel area and its pool.
+#[derive(Debug)]
+pub struct MsgGrant {
+    /// The sender's channel area.
+    pub area: OwnedFd,
+    /// The sender's pool.
+    pub pool: OwnedFd,
+}
+
+/// Errors making, attaching or using a message end.
+#[derive(Debug, thiserror::Error)]
+pub enum MsgError {
+    /// The channel could not be made or attached.
+    #[error(transparent)]
+    Channel(#[from] ShmChannelError),
+    /// A pool problem (including a peer's bad descriptor).
+    #[error(transparent)]
+    Pool(#[from] PoolError),
+    /// The peer broke the ring.
+    #[error(transparent)]
+    Ring(#[from] RingError),
+    /// The peer sent a descriptor that is neither a message nor a return.
+    #[error("peer sent an unexpected descriptor {0:?}")]
+    Unexpected(Descriptor),
+    /// A message is larger than [`MAX_MESSAGE`].
+    #[error("message of {0} bytes is too large")]
+    TooLarge(usize),
+    /// Duplicating an fd failed.
+    #[error("cannot duplicate an fd: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+impl MsgHalf {
+    /// Makes this side's area (as `end`) and pool.
+    pub fn new(name: &str, end: End) -> Result<Self, MsgError> {
+        let params = ChannelParams { capacity: 64, epoch: 1 };
+        let area = shm_channel::create_area::<Descriptor>(&format!("{name}.area"), end, params)?;
+        let layout = PoolLayout { buf_size: MAX_MESSAGE + 64, count: BUFFERS, headroom: 0 };
+        let pool = BufferPool::create(&format!("{name}.pool"), end as u16 + 1, layout)?;
+        Ok(Self { area, pool })
+    }
+
+    /// The fds to grant the peer.
+    pub fn grant(&self) -> Result<MsgGrant, MsgError> {
+        Ok(MsgGrant { area: self.area.fd().try_clone_to_owned()?, pool: self.pool.region().fd().try_clone_to_owned()? })
+    }
+
+    /// Attaches to the peer's grant.
+    pub fn attach(self, end: End, peer: MsgGrant) -> Result<MsgEnd, MsgError> {
+        let params = ChannelParams { capacity: 64, epoch: 1 };
+        let chan = shm_channel::attach::<Descriptor>(self.area, peer.area, end, params)?;
+        let mut pool = self.pool;
+        let reader = pool.add_reader(BUFFERS);
+        let view = PoolView::attach(peer.pool, end.other() as u16 + 1)?;
+        Ok(MsgEnd { chan, pool, reader, view, returns: Vec::new(), inbox: Vec::new() })
+    }
+}
+
+/// One side of a message channel.
+#[derive(Debug)]
+pub struct MsgEnd {
+    chan: ShmEnd,
+    pool: BufferPool,
+    reader: ReaderId,
+    view: PoolView,
+    returns: Vec<Descriptor>,
+    inbox: Vec<Descriptor>,
+}
+
+impl MsgEnd {
+    /// The channel end (to wait on it).
+    pub fn channel(&mut self) -> &mut ShmEnd {
+        &mut self.chan
+    }
+
+    /// Sends one message. `Ok(false)`: no buffer or ring slot free now (retry after
+    /// the peer returns some).
+    pub fn send(&mut self, bytes: &[u8]) -> Result<bool, MsgError> {
+        if bytes.len() > MAX_MESSAGE as usize {
+            return Err(MsgError::TooLarge(bytes.len()));
+        }
+        self.flush_returns()?;
+        if self.chan.space()? == 0 {
+            return Ok(false);
+        }
+        let Some(mut d) = self.pool.fill(bytes)? else { return Ok(false) };
+        d.flags = Descriptor::CONTROL;
+        self.pool.lend(self.reader, &d)?;
+        if self.chan.send(&[d])? == 0 {
+            self.pool.give_back(self.reader, &d)?;
+            return Ok(false);
+        }
+        Ok(true)
+    }
+
+    /// Receives every message waiting (each as a private copy), returning loans and
+    /// taking back ours.
+    pub fn recv(&mut self, out: &mut Vec<Vec<u8>>) -> Result<usize, MsgError> {
+        let mut n = 0;
+        loop {
+            self.inbox.clear();
+            if self.chan.recv(&mut self.inbox, 64)? == 0 {
+                break;
+            }
+            for d in &self.inbox {
+                if d.has(Descriptor::RETURN) {
+                    self.pool.give_back(self.reader, d)?;
+                } else if d.has(Descriptor::CONTROL) {
+                    let mut bytes = Vec::with_capacity(d.len as usize);
+                    self.view.read_into(d, &mut bytes)?;
+                    out.push(bytes);
+                    self.returns.push(Descriptor { flags: Descriptor::RETURN, ..*d });
+                    n += 1;
+                } else {
+                    return Err(MsgError::Unexpected(*d));
+                }
+            }
+        }
+        self.flush_returns()?;
+        Ok(n)
+    }
+
+    fn flush_returns(&mut self) -> Result<(), MsgError> {
+        while !self.returns.is_empty() {
+            let k = self.chan.send(&self.returns)?;
+            if k == 0 {
+                break; // the ring is full of our messages: returns go out next time
+            }
+            self.returns.drain(..k);
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,139 @@
+//! Applications as separate processes on a running stack: `capnet ping` and
+//! `capnet echo-serve` against the Linux kernel, and the `capnet::net` library's
+//! std-like behaviour (timeouts, non-blocking mode, refused ports) from this test
+//! process, itself an attached application.
+
+use std::io::ErrorKind;
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::process::{Child, Command, Output};
+use std::time::Duration;
+
+use capnet::net::{PingSocket, Stack, UdpSocket};
+
+const CAPNET: &str = env!("CARGO_BIN_EXE_capnet");
+
+fn capnet(args: &[&str]) -> Output {
+    Command::new(CAPNET).args(args).output().expect("run capnet")
+}
+
+/// A stack up in a namespace of this test; down on drop.
+struct Up(String);
+
+impl Up {
+    fn new(tag: &str, extra: &[&str]) -> Self {
+        let name = format!("capt-{}-{tag}", std::process::id());
+        let mut args = vec!["up", "-d", "--netns", name.as_str(), "--tap", "capt9"];
+        args.extend_from_slice(extra);
+        let out = capnet(&args);
+        assert!(out.status.success(), "up: {}", String::from_utf8_lossy(&out.stderr));
+        Self(name)
+    }
+    fn in_ns(&self, cmd: &[&str]) -> Output {
+        Command::new("ip").args(["netns", "exec", &self.0]).args(cmd).output().expect("ip netns exec")
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = capnet(&["down", "--netns", &self.0]);
+    }
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ =
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), nix::sys::signal::Signal::SIGTERM);
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn capnet_ping_reaches_the_kernel_small_and_fragmented() {
+    let up = Up::new("app-ping", &[]);
+    let out = capnet(&["ping", "--netns", &up.0, "-c", "3", "-i", "0.2", "10.77.0.1"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("3 received"), "{text} {}", String::from_utf8_lossy(&out.stderr));
+    let out = capnet(&["ping", "--netns", &up.0, "-c", "2", "-i", "0.2", "-s", "4000", "10.77.0.1"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("2 received") && text.contains("4008 bytes from"), "{text}");
+    let out = capnet(&["ping", "--netns", &up.0, "-c", "1", "10.77.0.99"]);
+    assert!(!out.status.success(), "nobody at 10.77.0.99: no replies, non-zero exit");
+}
+
+#[test]
+fn echo_serve_answers_socat_byte_exact_up_to_the_maximum() {
+    let up = Up::new("app-echo", &[]);
+    let server = Killed(
+        Command::new(CAPNET)
+            .args(["echo-serve", "--netns", &up.0, "--udp", "--port", "7"])
+            .spawn()
+            .expect("echo-serve"),
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    for size in [1usize, 1472, 1473, 8000, 65507] {
+        let payload: String = (0..size).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
+        let file = format!("/tmp/capt-{}-app-{size}", std::process::id());
+        let script = format!("printf '%s' \"$PAYLOAD\" | socat -b 65536 -t 1 -T 3 - UDP4:10.77.0.2:7 > {file}");
+        let _ =
+            Command::new("ip").args(["netns", "exec", &up.0, "bash", "-c", &script]).env("PAYLOAD", &payload).output();
+        let got = std::fs::read(&file).unwrap_or_default();
+        let _ = std::fs::remove_file(&file);
+        assert!(got == payload.as_bytes(), "echo of {size} bytes: got {} bytes", got.len());
+    }
+    drop(server);
+}
+
+#[test]
+fn the_library_behaves_like_std_net() {
+    let up = Up::new("app-lib", &[]);
+    let stack = Stack::attach(&up.0).expect("attach");
+    let mut sock = UdpSocket::bind(&stack, 0).expect("ephemeral bind");
+    assert!(sock.local_port() >= 49152);
+    assert_eq!(UdpSocket::bind(&stack, sock.local_port()).expect_err("in use").kind(), ErrorKind::AddrInUse);
+    let mut buf = [0u8; 64];
+    sock.set_nonblocking(true).expect("nonblocking");
+    assert_eq!(sock.recv_from(&mut buf).expect_err("nothing queued").kind(), ErrorKind::WouldBlock);
+    sock.set_nonblocking(false).expect("blocking");
+    sock.set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
+    let t = std::time::Instant::now();
+    assert_eq!(sock.recv_from(&mut buf).expect_err("nothing arrives").kind(), ErrorKind::TimedOut);
+    assert!(t.elapsed() >= Duration::from_millis(250), "waited for the timeout");
+    // A Linux UDP service answers; a closed Linux port refuses.
+    let mut echo = Command::new("ip")
+        .args(["netns", "exec", &up.0, "python3", "-c"])
+        .arg("import socket\ns=socket.socket(2,2)\ns.bind(('10.77.0.1',7777))\nd,a=s.recvfrom(65535)\ns.sendto(d.upper(),a)\n")
+        .spawn()
+        .expect("python");
+    std::thread::sleep(Duration::from_millis(300));
+    sock.send_to(b"shout", SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), 7777)).expect("send");
+    let (n, from) = sock.recv_from(&mut buf).expect("reply");
+    assert_eq!((&buf[..n], from), (&b"SHOUT"[..], SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), 7777)));
+    let _ = echo.wait();
+    let refused = UdpSocket::bind(&stack, 0).expect("bind");
+    refused.connect(SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), 9)).expect("connect");
+    refused.send(b"x").expect("send");
+    let mut r = refused;
+    r.set_read_timeout(Some(Duration::from_secs(3))).expect("timeout");
+    assert_eq!(r.recv_from(&mut buf).expect_err("refused").kind(), ErrorKind::ConnectionRefused);
+    let ping = PingSocket::open(&stack).expect("echo socket");
+    ping.send(Ipv4Addr::new(10, 77, 0, 1), 1, b"abc").expect("send");
+    let (from, seq, data) = ping.recv(Duration::from_secs(3)).expect("echo reply");
+    assert_eq!((from, seq, data.as_slice()), (Ipv4Addr::new(10, 77, 0, 1), 1, &b"abc"[..]));
+    let _ = up.in_ns(&["true"]);
+}
+
+#[test]
+fn a_mono_stack_says_it_serves_no_applications() {
+    let up = Up::new("app-mono", &["--mono"]);
+    let out = capnet(&["ping", "--netns", &up.0, "-c", "1", "10.77.0.1"]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("serves no applications"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let err = Stack::attach("capt-nothing-here").expect_err("not up");
+    assert!(err.to_string().contains("not up"), "{err}");
+}
