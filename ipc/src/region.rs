@@ -31,7 +31,7 @@ pub const MULTI_WRITER_SEALS: [FileSeal; 3] = [FileSeal::SealShrink, FileSeal::S
 #[derive(Debug, thiserror::Error)]
 pub enum RegionError {
     /// `memfd_create`, `ftruncate` or sealing failed.
-    #[error("cannot create shared region {name:?}: {source} (is memfd available and the fd limit high enough?)")]
+    #[error("cannot create shared region {name:?} (is memfd available and the fd limit high enough?)")]
     Create {
         /// Debug name of the region.
         name: String,

@@ -25,6 +25,9 @@ const TUN_F_TSO4: libc::c_uint = 0x02;
 const TUN_F_TSO6: libc::c_uint = 0x04;
 const TUN_F_TSO_ECN: libc::c_uint = 0x08;
 
+/// `PACKET_IGNORE_OUTGOING` (Linux 4.20): a packet socket does not see what it sends.
+const PACKET_IGNORE_OUTGOING: libc::c_int = 23;
+
 /// The virtio-net header the kernel prepends with offloads on (`virtio_net_hdr_v1`).
 pub const VNET_HDR_LEN: usize = 12;
 
@@ -35,7 +38,7 @@ pub enum DeviceError {
     #[error("bad interface name {0:?}: 1 to 15 bytes, no NUL")]
     Name(String),
     /// The namespace could not be entered.
-    #[error("cannot enter network namespace {path}: {source}")]
+    #[error("cannot enter network namespace {path} (does it exist, and are you root?)")]
     Netns {
         /// The namespace file.
         path: PathBuf,
@@ -46,7 +49,7 @@ pub enum DeviceError {
     #[error("cannot open /dev/net/tun: {0} (is the tun module loaded, and are you root or in its group?)")]
     Tun(std::io::Error),
     /// An ioctl or socket call failed.
-    #[error("{what} failed on {name}: {source}")]
+    #[error("{what} failed on {name}")]
     Sys {
         /// The call.
         what: &'static str,
@@ -157,6 +160,21 @@ impl Device {
             };
             if rc != 0 {
                 return Err(sys("bind(AF_PACKET)", std::io::Error::last_os_error()));
+            }
+            // The driver's own transmissions must not come back as received frames.
+            let one: libc::c_int = 1;
+            // SAFETY: PACKET_IGNORE_OUTGOING takes an int; we pass its address and size.
+            let rc = unsafe {
+                libc::setsockopt(
+                    fd.as_raw_fd(),
+                    libc::SOL_PACKET,
+                    PACKET_IGNORE_OUTGOING,
+                    (&one as *const libc::c_int).cast(),
+                    std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                return Err(sys("PACKET_IGNORE_OUTGOING", std::io::Error::last_os_error()));
             }
             Ok(Device { fd, name: name.to_owned(), kind: DeviceKind::Packet })
         })

@@ -17,7 +17,7 @@ pub enum NetnsError {
     #[error("network namespace {0} exists already: run `capnet down --netns {0}` or choose another with --netns")]
     Exists(String),
     /// A system call failed.
-    #[error("cannot {what} network namespace {name}: {source} (this needs root, or CAP_SYS_ADMIN)")]
+    #[error("cannot {what} network namespace {name} (this needs root, or CAP_SYS_ADMIN)")]
     Sys {
         /// What was being done.
         what: &'static str,

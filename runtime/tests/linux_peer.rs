@@ -344,3 +344,52 @@ fn the_stack_resolves_before_its_first_send_and_again_after_expiry() {
         let _ = run.finish();
     }
 }
+
+#[test]
+fn an_af_packet_device_on_a_veth_carries_the_stack_in_both_compositions() {
+    for comp in ALL {
+        let ns = Netns::new("pkt");
+        ns.run_ok(&["ip", "link", "add", "kern0", "type", "veth", "peer", "name", "stack0"]);
+        for dev in ["kern0", "stack0"] {
+            ns.run_ok(&["sysctl", "-qw", &format!("net.ipv6.conf.{dev}.disable_ipv6=1")]);
+            ns.run_ok(&["ip", "link", "set", dev, "up"]);
+        }
+        ns.run_ok(&["ip", "addr", "add", "10.79.0.1/24", "dev", "kern0"]);
+        let dev = Device::open_packet("stack0", Some(&ns.path())).expect("packet socket");
+        let cfg = Config::new(
+            EthernetAddress([0x02, 0xca, 0xfe, 0, 0, 9]),
+            Ipv4Cidr::new(Ipv4Address::new(10, 79, 0, 2), 24),
+        );
+        let (mut s, driver): (Box<dyn Stack + Send>, Option<Driver>) = match comp {
+            Composition::Mono => {
+                (Box::new(MonoStack::new(dev, cfg, 1 << 20, LinkImpairment::NONE).expect("stack")), None)
+            }
+            Composition::TwoGroup => {
+                let (s, d) = two_group::start(dev, cfg, 1 << 20, LinkImpairment::NONE).expect("two groups");
+                (Box::new(s), Some(d))
+            }
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let t = std::thread::spawn(move || {
+            while !flag.load(Ordering::Relaxed) {
+                s.poll(Duration::from_millis(20)).expect("poll");
+            }
+            s
+        });
+        let out = ns.run(&["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.79.0.2"]);
+        stop.store(true, Ordering::Relaxed);
+        let mut s = t.join().expect("stack");
+        if let Some(d) = driver {
+            d.stop().expect("driver");
+        }
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("3 received"),
+            "{comp:?}: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let st = s.cores().ip.stats().clone();
+        assert!(st.echo_replies >= 3);
+        assert_eq!(st.dropped(capnet_ip::DropReason::EthNotForUs), 0, "{comp:?}: our own frames do not come back");
+    }
+}

@@ -151,3 +151,29 @@ fn bad_arguments_and_an_existing_namespace_are_one_line_errors() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("not up"));
 }
+
+#[test]
+fn without_root_up_says_what_to_do_and_leaves_nothing() {
+    let up = Up::name("cli-user");
+    let out = Command::new("setpriv")
+        .args(["--reuid", "65534", "--regid", "65534", "--clear-groups", CAPNET, "up", "--netns", &up.0])
+        .output()
+        .expect("setpriv");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("needs root") || err.contains("ermission"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(gone(&up.0));
+}
+
+#[test]
+fn status_counters_match_the_impairment_with_loss() {
+    let up = Up::name("cli-loss");
+    assert!(capnet(&["up", "-d", "--netns", &up.0, "--tap", "capt3", "--loss", "0.2", "--seed", "3"]).status.success());
+    let _ = in_ns(&up.0, &["ping", "-q", "-c", "100", "-i", "0.01", "-W", "1", "10.77.0.2"]);
+    std::thread::sleep(Duration::from_millis(400));
+    let s = status(&up.0);
+    let (read, dropped_in) = (counter(&s, "driver", "frames_in"), counter(&s, "driver", "impair_in_dropped"));
+    assert!(dropped_in > 5 && counter(&s, "driver", "impair_out_dropped") > 5, "{s}");
+    assert_eq!(counter(&s, "ip", "frames_in"), read - dropped_in, "every frame not dropped reached ip");
+}
