@@ -160,11 +160,19 @@ impl LinkImpairment {
 struct Stage {
     stage: Impairer,
     epoch: StdInstant,
+    /// No impairment configured: frames bypass the stage (no copy, no allocation).
+    passthrough: bool,
 }
 
 impl Stage {
     fn new(cfg: Impairment) -> Result<Self, RuntimeError> {
-        Ok(Self { stage: Impairer::new(cfg).map_err(|e| RuntimeError::Ipc(e.to_string()))?, epoch: StdInstant::now() })
+        let stage = Impairer::new(cfg).map_err(|e| RuntimeError::Ipc(e.to_string()))?;
+        Ok(Self { stage, epoch: StdInstant::now(), passthrough: cfg.is_none() })
+    }
+
+    /// Counts a frame that bypassed the stage, so its counters stay complete.
+    fn passed(&mut self) {
+        self.stage.stats.frames += 1;
     }
 
     fn push(&mut self, frame: Vec<u8>) {
@@ -215,6 +223,14 @@ fn wait_readable(fd: &OwnedFd, wait: Duration) -> Result<(), RuntimeError> {
     match rustix::event::poll(&mut fds, Some(&ts)) {
         Ok(_) | Err(rustix::io::Errno::INTR) => Ok(()),
         Err(e) => Err(std::io::Error::from(e).into()),
+    }
+}
+
+/// Writes one frame to the device, counting the outcome.
+fn write_frame(fd: &OwnedFd, frame: &[u8], stats: &mut DeviceStats) {
+    match rustix::io::write(fd, frame) {
+        Ok(_) => stats.frames_written += 1,
+        Err(_) => stats.write_errors += 1,
     }
 }
 
@@ -271,13 +287,17 @@ impl MonoStack {
             let now = self.cores.now();
             self.cores.ip.receive_frame(now, &f);
         }
-        let out = &mut self.outbound;
-        self.cores.pump(|frame| out.push(frame));
-        while let Some(frame) = self.outbound.pop() {
-            match rustix::io::write(&self.fd, &frame) {
-                Ok(_) => self.stats.frames_written += 1,
-                Err(_) => self.stats.write_errors += 1,
+        let (out, fd, stats) = (&mut self.outbound, &self.fd, &mut self.stats);
+        self.cores.pump(|frame| {
+            if out.passthrough {
+                out.passed();
+                write_frame(fd, &frame, stats);
+            } else {
+                out.push(frame);
             }
+        });
+        while let Some(frame) = self.outbound.pop() {
+            write_frame(&self.fd, &frame, &mut self.stats);
         }
     }
 }
@@ -292,7 +312,13 @@ impl Stack for MonoStack {
         wait_readable(&self.fd, wait)?;
         while let Some(n) = read_frame(&self.fd, &mut self.buf)? {
             self.stats.frames_read += 1;
-            self.inbound.push(self.buf[..n].to_vec());
+            if self.inbound.passthrough {
+                self.inbound.passed();
+                let now = self.cores.now();
+                self.cores.ip.receive_frame(now, &self.buf[..n]);
+            } else {
+                self.inbound.push(self.buf[..n].to_vec());
+            }
             self.flush();
         }
         self.flush();

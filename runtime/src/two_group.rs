@@ -31,7 +31,8 @@ use capnet_ipc::{Descriptor, Interest, Waiter};
 use capnet_kernel_shim::device::{Device, VNET_HDR_LEN};
 
 use crate::{
-    plain_nonblocking, read_frame, wait_readable, Cores, DeviceStats, LinkImpairment, RuntimeError, Stack, Stage,
+    plain_nonblocking, read_frame, wait_readable, write_frame, Cores, DeviceStats, LinkImpairment, RuntimeError, Stack,
+    Stage,
 };
 
 /// The driver's receive pool.
@@ -192,20 +193,39 @@ fn reader_loop(
             continue;
         }
         wait_readable(&fd, impair.due_in().map_or(STOP_CHECK, |d| d.min(STOP_CHECK)))?;
-        while let Some(n) = read_frame(&fd, &mut buf)? {
-            stats.frames_read += 1;
-            impair.push(buf[..n].to_vec());
-        }
         batch.clear();
         let room_bytes = (pool.layout().buf_size - pool.layout().headroom) as usize;
-        while batch.len() < room {
-            let Some(frame) = impair.pop() else { break };
+        let mut lend = |frame: &[u8], batch: &mut Vec<Descriptor>| -> Result<bool, RuntimeError> {
             if frame.len() > room_bytes {
-                continue; // larger than a buffer (offloads are off): counted as read, dropped
+                return Ok(true); // larger than a buffer (offloads are off): counted as read, dropped
             }
-            let Some(d) = pool.fill(&frame).map_err(ipc_err)? else { break };
+            let Some(d) = pool.fill(frame).map_err(ipc_err)? else { return Ok(false) };
             pool.lend(stack, &d).map_err(ipc_err)?;
             batch.push(d);
+            Ok(true)
+        };
+        if impair.passthrough {
+            // Straight from the device into the pool: one copy, no allocation, and
+            // never more than fits (the rest waits in the device's queue).
+            while batch.len() < room {
+                let Some(n) = read_frame(&fd, &mut buf)? else { break };
+                stats.frames_read += 1;
+                impair.passed();
+                if !lend(&buf[..n], &mut batch)? {
+                    break;
+                }
+            }
+        } else {
+            while let Some(n) = read_frame(&fd, &mut buf)? {
+                stats.frames_read += 1;
+                impair.push(buf[..n].to_vec());
+            }
+            while batch.len() < room {
+                let Some(frame) = impair.pop() else { break };
+                if !lend(&frame, &mut batch)? {
+                    break;
+                }
+            }
         }
         let mut sent = 0;
         while sent < batch.len() {
@@ -236,15 +256,13 @@ fn writer_loop(
 ) -> Result<DeviceStats, RuntimeError> {
     let mut stats = DeviceStats::default();
     let mut waiter = Waiter::new(SpinPolicy::DEFAULT);
-    let (mut inbox, mut returns) = (Vec::with_capacity(256), Vec::with_capacity(256));
+    let (mut inbox, mut returns, mut frame) =
+        (Vec::with_capacity(256), Vec::with_capacity(256), Vec::with_capacity(2048));
     while !stop.load(Ordering::Relaxed) {
         stats.outbound = impair.stage.stats;
         *live.lock().unwrap_or_else(|e| e.into_inner()) = stats;
         while let Some(frame) = impair.pop() {
-            match rustix::io::write(&fd, &frame) {
-                Ok(_) => stats.frames_written += 1,
-                Err(_) => stats.write_errors += 1,
-            }
+            write_frame(&fd, &frame, &mut stats);
         }
         inbox.clear();
         if end.recv(&mut inbox, 256).map_err(peer_err)? == 0 {
@@ -254,9 +272,14 @@ fn writer_loop(
         }
         returns.clear();
         for d in &inbox {
-            let mut frame = Vec::with_capacity(d.len as usize);
+            frame.clear();
             view.read_into(d, &mut frame).map_err(peer_err)?;
-            impair.push(frame);
+            if impair.passthrough {
+                impair.passed();
+                write_frame(&fd, &frame, &mut stats);
+            } else {
+                impair.push(frame.clone());
+            }
             returns.push(returned(d));
         }
         let mut sent = 0;
