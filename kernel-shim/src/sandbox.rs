@@ -188,6 +188,10 @@ const STATS_LEN: usize = 4096;
 const OFF_MAGIC: usize = 0;
 /// 0: no violation; otherwise the trapped syscall number + 1.
 const OFF_VIOLATION: usize = 8;
+/// Counters: 64-bit words from here, in an order the domain and reader agree on.
+const OFF_COUNTERS: usize = 64;
+/// How many counters a stats region holds.
+pub const STATS_COUNTERS: usize = 256;
 
 impl StatsRegion {
     /// Creates the region (the domain does this before entering its sandbox).
@@ -200,6 +204,22 @@ impl StatsRegion {
     /// Maps a domain's stats region read-only (the supervisor side).
     pub fn attach(fd: std::os::fd::OwnedFd) -> Result<RegionRo, RegionError> {
         RegionRo::attach(fd, STATS_LEN)
+    }
+
+    /// Publishes counter `index` (the domain side).
+    pub fn set(stats: &Region, index: usize, value: u64) {
+        if index < STATS_COUNTERS {
+            stats.store64(OFF_COUNTERS + index * 8, value, Ordering::Relaxed);
+        }
+    }
+
+    /// Reads counter `index` (the supervisor side); 0 if out of range.
+    pub fn get(stats: &impl ShmRead, index: usize) -> u64 {
+        if index < STATS_COUNTERS {
+            stats.load64(OFF_COUNTERS + index * 8, Ordering::Relaxed)
+        } else {
+            0
+        }
     }
 
     /// The syscall the domain's SIGSYS handler recorded, if any.

@@ -210,7 +210,11 @@ fn plain_nonblocking(dev: &Device) -> Result<OwnedFd, RuntimeError> {
     if matches!(dev.kind(), DeviceKind::Tap(o) if o.vnet_hdr) {
         return Err(RuntimeError::Offloads(dev.name().to_owned()));
     }
-    let fd = dev.fd().try_clone_to_owned()?;
+    set_nonblocking(dev.fd().try_clone_to_owned()?)
+}
+
+/// Puts a device fd in non-blocking mode (the runtimes wait in `poll(2)`).
+pub fn set_nonblocking(fd: OwnedFd) -> Result<OwnedFd, RuntimeError> {
     let flags = rustix::fs::fcntl_getfl(&fd).map_err(std::io::Error::from)?;
     rustix::fs::fcntl_setfl(&fd, flags | rustix::fs::OFlags::NONBLOCK).map_err(std::io::Error::from)?;
     Ok(fd)

@@ -27,12 +27,12 @@ use capnet_ipc::notify::{SpinPolicy, SpinTokens};
 use capnet_ipc::pool::{BufferPool, PoolLayout, PoolView, ReaderId};
 use capnet_ipc::region::Region;
 use capnet_ipc::shm_channel::{self, ShmEnd};
-use capnet_ipc::{Descriptor, Interest, Waiter};
+use capnet_ipc::{Descriptor, End, Interest, Waiter};
 use capnet_kernel_shim::device::{Device, VNET_HDR_LEN};
 
 use crate::{
-    plain_nonblocking, read_frame, wait_readable, write_frame, Cores, DeviceStats, LinkImpairment, RuntimeError, Stack,
-    Stage,
+    plain_nonblocking, read_frame, set_nonblocking, wait_readable, write_frame, Cores, DeviceStats, LinkImpairment,
+    RuntimeError, Stack, Stage,
 };
 
 /// The driver's receive pool.
@@ -106,8 +106,142 @@ pub struct StackGroup {
     backlog: VecDeque<Vec<u8>>,
 }
 
-/// Starts the driver group on `dev` (its link impaired as `link` says) and returns
-/// the stack group to drive.
+/// The fds one group grants the other: its pool and its areas of channels R and T.
+#[derive(Debug)]
+pub struct HalfGrant {
+    /// The granting group's pool (the driver's rx pool, or the stack's tx pool).
+    pub pool: OwnedFd,
+    /// Its area of channel R (frames in).
+    pub r_area: OwnedFd,
+    /// Its area of channel T (frames out).
+    pub t_area: OwnedFd,
+}
+
+/// What one group owns before the two are joined: its pool and its two areas.
+#[derive(Debug)]
+struct Half {
+    pool: BufferPool,
+    r_area: Region,
+    t_area: Region,
+}
+
+impl Half {
+    fn new(tag: &str, pool_id: u16, r_end: End, t_end: End) -> Result<Self, RuntimeError> {
+        let params = ChannelParams::default();
+        Ok(Self {
+            pool: BufferPool::create(&format!("capnet-{tag}-pool"), pool_id, PoolLayout::with_count(POOL_BUFFERS))
+                .map_err(ipc_err)?,
+            r_area: shm_channel::create_area::<Descriptor>(&format!("capnet-{tag}-frames-in"), r_end, params)
+                .map_err(ipc_err)?,
+            t_area: shm_channel::create_area::<Descriptor>(&format!("capnet-{tag}-frames-out"), t_end, params)
+                .map_err(ipc_err)?,
+        })
+    }
+
+    fn grant(&self) -> Result<HalfGrant, RuntimeError> {
+        let dup = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned().map_err(ipc_err);
+        Ok(HalfGrant {
+            pool: dup(self.pool.region().fd())?,
+            r_area: dup(self.r_area.fd())?,
+            t_area: dup(self.t_area.fd())?,
+        })
+    }
+}
+
+/// The driver group's half: the rx pool, end A of channel R, end B of channel T.
+#[derive(Debug)]
+pub struct DriverHalf(Half);
+
+/// The stack group's half: the tx pool, end B of channel R, end A of channel T.
+#[derive(Debug)]
+pub struct StackHalf(Half);
+
+impl DriverHalf {
+    /// Creates (and seals) the driver's pool and areas.
+    pub fn new() -> Result<Self, RuntimeError> {
+        Ok(Self(Half::new("driver", RX_POOL, End::A, End::B)?))
+    }
+
+    /// The fds to grant the stack group.
+    pub fn grant(&self) -> Result<HalfGrant, RuntimeError> {
+        self.0.grant()
+    }
+
+    /// Joins the stack group's grant and starts the reader and writer threads on
+    /// the device fd (plain frames). When this returns, both threads have started,
+    /// so a sandbox entered next covers them (see `sandbox::enter`).
+    pub fn run(self, device: OwnedFd, stack: HalfGrant, link: LinkImpairment) -> Result<Driver, RuntimeError> {
+        let fd = set_nonblocking(device)?;
+        let params = ChannelParams::default();
+        let Half { pool: mut rx_pool, r_area, t_area } = self.0;
+        let stack_reader = rx_pool.add_reader(QUOTA);
+        let tx_view = PoolView::attach(stack.pool, TX_POOL).map_err(peer_err)?;
+        let r_driver = shm_channel::attach::<Descriptor>(r_area, stack.r_area, End::A, params).map_err(peer_err)?;
+        let t_driver = shm_channel::attach::<Descriptor>(t_area, stack.t_area, End::B, params).map_err(peer_err)?;
+        let stop = Arc::new(AtomicBool::new(false));
+        let wfd = fd.try_clone()?;
+        let (inbound, outbound) = (Stage::new(link.inbound)?, Stage::new(link.outbound)?);
+        let live: [Arc<std::sync::Mutex<DeviceStats>>; 2] = [Arc::default(), Arc::default()];
+        let started = Arc::new(std::sync::Barrier::new(3));
+        let reader = {
+            let (stop, live, started) = (stop.clone(), live[0].clone(), started.clone());
+            std::thread::Builder::new().name("driver-rx".into()).spawn(move || {
+                started.wait();
+                reader_loop(fd, rx_pool, stack_reader, r_driver, inbound, stop, live)
+            })?
+        };
+        let writer = {
+            let (stop, live, started) = (stop.clone(), live[1].clone(), started.clone());
+            std::thread::Builder::new().name("driver-tx".into()).spawn(move || {
+                started.wait();
+                writer_loop(wfd, tx_view, t_driver, outbound, stop, live)
+            })?
+        };
+        started.wait();
+        Ok(Driver { stop, live, reader, writer })
+    }
+}
+
+impl StackHalf {
+    /// Creates (and seals) the stack's pool and areas.
+    pub fn new() -> Result<Self, RuntimeError> {
+        Ok(Self(Half::new("stack", TX_POOL, End::B, End::A)?))
+    }
+
+    /// The fds to grant the driver group.
+    pub fn grant(&self) -> Result<HalfGrant, RuntimeError> {
+        self.0.grant()
+    }
+
+    /// Joins the driver group's grant: the stack group, ready to poll.
+    pub fn join(self, driver: HalfGrant, cores: Cores) -> Result<StackGroup, RuntimeError> {
+        let params = ChannelParams::default();
+        let Half { pool: mut tx_pool, r_area, t_area } = self.0;
+        let driver_reader = tx_pool.add_reader(QUOTA);
+        let rx_view = PoolView::attach(driver.pool, RX_POOL).map_err(peer_err)?;
+        let rx = shm_channel::attach::<Descriptor>(r_area, driver.r_area, End::B, params).map_err(peer_err)?;
+        let tx = shm_channel::attach::<Descriptor>(t_area, driver.t_area, End::A, params).map_err(peer_err)?;
+        let mut stack = StackGroup {
+            cores,
+            rx,
+            tx,
+            rx_view,
+            tx_pool,
+            driver: driver_reader,
+            waiter: Waiter::new(SpinPolicy::DEFAULT),
+            inbox: Vec::with_capacity(1024),
+            batch: Vec::with_capacity(BATCH),
+            frame: Vec::with_capacity(2048),
+            backlog: VecDeque::new(),
+        };
+        stack.flush()?;
+        Ok(stack)
+    }
+}
+
+/// Starts both groups in this process (the driver as two threads) on `dev`, its
+/// link impaired as `link` says, and returns the stack group to drive. The same
+/// halves join across processes when the driver runs sandboxed on its own.
 pub fn start(
     dev: Device,
     cfg: Config,
@@ -115,49 +249,11 @@ pub fn start(
     link: LinkImpairment,
 ) -> Result<(StackGroup, Driver), RuntimeError> {
     let fd = plain_nonblocking(&dev)?;
-    let mut rx_pool =
-        BufferPool::create("capnet-rx", RX_POOL, PoolLayout::with_count(POOL_BUFFERS)).map_err(ipc_err)?;
-    let mut tx_pool =
-        BufferPool::create("capnet-tx", TX_POOL, PoolLayout::with_count(POOL_BUFFERS)).map_err(ipc_err)?;
-    let stack_reader = rx_pool.add_reader(QUOTA);
-    let driver_reader = tx_pool.add_reader(QUOTA);
-    let dup = |p: &BufferPool| p.region().fd().try_clone_to_owned().map_err(ipc_err);
-    let rx_view = PoolView::attach(dup(&rx_pool)?, RX_POOL).map_err(ipc_err)?;
-    let tx_view = PoolView::attach(dup(&tx_pool)?, TX_POOL).map_err(ipc_err)?;
-    let params = ChannelParams::default();
-    let (r_driver, r_stack) = shm_channel::pair::<Descriptor>("capnet-frames-in", params).map_err(ipc_err)?;
-    let (t_stack, t_driver) = shm_channel::pair::<Descriptor>("capnet-frames-out", params).map_err(ipc_err)?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let wfd = fd.try_clone()?;
-    let (inbound, outbound) = (Stage::new(link.inbound)?, Stage::new(link.outbound)?);
-    let live: [Arc<std::sync::Mutex<DeviceStats>>; 2] = [Arc::default(), Arc::default()];
-    let reader = {
-        let (stop, live) = (stop.clone(), live[0].clone());
-        std::thread::Builder::new()
-            .name("driver-rx".into())
-            .spawn(move || reader_loop(fd, rx_pool, stack_reader, r_driver, inbound, stop, live))?
-    };
-    let writer = {
-        let (stop, live) = (stop.clone(), live[1].clone());
-        std::thread::Builder::new()
-            .name("driver-tx".into())
-            .spawn(move || writer_loop(wfd, tx_view, t_driver, outbound, stop, live))?
-    };
-    let mut stack = StackGroup {
-        cores: Cores::new(cfg, udp_queue_bytes),
-        rx: r_stack,
-        tx: t_stack,
-        rx_view,
-        tx_pool,
-        driver: driver_reader,
-        waiter: Waiter::new(SpinPolicy::DEFAULT),
-        inbox: Vec::with_capacity(1024),
-        batch: Vec::with_capacity(BATCH),
-        frame: Vec::with_capacity(2048),
-        backlog: VecDeque::new(),
-    };
-    stack.flush()?;
-    Ok((stack, Driver { stop, live, reader, writer }))
+    let (driver, stack) = (DriverHalf::new()?, StackHalf::new()?);
+    let (to_stack, to_driver) = (driver.grant()?, stack.grant()?);
+    let driver = driver.run(fd, to_driver, link)?;
+    let stack = stack.join(to_stack, Cores::new(cfg, udp_queue_bytes))?;
+    Ok((stack, driver))
 }
 
 /// Device → rx pool → channel R; takes back returned loans.
