@@ -20,10 +20,15 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use capnet_driver::impair::Impairment;
 use capnet_ip::{Config, EthernetAddress, Ipv4Cidr};
+use capnet_ipc::region::RegionRo;
+use capnet_kernel_shim::cap::{recv_caps, send_caps, Cap, CapKind, Rights};
 use capnet_kernel_shim::device::Device;
 use capnet_kernel_shim::netns;
-use capnet_runtime::two_group::{self, Driver};
+use capnet_kernel_shim::sandbox::{inspect_threads, StatsRegion};
+use capnet_kernel_shim::spawn::{sibling_binary, spawn, Child, Limits, Namespaces, SpawnConfig};
+use capnet_runtime::two_group::{self, HalfGrant, StackHalf};
 use capnet_runtime::{DeviceStats, LinkImpairment, MonoStack, Stack};
+use std::os::fd::AsFd;
 
 use crate::control::{self, recv, run_dir, send, socket_path, Reply, Request};
 use crate::status::{Domain, Status};
@@ -127,7 +132,78 @@ fn detach(args: &UpArgs) -> Result<()> {
 
 enum Running {
     Mono(Box<MonoStack>),
-    TwoGroup(Box<two_group::StackGroup>, Driver),
+    TwoGroup(Box<two_group::StackGroup>, DriverProcess),
+}
+
+/// The driver domain running sandboxed as its own process.
+struct DriverProcess {
+    child: Child,
+    stats: RegionRo,
+    /// Closing it tells the driver the supervisor is gone.
+    _sock: UnixStream,
+    /// The supervisor's own handle on the device: the TAP outlives a driver crash.
+    _device: Device,
+}
+
+/// The uid the driver domain runs under.
+const DRIVER_UID: u32 = 61_100;
+
+/// Spawns the driver domain, grants it the device, exchanges halves with it, and
+/// waits until every one of its threads is confined.
+fn spawn_driver(dev: Device, args: &UpArgs, stack: &StackHalf) -> Result<(DriverProcess, HalfGrant)> {
+    let program = sibling_binary("capnet-driver").context("capnet-driver is not installed next to capnet")?;
+    let (ours, theirs) = UnixStream::pair()?;
+    let cfg = SpawnConfig {
+        program,
+        args: vec!["--loss".into(), args.loss.to_string(), "--seed".into(), args.seed.to_string()],
+        env: vec![("RUST_BACKTRACE".into(), "1".into())],
+        namespaces: Namespaces::ALL,
+        uid: DRIVER_UID,
+        limits: Limits::default(),
+        fds: vec![theirs.into()],
+    };
+    let child = spawn(&cfg)?;
+    ours.set_read_timeout(Some(Duration::from_secs(10)))?;
+    let device =
+        Cap::new(CapKind::Device, Rights::READ | Rights::WRITE | Rights::GRANT, 0, dev.fd().try_clone_to_owned()?)?;
+    send_caps(ours.as_fd(), &[(&device, Rights::READ | Rights::WRITE)])?;
+    let mut got = recv_caps(ours.as_fd()).context("the driver did not send its regions")?;
+    if got.len() != 4 {
+        bail!("the driver sent {} capabilities instead of its stats region, pool and two channel areas", got.len());
+    }
+    let t_area = got.pop().map(Cap::into_fd);
+    let r_area = got.pop().map(Cap::into_fd);
+    let pool = got.pop().map(Cap::into_fd);
+    let stats = got.pop().map(Cap::into_fd);
+    let (Some(stats), Some(pool), Some(r_area), Some(t_area)) = (stats, pool, r_area, t_area) else {
+        bail!("the driver's capabilities are incomplete")
+    };
+    let stats = StatsRegion::attach(stats)?;
+    let g = stack.grant()?;
+    let all = Rights::READ | Rights::MAP | Rights::GRANT;
+    let ro = Rights::READ | Rights::MAP;
+    let mine = [
+        Cap::new(CapKind::Pool, all, 1, g.pool)?,
+        Cap::new(CapKind::ChannelEnd, all, 2, g.r_area)?,
+        Cap::new(CapKind::ChannelEnd, all, 3, g.t_area)?,
+    ];
+    send_caps(ours.as_fd(), &mine.iter().map(|c| (c, ro)).collect::<Vec<_>>())?;
+    // Ready only once every thread of the driver shows the sandbox (DESIGN, "Sandboxes").
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        if let Some(cause) = child.try_wait(|| StatsRegion::violation(&stats))? {
+            bail!("the driver domain died during setup: {cause}");
+        }
+        let threads = inspect_threads(child.pid()).unwrap_or_default();
+        if threads.len() >= 3 && threads.iter().all(|t| t.confined()) {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("the driver domain did not confine all its threads within 10 s: {threads:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok((DriverProcess { child, stats, _sock: ours, _device: dev }, HalfGrant { pool, r_area, t_area }))
 }
 
 /// The foreground supervisor: makes everything, runs until Ctrl-C or `down`.
@@ -160,8 +236,10 @@ fn run(args: UpArgs) -> Result<()> {
     };
     let mode = if args.mono { "mono" } else { "two-group" };
     let mut stack = if !args.mono {
-        let (s, d) = two_group::start(dev, cfg, 4 << 20, link)?;
-        Running::TwoGroup(Box::new(s), d)
+        let half = StackHalf::new()?;
+        let (driver, grant) = spawn_driver(dev, &args, &half)?;
+        let s = half.join(grant, capnet_runtime::Cores::new(cfg, 4 << 20))?;
+        Running::TwoGroup(Box::new(s), driver)
     } else {
         Running::Mono(Box::new(MonoStack::new(dev, cfg, 4 << 20, link)?))
     };
@@ -222,9 +300,12 @@ fn run(args: UpArgs) -> Result<()> {
             last = Instant::now();
         }
     }
-    if let Running::TwoGroup(_, d) = stack {
-        let _ = d.stop();
+    if let Running::TwoGroup(_, d) = &stack {
+        if let Ok(Some(cause)) = d.child.try_wait(|| StatsRegion::violation(&d.stats)) {
+            eprintln!("capnet: the driver domain ended: {cause}");
+        }
     }
+    drop(stack);
     drop(made);
     println!("capnet down: namespace {name} and its TAP removed");
     Ok(())
@@ -232,28 +313,30 @@ fn run(args: UpArgs) -> Result<()> {
 
 /// The status object as JSON, from the live counters.
 fn render(base: &Status, stack: &mut Running, started: Instant) -> Result<String> {
-    let (cpu_s, rss_bytes) = process_usage();
-    let pid = std::process::id() as i32;
-    let (device, cores) = match stack {
-        Running::Mono(s) => (s.device_stats(), s.cores()),
-        Running::TwoGroup(s, d) => (d.stats(), s.cores()),
+    let me = std::process::id() as i32;
+    let (device, driver_pid, cores) = match stack {
+        Running::Mono(s) => (s.device_stats(), me, s.cores()),
+        Running::TwoGroup(s, d) => (driver_process_stats(&d.stats), d.child.pid(), s.cores()),
     };
-    let domain = |name: &str, counters: BTreeMap<String, u64>| Domain {
-        name: name.into(),
-        pid,
-        state: "running".into(),
-        restarts: 0,
-        uptime_s: started.elapsed().as_secs_f64(),
-        cpu_s,
-        rss_bytes,
-        counters,
-        last_error: None,
+    let domain = |name: &str, pid: i32, counters: BTreeMap<String, u64>| {
+        let (cpu_s, rss_bytes) = process_usage(pid);
+        Domain {
+            name: name.into(),
+            pid,
+            state: "running".into(),
+            restarts: 0,
+            uptime_s: started.elapsed().as_secs_f64(),
+            cpu_s,
+            rss_bytes,
+            counters,
+            last_error: None,
+        }
     };
     let mut status = base.clone();
     status.domains = vec![
-        domain("driver", driver_counters(&device)),
-        domain("ip", ip_counters(cores.ip.stats())),
-        domain("udp", udp_counters(cores.udp.stats())),
+        domain("driver", driver_pid, driver_counters(&device)),
+        domain("ip", me, ip_counters(cores.ip.stats())),
+        domain("udp", me, udp_counters(cores.udp.stats())),
     ];
     Ok(serde_json::to_string(&status)?)
 }
@@ -296,17 +379,27 @@ fn udp_counters(s: &capnet_udp::Stats) -> BTreeMap<String, u64> {
     c
 }
 
-/// CPU seconds and resident bytes of this process, from /proc.
-fn process_usage() -> (f64, u64) {
+/// The driver domain's counters, as it publishes them in its stats region (the
+/// order `capnet-driver` writes them in).
+fn driver_process_stats(stats: &RegionRo) -> DeviceStats {
+    let g = |i| StatsRegion::get(stats, i);
+    let mut d = DeviceStats { frames_read: g(0), frames_written: g(1), write_errors: g(2), ..DeviceStats::default() };
+    (d.inbound.dropped, d.inbound.duplicated, d.inbound.reordered, d.inbound.corrupted) = (g(3), g(4), g(5), g(6));
+    (d.outbound.dropped, d.outbound.duplicated, d.outbound.reordered, d.outbound.corrupted) = (g(7), g(8), g(9), g(10));
+    d
+}
+
+/// CPU seconds and resident bytes of process `pid`, from /proc.
+fn process_usage(pid: i32) -> (f64, u64) {
     let tick = nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK).ok().flatten().unwrap_or(100) as f64;
     let page = nix::unistd::sysconf(nix::unistd::SysconfVar::PAGE_SIZE).ok().flatten().unwrap_or(4096) as u64;
-    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // Fields after the parenthesised command name; utime and stime are 14 and 15.
     let after = stat.rsplit_once(')').map_or("", |(_, r)| r);
     let f: Vec<&str> = after.split_whitespace().collect();
     let ticks = f.get(11).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0)
         + f.get(12).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    let rss = std::fs::read_to_string("/proc/self/statm")
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/statm"))
         .ok()
         .and_then(|s| s.split_whitespace().nth(1).and_then(|v| v.parse::<u64>().ok()))
         .unwrap_or(0);

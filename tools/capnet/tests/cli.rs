@@ -177,3 +177,35 @@ fn status_counters_match_the_impairment_with_loss() {
     assert!(dropped_in > 5 && counter(&s, "driver", "impair_out_dropped") > 5, "{s}");
     assert_eq!(counter(&s, "ip", "frames_in"), read - dropped_in, "every frame not dropped reached ip");
 }
+
+#[test]
+fn the_driver_runs_as_its_own_sandboxed_process() {
+    let up = Up::name("cli-sbx");
+    assert!(capnet(&["up", "-d", "--netns", &up.0, "--tap", "capt4"]).status.success());
+    let s = status(&up.0);
+    let pid_of = |name: &str| {
+        s["domains"].as_array().expect("domains").iter().find(|d| d["name"] == name).expect("domain")["pid"]
+            .as_i64()
+            .expect("pid") as i32
+    };
+    let (driver, ip) = (pid_of("driver"), pid_of("ip"));
+    assert_ne!(driver, ip, "the driver is a process of its own");
+    for t in std::fs::read_dir(format!("/proc/{driver}/task")).expect("tasks") {
+        let st = std::fs::read_to_string(t.expect("task").path().join("status")).expect("status");
+        let field = |f: &str| st.lines().find_map(|l| l.strip_prefix(f)).map(str::trim).unwrap_or("").to_owned();
+        assert_eq!(field("Seccomp:"), "2", "{st}");
+        for cap in ["CapEff:", "CapPrm:", "CapBnd:"] {
+            assert_eq!(u64::from_str_radix(&field(cap), 16), Ok(0), "{cap} {st}");
+        }
+        assert!(field("Uid:").split_whitespace().all(|u| u == "61100"), "{st}");
+    }
+    let nspid = std::fs::read_to_string(format!("/proc/{driver}/status")).expect("status");
+    assert!(
+        nspid.lines().any(|l| l.starts_with("NSpid:") && l.trim_end().ends_with("\t1")),
+        "pid 1 in its own namespace"
+    );
+    let ping = in_ns(&up.0, &["ping", "-c", "2", "-i", "0.2", "-W", "2", "10.77.0.2"]);
+    assert!(String::from_utf8_lossy(&ping.stdout).contains("2 received"));
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(counter(&status(&up.0), "driver", "frames_in") >= 2, "the driver publishes its counters");
+}
