@@ -9,7 +9,8 @@ say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 fail() { printf '\ndemo failed: %s\n' "$*" >&2; "$CAPNET" down --netns "$NS" >/dev/null 2>&1 || true; exit 1; }
 trap '"$CAPNET" down --netns "$NS" >/dev/null 2>&1 || true' EXIT
 
-say "Bringing capnet up: two groups (driver | ip + udp + sockets) joined by shared-memory ipc channels, in namespace $NS"
+say "Bringing capnet up: two groups joined by shared-memory ipc channels, in namespace $NS — the driver as its own"
+echo "   sandboxed process (own namespaces, own uid, no capabilities, seccomp), ip + udp + sockets in the supervisor"
 "$CAPNET" down --netns "$NS" >/dev/null 2>&1 || true
 "$CAPNET" up -d --two-group --netns "$NS" || fail "capnet up"
 
@@ -44,8 +45,11 @@ echo "socat got $got bytes back"
 [[ $got -eq 20000 ]] || fail "echo returned $got bytes"
 
 sleep 0.3
-say "capnet status: every domain and its counters"
+say "capnet status: every domain and its counters (the driver has a pid of its own)"
 "$CAPNET" status --netns "$NS"
+driver_pid=$("$CAPNET" status --netns "$NS" --json | python3 -c "import json,sys; s=json.load(sys.stdin); print(next(d for d in s['domains'] if d['name']=='driver')['pid'])")
+echo "the driver's sandbox, from /proc/$driver_pid/status:"
+grep -E '^(Uid|Seccomp|CapEff|CapBnd|NSpid):' "/proc/$driver_pid/status" | sed 's/^/   /' 
 replies=$("$CAPNET" status --netns "$NS" --json | python3 -c "import json,sys; s=json.load(sys.stdin); print(next(d for d in s['domains'] if d['name']=='ip')['counters']['echo_replies'])")
 [[ $replies -ge 8 ]] || fail "status shows $replies echo replies, expected at least 8"
 
@@ -54,8 +58,8 @@ say "Taking everything down"
 [[ ! -e /run/netns/$NS ]] || fail "namespace left behind"
 trap - EXIT
 
-say "Shown: capnet came up in two groups over ipc channels in a namespace of its own; the Linux kernel"
+say "Shown: capnet came up in two groups over ipc channels (the driver a sandboxed process) in a namespace; the kernel"
 echo "   pinged it (also with fragmented 4000-byte pings), got ICMP port unreachable for a closed UDP port;"
 echo "   capnet ping (an application process) pinged the kernel, capnet echo-serve echoed a 20000-byte datagram;"
 echo "   capnet status counted $replies echo replies, and capnet down removed the namespace and its TAP."
-echo "   Not yet shown (next issues): TCP, per-domain sandboxed processes, restart and live swap."
+echo "   Not yet shown (next issues): TCP, every domain in its own process, restart and live swap."
