@@ -34,9 +34,6 @@ pub type EchoReply = (u16, capnet_ip::Ipv4Address, u16, Vec<u8>);
 /// Errors running a stack.
 #[derive(Debug, thiserror::Error)]
 pub enum RuntimeError {
-    /// The device needs offloads this runtime does not handle yet.
-    #[error("device {0} was opened with the virtio-net header; the runtimes take plain frames for now")]
-    Offloads(String),
     /// A device read or write failed.
     #[error("device I/O failed: {0}")]
     Io(#[from] std::io::Error),
@@ -199,18 +196,35 @@ pub struct DeviceStats {
     pub frames_written: u64,
     /// Writes the device refused (e.g. link down): the frame is dropped.
     pub write_errors: u64,
+    /// Frames whose virtio-net header was malformed or asked for segmentation.
+    pub vnet_refused: u64,
     /// What the inbound impairment did.
     pub inbound: ImpairStats,
     /// What the outbound impairment did.
     pub outbound: ImpairStats,
 }
 
-/// Checks a device is plain frames and returns a non-blocking copy of its fd.
-fn plain_nonblocking(dev: &Device) -> Result<OwnedFd, RuntimeError> {
-    if matches!(dev.kind(), DeviceKind::Tap(o) if o.vnet_hdr) {
-        return Err(RuntimeError::Offloads(dev.name().to_owned()));
+/// A non-blocking copy of a device's fd, and whether its frames carry the
+/// virtio-net header.
+fn device_fd(dev: &Device) -> Result<(OwnedFd, bool), RuntimeError> {
+    let vnet = matches!(dev.kind(), DeviceKind::Tap(o) if o.vnet_hdr);
+    Ok((set_nonblocking(dev.fd().try_clone_to_owned()?)?, vnet))
+}
+
+/// The plain frame inside what the device handed over: as is, or with the
+/// virtio-net header stripped and a partial checksum completed (into `scratch`).
+/// `None` (counted) for a frame the header makes unusable.
+fn plain_frame<'a>(raw: &'a [u8], vnet: bool, scratch: &'a mut Vec<u8>, stats: &mut DeviceStats) -> Option<&'a [u8]> {
+    if !vnet {
+        return Some(raw);
     }
-    set_nonblocking(dev.fd().try_clone_to_owned()?)
+    match capnet_driver::vnet::to_plain(raw, scratch) {
+        Ok(()) => Some(&scratch[..]),
+        Err(_) => {
+            stats.vnet_refused += 1;
+            None
+        }
+    }
 }
 
 /// Puts a device fd in non-blocking mode (the runtimes wait in `poll(2)`).
@@ -230,9 +244,15 @@ fn wait_readable(fd: &OwnedFd, wait: Duration) -> Result<(), RuntimeError> {
     }
 }
 
-/// Writes one frame to the device, counting the outcome.
-fn write_frame(fd: &OwnedFd, frame: &[u8], stats: &mut DeviceStats) {
-    match rustix::io::write(fd, frame) {
+/// Writes one frame to the device (behind a virtio-net header that asks for
+/// nothing, if the device wants one), counting the outcome.
+fn write_frame(fd: &OwnedFd, frame: &[u8], vnet: bool, stats: &mut DeviceStats) {
+    let r = if vnet {
+        rustix::io::writev(fd, &[std::io::IoSlice::new(&capnet_driver::vnet::PLAIN), std::io::IoSlice::new(frame)])
+    } else {
+        rustix::io::write(fd, frame)
+    };
+    match r {
         Ok(_) => stats.frames_written += 1,
         Err(_) => stats.write_errors += 1,
     }
@@ -254,8 +274,10 @@ fn read_frame(fd: &OwnedFd, buf: &mut [u8]) -> Result<Option<usize>, RuntimeErro
 #[derive(Debug)]
 pub struct MonoStack {
     fd: OwnedFd,
+    vnet: bool,
     cores: Cores,
     buf: Vec<u8>,
+    scratch: Vec<u8>,
     inbound: Stage,
     outbound: Stage,
     /// The device side's counters.
@@ -266,11 +288,13 @@ impl MonoStack {
     /// A stack on `dev` (plain frames) with ip configuration `cfg`, its link
     /// impaired as `link` says.
     pub fn new(dev: Device, cfg: Config, udp_queue_bytes: usize, link: LinkImpairment) -> Result<Self, RuntimeError> {
-        let fd = plain_nonblocking(&dev)?;
+        let (fd, vnet) = device_fd(&dev)?;
         let mut s = Self {
             fd,
+            vnet,
             cores: Cores::new(cfg, udp_queue_bytes),
             buf: vec![0u8; 65536 + VNET_HDR_LEN],
+            scratch: Vec::with_capacity(2048),
             inbound: Stage::new(link.inbound)?,
             outbound: Stage::new(link.outbound)?,
             stats: DeviceStats::default(),
@@ -291,17 +315,17 @@ impl MonoStack {
             let now = self.cores.now();
             self.cores.ip.receive_frame(now, &f);
         }
-        let (out, fd, stats) = (&mut self.outbound, &self.fd, &mut self.stats);
+        let (out, fd, vnet, stats) = (&mut self.outbound, &self.fd, self.vnet, &mut self.stats);
         self.cores.pump(|frame| {
             if out.passthrough {
                 out.passed();
-                write_frame(fd, &frame, stats);
+                write_frame(fd, &frame, vnet, stats);
             } else {
                 out.push(frame);
             }
         });
         while let Some(frame) = self.outbound.pop() {
-            write_frame(&self.fd, &frame, &mut self.stats);
+            write_frame(&self.fd, &frame, self.vnet, &mut self.stats);
         }
     }
 }
@@ -316,12 +340,15 @@ impl Stack for MonoStack {
         wait_readable(&self.fd, wait)?;
         while let Some(n) = read_frame(&self.fd, &mut self.buf)? {
             self.stats.frames_read += 1;
+            let Some(frame) = plain_frame(&self.buf[..n], self.vnet, &mut self.scratch, &mut self.stats) else {
+                continue;
+            };
             if self.inbound.passthrough {
                 self.inbound.passed();
                 let now = self.cores.now();
-                self.cores.ip.receive_frame(now, &self.buf[..n]);
+                self.cores.ip.receive_frame(now, frame);
             } else {
-                self.inbound.push(self.buf[..n].to_vec());
+                self.inbound.push(frame.to_vec());
             }
             self.flush();
         }

@@ -31,8 +31,8 @@ use capnet_ipc::{Descriptor, End, Interest, Waiter};
 use capnet_kernel_shim::device::{Device, VNET_HDR_LEN};
 
 use crate::{
-    plain_nonblocking, read_frame, set_nonblocking, wait_readable, write_frame, Cores, DeviceStats, LinkImpairment,
-    RuntimeError, Stack, Stage,
+    device_fd, plain_frame, read_frame, set_nonblocking, wait_readable, write_frame, Cores, DeviceStats,
+    LinkImpairment, RuntimeError, Stack, Stage,
 };
 
 /// The driver's receive pool.
@@ -168,9 +168,16 @@ impl DriverHalf {
     }
 
     /// Joins the stack group's grant and starts the reader and writer threads on
-    /// the device fd (plain frames). When this returns, both threads have started,
-    /// so a sandbox entered next covers them (see `sandbox::enter`).
-    pub fn run(self, device: OwnedFd, stack: HalfGrant, link: LinkImpairment) -> Result<Driver, RuntimeError> {
+    /// the device fd (`vnet`: its frames carry the virtio-net header). When this
+    /// returns, both threads have started, so a sandbox entered next covers them
+    /// (see `sandbox::enter`).
+    pub fn run(
+        self,
+        device: OwnedFd,
+        vnet: bool,
+        stack: HalfGrant,
+        link: LinkImpairment,
+    ) -> Result<Driver, RuntimeError> {
         let fd = set_nonblocking(device)?;
         let params = ChannelParams::default();
         let Half { pool: mut rx_pool, r_area, t_area } = self.0;
@@ -187,14 +194,14 @@ impl DriverHalf {
             let (stop, live, started) = (stop.clone(), live[0].clone(), started.clone());
             std::thread::Builder::new().name("driver-rx".into()).spawn(move || {
                 started.wait();
-                reader_loop(fd, rx_pool, stack_reader, r_driver, inbound, stop, live)
+                reader_loop(fd, vnet, rx_pool, stack_reader, r_driver, inbound, stop, live)
             })?
         };
         let writer = {
             let (stop, live, started) = (stop.clone(), live[1].clone(), started.clone());
             std::thread::Builder::new().name("driver-tx".into()).spawn(move || {
                 started.wait();
-                writer_loop(wfd, tx_view, t_driver, outbound, stop, live)
+                writer_loop(wfd, vnet, tx_view, t_driver, outbound, stop, live)
             })?
         };
         started.wait();
@@ -248,17 +255,19 @@ pub fn start(
     udp_queue_bytes: usize,
     link: LinkImpairment,
 ) -> Result<(StackGroup, Driver), RuntimeError> {
-    let fd = plain_nonblocking(&dev)?;
+    let (fd, vnet) = device_fd(&dev)?;
     let (driver, stack) = (DriverHalf::new()?, StackHalf::new()?);
     let (to_stack, to_driver) = (driver.grant()?, stack.grant()?);
-    let driver = driver.run(fd, to_driver, link)?;
+    let driver = driver.run(fd, vnet, to_driver, link)?;
     let stack = stack.join(to_stack, Cores::new(cfg, udp_queue_bytes))?;
     Ok((stack, driver))
 }
 
 /// Device → rx pool → channel R; takes back returned loans.
+#[allow(clippy::too_many_arguments)]
 fn reader_loop(
     fd: OwnedFd,
+    vnet: bool,
     mut pool: BufferPool,
     stack: ReaderId,
     mut end: ShmEnd,
@@ -269,6 +278,7 @@ fn reader_loop(
     let mut stats = DeviceStats::default();
     let mut waiter = Waiter::new(SpinPolicy::NEVER);
     let mut buf = vec![0u8; 65536 + VNET_HDR_LEN];
+    let mut scratch = Vec::with_capacity(2048);
     let (mut inbox, mut batch) = (Vec::with_capacity(1024), Vec::with_capacity(BATCH));
     while !stop.load(Ordering::Relaxed) {
         stats.inbound = impair.stage.stats;
@@ -306,15 +316,18 @@ fn reader_loop(
             while batch.len() < room {
                 let Some(n) = read_frame(&fd, &mut buf)? else { break };
                 stats.frames_read += 1;
+                let Some(frame) = plain_frame(&buf[..n], vnet, &mut scratch, &mut stats) else { continue };
                 impair.passed();
-                if !lend(&buf[..n], &mut batch)? {
+                if !lend(frame, &mut batch)? {
                     break;
                 }
             }
         } else {
             while let Some(n) = read_frame(&fd, &mut buf)? {
                 stats.frames_read += 1;
-                impair.push(buf[..n].to_vec());
+                if let Some(frame) = plain_frame(&buf[..n], vnet, &mut scratch, &mut stats) {
+                    impair.push(frame.to_vec());
+                }
             }
             while batch.len() < room {
                 let Some(frame) = impair.pop() else { break };
@@ -342,8 +355,10 @@ fn reader_loop(
 }
 
 /// Channel T → device; returns each loan once written.
+#[allow(clippy::too_many_arguments)]
 fn writer_loop(
     fd: OwnedFd,
+    vnet: bool,
     view: PoolView,
     mut end: ShmEnd,
     mut impair: Stage,
@@ -358,7 +373,7 @@ fn writer_loop(
         stats.outbound = impair.stage.stats;
         *live.lock().unwrap_or_else(|e| e.into_inner()) = stats;
         while let Some(frame) = impair.pop() {
-            write_frame(&fd, &frame, &mut stats);
+            write_frame(&fd, &frame, vnet, &mut stats);
         }
         inbox.clear();
         if end.recv(&mut inbox, 256).map_err(peer_err)? == 0 {
@@ -372,7 +387,7 @@ fn writer_loop(
             view.read_into(d, &mut frame).map_err(peer_err)?;
             if impair.passthrough {
                 impair.passed();
-                write_frame(&fd, &frame, &mut stats);
+                write_frame(&fd, &frame, vnet, &mut stats);
             } else {
                 impair.push(frame.clone());
             }

@@ -13,4 +13,5 @@
 
 pub mod capture;
 pub mod impair;
+pub mod vnet;
 pub mod wire;

@@ -164,8 +164,10 @@ fn spawn_driver(dev: Device, args: &UpArgs, stack: &StackHalf) -> Result<(Driver
     };
     let child = spawn(&cfg)?;
     ours.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let device =
-        Cap::new(CapKind::Device, Rights::READ | Rights::WRITE | Rights::GRANT, 0, dev.fd().try_clone_to_owned()?)?;
+    // The tag tells the driver whether frames carry the virtio-net header (1).
+    let vnet = matches!(dev.kind(), capnet_kernel_shim::device::DeviceKind::Tap(o) if o.vnet_hdr);
+    let rights = Rights::READ | Rights::WRITE | Rights::GRANT;
+    let device = Cap::new(CapKind::Device, rights, u32::from(vnet), dev.fd().try_clone_to_owned()?)?;
     send_caps(ours.as_fd(), &[(&device, Rights::READ | Rights::WRITE)])?;
     let mut got = recv_caps(ours.as_fd()).context("the driver did not send its regions")?;
     if got.len() != 4 {
@@ -216,7 +218,8 @@ fn run(args: UpArgs) -> Result<()> {
     let made = Made { netns: name.clone() };
     std::fs::create_dir_all(&dir)?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
-    let dev = Device::open_tap(&args.tap, Some(&path), false)?;
+    // Offloads where the TAP allows them (the driver completes partial checksums).
+    let dev = Device::open_tap(&args.tap, Some(&path), true)?;
     let (host, prefix) = args.host_addr;
     let (addr, _) = args.addr;
     let _ = Command::new("ip")

@@ -40,8 +40,12 @@ fn run() -> anyhow::Result<()> {
     };
 
     let mut caps = recv_caps(sock.as_fd())?;
-    let device = match caps.pop() {
-        Some(c) if c.kind == CapKind::Device && caps.is_empty() => c.into_fd(),
+    // The device's tag says whether its frames carry the virtio-net header (1).
+    let (device, vnet) = match caps.pop() {
+        Some(c) if c.kind == CapKind::Device && caps.is_empty() => {
+            let vnet = c.tag == 1;
+            (c.into_fd(), vnet)
+        }
         _ => anyhow::bail!("expected exactly the device capability first"),
     };
     let stats: &'static _ = Box::leak(Box::new(StatsRegion::create()?));
@@ -66,7 +70,7 @@ fn run() -> anyhow::Result<()> {
     let (Some(pool), Some(r_area), Some(t_area)) = (pool, r_area, t_area) else {
         anyhow::bail!("missing capabilities")
     };
-    let driver = half.run(device, HalfGrant { pool, r_area, t_area }, link)?;
+    let driver = half.run(device, vnet, HalfGrant { pool, r_area, t_area }, link)?;
     sock.set_read_timeout(Some(Duration::from_millis(200)))?; // setsockopt: before the sandbox
     sandbox::enter("driver", stats)?;
 
