@@ -263,6 +263,26 @@ pub fn start(
     Ok((stack, driver))
 }
 
+/// Sends every descriptor of `items`, waiting for ring space as needed (until stopped).
+fn send_all(
+    end: &mut ShmEnd,
+    items: &[Descriptor],
+    waiter: &mut Waiter,
+    stop: &AtomicBool,
+) -> Result<(), RuntimeError> {
+    let mut sent = 0;
+    while sent < items.len() && !stop.load(Ordering::Relaxed) {
+        let k = end.send(&items[sent..]).map_err(peer_err)?;
+        if k == 0 {
+            end.interest = Interest::SPACE;
+            waiter.wait(&mut [&mut *end], Some(STOP_CHECK), None as NoTokens);
+            end.interest = Interest::RX;
+        }
+        sent += k;
+    }
+    Ok(())
+}
+
 /// Device → rx pool → channel R; takes back returned loans.
 #[allow(clippy::too_many_arguments)]
 fn reader_loop(
@@ -336,19 +356,7 @@ fn reader_loop(
                 }
             }
         }
-        let mut sent = 0;
-        while sent < batch.len() {
-            let k = end.send(&batch[sent..]).map_err(peer_err)?;
-            if k == 0 {
-                end.interest = Interest::SPACE;
-                waiter.wait(&mut [&mut end], Some(STOP_CHECK), None as NoTokens);
-                end.interest = Interest::RX;
-                if stop.load(Ordering::Relaxed) {
-                    break;
-                }
-            }
-            sent += k;
-        }
+        send_all(&mut end, &batch, &mut waiter, &stop)?;
     }
     stats.inbound = impair.stage.stats;
     Ok(stats)
@@ -393,16 +401,7 @@ fn writer_loop(
             }
             returns.push(returned(d));
         }
-        let mut sent = 0;
-        while sent < returns.len() && !stop.load(Ordering::Relaxed) {
-            let k = end.send(&returns[sent..]).map_err(peer_err)?;
-            if k == 0 {
-                end.interest = Interest::SPACE;
-                waiter.wait(&mut [&mut end], Some(STOP_CHECK), None as NoTokens);
-                end.interest = Interest::RX;
-            }
-            sent += k;
-        }
+        send_all(&mut end, &returns, &mut waiter, &stop)?;
     }
     stats.outbound = impair.stage.stats;
     Ok(stats)
