@@ -54,6 +54,8 @@ pub struct Cores {
     pub udp: UdpCore,
     /// Echo replies for echo sockets, waiting for the sockets domain.
     pub echo_replies: Vec<EchoReply>,
+    /// The routing table as published to other domains, once asked for.
+    routes: Option<capnet_ipc::region::Region>,
     epoch: StdInstant,
 }
 
@@ -63,7 +65,27 @@ impl Cores {
         let local = cfg.addr.address();
         let mut ip = IpCore::new(cfg, Instant::ZERO);
         ip.demux.insert(IpProtocol::Udp, 0..=65535, UDP);
-        Self { ip, udp: UdpCore::new(local, udp_queue_bytes), echo_replies: Vec::new(), epoch: StdInstant::now() }
+        Self {
+            ip,
+            udp: UdpCore::new(local, udp_queue_bytes),
+            echo_replies: Vec::new(),
+            routes: None,
+            epoch: StdInstant::now(),
+        }
+    }
+
+    /// Publishes the ip domain's routing table in a sealed region of its own and
+    /// returns it, to be granted read-only (made on the first call; republished on
+    /// every call).
+    pub fn publish_routes(&mut self) -> Result<&capnet_ipc::region::Region, RuntimeError> {
+        if self.routes.is_none() {
+            let r = capnet_ipc::region::Region::create("capnet-routes", capnet_ip::publish::REGION_LEN)
+                .map_err(|e| RuntimeError::Ipc(e.to_string()))?;
+            self.routes = Some(r);
+        }
+        let region = self.routes.as_ref().ok_or_else(|| RuntimeError::Ipc("no routes region".into()))?;
+        capnet_ip::publish::publish(region, self.ip.routes());
+        Ok(region)
     }
 
     /// Time since the stack started, as the cores count it.

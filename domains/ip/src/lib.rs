@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 mod arp;
+pub mod publish;
 mod reasm;
 mod route;
 

@@ -23,6 +23,18 @@ pub struct Status {
     pub addr: String,
     /// Every domain.
     pub domains: Vec<Domain>,
+    /// The ip domain's routing table, as it publishes it read-only.
+    #[serde(default)]
+    pub routes: Vec<RouteEntry>,
+}
+
+/// One published route.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RouteEntry {
+    /// Destination, as ADDRESS/PREFIX.
+    pub dest: String,
+    /// Gateway; `None` when directly connected.
+    pub via: Option<String>,
 }
 
 /// One domain.
@@ -61,6 +73,9 @@ pub fn show(netns: &str, json: bool) -> Result<()> {
     }
     let s: Status = serde_json::from_str(&text)?;
     println!("mode {}  netns {}  tap {}  kernel {}  stack {}", s.mode, s.netns, s.tap, s.host_addr, s.addr);
+    for r in &s.routes {
+        println!("route {} {}", r.dest, r.via.as_deref().map_or("connected".to_owned(), |v| format!("via {v}")));
+    }
     for d in &s.domains {
         println!(
             "{:<8} pid {:<7} {:<8} restarts {}  up {:.0}s  cpu {:.2}s  rss {} KiB{}",

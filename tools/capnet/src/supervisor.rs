@@ -31,7 +31,7 @@ use capnet_runtime::{DeviceStats, LinkImpairment, MonoStack, Stack};
 use std::os::fd::AsFd;
 
 use crate::control::{self, recv, run_dir, send, socket_path, Reply, Request};
-use crate::status::{Domain, Status};
+use crate::status::{Domain, RouteEntry, Status};
 use crate::UpArgs;
 use capnet_ipc::control::{decode, encode};
 use capnet_ipc::msg::MsgEnd;
@@ -251,6 +251,17 @@ fn run(args: UpArgs) -> Result<()> {
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
     let started = Instant::now();
+    // The routing table, published by ip in a sealed region; the supervisor reads
+    // it through a read-only mapping like any other domain would.
+    let routes_fd = match &mut stack {
+        Running::Mono(s) => s.cores().publish_routes()?.fd().try_clone_to_owned()?,
+        Running::TwoGroup(s, _) => s.cores().publish_routes()?.fd().try_clone_to_owned()?,
+    };
+    let routes_view = RegionRo::attach(routes_fd, capnet_ip::publish::REGION_LEN)?;
+    let routes = capnet_ip::publish::read(&routes_view)?
+        .iter()
+        .map(|r| RouteEntry { dest: r.dest.to_string(), via: r.via.map(|v| v.to_string()) })
+        .collect();
     let base = Status {
         mode: mode.into(),
         netns: name.clone(),
@@ -258,6 +269,7 @@ fn run(args: UpArgs) -> Result<()> {
         host_addr: format!("{host}/{prefix}"),
         addr: format!("{addr}/{prefix}"),
         domains: Vec::new(),
+        routes,
     };
     let snapshot = Arc::new(Mutex::new(String::new()));
     *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = render(&base, &mut stack, started)?;

@@ -76,6 +76,9 @@ fn up_detached_ping_status_down_in_both_compositions() {
             }
         }
         assert!(counter(&s, "ip", "echo_replies") >= 3, "{mode}: {s}");
+        let routes = s["routes"].as_array().expect("routes, as ip publishes them");
+        assert!(routes.iter().any(|r| r["dest"] == "10.77.0.0/24" && r["via"].is_null()), "{mode}: connected route");
+        assert!(routes.iter().any(|r| r["dest"] == "0.0.0.0/0" && r["via"] == "10.77.0.1"), "{mode}: default route");
         assert!(counter(&s, "driver", "frames_in") >= 4);
         assert_eq!(counter(&s, "ip", "drop_ip_bad_checksum"), 0);
         let out = capnet(&["down", "--netns", &up.0]);
