@@ -192,16 +192,18 @@ impl DriverHalf {
         let started = Arc::new(std::sync::Barrier::new(3));
         let reader = {
             let (stop, live, started) = (stop.clone(), live[0].clone(), started.clone());
+            let side = DeviceSide { fd, vnet, impair: inbound, stop, live };
             std::thread::Builder::new().name("driver-rx".into()).spawn(move || {
                 started.wait();
-                reader_loop(fd, vnet, rx_pool, stack_reader, r_driver, inbound, stop, live)
+                reader_loop(side, rx_pool, stack_reader, r_driver)
             })?
         };
         let writer = {
             let (stop, live, started) = (stop.clone(), live[1].clone(), started.clone());
+            let side = DeviceSide { fd: wfd, vnet, impair: outbound, stop, live };
             std::thread::Builder::new().name("driver-tx".into()).spawn(move || {
                 started.wait();
-                writer_loop(wfd, vnet, tx_view, t_driver, outbound, stop, live)
+                writer_loop(side, tx_view, t_driver)
             })?
         };
         started.wait();
@@ -263,6 +265,17 @@ pub fn start(
     Ok((stack, driver))
 }
 
+/// What a driver thread needs of the device: its fd, whether frames carry the
+/// virtio-net header, its direction's impairment stage, the stop flag, and where
+/// to publish its counters.
+struct DeviceSide {
+    fd: OwnedFd,
+    vnet: bool,
+    impair: Stage,
+    stop: Arc<AtomicBool>,
+    live: Arc<std::sync::Mutex<DeviceStats>>,
+}
+
 /// Sends every descriptor of `items`, waiting for ring space as needed (until stopped).
 fn send_all(
     end: &mut ShmEnd,
@@ -284,17 +297,13 @@ fn send_all(
 }
 
 /// Device → rx pool → channel R; takes back returned loans.
-#[allow(clippy::too_many_arguments)]
 fn reader_loop(
-    fd: OwnedFd,
-    vnet: bool,
+    side: DeviceSide,
     mut pool: BufferPool,
     stack: ReaderId,
     mut end: ShmEnd,
-    mut impair: Stage,
-    stop: Arc<AtomicBool>,
-    live: Arc<std::sync::Mutex<DeviceStats>>,
 ) -> Result<DeviceStats, RuntimeError> {
+    let DeviceSide { fd, vnet, mut impair, stop, live } = side;
     let mut stats = DeviceStats::default();
     let mut waiter = Waiter::new(SpinPolicy::NEVER);
     let mut buf = vec![0u8; 65536 + VNET_HDR_LEN];
@@ -363,16 +372,8 @@ fn reader_loop(
 }
 
 /// Channel T → device; returns each loan once written.
-#[allow(clippy::too_many_arguments)]
-fn writer_loop(
-    fd: OwnedFd,
-    vnet: bool,
-    view: PoolView,
-    mut end: ShmEnd,
-    mut impair: Stage,
-    stop: Arc<AtomicBool>,
-    live: Arc<std::sync::Mutex<DeviceStats>>,
-) -> Result<DeviceStats, RuntimeError> {
+fn writer_loop(side: DeviceSide, view: PoolView, mut end: ShmEnd) -> Result<DeviceStats, RuntimeError> {
+    let DeviceSide { fd, vnet, mut impair, stop, live } = side;
     let mut stats = DeviceStats::default();
     let mut waiter = Waiter::new(SpinPolicy::DEFAULT);
     let (mut inbox, mut returns, mut frame) =

@@ -108,13 +108,22 @@ impl Impairer {
     /// A stage with `cfg` (validated).
     pub fn new(cfg: Impairment) -> Result<Self, ImpairError> {
         cfg.validate()?;
-        Ok(Self {
+        Ok(Self::unchecked(cfg))
+    }
+
+    /// A stage that changes nothing.
+    pub fn perfect() -> Self {
+        Self::unchecked(Impairment::NONE)
+    }
+
+    fn unchecked(cfg: Impairment) -> Self {
+        Self {
             cfg,
             rng: Pcg64Mcg::seed_from_u64(cfg.seed),
             seq: 0,
             held: BinaryHeap::new(),
             stats: ImpairStats::default(),
-        })
+        }
     }
 
     fn chance(&mut self, p: f64) -> bool {

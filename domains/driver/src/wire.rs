@@ -29,7 +29,7 @@ impl MemWire {
 
     /// A perfect wire.
     pub fn perfect() -> Self {
-        Self::new(Impairment::NONE, Impairment::NONE).unwrap_or_else(|_| unreachable!("NONE is valid"))
+        Self { a_to_b: Impairer::perfect(), b_to_a: Impairer::perfect() }
     }
 
     /// `from` transmits a frame at `now`.
