@@ -209,6 +209,24 @@ impl Stage {
     }
 }
 
+/// A composition that also serves applications' channels (the sockets domain's
+/// side of `capnet::net`).
+pub trait AppHost: Stack {
+    /// Like [`Stack::poll`], also returning early when one of `apps` has work.
+    fn poll_apps(
+        &mut self,
+        max_wait: Duration,
+        apps: &mut [&mut capnet_ipc::shm_channel::ShmEnd],
+    ) -> Result<(), RuntimeError>;
+    /// Runs the cores' outputs now (after the application side called them).
+    fn push(&mut self) -> Result<(), RuntimeError>;
+}
+
+/// How long the mono composition waits on its device while applications are
+/// attached: a futex wake cannot interrupt `poll(2)`, so it looks at their
+/// channels at least this often (their calls wait at most this long).
+pub const MONO_APP_TICK: Duration = Duration::from_millis(1);
+
 /// Counters the device side of a runtime keeps.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DeviceStats {
@@ -384,6 +402,22 @@ impl Stack for MonoStack {
 
     fn device_stats(&self) -> Option<DeviceStats> {
         Some(MonoStack::device_stats(self))
+    }
+}
+
+impl AppHost for MonoStack {
+    fn poll_apps(
+        &mut self,
+        max_wait: Duration,
+        apps: &mut [&mut capnet_ipc::shm_channel::ShmEnd],
+    ) -> Result<(), RuntimeError> {
+        let wait = if apps.is_empty() { max_wait } else { max_wait.min(MONO_APP_TICK) };
+        self.poll(wait)
+    }
+
+    fn push(&mut self) -> Result<(), RuntimeError> {
+        self.flush();
+        Ok(())
     }
 }
 

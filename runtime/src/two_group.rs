@@ -505,6 +505,16 @@ impl StackGroup {
     }
 }
 
+impl crate::AppHost for StackGroup {
+    fn poll_apps(&mut self, max_wait: Duration, apps: &mut [&mut ShmEnd]) -> Result<(), RuntimeError> {
+        self.poll_with(max_wait, apps)
+    }
+
+    fn push(&mut self) -> Result<(), RuntimeError> {
+        StackGroup::push(self)
+    }
+}
+
 impl Stack for StackGroup {
     fn poll(&mut self, max_wait: Duration) -> Result<(), RuntimeError> {
         self.poll_with(max_wait, &mut [])

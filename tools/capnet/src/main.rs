@@ -99,7 +99,7 @@ pub struct UpArgs {
     /// The stack's address, with prefix length.
     #[arg(long, default_value = "10.77.0.2/24", value_parser = parse_cidr)]
     addr: (Ipv4Addr, u8),
-    /// One group: every domain in one thread (serves no applications yet).
+    /// One group: every domain in one thread of the supervisor.
     #[arg(long, conflicts_with = "two_group")]
     mono: bool,
     /// Two groups: driver | ip + udp + sockets, joined by ipc channels (the default).

@@ -69,12 +69,7 @@ impl Stack {
     pub fn attach(netns: &str) -> io::Result<Self> {
         let path = crate::attach::app_socket(netns);
         let sock = UnixStream::connect(&path).map_err(|e| {
-            let control = path.with_file_name("control.sock");
-            let why = if control.exists() {
-                "this stack serves no applications (`capnet up --mono`); bring it up without --mono".to_owned()
-            } else {
-                format!("capnet is not up in namespace {netns}: start it with `capnet up`")
-            };
+            let why = format!("capnet is not up in namespace {netns}: start it with `capnet up`");
             io::Error::new(e.kind(), format!("{why} ({}: {e})", path.display()))
         })?;
         sock.set_read_timeout(Some(Duration::from_secs(10)))?;

@@ -27,7 +27,7 @@ use capnet_kernel_shim::netns;
 use capnet_kernel_shim::sandbox::{inspect_threads, StatsRegion};
 use capnet_kernel_shim::spawn::{sibling_binary, spawn, Child, Limits, Namespaces, SpawnConfig};
 use capnet_runtime::two_group::{self, HalfGrant, StackHalf};
-use capnet_runtime::{DeviceStats, LinkImpairment, MonoStack, Stack};
+use capnet_runtime::{AppHost, DeviceStats, LinkImpairment, MonoStack, Stack};
 use std::os::fd::AsFd;
 
 use crate::control::{self, recv, run_dir, send, socket_path, Reply, Request};
@@ -283,7 +283,7 @@ fn run(args: UpArgs) -> Result<()> {
         std::thread::Builder::new().name("control".into()).spawn(move || serve(listener, snapshot, stop))?;
     }
     let (app_tx, app_rx) = std::sync::mpsc::channel::<(MsgEnd, UnixStream)>();
-    if !args.mono {
+    {
         let path = capnet::attach::app_socket(&name);
         let _ = std::fs::remove_file(&path);
         let apps = UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
@@ -297,14 +297,12 @@ fn run(args: UpArgs) -> Result<()> {
 
     let mut last = Instant::now();
     while !stop.load(Ordering::Relaxed) {
+        while let Ok((msg, sock)) = app_rx.try_recv() {
+            apps.add(msg, sock);
+        }
         let r = match &mut stack {
-            Running::Mono(s) => s.poll(Duration::from_millis(50)),
-            Running::TwoGroup(s, _) => {
-                while let Ok((msg, sock)) = app_rx.try_recv() {
-                    apps.add(msg, sock);
-                }
-                apps.serve(s)
-            }
+            Running::Mono(s) => apps.serve(&mut **s),
+            Running::TwoGroup(s, _) => apps.serve(&mut **s),
         };
         if let Err(e) = r {
             eprintln!("capnet: the stack failed: {e}; taking it down");
@@ -447,11 +445,11 @@ impl Apps {
         self.list.push(App { id, msg, sock, outbox: Default::default() });
     }
 
-    /// One round: wait for the driver or an application, run calls, answer.
-    fn serve(&mut self, stack: &mut two_group::StackGroup) -> Result<(), capnet_runtime::RuntimeError> {
+    /// One round: wait for the device side or an application, run calls, answer.
+    fn serve<S: AppHost>(&mut self, stack: &mut S) -> Result<(), capnet_runtime::RuntimeError> {
         {
             let mut ends: Vec<_> = self.list.iter_mut().map(|a| a.msg.channel()).collect();
-            stack.poll_with(Duration::from_millis(50), &mut ends)?;
+            stack.poll_apps(Duration::from_millis(50), &mut ends)?;
         }
         let Some(sockets) = self.sockets.as_mut() else { return Ok(()) };
         let mut gone = Vec::new();
