@@ -150,3 +150,39 @@ fn attaching_to_nothing_says_so() {
     let err = Stack::attach("capt-nothing-here").expect_err("not up");
     assert!(err.to_string().contains("not up"), "{err}");
 }
+
+#[test]
+fn the_stack_to_a_linux_socat_echo_is_byte_exact_up_to_the_maximum() {
+    for mode in MODES {
+        let up = Up::new("app-out", mode);
+        let _server = Killed(
+            Command::new("ip")
+                .args([
+                    "netns",
+                    "exec",
+                    &up.0,
+                    "socat",
+                    "-b",
+                    "65536",
+                    "UDP4-RECVFROM:7777,bind=10.77.0.1,fork",
+                    "PIPE",
+                ])
+                .spawn()
+                .expect("socat echo"),
+        );
+        std::thread::sleep(Duration::from_millis(300));
+        let stack = Stack::attach(&up.0).expect("attach");
+        let mut sock = UdpSocket::bind(&stack, 0).expect("bind");
+        sock.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
+        let peer = SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), 7777);
+        let mut buf = vec![0u8; 65536];
+        for size in [1usize, 1472, 1473, 8000, 65507] {
+            let payload: Vec<u8> = (0..size).map(|i| (i * 31 % 251) as u8).collect();
+            sock.send_to(&payload, peer).expect("send");
+            let (n, from) =
+                sock.recv_from(&mut buf).unwrap_or_else(|e| panic!("{mode:?}: no echo of {size} bytes: {e}"));
+            assert_eq!(from, peer);
+            assert!(buf[..n] == payload[..], "{mode:?}: echo of {size} bytes differs ({n} bytes back)");
+        }
+    }
+}

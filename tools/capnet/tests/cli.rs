@@ -170,15 +170,25 @@ fn without_root_up_says_what_to_do_and_leaves_nothing() {
 }
 
 #[test]
-fn status_counters_match_the_impairment_with_loss() {
+fn ten_percent_loss_and_status_counters_that_match_it() {
     let up = Up::name("cli-loss");
-    assert!(capnet(&["up", "-d", "--netns", &up.0, "--tap", "capt3", "--loss", "0.2", "--seed", "3"]).status.success());
-    let _ = in_ns(&up.0, &["ping", "-q", "-c", "100", "-i", "0.01", "-W", "1", "10.77.0.2"]);
+    assert!(capnet(&["up", "-d", "--netns", &up.0, "--tap", "capt3", "--loss", "0.1", "--seed", "3"]).status.success());
+    let out = in_ns(&up.0, &["ping", "-q", "-c", "500", "-i", "0.01", "-W", "1", "10.77.0.2"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let received: u32 = text
+        .split(", ")
+        .find_map(|p| p.strip_suffix(" received").and_then(|n| n.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no summary in {text}"));
+    assert!((350..=450).contains(&received), "{received}/500 replies at 10% loss each way");
     std::thread::sleep(Duration::from_millis(400));
     let s = status(&up.0);
     let (read, dropped_in) = (counter(&s, "driver", "frames_in"), counter(&s, "driver", "impair_in_dropped"));
-    assert!(dropped_in > 5 && counter(&s, "driver", "impair_out_dropped") > 5, "{s}");
+    let (sent_by_ip, dropped_out) = (counter(&s, "ip", "frames_out"), counter(&s, "driver", "impair_out_dropped"));
+    assert!(dropped_in > 20 && dropped_out > 20, "{s}");
     assert_eq!(counter(&s, "ip", "frames_in"), read - dropped_in, "every frame not dropped reached ip");
+    assert_eq!(counter(&s, "driver", "frames_out"), sent_by_ip - dropped_out, "every frame not dropped was written");
+    // Linux saw at most the replies that were sent and not dropped.
+    assert!(u64::from(received) <= counter(&s, "ip", "echo_replies"), "{s}");
 }
 
 #[test]
@@ -211,4 +221,19 @@ fn the_driver_runs_as_its_own_sandboxed_process() {
     assert!(String::from_utf8_lossy(&ping.stdout).contains("2 received"));
     std::thread::sleep(Duration::from_millis(400));
     assert!(counter(&status(&up.0), "driver", "frames_in") >= 2, "the driver publishes its counters");
+}
+
+#[test]
+fn without_dev_net_tun_up_says_what_to_do_and_leaves_nothing() {
+    let up = Up::name("cli-notun");
+    let script = format!("mount -t tmpfs none /dev/net && exec {CAPNET} up --netns {}", up.0);
+    let out = Command::new("unshare")
+        .args(["-m", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .expect("unshare");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("/dev/net/tun"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
+    assert!(gone(&up.0), "nothing left behind");
 }
