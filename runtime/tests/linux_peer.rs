@@ -203,11 +203,7 @@ fn ten_percent_loss_each_way_and_the_counters_agree() {
         let link = LinkImpairment { inbound: Impairment::loss(0.10, 11), outbound: Impairment::loss(0.10, 12) };
         let run = stack_with("loss", comp, link);
         let out = run.ns.run(&["ping", "-q", "-c", "500", "-i", "0.01", "-W", "1", "10.77.0.2"]);
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let received: u32 = text
-            .split(", ")
-            .find_map(|part| part.strip_suffix(" received").and_then(|n| n.trim().parse().ok()))
-            .unwrap_or_else(|| panic!("{comp:?}: no summary in {text}"));
+        let received = capnet_testkit::ping_received(&out);
         // Each way loses 10%: about 81% of pings come back.
         assert!((350..=450).contains(&received), "{comp:?}: {received}/500 replies");
         std::thread::sleep(Duration::from_millis(200));

@@ -65,3 +65,12 @@ impl Drop for Netns {
         let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
     }
 }
+
+/// How many replies `ping` reports in its summary ("N packets transmitted, M
+/// received, …"); panics with the output if there is no summary.
+pub fn ping_received(out: &Output) -> u32 {
+    let text = String::from_utf8_lossy(&out.stdout);
+    text.split(", ")
+        .find_map(|part| part.strip_suffix(" received").and_then(|n| n.trim().parse().ok()))
+        .unwrap_or_else(|| panic!("no ping summary in: {text}"))
+}

@@ -174,11 +174,7 @@ fn ten_percent_loss_and_status_counters_that_match_it() {
     let up = Up::name("cli-loss");
     assert!(capnet(&["up", "-d", "--netns", &up.0, "--tap", "capt3", "--loss", "0.1", "--seed", "3"]).status.success());
     let out = in_ns(&up.0, &["ping", "-q", "-c", "500", "-i", "0.01", "-W", "1", "10.77.0.2"]);
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let received: u32 = text
-        .split(", ")
-        .find_map(|p| p.strip_suffix(" received").and_then(|n| n.trim().parse().ok()))
-        .unwrap_or_else(|| panic!("no summary in {text}"));
+    let received = capnet_testkit::ping_received(&out);
     assert!((350..=450).contains(&received), "{received}/500 replies at 10% loss each way");
     std::thread::sleep(Duration::from_millis(400));
     let s = status(&up.0);
