@@ -186,3 +186,27 @@ fn the_stack_to_a_linux_socat_echo_is_byte_exact_up_to_the_maximum() {
         }
     }
 }
+
+#[test]
+fn an_application_sending_garbage_is_cut_off_and_the_others_keep_working() {
+    let up = Up::new("app-rogue", &[]);
+    let good = Stack::attach(&up.0).expect("good app");
+    let ping = PingSocket::open(&good).expect("echo socket");
+    // The rogue attaches like any application, then writes bytes that are not a call.
+    let sock = std::os::unix::net::UnixStream::connect(capnet::attach::app_socket(&up.0)).expect("connect");
+    let mut rogue = capnet::attach::join(&sock, "rogue").expect("handshake");
+    assert!(rogue.send(b"\xde\xad\xbe\xef not an rkyv archive").expect("send"), "the message went out");
+    std::thread::sleep(Duration::from_millis(300));
+    // Cut off: even a well-formed call gets no answer any more.
+    let call = capnet_sockets::Request { id: 1, call: capnet_sockets::Call::EchoOpen };
+    let _ = rogue.send(&capnet_ipc::control::encode(&call).expect("encode"));
+    std::thread::sleep(Duration::from_millis(300));
+    let mut inbox = Vec::new();
+    let _ = rogue.recv(&mut inbox);
+    assert!(inbox.is_empty(), "the rogue is cut off: {} replies", inbox.len());
+    // The well-behaved application and the supervisor are unaffected.
+    ping.send(Ipv4Addr::new(10, 77, 0, 1), 1, b"still here").expect("send");
+    let (_, seq, data) = ping.recv(Duration::from_secs(3)).expect("echo reply");
+    assert_eq!((seq, data.as_slice()), (1, &b"still here"[..]));
+    assert!(capnet(&["status", "--netns", &up.0]).status.success());
+}
