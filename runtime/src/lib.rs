@@ -116,14 +116,8 @@ impl Cores {
                 match out {
                     Output::Frame(f) => emit(f),
                     Output::Deliver(d) if d.to == UDP => self.udp.receive(d.src, d.dst, &d.payload, &d.ip_header),
-                    Output::Deliver(d) if d.to == SOCKETS && d.payload.len() >= 8 => {
-                        // An echo reply (the ip core checked its checksum).
-                        let p = &d.payload;
-                        let ident = u16::from_be_bytes([p[4], p[5]]);
-                        let seq = u16::from_be_bytes([p[6], p[7]]);
-                        self.echo_replies.push((ident, d.src, seq, p[8..].to_vec()));
-                    }
-                    Output::Deliver(_) => {}
+                    Output::EchoReply(r) if r.to == SOCKETS => self.echo_replies.push((r.ident, r.from, r.seq, r.data)),
+                    Output::Deliver(_) | Output::EchoReply(_) => {}
                     Output::Icmp(e) => {
                         self.udp.on_icmp(e.local_port, e.remote, e.remote_port, e.icmp_type, e.icmp_code, e.reporter)
                     }

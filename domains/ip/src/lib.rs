@@ -249,6 +249,23 @@ pub enum Output {
     Deliver(Delivery),
     /// An ICMP error for a transport domain.
     Icmp(IcmpError),
+    /// An echo reply for the echo socket that owns its identifier.
+    EchoReply(EchoReply),
+}
+
+/// An ICMP echo reply (RFC 792), parsed and checksum-checked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EchoReply {
+    /// The domain owning the identifier (the sockets domain's echo sockets).
+    pub to: TransportId,
+    /// Who answered.
+    pub from: Ipv4Address,
+    /// The echo identifier.
+    pub ident: u16,
+    /// The sequence number.
+    pub seq: u16,
+    /// The data echoed back.
+    pub data: Vec<u8>,
 }
 
 /// Sending a datagram failed.
@@ -493,7 +510,7 @@ impl IpCore {
         ip_header: Vec<u8>,
     ) {
         match protocol {
-            IpProtocol::Icmp => self.receive_icmp(now, src, dst, payload, ip_header),
+            IpProtocol::Icmp => self.receive_icmp(now, src, dst, payload),
             IpProtocol::Udp | IpProtocol::Tcp => {
                 if payload.len() < 4 {
                     return self.drop(DropReason::NoTransport);
@@ -524,7 +541,7 @@ impl IpCore {
         }
     }
 
-    fn receive_icmp(&mut self, now: Instant, src: Ipv4Address, dst: Ipv4Address, payload: Vec<u8>, ip_header: Vec<u8>) {
+    fn receive_icmp(&mut self, now: Instant, src: Ipv4Address, dst: Ipv4Address, payload: Vec<u8>) {
         let Ok(icmp) = Icmpv4Packet::new_checked(&payload[..]) else { return self.drop(DropReason::IcmpMalformed) };
         if !icmp.verify_checksum() {
             return self.drop(DropReason::IcmpMalformed);
@@ -544,13 +561,12 @@ impl IpCore {
                 let _ = self.send(now, src, IpProtocol::Icmp, &reply, false);
             }
             Icmpv4Message::EchoReply => match self.demux.lookup(IpProtocol::Icmp, icmp.echo_ident()) {
-                Some(to) => self.out.push_back(Output::Deliver(Delivery {
+                Some(to) => self.out.push_back(Output::EchoReply(EchoReply {
                     to,
-                    src,
-                    dst,
-                    protocol: IpProtocol::Icmp,
-                    payload,
-                    ip_header,
+                    from: src,
+                    ident: icmp.echo_ident(),
+                    seq: icmp.echo_seq_no(),
+                    data: icmp.data().to_vec(),
                 })),
                 None => self.drop(DropReason::NoTransport),
             },
