@@ -1,0 +1,1276 @@
+//! One connection: its state and the rules of RFC 9293 §3.10 for segments,
+//! calls and timers.
+//!
+//! The states that carry data of their own are types ([`SynSent`], [`SynRcvd`],
+//! [`TimeWait`], [`Closed`]); the synchronized states share one segment-arrival
+//! path, in the order RFC 9293 §3.10.7.4 writes it, and differ only where the RFC
+//! says they do (what an ACK of our FIN or a FIN of the peer's moves them to).
+//! Every handler returns a [`Disposition`]; segments to send go to the core's
+//! output queue. Nothing here reads a clock: `now` comes in.
+
+use std::collections::VecDeque;
+
+use smoltcp::phy::ChecksumCapabilities;
+use smoltcp::time::{Duration, Instant};
+use smoltcp::wire::{IpAddress, Ipv4Address, TcpControl, TcpPacket, TcpRepr};
+
+use crate::cc::{CongestionControl, NewReno};
+use crate::rtt::RttEstimator;
+use crate::rx::OutOfOrder;
+use crate::seq::Seq;
+use crate::{Config, DropReason, Keepalive, Output, Stats, TcpError};
+
+/// A parsed segment, borrowed from the datagram.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Segment<'a> {
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub seq: Seq,
+    pub ack: Option<Seq>,
+    pub syn: bool,
+    pub fin: bool,
+    pub rst: bool,
+    pub window: u16,
+    pub mss: Option<u16>,
+    pub wscale: Option<u8>,
+    pub payload: &'a [u8],
+}
+
+impl<'a> Segment<'a> {
+    /// Parses and checksum-checks a segment from `src` to `dst`.
+    pub fn parse(src: Ipv4Address, dst: Ipv4Address, bytes: &'a [u8]) -> Result<Self, DropReason> {
+        let packet = TcpPacket::new_checked(bytes).map_err(|_| DropReason::Malformed)?;
+        let (s, d) = (IpAddress::Ipv4(src), IpAddress::Ipv4(dst));
+        if !packet.verify_checksum(&s, &d) {
+            return Err(DropReason::BadChecksum);
+        }
+        let caps = ChecksumCapabilities::ignored();
+        let repr = TcpRepr::parse(&packet, &s, &d, &caps).map_err(|_| DropReason::Malformed)?;
+        Ok(Segment {
+            src_port: repr.src_port,
+            dst_port: repr.dst_port,
+            seq: repr.seq_number.into(),
+            ack: repr.ack_number.map(Seq::from),
+            syn: repr.control == TcpControl::Syn,
+            fin: repr.control == TcpControl::Fin,
+            rst: repr.control == TcpControl::Rst,
+            window: repr.window_len,
+            mss: repr.max_seg_size,
+            wscale: repr.window_scale,
+            payload: repr.payload,
+        })
+    }
+
+    /// Its length in sequence space (RFC 9293 §3.4: SEG.LEN counts SYN and FIN).
+    pub fn len(&self) -> usize {
+        self.payload.len() + usize::from(self.syn) + usize::from(self.fin)
+    }
+}
+
+/// The four numbers naming a connection (our address is the stack's).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Endpoints {
+    /// Our port.
+    pub local_port: u16,
+    /// The peer's address.
+    pub remote: Ipv4Address,
+    /// The peer's port.
+    pub remote_port: u16,
+}
+
+/// What the core must do with a connection after an event.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Disposition {
+    /// Nothing.
+    Keep,
+    /// The handshake completed (a passive connection joins its listener's accept
+    /// queue).
+    Established,
+    /// The connection is over: its endpoints are free again.
+    Closed,
+}
+
+/// SYN-SENT: our SYN is out (active open).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SynSent;
+
+/// SYN-RECEIVED: the peer's SYN arrived, ours is out.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct SynRcvd {
+    /// Passive open (from a listener) or simultaneous open.
+    pub passive: bool,
+}
+
+/// TIME-WAIT: both FINs are acknowledged; 2·MSL keeps old duplicates out.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct TimeWait {
+    pub until: Instant,
+}
+
+/// CLOSED, with the reason the application will be told.
+#[derive(Debug, Clone)]
+pub(crate) struct Closed {
+    pub error: Option<TcpError>,
+}
+
+/// RFC 9293 §3.3.2's states (LISTEN is a listener, not a connection).
+#[derive(Debug, Clone)]
+pub(crate) enum State {
+    SynSent(SynSent),
+    SynRcvd(SynRcvd),
+    Established,
+    FinWait1,
+    FinWait2,
+    Closing,
+    TimeWait(TimeWait),
+    CloseWait,
+    LastAck,
+    Closed(Closed),
+}
+
+impl State {
+    /// The RFC's name for it.
+    pub fn name(&self) -> &'static str {
+        match self {
+            State::SynSent(_) => "SYN-SENT",
+            State::SynRcvd(_) => "SYN-RECEIVED",
+            State::Established => "ESTABLISHED",
+            State::FinWait1 => "FIN-WAIT-1",
+            State::FinWait2 => "FIN-WAIT-2",
+            State::Closing => "CLOSING",
+            State::TimeWait(_) => "TIME-WAIT",
+            State::CloseWait => "CLOSE-WAIT",
+            State::LastAck => "LAST-ACK",
+            State::Closed(_) => "CLOSED",
+        }
+    }
+}
+
+/// What the core lends a connection while it handles an event.
+pub(crate) struct Cx<'a> {
+    pub cfg: &'a Config,
+    pub out: &'a mut VecDeque<Output>,
+    pub stats: &'a mut Stats,
+}
+
+/// Segment flags to emit.
+#[derive(Debug, Clone, Copy, Default)]
+struct Flags {
+    syn: bool,
+    fin: bool,
+    rst: bool,
+    ack: bool,
+    psh: bool,
+}
+
+/// One connection.
+#[derive(Debug)]
+pub(crate) struct Conn {
+    pub ends: Endpoints,
+    pub state: State,
+    /// The application closed its handle: the core frees the connection once
+    /// it is closed.
+    pub orphan: bool,
+
+    // Send side (RFC 9293 §3.3.1).
+    iss: Seq,
+    snd_una: Seq,
+    snd_nxt: Seq,
+    /// The highest sequence number sent (after a timeout, `snd_nxt` goes back).
+    snd_max: Seq,
+    snd_wnd: usize,
+    max_snd_wnd: usize,
+    snd_wl1: Seq,
+    snd_wl2: Seq,
+    /// The peer's window scale (applied to windows it sends).
+    snd_wscale: u8,
+    /// Bytes from `buf_seq` on: sent-unacknowledged, then unsent.
+    snd_buf: VecDeque<u8>,
+    buf_seq: Seq,
+    snd_cap: usize,
+    /// The application shut down writing: a FIN follows the data.
+    fin_queued: bool,
+    /// The sequence number our FIN took, once sent.
+    fin_seq: Option<Seq>,
+    /// The effective send MSS.
+    mss: usize,
+
+    // Receive side.
+    irs: Seq,
+    rcv_nxt: Seq,
+    /// The right edge of the window last advertised (never moves left).
+    rcv_adv: Seq,
+    rcv_wscale: u8,
+    /// Window scaling is on offer (active open) or agreed (RFC 7323 §2.2).
+    wscale_ok: bool,
+    rcv_buf: VecDeque<u8>,
+    rcv_cap: usize,
+    ooo: OutOfOrder,
+    fin_rcvd: bool,
+    rd_shut: bool,
+
+    // Reliability and congestion.
+    rtt: RttEstimator,
+    /// The segment being timed (its end) and when it left (Karn: cleared by any
+    /// retransmission).
+    rtt_timing: Option<(Seq, Instant)>,
+    cc: Box<dyn CongestionControl>,
+    dupacks: u32,
+    /// NewReno's recovery point while in fast recovery (RFC 6582).
+    recover: Option<Seq>,
+    /// The recovery point of the last loss event (RFC 6582 §3.2 step 2).
+    last_recover: Seq,
+    /// Window inflation during fast recovery.
+    inflate: usize,
+    retries: u32,
+    /// Retransmissions, counted for observability.
+    pub retransmits: u64,
+
+    // Timers.
+    rto_at: Option<Instant>,
+    persist_at: Option<Instant>,
+    persist_backoff: u32,
+    delack_at: Option<Instant>,
+    keepalive: Option<Keepalive>,
+    keepalive_at: Option<Instant>,
+    keep_probes: u32,
+    fin_wait_at: Option<Instant>,
+
+    // Acknowledgment policy.
+    ack_now: bool,
+    unacked_segs: u32,
+    last_challenge: Option<Instant>,
+    challenges: u32,
+    pub nodelay: bool,
+    /// An ICMP error that explains a later timeout (RFC 1122 §4.2.3.9 soft error).
+    soft_error: Option<TcpError>,
+}
+
+/// RFC 5961 §7: at most this many challenge ACKs per second per connection.
+const CHALLENGE_ACKS_PER_SEC: u32 = 10;
+
+fn wscale_for(cap: usize) -> u8 {
+    // RFC 7323 §2.3: the smallest shift that lets the window field cover the buffer.
+    let mut s = 0u8;
+    while (cap >> s) > 65535 && s < 14 {
+        s += 1;
+    }
+    s
+}
+
+fn micros_between(later: Instant, earlier: Instant) -> Duration {
+    Duration::from_micros((later.total_micros() - earlier.total_micros()).max(0) as u64)
+}
+
+impl Conn {
+    fn new(cfg: &Config, ends: Endpoints, iss: Seq, state: State) -> Self {
+        let mss = cfg.mss();
+        Conn {
+            ends,
+            state,
+            orphan: false,
+            iss,
+            snd_una: iss,
+            snd_nxt: iss.plus(1),
+            snd_max: iss.plus(1),
+            snd_wnd: 0,
+            max_snd_wnd: 0,
+            snd_wl1: Seq(0),
+            snd_wl2: iss,
+            snd_wscale: 0,
+            snd_buf: VecDeque::new(),
+            buf_seq: iss.plus(1),
+            snd_cap: cfg.send_buffer,
+            fin_queued: false,
+            fin_seq: None,
+            mss,
+            irs: Seq(0),
+            rcv_nxt: Seq(0),
+            rcv_adv: Seq(0),
+            rcv_wscale: wscale_for(cfg.recv_buffer),
+            wscale_ok: true,
+            rcv_buf: VecDeque::new(),
+            rcv_cap: cfg.recv_buffer,
+            ooo: OutOfOrder::default(),
+            fin_rcvd: false,
+            rd_shut: false,
+            rtt: RttEstimator::new(cfg.initial_rto, cfg.min_rto, cfg.max_rto),
+            rtt_timing: None,
+            cc: Box::new(NewReno::new(mss)),
+            dupacks: 0,
+            recover: None,
+            last_recover: iss,
+            inflate: 0,
+            retries: 0,
+            retransmits: 0,
+            rto_at: None,
+            persist_at: None,
+            persist_backoff: 0,
+            delack_at: None,
+            keepalive: None,
+            keepalive_at: None,
+            keep_probes: 0,
+            fin_wait_at: None,
+            ack_now: false,
+            unacked_segs: 0,
+            last_challenge: None,
+            challenges: 0,
+            nodelay: false,
+            soft_error: None,
+        }
+    }
+
+    /// An active open: SYN-SENT with our SYN out.
+    pub fn connect(cx: &mut Cx, now: Instant, ends: Endpoints, iss: Seq) -> Self {
+        let mut c = Conn::new(cx.cfg, ends, iss, State::SynSent(SynSent));
+        c.send_syn(cx, now);
+        c
+    }
+
+    /// A passive open: a listener got `seg` (a SYN); SYN-RECEIVED with our
+    /// SYN-ACK out.
+    pub fn accept_syn(cx: &mut Cx, now: Instant, ends: Endpoints, iss: Seq, seg: &Segment) -> Self {
+        let mut c = Conn::new(cx.cfg, ends, iss, State::SynRcvd(SynRcvd { passive: true }));
+        c.take_syn(seg);
+        c.send_syn(cx, now);
+        c
+    }
+
+    /// Records the peer's SYN: its ISN and options (RFC 9293 §3.7.1 MSS, RFC 7323
+    /// §2.2 window scale: both sides must offer it, else neither scales).
+    fn take_syn(&mut self, seg: &Segment) {
+        self.irs = seg.seq;
+        self.rcv_nxt = seg.seq.plus(1);
+        // RFC 9293 §3.7.1: without the option, assume 536.
+        let peer_mss = usize::from(seg.mss.unwrap_or(536)).max(64);
+        self.mss = self.mss.min(peer_mss);
+        match seg.wscale {
+            Some(s) => self.snd_wscale = s.min(14),
+            None => {
+                self.snd_wscale = 0;
+                self.rcv_wscale = 0;
+                self.wscale_ok = false;
+            }
+        }
+        self.cc = Box::new(NewReno::new(self.mss));
+        // The window in a SYN is never scaled (RFC 7323 §2.2).
+        self.snd_wnd = usize::from(seg.window);
+        self.max_snd_wnd = self.snd_wnd;
+        self.snd_wl1 = seg.seq;
+        self.rcv_adv = self.rcv_nxt;
+    }
+
+    fn synchronized(&self) -> bool {
+        !matches!(self.state, State::SynSent(_) | State::SynRcvd(_) | State::Closed(_))
+    }
+
+    /// Is the connection over?
+    pub fn is_closed(&self) -> bool {
+        matches!(self.state, State::Closed(_))
+    }
+
+    /// The error the connection ended with, if any.
+    pub fn error(&self) -> Option<&TcpError> {
+        match &self.state {
+            State::Closed(c) => c.error.as_ref(),
+            _ => None,
+        }
+    }
+
+    fn close_with(&mut self, error: Option<TcpError>) -> Disposition {
+        self.state = State::Closed(Closed { error });
+        self.rto_at = None;
+        self.persist_at = None;
+        self.delack_at = None;
+        self.keepalive_at = None;
+        self.fin_wait_at = None;
+        Disposition::Closed
+    }
+
+    // ---------------------------------------------------------------- output
+
+    fn emit(&mut self, cx: &mut Cx, seq: Seq, flags: Flags, payload_at: Option<(usize, usize)>) {
+        let syn = flags.syn;
+        let window = if syn {
+            // RFC 7323 §2.2: the window in a SYN is not scaled.
+            let w = self.rcv_space().min(65535);
+            if !matches!(self.state, State::SynSent(_)) {
+                self.rcv_adv = self.rcv_adv.max(self.rcv_nxt.plus(w));
+            }
+            w as u16
+        } else {
+            self.advertise()
+        };
+        let control = if flags.syn {
+            TcpControl::Syn
+        } else if flags.rst {
+            TcpControl::Rst
+        } else if flags.fin {
+            TcpControl::Fin
+        } else if flags.psh {
+            TcpControl::Psh
+        } else {
+            TcpControl::None
+        };
+        let payload: Vec<u8> = match payload_at {
+            Some((off, len)) => self.snd_buf.range(off..off + len).copied().collect(),
+            None => Vec::new(),
+        };
+        let offer_wscale = syn && self.wscale_ok;
+        let repr = TcpRepr {
+            src_port: self.ends.local_port,
+            dst_port: self.ends.remote_port,
+            control,
+            seq_number: seq.into(),
+            ack_number: flags.ack.then_some(self.rcv_nxt.into()),
+            window_len: window,
+            window_scale: offer_wscale.then_some(self.rcv_wscale),
+            max_seg_size: syn.then_some(cx.cfg.mss() as u16),
+            sack_permitted: false,
+            sack_ranges: [None; 3],
+            timestamp: None,
+            payload: &payload,
+        };
+        push_segment(cx, self.ends, &repr);
+        if flags.ack {
+            self.ack_now = false;
+            self.delack_at = None;
+            self.unacked_segs = 0;
+        }
+    }
+
+    /// Sends our SYN (active) or SYN-ACK (passive/simultaneous).
+    fn send_syn(&mut self, cx: &mut Cx, now: Instant) {
+        let ack = matches!(self.state, State::SynRcvd(_));
+        self.emit(cx, self.iss, Flags { syn: true, ack, ..Flags::default() }, None);
+        if self.rtt_timing.is_none() && self.retries == 0 {
+            self.rtt_timing = Some((self.iss.plus(1), now));
+        }
+        self.rto_at = Some(now + self.rtt.rto());
+    }
+
+    fn send_ack(&mut self, cx: &mut Cx) {
+        self.emit(cx, self.snd_nxt, Flags { ack: true, ..Flags::default() }, None);
+    }
+
+    /// RFC 5961 §3.2/§4.2: a challenge ACK, rate-limited (§7).
+    fn challenge_ack(&mut self, cx: &mut Cx, now: Instant) {
+        let fresh = self.last_challenge.is_none_or(|t| micros_between(now, t) >= Duration::from_secs(1));
+        if fresh {
+            self.last_challenge = Some(now);
+            self.challenges = 0;
+        }
+        if self.challenges < CHALLENGE_ACKS_PER_SEC {
+            self.challenges += 1;
+            cx.stats.challenge_acks += 1;
+            self.send_ack(cx);
+        }
+    }
+
+    /// A probe the peer must answer with an ACK: one byte below `snd_una`
+    /// (keepalive, and the persist timer's zero-window probe).
+    fn send_probe(&mut self, cx: &mut Cx) {
+        self.emit(cx, self.snd_una.minus(1), Flags { ack: true, ..Flags::default() }, None);
+    }
+
+    /// Sends what the windows, Nagle and SWS avoidance allow, then a pending ACK.
+    pub fn output(&mut self, cx: &mut Cx, now: Instant) {
+        match self.state {
+            State::SynSent(_) | State::Closed(_) => return,
+            State::SynRcvd(_) => {
+                if self.ack_now {
+                    self.ack_now = false;
+                    self.send_syn(cx, now);
+                }
+                return;
+            }
+            State::Established | State::CloseWait | State::FinWait1 | State::Closing | State::LastAck => {
+                self.send_data(cx, now, false)
+            }
+            State::FinWait2 | State::TimeWait(_) => {}
+        }
+        if self.ack_now {
+            self.send_ack(cx);
+        }
+    }
+
+    fn fin_pending(&self) -> bool {
+        self.fin_queued && self.fin_seq.is_none_or(|f| self.snd_nxt.le(f))
+    }
+
+    fn send_data(&mut self, cx: &mut Cx, now: Instant, force: bool) {
+        let mut force = force;
+        loop {
+            let off = self.snd_nxt.since(self.buf_seq);
+            let unsent = self.snd_buf.len().saturating_sub(off);
+            let flight = self.snd_nxt.since(self.snd_una);
+            let wnd = self.snd_wnd.min(self.cc.cwnd() + self.inflate);
+            let usable = wnd.saturating_sub(flight);
+            let mut len = unsent.min(usable).min(self.mss);
+            if force && len == 0 && unsent > 0 {
+                len = 1.min(unsent);
+            }
+            let fin = self.fin_pending() && off + len == self.snd_buf.len();
+            if len == 0 && !fin {
+                break;
+            }
+            // RFC 9293 §3.8.6.2.1 (sender SWS avoidance) with Nagle (RFC 896,
+            // §3.7.4): a full segment, everything queued when nothing is in flight
+            // (or NODELAY), or half the largest window the peer offered.
+            let nagle_ok = self.nodelay || flight == 0;
+            let sendable = force
+                || len == self.mss
+                || fin
+                || (len == unsent && nagle_ok)
+                || (len > 0 && len >= self.max_snd_wnd / 2 && nagle_ok);
+            if !sendable {
+                break;
+            }
+            force = false;
+            let seq = self.snd_nxt;
+            let retransmission = seq.lt(self.snd_max);
+            let flags = Flags { ack: true, fin, psh: off + len == self.snd_buf.len(), ..Flags::default() };
+            self.emit(cx, seq, flags, (len > 0).then_some((off, len)));
+            if retransmission {
+                self.retransmits += 1;
+                cx.stats.retransmits += 1;
+            }
+            self.snd_nxt = seq.plus(len + usize::from(fin));
+            if fin {
+                self.fin_seq = Some(seq.plus(len));
+            }
+            if self.snd_nxt.gt(self.snd_max) {
+                self.snd_max = self.snd_nxt;
+            }
+            if !retransmission && self.rtt_timing.is_none() {
+                self.rtt_timing = Some((self.snd_nxt, now));
+            }
+            if self.rto_at.is_none() {
+                self.rto_at = Some(now + self.rtt.rto());
+            }
+            cx.stats.data_segments_out += u64::from(len > 0);
+            if fin {
+                break;
+            }
+        }
+        // RFC 9293 §3.8.6.1: data waits on a closed window; the persist timer probes.
+        let off = self.snd_nxt.since(self.buf_seq);
+        let waiting = self.snd_buf.len() > off;
+        if waiting && self.snd_nxt == self.snd_una && self.persist_at.is_none() {
+            self.persist_at = Some(now + self.persist_interval());
+        } else if !waiting || self.snd_nxt != self.snd_una {
+            self.persist_at = None;
+            self.persist_backoff = 0;
+        }
+    }
+
+    fn persist_interval(&self) -> Duration {
+        let base = self.rtt.rto().total_micros().saturating_mul(1 << self.persist_backoff.min(10));
+        Duration::from_micros(base).min(Duration::from_secs(60))
+    }
+
+    /// Retransmits one segment from `snd_una` (fast retransmit, partial ACK).
+    fn retransmit_first(&mut self, cx: &mut Cx) {
+        let off = self.snd_una.since(self.buf_seq);
+        let len = self.snd_buf.len().saturating_sub(off).min(self.mss);
+        let fin = self.fin_seq.is_some_and(|f| self.snd_una.plus(len) == f);
+        if len == 0 && !fin {
+            return;
+        }
+        let flags = Flags { ack: true, fin, ..Flags::default() };
+        self.emit(cx, self.snd_una, flags, (len > 0).then_some((off, len)));
+        self.rtt_timing = None; // Karn
+        self.retransmits += 1;
+        cx.stats.retransmits += 1;
+    }
+
+    /// The window we can offer: buffer space not holding unread data.
+    fn rcv_space(&self) -> usize {
+        self.rcv_cap.saturating_sub(self.rcv_buf.len())
+    }
+
+    /// The window field for a non-SYN segment. RFC 9293 §3.8.6.2.2 (receiver SWS
+    /// avoidance): the right edge moves only by min(buffer/2, MSS) or more, and
+    /// never left.
+    fn advertise(&mut self) -> u16 {
+        let edge = self.rcv_nxt.plus(self.rcv_space());
+        let step = (self.rcv_cap / 2).min(self.mss);
+        if edge.since(self.rcv_adv) >= step || self.rcv_adv.lt(self.rcv_nxt) {
+            self.rcv_adv = edge.max(self.rcv_adv);
+        }
+        let wnd = self.rcv_adv.since(self.rcv_nxt);
+        // Round up: rounding down would shrink the edge by up to 2^scale - 1.
+        let scaled = wnd.div_ceil(1 << self.rcv_wscale).min(65535);
+        self.rcv_adv = self.rcv_adv.max(self.rcv_nxt.plus(scaled << self.rcv_wscale));
+        scaled as u16
+    }
+
+    // ---------------------------------------------------------------- segments
+
+    /// A segment for this connection (RFC 9293 §3.10.7.3–4).
+    pub fn on_segment(&mut self, cx: &mut Cx, now: Instant, seg: &Segment) -> Disposition {
+        if let Some(k) = self.keepalive {
+            self.keep_probes = 0;
+            self.keepalive_at = Some(now + k.idle);
+        }
+        let d = match self.state {
+            State::SynSent(_) => self.on_syn_sent(cx, now, seg),
+            State::Closed(_) => Disposition::Keep,
+            _ => self.on_synchronized(cx, now, seg),
+        };
+        if d != Disposition::Closed {
+            self.output(cx, now);
+        }
+        d
+    }
+
+    /// RFC 9293 §3.10.7.3: SYN-SENT.
+    fn on_syn_sent(&mut self, cx: &mut Cx, now: Instant, seg: &Segment) -> Disposition {
+        // First: the ACK must acknowledge our SYN.
+        if let Some(ack) = seg.ack {
+            if ack.le(self.iss) || ack.gt(self.snd_max) {
+                if !seg.rst {
+                    reset_for(cx, self.ends, seg);
+                }
+                cx.stats.drop(DropReason::Unacceptable);
+                return Disposition::Keep;
+            }
+        }
+        // Second: RST. Acceptable only with an acceptable ACK: refused.
+        if seg.rst {
+            if seg.ack.is_some() {
+                cx.stats.resets_in += 1;
+                return self.close_with(Some(TcpError::ConnectionRefused));
+            }
+            cx.stats.drop(DropReason::Unacceptable);
+            return Disposition::Keep;
+        }
+        if !seg.syn {
+            cx.stats.drop(DropReason::Unacceptable);
+            return Disposition::Keep;
+        }
+        self.take_syn(seg);
+        match seg.ack {
+            Some(ack) => {
+                self.snd_una = ack;
+                if let Some((end, at)) = self.rtt_timing.take() {
+                    if ack.ge(end) {
+                        self.rtt.sample(micros_between(now, at));
+                    }
+                }
+                self.retries = 0;
+                self.rto_at = None;
+                self.state = State::Established;
+                // RFC 9293: SND.WL1 <- SEG.SEQ, SND.WL2 <- SEG.ACK; the window of a
+                // SYN-ACK is not scaled.
+                self.snd_wl2 = ack;
+                self.ack_now = true;
+                cx.stats.active_opens += 1;
+                Disposition::Established
+            }
+            None => {
+                // Simultaneous open: SYN-RECEIVED, SYN-ACK with the same ISS.
+                self.state = State::SynRcvd(SynRcvd { passive: false });
+                self.send_syn(cx, now);
+                Disposition::Keep
+            }
+        }
+    }
+
+    fn acceptable(&self, seg: &Segment) -> bool {
+        // RFC 9293 §3.10.7.4, first check: the four cases.
+        let wnd = self.rcv_adv.since(self.rcv_nxt);
+        let in_window = |s: Seq| self.rcv_nxt.le(s) && s.lt(self.rcv_nxt.plus(wnd));
+        match (seg.len(), wnd) {
+            (0, 0) => seg.seq == self.rcv_nxt,
+            (0, _) => in_window(seg.seq),
+            (_, 0) => false,
+            (n, _) => in_window(seg.seq) || in_window(seg.seq.plus(n - 1)),
+        }
+    }
+
+    /// RFC 9293 §3.10.7.4: SYN-RECEIVED and the synchronized states.
+    fn on_synchronized(&mut self, cx: &mut Cx, now: Instant, seg: &Segment) -> Disposition {
+        let trimmed;
+        let mut seg = seg;
+        if let State::SynRcvd(_) = self.state {
+            if seg.syn && seg.seq == self.irs && !seg.rst {
+                if seg.ack.is_none() {
+                    // The peer's SYN again: our SYN-ACK was lost.
+                    self.ack_now = true;
+                    return Disposition::Keep;
+                }
+                // Simultaneous open: the peer's SYN-ACK. Its SYN is old news; what
+                // is left (RFC 9293 §3.10.7.4: trim to the window) is its ACK.
+                trimmed = Segment { syn: false, seq: seg.seq.plus(1), ..*seg };
+                seg = &trimmed;
+            }
+        }
+        if !self.acceptable(seg) {
+            if seg.rst {
+                cx.stats.drop(DropReason::Unacceptable);
+                return Disposition::Keep;
+            }
+            // A zero window still takes valid ACKs (RFC 9293: "special allowance").
+            let zero_window_ack =
+                self.rcv_adv == self.rcv_nxt && seg.seq == self.rcv_nxt && seg.ack.is_some() && !seg.syn;
+            if zero_window_ack && self.synchronized() {
+                self.process_ack(cx, now, seg);
+            } else {
+                cx.stats.drop(DropReason::Unacceptable);
+            }
+            if let State::TimeWait(_) = self.state {
+                if seg.fin {
+                    // RFC 9293: a retransmitted FIN restarts the 2·MSL timer.
+                    self.state = State::TimeWait(TimeWait { until: now + cx.cfg.msl * 2 });
+                }
+                self.send_ack(cx);
+                return Disposition::Keep;
+            }
+            self.ack_now = true;
+            return Disposition::Keep;
+        }
+        // Second: RST (RFC 5961 §3.2: only the exact next sequence number resets;
+        // anywhere else in the window draws a challenge ACK).
+        if seg.rst {
+            if seg.seq != self.rcv_nxt {
+                self.challenge_ack(cx, now);
+                return Disposition::Keep;
+            }
+            cx.stats.resets_in += 1;
+            let error = match self.state {
+                State::SynRcvd(SynRcvd { passive: false }) => Some(TcpError::ConnectionRefused),
+                State::SynRcvd(_) => None,
+                State::Closing | State::LastAck | State::TimeWait(_) => None,
+                _ => Some(TcpError::ConnectionReset),
+            };
+            return self.close_with(error);
+        }
+        // Fourth: SYN in a synchronized state (RFC 5961 §4.2: challenge ACK).
+        if seg.syn {
+            self.challenge_ack(cx, now);
+            return Disposition::Keep;
+        }
+        // Fifth: the ACK field.
+        let Some(ack) = seg.ack else {
+            cx.stats.drop(DropReason::NoAck);
+            return Disposition::Keep;
+        };
+        let mut disposition = Disposition::Keep;
+        if let State::SynRcvd(_) = self.state {
+            if !(self.snd_una.lt(ack) && ack.le(self.snd_max)) {
+                reset_for(cx, self.ends, seg);
+                return Disposition::Keep;
+            }
+            self.state = State::Established;
+            // The handshake's window update: SND.WND <- SEG.WND (scaled now).
+            self.snd_wl1 = seg.seq.minus(1);
+            disposition = Disposition::Established;
+            cx.stats.passive_opens += 1;
+            if self.fin_queued {
+                self.state = State::FinWait1;
+            }
+        }
+        if !self.process_ack(cx, now, seg) {
+            return disposition;
+        }
+        let fin_acked = self.fin_seq.is_some_and(|f| self.snd_una.gt(f));
+        match self.state {
+            State::FinWait1 if fin_acked => {
+                self.state = State::FinWait2;
+                if self.orphan {
+                    self.fin_wait_at = Some(now + cx.cfg.msl * 2);
+                }
+            }
+            State::Closing if fin_acked => self.enter_time_wait(cx, now),
+            State::LastAck if fin_acked => return self.close_with(None),
+            _ => {}
+        }
+        // Seventh: segment text, in the states that still receive.
+        let receiving = matches!(self.state, State::Established | State::FinWait1 | State::FinWait2);
+        if receiving && !seg.payload.is_empty() && self.orphan {
+            // RFC 9293 §3.10.4 / RFC 2525: data for a closed socket is lost; say so.
+            self.send_rst(cx);
+            return self.close_with(None);
+        }
+        if receiving && (!seg.payload.is_empty() || seg.fin) {
+            let fin = self.take_data(cx, now, seg);
+            // Eighth: FIN, once everything before it arrived.
+            if fin {
+                self.rcv_nxt = self.rcv_nxt.plus(1);
+                self.fin_rcvd = true;
+                self.ack_now = true;
+                match self.state {
+                    State::Established => self.state = State::CloseWait,
+                    State::FinWait1 => {
+                        if self.fin_seq.is_some_and(|f| self.snd_una.gt(f)) {
+                            self.enter_time_wait(cx, now);
+                        } else {
+                            self.state = State::Closing;
+                        }
+                    }
+                    State::FinWait2 => self.enter_time_wait(cx, now),
+                    _ => {}
+                }
+            }
+        }
+        disposition
+    }
+
+    fn enter_time_wait(&mut self, cx: &mut Cx, now: Instant) {
+        self.state = State::TimeWait(TimeWait { until: now + cx.cfg.msl * 2 });
+        self.rto_at = None;
+        self.persist_at = None;
+        self.keepalive_at = None;
+        self.fin_wait_at = None;
+    }
+
+    /// RFC 9293 §3.10.7.4, fifth check, for the synchronized states. Returns false
+    /// when the segment is to be dropped (it acknowledged something never sent).
+    fn process_ack(&mut self, cx: &mut Cx, now: Instant, seg: &Segment) -> bool {
+        let Some(ack) = seg.ack else { return false };
+        if ack.gt(self.snd_max) {
+            self.ack_now = true;
+            cx.stats.drop(DropReason::AckUnsent);
+            return false;
+        }
+        if ack.lt(self.snd_una) {
+            return true; // an old duplicate: ignore the ACK, keep the text
+        }
+        let wnd = usize::from(seg.window) << self.snd_wscale;
+        let old_wnd = self.snd_wnd;
+        // Window update rule: SND.WL1 < SEG.SEQ, or equal and SND.WL2 =< SEG.ACK.
+        if self.snd_wl1.lt(seg.seq) || (self.snd_wl1 == seg.seq && self.snd_wl2.le(ack)) {
+            self.snd_wnd = wnd;
+            self.snd_wl1 = seg.seq;
+            self.snd_wl2 = ack;
+            self.max_snd_wnd = self.max_snd_wnd.max(wnd);
+        }
+        let acked = ack.since(self.snd_una);
+        if acked > 0 {
+            let data = ack.since(self.buf_seq).min(self.snd_buf.len());
+            self.snd_buf.drain(..data);
+            self.buf_seq = self.buf_seq.plus(data);
+            self.snd_una = ack;
+            if self.snd_nxt.lt(ack) {
+                self.snd_nxt = ack;
+            }
+            if let Some((end, at)) = self.rtt_timing {
+                if ack.ge(end) {
+                    self.rtt.sample(micros_between(now, at));
+                    self.rtt_timing = None;
+                }
+            }
+            self.retries = 0;
+            let flight = self.snd_max.since(self.snd_una);
+            match self.recover {
+                // RFC 6582 §3.2 (5): a partial ACK retransmits the next hole and
+                // deflates the window by what it acknowledged.
+                Some(rec) if ack.lt(rec) => {
+                    self.retransmit_first(cx);
+                    self.inflate = (self.inflate + if acked >= self.mss { self.mss } else { 0 }).saturating_sub(acked);
+                }
+                // (3): a full ACK ends recovery.
+                Some(_) => {
+                    self.recover = None;
+                    self.inflate = 0;
+                    self.cc.on_recovered(flight, self.mss);
+                }
+                None => self.cc.on_ack(acked, self.mss),
+            }
+            self.dupacks = 0;
+            // RFC 6298 §5.2–5.3: stop the timer when all is acknowledged, else restart it.
+            self.rto_at = (self.snd_una != self.snd_max).then(|| now + self.rtt.rto());
+        } else if seg.payload.is_empty() && !seg.fin && wnd == old_wnd && self.snd_una != self.snd_max {
+            // RFC 5681 §2: a duplicate ACK.
+            self.dupacks += 1;
+            if self.recover.is_some() {
+                // RFC 6582 §3.2 (4): each further duplicate inflates the window.
+                self.inflate += self.mss;
+            } else if self.dupacks == 3 && self.snd_una.gt(self.last_recover) {
+                // RFC 5681 §3.2 / RFC 6582 §3.2 (2): fast retransmit, enter recovery.
+                let flight = self.snd_max.since(self.snd_una);
+                self.cc.on_loss(flight, self.mss);
+                self.recover = Some(self.snd_max);
+                self.last_recover = self.snd_max;
+                self.inflate = 3 * self.mss;
+                cx.stats.fast_retransmits += 1;
+                self.retransmit_first(cx);
+            }
+        }
+        if self.snd_wnd > old_wnd {
+            self.persist_backoff = 0;
+        }
+        true
+    }
+
+    /// Takes the segment's text (and notes its FIN) into the receive buffer or the
+    /// out-of-order queue. Returns whether a FIN is now next in sequence.
+    fn take_data(&mut self, cx: &mut Cx, now: Instant, seg: &Segment) -> bool {
+        let mut seq = seg.seq;
+        let mut data = seg.payload;
+        let mut fin = seg.fin;
+        // Trim what was received already.
+        if seq.lt(self.rcv_nxt) {
+            let skip = self.rcv_nxt.since(seq);
+            if skip > data.len() {
+                return false;
+            }
+            data = &data[skip..];
+            seq = self.rcv_nxt;
+        }
+        // Trim what lies beyond the window (a trimmed FIN is not received).
+        let room = self.rcv_adv.since(seq);
+        if data.len() > room {
+            data = &data[..room];
+            fin = false;
+        }
+        if seq != self.rcv_nxt {
+            // Ahead of a hole: hold it, and say at once what is missing.
+            if !self.ooo.insert(seq, data, fin, self.rcv_adv.since(self.rcv_nxt)) {
+                cx.stats.drop(DropReason::OutOfOrderFull);
+            }
+            self.ack_now = true;
+            return false;
+        }
+        if self.rd_shut {
+            // Shut down for reading: acknowledged and discarded.
+            self.rcv_nxt = self.rcv_nxt.plus(data.len());
+        } else {
+            self.rcv_buf.extend(data);
+            self.rcv_nxt = self.rcv_nxt.plus(data.len());
+        }
+        let filled = !self.ooo.is_empty();
+        let (nxt, ooo_fin) = self.ooo.drain_into(self.rcv_nxt, &mut self.rcv_buf);
+        self.rcv_nxt = nxt;
+        cx.stats.bytes_in += data.len() as u64;
+        // RFC 9293 §3.8.6.3 / RFC 5681 §4.2: ACK at least every second full-sized
+        // segment, at once when a hole fills, else within the delayed-ACK time.
+        self.unacked_segs += data.len().div_ceil(self.mss.max(1)) as u32;
+        if filled || self.unacked_segs >= 2 || cx.cfg.delayed_ack == Duration::ZERO {
+            self.ack_now = true;
+        } else if self.delack_at.is_none() {
+            self.delack_at = Some(now + cx.cfg.delayed_ack);
+        }
+        fin || ooo_fin
+    }
+
+    fn send_rst(&mut self, cx: &mut Cx) {
+        self.emit(cx, self.snd_nxt, Flags { rst: true, ack: true, ..Flags::default() }, None);
+        cx.stats.resets_out += 1;
+    }
+
+    // ---------------------------------------------------------------- timers
+
+    /// The next time [`Conn::poll`] has work.
+    pub fn poll_at(&self) -> Option<Instant> {
+        let tw = match self.state {
+            State::TimeWait(t) => Some(t.until),
+            _ => None,
+        };
+        [self.rto_at, self.persist_at, self.delack_at, self.keepalive_at, self.fin_wait_at, tw]
+            .into_iter()
+            .flatten()
+            .min()
+    }
+
+    /// Runs the timers that are due.
+    pub fn poll(&mut self, cx: &mut Cx, now: Instant) -> Disposition {
+        if let State::TimeWait(t) = self.state {
+            if now >= t.until {
+                return self.close_with(None);
+            }
+        }
+        if self.fin_wait_at.is_some_and(|t| now >= t) {
+            return self.close_with(None);
+        }
+        if self.rto_at.is_some_and(|t| now >= t) {
+            if let Disposition::Closed = self.on_rto(cx, now) {
+                return Disposition::Closed;
+            }
+        }
+        if self.persist_at.is_some_and(|t| now >= t) {
+            self.persist_at = None;
+            self.persist_backoff += 1;
+            if self.snd_wnd == 0 {
+                self.send_probe(cx);
+            } else {
+                self.send_data(cx, now, true);
+            }
+            if self.persist_at.is_none() && self.snd_nxt == self.snd_una {
+                self.persist_at = Some(now + self.persist_interval());
+            }
+        }
+        if self.delack_at.is_some_and(|t| now >= t) {
+            self.delack_at = None;
+            self.ack_now = true;
+        }
+        if self.keepalive_at.is_some_and(|t| now >= t) {
+            if let Disposition::Closed = self.on_keepalive(cx, now) {
+                return Disposition::Closed;
+            }
+        }
+        self.output(cx, now);
+        Disposition::Keep
+    }
+
+    /// RFC 6298 §5.4–5.7: the retransmission timer expired.
+    fn on_rto(&mut self, cx: &mut Cx, now: Instant) -> Disposition {
+        self.rtt.back_off();
+        self.retries += 1;
+        self.rtt_timing = None;
+        cx.stats.timeouts += 1;
+        let timed_out = |c: &Conn| Some(c.soft_error.clone().unwrap_or(TcpError::TimedOut));
+        match self.state {
+            State::SynSent(_) | State::SynRcvd(_) => {
+                if self.retries > cx.cfg.syn_retries {
+                    return self.close_with(timed_out(self));
+                }
+                self.retransmits += 1;
+                cx.stats.retransmits += 1;
+                self.send_syn(cx, now);
+            }
+            _ => {
+                if self.retries > cx.cfg.data_retries {
+                    return self.close_with(timed_out(self));
+                }
+                let flight = self.snd_max.since(self.snd_una);
+                self.cc.on_timeout(flight, self.mss);
+                // RFC 6582 §3.2 (4)... and go back N: resend from the first hole.
+                self.recover = None;
+                self.last_recover = self.snd_max;
+                self.inflate = 0;
+                self.dupacks = 0;
+                self.snd_nxt = self.snd_una;
+                self.rto_at = Some(now + self.rtt.rto());
+                self.send_data(cx, now, true);
+                self.rto_at = Some(now + self.rtt.rto());
+            }
+        }
+        Disposition::Keep
+    }
+
+    /// RFC 9293 §3.8.4 / RFC 1122 §4.2.3.6: keep-alive.
+    fn on_keepalive(&mut self, cx: &mut Cx, now: Instant) -> Disposition {
+        let Some(k) = self.keepalive else {
+            self.keepalive_at = None;
+            return Disposition::Keep;
+        };
+        let idle_state = matches!(self.state, State::Established | State::CloseWait | State::FinWait2);
+        if !idle_state || self.snd_una != self.snd_max {
+            // Data in flight: the retransmission timer watches the peer.
+            self.keepalive_at = Some(now + k.idle);
+            return Disposition::Keep;
+        }
+        if self.keep_probes >= k.count {
+            cx.stats.keepalive_timeouts += 1;
+            return self.close_with(Some(TcpError::TimedOut));
+        }
+        self.keep_probes += 1;
+        cx.stats.keepalive_probes += 1;
+        self.send_probe(cx);
+        self.keepalive_at = Some(now + k.interval);
+        Disposition::Keep
+    }
+
+    /// An ICMP error about this connection (RFC 1122 §4.2.3.9, RFC 5927).
+    pub fn on_icmp(&mut self, error: TcpError, hard: bool) -> Disposition {
+        if hard && matches!(self.state, State::SynSent(_)) {
+            return self.close_with(Some(error));
+        }
+        self.soft_error = Some(error);
+        Disposition::Keep
+    }
+
+    // ---------------------------------------------------------------- calls
+
+    /// Queues `data` for sending; returns how much fit.
+    pub fn send(&mut self, cx: &mut Cx, now: Instant, data: &[u8]) -> Result<usize, TcpError> {
+        match &self.state {
+            State::Closed(c) => return Err(c.error.clone().unwrap_or(TcpError::NotConnected)),
+            _ if self.fin_queued => return Err(TcpError::BrokenPipe),
+            State::SynSent(_) | State::SynRcvd(_) | State::Established | State::CloseWait => {}
+            _ => return Err(TcpError::BrokenPipe),
+        }
+        let n = data.len().min(self.snd_cap.saturating_sub(self.snd_buf.len()));
+        self.snd_buf.extend(&data[..n]);
+        self.output(cx, now);
+        Ok(n)
+    }
+
+    /// Takes up to `max` received bytes.
+    pub fn recv(&mut self, cx: &mut Cx, now: Instant, max: usize) -> Result<crate::Received, TcpError> {
+        if !self.rcv_buf.is_empty() {
+            let n = max.min(self.rcv_buf.len());
+            let data: Vec<u8> = self.rcv_buf.drain(..n).collect();
+            // A window update once the advertised window fell below half the
+            // buffer and its edge can move by the SWS step (RFC 9293 §3.8.6.2.2).
+            let edge = self.rcv_nxt.plus(self.rcv_space());
+            let step = (self.rcv_cap / 2).min(self.mss);
+            let open = self.rcv_adv.since(self.rcv_nxt);
+            if self.synchronized() && open < self.rcv_cap / 2 && edge.since(self.rcv_adv) >= step {
+                self.ack_now = true;
+                self.output(cx, now);
+            }
+            return Ok(crate::Received::Data(data));
+        }
+        if self.fin_rcvd || self.rd_shut {
+            return Ok(crate::Received::Eof);
+        }
+        match &self.state {
+            State::Closed(c) => Err(c.error.clone().unwrap_or(TcpError::NotConnected)),
+            _ => Ok(crate::Received::Nothing),
+        }
+    }
+
+    /// Shuts down writing (a FIN after the queued data) and/or reading.
+    pub fn shutdown(&mut self, cx: &mut Cx, now: Instant, read: bool, write: bool) -> Result<(), TcpError> {
+        if let State::Closed(c) = &self.state {
+            return match &c.error {
+                Some(e) => Err(e.clone()),
+                None => Ok(()),
+            };
+        }
+        if read {
+            self.rd_shut = true;
+            self.rcv_buf.clear();
+        }
+        if write && !self.fin_queued {
+            self.fin_queued = true;
+            match self.state {
+                State::Established => self.state = State::FinWait1,
+                State::CloseWait => self.state = State::LastAck,
+                State::SynSent(_) => {
+                    self.close_with(None);
+                    return Ok(());
+                }
+                _ => {}
+            }
+            self.output(cx, now);
+        }
+        Ok(())
+    }
+
+    /// The application let go of the connection. Unread data means the peer's
+    /// data is lost: reset (RFC 2525 §2.17); otherwise close gracefully.
+    pub fn close(&mut self, cx: &mut Cx, now: Instant) -> Disposition {
+        self.orphan = true;
+        if self.is_closed() {
+            return Disposition::Closed;
+        }
+        if !self.rcv_buf.is_empty() {
+            return self.abort(cx);
+        }
+        let _ = self.shutdown(cx, now, true, true);
+        if matches!(self.state, State::FinWait2) {
+            self.fin_wait_at = Some(now + cx.cfg.msl * 2);
+        }
+        if self.is_closed() {
+            Disposition::Closed
+        } else {
+            Disposition::Keep
+        }
+    }
+
+    /// Reset now (linger 0).
+    pub fn abort(&mut self, cx: &mut Cx) -> Disposition {
+        if matches!(
+            self.state,
+            State::SynRcvd(_) | State::Established | State::FinWait1 | State::FinWait2 | State::CloseWait
+        ) {
+            self.send_rst(cx);
+        }
+        self.close_with(None)
+    }
+
+    /// Sets keep-alive (`None`: off).
+    pub fn set_keepalive(&mut self, now: Instant, k: Option<Keepalive>) {
+        self.keepalive = k;
+        self.keep_probes = 0;
+        self.keepalive_at = k.map(|k| now + k.idle);
+    }
+
+    /// Readiness for the application.
+    pub fn ready(&self) -> crate::Ready {
+        let closed = self.is_closed();
+        let readable = !self.rcv_buf.is_empty() || self.fin_rcvd || self.rd_shut || closed;
+        let writable = closed
+            || (matches!(self.state, State::Established | State::CloseWait)
+                && !self.fin_queued
+                && self.snd_buf.len() < self.snd_cap);
+        crate::Ready {
+            readable,
+            writable,
+            error: self.error().is_some(),
+            hup: closed || (self.fin_rcvd && self.fin_queued),
+        }
+    }
+
+    /// What `capnet status --sockets` shows.
+    pub fn info(&self) -> crate::ConnInfo {
+        crate::ConnInfo {
+            state: self.state.name(),
+            local_port: self.ends.local_port,
+            remote: self.ends.remote,
+            remote_port: self.ends.remote_port,
+            mss: self.mss,
+            snd_wscale: self.snd_wscale,
+            rcv_wscale: self.rcv_wscale,
+            cwnd: self.cc.cwnd(),
+            ssthresh: self.cc.ssthresh(),
+            srtt_us: self.rtt.srtt().map(|d| d.total_micros()),
+            rttvar_us: self.rtt.rttvar().total_micros(),
+            rto_us: self.rtt.rto().total_micros(),
+            retransmits: self.retransmits,
+            snd_queued: self.snd_buf.len(),
+            rcv_queued: self.rcv_buf.len(),
+            snd_wnd: self.snd_wnd,
+            congestion_control: self.cc.name(),
+        }
+    }
+
+    /// Whether a SYN for these endpoints may replace this connection: TIME-WAIT and
+    /// a sequence number past anything of the old one (RFC 9293 §3.6.1 note,
+    /// RFC 6191's idea without timestamps).
+    pub fn reusable_by(&self, seg: &Segment) -> bool {
+        matches!(self.state, State::TimeWait(_)) && seg.syn && seg.ack.is_none() && seg.seq.gt(self.rcv_nxt)
+    }
+}
+
+/// Emits `repr` as a segment from us to the endpoints' peer.
+fn push_segment(cx: &mut Cx, ends: Endpoints, repr: &TcpRepr) {
+    let mut buf = vec![0u8; repr.buffer_len()];
+    let mut packet = TcpPacket::new_unchecked(&mut buf[..]);
+    let (src, dst) = (IpAddress::Ipv4(cx.cfg.local), IpAddress::Ipv4(ends.remote));
+    repr.emit(&mut packet, &src, &dst, &ChecksumCapabilities::default());
+    cx.stats.segments_out += 1;
+    cx.out.push_back(Output::Send { dst: ends.remote, segment: buf });
+}
+
+/// RFC 9293 §3.10.7.1: the reset for a segment no connection wants. With an ACK,
+/// `<SEQ=SEG.ACK><CTL=RST>`; without, `<SEQ=0><ACK=SEG.SEQ+SEG.LEN><CTL=RST,ACK>`.
+pub(crate) fn reset_for(cx: &mut Cx, ends: Endpoints, seg: &Segment) {
+    if seg.rst {
+        return;
+    }
+    let (seq, ack) = match seg.ack {
+        Some(a) => (a, None),
+        None => (Seq(0), Some(seg.seq.plus(seg.len()))),
+    };
+    let repr = TcpRepr {
+        src_port: ends.local_port,
+        dst_port: ends.remote_port,
+        control: TcpControl::Rst,
+        seq_number: seq.into(),
+        ack_number: ack.map(Into::into),
+        window_len: 0,
+        window_scale: None,
+        max_seg_size: None,
+        sack_permitted: false,
+        sack_ranges: [None; 3],
+        timestamp: None,
+        payload: &[],
+    };
+    cx.stats.resets_out += 1;
+    push_segment(cx, ends, &repr);
+}

@@ -1,0 +1,792 @@
+//! capnet-tcp: the tcp domain's protocol core — TCP connections per RFC 9293,
+//! with RFC 6298 retransmission timing, RFC 5681/6582 congestion control and
+//! recovery, RFC 7323 window scaling, RFC 6528 initial sequence numbers and
+//! RFC 5961's defences against blind resets.
+//!
+//! Sans-IO like every core: segments arrive from the ip domain
+//! ([`TcpCore::receive`], [`TcpCore::on_icmp`]), applications' calls through the
+//! sockets domain ([`TcpCore::listen`], [`TcpCore::connect`], [`TcpCore::send`],
+//! [`TcpCore::recv`], …), time through `now` arguments and [`TcpCore::poll`];
+//! segments to send come out of [`TcpCore::pop_output`] and the next deadline out
+//! of [`TcpCore::poll_at`]. One connection's rules live in `conn`; this module
+//! owns the table: listeners, the demux of segments to connections, accept queues,
+//! ephemeral ports and ISNs. `docs/tcp.md` lists each RFC feature with its test.
+
+#![forbid(unsafe_code)]
+
+pub mod cc;
+mod conn;
+pub mod rtt;
+pub mod rx;
+pub mod seq;
+
+use std::collections::{HashMap, VecDeque};
+use std::hash::{Hash, Hasher};
+
+pub use conn::Endpoints;
+use conn::{Conn, Cx, Disposition, Segment};
+use slotmap::SlotMap;
+pub use smoltcp::time::{Duration, Instant};
+pub use smoltcp::wire::Ipv4Address;
+
+slotmap::new_key_type! {
+    /// A listener or connection of the tcp core. Generational: the id of a
+    /// closed socket never names its successor in the same slot.
+    pub struct SocketId;
+}
+
+/// The tcp core's settings. Timers that make tests slow are here so tests can
+/// set them short (DESIGN, "Testing against the real world").
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Our address.
+    pub local: Ipv4Address,
+    /// The route MTU (bytes of IP datagram); our MSS is this minus 40.
+    pub mtu: usize,
+    /// Maximum segment lifetime; TIME-WAIT lasts twice this.
+    pub msl: Duration,
+    /// RFC 6298 §2.4's lower bound on the RTO (default 200 ms, as Linux).
+    pub min_rto: Duration,
+    /// Upper bound on the RTO (RFC 6298 §2.5: at least 60 s).
+    pub max_rto: Duration,
+    /// The RTO before any measurement (RFC 6298 §2.1: 1 s).
+    pub initial_rto: Duration,
+    /// SYN / SYN-ACK retransmissions before giving up.
+    pub syn_retries: u32,
+    /// Data retransmissions before giving up.
+    pub data_retries: u32,
+    /// Send buffer per connection, bytes.
+    pub send_buffer: usize,
+    /// Receive buffer per connection, bytes (sets the window scale).
+    pub recv_buffer: usize,
+    /// How long an ACK may be delayed (RFC 9293 §3.8.6.3: under 500 ms); zero
+    /// acknowledges every segment at once.
+    pub delayed_ack: Duration,
+    /// The secret of RFC 6528's ISN function and RFC 6056's port choice; the
+    /// runtime draws it from the system's random source.
+    pub secret: [u64; 2],
+    /// The ephemeral port range (inclusive).
+    pub ephemeral: (u16, u16),
+}
+
+impl Config {
+    /// Defaults for a stack at `local`, keyed with `secret`.
+    pub fn new(local: Ipv4Address, secret: [u64; 2]) -> Self {
+        Self {
+            local,
+            mtu: 1500,
+            msl: Duration::from_secs(30),
+            min_rto: Duration::from_millis(200),
+            max_rto: Duration::from_secs(60),
+            initial_rto: Duration::from_secs(1),
+            syn_retries: 6,
+            data_retries: 15,
+            send_buffer: 1 << 20,
+            recv_buffer: 1 << 20,
+            delayed_ack: Duration::from_millis(40),
+            secret,
+            ephemeral: (49152, 65535),
+        }
+    }
+
+    /// The MSS we offer and send with at most.
+    pub fn mss(&self) -> usize {
+        self.mtu.saturating_sub(40).max(64)
+    }
+}
+
+/// Keep-alive settings (RFC 1122 §4.2.3.6), per connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Keepalive {
+    /// Idle time before the first probe.
+    pub idle: Duration,
+    /// Time between unanswered probes.
+    pub interval: Duration,
+    /// Unanswered probes before the connection is declared dead.
+    pub count: u32,
+}
+
+impl Keepalive {
+    /// Probes after `idle`, then every `idle` (at most 75 s), 9 of them, as Linux.
+    pub fn after(idle: Duration) -> Self {
+        Self { idle, interval: idle.min(Duration::from_secs(75)), count: 9 }
+    }
+}
+
+/// TCP call and connection errors, each one `io::ErrorKind` in the client library.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum TcpError {
+    /// The port is in use.
+    #[error("port {0} is already in use")]
+    AddrInUse(u16),
+    /// No ephemeral port is free for this peer.
+    #[error("no free ephemeral port")]
+    NoEphemeral,
+    /// No such socket (closed, or never made).
+    #[error("stale or unknown TCP socket")]
+    BadSocket,
+    /// A listener where a connection is needed, or the reverse.
+    #[error("wrong kind of TCP socket for this call")]
+    WrongKind,
+    /// The connection is not (or no longer) connected.
+    #[error("not connected")]
+    NotConnected,
+    /// The peer answered our SYN with a reset, or ICMP said port unreachable.
+    #[error("connection refused")]
+    ConnectionRefused,
+    /// The peer reset the connection.
+    #[error("connection reset by peer")]
+    ConnectionReset,
+    /// Retransmissions or keep-alive probes went unanswered.
+    #[error("connection timed out")]
+    TimedOut,
+    /// Writing after shutdown.
+    #[error("broken pipe: the connection was shut down for writing")]
+    BrokenPipe,
+    /// An ICMP error about the connection.
+    #[error("ICMP type {icmp_type} code {icmp_code}")]
+    Unreachable {
+        /// ICMP type.
+        icmp_type: u8,
+        /// ICMP code.
+        icmp_code: u8,
+    },
+}
+
+/// What a receive found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Received {
+    /// Bytes, in order.
+    Data(Vec<u8>),
+    /// The peer finished sending (or reading was shut down).
+    Eof,
+    /// Nothing yet.
+    Nothing,
+}
+
+/// Readiness of a socket, for a poll-like API.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Ready {
+    /// A receive (or accept) would not find nothing.
+    pub readable: bool,
+    /// A send would take bytes (or fail at once).
+    pub writable: bool,
+    /// The connection ended with an error.
+    pub error: bool,
+    /// Both directions are finished.
+    pub hup: bool,
+}
+
+/// One connection as `capnet status --sockets` shows it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConnInfo {
+    /// RFC 9293 state name.
+    pub state: &'static str,
+    /// Our port.
+    pub local_port: u16,
+    /// Peer address.
+    pub remote: Ipv4Address,
+    /// Peer port.
+    pub remote_port: u16,
+    /// Effective send MSS.
+    pub mss: usize,
+    /// The peer's window scale.
+    pub snd_wscale: u8,
+    /// Ours.
+    pub rcv_wscale: u8,
+    /// Congestion window, bytes.
+    pub cwnd: usize,
+    /// Slow-start threshold, bytes.
+    pub ssthresh: usize,
+    /// Smoothed RTT, µs.
+    pub srtt_us: Option<u64>,
+    /// RTT variation, µs.
+    pub rttvar_us: u64,
+    /// Current RTO, µs.
+    pub rto_us: u64,
+    /// Segments retransmitted.
+    pub retransmits: u64,
+    /// Bytes queued to send (unacknowledged + unsent).
+    pub snd_queued: usize,
+    /// Bytes received, not yet read.
+    pub rcv_queued: usize,
+    /// The peer's window, bytes.
+    pub snd_wnd: usize,
+    /// The congestion control algorithm.
+    pub congestion_control: &'static str,
+}
+
+/// What the core asks the ip domain to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    /// Send a TCP segment (header with checksum + payload) to `dst`.
+    Send {
+        /// Destination address.
+        dst: Ipv4Address,
+        /// The segment.
+        segment: Vec<u8>,
+    },
+}
+
+/// Why a received segment was dropped (or only answered with a reset).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(usize)]
+pub enum DropReason {
+    /// Too short or a header that does not parse.
+    Malformed,
+    /// Checksum mismatch.
+    BadChecksum,
+    /// Not addressed to us (e.g. a broadcast).
+    NotForUs,
+    /// No connection or listener: reset sent.
+    NoSocket,
+    /// Outside the receive window (or a bad ACK in SYN-SENT): ACKed or dropped.
+    Unacceptable,
+    /// A synchronized-state segment without ACK.
+    NoAck,
+    /// It acknowledged data never sent.
+    AckUnsent,
+    /// The out-of-order queue was full.
+    OutOfOrderFull,
+    /// A SYN beyond the listener's SYN queue.
+    SynQueueFull,
+    /// A SYN while the listener's accept queue was full.
+    AcceptQueueFull,
+}
+
+impl DropReason {
+    /// Every reason, in counter order.
+    pub const ALL: [DropReason; 10] = [
+        Self::Malformed,
+        Self::BadChecksum,
+        Self::NotForUs,
+        Self::NoSocket,
+        Self::Unacceptable,
+        Self::NoAck,
+        Self::AckUnsent,
+        Self::OutOfOrderFull,
+        Self::SynQueueFull,
+        Self::AcceptQueueFull,
+    ];
+
+    /// The counter name in `capnet status --json`.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Malformed => "tcp_malformed",
+            Self::BadChecksum => "tcp_bad_checksum",
+            Self::NotForUs => "tcp_not_for_us",
+            Self::NoSocket => "tcp_no_socket",
+            Self::Unacceptable => "tcp_unacceptable",
+            Self::NoAck => "tcp_no_ack",
+            Self::AckUnsent => "tcp_ack_unsent",
+            Self::OutOfOrderFull => "tcp_ooo_full",
+            Self::SynQueueFull => "tcp_syn_queue_full",
+            Self::AcceptQueueFull => "tcp_accept_queue_full",
+        }
+    }
+}
+
+/// The core's counters.
+#[derive(Debug, Clone, Default)]
+pub struct Stats {
+    /// Segments received.
+    pub segments_in: u64,
+    /// Segments sent.
+    pub segments_out: u64,
+    /// Segments sent carrying data.
+    pub data_segments_out: u64,
+    /// Payload bytes received in order.
+    pub bytes_in: u64,
+    /// Segments retransmitted (timeouts, fast retransmits, go-back-N).
+    pub retransmits: u64,
+    /// Fast retransmits (three duplicate ACKs).
+    pub fast_retransmits: u64,
+    /// Retransmission timer expirations.
+    pub timeouts: u64,
+    /// Connections we opened that completed the handshake.
+    pub active_opens: u64,
+    /// Connections accepted from listeners that completed the handshake.
+    pub passive_opens: u64,
+    /// Resets received that closed a connection.
+    pub resets_in: u64,
+    /// Resets sent.
+    pub resets_out: u64,
+    /// Challenge ACKs sent (RFC 5961).
+    pub challenge_acks: u64,
+    /// Keep-alive probes sent.
+    pub keepalive_probes: u64,
+    /// Connections closed by unanswered keep-alive probes.
+    pub keepalive_timeouts: u64,
+    drops: [u64; DropReason::ALL.len()],
+}
+
+impl Stats {
+    /// Drops for one reason.
+    pub fn dropped(&self, r: DropReason) -> u64 {
+        self.drops[r as usize]
+    }
+
+    pub(crate) fn drop(&mut self, r: DropReason) {
+        self.drops[r as usize] += 1;
+    }
+}
+
+#[derive(Debug)]
+struct Listener {
+    port: u16,
+    backlog: usize,
+    /// Established connections not yet accepted.
+    accept: VecDeque<SocketId>,
+    /// Connections in SYN-RECEIVED.
+    syn_pending: usize,
+}
+
+#[derive(Debug)]
+enum Sock {
+    Listener(Listener),
+    Conn {
+        conn: Box<Conn>,
+        /// The listener of a passive connection not yet accepted.
+        parent: Option<SocketId>,
+    },
+}
+
+/// The tcp domain's core.
+#[derive(Debug)]
+pub struct TcpCore {
+    cfg: Config,
+    socks: SlotMap<SocketId, Sock>,
+    conns: HashMap<Endpoints, SocketId>,
+    listeners: HashMap<u16, SocketId>,
+    out: VecDeque<Output>,
+    stats: Stats,
+    next_ephemeral: u32,
+}
+
+impl TcpCore {
+    /// An empty table.
+    pub fn new(cfg: Config) -> Self {
+        Self {
+            cfg,
+            socks: SlotMap::with_key(),
+            conns: HashMap::new(),
+            listeners: HashMap::new(),
+            out: VecDeque::new(),
+            stats: Stats::default(),
+            next_ephemeral: 0,
+        }
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    /// The counters.
+    pub fn stats(&self) -> &Stats {
+        &self.stats
+    }
+
+    /// The next segment to send.
+    pub fn pop_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    fn keyed_hash(&self, parts: impl Hash) -> u64 {
+        let mut h = std::hash::DefaultHasher::new();
+        self.cfg.secret.hash(&mut h);
+        parts.hash(&mut h);
+        h.finish()
+    }
+
+    /// RFC 6528: ISN = M + F(localip, localport, remoteip, remoteport, secretkey),
+    /// M a 4 µs timer, F a keyed hash (SipHash with the secret as its first input).
+    fn isn(&self, now: Instant, ends: Endpoints) -> seq::Seq {
+        let f = self.keyed_hash((self.cfg.local.octets(), ends.local_port, ends.remote.octets(), ends.remote_port));
+        seq::Seq((now.total_micros() / 4) as u32).plus(f as u32 as usize)
+    }
+
+    /// Listens on `port` (0: an ephemeral port) with a SYN queue and an accept
+    /// queue of `backlog` each (at least 1).
+    pub fn listen(&mut self, port: u16, backlog: usize) -> Result<SocketId, TcpError> {
+        let port = if port == 0 { self.free_listen_port()? } else { port };
+        if self.listeners.contains_key(&port) {
+            return Err(TcpError::AddrInUse(port));
+        }
+        let l = Listener { port, backlog: backlog.max(1), accept: VecDeque::new(), syn_pending: 0 };
+        let id = self.socks.insert(Sock::Listener(l));
+        self.listeners.insert(port, id);
+        Ok(id)
+    }
+
+    fn free_listen_port(&mut self) -> Result<u16, TcpError> {
+        let (lo, hi) = self.cfg.ephemeral;
+        let n = u32::from(hi - lo) + 1;
+        for _ in 0..n {
+            let p = lo + (self.next_ephemeral % n) as u16;
+            self.next_ephemeral = self.next_ephemeral.wrapping_add(1);
+            if !self.listeners.contains_key(&p) && !self.conns.keys().any(|e| e.local_port == p) {
+                return Ok(p);
+            }
+        }
+        Err(TcpError::NoEphemeral)
+    }
+
+    /// The port a listener or connection is on.
+    pub fn local_port(&self, id: SocketId) -> Result<u16, TcpError> {
+        match self.socks.get(id) {
+            Some(Sock::Listener(l)) => Ok(l.port),
+            Some(Sock::Conn { conn, .. }) => Ok(conn.ends.local_port),
+            None => Err(TcpError::BadSocket),
+        }
+    }
+
+    /// A connection's endpoints.
+    pub fn endpoints(&self, id: SocketId) -> Result<Endpoints, TcpError> {
+        match self.socks.get(id) {
+            Some(Sock::Conn { conn, .. }) => Ok(conn.ends),
+            Some(Sock::Listener(_)) => Err(TcpError::WrongKind),
+            None => Err(TcpError::BadSocket),
+        }
+    }
+
+    /// The next established connection of a listener, if any.
+    pub fn accept(&mut self, listener: SocketId) -> Result<Option<SocketId>, TcpError> {
+        let Some(Sock::Listener(l)) = self.socks.get_mut(listener) else {
+            return Err(self.kind_error(listener));
+        };
+        let queue = std::mem::take(&mut l.accept);
+        let mut found = None;
+        let mut rest = VecDeque::new();
+        for id in queue {
+            if found.is_none()
+                && matches!(self.socks.get(id), Some(Sock::Conn { parent: Some(p), .. }) if *p == listener)
+            {
+                found = Some(id);
+            } else if found.is_some() {
+                rest.push_back(id);
+            }
+        }
+        if let Some(Sock::Listener(l)) = self.socks.get_mut(listener) {
+            l.accept = rest;
+        }
+        if let Some(id) = found {
+            if let Some(Sock::Conn { parent, .. }) = self.socks.get_mut(id) {
+                *parent = None;
+            }
+        }
+        Ok(found)
+    }
+
+    fn kind_error(&self, id: SocketId) -> TcpError {
+        if self.socks.contains_key(id) {
+            TcpError::WrongKind
+        } else {
+            TcpError::BadSocket
+        }
+    }
+
+    /// Opens a connection to `remote:port` from an ephemeral port (RFC 6056
+    /// algorithm 3: a keyed hash of the peer picks where the search starts).
+    pub fn connect(&mut self, now: Instant, remote: Ipv4Address, port: u16) -> Result<SocketId, TcpError> {
+        self.connect_from(now, 0, remote, port)
+    }
+
+    /// Opens a connection from `local_port` (0: an ephemeral one) to `remote:port`.
+    pub fn connect_from(
+        &mut self,
+        now: Instant,
+        local_port: u16,
+        remote: Ipv4Address,
+        port: u16,
+    ) -> Result<SocketId, TcpError> {
+        if port == 0 || remote.is_unspecified() || remote.is_broadcast() || remote.is_multicast() {
+            return Err(TcpError::ConnectionRefused);
+        }
+        let (lo, hi) = self.cfg.ephemeral;
+        let n = u32::from(hi - lo) + 1;
+        let offset = self.keyed_hash((remote.octets(), port)) as u32;
+        let mut ends = None;
+        for i in 0..if local_port == 0 { n } else { 0 } {
+            let p = lo + (offset.wrapping_add(self.next_ephemeral).wrapping_add(i) % n) as u16;
+            let e = Endpoints { local_port: p, remote, remote_port: port };
+            if !self.listeners.contains_key(&p) && !self.conns.contains_key(&e) {
+                ends = Some(e);
+                self.next_ephemeral = self.next_ephemeral.wrapping_add(i + 1);
+                break;
+            }
+        }
+        if local_port != 0 {
+            let e = Endpoints { local_port, remote, remote_port: port };
+            if self.listeners.contains_key(&local_port) || self.conns.contains_key(&e) {
+                return Err(TcpError::AddrInUse(local_port));
+            }
+            ends = Some(e);
+        }
+        let ends = ends.ok_or(TcpError::NoEphemeral)?;
+        let iss = self.isn(now, ends);
+        let mut cx = Cx { cfg: &self.cfg, out: &mut self.out, stats: &mut self.stats };
+        let conn = Conn::connect(&mut cx, now, ends, iss);
+        let id = self.socks.insert(Sock::Conn { conn: Box::new(conn), parent: None });
+        self.conns.insert(ends, id);
+        Ok(id)
+    }
+
+    /// Runs `f` on connection `id` and settles what it returned.
+    fn with_conn<R>(
+        &mut self,
+        id: SocketId,
+        f: impl FnOnce(&mut Conn, &mut Cx) -> (R, Disposition),
+    ) -> Result<R, TcpError> {
+        let Some(Sock::Conn { conn, .. }) = self.socks.get_mut(id) else {
+            return Err(self.kind_error(id));
+        };
+        let mut cx = Cx { cfg: &self.cfg, out: &mut self.out, stats: &mut self.stats };
+        let (r, d) = f(conn, &mut cx);
+        self.settle(id, d);
+        Ok(r)
+    }
+
+    /// Applies a connection's disposition to the table.
+    fn settle(&mut self, id: SocketId, d: Disposition) {
+        let Some(Sock::Conn { conn, parent }) = self.socks.get(id) else { return };
+        let (ends, orphan, parent) = (conn.ends, conn.orphan, *parent);
+        match d {
+            Disposition::Keep => {}
+            Disposition::Established => {
+                if let Some(Some(Sock::Listener(l))) = parent.map(|p| self.socks.get_mut(p)) {
+                    l.syn_pending = l.syn_pending.saturating_sub(1);
+                    l.accept.push_back(id);
+                }
+            }
+            Disposition::Closed => {
+                if self.conns.get(&ends) == Some(&id) {
+                    self.conns.remove(&ends);
+                }
+                if let Some(Some(Sock::Listener(l))) = parent.map(|p| self.socks.get_mut(p)) {
+                    if let Some(at) = l.accept.iter().position(|c| *c == id) {
+                        l.accept.remove(at);
+                    } else {
+                        l.syn_pending = l.syn_pending.saturating_sub(1);
+                    }
+                }
+                if orphan || parent.is_some() {
+                    self.socks.remove(id);
+                }
+            }
+        }
+    }
+
+    /// Queues bytes to send; returns how many fit (0: the send buffer is full).
+    pub fn send(&mut self, now: Instant, id: SocketId, data: &[u8]) -> Result<usize, TcpError> {
+        self.with_conn(id, |c, cx| (c.send(cx, now, data), Disposition::Keep))?
+    }
+
+    /// Takes up to `max` bytes received in order.
+    pub fn recv(&mut self, now: Instant, id: SocketId, max: usize) -> Result<Received, TcpError> {
+        self.with_conn(id, |c, cx| (c.recv(cx, now, max), Disposition::Keep))?
+    }
+
+    /// Shuts down reading and/or writing (half-close: a FIN after queued data).
+    pub fn shutdown(&mut self, now: Instant, id: SocketId, read: bool, write: bool) -> Result<(), TcpError> {
+        self.with_conn(id, |c, cx| {
+            let r = c.shutdown(cx, now, read, write);
+            let d = if c.is_closed() { Disposition::Closed } else { Disposition::Keep };
+            (r, d)
+        })?
+    }
+
+    /// The application lets go of a socket: a listener resets its unaccepted
+    /// connections; a connection closes gracefully in the background (or resets
+    /// if data it received was never read).
+    pub fn close(&mut self, now: Instant, id: SocketId) -> Result<(), TcpError> {
+        match self.socks.get(id) {
+            Some(Sock::Listener(l)) => {
+                let port = l.port;
+                self.listeners.remove(&port);
+                let children: Vec<SocketId> = self
+                    .socks
+                    .iter()
+                    .filter_map(|(c, s)| matches!(s, Sock::Conn { parent: Some(p), .. } if *p == id).then_some(c))
+                    .collect();
+                for c in children {
+                    let _ = self.with_conn(c, |conn, cx| ((), conn.abort(cx)));
+                }
+                self.socks.remove(id);
+                Ok(())
+            }
+            Some(Sock::Conn { .. }) => self.with_conn(id, |c, cx| ((), c.close(cx, now))),
+            None => Err(TcpError::BadSocket),
+        }
+    }
+
+    /// Resets a connection now (linger 0) and frees it.
+    pub fn abort(&mut self, id: SocketId) -> Result<(), TcpError> {
+        self.with_conn(id, |c, cx| {
+            c.orphan = true;
+            ((), c.abort(cx))
+        })
+    }
+
+    /// Turns Nagle's algorithm off (`true`) or on.
+    pub fn set_nodelay(&mut self, now: Instant, id: SocketId, on: bool) -> Result<(), TcpError> {
+        self.with_conn(id, |c, cx| {
+            c.nodelay = on;
+            c.output(cx, now);
+            ((), Disposition::Keep)
+        })
+    }
+
+    /// Sets keep-alive (`None`: off).
+    pub fn set_keepalive(&mut self, now: Instant, id: SocketId, k: Option<Keepalive>) -> Result<(), TcpError> {
+        self.with_conn(id, |c, _| (c.set_keepalive(now, k), Disposition::Keep))
+    }
+
+    /// A socket's readiness.
+    pub fn ready(&self, id: SocketId) -> Result<Ready, TcpError> {
+        match self.socks.get(id) {
+            Some(Sock::Listener(l)) => {
+                Ok(Ready { readable: l.accept.iter().any(|c| self.socks.contains_key(*c)), ..Ready::default() })
+            }
+            Some(Sock::Conn { conn, .. }) => Ok(conn.ready()),
+            None => Err(TcpError::BadSocket),
+        }
+    }
+
+    /// Whether a connection finished its handshake (or failed: then its error).
+    pub fn connected(&self, id: SocketId) -> Result<bool, TcpError> {
+        match self.socks.get(id) {
+            Some(Sock::Conn { conn, .. }) => match conn.error() {
+                Some(e) => Err(e.clone()),
+                None if conn.is_closed() => Err(TcpError::NotConnected),
+                None => Ok(!matches!(conn.state, conn::State::SynSent(_) | conn::State::SynRcvd(_))),
+            },
+            Some(Sock::Listener(_)) => Err(TcpError::WrongKind),
+            None => Err(TcpError::BadSocket),
+        }
+    }
+
+    /// One connection's state.
+    pub fn info(&self, id: SocketId) -> Result<ConnInfo, TcpError> {
+        match self.socks.get(id) {
+            Some(Sock::Conn { conn, .. }) => Ok(conn.info()),
+            Some(Sock::Listener(_)) => Err(TcpError::WrongKind),
+            None => Err(TcpError::BadSocket),
+        }
+    }
+
+    /// Every connection's state, and the listening ports.
+    pub fn sockets(&self) -> (Vec<ConnInfo>, Vec<u16>) {
+        let mut conns = Vec::new();
+        let mut listening = Vec::new();
+        for s in self.socks.values() {
+            match s {
+                Sock::Conn { conn, .. } => conns.push(conn.info()),
+                Sock::Listener(l) => listening.push(l.port),
+            }
+        }
+        (conns, listening)
+    }
+
+    /// A segment from the ip domain (`src` → `dst`, TCP header and payload).
+    pub fn receive(&mut self, now: Instant, src: Ipv4Address, dst: Ipv4Address, bytes: &[u8]) {
+        self.stats.segments_in += 1;
+        let seg = match Segment::parse(src, dst, bytes) {
+            Ok(s) => s,
+            Err(r) => return self.stats.drop(r),
+        };
+        if dst != self.cfg.local {
+            return self.stats.drop(DropReason::NotForUs);
+        }
+        let ends = Endpoints { local_port: seg.dst_port, remote: src, remote_port: seg.src_port };
+        if let Some(&id) = self.conns.get(&ends) {
+            let reuse = matches!(self.socks.get(id), Some(Sock::Conn { conn, .. }) if conn.reusable_by(&seg));
+            if !reuse {
+                let _ = self.with_conn(id, |c, cx| ((), c.on_segment(cx, now, &seg)));
+                return;
+            }
+            // A new incarnation replaces a connection in TIME-WAIT.
+            self.conns.remove(&ends);
+            if let Some(Sock::Conn { conn, .. }) = self.socks.get(id) {
+                if conn.orphan {
+                    self.socks.remove(id);
+                }
+            }
+        }
+        let mut cx = Cx { cfg: &self.cfg, out: &mut self.out, stats: &mut self.stats };
+        let Some(&lid) = self.listeners.get(&seg.dst_port) else {
+            cx.stats.drop(DropReason::NoSocket);
+            return conn::reset_for(&mut cx, ends, &seg);
+        };
+        // RFC 9293 §3.10.7.2: LISTEN.
+        if seg.rst {
+            return;
+        }
+        if seg.ack.is_some() {
+            cx.stats.drop(DropReason::NoSocket);
+            return conn::reset_for(&mut cx, ends, &seg);
+        }
+        if !seg.syn {
+            return cx.stats.drop(DropReason::NoAck);
+        }
+        let Some(Sock::Listener(l)) = self.socks.get(lid) else { return };
+        if l.accept.len() >= l.backlog {
+            return self.stats.drop(DropReason::AcceptQueueFull);
+        }
+        if l.syn_pending >= l.backlog {
+            return self.stats.drop(DropReason::SynQueueFull);
+        }
+        let iss = self.isn(now, ends);
+        let mut cx = Cx { cfg: &self.cfg, out: &mut self.out, stats: &mut self.stats };
+        let conn = Conn::accept_syn(&mut cx, now, ends, iss, &seg);
+        let id = self.socks.insert(Sock::Conn { conn: Box::new(conn), parent: Some(lid) });
+        self.conns.insert(ends, id);
+        if let Some(Sock::Listener(l)) = self.socks.get_mut(lid) {
+            l.syn_pending += 1;
+        }
+    }
+
+    /// An ICMP error about a flow of ours (RFC 1122 §4.2.3.9): protocol and port
+    /// unreachable are hard errors that end a connection still in SYN-SENT; the
+    /// rest are soft, explaining a later timeout.
+    pub fn on_icmp(&mut self, local_port: u16, remote: Ipv4Address, remote_port: u16, icmp_type: u8, icmp_code: u8) {
+        let ends = Endpoints { local_port, remote, remote_port };
+        let Some(&id) = self.conns.get(&ends) else { return };
+        let hard = icmp_type == 3 && matches!(icmp_code, 2 | 3);
+        let error = if hard && icmp_code == 3 {
+            TcpError::ConnectionRefused
+        } else {
+            TcpError::Unreachable { icmp_type, icmp_code }
+        };
+        if icmp_type == 3 && icmp_code == 4 {
+            return; // fragmentation needed: segments go without DF, see docs/tcp.md
+        }
+        let _ = self.with_conn(id, |c, _| ((), c.on_icmp(error, hard)));
+    }
+
+    /// Runs the timers that are due.
+    pub fn poll(&mut self, now: Instant) {
+        let due: Vec<SocketId> = self
+            .socks
+            .iter()
+            .filter_map(|(id, s)| match s {
+                Sock::Conn { conn, .. } if conn.poll_at().is_some_and(|t| t <= now) => Some(id),
+                _ => None,
+            })
+            .collect();
+        for id in due {
+            let _ = self.with_conn(id, |c, cx| ((), c.poll(cx, now)));
+        }
+    }
+
+    /// When [`TcpCore::poll`] next has work.
+    pub fn poll_at(&self) -> Option<Instant> {
+        self.socks
+            .values()
+            .filter_map(|s| match s {
+                Sock::Conn { conn, .. } => conn.poll_at(),
+                Sock::Listener(_) => None,
+            })
+            .min()
+    }
+}

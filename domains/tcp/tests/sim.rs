@@ -1,0 +1,400 @@
+//! Two TCP cores over a simulated link, in simulated time, with seeded loss and
+//! reordering: the whole connection life cycle without a kernel or a clock.
+
+use capnet_tcp::{Config, Duration, Instant, Ipv4Address, Keepalive, Output, Received, SocketId, TcpCore, TcpError};
+
+const A: Ipv4Address = Ipv4Address::new(10, 0, 0, 1);
+const B: Ipv4Address = Ipv4Address::new(10, 0, 0, 2);
+
+/// A seeded link: each segment is delayed, maybe dropped, maybe held back.
+struct Net {
+    a: TcpCore,
+    b: TcpCore,
+    now: Instant,
+    /// (deliver at, to b?, src, dst, segment)
+    flight: Vec<(Instant, bool, Ipv4Address, Ipv4Address, Vec<u8>)>,
+    delay: Duration,
+    loss: f64,
+    reorder: f64,
+    rng: u64,
+    /// Drop everything sent by B (a silenced peer).
+    silence_b: bool,
+    /// Drop exactly these data segments from A (by count of data segments sent).
+    drop_a_nth: Vec<usize>,
+    a_data_sent: usize,
+    delivered: usize,
+}
+
+fn cfg(local: Ipv4Address) -> Config {
+    let mut c = Config::new(local, [1, 2]);
+    c.msl = Duration::from_secs(1);
+    c
+}
+
+impl Net {
+    fn new(loss: f64, reorder: f64, seed: u64) -> Self {
+        Net {
+            a: TcpCore::new(cfg(A)),
+            b: TcpCore::new(cfg(B)),
+            now: Instant::from_millis(1000),
+            flight: Vec::new(),
+            delay: Duration::from_millis(5),
+            loss,
+            reorder,
+            rng: seed | 1,
+            silence_b: false,
+            drop_a_nth: Vec::new(),
+            a_data_sent: 0,
+            delivered: 0,
+        }
+    }
+
+    fn rand(&mut self) -> f64 {
+        // xorshift64*
+        self.rng ^= self.rng >> 12;
+        self.rng ^= self.rng << 25;
+        self.rng ^= self.rng >> 27;
+        (self.rng.wrapping_mul(0x2545_f491_4f6c_dd1d) >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn collect(&mut self) {
+        while let Some(Output::Send { dst, segment }) = self.a.pop_output() {
+            assert_eq!(dst, B);
+            if segment.len() > 20 {
+                self.a_data_sent += 1;
+                if self.drop_a_nth.contains(&self.a_data_sent) {
+                    continue;
+                }
+            }
+            self.enqueue(true, A, B, segment);
+        }
+        while let Some(Output::Send { dst, segment }) = self.b.pop_output() {
+            assert_eq!(dst, A);
+            if self.silence_b {
+                continue;
+            }
+            self.enqueue(false, B, A, segment);
+        }
+    }
+
+    fn enqueue(&mut self, to_b: bool, src: Ipv4Address, dst: Ipv4Address, seg: Vec<u8>) {
+        if self.rand() < self.loss {
+            return;
+        }
+        let extra = if self.rand() < self.reorder { self.delay * 3 } else { Duration::ZERO };
+        self.flight.push((self.now + self.delay + extra, to_b, src, dst, seg));
+    }
+
+    /// Advances to the next event and handles it. Returns false if nothing is
+    /// pending at all.
+    fn step(&mut self) -> bool {
+        self.collect();
+        let next_seg = self.flight.iter().map(|f| f.0).min();
+        let next = [next_seg, self.a.poll_at(), self.b.poll_at()].into_iter().flatten().min();
+        let Some(next) = next else { return false };
+        if next > self.now {
+            self.now = next;
+        }
+        let now = self.now;
+        let mut due: Vec<_> = Vec::new();
+        let mut i = 0;
+        while i < self.flight.len() {
+            if self.flight[i].0 <= now {
+                due.push(self.flight.remove(i));
+            } else {
+                i += 1;
+            }
+        }
+        due.sort_by_key(|d| d.0);
+        for (_, to_b, src, dst, seg) in due {
+            self.delivered += 1;
+            if to_b {
+                self.b.receive(now, src, dst, &seg);
+            } else {
+                self.a.receive(now, src, dst, &seg);
+            }
+        }
+        self.a.poll(now);
+        self.b.poll(now);
+        self.collect();
+        true
+    }
+
+    fn run_until(&mut self, limit: Duration, mut done: impl FnMut(&mut Net) -> bool) {
+        let end = self.now + limit;
+        while !done(self) {
+            assert!(self.now < end, "not done within {limit} of simulated time");
+            if !self.step() {
+                assert!(done(self), "nothing pending and not done");
+                return;
+            }
+        }
+    }
+}
+
+fn pattern(n: usize) -> Vec<u8> {
+    (0..n).map(|i| (i * 7 + i / 251) as u8).collect()
+}
+
+/// Connects A to a listener on B; returns (a's conn, b's listener, b's conn).
+fn connected(net: &mut Net) -> (SocketId, SocketId, SocketId) {
+    let l = net.b.listen(80, 16).unwrap();
+    let c = net.a.connect(net.now, B, 80).unwrap();
+    let mut accepted = None;
+    net.run_until(Duration::from_secs(5), |n| {
+        if accepted.is_none() {
+            accepted = n.b.accept(l).unwrap();
+        }
+        accepted.is_some() && n.a.connected(c) == Ok(true)
+    });
+    (c, l, accepted.unwrap())
+}
+
+/// Moves `data` from `tx` to `rx` (true: A sends) and returns what arrived.
+fn transfer(net: &mut Net, a_sends: bool, tx: SocketId, rx: SocketId, data: &[u8]) -> Vec<u8> {
+    let mut sent = 0;
+    let mut got = Vec::new();
+    let mut eof = false;
+    net.run_until(Duration::from_secs(600), |n| {
+        let now = n.now;
+        let (s, r) = if a_sends { (&mut n.a, &mut n.b) } else { (&mut n.b, &mut n.a) };
+        if sent < data.len() {
+            sent += s.send(now, tx, &data[sent..]).unwrap();
+            if sent == data.len() {
+                s.shutdown(now, tx, false, true).unwrap();
+            }
+        }
+        loop {
+            match r.recv(now, rx, 65536).unwrap() {
+                Received::Data(d) => got.extend(d),
+                Received::Eof => {
+                    eof = true;
+                    break;
+                }
+                Received::Nothing => break,
+            }
+        }
+        eof
+    });
+    got
+}
+
+#[test]
+fn handshake_negotiates_mss_and_window_scale() {
+    let mut net = Net::new(0.0, 0.0, 1);
+    let (c, _, s) = connected(&mut net);
+    let (ia, ib) = (net.a.info(c).unwrap(), net.b.info(s).unwrap());
+    assert_eq!((ia.state, ib.state), ("ESTABLISHED", "ESTABLISHED"));
+    assert_eq!((ia.mss, ib.mss), (1460, 1460));
+    // 1 MiB buffers need a shift of 5 (2^20 >> 5 = 32768).
+    assert_eq!((ia.rcv_wscale, ia.snd_wscale, ib.rcv_wscale, ib.snd_wscale), (5, 5, 5, 5));
+    assert!(ia.srtt_us.is_some(), "the handshake gave an RTT sample");
+}
+
+#[test]
+fn bulk_both_ways_byte_exact_on_a_clean_link() {
+    let mut net = Net::new(0.0, 0.0, 2);
+    let (c, _, s) = connected(&mut net);
+    let data = pattern(3 << 20);
+    assert!(transfer(&mut net, true, c, s, &data) == data);
+    let back = pattern(1 << 20);
+    assert!(transfer(&mut net, false, s, c, &back) == back);
+    assert_eq!(net.a.stats().retransmits + net.b.stats().retransmits, 0);
+}
+
+#[test]
+fn bulk_survives_loss_and_reordering() {
+    for (seed, loss, reorder) in [(3, 0.01, 0.0), (4, 0.05, 0.05), (5, 0.02, 0.2)] {
+        let mut net = Net::new(loss, reorder, seed);
+        let (c, _, s) = connected(&mut net);
+        let data = pattern(1 << 20);
+        assert!(transfer(&mut net, true, c, s, &data) == data, "A→B seed {seed}");
+        let back = pattern(700_000);
+        assert!(transfer(&mut net, false, s, c, &back) == back, "B→A seed {seed}");
+        assert!(net.a.stats().retransmits > 0);
+    }
+}
+
+#[test]
+fn one_lost_segment_is_fast_retransmitted_without_a_timeout() {
+    let mut net = Net::new(0.0, 0.0, 6);
+    let (c, _, s) = connected(&mut net);
+    net.drop_a_nth = vec![20];
+    let data = pattern(400_000);
+    assert!(transfer(&mut net, true, c, s, &data) == data);
+    let st = net.a.stats();
+    assert_eq!(st.fast_retransmits, 1);
+    assert_eq!(st.timeouts, 0, "NewReno recovered without the RTO");
+}
+
+#[test]
+fn a_syn_to_a_closed_port_is_refused() {
+    let mut net = Net::new(0.0, 0.0, 7);
+    let c = net.a.connect(net.now, B, 81).unwrap();
+    net.run_until(Duration::from_secs(5), |n| n.a.connected(c).is_err());
+    assert_eq!(net.a.connected(c), Err(TcpError::ConnectionRefused));
+    assert_eq!(net.b.stats().resets_out, 1);
+}
+
+#[test]
+fn an_unanswered_syn_times_out_after_its_retries() {
+    let mut net = Net::new(0.0, 0.0, 8);
+    net.silence_b = true;
+    let c = net.a.connect(net.now, B, 80).unwrap();
+    net.run_until(Duration::from_secs(600), |n| n.a.connected(c).is_err());
+    assert_eq!(net.a.connected(c), Err(TcpError::TimedOut), "at {}", net.now);
+    // RFC 6298 backoff from 1 s, doubling, capped at 60 s: 1+2+4+8+16+32+60.
+    assert_eq!(net.now.total_millis(), 1000 + 123_000, "gave up at {}", net.now);
+}
+
+#[test]
+fn simultaneous_open_and_simultaneous_close() {
+    let mut net = Net::new(0.0, 0.0, 9);
+    let a = net.a.connect_from(net.now, 5000, B, 6000).unwrap();
+    let b = net.b.connect_from(net.now, 6000, A, 5000).unwrap();
+    net.run_until(Duration::from_secs(5), |n| n.a.connected(a) == Ok(true) && n.b.connected(b) == Ok(true));
+    net.a.shutdown(net.now, a, false, true).unwrap();
+    net.b.shutdown(net.now, b, false, true).unwrap();
+    net.step();
+    // Both FINs crossed: CLOSING on both sides, then TIME-WAIT.
+    net.run_until(Duration::from_secs(5), |n| {
+        n.a.info(a).unwrap().state == "TIME-WAIT" && n.b.info(b).unwrap().state == "TIME-WAIT"
+    });
+    // TIME-WAIT lasts 2·MSL (2 s here), then the connection is closed.
+    let entered = net.now;
+    net.run_until(Duration::from_secs(5), |n| n.a.info(a).unwrap().state == "CLOSED");
+    let waited = net.now.total_millis() - entered.total_millis();
+    assert!((1900..=2100).contains(&waited), "TIME-WAIT lasted {waited} ms");
+}
+
+#[test]
+fn half_close_keeps_the_other_direction_open() {
+    let mut net = Net::new(0.0, 0.0, 10);
+    let (c, _, s) = connected(&mut net);
+    net.a.shutdown(net.now, c, false, true).unwrap();
+    net.run_until(Duration::from_secs(5), |n| {
+        n.b.recv(n.now, s, 100) == Ok(Received::Eof) && n.a.info(c).unwrap().state == "FIN-WAIT-2"
+    });
+    assert_eq!(net.b.info(s).unwrap().state, "CLOSE-WAIT");
+    assert_eq!(net.a.info(c).unwrap().state, "FIN-WAIT-2");
+    assert_eq!(net.a.send(net.now, c, b"x"), Err(TcpError::BrokenPipe));
+    let back = pattern(200_000);
+    assert!(transfer(&mut net, false, s, c, &back) == back);
+    net.run_until(Duration::from_secs(5), |n| n.b.info(s).map(|i| i.state) == Ok("CLOSED"));
+}
+
+#[test]
+fn abort_resets_the_peer() {
+    let mut net = Net::new(0.0, 0.0, 11);
+    let (c, _, s) = connected(&mut net);
+    net.a.send(net.now, c, &pattern(10_000)).unwrap();
+    net.step();
+    net.a.abort(c).unwrap();
+    net.run_until(Duration::from_secs(5), |n| n.b.ready(s).unwrap().error);
+    // Data that arrived before the reset is still readable, then the error.
+    let mut got = 0;
+    let err = loop {
+        match net.b.recv(net.now, s, 65536) {
+            Ok(Received::Data(d)) => got += d.len(),
+            Ok(other) => panic!("{other:?}"),
+            Err(e) => break e,
+        }
+    };
+    assert_eq!(err, TcpError::ConnectionReset);
+    assert!(got <= 10_000);
+    assert_eq!(net.a.info(c), Err(TcpError::BadSocket), "an aborted connection is gone");
+}
+
+#[test]
+fn closing_with_unread_data_resets() {
+    let mut net = Net::new(0.0, 0.0, 12);
+    let (c, _, s) = connected(&mut net);
+    net.a.send(net.now, c, b"unread").unwrap();
+    net.run_until(Duration::from_secs(5), |n| n.b.ready(s).unwrap().readable);
+    net.b.close(net.now, s).unwrap();
+    net.run_until(Duration::from_secs(5), |n| n.a.ready(c).unwrap().error);
+    assert_eq!(net.a.recv(net.now, c, 10), Err(TcpError::ConnectionReset));
+}
+
+#[test]
+fn the_backlog_bounds_pending_connections() {
+    let mut net = Net::new(0.0, 0.0, 13);
+    let l = net.b.listen(80, 2).unwrap();
+    let cs: Vec<_> = (0..3).map(|_| net.a.connect(net.now, B, 80).unwrap()).collect();
+    net.run_until(Duration::from_millis(500), |n| n.b.ready(l).unwrap().readable && n.now.total_millis() > 1100);
+    assert_eq!(net.a.connected(cs[2]), Ok(false), "the third SYN waits for room");
+    let dropped = net.b.stats().dropped(capnet_tcp::DropReason::AcceptQueueFull)
+        + net.b.stats().dropped(capnet_tcp::DropReason::SynQueueFull);
+    assert!(dropped >= 1);
+    // Accepting makes room; the retransmitted SYN gets in.
+    assert!(net.b.accept(l).unwrap().is_some());
+    net.run_until(Duration::from_secs(10), |n| n.a.connected(cs[2]) == Ok(true));
+}
+
+#[test]
+fn keepalive_detects_a_silent_peer() {
+    let mut net = Net::new(0.0, 0.0, 14);
+    let (c, _, _s) = connected(&mut net);
+    let k = Keepalive { idle: Duration::from_secs(1), interval: Duration::from_secs(1), count: 3 };
+    net.a.set_keepalive(net.now, c, Some(k)).unwrap();
+    // Answered probes keep it alive.
+    let t0 = net.now;
+    net.run_until(Duration::from_secs(10), |n| n.now.total_millis() - t0.total_millis() >= 5000);
+    assert!(net.a.stats().keepalive_probes >= 3);
+    assert_eq!(net.a.connected(c), Ok(true));
+    net.silence_b = true;
+    net.run_until(Duration::from_secs(10), |n| n.a.connected(c).is_err());
+    assert_eq!(net.a.connected(c), Err(TcpError::TimedOut));
+}
+
+#[test]
+fn a_zero_window_stalls_the_sender_until_the_reader_reads() {
+    let mut net = Net::new(0.0, 0.0, 15);
+    let (c, _, s) = connected(&mut net);
+    let data = pattern(3 << 20);
+    let mut sent = 0;
+    net.run_until(Duration::from_secs(30), |n| {
+        sent += n.a.send(n.now, c, &data[sent..]).unwrap();
+        n.b.info(s).unwrap().rcv_queued >= (1 << 20) - 1460
+    });
+    // The receiver's buffer is full: the window closed; the persist timer probes.
+    let t0 = net.now;
+    net.run_until(Duration::from_secs(30), |n| n.now.total_millis() - t0.total_millis() > 3000);
+    assert_eq!(net.a.info(c).unwrap().snd_wnd, 0);
+    assert_eq!(net.a.connected(c), Ok(true), "probes keep a closed window from timing out");
+    let mut got = Vec::new();
+    net.run_until(Duration::from_secs(60), |n| {
+        sent += n.a.send(n.now, c, &data[sent..]).unwrap();
+        while let Ok(Received::Data(d)) = n.b.recv(n.now, s, 65536) {
+            got.extend(d);
+        }
+        got.len() == data.len()
+    });
+    assert!(got == data);
+}
+
+#[test]
+fn an_in_window_rst_draws_a_challenge_ack_and_the_connection_survives() {
+    let mut net = Net::new(0.0, 0.0, 16);
+    let (c, _, s) = connected(&mut net);
+    let before = net.b.stats().challenge_acks;
+    // A blind RST a little inside B's window, from "A".
+    let info = net.a.info(c).unwrap();
+    let mut seg = vec![0u8; 20];
+    let mut p = smoltcp::wire::TcpPacket::new_unchecked(&mut seg[..]);
+    p.set_src_port(info.local_port);
+    p.set_dst_port(80);
+    p.set_header_len(20);
+    p.set_rst(true);
+    // Any sequence number but the exact next one: take A's and add 1000.
+    let probe_seq = {
+        net.a.send(net.now, c, b"!").unwrap();
+        let Some(Output::Send { segment, .. }) = net.a.pop_output() else { panic!() };
+        smoltcp::wire::TcpPacket::new_checked(&segment[..]).unwrap().seq_number()
+    };
+    p.set_seq_number(probe_seq + 1000);
+    p.fill_checksum(&A.into(), &B.into());
+    net.b.receive(net.now, A, B, &seg);
+    assert_eq!(net.b.stats().challenge_acks, before + 1);
+    assert_eq!(net.b.connected(s), Ok(true));
+}
