@@ -298,6 +298,12 @@ where
         self.counted(|e| e.tx.free(1))
     }
 
+    /// Like [`ChannelEnd::space`], refreshing the peer's head unless at least
+    /// `want` slots are known free (`space` refreshes only when none are).
+    pub fn space_for(&mut self, want: usize) -> Result<usize, RingError> {
+        self.counted(|e| e.tx.free(want))
+    }
+
     /// Inbound entries ready (refreshing the peer's tail if none are cached).
     pub fn pending(&mut self) -> Result<usize, RingError> {
         self.counted(|e| e.rx.available())

@@ -21,12 +21,15 @@ use std::time::{Duration, Instant as StdInstant};
 use capnet_driver::impair::{ImpairStats, Impairer, Impairment};
 use capnet_ip::{Config, Instant, IpCore, IpProtocol, Output, TransportId};
 use capnet_kernel_shim::device::{Device, DeviceKind, VNET_HDR_LEN};
+use capnet_tcp::TcpCore;
 use capnet_udp::UdpCore;
 
 /// The transport id the udp core has in the ip core's demux table.
 pub const UDP: TransportId = TransportId(1);
 /// The transport id of the sockets domain's ICMP echo sockets.
 pub const SOCKETS: TransportId = TransportId(2);
+/// The transport id the tcp core has in the ip core's demux table.
+pub const TCP: TransportId = TransportId(3);
 
 /// An echo reply for an echo socket: (identifier, from, sequence, data).
 pub type EchoReply = (u16, capnet_ip::Ipv4Address, u16, Vec<u8>);
@@ -52,6 +55,8 @@ pub struct Cores {
     pub ip: IpCore,
     /// The udp core.
     pub udp: UdpCore,
+    /// The tcp core.
+    pub tcp: TcpCore,
     /// Echo replies for echo sockets, waiting for the sockets domain.
     pub echo_replies: Vec<EchoReply>,
     /// The routing table as published to other domains, once asked for.
@@ -60,18 +65,32 @@ pub struct Cores {
 }
 
 impl Cores {
-    /// Cores for `cfg`; UDP owns every UDP port.
+    /// Cores for `cfg`; UDP owns every UDP port and TCP every TCP port. The tcp
+    /// core's defaults can be changed with [`Cores::tcp_config`].
     pub fn new(cfg: Config, udp_queue_bytes: usize) -> Self {
         let local = cfg.addr.address();
+        let mut tcp_cfg = capnet_tcp::Config::new(local, random_secret());
+        tcp_cfg.mtu = cfg.mtu;
         let mut ip = IpCore::new(cfg, Instant::ZERO);
         ip.demux.insert(IpProtocol::Udp, 0..=65535, UDP);
+        ip.demux.insert(IpProtocol::Tcp, 0..=65535, TCP);
         Self {
             ip,
             udp: UdpCore::new(local, udp_queue_bytes),
+            tcp: TcpCore::new(tcp_cfg),
             echo_replies: Vec::new(),
             routes: None,
             epoch: StdInstant::now(),
         }
+    }
+
+    /// Replaces the tcp core (before any connection exists) with one whose
+    /// settings `f` adjusted from the current ones (tests shorten timers this way).
+    pub fn tcp_config(mut self, f: impl FnOnce(&mut capnet_tcp::Config)) -> Self {
+        let mut cfg = self.tcp.config().clone();
+        f(&mut cfg);
+        self.tcp = TcpCore::new(cfg);
+        self
     }
 
     /// Publishes the ip domain's routing table in a sealed region of its own and
@@ -96,7 +115,8 @@ impl Cores {
     /// How long a runtime may wait before the cores' next deadline.
     pub fn wait_bound(&self, max_wait: Duration) -> Duration {
         let now = self.now();
-        match self.ip.poll_at() {
+        let next = [self.ip.poll_at(), self.tcp.poll_at()].into_iter().flatten().min();
+        match next {
             // smoltcp's Instant difference is absolute: a deadline already past waits 0.
             Some(at) if at <= now => Duration::ZERO,
             Some(at) => Duration::from_micros((at - now).total_micros()).min(max_wait),
@@ -109,6 +129,7 @@ impl Cores {
     pub fn pump(&mut self, mut emit: impl FnMut(Vec<u8>)) {
         let now = self.now();
         self.ip.poll(now);
+        self.tcp.poll(now);
         loop {
             let mut progressed = false;
             while let Some(out) = self.ip.pop_output() {
@@ -116,8 +137,12 @@ impl Cores {
                 match out {
                     Output::Frame(f) => emit(f),
                     Output::Deliver(d) if d.to == UDP => self.udp.receive(d.src, d.dst, &d.payload, &d.ip_header),
+                    Output::Deliver(d) if d.to == TCP => self.tcp.receive(now, d.src, d.dst, &d.payload),
                     Output::EchoReply(r) if r.to == SOCKETS => self.echo_replies.push((r.ident, r.from, r.seq, r.data)),
                     Output::Deliver(_) | Output::EchoReply(_) => {}
+                    Output::Icmp(e) if e.to == TCP => {
+                        self.tcp.on_icmp(e.local_port, e.remote, e.remote_port, e.icmp_type, e.icmp_code)
+                    }
                     Output::Icmp(e) => {
                         self.udp.on_icmp(e.local_port, e.remote, e.remote_port, e.icmp_type, e.icmp_code, e.reporter)
                     }
@@ -132,11 +157,27 @@ impl Cores {
                     capnet_udp::Output::PortUnreachable { to, quote } => self.ip.send_unreachable(now, to, 3, &quote),
                 }
             }
+            while let Some(capnet_tcp::Output::Send { dst, segment }) = self.tcp.pop_output() {
+                progressed = true;
+                // Without DF: the ip core's ICMP errors do not carry the next-hop
+                // MTU yet, so path MTU discovery is not done (docs/tcp.md).
+                let _ = self.ip.send(now, dst, IpProtocol::Tcp, &segment, false);
+            }
             if !progressed {
                 return;
             }
         }
     }
+}
+
+/// A secret for the tcp core's ISNs and port choice, from the system's random
+/// source (a fixed secret only if the kernel refuses: ISNs stay unique per
+/// connection either way, thanks to the clock term).
+fn random_secret() -> [u64; 2] {
+    let mut b = [0u8; 16];
+    let _ = rustix::rand::getrandom(&mut b, rustix::rand::GetRandomFlags::empty());
+    let (x, y) = b.split_at(8);
+    [u64::from_ne_bytes(x.try_into().unwrap_or_default()), u64::from_ne_bytes(y.try_into().unwrap_or_default())]
 }
 
 /// A composition of the packet path an application thread drives: it polls, and
@@ -454,6 +495,63 @@ impl capnet_sockets::Transports for Cores {
     }
     fn echo_release(&mut self, ident: u16) {
         self.ip.demux.remove_range(IpProtocol::Icmp, ident..=ident);
+    }
+    fn tcp_listen(&mut self, port: u16, backlog: usize) -> Result<capnet_tcp::SocketId, capnet_tcp::TcpError> {
+        self.tcp.listen(port, backlog)
+    }
+    fn tcp_local_port(&self, s: capnet_tcp::SocketId) -> Result<u16, capnet_tcp::TcpError> {
+        self.tcp.local_port(s)
+    }
+    fn tcp_accept(&mut self, l: capnet_tcp::SocketId) -> Result<Option<capnet_tcp::SocketId>, capnet_tcp::TcpError> {
+        self.tcp.accept(l)
+    }
+    fn tcp_endpoints(&self, s: capnet_tcp::SocketId) -> Result<capnet_tcp::Endpoints, capnet_tcp::TcpError> {
+        self.tcp.endpoints(s)
+    }
+    fn tcp_connect(
+        &mut self,
+        addr: capnet_ip::Ipv4Address,
+        port: u16,
+    ) -> Result<capnet_tcp::SocketId, capnet_tcp::TcpError> {
+        let now = self.now();
+        self.tcp.connect(now, addr, port)
+    }
+    fn tcp_connected(&self, s: capnet_tcp::SocketId) -> Result<bool, capnet_tcp::TcpError> {
+        self.tcp.connected(s)
+    }
+    fn tcp_send(&mut self, s: capnet_tcp::SocketId, data: &[u8]) -> Result<usize, capnet_tcp::TcpError> {
+        let now = self.now();
+        self.tcp.send(now, s, data)
+    }
+    fn tcp_recv(&mut self, s: capnet_tcp::SocketId, max: usize) -> Result<capnet_tcp::Received, capnet_tcp::TcpError> {
+        let now = self.now();
+        self.tcp.recv(now, s, max)
+    }
+    fn tcp_shutdown(&mut self, s: capnet_tcp::SocketId, read: bool, write: bool) -> Result<(), capnet_tcp::TcpError> {
+        let now = self.now();
+        self.tcp.shutdown(now, s, read, write)
+    }
+    fn tcp_close(&mut self, s: capnet_tcp::SocketId) -> Result<(), capnet_tcp::TcpError> {
+        let now = self.now();
+        self.tcp.close(now, s)
+    }
+    fn tcp_abort(&mut self, s: capnet_tcp::SocketId) -> Result<(), capnet_tcp::TcpError> {
+        self.tcp.abort(s)
+    }
+    fn tcp_set_nodelay(&mut self, s: capnet_tcp::SocketId, on: bool) -> Result<(), capnet_tcp::TcpError> {
+        let now = self.now();
+        self.tcp.set_nodelay(now, s, on)
+    }
+    fn tcp_set_keepalive(
+        &mut self,
+        s: capnet_tcp::SocketId,
+        k: Option<capnet_tcp::Keepalive>,
+    ) -> Result<(), capnet_tcp::TcpError> {
+        let now = self.now();
+        self.tcp.set_keepalive(now, s, k)
+    }
+    fn tcp_ready(&self, s: capnet_tcp::SocketId) -> Result<capnet_tcp::Ready, capnet_tcp::TcpError> {
+        self.tcp.ready(s)
     }
     fn echo_send(
         &mut self,

@@ -42,6 +42,10 @@ pub const TX_POOL: u16 = 2;
 const POOL_BUFFERS: u32 = 1024;
 const QUOTA: u32 = 768;
 const BATCH: usize = 64;
+/// Descriptors the reader lends per batch: room for a few 64 KiB chains.
+const RX_BATCH: usize = 160;
+/// The largest frame a chain may carry: 64 KiB of IP datagram plus Ethernet.
+const MAX_FRAME: usize = 65536 + 14;
 /// How often a blocked driver thread looks at its stop flag.
 const STOP_CHECK: Duration = Duration::from_millis(100);
 
@@ -320,29 +324,35 @@ fn reader_loop(
             }
             pool.give_back(stack, d).map_err(peer_err)?;
         }
+        // With offloads a frame may need a chain of buffers: read only when the
+        // longest one fits.
+        let room_bytes = (pool.layout().buf_size - pool.layout().headroom) as usize;
+        let max_chain = if vnet { (65536 + VNET_HDR_LEN).div_ceil(room_bytes) } else { 1 };
         let quota_left = (QUOTA - pool.held_by(stack).min(QUOTA)) as usize;
-        let room = end.space().map_err(peer_err)?.min(pool.free_count()).min(quota_left).min(BATCH);
-        if room == 0 {
+        let room = end.space_for(max_chain).map_err(peer_err)?.min(pool.free_count()).min(quota_left).min(RX_BATCH);
+        if room < max_chain {
             // Out of buffers or ring slots: wait for the stack to return some.
             waiter.wait(&mut [&mut end], Some(STOP_CHECK), None as NoTokens);
             continue;
         }
         wait_readable(&fd, impair.due_in().map_or(STOP_CHECK, |d| d.min(STOP_CHECK)))?;
         batch.clear();
-        let room_bytes = (pool.layout().buf_size - pool.layout().headroom) as usize;
+        // A frame larger than a buffer (a TSO super-frame) goes as a chain; it is
+        // read only when the whole chain fits the ring room left.
         let mut lend = |frame: &[u8], batch: &mut Vec<Descriptor>| -> Result<bool, RuntimeError> {
-            if frame.len() > room_bytes {
-                return Ok(true); // larger than a buffer (offloads are off): counted as read, dropped
+            let start = batch.len();
+            if !pool.fill_chain(frame, batch).map_err(ipc_err)? {
+                return Ok(false);
             }
-            let Some(d) = pool.fill(frame).map_err(ipc_err)? else { return Ok(false) };
-            pool.lend(stack, &d).map_err(ipc_err)?;
-            batch.push(d);
+            for d in &batch[start..] {
+                pool.lend(stack, d).map_err(ipc_err)?;
+            }
             Ok(true)
         };
         if impair.passthrough {
             // Straight from the device into the pool: one copy, no allocation, and
             // never more than fits (the rest waits in the device's queue).
-            while batch.len() < room {
+            while batch.len() + max_chain <= room {
                 let Some(n) = read_frame(&fd, &mut buf)? else { break };
                 stats.frames_read += 1;
                 let Some(frame) = plain_frame(&buf[..n], vnet, &mut scratch, &mut stats) else { continue };
@@ -358,7 +368,7 @@ fn reader_loop(
                     impair.push(frame.to_vec());
                 }
             }
-            while batch.len() < room {
+            while batch.len() + max_chain <= room {
                 let Some(frame) = impair.pop() else { break };
                 if !lend(&frame, &mut batch)? {
                     break;
@@ -454,11 +464,18 @@ impl StackGroup {
             self.batch.clear();
             for i in 0..self.inbox.len() {
                 let d = self.inbox[i];
-                self.frame.clear();
+                // Pieces of a chain gather in `frame` until the one without MORE.
                 self.rx_view.read_into(&d, &mut self.frame).map_err(peer_err)?;
                 self.batch.push(returned(&d));
+                if self.frame.len() > MAX_FRAME {
+                    return Err(RuntimeError::Peer(format!("a chain of over {MAX_FRAME} bytes")));
+                }
+                if d.has(Descriptor::MORE) {
+                    continue;
+                }
                 let now = self.cores.now();
                 self.cores.ip.receive_frame(now, &self.frame);
+                self.frame.clear();
             }
             let mut sent = 0;
             while sent < self.batch.len() {

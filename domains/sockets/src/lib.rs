@@ -10,8 +10,9 @@
 //! Sans-IO: the transport cores are reached through the [`Transports`] context
 //! trait (direct calls in one group, messages between groups), requests arrive as
 //! [`Request`]s and leave as [`Response`]s via [`SocketsCore::pop_response`]. A
-//! receive with nothing queued is parked and answered when data arrives (or
-//! cancelled by the client when its timeout passes).
+//! call that would block (a receive, an accept, a handshake, a poll) is parked
+//! and answered when it can complete (or cancelled by the client when its timeout
+//! passes).
 
 #![forbid(unsafe_code)]
 
@@ -19,9 +20,11 @@ pub mod proto;
 
 use std::collections::VecDeque;
 
+pub use capnet_tcp::{Endpoints, Ready, SocketId as TcpId};
+use capnet_tcp::{Keepalive, Received, TcpError};
 pub use capnet_udp::Ipv4Address;
 use capnet_udp::{SocketId, UdpError};
-pub use proto::{Call, Handle, Reply, Request, Response, SocketError};
+pub use proto::{Call, Handle, Reply, Request, Response, SocketError, TcpOption, ERROR, HANGUP, READABLE, WRITABLE};
 
 /// Which application (a per-attachment index the runtime assigns).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -47,20 +50,73 @@ pub trait Transports {
     fn echo_release(&mut self, ident: u16);
     /// ICMP: send an echo request.
     fn echo_send(&mut self, dst: Ipv4Address, ident: u16, seq: u16, data: &[u8]) -> Result<(), SocketError>;
+    /// TCP: listen.
+    fn tcp_listen(&mut self, port: u16, backlog: usize) -> Result<TcpId, TcpError>;
+    /// TCP: the port of a listener or connection.
+    fn tcp_local_port(&self, s: TcpId) -> Result<u16, TcpError>;
+    /// TCP: take an established connection from a listener.
+    fn tcp_accept(&mut self, l: TcpId) -> Result<Option<TcpId>, TcpError>;
+    /// TCP: a connection's endpoints.
+    fn tcp_endpoints(&self, s: TcpId) -> Result<Endpoints, TcpError>;
+    /// TCP: open a connection.
+    fn tcp_connect(&mut self, addr: Ipv4Address, port: u16) -> Result<TcpId, TcpError>;
+    /// TCP: has the handshake finished (or failed)?
+    fn tcp_connected(&self, s: TcpId) -> Result<bool, TcpError>;
+    /// TCP: queue bytes; how many fit.
+    fn tcp_send(&mut self, s: TcpId, data: &[u8]) -> Result<usize, TcpError>;
+    /// TCP: take received bytes.
+    fn tcp_recv(&mut self, s: TcpId, max: usize) -> Result<Received, TcpError>;
+    /// TCP: shut down reading and/or writing.
+    fn tcp_shutdown(&mut self, s: TcpId, read: bool, write: bool) -> Result<(), TcpError>;
+    /// TCP: let go (graceful close in the background).
+    fn tcp_close(&mut self, s: TcpId) -> Result<(), TcpError>;
+    /// TCP: reset now.
+    fn tcp_abort(&mut self, s: TcpId) -> Result<(), TcpError>;
+    /// TCP: Nagle off (`true`) or on.
+    fn tcp_set_nodelay(&mut self, s: TcpId, on: bool) -> Result<(), TcpError>;
+    /// TCP: keep-alive.
+    fn tcp_set_keepalive(&mut self, s: TcpId, k: Option<Keepalive>) -> Result<(), TcpError>;
+    /// TCP: readiness.
+    fn tcp_ready(&self, s: TcpId) -> Result<Ready, TcpError>;
 }
 
 #[derive(Debug)]
 enum Kind {
     Udp(SocketId),
     Echo { ident: u16, replies: VecDeque<(Ipv4Address, u16, Vec<u8>)> },
+    TcpListener(TcpId),
+    Tcp(TcpId),
 }
 
 #[derive(Debug)]
 struct Entry {
     app: AppId,
     kind: Kind,
-    /// A parked receive: (request id) waiting for data.
-    parked: Option<u64>,
+}
+
+/// What a parked call waits for.
+#[derive(Debug)]
+enum Wait {
+    Recv { slot: usize, max: u32 },
+    Accept { slot: usize },
+    Connected { slot: usize },
+    Poll { items: Vec<(Handle, u8)> },
+}
+
+impl Wait {
+    fn slot(&self) -> Option<usize> {
+        match self {
+            Wait::Recv { slot, .. } | Wait::Accept { slot } | Wait::Connected { slot } => Some(*slot),
+            Wait::Poll { .. } => None,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Parked {
+    app: AppId,
+    id: u64,
+    wait: Wait,
 }
 
 #[derive(Debug)]
@@ -81,6 +137,7 @@ pub struct SocketsCore {
     apps: Vec<App>,
     slots: Vec<Slot>,
     out: VecDeque<(AppId, Response)>,
+    parked: Vec<Parked>,
     next_ident: u16,
 }
 
@@ -102,6 +159,7 @@ impl SocketsCore {
         if let Some(a) = self.apps.get_mut(app.0 as usize) {
             a.live = false;
         }
+        self.parked.retain(|p| p.app != app);
         for i in 0..self.slots.len() {
             if self.slots[i].entry.as_ref().is_some_and(|e| e.app == app) {
                 self.free_slot(i, t);
@@ -127,6 +185,19 @@ impl SocketsCore {
         }
     }
 
+    /// Answers and forgets every parked call on slot `i` (it is being closed).
+    fn unpark_slot(&mut self, i: usize, err: SocketError) {
+        let mut k = 0;
+        while k < self.parked.len() {
+            if self.parked[k].wait.slot() == Some(i) {
+                let p = self.parked.remove(k);
+                self.out.push_back((p.app, Response { id: p.id, reply: Reply::Err(err.clone()) }));
+            } else {
+                k += 1;
+            }
+        }
+    }
+
     fn insert(&mut self, app: AppId, kind: Kind) -> Handle {
         let secret = self.apps[app.0 as usize].secret;
         let i = match self.slots.iter().position(|s| s.entry.is_none()) {
@@ -138,19 +209,28 @@ impl SocketsCore {
         };
         let s = &mut self.slots[i];
         s.generation = s.generation.wrapping_add(1);
-        s.entry = Some(Entry { app, kind, parked: None });
+        s.entry = Some(Entry { app, kind });
         Handle { slot: i as u32, generation: s.generation, secret }
     }
 
     fn free_slot<T: Transports>(&mut self, i: usize, t: &mut T) {
+        self.unpark_slot(i, SocketError::StaleHandle);
         if let Some(e) = self.slots[i].entry.take() {
             match e.kind {
                 Kind::Udp(s) => {
                     let _ = t.udp_close(s);
                 }
                 Kind::Echo { ident, .. } => t.echo_release(ident),
+                Kind::TcpListener(s) | Kind::Tcp(s) => {
+                    let _ = t.tcp_close(s);
+                }
             }
         }
+    }
+
+    fn park(&mut self, app: AppId, id: u64, wait: Wait) -> Option<Reply> {
+        self.parked.push(Parked { app, id, wait });
+        None
     }
 
     /// Handles one request from `app`; its response (now, or when a parked
@@ -179,35 +259,91 @@ impl SocketsCore {
                 let to = to.map(|(a, p)| (Ipv4Address::from(a), p));
                 t.udp_send(s, to, &data).map(|_| Reply::Done).map_err(SocketError::from)
             }),
-            Call::Recv { handle, wait } => match self.check(app, handle) {
+            Call::Recv { handle, max, wait } => match self.check(app, handle) {
                 Err(e) => Err(e),
-                Ok(i) => match self.take_ready(i, t) {
+                Ok(i) => match self.take_ready(i, max, t) {
                     Ok(Some(r)) => Ok(r),
-                    Ok(None) if wait => {
-                        // Parked: answered by `poll_ready` when data arrives, or by a
-                        // Cancel from the client's timeout. A second park replaces the first.
-                        if let Some(old) = self.slots[i].entry.as_mut().and_then(|e| e.parked.replace(id)) {
-                            self.out.push_back((app, Response { id: old, reply: Reply::Err(SocketError::WouldBlock) }));
-                        }
-                        return None;
-                    }
+                    Ok(None) if wait => return self.park(app, id, Wait::Recv { slot: i, max }),
                     Ok(None) => Err(SocketError::WouldBlock),
                     Err(e) => Err(e),
                 },
             },
-            Call::Cancel { handle } => self.check(app, handle).map(|i| {
-                if let Some(old) = self.slots[i].entry.as_mut().and_then(|e| e.parked.take()) {
-                    self.out.push_back((app, Response { id: old, reply: Reply::Err(SocketError::TimedOut) }));
+            Call::Cancel { id: which } => {
+                if let Some(k) = self.parked.iter().position(|p| p.app == app && p.id == which) {
+                    let p = self.parked.remove(k);
+                    self.out.push_back((app, Response { id: p.id, reply: Reply::Err(SocketError::TimedOut) }));
                 }
-                Reply::Done
-            }),
+                Ok(Reply::Done)
+            }
             Call::Close { handle } => self.check(app, handle).map(|i| {
-                if let Some(old) = self.slots[i].entry.as_mut().and_then(|e| e.parked.take()) {
-                    self.out.push_back((app, Response { id: old, reply: Reply::Err(SocketError::StaleHandle) }));
-                }
                 self.free_slot(i, t);
                 Reply::Done
             }),
+            Call::TcpListen { port, backlog } => {
+                t.tcp_listen(port, backlog as usize).map_err(SocketError::from).and_then(|s| {
+                    let port = t.tcp_local_port(s).map_err(SocketError::from)?;
+                    Ok(Reply::Bound { handle: self.insert(app, Kind::TcpListener(s)), port })
+                })
+            }
+            Call::TcpAccept { handle, wait } => match self.listener(app, handle) {
+                Err(e) => Err(e),
+                Ok((i, l)) => match self.accept(app, l, t) {
+                    Ok(Some(r)) => Ok(r),
+                    Ok(None) if wait => return self.park(app, id, Wait::Accept { slot: i }),
+                    Ok(None) => Err(SocketError::WouldBlock),
+                    Err(e) => Err(e),
+                },
+            },
+            Call::TcpConnect { addr, port } => {
+                t.tcp_connect(Ipv4Address::from(addr), port).map_err(SocketError::from).and_then(|s| {
+                    let port = t.tcp_local_port(s).map_err(SocketError::from)?;
+                    Ok(Reply::Bound { handle: self.insert(app, Kind::Tcp(s)), port })
+                })
+            }
+            Call::TcpConnected { handle, wait } => match self.tcp(app, handle) {
+                Err(e) => Err(e),
+                Ok((i, s)) => match t.tcp_connected(s) {
+                    Ok(true) => Ok(Reply::Done),
+                    Ok(false) if wait => return self.park(app, id, Wait::Connected { slot: i }),
+                    Ok(false) => Err(SocketError::WouldBlock),
+                    Err(e) => Err(e.into()),
+                },
+            },
+            Call::TcpSend { handle, data } => self
+                .tcp(app, handle)
+                .and_then(|(_, s)| t.tcp_send(s, &data).map_err(SocketError::from))
+                .map(|n| Reply::Sent { n: n as u32 }),
+            Call::TcpShutdown { handle, read, write } => self
+                .tcp(app, handle)
+                .and_then(|(_, s)| t.tcp_shutdown(s, read, write).map_err(SocketError::from))
+                .map(|_| Reply::Done),
+            Call::TcpAbort { handle } => self.tcp(app, handle).map(|(i, s)| {
+                let _ = t.tcp_abort(s);
+                self.unpark_slot(i, SocketError::StaleHandle);
+                self.slots[i].entry = None;
+                Reply::Done
+            }),
+            Call::TcpSetOption { handle, option } => self.tcp(app, handle).and_then(|(_, s)| {
+                let r = match option {
+                    TcpOption::NoDelay(on) => t.tcp_set_nodelay(s, on),
+                    TcpOption::KeepAlive(k) => t.tcp_set_keepalive(
+                        s,
+                        k.map(|(idle, interval, count)| Keepalive {
+                            idle: capnet_tcp::Duration::from_millis(idle.max(1)),
+                            interval: capnet_tcp::Duration::from_millis(interval.max(1)),
+                            count: count.max(1),
+                        }),
+                    ),
+                };
+                r.map(|_| Reply::Done).map_err(SocketError::from)
+            }),
+            Call::Poll { items, wait } => {
+                let events = self.readiness(app, &items, t);
+                if events.is_empty() && wait {
+                    return self.park(app, id, Wait::Poll { items });
+                }
+                Ok(Reply::Ready { events })
+            }
             Call::EchoOpen => {
                 let mut found = None;
                 for _ in 0..0x4000 {
@@ -239,6 +375,62 @@ impl SocketsCore {
         Some(r.unwrap_or_else(Reply::Err))
     }
 
+    fn tcp(&self, app: AppId, h: Handle) -> Result<(usize, TcpId), SocketError> {
+        let i = self.check(app, h)?;
+        match &self.slots[i].entry {
+            Some(Entry { kind: Kind::Tcp(s), .. }) => Ok((i, *s)),
+            _ => Err(SocketError::WrongKind),
+        }
+    }
+
+    fn listener(&self, app: AppId, h: Handle) -> Result<(usize, TcpId), SocketError> {
+        let i = self.check(app, h)?;
+        match &self.slots[i].entry {
+            Some(Entry { kind: Kind::TcpListener(s), .. }) => Ok((i, *s)),
+            _ => Err(SocketError::WrongKind),
+        }
+    }
+
+    /// Takes a connection from listener `l` and gives it a handle.
+    fn accept<T: Transports>(&mut self, app: AppId, l: TcpId, t: &mut T) -> Result<Option<Reply>, SocketError> {
+        let Some(c) = t.tcp_accept(l)? else { return Ok(None) };
+        let ends = t.tcp_endpoints(c)?;
+        let handle = self.insert(app, Kind::Tcp(c));
+        Ok(Some(Reply::Accepted { handle, port: ends.local_port, peer: (ends.remote.octets(), ends.remote_port) }))
+    }
+
+    /// Which of `items` are ready, as (index, bits); a bad handle reads as an error.
+    fn readiness<T: Transports>(&self, app: AppId, items: &[(Handle, u8)], t: &T) -> Vec<(u32, u8)> {
+        let mut events = Vec::new();
+        for (k, (h, interest)) in items.iter().enumerate() {
+            let bits = match self.check(app, *h).map(|i| &self.slots[i].entry) {
+                Ok(Some(Entry { kind: Kind::Tcp(s) | Kind::TcpListener(s), .. })) => match t.tcp_ready(*s) {
+                    Ok(r) => {
+                        let bit = |on: bool, b: u8| if on { b } else { 0 };
+                        bit(r.readable, READABLE) | bit(r.writable, WRITABLE) | bit(r.error, ERROR) | bit(r.hup, HANGUP)
+                    }
+                    Err(_) => ERROR,
+                },
+                Ok(Some(Entry { kind: Kind::Echo { replies, .. }, .. })) => {
+                    if replies.is_empty() {
+                        WRITABLE
+                    } else {
+                        READABLE | WRITABLE
+                    }
+                }
+                // UDP readiness would need a peek at the udp core's queue: report
+                // writable only; receive with `wait` instead.
+                Ok(Some(Entry { kind: Kind::Udp(_), .. })) => WRITABLE,
+                _ => ERROR,
+            };
+            let bits = bits & (*interest | ERROR | HANGUP);
+            if bits != 0 {
+                events.push((k as u32, bits));
+            }
+        }
+        events
+    }
+
     fn udp(&self, app: AppId, h: Handle) -> Result<SocketId, SocketError> {
         let i = self.check(app, h)?;
         match &self.slots[i].entry {
@@ -247,7 +439,7 @@ impl SocketsCore {
         }
     }
 
-    fn take_ready<T: Transports>(&mut self, i: usize, t: &mut T) -> Result<Option<Reply>, SocketError> {
+    fn take_ready<T: Transports>(&mut self, i: usize, max: u32, t: &mut T) -> Result<Option<Reply>, SocketError> {
         let Some(e) = self.slots[i].entry.as_mut() else { return Err(SocketError::StaleHandle) };
         match &mut e.kind {
             Kind::Udp(s) => match t.udp_recv(*s) {
@@ -258,6 +450,12 @@ impl SocketsCore {
             Kind::Echo { replies, .. } => {
                 Ok(replies.pop_front().map(|(from, seq, data)| Reply::EchoReply { from: from.octets(), seq, data }))
             }
+            Kind::Tcp(s) => match t.tcp_recv(*s, (max as usize).clamp(1, MAX_TCP_READ))? {
+                Received::Data(data) => Ok(Some(Reply::Data { data })),
+                Received::Eof => Ok(Some(Reply::Data { data: Vec::new() })),
+                Received::Nothing => Ok(None),
+            },
+            Kind::TcpListener(_) => Err(SocketError::WrongKind),
         }
     }
 
@@ -273,25 +471,47 @@ impl SocketsCore {
         }
     }
 
-    /// Answers parked receives that now have data (call after the transports ran).
+    /// Answers parked calls that can now complete (call after the transports ran).
     pub fn poll_ready<T: Transports>(&mut self, t: &mut T) {
-        for i in 0..self.slots.len() {
-            let Some(e) = self.slots[i].entry.as_ref() else { continue };
-            let (app, Some(id)) = (e.app, e.parked) else { continue };
-            match self.take_ready(i, t) {
-                Ok(None) => {}
-                r => {
-                    if let Some(e) = self.slots[i].entry.as_mut() {
-                        e.parked = None;
+        let mut k = 0;
+        while k < self.parked.len() {
+            let (app, id) = (self.parked[k].app, self.parked[k].id);
+            let r = match &self.parked[k].wait {
+                Wait::Recv { slot, max } => self.take_ready(*slot, *max, t),
+                Wait::Accept { slot } => match &self.slots[*slot].entry {
+                    Some(Entry { kind: Kind::TcpListener(l), .. }) => {
+                        let l = *l;
+                        self.accept(app, l, t)
                     }
-                    let reply = match r {
-                        Ok(Some(r)) => r,
-                        Err(e) => Reply::Err(e),
-                        Ok(None) => continue,
-                    };
-                    self.out.push_back((app, Response { id, reply }));
+                    _ => Err(SocketError::StaleHandle),
+                },
+                Wait::Connected { slot } => match &self.slots[*slot].entry {
+                    Some(Entry { kind: Kind::Tcp(s), .. }) => match t.tcp_connected(*s) {
+                        Ok(true) => Ok(Some(Reply::Done)),
+                        Ok(false) => Ok(None),
+                        Err(e) => Err(e.into()),
+                    },
+                    _ => Err(SocketError::StaleHandle),
+                },
+                Wait::Poll { items } => {
+                    let events = self.readiness(app, items, t);
+                    Ok((!events.is_empty()).then_some(Reply::Ready { events }))
                 }
-            }
+            };
+            let reply = match r {
+                Ok(None) => {
+                    k += 1;
+                    continue;
+                }
+                Ok(Some(r)) => r,
+                Err(e) => Reply::Err(e),
+            };
+            self.parked.remove(k);
+            self.out.push_back((app, Response { id, reply }));
         }
     }
 }
+
+/// The most bytes one TCP receive returns (a message must stay under the
+/// channel's message size).
+pub const MAX_TCP_READ: usize = 64 * 1024;

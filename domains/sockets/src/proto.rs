@@ -50,17 +50,21 @@ pub enum Call {
         /// Payload.
         data: Vec<u8>,
     },
-    /// Receive the next datagram or echo reply; with `wait`, park until one comes.
+    /// Receive the next datagram or echo reply, or up to `max` bytes of a TCP
+    /// stream; with `wait`, park until something comes.
     Recv {
         /// Socket.
         handle: Handle,
+        /// Most bytes to return (TCP).
+        max: u32,
         /// Park instead of answering WouldBlock.
         wait: bool,
     },
-    /// Give up a parked receive (the client's timeout passed).
+    /// Give up the parked request `id` (the client's timeout passed): it is
+    /// answered `TimedOut`.
     Cancel {
-        /// Socket.
-        handle: Handle,
+        /// The parked request's id.
+        id: u64,
     },
     /// Close a socket.
     Close {
@@ -80,6 +84,89 @@ pub enum Call {
         /// Payload.
         data: Vec<u8>,
     },
+    /// Listen for TCP connections on `port` (0: ephemeral).
+    TcpListen {
+        /// Port.
+        port: u16,
+        /// SYN and accept queue limit.
+        backlog: u32,
+    },
+    /// Take an established connection from a listener; with `wait`, park until one
+    /// comes.
+    TcpAccept {
+        /// The listener.
+        handle: Handle,
+        /// Park instead of answering WouldBlock.
+        wait: bool,
+    },
+    /// Open a TCP connection (the handshake starts; see `TcpConnected`).
+    TcpConnect {
+        /// Peer address.
+        addr: [u8; 4],
+        /// Peer port.
+        port: u16,
+    },
+    /// Whether the handshake finished: `Done`, an error, or (with `wait`) parked
+    /// until one of those.
+    TcpConnected {
+        /// The connection.
+        handle: Handle,
+        /// Park instead of answering WouldBlock.
+        wait: bool,
+    },
+    /// Queue bytes on a connection: answered with how many fit (`Sent`).
+    TcpSend {
+        /// The connection.
+        handle: Handle,
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// Shut down reading and/or writing.
+    TcpShutdown {
+        /// The connection.
+        handle: Handle,
+        /// Reading.
+        read: bool,
+        /// Writing (a FIN follows the queued data).
+        write: bool,
+    },
+    /// Reset the connection now (linger 0) and free the handle.
+    TcpAbort {
+        /// The connection.
+        handle: Handle,
+    },
+    /// Set a connection option.
+    TcpSetOption {
+        /// The connection.
+        handle: Handle,
+        /// The option.
+        option: TcpOption,
+    },
+    /// Readiness of several sockets; with `wait`, park until one is ready.
+    Poll {
+        /// (socket, interest bits: [`READABLE`], [`WRITABLE`]).
+        items: Vec<(Handle, u8)>,
+        /// Park until something is ready.
+        wait: bool,
+    },
+}
+
+/// Readable (data, EOF, a pending connection, or an error).
+pub const READABLE: u8 = 1;
+/// Writable (send room, a finished handshake, or an error).
+pub const WRITABLE: u8 = 2;
+/// The connection ended with an error.
+pub const ERROR: u8 = 4;
+/// Both directions are finished.
+pub const HANGUP: u8 = 8;
+
+/// TCP connection options.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub enum TcpOption {
+    /// Nagle's algorithm off (`true`) or on.
+    NoDelay(bool),
+    /// Keep-alive: (idle ms, interval ms, probes), or off.
+    KeepAlive(Option<(u64, u64, u32)>),
 }
 
 /// A response to the request with the same id.
@@ -118,6 +205,30 @@ pub enum Reply {
         seq: u16,
         /// Its payload.
         data: Vec<u8>,
+    },
+    /// A connection taken from a listener.
+    Accepted {
+        /// Its handle.
+        handle: Handle,
+        /// Our port.
+        port: u16,
+        /// The peer.
+        peer: ([u8; 4], u16),
+    },
+    /// How many bytes a send queued (0: the send buffer is full).
+    Sent {
+        /// Bytes queued.
+        n: u32,
+    },
+    /// Bytes of a stream; empty means the peer finished (EOF).
+    Data {
+        /// The bytes.
+        data: Vec<u8>,
+    },
+    /// Readiness: (index into the items, bits) for each ready one.
+    Ready {
+        /// The ready items.
+        events: Vec<(u32, u8)>,
     },
     /// The call failed.
     Err(SocketError),
@@ -159,6 +270,33 @@ pub enum SocketError {
     /// No route to the destination.
     #[error("no route to host")]
     NoRoute,
+    /// The peer reset the connection.
+    #[error("connection reset by peer")]
+    Reset,
+    /// Not connected (any more).
+    #[error("not connected")]
+    NotConnected,
+    /// Writing after a shutdown.
+    #[error("broken pipe")]
+    BrokenPipe,
+}
+
+impl From<capnet_tcp::TcpError> for SocketError {
+    fn from(e: capnet_tcp::TcpError) -> Self {
+        use capnet_tcp::TcpError as T;
+        match e {
+            T::AddrInUse(_) | T::NoEphemeral => Self::AddrInUse,
+            T::BadSocket => Self::StaleHandle,
+            T::WrongKind => Self::WrongKind,
+            T::NotConnected => Self::NotConnected,
+            T::ConnectionRefused => Self::Refused,
+            T::ConnectionReset => Self::Reset,
+            T::TimedOut => Self::TimedOut,
+            T::BrokenPipe => Self::BrokenPipe,
+            T::Unreachable { icmp_type: 3, icmp_code: 0 | 1 } => Self::NoRoute,
+            T::Unreachable { icmp_type, icmp_code } => Self::Icmp(icmp_type, icmp_code),
+        }
+    }
 }
 
 impl From<capnet_udp::UdpError> for SocketError {

@@ -1,17 +1,22 @@
 //! The socket table: handles are unforgeable, per application and generation-checked;
-//! receives park and complete; detaching closes everything.
+//! receives park and complete; detaching closes everything; TCP calls over a
+//! connection of the tcp core to itself.
 
 use capnet_sockets::{
     AppId, Call, Handle, Ipv4Address, Reply, Request, Response, SocketError, SocketsCore, Transports,
 };
+use capnet_tcp::{Endpoints, Instant, Keepalive, Ready, Received, TcpCore, TcpError};
 use capnet_udp::{Datagram, SocketId, UdpCore, UdpError};
+
+type TcpId = capnet_sockets::TcpId;
 
 const US: Ipv4Address = Ipv4Address::new(10, 77, 0, 2);
 const PEER: Ipv4Address = Ipv4Address::new(10, 77, 0, 1);
 
-/// The udp core for real, and a recorded ICMP side.
+/// The udp and tcp cores for real, and a recorded ICMP side.
 struct Fake {
     udp: UdpCore,
+    tcp: TcpCore,
     claimed: Vec<u16>,
     echoes: Vec<(Ipv4Address, u16, u16, Vec<u8>)>,
 }
@@ -48,13 +53,67 @@ impl Transports for Fake {
         self.echoes.push((dst, ident, seq, data.to_vec()));
         Ok(())
     }
+    fn tcp_listen(&mut self, port: u16, backlog: usize) -> Result<TcpId, TcpError> {
+        self.tcp.listen(port, backlog)
+    }
+    fn tcp_local_port(&self, s: TcpId) -> Result<u16, TcpError> {
+        self.tcp.local_port(s)
+    }
+    fn tcp_accept(&mut self, l: TcpId) -> Result<Option<TcpId>, TcpError> {
+        self.tcp.accept(l)
+    }
+    fn tcp_endpoints(&self, s: TcpId) -> Result<Endpoints, TcpError> {
+        self.tcp.endpoints(s)
+    }
+    fn tcp_connect(&mut self, addr: Ipv4Address, port: u16) -> Result<TcpId, TcpError> {
+        self.tcp.connect(NOW, addr, port)
+    }
+    fn tcp_connected(&self, s: TcpId) -> Result<bool, TcpError> {
+        self.tcp.connected(s)
+    }
+    fn tcp_send(&mut self, s: TcpId, data: &[u8]) -> Result<usize, TcpError> {
+        self.tcp.send(NOW, s, data)
+    }
+    fn tcp_recv(&mut self, s: TcpId, max: usize) -> Result<Received, TcpError> {
+        self.tcp.recv(NOW, s, max)
+    }
+    fn tcp_shutdown(&mut self, s: TcpId, read: bool, write: bool) -> Result<(), TcpError> {
+        self.tcp.shutdown(NOW, s, read, write)
+    }
+    fn tcp_close(&mut self, s: TcpId) -> Result<(), TcpError> {
+        self.tcp.close(NOW, s)
+    }
+    fn tcp_abort(&mut self, s: TcpId) -> Result<(), TcpError> {
+        self.tcp.abort(s)
+    }
+    fn tcp_set_nodelay(&mut self, s: TcpId, on: bool) -> Result<(), TcpError> {
+        self.tcp.set_nodelay(NOW, s, on)
+    }
+    fn tcp_set_keepalive(&mut self, s: TcpId, k: Option<Keepalive>) -> Result<(), TcpError> {
+        self.tcp.set_keepalive(NOW, s, k)
+    }
+    fn tcp_ready(&self, s: TcpId) -> Result<Ready, TcpError> {
+        self.tcp.ready(s)
+    }
+}
+
+const NOW: Instant = Instant::from_millis_const(1000);
+
+impl Fake {
+    /// Loops the tcp core's segments back into it (it talks to itself).
+    fn loop_tcp(&mut self) {
+        while let Some(capnet_tcp::Output::Send { segment, .. }) = self.tcp.pop_output() {
+            self.tcp.receive(NOW, US, US, &segment);
+        }
+    }
 }
 
 fn setup() -> (SocketsCore, Fake, AppId, AppId) {
     let mut core = SocketsCore::new();
     let a = core.attach(0x1111_2222_3333_4444);
     let b = core.attach(0x5555_6666_7777_8888);
-    (core, Fake { udp: UdpCore::new(US, 1 << 16), claimed: vec![], echoes: vec![] }, a, b)
+    let tcp = TcpCore::new(capnet_tcp::Config::new(US, [7, 7]));
+    (core, Fake { udp: UdpCore::new(US, 1 << 16), tcp, claimed: vec![], echoes: vec![] }, a, b)
 }
 
 fn call(core: &mut SocketsCore, t: &mut Fake, app: AppId, id: u64, c: Call) -> Option<Reply> {
@@ -89,7 +148,7 @@ fn segment(dport: u16, data: &[u8]) -> Vec<u8> {
 fn forged_foreign_and_stale_handles_are_refused() {
     let (mut core, mut t, a, b) = setup();
     let h = bind(&mut core, &mut t, a, 7);
-    let recv = |h| Call::Recv { handle: h, wait: false };
+    let recv = |h| Call::Recv { handle: h, max: 0, wait: false };
     assert_eq!(call(&mut core, &mut t, a, 2, recv(h)), Some(Reply::Err(SocketError::WouldBlock)), "the owner may");
     let forged = Handle { secret: h.secret ^ 1, ..h };
     assert_eq!(call(&mut core, &mut t, a, 3, recv(forged)), Some(Reply::Err(SocketError::BadHandle)), "forged");
@@ -108,14 +167,14 @@ fn forged_foreign_and_stale_handles_are_refused() {
 fn a_parked_receive_completes_when_data_arrives_or_is_cancelled() {
     let (mut core, mut t, a, _) = setup();
     let h = bind(&mut core, &mut t, a, 7);
-    assert_eq!(call(&mut core, &mut t, a, 10, Call::Recv { handle: h, wait: true }), None, "parked");
+    assert_eq!(call(&mut core, &mut t, a, 10, Call::Recv { handle: h, max: 0, wait: true }), None, "parked");
     t.udp.receive(PEER, US, &segment(7, b"hello"), &[0x45; 20]);
     core.poll_ready(&mut t);
     let (to, r) = core.pop_response().expect("completed");
     assert_eq!((to, r.id), (a, 10));
     assert_eq!(r.reply, Reply::Datagram { from: (PEER.octets(), 9), data: b"hello".to_vec() });
-    assert_eq!(call(&mut core, &mut t, a, 11, Call::Recv { handle: h, wait: true }), None);
-    core.request(a, Request { id: 12, call: Call::Cancel { handle: h } }, &mut t);
+    assert_eq!(call(&mut core, &mut t, a, 11, Call::Recv { handle: h, max: 0, wait: true }), None);
+    core.request(a, Request { id: 12, call: Call::Cancel { id: 11 } }, &mut t);
     let (_, parked) = core.pop_response().expect("the parked receive's answer");
     assert_eq!((parked.id, parked.reply), (11, Reply::Err(SocketError::TimedOut)), "the parked one times out");
     let (_, done) = core.pop_response().expect("cancel's own reply");
@@ -153,11 +212,68 @@ fn echo_sockets_send_requests_and_receive_their_replies() {
     assert_eq!(r, Some(Reply::Done));
     assert_eq!(t.echoes, vec![(PEER, ident, 1, b"abc".to_vec())]);
     core.echo_reply(ident, PEER, 1, b"abc".to_vec());
-    let r = call(&mut core, &mut t, a, 3, Call::Recv { handle, wait: true });
+    let r = call(&mut core, &mut t, a, 3, Call::Recv { handle, max: 0, wait: true });
     assert_eq!(r, Some(Reply::EchoReply { from: PEER.octets(), seq: 1, data: b"abc".to_vec() }));
     let udp = bind(&mut core, &mut t, a, 7);
     let r = call(&mut core, &mut t, a, 4, Call::EchoSend { handle: udp, dst: PEER.octets(), seq: 1, data: vec![] });
     assert_eq!(r, Some(Reply::Err(SocketError::WrongKind)));
     assert_eq!(call(&mut core, &mut t, a, 5, Call::Close { handle }), Some(Reply::Done));
     assert!(t.claimed.is_empty(), "the identifier is released");
+}
+
+#[test]
+fn tcp_accept_connect_and_poll_park_until_ready() {
+    let (mut core, mut t, a, b) = setup();
+    let Some(Reply::Bound { handle: l, port }) =
+        call(&mut core, &mut t, a, 1, Call::TcpListen { port: 80, backlog: 8 })
+    else {
+        panic!()
+    };
+    assert_eq!(port, 80);
+    assert_eq!(call(&mut core, &mut t, a, 2, Call::TcpAccept { handle: l, wait: true }), None, "parked");
+    let Some(Reply::Bound { handle: c, port: cport }) =
+        call(&mut core, &mut t, b, 3, Call::TcpConnect { addr: US.octets(), port: 80 })
+    else {
+        panic!()
+    };
+    assert_eq!(call(&mut core, &mut t, b, 4, Call::TcpConnected { handle: c, wait: true }), None, "handshaking");
+    assert_eq!(call(&mut core, &mut t, b, 5, Call::Recv { handle: c, max: 100, wait: true }), None);
+    t.loop_tcp();
+    core.poll_ready(&mut t);
+    let mut got: Vec<(AppId, Response)> = std::iter::from_fn(|| core.pop_response()).collect();
+    got.sort_by_key(|(_, r)| r.id);
+    let Reply::Accepted { handle: s, port: 80, peer } = got[0].1.reply.clone() else { panic!("{got:?}") };
+    assert_eq!(peer, (US.octets(), cport));
+    assert_eq!(got[1].1, Response { id: 4, reply: Reply::Done });
+    assert_eq!(got.len(), 2, "the receive stays parked");
+    // A write on one side completes the other's parked receive.
+    assert_eq!(
+        call(&mut core, &mut t, a, 6, Call::TcpSend { handle: s, data: b"hello".to_vec() }),
+        Some(Reply::Sent { n: 5 })
+    );
+    t.loop_tcp();
+    core.poll_ready(&mut t);
+    let (_, r) = core.pop_response().expect("data");
+    assert_eq!(r, Response { id: 5, reply: Reply::Data { data: b"hello".to_vec() } });
+    // Poll: writable now, readable after the peer's FIN.
+    let items = vec![(c, capnet_sockets::READABLE)];
+    assert_eq!(call(&mut core, &mut t, b, 7, Call::Poll { items: items.clone(), wait: true }), None);
+    assert_eq!(
+        call(&mut core, &mut t, a, 8, Call::TcpShutdown { handle: s, read: false, write: true }),
+        Some(Reply::Done)
+    );
+    t.loop_tcp();
+    core.poll_ready(&mut t);
+    let (_, r) = core.pop_response().expect("ready");
+    assert_eq!(r, Response { id: 7, reply: Reply::Ready { events: vec![(0, capnet_sockets::READABLE)] } });
+    assert_eq!(
+        call(&mut core, &mut t, b, 9, Call::Recv { handle: c, max: 100, wait: true }),
+        Some(Reply::Data { data: vec![] }),
+        "EOF"
+    );
+    // The other application cannot touch these sockets.
+    assert_eq!(
+        call(&mut core, &mut t, a, 10, Call::TcpSend { handle: c, data: vec![1] }),
+        Some(Reply::Err(SocketError::BadHandle))
+    );
 }

@@ -9,6 +9,7 @@
 
 mod apps;
 mod control;
+mod http;
 mod status;
 mod supervisor;
 
@@ -35,8 +36,35 @@ enum Command {
     Status(StatusArgs),
     /// Ping an address from the stack (an application attached to it).
     Ping(PingArgs),
-    /// Echo datagrams back to their senders (an application attached to the stack).
+    /// Echo UDP datagrams or TCP streams back to their senders (an application
+    /// attached to the stack).
     EchoServe(EchoArgs),
+    /// Serve the files of a directory over HTTP/1.1 (GET and HEAD, keep-alive).
+    HttpServe(HttpServeArgs),
+    /// Fetch an http:// URL (an IP literal) to a file or standard output.
+    HttpGet(HttpGetArgs),
+}
+
+#[derive(Debug, Args)]
+struct HttpServeArgs {
+    #[command(flatten)]
+    target: Target,
+    /// The directory to serve.
+    dir: std::path::PathBuf,
+    /// The port to listen on.
+    #[arg(long, default_value_t = 80)]
+    port: u16,
+}
+
+#[derive(Debug, Args)]
+struct HttpGetArgs {
+    #[command(flatten)]
+    target: Target,
+    /// The URL, e.g. http://10.77.0.1:8000/file.
+    url: String,
+    /// Write the body here instead of standard output.
+    #[arg(short = 'o', long)]
+    output: Option<std::path::PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -60,9 +88,12 @@ struct PingArgs {
 struct EchoArgs {
     #[command(flatten)]
     target: Target,
-    /// Echo UDP datagrams (TCP arrives with the TCP domain).
-    #[arg(long, required = true)]
+    /// Echo UDP datagrams.
+    #[arg(long, required_unless_present = "tcp", conflicts_with = "tcp")]
     udp: bool,
+    /// Echo TCP connections.
+    #[arg(long)]
+    tcp: bool,
     /// The port to serve.
     #[arg(long, default_value_t = 7)]
     port: u16,
@@ -131,7 +162,10 @@ fn main() -> ExitCode {
         Command::Down(t) => supervisor::down(&t.netns),
         Command::Status(s) => status::show(&s.target.netns, s.json),
         Command::Ping(p) => apps::ping(&p.target.netns, p.addr, p.count, p.interval, p.size),
+        Command::EchoServe(e) if e.tcp => apps::echo_serve_tcp(&e.target.netns, e.port),
         Command::EchoServe(e) => apps::echo_serve(&e.target.netns, e.port),
+        Command::HttpServe(h) => http::serve(&h.target.netns, &h.dir, h.port),
+        Command::HttpGet(h) => http::get(&h.target.netns, &h.url, h.output.as_deref()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -10,13 +10,32 @@
 //! # Ok::<(), std::io::Error>(())
 //! ```
 //!
+//! TCP the same way:
+//!
+//! ```no_run
+//! use std::io::{Read, Write};
+//! use capnet::net::{Stack, TcpListener};
+//! let stack = Stack::attach("capnet")?;
+//! let listener = TcpListener::bind(&stack, 7)?;
+//! let (mut conn, peer) = listener.accept()?;
+//! let mut buf = [0u8; 4096];
+//! let n = conn.read(&mut buf)?;
+//! conn.write_all(&buf[..n])?;
+//! # Ok::<(), std::io::Error>(())
+//! ```
+//!
+//! One thread can serve many sockets with [`Stack::poll`] and non-blocking mode.
+//!
 //! Each application gets its own channel to the sockets domain (see
 //! [`crate::attach`]); calls are rkyv messages on it, answered in order of arrival.
+//! Calls on one [`Stack`] take turns (a blocking call holds the channel until it
+//! completes): threads that block independently attach a `Stack` each.
 //! Errors are `io::Error`s with the `ErrorKind` a `std::net` user expects.
 
+use std::cell::Cell;
 use std::collections::HashMap;
 use std::io;
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::{Ipv4Addr, Shutdown, SocketAddrV4};
 use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -26,7 +45,8 @@ use capnet_ipc::msg::MsgEnd;
 use capnet_ipc::notify::{SpinPolicy, SpinTokens};
 use capnet_ipc::region::Region;
 use capnet_ipc::{Interest, Waiter};
-use capnet_sockets::{Call, Handle, Reply, Request, Response, SocketError};
+use capnet_sockets::{Call, Handle, Reply, Request, Response, SocketError, TcpOption};
+pub use capnet_sockets::{ERROR, HANGUP, READABLE, WRITABLE};
 
 fn io_err(e: SocketError) -> io::Error {
     use io::ErrorKind as K;
@@ -40,6 +60,9 @@ fn io_err(e: SocketError) -> io::Error {
         SocketError::Refused => K::ConnectionRefused,
         SocketError::NoRoute => K::HostUnreachable,
         SocketError::Icmp(..) => K::Other,
+        SocketError::Reset => K::ConnectionReset,
+        SocketError::NotConnected => K::NotConnected,
+        SocketError::BrokenPipe => K::BrokenPipe,
     };
     io::Error::new(kind, e)
 }
@@ -55,6 +78,8 @@ struct Conn {
     next_id: u64,
     waiter: Waiter,
     early: HashMap<u64, Reply>,
+    /// Ids whose replies nobody waits for (a cancel's own acknowledgment).
+    forget: Vec<u64>,
     inbox: Vec<Vec<u8>>,
 }
 
@@ -81,14 +106,15 @@ impl Stack {
             next_id: 1,
             waiter: Waiter::new(SpinPolicy::NEVER),
             early: HashMap::new(),
+            forget: Vec::new(),
             inbox: Vec::new(),
         };
         Ok(Self { conn: Arc::new(Mutex::new(conn)) })
     }
 
-    /// Makes a call and waits for its reply. Past `timeout`, a parked receive on
-    /// `cancel` is cancelled and the call returns `TimedOut`.
-    fn call(&self, call: Call, timeout: Option<Duration>, cancel: Option<Handle>) -> io::Result<Reply> {
+    /// Makes a call and waits for its reply. Past `timeout`, a parked call is
+    /// cancelled and returns `TimedOut`.
+    fn call(&self, call: Call, timeout: Option<Duration>) -> io::Result<Reply> {
         let mut c = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         let id = c.next_id;
         c.next_id += 1;
@@ -112,12 +138,13 @@ impl Stack {
                 };
             }
             let now = Instant::now();
-            if let (Some(d), Some(h), false) = (deadline, cancel, cancelled) {
+            if let (Some(d), false) = (deadline, cancelled) {
                 if now >= d {
                     cancelled = true;
                     let cid = c.next_id;
                     c.next_id += 1;
-                    let b = encode(&Request { id: cid, call: Call::Cancel { handle: h } }).map_err(io::Error::other)?;
+                    c.forget.push(cid);
+                    let b = encode(&Request { id: cid, call: Call::Cancel { id } }).map_err(io::Error::other)?;
                     while !c.msg.send(&b).map_err(broken)? {
                         c.pump()?;
                         c.wait(Interest::BOTH, Some(Duration::from_millis(10)));
@@ -127,6 +154,12 @@ impl Stack {
             }
             if now > hard && deadline.is_some() {
                 return Err(broken("no reply"));
+            }
+            if let Some(r) = c.early.remove(&id) {
+                return match r {
+                    Reply::Err(e) => Err(io_err(e)),
+                    r => Ok(r),
+                };
             }
             let left = deadline.filter(|_| !cancelled).map(|d| d.saturating_duration_since(now));
             c.wait(Interest::RX, Some(left.unwrap_or(Duration::from_millis(200)).max(Duration::from_micros(100))));
@@ -141,6 +174,10 @@ impl Conn {
         self.msg.recv(&mut inbox).map_err(broken)?;
         for m in inbox.drain(..) {
             let r: Response = decode(&m).map_err(broken)?;
+            if let Some(k) = self.forget.iter().position(|f| *f == r.id) {
+                self.forget.swap_remove(k);
+                continue;
+            }
             self.early.insert(r.id, r.reply);
         }
         self.inbox = inbox;
@@ -167,7 +204,7 @@ pub struct UdpSocket {
 impl UdpSocket {
     /// Binds `port` on the stack's address (0: an ephemeral port).
     pub fn bind(stack: &Stack, port: u16) -> io::Result<Self> {
-        match stack.call(Call::UdpBind { port }, None, None)? {
+        match stack.call(Call::UdpBind { port }, None)? {
             Reply::Bound { handle, port } => {
                 Ok(Self { stack: stack.clone(), handle, port, read_timeout: None, nonblocking: false })
             }
@@ -183,29 +220,27 @@ impl UdpSocket {
     /// Fixes the peer: `send` goes there and only its datagrams arrive.
     pub fn connect(&self, peer: SocketAddrV4) -> io::Result<()> {
         self.stack
-            .call(Call::UdpConnect { handle: self.handle, addr: peer.ip().octets(), port: peer.port() }, None, None)
+            .call(Call::UdpConnect { handle: self.handle, addr: peer.ip().octets(), port: peer.port() }, None)
             .map(drop)
     }
 
     /// Sends a datagram to `to`.
     pub fn send_to(&self, buf: &[u8], to: SocketAddrV4) -> io::Result<usize> {
         let call = Call::UdpSend { handle: self.handle, to: Some((to.ip().octets(), to.port())), data: buf.to_vec() };
-        self.stack.call(call, None, None).map(|_| buf.len())
+        self.stack.call(call, None).map(|_| buf.len())
     }
 
     /// Sends a datagram to the connected peer.
     pub fn send(&self, buf: &[u8]) -> io::Result<usize> {
-        self.stack
-            .call(Call::UdpSend { handle: self.handle, to: None, data: buf.to_vec() }, None, None)
-            .map(|_| buf.len())
+        self.stack.call(Call::UdpSend { handle: self.handle, to: None, data: buf.to_vec() }, None).map(|_| buf.len())
     }
 
     /// Receives a datagram (truncated to `buf`, as std does).
     pub fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddrV4)> {
         let wait = !self.nonblocking;
-        let call = Call::Recv { handle: self.handle, wait };
+        let call = Call::Recv { handle: self.handle, max: 0, wait };
         let timeout = if wait { self.read_timeout } else { None };
-        match self.stack.call(call, timeout, Some(self.handle))? {
+        match self.stack.call(call, timeout)? {
             Reply::Datagram { from: (addr, port), data } => {
                 let n = data.len().min(buf.len());
                 buf[..n].copy_from_slice(&data[..n]);
@@ -233,7 +268,7 @@ impl UdpSocket {
 
 impl Drop for UdpSocket {
     fn drop(&mut self) {
-        let _ = self.stack.call(Call::Close { handle: self.handle }, None, None);
+        let _ = self.stack.call(Call::Close { handle: self.handle }, None);
     }
 }
 
@@ -248,7 +283,7 @@ pub struct PingSocket {
 impl PingSocket {
     /// Opens one with a free echo identifier.
     pub fn open(stack: &Stack) -> io::Result<Self> {
-        match stack.call(Call::EchoOpen, None, None)? {
+        match stack.call(Call::EchoOpen, None)? {
             Reply::Bound { handle, port } => Ok(Self { stack: stack.clone(), handle, ident: port }),
             r => Err(broken(format!("unexpected reply {r:?}"))),
         }
@@ -262,13 +297,13 @@ impl PingSocket {
     /// Sends an echo request.
     pub fn send(&self, dst: Ipv4Addr, seq: u16, data: &[u8]) -> io::Result<()> {
         self.stack
-            .call(Call::EchoSend { handle: self.handle, dst: dst.octets(), seq, data: data.to_vec() }, None, None)
+            .call(Call::EchoSend { handle: self.handle, dst: dst.octets(), seq, data: data.to_vec() }, None)
             .map(drop)
     }
 
     /// Waits up to `timeout` for an echo reply: (from, sequence, data).
     pub fn recv(&self, timeout: Duration) -> io::Result<(Ipv4Addr, u16, Vec<u8>)> {
-        match self.stack.call(Call::Recv { handle: self.handle, wait: true }, Some(timeout), Some(self.handle))? {
+        match self.stack.call(Call::Recv { handle: self.handle, max: 0, wait: true }, Some(timeout))? {
             Reply::EchoReply { from, seq, data } => Ok((Ipv4Addr::from(from), seq, data)),
             r => Err(broken(format!("unexpected reply {r:?}"))),
         }
@@ -277,6 +312,327 @@ impl PingSocket {
 
 impl Drop for PingSocket {
     fn drop(&mut self) {
-        let _ = self.stack.call(Call::Close { handle: self.handle }, None, None);
+        let _ = self.stack.call(Call::Close { handle: self.handle }, None);
+    }
+}
+
+/// Something [`Stack::poll`] can watch.
+pub trait AsSocket {
+    /// The socket's handle.
+    fn handle(&self) -> Handle;
+}
+
+impl Stack {
+    /// Waits until one of `items` (socket, interest: [`READABLE`] | [`WRITABLE`]) is
+    /// ready, or `timeout` passes (`None`: no limit; zero: just look). Returns
+    /// (index into `items`, ready bits incl. [`ERROR`] and [`HANGUP`]) for the
+    /// ready ones — empty on timeout.
+    pub fn poll(&self, items: &[(&dyn AsSocket, u8)], timeout: Option<Duration>) -> io::Result<Vec<(usize, u8)>> {
+        let wait = timeout != Some(Duration::ZERO);
+        let items = items.iter().map(|(s, i)| (s.handle(), *i)).collect();
+        match self.call(Call::Poll { items, wait }, timeout.filter(|_| wait)) {
+            Ok(Reply::Ready { events }) => Ok(events.into_iter().map(|(i, b)| (i as usize, b)).collect()),
+            Err(e) if e.kind() == io::ErrorKind::TimedOut => Ok(Vec::new()),
+            Err(e) => Err(e),
+            Ok(r) => Err(broken(format!("unexpected reply {r:?}"))),
+        }
+    }
+}
+
+/// The default listen backlog (SYN queue and accept queue each).
+pub const DEFAULT_BACKLOG: u32 = 256;
+
+/// The most bytes one call carries (messages stay under the channel's size).
+const MAX_CALL_BYTES: usize = capnet_sockets::MAX_TCP_READ;
+
+/// A TCP listener on a capnet stack, like `std::net::TcpListener`.
+#[derive(Debug)]
+pub struct TcpListener {
+    stack: Stack,
+    handle: Handle,
+    port: u16,
+    nonblocking: Cell<bool>,
+}
+
+impl TcpListener {
+    /// Listens on `port` (0: an ephemeral port) with the default backlog.
+    pub fn bind(stack: &Stack, port: u16) -> io::Result<Self> {
+        Self::bind_with_backlog(stack, port, DEFAULT_BACKLOG)
+    }
+
+    /// Listens with a SYN queue and accept queue of `backlog` each.
+    pub fn bind_with_backlog(stack: &Stack, port: u16, backlog: u32) -> io::Result<Self> {
+        match stack.call(Call::TcpListen { port, backlog }, None)? {
+            Reply::Bound { handle, port } => {
+                Ok(Self { stack: stack.clone(), handle, port, nonblocking: Cell::new(false) })
+            }
+            r => Err(broken(format!("unexpected reply {r:?}"))),
+        }
+    }
+
+    /// The port it listens on.
+    pub fn local_port(&self) -> u16 {
+        self.port
+    }
+
+    /// Takes the next connection (waits for one unless non-blocking).
+    pub fn accept(&self) -> io::Result<(TcpStream, SocketAddrV4)> {
+        let wait = !self.nonblocking.get();
+        match self.stack.call(Call::TcpAccept { handle: self.handle, wait }, None)? {
+            Reply::Accepted { handle, port, peer: (addr, pport) } => {
+                let peer = SocketAddrV4::new(Ipv4Addr::from(addr), pport);
+                Ok((TcpStream::new(&self.stack, handle, port, peer), peer))
+            }
+            r => Err(broken(format!("unexpected reply {r:?}"))),
+        }
+    }
+
+    /// Non-blocking mode: `accept` returns `WouldBlock` when nothing is pending.
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        self.nonblocking.set(on);
+        Ok(())
+    }
+}
+
+impl AsSocket for TcpListener {
+    fn handle(&self) -> Handle {
+        self.handle
+    }
+}
+
+impl Drop for TcpListener {
+    fn drop(&mut self) {
+        let _ = self.stack.call(Call::Close { handle: self.handle }, None);
+    }
+}
+
+/// A TCP connection on a capnet stack, like `std::net::TcpStream`.
+#[derive(Debug)]
+pub struct TcpStream {
+    stack: Stack,
+    handle: Handle,
+    local_port: u16,
+    peer: SocketAddrV4,
+    read_timeout: Cell<Option<Duration>>,
+    write_timeout: Cell<Option<Duration>>,
+    nonblocking: Cell<bool>,
+    nodelay: Cell<bool>,
+    /// Dropped without a Close (after `abort`).
+    closed: Cell<bool>,
+}
+
+impl TcpStream {
+    fn new(stack: &Stack, handle: Handle, local_port: u16, peer: SocketAddrV4) -> Self {
+        Self {
+            stack: stack.clone(),
+            handle,
+            local_port,
+            peer,
+            read_timeout: Cell::new(None),
+            write_timeout: Cell::new(None),
+            nonblocking: Cell::new(false),
+            nodelay: Cell::new(false),
+            closed: Cell::new(false),
+        }
+    }
+
+    /// Connects to `addr`, waiting as long as the SYN retries last (about two
+    /// minutes): `ConnectionRefused` on a reset, `TimedOut` without an answer.
+    pub fn connect(stack: &Stack, addr: SocketAddrV4) -> io::Result<Self> {
+        Self::open(stack, addr, None)
+    }
+
+    /// Connects, giving up with `TimedOut` after `timeout` (the attempt is reset).
+    pub fn connect_timeout(stack: &Stack, addr: SocketAddrV4, timeout: Duration) -> io::Result<Self> {
+        if timeout.is_zero() {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "a zero timeout is not allowed (as in std)"));
+        }
+        Self::open(stack, addr, Some(timeout))
+    }
+
+    fn open(stack: &Stack, addr: SocketAddrV4, timeout: Option<Duration>) -> io::Result<Self> {
+        let (handle, port) = match stack.call(Call::TcpConnect { addr: addr.ip().octets(), port: addr.port() }, None)? {
+            Reply::Bound { handle, port } => (handle, port),
+            r => return Err(broken(format!("unexpected reply {r:?}"))),
+        };
+        let s = Self::new(stack, handle, port, addr);
+        match stack.call(Call::TcpConnected { handle, wait: true }, timeout) {
+            Ok(_) => Ok(s),
+            Err(e) => {
+                if e.kind() == io::ErrorKind::TimedOut {
+                    let _ = s.abort_in_place();
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The peer's address.
+    pub fn peer_addr(&self) -> io::Result<SocketAddrV4> {
+        Ok(self.peer)
+    }
+
+    /// Our port (the address is the stack's).
+    pub fn local_port(&self) -> u16 {
+        self.local_port
+    }
+
+    /// Shuts down reading, writing (a FIN after what is queued) or both.
+    pub fn shutdown(&self, how: Shutdown) -> io::Result<()> {
+        let (read, write) = match how {
+            Shutdown::Read => (true, false),
+            Shutdown::Write => (false, true),
+            Shutdown::Both => (true, true),
+        };
+        self.stack.call(Call::TcpShutdown { handle: self.handle, read, write }, None).map(drop)
+    }
+
+    /// Nagle's algorithm off (`true`) or on.
+    pub fn set_nodelay(&self, on: bool) -> io::Result<()> {
+        self.option(TcpOption::NoDelay(on))?;
+        self.nodelay.set(on);
+        Ok(())
+    }
+
+    /// Whether Nagle's algorithm is off.
+    pub fn nodelay(&self) -> io::Result<bool> {
+        Ok(self.nodelay.get())
+    }
+
+    /// Keep-alive after `idle` (probing every `idle`, at most 75 s, 9 times), or off.
+    pub fn set_keepalive(&self, idle: Option<Duration>) -> io::Result<()> {
+        self.set_keepalive_params(idle.map(|i| (i, i.min(Duration::from_secs(75)), 9)))
+    }
+
+    /// Keep-alive with (idle, interval, probes), or off.
+    pub fn set_keepalive_params(&self, k: Option<(Duration, Duration, u32)>) -> io::Result<()> {
+        let k = k.map(|(idle, interval, count)| (idle.as_millis() as u64, interval.as_millis() as u64, count));
+        self.option(TcpOption::KeepAlive(k))
+    }
+
+    fn option(&self, option: TcpOption) -> io::Result<()> {
+        self.stack.call(Call::TcpSetOption { handle: self.handle, option }, None).map(drop)
+    }
+
+    /// A timeout for reads (`None`: wait forever).
+    pub fn set_read_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        zero_timeout(t)?;
+        self.read_timeout.set(t);
+        Ok(())
+    }
+
+    /// A timeout for writes that wait for send-buffer room.
+    pub fn set_write_timeout(&self, t: Option<Duration>) -> io::Result<()> {
+        zero_timeout(t)?;
+        self.write_timeout.set(t);
+        Ok(())
+    }
+
+    /// Non-blocking mode: reads and writes return `WouldBlock` instead of waiting.
+    pub fn set_nonblocking(&self, on: bool) -> io::Result<()> {
+        self.nonblocking.set(on);
+        Ok(())
+    }
+
+    /// Resets the connection (linger 0): the peer sees `ConnectionReset`.
+    pub fn abort(self) -> io::Result<()> {
+        self.abort_in_place()
+    }
+
+    fn abort_in_place(&self) -> io::Result<()> {
+        self.closed.set(true);
+        self.stack.call(Call::TcpAbort { handle: self.handle }, None).map(drop)
+    }
+
+    fn read_some(&self, buf: &mut [u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let wait = !self.nonblocking.get();
+        let max = buf.len().min(MAX_CALL_BYTES) as u32;
+        let timeout = if wait { self.read_timeout.get() } else { None };
+        match self.stack.call(Call::Recv { handle: self.handle, max, wait }, timeout)? {
+            Reply::Data { data } => {
+                let n = data.len().min(buf.len());
+                buf[..n].copy_from_slice(&data[..n]);
+                Ok(n)
+            }
+            r => Err(broken(format!("unexpected reply {r:?}"))),
+        }
+    }
+
+    fn write_some(&self, buf: &[u8]) -> io::Result<usize> {
+        if buf.is_empty() {
+            return Ok(0);
+        }
+        let chunk = &buf[..buf.len().min(MAX_CALL_BYTES)];
+        let deadline = self.write_timeout.get().map(|t| Instant::now() + t);
+        loop {
+            match self.stack.call(Call::TcpSend { handle: self.handle, data: chunk.to_vec() }, None)? {
+                Reply::Sent { n } if n > 0 => return Ok(n as usize),
+                Reply::Sent { .. } => {}
+                r => return Err(broken(format!("unexpected reply {r:?}"))),
+            }
+            if self.nonblocking.get() {
+                return Err(io::Error::from(io::ErrorKind::WouldBlock));
+            }
+            let left = deadline.map(|d| d.saturating_duration_since(Instant::now()));
+            if left == Some(Duration::ZERO) {
+                return Err(io::Error::from(io::ErrorKind::TimedOut));
+            }
+            // Wait for room (or an error, which the next send reports).
+            self.stack.poll(&[(self, WRITABLE)], left.or(Some(Duration::from_secs(3600))))?;
+        }
+    }
+}
+
+fn zero_timeout(t: Option<Duration>) -> io::Result<()> {
+    if t == Some(Duration::ZERO) {
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "a zero timeout is not allowed (as in std)"));
+    }
+    Ok(())
+}
+
+impl AsSocket for TcpStream {
+    fn handle(&self) -> Handle {
+        self.handle
+    }
+}
+
+impl io::Read for TcpStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read_some(buf)
+    }
+}
+
+impl io::Read for &TcpStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.read_some(buf)
+    }
+}
+
+impl io::Write for TcpStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_some(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl io::Write for &TcpStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.write_some(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for TcpStream {
+    fn drop(&mut self) {
+        if !self.closed.get() {
+            let _ = self.stack.call(Call::Close { handle: self.handle }, None);
+        }
     }
 }

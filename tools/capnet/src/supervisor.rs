@@ -350,6 +350,7 @@ fn render(base: &Status, stack: &mut Running, started: Instant) -> Result<String
         domain("driver", driver_pid, driver_counters(&device)),
         domain("ip", me, ip_counters(cores.ip.stats())),
         domain("udp", me, udp_counters(cores.udp.stats())),
+        domain("tcp", me, tcp_counters(cores.tcp.stats())),
     ];
     Ok(serde_json::to_string(&status)?)
 }
@@ -387,6 +388,32 @@ fn udp_counters(s: &capnet_udp::Stats) -> BTreeMap<String, u64> {
     c.insert("datagrams_in".into(), s.datagrams_in);
     c.insert("datagrams_out".into(), s.datagrams_out);
     for r in capnet_udp::DropReason::ALL {
+        c.insert(format!("drop_{}", r.name()), s.dropped(r));
+    }
+    c
+}
+
+fn tcp_counters(s: &capnet_tcp::Stats) -> BTreeMap<String, u64> {
+    let mut c = BTreeMap::new();
+    for (k, v) in [
+        ("segments_in", s.segments_in),
+        ("segments_out", s.segments_out),
+        ("data_segments_out", s.data_segments_out),
+        ("bytes_in", s.bytes_in),
+        ("retransmits", s.retransmits),
+        ("fast_retransmits", s.fast_retransmits),
+        ("timeouts", s.timeouts),
+        ("active_opens", s.active_opens),
+        ("passive_opens", s.passive_opens),
+        ("resets_in", s.resets_in),
+        ("resets_out", s.resets_out),
+        ("challenge_acks", s.challenge_acks),
+        ("keepalive_probes", s.keepalive_probes),
+        ("keepalive_timeouts", s.keepalive_timeouts),
+    ] {
+        c.insert(k.into(), v);
+    }
+    for r in capnet_tcp::DropReason::ALL {
         c.insert(format!("drop_{}", r.name()), s.dropped(r));
     }
     c
