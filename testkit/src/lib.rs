@@ -74,3 +74,79 @@ pub fn ping_received(out: &Output) -> u32 {
         .find_map(|part| part.strip_suffix(" received").and_then(|n| n.trim().parse().ok()))
         .unwrap_or_else(|| panic!("no ping summary in: {text}"))
 }
+
+/// A stack `capnet up` started in a namespace of this test (`capt-PID-TAG`, TAP
+/// `capt9`); `capnet down` on drop, also when the test fails.
+#[derive(Debug)]
+pub struct Up {
+    bin: PathBuf,
+    name: String,
+}
+
+impl Up {
+    /// Runs `BIN up -d --netns capt-PID-TAG --tap capt9 EXTRA…` and waits for it.
+    pub fn new(bin: &str, tag: &str, extra: &[&str]) -> Self {
+        let name = format!("{PREFIX}{}-{tag}", std::process::id());
+        let mut args = vec!["up", "-d", "--netns", name.as_str(), "--tap", "capt9"];
+        args.extend_from_slice(extra);
+        let out = Command::new(bin).args(&args).output().expect("run capnet");
+        assert!(out.status.success(), "up: {}", String::from_utf8_lossy(&out.stderr));
+        Self { bin: PathBuf::from(bin), name }
+    }
+
+    /// The namespace.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `cmd` inside the namespace (the Linux side of the TAP).
+    pub fn in_ns(&self, cmd: &[&str]) -> Output {
+        Command::new("ip").args(["netns", "exec", &self.name]).args(cmd).output().expect("ip netns exec")
+    }
+
+    /// Starts `cmd` inside the namespace; it is stopped when the value drops.
+    pub fn spawn_in_ns(&self, cmd: &[&str]) -> Killed {
+        Killed(Command::new("ip").args(["netns", "exec", &self.name]).args(cmd).spawn().expect("ip netns exec"))
+    }
+
+    /// Runs `capnet ARGS… --netns NAME`.
+    pub fn capnet(&self, args: &[&str]) -> Output {
+        Command::new(&self.bin).args(args).args(["--netns", &self.name]).output().expect("run capnet")
+    }
+
+    /// Starts `capnet ARGS… --netns NAME` (an application); stopped on drop.
+    pub fn spawn_capnet(&self, args: &[&str]) -> Killed {
+        Killed(Command::new(&self.bin).args(args).args(["--netns", &self.name]).spawn().expect("run capnet"))
+    }
+
+    /// One counter of one domain from `capnet status --json`.
+    pub fn counter(&self, domain: &str, name: &str) -> u64 {
+        let out = self.capnet(&["status", "--json"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let key = format!("\"{name}\":");
+        // The domain's object, then the counter inside it.
+        text.split("\"name\":")
+            .find(|d| d.starts_with(&format!("\"{domain}\"")))
+            .and_then(|d| d.split(&key).nth(1))
+            .and_then(|v| v.split([',', '}']).next())
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        let _ = Command::new(&self.bin).args(["down", "--netns", &self.name]).output();
+    }
+}
+
+/// A child process that gets SIGTERM (then is waited for) when dropped.
+#[derive(Debug)]
+pub struct Killed(pub std::process::Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = Command::new("kill").args(["-TERM", &self.0.id().to_string()]).output();
+        let _ = self.0.wait();
+    }
+}

@@ -5,7 +5,9 @@
 
 use std::io::ErrorKind;
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::process::{Child, Command, Output};
+use std::process::{Command, Output};
+
+use capnet_testkit::{Killed, Up};
 use std::time::Duration;
 
 use capnet::net::{PingSocket, Stack, UdpSocket};
@@ -14,39 +16,6 @@ const CAPNET: &str = env!("CARGO_BIN_EXE_capnet");
 
 fn capnet(args: &[&str]) -> Output {
     Command::new(CAPNET).args(args).output().expect("run capnet")
-}
-
-/// A stack up in a namespace of this test; down on drop.
-struct Up(String);
-
-impl Up {
-    fn new(tag: &str, extra: &[&str]) -> Self {
-        let name = format!("capt-{}-{tag}", std::process::id());
-        let mut args = vec!["up", "-d", "--netns", name.as_str(), "--tap", "capt9"];
-        args.extend_from_slice(extra);
-        let out = capnet(&args);
-        assert!(out.status.success(), "up: {}", String::from_utf8_lossy(&out.stderr));
-        Self(name)
-    }
-    fn in_ns(&self, cmd: &[&str]) -> Output {
-        Command::new("ip").args(["netns", "exec", &self.0]).args(cmd).output().expect("ip netns exec")
-    }
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        let _ = capnet(&["down", "--netns", &self.0]);
-    }
-}
-
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        let _ =
-            nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0.id() as i32), nix::sys::signal::Signal::SIGTERM);
-        let _ = self.0.wait();
-    }
 }
 
 /// The compositions every application test runs on.
@@ -60,14 +29,14 @@ fn capnet_ping_reaches_the_kernel_small_and_fragmented() {
 }
 
 fn ping_case(mode: &[&str]) {
-    let up = Up::new("app-ping", mode);
-    let out = capnet(&["ping", "--netns", &up.0, "-c", "3", "-i", "0.2", "10.77.0.1"]);
+    let up = Up::new(CAPNET, "app-ping", mode);
+    let out = capnet(&["ping", "--netns", up.name(), "-c", "3", "-i", "0.2", "10.77.0.1"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("3 received"), "{text} {}", String::from_utf8_lossy(&out.stderr));
-    let out = capnet(&["ping", "--netns", &up.0, "-c", "2", "-i", "0.2", "-s", "4000", "10.77.0.1"]);
+    let out = capnet(&["ping", "--netns", up.name(), "-c", "2", "-i", "0.2", "-s", "4000", "10.77.0.1"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("2 received") && text.contains("4008 bytes from"), "{text}");
-    let out = capnet(&["ping", "--netns", &up.0, "-c", "1", "10.77.0.99"]);
+    let out = capnet(&["ping", "--netns", up.name(), "-c", "1", "10.77.0.99"]);
     assert!(!out.status.success(), "nobody at 10.77.0.99: no replies, non-zero exit");
 }
 
@@ -79,10 +48,10 @@ fn echo_serve_answers_socat_byte_exact_up_to_the_maximum() {
 }
 
 fn echo_case(mode: &[&str]) {
-    let up = Up::new("app-echo", mode);
+    let up = Up::new(CAPNET, "app-echo", mode);
     let server = Killed(
         Command::new(CAPNET)
-            .args(["echo-serve", "--netns", &up.0, "--udp", "--port", "7"])
+            .args(["echo-serve", "--netns", up.name(), "--udp", "--port", "7"])
             .spawn()
             .expect("echo-serve"),
     );
@@ -91,8 +60,10 @@ fn echo_case(mode: &[&str]) {
         let payload: String = (0..size).map(|i| char::from(b'a' + (i % 26) as u8)).collect();
         let file = format!("/tmp/capt-{}-app-{size}", std::process::id());
         let script = format!("printf '%s' \"$PAYLOAD\" | socat -b 65536 -t 1 -T 3 - UDP4:10.77.0.2:7 > {file}");
-        let _ =
-            Command::new("ip").args(["netns", "exec", &up.0, "bash", "-c", &script]).env("PAYLOAD", &payload).output();
+        let _ = Command::new("ip")
+            .args(["netns", "exec", up.name(), "bash", "-c", &script])
+            .env("PAYLOAD", &payload)
+            .output();
         let got = std::fs::read(&file).unwrap_or_default();
         let _ = std::fs::remove_file(&file);
         assert!(got == payload.as_bytes(), "{mode:?}: echo of {size} bytes: got {} bytes", got.len());
@@ -108,8 +79,8 @@ fn the_library_behaves_like_std_net() {
 }
 
 fn library_case(mode: &[&str]) {
-    let up = Up::new("app-lib", mode);
-    let stack = Stack::attach(&up.0).expect("attach");
+    let up = Up::new(CAPNET, "app-lib", mode);
+    let stack = Stack::attach(up.name()).expect("attach");
     let mut sock = UdpSocket::bind(&stack, 0).expect("ephemeral bind");
     assert!(sock.local_port() >= 49152);
     assert_eq!(UdpSocket::bind(&stack, sock.local_port()).expect_err("in use").kind(), ErrorKind::AddrInUse);
@@ -123,7 +94,7 @@ fn library_case(mode: &[&str]) {
     assert!(t.elapsed() >= Duration::from_millis(250), "waited for the timeout");
     // A Linux UDP service answers; a closed Linux port refuses.
     let mut echo = Command::new("ip")
-        .args(["netns", "exec", &up.0, "python3", "-c"])
+        .args(["netns", "exec", up.name(), "python3", "-c"])
         .arg("import socket\ns=socket.socket(2,2)\ns.bind(('10.77.0.1',7777))\nd,a=s.recvfrom(65535)\ns.sendto(d.upper(),a)\n")
         .spawn()
         .expect("python");
@@ -154,13 +125,13 @@ fn attaching_to_nothing_says_so() {
 #[test]
 fn the_stack_to_a_linux_socat_echo_is_byte_exact_up_to_the_maximum() {
     for mode in MODES {
-        let up = Up::new("app-out", mode);
+        let up = Up::new(CAPNET, "app-out", mode);
         let _server = Killed(
             Command::new("ip")
                 .args([
                     "netns",
                     "exec",
-                    &up.0,
+                    up.name(),
                     "socat",
                     "-b",
                     "65536",
@@ -171,7 +142,7 @@ fn the_stack_to_a_linux_socat_echo_is_byte_exact_up_to_the_maximum() {
                 .expect("socat echo"),
         );
         std::thread::sleep(Duration::from_millis(300));
-        let stack = Stack::attach(&up.0).expect("attach");
+        let stack = Stack::attach(up.name()).expect("attach");
         let mut sock = UdpSocket::bind(&stack, 0).expect("bind");
         sock.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
         let peer = SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), 7777);
@@ -189,11 +160,11 @@ fn the_stack_to_a_linux_socat_echo_is_byte_exact_up_to_the_maximum() {
 
 #[test]
 fn an_application_sending_garbage_is_cut_off_and_the_others_keep_working() {
-    let up = Up::new("app-rogue", &[]);
-    let good = Stack::attach(&up.0).expect("good app");
+    let up = Up::new(CAPNET, "app-rogue", &[]);
+    let good = Stack::attach(up.name()).expect("good app");
     let ping = PingSocket::open(&good).expect("echo socket");
     // The rogue attaches like any application, then writes bytes that are not a call.
-    let sock = std::os::unix::net::UnixStream::connect(capnet::attach::app_socket(&up.0)).expect("connect");
+    let sock = std::os::unix::net::UnixStream::connect(capnet::attach::app_socket(up.name())).expect("connect");
     let mut rogue = capnet::attach::join(&sock, "rogue").expect("handshake");
     assert!(rogue.send(b"\xde\xad\xbe\xef not an rkyv archive").expect("send"), "the message went out");
     std::thread::sleep(Duration::from_millis(300));
@@ -208,5 +179,5 @@ fn an_application_sending_garbage_is_cut_off_and_the_others_keep_working() {
     ping.send(Ipv4Addr::new(10, 77, 0, 1), 1, b"still here").expect("send");
     let (_, seq, data) = ping.recv(Duration::from_secs(3)).expect("echo reply");
     assert_eq!((seq, data.as_slice()), (1, &b"still here"[..]));
-    assert!(capnet(&["status", "--netns", &up.0]).status.success());
+    assert!(capnet(&["status", "--netns", up.name()]).status.success());
 }

@@ -1,0 +1,259 @@
+//! TCP against the Linux kernel, on every composition: curl and Python's
+//! http.server as peers of `capnet http-serve` and `capnet http-get`, 200
+//! concurrent fetches, half-close with socat, refused and aborted connections,
+//! keep-alive against a peer an nftables rule silences, and the options Linux
+//! sees (`ss -tin`).
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, Shutdown, SocketAddrV4};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use capnet::net::{Stack, TcpListener, TcpStream};
+use capnet_testkit::Up;
+
+const CAPNET: &str = env!("CARGO_BIN_EXE_capnet");
+const KERNEL: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
+
+/// The compositions every test runs on.
+const MODES: [&[&str]; 2] = [&[], &["--mono"]];
+
+/// A scratch directory removed on drop.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("capt-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("scratch dir");
+        Self(p)
+    }
+    fn file(&self, name: &str, len: usize) -> Vec<u8> {
+        // Seeded, incompressible enough to catch misplaced bytes.
+        let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ len as u64;
+        let data: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        std::fs::write(self.0.join(name), &data).expect("write file");
+        data
+    }
+    fn path(&self, name: &str) -> String {
+        self.0.join(name).display().to_string()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Waits until `up`'s namespace has a TCP listener on `port` (Linux side) —
+/// or gives up after 10 s and lets the test fail on its own terms.
+fn linux_listening(up: &Up, port: u16) {
+    for _ in 0..100 {
+        let out = up.in_ns(&["ss", "-Htln", &format!("sport = :{port}")]);
+        if !out.stdout.is_empty() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// Waits until a capnet listener on `port` accepts (a curl probe).
+fn capnet_listening(up: &Up, port: u16) {
+    for _ in 0..100 {
+        let url = format!("http://10.77.0.2:{port}/");
+        let out = up.in_ns(&["curl", "-s", "-o", "/dev/null", "--max-time", "2", &url]);
+        if out.status.code() != Some(7) {
+            return; // anything but "could not connect"
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn fifty_megabytes_each_way_with_curl_and_python_byte_exact() {
+    for mode in MODES {
+        let up = Up::new(CAPNET, "tcp-bulk", mode);
+        let dir = Scratch::new("tcp-bulk");
+        let data = dir.file("big", 50 << 20);
+        let _server = up.spawn_capnet(&["http-serve", &dir.path(""), "--port", "80"]);
+        capnet_listening(&up, 80);
+        // curl on the Linux side fetches from capnet.
+        let got = dir.path("curl-got");
+        let out = up.in_ns(&["curl", "-sS", "--max-time", "120", "-o", &got, "http://10.77.0.2/big"]);
+        assert!(out.status.success(), "{mode:?}: curl: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(std::fs::read(&got).expect("curl output") == data, "{mode:?}: curl's copy differs");
+        // capnet http-get fetches from Python's http.server on the Linux side.
+        let _py = up.spawn_in_ns(&["python3", "-m", "http.server", "8000", "--bind", "10.77.0.1", "-d", &dir.path("")]);
+        linux_listening(&up, 8000);
+        let got = dir.path("get-got");
+        let out = up.capnet(&["http-get", "http://10.77.0.1:8000/big", "-o", &got]);
+        assert!(out.status.success(), "{mode:?}: http-get: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(std::fs::read(&got).expect("http-get output") == data, "{mode:?}: http-get's copy differs");
+    }
+}
+
+#[test]
+fn two_hundred_concurrent_curls_each_get_a_byte_exact_megabyte() {
+    for mode in MODES {
+        let up = Up::new(CAPNET, "tcp-many", mode);
+        let dir = Scratch::new("tcp-many");
+        let data = dir.file("one", 1 << 20);
+        let _server = up.spawn_capnet(&["http-serve", &dir.path(""), "--port", "80"]);
+        capnet_listening(&up, 80);
+        let script = format!(
+            "for i in $(seq 1 200); do curl -sS --max-time 120 -o {}/got-$i http://10.77.0.2/one & done; wait",
+            dir.path("")
+        );
+        let out = up.in_ns(&["bash", "-c", &script]);
+        assert!(out.stderr.is_empty(), "{mode:?}: curl said: {}", String::from_utf8_lossy(&out.stderr));
+        for i in 1..=200 {
+            let got = std::fs::read(dir.path(&format!("got-{i}"))).unwrap_or_default();
+            assert!(got == data, "{mode:?}: fetch {i} got {} bytes, not the file", got.len());
+        }
+        // HEAD and a missing file, for good measure.
+        let out = up.in_ns(&["curl", "-sSI", "--max-time", "10", "http://10.77.0.2/one"]);
+        let head = String::from_utf8_lossy(&out.stdout);
+        assert!(head.contains("200 OK") && head.contains("Content-Length: 1048576"), "{head}");
+        let out = up.in_ns(&["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "http://10.77.0.2/nope"]);
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "404");
+    }
+}
+
+#[test]
+fn half_close_works_both_ways_against_socat() {
+    for mode in MODES {
+        let up = Up::new(CAPNET, "tcp-half", mode);
+        let stack = Stack::attach(up.name()).expect("attach");
+        // capnet → Linux: socat runs `cat`, which answers only after our FIN.
+        let _cat = up.spawn_in_ns(&["socat", "TCP4-LISTEN:7000,bind=10.77.0.1,reuseaddr", "SYSTEM:'cat; echo done'"]);
+        linux_listening(&up, 7000);
+        let mut s = TcpStream::connect(&stack, SocketAddrV4::new(KERNEL, 7000)).expect("connect");
+        let payload: Vec<u8> = (0..300_000u32).map(|i| (i % 253) as u8).collect();
+        s.write_all(&payload).expect("write");
+        s.shutdown(Shutdown::Write).expect("half-close");
+        s.set_read_timeout(Some(Duration::from_secs(30))).expect("timeout");
+        let mut back = Vec::new();
+        s.read_to_end(&mut back).expect("read to EOF after our half-close");
+        let mut want = payload.clone();
+        want.extend_from_slice(b"done\n");
+        assert!(back == want, "{mode:?}: got {} bytes back", back.len());
+        // Linux → capnet: socat sends, half-closes, and reads the echo to its end.
+        let _echo = up.spawn_capnet(&["echo-serve", "--tcp", "--port", "7"]);
+        capnet_listening(&up, 7);
+        let script = "head -c 200000 /dev/zero | tr '\\0' 'x' | socat -t 10 - TCP4:10.77.0.2:7 | wc -c";
+        let out = up.in_ns(&["bash", "-c", script]);
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "200000", "{mode:?}: echo after socat's half-close");
+    }
+}
+
+#[test]
+fn a_closed_port_refuses_and_aborts_reach_the_other_side() {
+    for mode in MODES {
+        let up = Up::new(CAPNET, "tcp-rst", mode);
+        let stack = Stack::attach(up.name()).expect("attach");
+        let err = TcpStream::connect(&stack, SocketAddrV4::new(KERNEL, 9)).expect_err("nobody on port 9");
+        assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{mode:?}: {err}");
+
+        // We abort mid-transfer: the Linux reader sees a reset.
+        let py = "import socket\ns=socket.socket()\ns.setsockopt(1,2,1)\ns.bind(('10.77.0.1',7001))\ns.listen()\n\
+                  c,_=s.accept()\nn=0\ntry:\n  while True:\n    d=c.recv(65536)\n    if not d: print('eof',n); break\n    n+=len(d)\nexcept Exception as e: print(type(e).__name__,n)\n";
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", up.name(), "python3", "-c", py])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python");
+        linux_listening(&up, 7001);
+        let s = TcpStream::connect(&stack, SocketAddrV4::new(KERNEL, 7001)).expect("connect");
+        (&s).write_all(&vec![7u8; 1 << 20]).expect("write");
+        s.abort().expect("abort");
+        let out = child.wait_with_output().expect("python ends");
+        let said = String::from_utf8_lossy(&out.stdout);
+        assert!(said.starts_with("ConnectionResetError"), "{mode:?}: the Linux side saw {said:?}");
+
+        // Linux aborts (SO_LINGER 0) mid-transfer: our writer and reader see a reset.
+        let listener = TcpListener::bind(&stack, 7002).expect("listen");
+        let py = "import socket,struct,time\nc=socket.create_connection(('10.77.0.2',7002))\nc.recv(1000)\n\
+                  c.setsockopt(1,13,struct.pack('ii',1,0))\nc.close()\n";
+        let _client = up.spawn_in_ns(&["python3", "-c", py]);
+        let (conn, _) = listener.accept().expect("accept");
+        let chunk = vec![1u8; 64 * 1024];
+        let err = loop {
+            if let Err(e) = (&conn).write(&chunk) {
+                break e;
+            }
+        };
+        assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{mode:?}: write after the peer's abort: {err}");
+        let mut buf = [0u8; 16];
+        assert_eq!((&conn).read(&mut buf).expect_err("reset").kind(), ErrorKind::ConnectionReset);
+    }
+}
+
+#[test]
+fn keepalive_finds_a_peer_silenced_by_nftables() {
+    for mode in MODES {
+        let up = Up::new(CAPNET, "tcp-keep", mode);
+        let stack = Stack::attach(up.name()).expect("attach");
+        let _sleeper = up.spawn_in_ns(&[
+            "python3",
+            "-c",
+            "import socket,time\ns=socket.socket()\ns.bind(('10.77.0.1',7003))\ns.listen()\nc,_=s.accept()\ntime.sleep(600)\n",
+        ]);
+        linux_listening(&up, 7003);
+        let s = TcpStream::connect(&stack, SocketAddrV4::new(KERNEL, 7003)).expect("connect");
+        s.set_keepalive_params(Some((Duration::from_secs(1), Duration::from_secs(1), 3))).expect("keepalive");
+        // Answered probes keep an idle connection alive.
+        std::thread::sleep(Duration::from_millis(3500));
+        let probes = up.counter("tcp", "keepalive_probes");
+        assert!(
+            probes >= 2,
+            "{mode:?}: {probes} probes: {}",
+            String::from_utf8_lossy(&up.capnet(&["status", "--json"]).stdout)
+        );
+        assert_eq!(up.counter("tcp", "keepalive_timeouts"), 0);
+        // Silence the peer: the kernel drops everything from the stack.
+        let rules = "nft add table inet capt && \
+                     nft add chain inet capt in '{ type filter hook input priority 0; }' && \
+                     nft add rule inet capt in ip saddr 10.77.0.2 drop";
+        let out = up.in_ns(&["bash", "-c", rules]);
+        assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
+        s.set_read_timeout(Some(Duration::from_secs(60))).expect("hang guard");
+        let mut buf = [0u8; 16];
+        let err = (&s).read(&mut buf).expect_err("the peer is gone");
+        assert_eq!(err.kind(), ErrorKind::TimedOut, "{mode:?}: {err}");
+        std::thread::sleep(Duration::from_millis(500)); // status is refreshed every 200 ms
+        assert_eq!(up.counter("tcp", "keepalive_timeouts"), 1, "{mode:?}: the keep-alive declared it dead");
+        assert_eq!((&s).write(b"x").expect_err("closed").kind(), ErrorKind::TimedOut);
+    }
+}
+
+#[test]
+fn linux_sees_our_mss_and_window_scale() {
+    for mode in MODES {
+        let up = Up::new(CAPNET, "tcp-ss", mode);
+        let stack = Stack::attach(up.name()).expect("attach");
+        let _sleeper = up.spawn_in_ns(&[
+            "python3",
+            "-c",
+            "import socket,time\ns=socket.socket()\ns.bind(('10.77.0.1',7004))\ns.listen()\nc,_=s.accept()\ntime.sleep(600)\n",
+        ]);
+        linux_listening(&up, 7004);
+        let s = TcpStream::connect(&stack, SocketAddrV4::new(KERNEL, 7004)).expect("connect");
+        (&s).write_all(&[0u8; 10_000]).expect("some data so Linux measures");
+        std::thread::sleep(Duration::from_millis(200));
+        let out = up.in_ns(&["ss", "-tin", "dst", "10.77.0.2"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        // `wscale:S,R`: S is what we offered (1 MiB receive buffer → 5).
+        assert!(text.contains("wscale:5,"), "{mode:?}: {text}");
+        // We offered MSS 1460 (MTU 1500): Linux sends with it.
+        assert!(text.contains(" mss:1460"), "{mode:?}: {text}");
+        drop(s);
+    }
+}
