@@ -398,3 +398,25 @@ fn an_in_window_rst_draws_a_challenge_ack_and_the_connection_survives() {
     assert_eq!(net.b.stats().challenge_acks, before + 1);
     assert_eq!(net.b.connected(s), Ok(true));
 }
+
+#[test]
+fn isns_are_keyed_per_connection_and_advance_with_a_4_microsecond_clock() {
+    // RFC 6528: ISN = M + F(4-tuple, secret).
+    let syn_seq = |core: &mut TcpCore| {
+        let Some(Output::Send { segment, .. }) = core.pop_output() else { panic!("no SYN") };
+        smoltcp::wire::TcpPacket::new_checked(&segment[..]).unwrap().seq_number().0 as u32
+    };
+    let mut a = TcpCore::new(cfg(A));
+    let t0 = Instant::from_secs(10);
+    a.connect_from(t0, 5000, B, 80).unwrap();
+    let first = syn_seq(&mut a);
+    a.connect_from(t0, 5001, B, 80).unwrap();
+    let other_port = syn_seq(&mut a);
+    assert_ne!(first, other_port, "another 4-tuple, another offset");
+    let mut again = TcpCore::new(cfg(A));
+    again.connect_from(t0 + Duration::from_secs(1), 5000, B, 80).unwrap();
+    assert_eq!(syn_seq(&mut again).wrapping_sub(first), 250_000, "1 s later: 250 000 ticks of 4 µs");
+    let mut other_key = TcpCore::new(Config::new(A, [3, 4]));
+    other_key.connect_from(t0, 5000, B, 80).unwrap();
+    assert_ne!(syn_seq(&mut other_key), first, "another secret, another ISN");
+}

@@ -218,12 +218,23 @@ fn keepalive_finds_a_peer_silenced_by_nftables() {
             String::from_utf8_lossy(&up.capnet(&["status", "--json"]).stdout)
         );
         assert_eq!(up.counter("tcp", "keepalive_timeouts"), 0);
-        // Silence the peer: the kernel drops everything from the stack.
+        // An ICMP port unreachable (not a reset) refuses a connection too.
         let rules = "nft add table inet capt && \
                      nft add chain inet capt in '{ type filter hook input priority 0; }' && \
-                     nft add rule inet capt in ip saddr 10.77.0.2 drop";
+                     nft add rule inet capt in tcp dport 7005 reject";
         let out = up.in_ns(&["bash", "-c", rules]);
         assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
+        let err = TcpStream::connect(&stack, SocketAddrV4::new(KERNEL, 7005)).expect_err("rejected");
+        assert_eq!(err.kind(), ErrorKind::ConnectionRefused, "{mode:?}: {err}");
+        std::thread::sleep(Duration::from_millis(500));
+        assert_eq!(up.counter("tcp", "resets_in"), 0, "{mode:?}: refused by ICMP, not by a reset");
+        // Silence the peer: the kernel drops everything from the stack.
+        let out = up.in_ns(&["nft", "add", "rule", "inet", "capt", "in", "ip", "saddr", "10.77.0.2", "drop"]);
+        assert!(out.status.success(), "nft: {}", String::from_utf8_lossy(&out.stderr));
+        // A connect into silence gives up at its timeout.
+        let err = TcpStream::connect_timeout(&stack, SocketAddrV4::new(KERNEL, 7003), Duration::from_millis(500))
+            .expect_err("silence");
+        assert_eq!(err.kind(), ErrorKind::TimedOut, "{mode:?}: {err}");
         s.set_read_timeout(Some(Duration::from_secs(60))).expect("hang guard");
         let mut buf = [0u8; 16];
         let err = (&s).read(&mut buf).expect_err("the peer is gone");
@@ -255,5 +266,37 @@ fn linux_sees_our_mss_and_window_scale() {
         // We offered MSS 1460 (MTU 1500): Linux sends with it.
         assert!(text.contains(" mss:1460"), "{mode:?}: {text}");
         drop(s);
+    }
+}
+
+#[test]
+fn urgent_data_arrives_inline_and_timeouts_and_nonblocking_behave_like_std() {
+    for mode in MODES {
+        let up = Up::new(CAPNET, "tcp-urg", mode);
+        let stack = Stack::attach(up.name()).expect("attach");
+        let listener = TcpListener::bind(&stack, 7006).expect("listen");
+        let py = "import socket,time\nc=socket.create_connection(('10.77.0.2',7006))\nc.send(b'ab')\n\
+                  c.send(b'!',socket.MSG_OOB)\nc.send(b'cd')\ntime.sleep(1.5)\nc.close()\n";
+        let _client = up.spawn_in_ns(&["python3", "-c", py]);
+        let (conn, peer) = listener.accept().expect("accept");
+        assert_eq!(*peer.ip(), KERNEL);
+        conn.set_nodelay(true).expect("nodelay");
+        assert!(conn.nodelay().expect("nodelay"));
+        let mut got = Vec::new();
+        let mut buf = [0u8; 16];
+        while got.len() < 5 {
+            let n = (&conn).read(&mut buf).expect("read");
+            assert!(n > 0, "{mode:?}: early EOF after {got:?}");
+            got.extend_from_slice(&buf[..n]);
+        }
+        assert_eq!(got, b"ab!cd", "{mode:?}: the urgent byte is in line");
+        conn.set_nonblocking(true).expect("nonblocking");
+        assert_eq!((&conn).read(&mut buf).expect_err("nothing yet").kind(), ErrorKind::WouldBlock);
+        conn.set_nonblocking(false).expect("blocking");
+        conn.set_read_timeout(Some(Duration::from_millis(300))).expect("timeout");
+        assert_eq!((&conn).read(&mut buf).expect_err("nothing yet").kind(), ErrorKind::TimedOut);
+        conn.set_read_timeout(Some(Duration::from_secs(30))).expect("hang guard");
+        assert_eq!((&conn).read(&mut buf).expect("EOF"), 0, "{mode:?}: the peer's close is EOF");
+        assert!(conn.set_read_timeout(Some(Duration::ZERO)).is_err(), "a zero timeout is refused, as in std");
     }
 }
