@@ -63,7 +63,7 @@ FUZZ_RUSTFLAGS := -Cpasses=sancov-module -Cllvm-args=-sanitizer-coverage-level=4
 	-Cllvm-args=-sanitizer-coverage-inline-8bit-counters -Cllvm-args=-sanitizer-coverage-pc-table \
 	-Cllvm-args=-sanitizer-coverage-trace-compares --cfg fuzzing -Cdebug-assertions -Coverflow-checks
 # One rule per fuzz crate: fuzz-ipc (ring_consumer), fuzz-domains (ip_frame,
-# udp_segment). Each target runs FUZZ_SECONDS on a copy of its in-tree corpus.
+# udp_segment, tcp_segment). Each target runs FUZZ_SECONDS on a copy of its in-tree corpus.
 .PHONY: fuzz fuzz-ipc fuzz-domains
 fuzz: fuzz-ipc fuzz-domains
 fuzz-ipc:
@@ -71,6 +71,7 @@ fuzz-ipc:
 fuzz-domains:
 	$(call fuzz_run,domains/fuzz,ip_frame)
 	$(call fuzz_run,domains/fuzz,udp_segment)
+	$(call fuzz_run,domains/fuzz,tcp_segment)
 define fuzz_run
 	cd $(1) && RUSTFLAGS="$(FUZZ_RUSTFLAGS)" $(CARGO) build --release --bin $(2) --target $(FUZZ_TARGET_TRIPLE)
 	mkdir -p target/fuzz-corpus/$(2) && cp -n $(1)/corpus/$(2)/* target/fuzz-corpus/$(2)/
