@@ -94,11 +94,6 @@ impl OutOfOrder {
         }
         (nxt, fin)
     }
-
-    /// The blocks held, in sequence order (what SACK would report).
-    pub fn blocks(&self) -> impl Iterator<Item = (Seq, Seq)> + '_ {
-        self.segs.iter().map(|(s, d, _)| (*s, s.plus(d.len())))
-    }
 }
 
 #[cfg(test)]

@@ -77,6 +77,18 @@ fn capnet_listening(up: &Up, port: u16) {
     }
 }
 
+/// A Linux server on `port` that accepts one connection and then does nothing,
+/// and our connection to it.
+fn connect_to_sleeper(up: &Up, stack: &Stack, port: u16) -> (capnet_testkit::Killed, TcpStream) {
+    let py = format!(
+        "import socket,time\ns=socket.socket()\ns.bind(('10.77.0.1',{port}))\ns.listen()\nc,_=s.accept()\ntime.sleep(600)\n"
+    );
+    let sleeper = up.spawn_in_ns(&["python3", "-c", &py]);
+    linux_listening(up, port);
+    let s = TcpStream::connect(stack, SocketAddrV4::new(KERNEL, port)).expect("connect");
+    (sleeper, s)
+}
+
 #[test]
 fn fifty_megabytes_each_way_with_curl_and_python_byte_exact() {
     for mode in MODES {
@@ -201,13 +213,7 @@ fn keepalive_finds_a_peer_silenced_by_nftables() {
     for mode in MODES {
         let up = Up::new(CAPNET, "tcp-keep", mode);
         let stack = Stack::attach(up.name()).expect("attach");
-        let _sleeper = up.spawn_in_ns(&[
-            "python3",
-            "-c",
-            "import socket,time\ns=socket.socket()\ns.bind(('10.77.0.1',7003))\ns.listen()\nc,_=s.accept()\ntime.sleep(600)\n",
-        ]);
-        linux_listening(&up, 7003);
-        let s = TcpStream::connect(&stack, SocketAddrV4::new(KERNEL, 7003)).expect("connect");
+        let (_sleeper, s) = connect_to_sleeper(&up, &stack, 7003);
         s.set_keepalive_params(Some((Duration::from_secs(1), Duration::from_secs(1), 3))).expect("keepalive");
         // Answered probes keep an idle connection alive.
         std::thread::sleep(Duration::from_millis(3500));
@@ -250,13 +256,7 @@ fn linux_sees_our_mss_and_window_scale() {
     for mode in MODES {
         let up = Up::new(CAPNET, "tcp-ss", mode);
         let stack = Stack::attach(up.name()).expect("attach");
-        let _sleeper = up.spawn_in_ns(&[
-            "python3",
-            "-c",
-            "import socket,time\ns=socket.socket()\ns.bind(('10.77.0.1',7004))\ns.listen()\nc,_=s.accept()\ntime.sleep(600)\n",
-        ]);
-        linux_listening(&up, 7004);
-        let s = TcpStream::connect(&stack, SocketAddrV4::new(KERNEL, 7004)).expect("connect");
+        let (_sleeper, s) = connect_to_sleeper(&up, &stack, 7004);
         (&s).write_all(&[0u8; 10_000]).expect("some data so Linux measures");
         std::thread::sleep(Duration::from_millis(200));
         let out = up.in_ns(&["ss", "-tin", "dst", "10.77.0.2"]);
