@@ -124,8 +124,8 @@ impl Stack {
         while !c.msg.send(&bytes).map_err(broken)? {
             c.pump()?;
             c.wait(Interest::BOTH, Some(Duration::from_millis(10)));
-            if Instant::now() > hard {
-                return Err(broken("no room to send for 30 s"));
+            if Instant::now() > hard || c.peer_gone() {
+                return Err(broken("no room to send"));
             }
         }
         let mut cancelled = false;
@@ -148,6 +148,9 @@ impl Stack {
                     while !c.msg.send(&b).map_err(broken)? {
                         c.pump()?;
                         c.wait(Interest::BOTH, Some(Duration::from_millis(10)));
+                        if Instant::now() > hard || c.peer_gone() {
+                            return Err(broken("no room to cancel"));
+                        }
                     }
                     continue;
                 }
@@ -163,6 +166,9 @@ impl Stack {
             }
             let left = deadline.filter(|_| !cancelled).map(|d| d.saturating_duration_since(now));
             c.wait(Interest::RX, Some(left.unwrap_or(Duration::from_millis(200)).max(Duration::from_micros(100))));
+            if c.early.is_empty() && c.peer_gone() {
+                return Err(broken("the supervisor closed the attachment"));
+            }
         }
     }
 }
@@ -182,6 +188,14 @@ impl Conn {
         }
         self.inbox = inbox;
         Ok(())
+    }
+
+    /// Whether the supervisor closed the attachment socket (it exited, or cut
+    /// this application off): nothing will answer any more.
+    fn peer_gone(&self) -> bool {
+        let mut probe = [0u8; 1];
+        let flags = nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
+        matches!(nix::sys::socket::recv(std::os::fd::AsRawFd::as_raw_fd(&self._sock), &mut probe, flags), Ok(0))
     }
 
     fn wait(&mut self, interest: Interest, timeout: Option<Duration>) {
