@@ -65,8 +65,8 @@ pub struct Cores {
 }
 
 impl Cores {
-    /// Cores for `cfg`; UDP owns every UDP port and TCP every TCP port. The tcp
-    /// core's defaults can be changed with [`Cores::tcp_config`].
+    /// Cores for `cfg`; UDP owns every UDP port and TCP every TCP port (with the
+    /// tcp core's default settings).
     pub fn new(cfg: Config, udp_queue_bytes: usize) -> Self {
         let local = cfg.addr.address();
         let mut tcp_cfg = capnet_tcp::Config::new(local, random_secret());
@@ -82,15 +82,6 @@ impl Cores {
             routes: None,
             epoch: StdInstant::now(),
         }
-    }
-
-    /// Replaces the tcp core (before any connection exists) with one whose
-    /// settings `f` adjusted from the current ones (tests shorten timers this way).
-    pub fn tcp_config(mut self, f: impl FnOnce(&mut capnet_tcp::Config)) -> Self {
-        let mut cfg = self.tcp.config().clone();
-        f(&mut cfg);
-        self.tcp = TcpCore::new(cfg);
-        self
     }
 
     /// Publishes the ip domain's routing table in a sealed region of its own and

@@ -412,9 +412,9 @@ impl Conn {
         } else {
             TcpControl::None
         };
-        let payload: Vec<u8> = match payload_at {
-            Some((off, len)) => self.snd_buf.range(off..off + len).copied().collect(),
-            None => Vec::new(),
+        let payload = match payload_at {
+            Some((off, len)) => deque_range(&self.snd_buf, off, len),
+            None => [&[][..], &[][..]],
         };
         let offer_wscale = syn && self.wscale_ok;
         let repr = TcpRepr {
@@ -429,9 +429,9 @@ impl Conn {
             sack_permitted: false,
             sack_ranges: [None; 3],
             timestamp: None,
-            payload: &payload,
+            payload: &[],
         };
-        push_segment(cx, self.ends, &repr);
+        push_segment(cx, self.ends, &repr, payload);
         if flags.ack {
             self.ack_now = false;
             self.delack_at = None;
@@ -1237,12 +1237,20 @@ impl Conn {
     }
 }
 
-/// Emits `repr` as a segment from us to the endpoints' peer.
-fn push_segment(cx: &mut Cx, ends: Endpoints, repr: &TcpRepr) {
-    let mut buf = vec![0u8; repr.buffer_len()];
+/// Emits a segment from us to the endpoints' peer:
+/// `repr`'s header, then `payload` (the two pieces of a ring buffer's range), then
+/// one checksum pass: the payload is copied once, from the send buffer into the
+/// segment.
+fn push_segment(cx: &mut Cx, ends: Endpoints, repr: &TcpRepr, payload: [&[u8]; 2]) {
+    let hdr = repr.header_len();
+    let mut buf = vec![0u8; hdr + payload[0].len() + payload[1].len()];
+    buf[hdr..hdr + payload[0].len()].copy_from_slice(payload[0]);
+    buf[hdr + payload[0].len()..].copy_from_slice(payload[1]);
     let mut packet = TcpPacket::new_unchecked(&mut buf[..]);
     let (src, dst) = (IpAddress::Ipv4(cx.cfg.local), IpAddress::Ipv4(ends.remote));
-    repr.emit(&mut packet, &src, &dst, &ChecksumCapabilities::default());
+    // `repr` carries no payload: emit writes the header only, the checksum after.
+    repr.emit(&mut packet, &src, &dst, &ChecksumCapabilities::ignored());
+    packet.fill_checksum(&src, &dst);
     cx.stats.segments_out += 1;
     cx.out.push_back(Output::Send { dst: ends.remote, segment: buf });
 }
@@ -1272,5 +1280,37 @@ pub(crate) fn reset_for(cx: &mut Cx, ends: Endpoints, seg: &Segment) {
         payload: &[],
     };
     cx.stats.resets_out += 1;
-    push_segment(cx, ends, &repr);
+    push_segment(cx, ends, &repr, [&[], &[]]);
+}
+
+/// Bytes `off..off + len` of `dq`, as the (at most) two contiguous pieces they
+/// occupy.
+fn deque_range(dq: &VecDeque<u8>, off: usize, len: usize) -> [&[u8]; 2] {
+    let (a, b) = dq.as_slices();
+    if off >= a.len() {
+        return [&b[off - a.len()..off - a.len() + len], &[]];
+    }
+    let first = (a.len() - off).min(len);
+    [&a[off..off + first], &b[..len - first]]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deque_ranges_span_the_wrap() {
+        let mut dq: VecDeque<u8> = VecDeque::with_capacity(8);
+        dq.extend(0..8u8);
+        dq.drain(..5);
+        dq.extend(8..13u8); // now wrapped: 5 6 7 | 8 9 10 11 12
+        for off in 0..8 {
+            for len in 0..=(8 - off) {
+                let [a, b] = deque_range(&dq, off, len);
+                let got: Vec<u8> = a.iter().chain(b).copied().collect();
+                let want: Vec<u8> = dq.range(off..off + len).copied().collect();
+                assert_eq!(got, want, "off {off} len {len}");
+            }
+        }
+    }
 }

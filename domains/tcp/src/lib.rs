@@ -361,6 +361,10 @@ pub struct TcpCore {
     out: VecDeque<Output>,
     stats: Stats,
     next_ephemeral: u32,
+    /// No connection has a timer due before this (it may be early: a timer that
+    /// moved later is found by the next scan). Spares a scan of every connection
+    /// on each packet.
+    next_timer: Option<Instant>,
 }
 
 impl TcpCore {
@@ -374,6 +378,7 @@ impl TcpCore {
             out: VecDeque::new(),
             stats: Stats::default(),
             next_ephemeral: 0,
+            next_timer: None,
         }
     }
 
@@ -527,6 +532,7 @@ impl TcpCore {
         let iss = self.isn(now, ends);
         let mut cx = Cx { cfg: &self.cfg, out: &mut self.out, stats: &mut self.stats };
         let conn = Conn::connect(&mut cx, now, ends, iss);
+        self.note_timer(conn.poll_at());
         let id = self.socks.insert(Sock::Conn { conn: Box::new(conn), parent: None });
         self.conns.insert(ends, id);
         Ok(id)
@@ -543,8 +549,16 @@ impl TcpCore {
         };
         let mut cx = Cx { cfg: &self.cfg, out: &mut self.out, stats: &mut self.stats };
         let (r, d) = f(conn, &mut cx);
+        let at = conn.poll_at();
+        self.note_timer(at);
         self.settle(id, d);
         Ok(r)
+    }
+
+    fn note_timer(&mut self, at: Option<Instant>) {
+        if let Some(at) = at {
+            self.next_timer = Some(self.next_timer.map_or(at, |t| t.min(at)));
+        }
     }
 
     /// Applies a connection's disposition to the table.
@@ -739,6 +753,7 @@ impl TcpCore {
         let iss = self.isn(now, ends);
         let mut cx = Cx { cfg: &self.cfg, out: &mut self.out, stats: &mut self.stats };
         let conn = Conn::accept_syn(&mut cx, now, ends, iss, &seg);
+        self.note_timer(conn.poll_at());
         let id = self.socks.insert(Sock::Conn { conn: Box::new(conn), parent: Some(lid) });
         self.conns.insert(ends, id);
         if let Some(Sock::Listener(l)) = self.socks.get_mut(lid) {
@@ -766,6 +781,10 @@ impl TcpCore {
 
     /// Runs the timers that are due.
     pub fn poll(&mut self, now: Instant) {
+        if self.next_timer.is_none_or(|t| t > now) {
+            return;
+        }
+        self.next_timer = None;
         let due: Vec<SocketId> = self
             .socks
             .iter()
@@ -777,16 +796,21 @@ impl TcpCore {
         for id in due {
             let _ = self.with_conn(id, |c, cx| ((), c.poll(cx, now)));
         }
-    }
-
-    /// When [`TcpCore::poll`] next has work.
-    pub fn poll_at(&self) -> Option<Instant> {
-        self.socks
+        // Everything not due keeps its (possibly later) deadline.
+        let rest = self
+            .socks
             .values()
             .filter_map(|s| match s {
                 Sock::Conn { conn, .. } => conn.poll_at(),
                 Sock::Listener(_) => None,
             })
-            .min()
+            .min();
+        self.note_timer(rest);
+    }
+
+    /// When [`TcpCore::poll`] next has work (possibly early: a poll then finds
+    /// nothing due and says the real time).
+    pub fn poll_at(&self) -> Option<Instant> {
+        self.next_timer
     }
 }

@@ -16,6 +16,14 @@ use capnet_ipc::msg::{MsgEnd, MsgError, MsgGrant, MsgHalf};
 use capnet_ipc::End;
 use capnet_kernel_shim::cap::{recv_caps, send_caps, Cap, CapError, CapKind, Rights};
 
+/// Whether the other end closed the attachment socket `sock` (the application
+/// left, or the supervisor exited or cut it off). Never blocks.
+pub fn closed_by_peer(sock: &UnixStream) -> bool {
+    let mut probe = [0u8; 1];
+    let flags = nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
+    matches!(nix::sys::socket::recv(std::os::fd::AsRawFd::as_raw_fd(sock), &mut probe, flags), Ok(0))
+}
+
 /// The application socket of the stack in `netns`.
 pub fn app_socket(netns: &str) -> PathBuf {
     PathBuf::from("/run/capnet").join(netns).join("app.sock")

@@ -74,7 +74,7 @@ fn broken(e: impl std::fmt::Display) -> io::Error {
 #[derive(Debug)]
 struct Conn {
     msg: MsgEnd,
-    _sock: UnixStream,
+    sock: UnixStream,
     next_id: u64,
     waiter: Waiter,
     early: HashMap<u64, Reply>,
@@ -102,7 +102,7 @@ impl Stack {
             crate::attach::join(&sock, &format!("capnet-app-{}", std::process::id())).map_err(io::Error::other)?;
         let conn = Conn {
             msg,
-            _sock: sock,
+            sock,
             next_id: 1,
             waiter: Waiter::new(SpinPolicy::NEVER),
             early: HashMap::new(),
@@ -190,12 +190,10 @@ impl Conn {
         Ok(())
     }
 
-    /// Whether the supervisor closed the attachment socket (it exited, or cut
-    /// this application off): nothing will answer any more.
+    /// Whether the supervisor closed the attachment (it exited, or cut this
+    /// application off): nothing will answer any more.
     fn peer_gone(&self) -> bool {
-        let mut probe = [0u8; 1];
-        let flags = nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
-        matches!(nix::sys::socket::recv(std::os::fd::AsRawFd::as_raw_fd(&self._sock), &mut probe, flags), Ok(0))
+        crate::attach::closed_by_peer(&self.sock)
     }
 
     fn wait(&mut self, interest: Interest, timeout: Option<Duration>) {
@@ -208,8 +206,7 @@ impl Conn {
 /// A UDP socket on a capnet stack, like `std::net::UdpSocket`.
 #[derive(Debug)]
 pub struct UdpSocket {
-    stack: Stack,
-    handle: Handle,
+    sock: Owned,
     port: u16,
     read_timeout: Option<Duration>,
     nonblocking: bool,
@@ -220,7 +217,7 @@ impl UdpSocket {
     pub fn bind(stack: &Stack, port: u16) -> io::Result<Self> {
         match stack.call(Call::UdpBind { port }, None)? {
             Reply::Bound { handle, port } => {
-                Ok(Self { stack: stack.clone(), handle, port, read_timeout: None, nonblocking: false })
+                Ok(Self { sock: Owned::new(stack, handle), port, read_timeout: None, nonblocking: false })
             }
             r => Err(broken(format!("unexpected reply {r:?}"))),
         }
@@ -233,28 +230,33 @@ impl UdpSocket {
 
     /// Fixes the peer: `send` goes there and only its datagrams arrive.
     pub fn connect(&self, peer: SocketAddrV4) -> io::Result<()> {
-        self.stack
-            .call(Call::UdpConnect { handle: self.handle, addr: peer.ip().octets(), port: peer.port() }, None)
+        self.sock
+            .stack
+            .call(Call::UdpConnect { handle: self.sock.handle, addr: peer.ip().octets(), port: peer.port() }, None)
             .map(drop)
     }
 
     /// Sends a datagram to `to`.
     pub fn send_to(&self, buf: &[u8], to: SocketAddrV4) -> io::Result<usize> {
-        let call = Call::UdpSend { handle: self.handle, to: Some((to.ip().octets(), to.port())), data: buf.to_vec() };
-        self.stack.call(call, None).map(|_| buf.len())
+        let call =
+            Call::UdpSend { handle: self.sock.handle, to: Some((to.ip().octets(), to.port())), data: buf.to_vec() };
+        self.sock.stack.call(call, None).map(|_| buf.len())
     }
 
     /// Sends a datagram to the connected peer.
     pub fn send(&self, buf: &[u8]) -> io::Result<usize> {
-        self.stack.call(Call::UdpSend { handle: self.handle, to: None, data: buf.to_vec() }, None).map(|_| buf.len())
+        self.sock
+            .stack
+            .call(Call::UdpSend { handle: self.sock.handle, to: None, data: buf.to_vec() }, None)
+            .map(|_| buf.len())
     }
 
     /// Receives a datagram (truncated to `buf`, as std does).
     pub fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddrV4)> {
         let wait = !self.nonblocking;
-        let call = Call::Recv { handle: self.handle, max: 0, wait };
+        let call = Call::Recv { handle: self.sock.handle, max: 0, wait };
         let timeout = if wait { self.read_timeout } else { None };
-        match self.stack.call(call, timeout)? {
+        match self.sock.stack.call(call, timeout)? {
             Reply::Datagram { from: (addr, port), data } => {
                 let n = data.len().min(buf.len());
                 buf[..n].copy_from_slice(&data[..n]);
@@ -280,17 +282,10 @@ impl UdpSocket {
     }
 }
 
-impl Drop for UdpSocket {
-    fn drop(&mut self) {
-        let _ = self.stack.call(Call::Close { handle: self.handle }, None);
-    }
-}
-
 /// An ICMP echo socket (what `capnet ping` uses).
 #[derive(Debug)]
 pub struct PingSocket {
-    stack: Stack,
-    handle: Handle,
+    sock: Owned,
     ident: u16,
 }
 
@@ -298,7 +293,7 @@ impl PingSocket {
     /// Opens one with a free echo identifier.
     pub fn open(stack: &Stack) -> io::Result<Self> {
         match stack.call(Call::EchoOpen, None)? {
-            Reply::Bound { handle, port } => Ok(Self { stack: stack.clone(), handle, ident: port }),
+            Reply::Bound { handle, port } => Ok(Self { sock: Owned::new(stack, handle), ident: port }),
             r => Err(broken(format!("unexpected reply {r:?}"))),
         }
     }
@@ -310,23 +305,41 @@ impl PingSocket {
 
     /// Sends an echo request.
     pub fn send(&self, dst: Ipv4Addr, seq: u16, data: &[u8]) -> io::Result<()> {
-        self.stack
-            .call(Call::EchoSend { handle: self.handle, dst: dst.octets(), seq, data: data.to_vec() }, None)
+        self.sock
+            .stack
+            .call(Call::EchoSend { handle: self.sock.handle, dst: dst.octets(), seq, data: data.to_vec() }, None)
             .map(drop)
     }
 
     /// Waits up to `timeout` for an echo reply: (from, sequence, data).
     pub fn recv(&self, timeout: Duration) -> io::Result<(Ipv4Addr, u16, Vec<u8>)> {
-        match self.stack.call(Call::Recv { handle: self.handle, max: 0, wait: true }, Some(timeout))? {
+        match self.sock.stack.call(Call::Recv { handle: self.sock.handle, max: 0, wait: true }, Some(timeout))? {
             Reply::EchoReply { from, seq, data } => Ok((Ipv4Addr::from(from), seq, data)),
             r => Err(broken(format!("unexpected reply {r:?}"))),
         }
     }
 }
 
-impl Drop for PingSocket {
+/// A socket handle this application owns: closed when dropped (unless already
+/// gone, e.g. aborted).
+#[derive(Debug)]
+struct Owned {
+    stack: Stack,
+    handle: Handle,
+    open: Cell<bool>,
+}
+
+impl Owned {
+    fn new(stack: &Stack, handle: Handle) -> Self {
+        Self { stack: stack.clone(), handle, open: Cell::new(true) }
+    }
+}
+
+impl Drop for Owned {
     fn drop(&mut self) {
-        let _ = self.stack.call(Call::Close { handle: self.handle }, None);
+        if self.open.get() {
+            let _ = self.stack.call(Call::Close { handle: self.handle }, None);
+        }
     }
 }
 
@@ -362,8 +375,7 @@ const MAX_CALL_BYTES: usize = capnet_sockets::MAX_TCP_READ;
 /// A TCP listener on a capnet stack, like `std::net::TcpListener`.
 #[derive(Debug)]
 pub struct TcpListener {
-    stack: Stack,
-    handle: Handle,
+    sock: Owned,
     port: u16,
     nonblocking: Cell<bool>,
 }
@@ -378,7 +390,7 @@ impl TcpListener {
     pub fn bind_with_backlog(stack: &Stack, port: u16, backlog: u32) -> io::Result<Self> {
         match stack.call(Call::TcpListen { port, backlog }, None)? {
             Reply::Bound { handle, port } => {
-                Ok(Self { stack: stack.clone(), handle, port, nonblocking: Cell::new(false) })
+                Ok(Self { sock: Owned::new(stack, handle), port, nonblocking: Cell::new(false) })
             }
             r => Err(broken(format!("unexpected reply {r:?}"))),
         }
@@ -392,10 +404,10 @@ impl TcpListener {
     /// Takes the next connection (waits for one unless non-blocking).
     pub fn accept(&self) -> io::Result<(TcpStream, SocketAddrV4)> {
         let wait = !self.nonblocking.get();
-        match self.stack.call(Call::TcpAccept { handle: self.handle, wait }, None)? {
+        match self.sock.stack.call(Call::TcpAccept { handle: self.sock.handle, wait }, None)? {
             Reply::Accepted { handle, port, peer: (addr, pport) } => {
                 let peer = SocketAddrV4::new(Ipv4Addr::from(addr), pport);
-                Ok((TcpStream::new(&self.stack, handle, port, peer), peer))
+                Ok((TcpStream::new(&self.sock.stack, handle, port, peer), peer))
             }
             r => Err(broken(format!("unexpected reply {r:?}"))),
         }
@@ -410,43 +422,32 @@ impl TcpListener {
 
 impl AsSocket for TcpListener {
     fn handle(&self) -> Handle {
-        self.handle
-    }
-}
-
-impl Drop for TcpListener {
-    fn drop(&mut self) {
-        let _ = self.stack.call(Call::Close { handle: self.handle }, None);
+        self.sock.handle
     }
 }
 
 /// A TCP connection on a capnet stack, like `std::net::TcpStream`.
 #[derive(Debug)]
 pub struct TcpStream {
-    stack: Stack,
-    handle: Handle,
+    sock: Owned,
     local_port: u16,
     peer: SocketAddrV4,
     read_timeout: Cell<Option<Duration>>,
     write_timeout: Cell<Option<Duration>>,
     nonblocking: Cell<bool>,
     nodelay: Cell<bool>,
-    /// Dropped without a Close (after `abort`).
-    closed: Cell<bool>,
 }
 
 impl TcpStream {
     fn new(stack: &Stack, handle: Handle, local_port: u16, peer: SocketAddrV4) -> Self {
         Self {
-            stack: stack.clone(),
-            handle,
+            sock: Owned::new(stack, handle),
             local_port,
             peer,
             read_timeout: Cell::new(None),
             write_timeout: Cell::new(None),
             nonblocking: Cell::new(false),
             nodelay: Cell::new(false),
-            closed: Cell::new(false),
         }
     }
 
@@ -498,7 +499,7 @@ impl TcpStream {
             Shutdown::Write => (false, true),
             Shutdown::Both => (true, true),
         };
-        self.stack.call(Call::TcpShutdown { handle: self.handle, read, write }, None).map(drop)
+        self.sock.stack.call(Call::TcpShutdown { handle: self.sock.handle, read, write }, None).map(drop)
     }
 
     /// Nagle's algorithm off (`true`) or on.
@@ -525,7 +526,7 @@ impl TcpStream {
     }
 
     fn option(&self, option: TcpOption) -> io::Result<()> {
-        self.stack.call(Call::TcpSetOption { handle: self.handle, option }, None).map(drop)
+        self.sock.stack.call(Call::TcpSetOption { handle: self.sock.handle, option }, None).map(drop)
     }
 
     /// A timeout for reads (`None`: wait forever).
@@ -554,8 +555,8 @@ impl TcpStream {
     }
 
     fn abort_in_place(&self) -> io::Result<()> {
-        self.closed.set(true);
-        self.stack.call(Call::TcpAbort { handle: self.handle }, None).map(drop)
+        self.sock.open.set(false);
+        self.sock.stack.call(Call::TcpAbort { handle: self.sock.handle }, None).map(drop)
     }
 
     fn read_some(&self, buf: &mut [u8]) -> io::Result<usize> {
@@ -565,7 +566,7 @@ impl TcpStream {
         let wait = !self.nonblocking.get();
         let max = buf.len().min(MAX_CALL_BYTES) as u32;
         let timeout = if wait { self.read_timeout.get() } else { None };
-        match self.stack.call(Call::Recv { handle: self.handle, max, wait }, timeout)? {
+        match self.sock.stack.call(Call::Recv { handle: self.sock.handle, max, wait }, timeout)? {
             Reply::Data { data } => {
                 let n = data.len().min(buf.len());
                 buf[..n].copy_from_slice(&data[..n]);
@@ -582,7 +583,7 @@ impl TcpStream {
         let chunk = &buf[..buf.len().min(MAX_CALL_BYTES)];
         let deadline = self.write_timeout.get().map(|t| Instant::now() + t);
         loop {
-            match self.stack.call(Call::TcpSend { handle: self.handle, data: chunk.to_vec() }, None)? {
+            match self.sock.stack.call(Call::TcpSend { handle: self.sock.handle, data: chunk.to_vec() }, None)? {
                 Reply::Sent { n } if n > 0 => return Ok(n as usize),
                 Reply::Sent { .. } => {}
                 r => return Err(broken(format!("unexpected reply {r:?}"))),
@@ -595,7 +596,7 @@ impl TcpStream {
                 return Err(io::Error::from(io::ErrorKind::TimedOut));
             }
             // Wait for room (or an error, which the next send reports).
-            self.stack.poll(&[(self, WRITABLE)], left.or(Some(Duration::from_secs(3600))))?;
+            self.sock.stack.poll(&[(self, WRITABLE)], left.or(Some(Duration::from_secs(3600))))?;
         }
     }
 }
@@ -609,7 +610,7 @@ fn zero_timeout(t: Option<Duration>) -> io::Result<()> {
 
 impl AsSocket for TcpStream {
     fn handle(&self) -> Handle {
-        self.handle
+        self.sock.handle
     }
 }
 
@@ -640,13 +641,5 @@ impl io::Write for &TcpStream {
     }
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
-    }
-}
-
-impl Drop for TcpStream {
-    fn drop(&mut self) {
-        if !self.closed.get() {
-            let _ = self.stack.call(Call::Close { handle: self.handle }, None);
-        }
     }
 }

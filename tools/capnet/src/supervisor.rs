@@ -519,14 +519,8 @@ impl Apps {
         // Applications that closed their attach socket are gone.
         if self.checked.is_none_or(|t| t.elapsed() >= Duration::from_millis(200)) {
             self.checked = Some(Instant::now());
-            let mut probe = [0u8; 1];
             for (i, app) in self.list.iter().enumerate() {
-                let peeked = nix::sys::socket::recv(
-                    std::os::fd::AsRawFd::as_raw_fd(&app.sock),
-                    &mut probe,
-                    nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT,
-                );
-                if matches!(peeked, Ok(0)) {
+                if capnet::attach::closed_by_peer(&app.sock) {
                     gone.push(i);
                 }
             }

@@ -89,37 +89,47 @@ fn connect_to_sleeper(up: &Up, stack: &Stack, port: u16) -> (capnet_testkit::Kil
     (sleeper, s)
 }
 
+/// A stack with `capnet http-serve` on port 80 serving a scratch directory that
+/// holds `name`: `len` seeded bytes. Fields drop in order: server, files, stack.
+struct Served {
+    _server: capnet_testkit::Killed,
+    dir: Scratch,
+    data: Vec<u8>,
+    up: Up,
+}
+
+fn serving(tag: &str, mode: &[&str], name: &str, len: usize) -> Served {
+    let up = Up::new(CAPNET, tag, mode);
+    let dir = Scratch::new(tag);
+    let data = dir.file(name, len);
+    let server = up.spawn_capnet(&["http-serve", &dir.path(""), "--port", "80"]);
+    capnet_listening(&up, 80);
+    Served { _server: server, dir, data, up }
+}
+
 #[test]
 fn fifty_megabytes_each_way_with_curl_and_python_byte_exact() {
     for mode in MODES {
-        let up = Up::new(CAPNET, "tcp-bulk", mode);
-        let dir = Scratch::new("tcp-bulk");
-        let data = dir.file("big", 50 << 20);
-        let _server = up.spawn_capnet(&["http-serve", &dir.path(""), "--port", "80"]);
-        capnet_listening(&up, 80);
+        let Served { up, dir, data, .. } = &serving("tcp-bulk", mode, "big", 50 << 20);
         // curl on the Linux side fetches from capnet.
         let got = dir.path("curl-got");
         let out = up.in_ns(&["curl", "-sS", "--max-time", "120", "-o", &got, "http://10.77.0.2/big"]);
         assert!(out.status.success(), "{mode:?}: curl: {}", String::from_utf8_lossy(&out.stderr));
-        assert!(std::fs::read(&got).expect("curl output") == data, "{mode:?}: curl's copy differs");
+        assert!(std::fs::read(&got).expect("curl output") == *data, "{mode:?}: curl's copy differs");
         // capnet http-get fetches from Python's http.server on the Linux side.
         let _py = up.spawn_in_ns(&["python3", "-m", "http.server", "8000", "--bind", "10.77.0.1", "-d", &dir.path("")]);
-        linux_listening(&up, 8000);
+        linux_listening(up, 8000);
         let got = dir.path("get-got");
         let out = up.capnet(&["http-get", "http://10.77.0.1:8000/big", "-o", &got]);
         assert!(out.status.success(), "{mode:?}: http-get: {}", String::from_utf8_lossy(&out.stderr));
-        assert!(std::fs::read(&got).expect("http-get output") == data, "{mode:?}: http-get's copy differs");
+        assert!(std::fs::read(&got).expect("http-get output") == *data, "{mode:?}: http-get's copy differs");
     }
 }
 
 #[test]
 fn two_hundred_concurrent_curls_each_get_a_byte_exact_megabyte() {
     for mode in MODES {
-        let up = Up::new(CAPNET, "tcp-many", mode);
-        let dir = Scratch::new("tcp-many");
-        let data = dir.file("one", 1 << 20);
-        let _server = up.spawn_capnet(&["http-serve", &dir.path(""), "--port", "80"]);
-        capnet_listening(&up, 80);
+        let Served { up, dir, data, .. } = &serving("tcp-many", mode, "one", 1 << 20);
         let script = format!(
             "for i in $(seq 1 200); do curl -sS --max-time 120 -o {}/got-$i http://10.77.0.2/one & done; wait",
             dir.path("")
@@ -128,7 +138,7 @@ fn two_hundred_concurrent_curls_each_get_a_byte_exact_megabyte() {
         assert!(out.stderr.is_empty(), "{mode:?}: curl said: {}", String::from_utf8_lossy(&out.stderr));
         for i in 1..=200 {
             let got = std::fs::read(dir.path(&format!("got-{i}"))).unwrap_or_default();
-            assert!(got == data, "{mode:?}: fetch {i} got {} bytes, not the file", got.len());
+            assert!(got == *data, "{mode:?}: fetch {i} got {} bytes, not the file", got.len());
         }
         // HEAD and a missing file, for good measure.
         let out = up.in_ns(&["curl", "-sSI", "--max-time", "10", "http://10.77.0.2/one"]);
