@@ -12,11 +12,12 @@ use std::collections::VecDeque;
 
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::time::{Duration, Instant};
-use smoltcp::wire::{IpAddress, Ipv4Address, TcpControl, TcpPacket, TcpRepr};
+use smoltcp::wire::{IpAddress, Ipv4Address, TcpControl, TcpPacket, TcpRepr, TcpTimestampRepr};
 
-use crate::cc::{CongestionControl, NewReno};
+use crate::cc::{Ack, Algorithm, CongestionControl};
 use crate::rtt::RttEstimator;
 use crate::rx::OutOfOrder;
+use crate::sack::Scoreboard;
 use crate::seq::Seq;
 use crate::{Config, DropReason, Keepalive, Output, Stats, TcpError};
 
@@ -33,6 +34,10 @@ pub(crate) struct Segment<'a> {
     pub window: u16,
     pub mss: Option<u16>,
     pub wscale: Option<u8>,
+    pub sack_permitted: bool,
+    pub sack: [Option<(u32, u32)>; 3],
+    /// (TSval, TSecr) of RFC 7323's Timestamps option.
+    pub timestamp: Option<(u32, u32)>,
     pub payload: &'a [u8],
 }
 
@@ -57,6 +62,9 @@ impl<'a> Segment<'a> {
             window: repr.window_len,
             mss: repr.max_seg_size,
             wscale: repr.window_scale,
+            sack_permitted: repr.sack_permitted,
+            sack: repr.sack_ranges,
+            timestamp: repr.timestamp.map(|t| (t.tsval, t.tsecr)),
             payload: repr.payload,
         })
     }
@@ -151,6 +159,8 @@ pub(crate) struct Cx<'a> {
     pub cfg: &'a Config,
     pub out: &'a mut VecDeque<Output>,
     pub stats: &'a mut Stats,
+    /// The time of the event being handled.
+    pub now: Instant,
 }
 
 /// Segment flags to emit.
@@ -192,7 +202,10 @@ pub(crate) struct Conn {
     fin_queued: bool,
     /// The sequence number our FIN took, once sent.
     fin_seq: Option<Seq>,
-    /// The effective send MSS.
+    /// The MSS both sides agreed on (RFC 9293 §3.7.1: excluding options).
+    mss_base: usize,
+    /// The payload of a full segment: `mss_base` less the Timestamps option
+    /// every segment carries once agreed (RFC 6691). The SMSS of RFC 5681.
     mss: usize,
 
     // Receive side.
@@ -208,6 +221,21 @@ pub(crate) struct Conn {
     ooo: OutOfOrder,
     fin_rcvd: bool,
     rd_shut: bool,
+    /// Where the latest out-of-order segments began, newest first: the SACK
+    /// option reports their ranges first (RFC 2018 §4).
+    sack_recent: [Option<Seq>; 3],
+
+    // Options (RFC 2018, RFC 7323): on offer until the peer's SYN, then agreed.
+    sack_ok: bool,
+    ts_ok: bool,
+    /// TS.Recent and when it was last updated (RFC 7323 §5.5: valid 24 days).
+    ts_recent: u32,
+    ts_recent_at: Instant,
+    /// Added to our millisecond clock: a TSval that says nothing about uptime
+    /// (RFC 7323 §7.1).
+    ts_offset: u32,
+    /// Last.ACK.sent of RFC 7323 §4.3.
+    last_ack_sent: Seq,
 
     // Reliability and congestion.
     rtt: RttEstimator,
@@ -215,9 +243,23 @@ pub(crate) struct Conn {
     /// retransmission).
     rtt_timing: Option<(Seq, Instant)>,
     cc: Box<dyn CongestionControl>,
+    cc_algorithm: Algorithm,
     dupacks: u32,
-    /// NewReno's recovery point while in fast recovery (RFC 6582).
+    /// The recovery point while in fast recovery (RFC 6582's `recover`, RFC
+    /// 6675's RecoveryPoint).
     recover: Option<Seq>,
+    /// What the peer SACKed (RFC 6675's scoreboard).
+    sb: Scoreboard,
+    /// RFC 6675's HighRxt: the highest sequence number retransmitted in this
+    /// recovery.
+    high_rxt: Seq,
+    /// With timestamps, an RTT is taken from TSecr once per window, after this.
+    ts_rtt_mark: Seq,
+    /// Our TSval when we last retransmitted: an echo older than this may be of
+    /// an original whose ACK was lost, and is no measurement.
+    rexmit_tsval: u32,
+    /// SACK blocks received, counted for observability.
+    pub sack_blocks_in: u64,
     /// The recovery point of the last loss event (RFC 6582 §3.2 step 2).
     last_recover: Seq,
     /// Window inflation during fast recovery.
@@ -242,9 +284,23 @@ pub(crate) struct Conn {
     last_challenge: Option<Instant>,
     challenges: u32,
     pub nodelay: bool,
+    /// Acknowledgments may wait (RFC 9293 §3.8.6.3); off: every segment is
+    /// acknowledged at once.
+    pub delayed_ack: bool,
     /// An ICMP error that explains a later timeout (RFC 1122 §4.2.3.9 soft error).
     soft_error: Option<TcpError>,
 }
+
+/// Bytes of TCP options on a non-SYN segment: the Timestamps option (10 bytes)
+/// and a SACK option of `sack_blocks` blocks (2 + 8 each), padded to 4.
+fn options_len(timestamps: bool, sack_blocks: usize) -> usize {
+    let ts = if timestamps { 10 } else { 0 };
+    let sack = if sack_blocks > 0 { 2 + 8 * sack_blocks } else { 0 };
+    (ts + sack).next_multiple_of(4)
+}
+
+/// RFC 7323 §5.5: TS.Recent idle this long is no longer valid for PAWS.
+const PAWS_IDLE: Duration = Duration::from_secs(24 * 24 * 3600);
 
 /// RFC 5961 §7: at most this many challenge ACKs per second per connection.
 const CHALLENGE_ACKS_PER_SEC: u32 = 10;
@@ -263,7 +319,7 @@ fn micros_between(later: Instant, earlier: Instant) -> Duration {
 }
 
 impl Conn {
-    fn new(cfg: &Config, ends: Endpoints, iss: Seq, state: State) -> Self {
+    fn new(cfg: &Config, now: Instant, ends: Endpoints, iss: Seq, state: State, cc: Algorithm) -> Self {
         let mss = cfg.mss();
         Conn {
             ends,
@@ -283,6 +339,7 @@ impl Conn {
             snd_cap: cfg.send_buffer,
             fin_queued: false,
             fin_seq: None,
+            mss_base: mss,
             mss,
             irs: Seq(0),
             rcv_nxt: Seq(0),
@@ -294,11 +351,24 @@ impl Conn {
             ooo: OutOfOrder::default(),
             fin_rcvd: false,
             rd_shut: false,
+            sack_recent: [None; 3],
+            sack_ok: cfg.sack,
+            ts_ok: cfg.timestamps,
+            ts_recent: 0,
+            ts_recent_at: now,
+            ts_offset: iss.0.rotate_left(16) ^ 0x5bd1_e995,
+            last_ack_sent: Seq(0),
             rtt: RttEstimator::new(cfg.initial_rto, cfg.min_rto, cfg.max_rto),
             rtt_timing: None,
-            cc: Box::new(NewReno::new(mss)),
+            cc: cc.build(mss),
+            cc_algorithm: cc,
             dupacks: 0,
             recover: None,
+            sb: Scoreboard::default(),
+            high_rxt: iss,
+            ts_rtt_mark: iss,
+            rexmit_tsval: 0,
+            sack_blocks_in: 0,
             last_recover: iss,
             inflate: 0,
             retries: 0,
@@ -316,34 +386,46 @@ impl Conn {
             last_challenge: None,
             challenges: 0,
             nodelay: false,
+            delayed_ack: cfg.delayed_ack != Duration::ZERO,
             soft_error: None,
         }
     }
 
     /// An active open: SYN-SENT with our SYN out.
-    pub fn connect(cx: &mut Cx, now: Instant, ends: Endpoints, iss: Seq) -> Self {
-        let mut c = Conn::new(cx.cfg, ends, iss, State::SynSent(SynSent));
+    pub fn connect(cx: &mut Cx, now: Instant, ends: Endpoints, iss: Seq, cc: Algorithm) -> Self {
+        let mut c = Conn::new(cx.cfg, now, ends, iss, State::SynSent(SynSent), cc);
         c.send_syn(cx, now);
         c
     }
 
     /// A passive open: a listener got `seg` (a SYN); SYN-RECEIVED with our
     /// SYN-ACK out.
-    pub fn accept_syn(cx: &mut Cx, now: Instant, ends: Endpoints, iss: Seq, seg: &Segment) -> Self {
-        let mut c = Conn::new(cx.cfg, ends, iss, State::SynRcvd(SynRcvd { passive: true }));
-        c.take_syn(seg);
+    pub fn accept_syn(cx: &mut Cx, now: Instant, ends: Endpoints, iss: Seq, seg: &Segment, cc: Algorithm) -> Self {
+        let mut c = Conn::new(cx.cfg, now, ends, iss, State::SynRcvd(SynRcvd { passive: true }), cc);
+        c.take_syn(seg, now);
         c.send_syn(cx, now);
         c
     }
 
-    /// Records the peer's SYN: its ISN and options (RFC 9293 §3.7.1 MSS, RFC 7323
-    /// §2.2 window scale: both sides must offer it, else neither scales).
-    fn take_syn(&mut self, seg: &Segment) {
+    /// Records the peer's SYN: its ISN and options (RFC 9293 §3.7.1 MSS; RFC 7323
+    /// §2.2 window scale, §3.2 timestamps and RFC 2018 §2 SACK-permitted: each
+    /// only if both sides offer it).
+    fn take_syn(&mut self, seg: &Segment, now: Instant) {
         self.irs = seg.seq;
         self.rcv_nxt = seg.seq.plus(1);
+        self.last_ack_sent = self.rcv_nxt;
+        self.sack_ok &= seg.sack_permitted;
+        match seg.timestamp {
+            Some((tsval, _)) if self.ts_ok => {
+                self.ts_recent = tsval;
+                self.ts_recent_at = now;
+            }
+            _ => self.ts_ok = false,
+        }
         // RFC 9293 §3.7.1: without the option, assume 536.
         let peer_mss = usize::from(seg.mss.unwrap_or(536)).max(64);
-        self.mss = self.mss.min(peer_mss);
+        self.mss_base = self.mss_base.min(peer_mss);
+        self.mss = self.mss_base - options_len(self.ts_ok, 0);
         match seg.wscale {
             Some(s) => self.snd_wscale = s.min(14),
             None => {
@@ -352,7 +434,7 @@ impl Conn {
                 self.wscale_ok = false;
             }
         }
-        self.cc = Box::new(NewReno::new(self.mss));
+        self.cc = self.cc_algorithm.build(self.mss);
         // The window in a SYN is never scaled (RFC 7323 §2.2).
         self.snd_wnd = usize::from(seg.window);
         self.max_snd_wnd = self.snd_wnd;
@@ -417,6 +499,13 @@ impl Conn {
             None => [&[][..], &[][..]],
         };
         let offer_wscale = syn && self.wscale_ok;
+        // RFC 7323 §3.2: TSecr echoes TS.Recent once the peer's TSval is known (a
+        // SYN of an active open has none yet).
+        let timestamp = self.ts_ok.then(|| TcpTimestampRepr {
+            tsval: self.ts_now(cx.now),
+            tsecr: if matches!(self.state, State::SynSent(_)) { 0 } else { self.ts_recent },
+        });
+        let sack_ranges = if flags.ack && !syn && !flags.rst { self.sack_blocks() } else { [None; 3] };
         let repr = TcpRepr {
             src_port: self.ends.local_port,
             dst_port: self.ends.remote_port,
@@ -426,9 +515,9 @@ impl Conn {
             window_len: window,
             window_scale: offer_wscale.then_some(self.rcv_wscale),
             max_seg_size: syn.then_some(cx.cfg.mss() as u16),
-            sack_permitted: false,
-            sack_ranges: [None; 3],
-            timestamp: None,
+            sack_permitted: syn && self.sack_ok,
+            sack_ranges,
+            timestamp,
             payload: &[],
         };
         push_segment(cx, self.ends, &repr, payload);
@@ -436,7 +525,42 @@ impl Conn {
             self.ack_now = false;
             self.delack_at = None;
             self.unacked_segs = 0;
+            self.last_ack_sent = self.rcv_nxt;
         }
+    }
+
+    /// Our TSval: a millisecond clock with a per-connection offset.
+    fn ts_now(&self, now: Instant) -> u32 {
+        (now.total_millis() as u32).wrapping_add(self.ts_offset)
+    }
+
+    /// The SACK option's blocks (RFC 2018 §4): the range holding the latest
+    /// out-of-order arrival first, then those of the arrivals before it, then the
+    /// highest others.
+    fn sack_blocks(&self) -> [Option<(u32, u32)>; 3] {
+        let mut out = [None; 3];
+        if !self.sack_ok || self.ooo.is_empty() {
+            return out;
+        }
+        let ranges: Vec<(Seq, Seq)> = self.ooo.ranges().collect();
+        let recent =
+            self.sack_recent.iter().flatten().filter_map(|s| ranges.iter().find(|(a, e)| a.le(*s) && s.lt(*e)));
+        let mut n = 0;
+        for &(a, e) in recent.chain(ranges.iter().rev()) {
+            let block = Some((a.0, e.0));
+            if n < out.len() && !out[..n].contains(&block) {
+                out[n] = block;
+                n += 1;
+            }
+        }
+        out
+    }
+
+    /// The payload a data segment may carry now: the agreed MSS less the options
+    /// it will carry (RFC 6691).
+    fn seg_cap(&self) -> usize {
+        let blocks = self.sack_blocks().iter().flatten().count();
+        self.mss_base.saturating_sub(options_len(self.ts_ok, blocks)).max(1)
     }
 
     /// Sends our SYN (active) or SYN-ACK (passive/simultaneous).
@@ -498,60 +622,34 @@ impl Conn {
         self.fin_queued && self.fin_seq.is_none_or(|f| self.snd_nxt.le(f))
     }
 
+    /// Bytes in the network by the sender's count: sent, not acknowledged and
+    /// not SACKed (RFC 6675's pipe outside recovery).
+    fn flight(&self) -> usize {
+        self.snd_nxt.since(self.snd_una) - self.sb.sacked_between(self.snd_una, self.snd_nxt)
+    }
+
+    fn in_sack_recovery(&self) -> bool {
+        self.sack_ok && self.recover.is_some()
+    }
+
     fn send_data(&mut self, cx: &mut Cx, now: Instant, force: bool) {
+        if self.in_sack_recovery() {
+            return self.sack_recovery_send(cx, now);
+        }
         let mut force = force;
         loop {
-            let off = self.snd_nxt.since(self.buf_seq);
-            let unsent = self.snd_buf.len().saturating_sub(off);
-            let flight = self.snd_nxt.since(self.snd_una);
-            let wnd = self.snd_wnd.min(self.cc.cwnd() + self.inflate);
-            let usable = wnd.saturating_sub(flight);
-            let mut len = unsent.min(usable).min(self.mss);
-            if force && len == 0 && unsent > 0 {
-                len = 1.min(unsent);
+            // After a timeout, going back N skips what the peer SACKed.
+            while self.snd_nxt.lt(self.snd_max) {
+                match self.sb.sacked_until(self.snd_nxt) {
+                    Some(end) => self.snd_nxt = end,
+                    None => break,
+                }
             }
-            let fin = self.fin_pending() && off + len == self.snd_buf.len();
-            if len == 0 && !fin {
-                break;
-            }
-            // RFC 9293 §3.8.6.2.1 (sender SWS avoidance) with Nagle (RFC 896,
-            // §3.7.4): a full segment, everything queued when nothing is in flight
-            // (or NODELAY), or half the largest window the peer offered.
-            let nagle_ok = self.nodelay || flight == 0;
-            let sendable = force
-                || len == self.mss
-                || fin
-                || (len == unsent && nagle_ok)
-                || (len > 0 && len >= self.max_snd_wnd / 2 && nagle_ok);
-            if !sendable {
+            let cwnd_room = (self.cc.cwnd() + self.inflate).saturating_sub(self.flight());
+            if !self.send_one(cx, now, cwnd_room, force) {
                 break;
             }
             force = false;
-            let seq = self.snd_nxt;
-            let retransmission = seq.lt(self.snd_max);
-            let flags = Flags { ack: true, fin, psh: off + len == self.snd_buf.len(), ..Flags::default() };
-            self.emit(cx, seq, flags, (len > 0).then_some((off, len)));
-            if retransmission {
-                self.retransmits += 1;
-                cx.stats.retransmits += 1;
-            }
-            self.snd_nxt = seq.plus(len + usize::from(fin));
-            if fin {
-                self.fin_seq = Some(seq.plus(len));
-            }
-            if self.snd_nxt.gt(self.snd_max) {
-                self.snd_max = self.snd_nxt;
-            }
-            if !retransmission && self.rtt_timing.is_none() {
-                self.rtt_timing = Some((self.snd_nxt, now));
-            }
-            if self.rto_at.is_none() {
-                self.rto_at = Some(now + self.rtt.rto());
-            }
-            cx.stats.data_segments_out += u64::from(len > 0);
-            if fin {
-                break;
-            }
         }
         // RFC 9293 §3.8.6.1: data waits on a closed window; the persist timer probes.
         let off = self.snd_nxt.since(self.buf_seq);
@@ -564,24 +662,134 @@ impl Conn {
         }
     }
 
+    /// Sends one segment at `snd_nxt` of at most `budget` bytes (and the peer's
+    /// window), if Nagle and SWS avoidance allow; `force` sends at least a byte
+    /// (the persist timer's probe, a timeout's retransmission). Returns whether
+    /// to go on.
+    fn send_one(&mut self, cx: &mut Cx, now: Instant, budget: usize, force: bool) -> bool {
+        let off = self.snd_nxt.since(self.buf_seq);
+        let unsent = self.snd_buf.len().saturating_sub(off);
+        let rwnd_room = self.snd_una.plus(self.snd_wnd).diff(self.snd_nxt).max(0) as usize;
+        let cap = self.seg_cap();
+        let mut len = unsent.min(budget).min(rwnd_room).min(cap);
+        if self.snd_nxt.lt(self.snd_max) {
+            // Never resend what the peer holds.
+            if let Some(n) = self.sb.next_sacked_after(self.snd_nxt) {
+                len = len.min(n.since(self.snd_nxt));
+            }
+        }
+        if force && len == 0 && unsent > 0 {
+            len = 1;
+        }
+        let fin = self.fin_pending() && off + len == self.snd_buf.len();
+        if len == 0 && !fin {
+            return false;
+        }
+        // RFC 9293 §3.8.6.2.1 (sender SWS avoidance) with Nagle (RFC 896,
+        // §3.7.4): a full segment, everything queued when nothing is in flight
+        // (or NODELAY), or half the largest window the peer offered.
+        let nagle_ok = self.nodelay || self.snd_nxt == self.snd_una;
+        let sendable = force
+            || len == cap
+            || fin
+            || (len == unsent && nagle_ok)
+            || (len > 0 && len >= self.max_snd_wnd / 2 && nagle_ok);
+        if !sendable {
+            return false;
+        }
+        let seq = self.snd_nxt;
+        let retransmission = seq.lt(self.snd_max);
+        let flags = Flags { ack: true, fin, psh: off + len == self.snd_buf.len(), ..Flags::default() };
+        self.emit(cx, seq, flags, (len > 0).then_some((off, len)));
+        if retransmission {
+            self.rexmit_tsval = self.ts_now(now);
+            self.retransmits += 1;
+            cx.stats.retransmits += 1;
+        }
+        self.snd_nxt = seq.plus(len + usize::from(fin));
+        if fin {
+            self.fin_seq = Some(seq.plus(len));
+        }
+        if self.snd_nxt.gt(self.snd_max) {
+            self.snd_max = self.snd_nxt;
+        }
+        if !retransmission && self.rtt_timing.is_none() {
+            self.rtt_timing = Some((self.snd_nxt, now));
+        }
+        if self.rto_at.is_none() {
+            self.rto_at = Some(now + self.rtt.rto());
+        }
+        cx.stats.data_segments_out += u64::from(len > 0);
+        !fin
+    }
+
+    /// RFC 6675 §4's pipe in recovery: un-SACKed bytes not yet deemed lost, plus
+    /// those retransmitted (below HighRxt).
+    fn pipe(&self, lost: Seq) -> usize {
+        self.sb.unsacked_between(lost.max(self.snd_una), self.snd_max)
+            + self.sb.unsacked_between(self.snd_una, self.high_rxt)
+    }
+
+    /// RFC 6675 §5 (C): while cwnd − pipe ≥ 1 SMSS, send what NextSeg() picks.
+    fn sack_recovery_send(&mut self, cx: &mut Cx, now: Instant) {
+        loop {
+            let lost = self.sb.lost_below(self.snd_una, self.mss);
+            let pipe = self.pipe(lost);
+            let cwnd = self.cc.cwnd();
+            if pipe + self.mss > cwnd {
+                return;
+            }
+            let from = self.high_rxt.max(self.snd_una);
+            // NextSeg (1): the first lost hole above HighRxt.
+            if let Some((s, n)) = self.sb.hole(from, lost) {
+                if self.retransmit_hole(cx, s, n) {
+                    continue;
+                }
+                return;
+            }
+            // (2): new data, as the windows allow.
+            self.snd_nxt = self.snd_max;
+            if self.send_one(cx, now, cwnd - pipe, false) {
+                continue;
+            }
+            // (3): a hole below the highest SACKed byte, not yet deemed lost.
+            let hole = self.sb.highest().and_then(|h| self.sb.hole(from, h));
+            match hole {
+                Some((s, n)) if self.retransmit_hole(cx, s, n) => continue,
+                _ => return,
+            }
+        }
+    }
+
+    /// Retransmits the start of the hole `[s, s + n)`; moves HighRxt past it.
+    fn retransmit_hole(&mut self, cx: &mut Cx, s: Seq, n: usize) -> bool {
+        let sent = self.retransmit(cx, s, n);
+        self.high_rxt = s.plus(sent);
+        sent > 0
+    }
+
     fn persist_interval(&self) -> Duration {
         let base = self.rtt.rto().total_micros().saturating_mul(1 << self.persist_backoff.min(10));
         Duration::from_micros(base).min(Duration::from_secs(60))
     }
 
-    /// Retransmits one segment from `snd_una` (fast retransmit, partial ACK).
-    fn retransmit_first(&mut self, cx: &mut Cx) {
-        let off = self.snd_una.since(self.buf_seq);
-        let len = self.snd_buf.len().saturating_sub(off).min(self.mss);
-        let fin = self.fin_seq.is_some_and(|f| self.snd_una.plus(len) == f);
+    /// Retransmits one segment of at most `max` sequence numbers from `seq` (fast
+    /// retransmit, a partial ACK, a SACK hole). Returns the sequence space it
+    /// covered.
+    fn retransmit(&mut self, cx: &mut Cx, seq: Seq, max: usize) -> usize {
+        let off = seq.since(self.buf_seq);
+        let len = self.snd_buf.len().saturating_sub(off).min(self.seg_cap()).min(max);
+        let fin = self.fin_seq.is_some_and(|f| seq.plus(len) == f) && len < max;
         if len == 0 && !fin {
-            return;
+            return 0;
         }
         let flags = Flags { ack: true, fin, ..Flags::default() };
-        self.emit(cx, self.snd_una, flags, (len > 0).then_some((off, len)));
+        self.emit(cx, seq, flags, (len > 0).then_some((off, len)));
         self.rtt_timing = None; // Karn
+        self.rexmit_tsval = self.ts_now(cx.now);
         self.retransmits += 1;
         cx.stats.retransmits += 1;
+        len + usize::from(fin)
     }
 
     /// The window we can offer: buffer space not holding unread data.
@@ -649,7 +857,7 @@ impl Conn {
             cx.stats.drop(DropReason::Unacceptable);
             return Disposition::Keep;
         }
-        self.take_syn(seg);
+        self.take_syn(seg, now);
         match seg.ack {
             Some(ack) => {
                 self.snd_una = ack;
@@ -706,6 +914,16 @@ impl Conn {
                 seg = &trimmed;
             }
         }
+        // RFC 7323 §5.3 R1 (PAWS): a TSval older than TS.Recent marks an old
+        // duplicate; it is answered with an ACK and dropped.
+        if let Some((tsval, _)) = seg.timestamp.filter(|_| self.ts_ok && !seg.rst) {
+            let valid = micros_between(now, self.ts_recent_at) < PAWS_IDLE;
+            if valid && (tsval.wrapping_sub(self.ts_recent) as i32) < 0 {
+                cx.stats.drop(DropReason::Paws);
+                self.ack_now = true;
+                return Disposition::Keep;
+            }
+        }
         if !self.acceptable(seg) {
             if seg.rst {
                 cx.stats.drop(DropReason::Unacceptable);
@@ -729,6 +947,14 @@ impl Conn {
             }
             self.ack_now = true;
             return Disposition::Keep;
+        }
+        // RFC 7323 §4.3 (R3): TS.Recent follows the segment that the last ACK
+        // we sent asked for.
+        if let Some((tsval, _)) = seg.timestamp.filter(|_| self.ts_ok) {
+            if seg.seq.le(self.last_ack_sent) && (tsval.wrapping_sub(self.ts_recent) as i32) >= 0 {
+                self.ts_recent = tsval;
+                self.ts_recent_at = now;
+            }
         }
         // Second: RST (RFC 5961 §3.2: only the exact next sequence number resets;
         // anywhere else in the window draws a challenge ACK).
@@ -855,53 +1081,109 @@ impl Conn {
             if self.snd_nxt.lt(ack) {
                 self.snd_nxt = ack;
             }
-            if let Some((end, at)) = self.rtt_timing {
-                if ack.ge(end) {
-                    self.rtt.sample(micros_between(now, at));
-                    self.rtt_timing = None;
-                }
+            self.sb.acked(ack);
+        }
+        // RFC 2018 §3 / RFC 6675: the scoreboard takes the SACK blocks.
+        let mut newly_sacked = 0;
+        if self.sack_ok {
+            for &(l, r) in seg.sack.iter().flatten() {
+                self.sack_blocks_in += 1;
+                newly_sacked += self.sb.add(Seq(l), Seq(r), self.snd_una, self.snd_max);
             }
+        }
+        if acked > 0 {
+            self.take_rtt_sample(now, ack, seg);
             self.retries = 0;
             let flight = self.snd_max.since(self.snd_una);
             match self.recover {
-                // RFC 6582 §3.2 (5): a partial ACK retransmits the next hole and
-                // deflates the window by what it acknowledged.
+                // RFC 6582 §3.2 (5), without SACK: a partial ACK retransmits the
+                // next hole and deflates the window by what it acknowledged. With
+                // SACK the scoreboard picks what to send (RFC 6675 §5 (C)).
                 Some(rec) if ack.lt(rec) => {
-                    self.retransmit_first(cx);
-                    self.inflate = (self.inflate + if acked >= self.mss { self.mss } else { 0 }).saturating_sub(acked);
+                    if !self.sack_ok {
+                        self.retransmit(cx, self.snd_una, self.seg_cap() + 1);
+                        let deflate = if acked >= self.mss { self.mss } else { 0 };
+                        self.inflate = (self.inflate + deflate).saturating_sub(acked);
+                    }
                 }
-                // (3): a full ACK ends recovery.
+                // (3) / RFC 6675 §5: a full ACK ends recovery.
                 Some(_) => {
                     self.recover = None;
                     self.inflate = 0;
                     self.cc.on_recovered(flight, self.mss);
                 }
-                None => self.cc.on_ack(acked, self.mss),
+                None => {
+                    let srtt = self.rtt.srtt().unwrap_or(self.rtt.rto());
+                    self.cc.on_ack(&Ack { acked, mss: self.mss, now, srtt });
+                }
             }
             self.dupacks = 0;
             // RFC 6298 §5.2–5.3: stop the timer when all is acknowledged, else restart it.
             self.rto_at = (self.snd_una != self.snd_max).then(|| now + self.rtt.rto());
-        } else if seg.payload.is_empty() && !seg.fin && wnd == old_wnd && self.snd_una != self.snd_max {
-            // RFC 5681 §2: a duplicate ACK.
-            self.dupacks += 1;
-            if self.recover.is_some() {
-                // RFC 6582 §3.2 (4): each further duplicate inflates the window.
-                self.inflate += self.mss;
-            } else if self.dupacks == 3 && self.snd_una.gt(self.last_recover) {
-                // RFC 5681 §3.2 / RFC 6582 §3.2 (2): fast retransmit, enter recovery.
-                let flight = self.snd_max.since(self.snd_una);
-                self.cc.on_loss(flight, self.mss);
-                self.recover = Some(self.snd_max);
-                self.last_recover = self.snd_max;
+        } else if self.snd_una != self.snd_max {
+            // RFC 5681 §2's duplicate ACK; with SACK, RFC 6675 §2: one that SACKs
+            // something new.
+            let dup =
+                if self.sack_ok { newly_sacked > 0 } else { seg.payload.is_empty() && !seg.fin && wnd == old_wnd };
+            if dup {
+                self.dupacks += 1;
+                if self.recover.is_some() && !self.sack_ok {
+                    // RFC 6582 §3.2 (4): each further duplicate inflates the window.
+                    self.inflate += self.mss;
+                }
+            }
+        }
+        // RFC 5681 §3.2 / RFC 6582 §3.2 (2) / RFC 6675 §5 (4): fast retransmit
+        // after DupThresh duplicates, or when SACKs show the first byte lost; not
+        // again for losses of a window already reduced for (`last_recover`).
+        let sack_lost = self.sack_ok && self.sb.lost_below(self.snd_una, self.mss).gt(self.snd_una);
+        if self.recover.is_none()
+            && self.snd_una != self.snd_max
+            && self.snd_una.gt(self.last_recover)
+            && (self.dupacks as usize >= crate::sack::DUP_THRESH || sack_lost)
+        {
+            let flight = self.snd_max.since(self.snd_una);
+            self.cc.on_loss(now, flight, self.mss);
+            self.recover = Some(self.snd_max);
+            self.last_recover = self.snd_max;
+            cx.stats.fast_retransmits += 1;
+            if self.sack_ok {
+                // (4.3): the first hole goes at once; NextSeg() does the rest.
+                self.high_rxt = self.snd_una;
+                let n = self.sb.hole(self.snd_una, self.snd_max).map_or(0, |h| h.1);
+                self.retransmit_hole(cx, self.snd_una, n);
+            } else {
                 self.inflate = 3 * self.mss;
-                cx.stats.fast_retransmits += 1;
-                self.retransmit_first(cx);
+                self.retransmit(cx, self.snd_una, self.seg_cap() + 1);
             }
         }
         if self.snd_wnd > old_wnd {
             self.persist_backoff = 0;
         }
         true
+    }
+
+    /// RFC 6298 RTT measurement: the timed segment, if this ACK covers it
+    /// (microseconds, Karn's rule); else, with timestamps, TSecr once per window
+    /// (RFC 7323 §4: valid across retransmissions too).
+    fn take_rtt_sample(&mut self, now: Instant, ack: Seq, seg: &Segment) {
+        if let Some((end, at)) = self.rtt_timing {
+            if ack.ge(end) {
+                self.rtt.sample(micros_between(now, at));
+                self.rtt_timing = None;
+                self.ts_rtt_mark = self.snd_max;
+                return;
+            }
+        }
+        let Some((_, tsecr)) = seg.timestamp.filter(|_| self.ts_ok) else { return };
+        let after_rexmit = tsecr.wrapping_sub(self.rexmit_tsval) as i32 >= 0;
+        if tsecr != 0 && after_rexmit && self.rtt_timing.is_none() && ack.gt(self.ts_rtt_mark) {
+            let ms = self.ts_now(now).wrapping_sub(tsecr);
+            if ms < 1 << 30 {
+                self.rtt.sample(Duration::from_millis(u64::from(ms)));
+            }
+            self.ts_rtt_mark = self.snd_max;
+        }
     }
 
     /// Takes the segment's text (and notes its FIN) into the receive buffer or the
@@ -927,7 +1209,10 @@ impl Conn {
         }
         if seq != self.rcv_nxt {
             // Ahead of a hole: hold it, and say at once what is missing.
-            if !self.ooo.insert(seq, data, fin, self.rcv_adv.since(self.rcv_nxt)) {
+            if self.ooo.insert(seq, data, fin, self.rcv_adv.since(self.rcv_nxt)) {
+                self.sack_recent.rotate_right(1);
+                self.sack_recent[0] = Some(seq);
+            } else {
                 cx.stats.drop(DropReason::OutOfOrderFull);
             }
             self.ack_now = true;
@@ -947,7 +1232,7 @@ impl Conn {
         // RFC 9293 §3.8.6.3 / RFC 5681 §4.2: ACK at least every second full-sized
         // segment, at once when a hole fills, else within the delayed-ACK time.
         self.unacked_segs += data.len().div_ceil(self.mss.max(1)) as u32;
-        if filled || self.unacked_segs >= 2 || cx.cfg.delayed_ack == Duration::ZERO {
+        if filled || self.unacked_segs >= 2 || !self.delayed_ack {
             self.ack_now = true;
         } else if self.delack_at.is_none() {
             self.delack_at = Some(now + cx.cfg.delayed_ack);
@@ -1035,7 +1320,12 @@ impl Conn {
                     return self.close_with(timed_out(self));
                 }
                 let flight = self.snd_max.since(self.snd_una);
-                self.cc.on_timeout(flight, self.mss);
+                self.cc.on_timeout(now, flight, self.mss);
+                // RFC 6675 §5.1: SACK information is kept, unless the first byte
+                // is SACKed yet unacknowledged: the peer reneged, forget it all.
+                if self.sb.sacked_until(self.snd_una).is_some() {
+                    self.sb.clear();
+                }
                 // RFC 6582 §3.2 (4)... and go back N: resend from the first hole.
                 self.recover = None;
                 self.last_recover = self.snd_max;
@@ -1226,6 +1516,21 @@ impl Conn {
             rcv_queued: self.rcv_buf.len(),
             snd_wnd: self.snd_wnd,
             congestion_control: self.cc.name(),
+            sack: self.sack_ok && self.synchronized(),
+            timestamps: self.ts_ok && self.synchronized(),
+            sack_blocks_in: self.sack_blocks_in,
+            sacked_ranges: self.sb.ranges().len(),
+            recovery: self.recover.is_some(),
+            nodelay: self.nodelay,
+            delayed_ack: self.delayed_ack,
+        }
+    }
+
+    /// Switches congestion control; the new algorithm takes over the window.
+    pub fn set_congestion_control(&mut self, algorithm: Algorithm) {
+        if algorithm != self.cc_algorithm {
+            self.cc = algorithm.take_over(self.cc.cwnd(), self.cc.ssthresh());
+            self.cc_algorithm = algorithm;
         }
     }
 

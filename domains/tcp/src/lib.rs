@@ -18,6 +18,7 @@ pub mod cc;
 mod conn;
 pub mod rtt;
 pub mod rx;
+pub mod sack;
 pub mod seq;
 
 use std::collections::{HashMap, VecDeque};
@@ -67,6 +68,13 @@ pub struct Config {
     pub secret: [u64; 2],
     /// The ephemeral port range (inclusive).
     pub ephemeral: (u16, u16),
+    /// Offer SACK (RFC 2018) in our SYNs and accept it in the peer's.
+    pub sack: bool,
+    /// Offer timestamps (RFC 7323 §3) likewise.
+    pub timestamps: bool,
+    /// The congestion control new connections start with (the domain's
+    /// default; a socket may choose another).
+    pub congestion_control: cc::Algorithm,
 }
 
 impl Config {
@@ -86,6 +94,9 @@ impl Config {
             delayed_ack: Duration::from_millis(40),
             secret,
             ephemeral: (49152, 65535),
+            sack: true,
+            timestamps: true,
+            congestion_control: cc::Algorithm::default(),
         }
     }
 
@@ -214,6 +225,20 @@ pub struct ConnInfo {
     pub snd_wnd: usize,
     /// The congestion control algorithm.
     pub congestion_control: &'static str,
+    /// SACK agreed (RFC 2018).
+    pub sack: bool,
+    /// Timestamps agreed (RFC 7323).
+    pub timestamps: bool,
+    /// SACK blocks received from the peer.
+    pub sack_blocks_in: u64,
+    /// The ranges the peer has SACKed above the cumulative ACK now.
+    pub sacked_ranges: usize,
+    /// In fast recovery.
+    pub recovery: bool,
+    /// Nagle's algorithm off.
+    pub nodelay: bool,
+    /// Delayed acknowledgments on.
+    pub delayed_ack: bool,
 }
 
 /// What the core asks the ip domain to do.
@@ -252,11 +277,13 @@ pub enum DropReason {
     SynQueueFull,
     /// A SYN while the listener's accept queue was full.
     AcceptQueueFull,
+    /// An old duplicate by its timestamp (RFC 7323 PAWS): ACKed and dropped.
+    Paws,
 }
 
 impl DropReason {
     /// Every reason, in counter order.
-    pub const ALL: [DropReason; 10] = [
+    pub const ALL: [DropReason; 11] = [
         Self::Malformed,
         Self::BadChecksum,
         Self::NotForUs,
@@ -267,6 +294,7 @@ impl DropReason {
         Self::OutOfOrderFull,
         Self::SynQueueFull,
         Self::AcceptQueueFull,
+        Self::Paws,
     ];
 
     /// The counter name in `capnet status --json`.
@@ -282,6 +310,7 @@ impl DropReason {
             Self::OutOfOrderFull => "tcp_ooo_full",
             Self::SynQueueFull => "tcp_syn_queue_full",
             Self::AcceptQueueFull => "tcp_accept_queue_full",
+            Self::Paws => "tcp_paws",
         }
     }
 }
@@ -339,6 +368,8 @@ struct Listener {
     accept: VecDeque<SocketId>,
     /// Connections in SYN-RECEIVED.
     syn_pending: usize,
+    /// The congestion control its connections start with.
+    cc: cc::Algorithm,
 }
 
 #[derive(Debug)]
@@ -365,6 +396,8 @@ pub struct TcpCore {
     /// moved later is found by the next scan). Spares a scan of every connection
     /// on each packet.
     next_timer: Option<Instant>,
+    /// The latest time a call brought (for the calls that bring none).
+    now: Instant,
 }
 
 impl TcpCore {
@@ -379,6 +412,7 @@ impl TcpCore {
             stats: Stats::default(),
             next_ephemeral: 0,
             next_timer: None,
+            now: Instant::ZERO,
         }
     }
 
@@ -418,7 +452,8 @@ impl TcpCore {
         if self.listeners.contains_key(&port) {
             return Err(TcpError::AddrInUse(port));
         }
-        let l = Listener { port, backlog: backlog.max(1), accept: VecDeque::new(), syn_pending: 0 };
+        let cc = self.cfg.congestion_control;
+        let l = Listener { port, backlog: backlog.max(1), accept: VecDeque::new(), syn_pending: 0, cc };
         let id = self.socks.insert(Sock::Listener(l));
         self.listeners.insert(port, id);
         Ok(id)
@@ -505,6 +540,7 @@ impl TcpCore {
         remote: Ipv4Address,
         port: u16,
     ) -> Result<SocketId, TcpError> {
+        self.tick(now);
         if port == 0 || remote.is_unspecified() || remote.is_broadcast() || remote.is_multicast() {
             return Err(TcpError::ConnectionRefused);
         }
@@ -530,8 +566,8 @@ impl TcpCore {
         }
         let ends = ends.ok_or(TcpError::NoEphemeral)?;
         let iss = self.isn(now, ends);
-        let mut cx = Cx { cfg: &self.cfg, out: &mut self.out, stats: &mut self.stats };
-        let conn = Conn::connect(&mut cx, now, ends, iss);
+        let mut cx = Cx { cfg: &self.cfg, out: &mut self.out, stats: &mut self.stats, now: self.now };
+        let conn = Conn::connect(&mut cx, now, ends, iss, self.cfg.congestion_control);
         self.note_timer(conn.poll_at());
         let id = self.socks.insert(Sock::Conn { conn: Box::new(conn), parent: None });
         self.conns.insert(ends, id);
@@ -547,12 +583,17 @@ impl TcpCore {
         let Some(Sock::Conn { conn, .. }) = self.socks.get_mut(id) else {
             return Err(self.kind_error(id));
         };
-        let mut cx = Cx { cfg: &self.cfg, out: &mut self.out, stats: &mut self.stats };
+        let mut cx = Cx { cfg: &self.cfg, out: &mut self.out, stats: &mut self.stats, now: self.now };
         let (r, d) = f(conn, &mut cx);
         let at = conn.poll_at();
         self.note_timer(at);
         self.settle(id, d);
         Ok(r)
+    }
+
+    /// Time moves on (never back).
+    fn tick(&mut self, now: Instant) {
+        self.now = self.now.max(now);
     }
 
     fn note_timer(&mut self, at: Option<Instant>) {
@@ -593,16 +634,19 @@ impl TcpCore {
 
     /// Queues bytes to send; returns how many fit (0: the send buffer is full).
     pub fn send(&mut self, now: Instant, id: SocketId, data: &[u8]) -> Result<usize, TcpError> {
+        self.tick(now);
         self.with_conn(id, |c, cx| (c.send(cx, now, data), Disposition::Keep))?
     }
 
     /// Takes up to `max` bytes received in order.
     pub fn recv(&mut self, now: Instant, id: SocketId, max: usize) -> Result<Received, TcpError> {
+        self.tick(now);
         self.with_conn(id, |c, cx| (c.recv(cx, now, max), Disposition::Keep))?
     }
 
     /// Shuts down reading and/or writing (half-close: a FIN after queued data).
     pub fn shutdown(&mut self, now: Instant, id: SocketId, read: bool, write: bool) -> Result<(), TcpError> {
+        self.tick(now);
         self.with_conn(id, |c, cx| {
             let r = c.shutdown(cx, now, read, write);
             let d = if c.is_closed() { Disposition::Closed } else { Disposition::Keep };
@@ -614,6 +658,7 @@ impl TcpCore {
     /// connections; a connection closes gracefully in the background (or resets
     /// if data it received was never read).
     pub fn close(&mut self, now: Instant, id: SocketId) -> Result<(), TcpError> {
+        self.tick(now);
         match self.socks.get(id) {
             Some(Sock::Listener(l)) => {
                 let port = l.port;
@@ -644,6 +689,7 @@ impl TcpCore {
 
     /// Turns Nagle's algorithm off (`true`) or on.
     pub fn set_nodelay(&mut self, now: Instant, id: SocketId, on: bool) -> Result<(), TcpError> {
+        self.tick(now);
         self.with_conn(id, |c, cx| {
             c.nodelay = on;
             c.output(cx, now);
@@ -651,8 +697,33 @@ impl TcpCore {
         })
     }
 
+    /// Delays acknowledgments (`true`, the default unless the domain's
+    /// `delayed_ack` is zero) or acknowledges every segment at once.
+    pub fn set_delayed_ack(&mut self, now: Instant, id: SocketId, on: bool) -> Result<(), TcpError> {
+        self.tick(now);
+        self.with_conn(id, |c, cx| {
+            c.delayed_ack = on;
+            if !on {
+                c.output(cx, now);
+            }
+            ((), Disposition::Keep)
+        })
+    }
+
+    /// Chooses a connection's congestion control (it takes over the window
+    /// and threshold), or a listener's for the connections it accepts.
+    pub fn set_congestion_control(&mut self, id: SocketId, algorithm: cc::Algorithm) -> Result<(), TcpError> {
+        match self.socks.get_mut(id) {
+            Some(Sock::Listener(l)) => l.cc = algorithm,
+            Some(Sock::Conn { conn, .. }) => conn.set_congestion_control(algorithm),
+            None => return Err(TcpError::BadSocket),
+        }
+        Ok(())
+    }
+
     /// Sets keep-alive (`None`: off).
     pub fn set_keepalive(&mut self, now: Instant, id: SocketId, k: Option<Keepalive>) -> Result<(), TcpError> {
+        self.tick(now);
         self.with_conn(id, |c, _| (c.set_keepalive(now, k), Disposition::Keep))
     }
 
@@ -704,6 +775,7 @@ impl TcpCore {
 
     /// A segment from the ip domain (`src` → `dst`, TCP header and payload).
     pub fn receive(&mut self, now: Instant, src: Ipv4Address, dst: Ipv4Address, bytes: &[u8]) {
+        self.tick(now);
         self.stats.segments_in += 1;
         let seg = match Segment::parse(src, dst, bytes) {
             Ok(s) => s,
@@ -727,7 +799,7 @@ impl TcpCore {
                 }
             }
         }
-        let mut cx = Cx { cfg: &self.cfg, out: &mut self.out, stats: &mut self.stats };
+        let mut cx = Cx { cfg: &self.cfg, out: &mut self.out, stats: &mut self.stats, now: self.now };
         let Some(&lid) = self.listeners.get(&seg.dst_port) else {
             cx.stats.drop(DropReason::NoSocket);
             return conn::reset_for(&mut cx, ends, &seg);
@@ -744,6 +816,7 @@ impl TcpCore {
             return cx.stats.drop(DropReason::NoAck);
         }
         let Some(Sock::Listener(l)) = self.socks.get(lid) else { return };
+        let cc = l.cc;
         if l.accept.len() >= l.backlog {
             return self.stats.drop(DropReason::AcceptQueueFull);
         }
@@ -751,8 +824,8 @@ impl TcpCore {
             return self.stats.drop(DropReason::SynQueueFull);
         }
         let iss = self.isn(now, ends);
-        let mut cx = Cx { cfg: &self.cfg, out: &mut self.out, stats: &mut self.stats };
-        let conn = Conn::accept_syn(&mut cx, now, ends, iss, &seg);
+        let mut cx = Cx { cfg: &self.cfg, out: &mut self.out, stats: &mut self.stats, now: self.now };
+        let conn = Conn::accept_syn(&mut cx, now, ends, iss, &seg, cc);
         self.note_timer(conn.poll_at());
         let id = self.socks.insert(Sock::Conn { conn: Box::new(conn), parent: Some(lid) });
         self.conns.insert(ends, id);
@@ -781,6 +854,7 @@ impl TcpCore {
 
     /// Runs the timers that are due.
     pub fn poll(&mut self, now: Instant) {
+        self.tick(now);
         if self.next_timer.is_none_or(|t| t > now) {
             return;
         }

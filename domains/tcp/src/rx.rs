@@ -5,15 +5,16 @@ use std::collections::VecDeque;
 
 use crate::seq::Seq;
 
-/// Out-of-order segments, sorted by sequence number, bounded in count and bytes.
+/// Out-of-order data, sorted by sequence number, contiguous pieces joined:
+/// bounded in bytes (by the window) and in the number of holes.
 #[derive(Debug, Default)]
 pub struct OutOfOrder {
-    /// (start, data, FIN after the data).
+    /// (start, data, FIN after the data); no two touch.
     segs: Vec<(Seq, Vec<u8>, bool)>,
     bytes: usize,
 }
 
-/// At most this many disjoint segments are held ahead of a hole.
+/// At most this many disjoint ranges are held ahead of a hole.
 pub const MAX_OOO_SEGMENTS: usize = 256;
 
 impl OutOfOrder {
@@ -27,11 +28,18 @@ impl OutOfOrder {
         self.segs.is_empty()
     }
 
+    /// The ranges held, `[start, end)`, in sequence order: what a SACK option
+    /// reports (RFC 2018 §3).
+    pub fn ranges(&self) -> impl DoubleEndedIterator<Item = (Seq, Seq)> + '_ {
+        self.segs.iter().map(|(s, d, _)| (*s, s.plus(d.len()))).filter(|(s, e)| s != e)
+    }
+
     /// Holds `data` starting at `seq` (already trimmed to the window, beyond
     /// `rcv_nxt`). Overlaps with what is held keep the older bytes. Returns false
-    /// (and holds nothing) when the queue is full.
+    /// when the bytes would overflow the window, or a piece would be one range
+    /// too many (what was held is kept).
     pub fn insert(&mut self, seq: Seq, data: &[u8], fin: bool, max_bytes: usize) -> bool {
-        if self.segs.len() >= MAX_OOO_SEGMENTS || self.bytes + data.len() > max_bytes {
+        if self.bytes + data.len() > max_bytes {
             return false;
         }
         // Cut `data` into the pieces not covered yet.
@@ -56,15 +64,43 @@ impl OutOfOrder {
                 last.2 = true;
             }
         }
+        let mut held = true;
         for p in pieces {
             if p.1.is_empty() && !p.2 {
                 continue;
             }
-            self.bytes += p.1.len();
             let at = self.segs.iter().position(|(s, _, _)| s.gt(p.0)).unwrap_or(self.segs.len());
+            let end = p.0.plus(p.1.len());
+            let touches = self.segs.get(at).is_some_and(|n| n.0 == end)
+                || at
+                    .checked_sub(1)
+                    .is_some_and(|i| !self.segs[i].2 && self.segs[i].0.plus(self.segs[i].1.len()) == p.0);
+            if !touches && self.segs.len() >= MAX_OOO_SEGMENTS {
+                held = false;
+                continue;
+            }
+            self.bytes += p.1.len();
             self.segs.insert(at, p);
+            // Join it to the neighbours it touches: one entry per range.
+            if at + 1 < self.segs.len() {
+                self.join(at);
+            }
+            if at > 0 {
+                self.join(at - 1);
+            }
         }
-        true
+        held
+    }
+
+    /// Joins entry `i` and the next if they touch (and `i` has no FIN).
+    fn join(&mut self, i: usize) {
+        let (s, d, f) = &self.segs[i];
+        if *f || s.plus(d.len()) != self.segs[i + 1].0 {
+            return;
+        }
+        let (_, next, fin) = self.segs.remove(i + 1);
+        self.segs[i].1.extend_from_slice(&next);
+        self.segs[i].2 = fin;
     }
 
     /// Moves what now continues at `nxt` into `buf`; returns the new `rcv_nxt`
@@ -107,6 +143,7 @@ mod tests {
         assert!(q.insert(Seq(5), b"FGHIJKL", false, 1000)); // overlaps the head of 10..15
         assert_eq!(q.bytes(), 10);
         assert!(q.insert(Seq(15), b"pq", true, 1000));
+        assert_eq!(q.ranges().collect::<Vec<_>>(), vec![(Seq(5), Seq(17))], "touching pieces are one range");
         let mut buf = VecDeque::new();
         let (nxt, fin) = q.drain_into(Seq(3), &mut buf);
         assert_eq!((nxt, fin), (Seq(3), false), "a hole at 3..5 holds everything back");
@@ -124,6 +161,7 @@ mod tests {
         for i in 0..MAX_OOO_SEGMENTS {
             assert!(q.insert(Seq(i as u32 * 10), b"x", false, 1 << 20));
         }
+        assert!(q.insert(Seq(1), b"y", false, 1 << 20), "touching an existing range costs no entry");
         assert!(!q.insert(Seq(100_000), b"x", false, 1 << 20));
     }
 }

@@ -54,6 +54,15 @@ impl Seq {
             other
         }
     }
+
+    /// The earlier of two.
+    pub fn min(self, other: Seq) -> Seq {
+        if self.le(other) {
+            self
+        } else {
+            other
+        }
+    }
 }
 
 impl From<smoltcp::wire::TcpSeqNumber> for Seq {

@@ -1,37 +1,11 @@
-//! Congestion control behind a trait: the seam where other algorithms plug in.
-//!
-//! The sender owns loss detection and recovery bookkeeping (duplicate ACKs, the
-//! NewReno recovery point, go-back-N after a timeout); an algorithm only decides the
-//! window: how it grows on ACKs and where it lands after a loss.
+//! NewReno's window rules (RFC 5681 §3.1; recovery per RFC 6582 / RFC 6675 lives
+//! in the sender).
 
-use std::fmt::Debug;
+use smoltcp::time::Instant;
 
-/// A congestion control algorithm, in bytes.
-pub trait CongestionControl: Debug + Send {
-    /// Its name, as `capnet status --sockets` shows it.
-    fn name(&self) -> &'static str;
-    /// The congestion window.
-    fn cwnd(&self) -> usize;
-    /// The slow-start threshold.
-    fn ssthresh(&self) -> usize;
-    /// `acked` new bytes were acknowledged outside loss recovery.
-    fn on_ack(&mut self, acked: usize, mss: usize);
-    /// Loss detected by duplicate ACKs (fast retransmit): `flight` bytes were
-    /// outstanding. Sets the window recovery starts from.
-    fn on_loss(&mut self, flight: usize, mss: usize);
-    /// Recovery ended (the recovery point was acknowledged).
-    fn on_recovered(&mut self, flight: usize, mss: usize);
-    /// The retransmission timer expired.
-    fn on_timeout(&mut self, flight: usize, mss: usize);
-}
+use super::{initial_window, Ack, CongestionControl};
 
-/// RFC 6928: the initial window, 10 segments (capped at 14600 bytes).
-pub fn initial_window(mss: usize) -> usize {
-    (10 * mss).min(14600.max(2 * mss))
-}
-
-/// NewReno's window rules (RFC 5681 §3.1; recovery per RFC 6582 lives in the
-/// sender).
+/// NewReno: slow start, then one MSS per window; halve on loss.
 #[derive(Debug, Clone)]
 pub struct NewReno {
     cwnd: usize,
@@ -43,7 +17,12 @@ pub struct NewReno {
 impl NewReno {
     /// A connection's start: the initial window, an unbounded threshold.
     pub fn new(mss: usize) -> Self {
-        Self { cwnd: initial_window(mss), ssthresh: usize::MAX, avoid_acked: 0 }
+        Self::with_window(initial_window(mss), usize::MAX)
+    }
+
+    /// Taking over a running connection.
+    pub fn with_window(cwnd: usize, ssthresh: usize) -> Self {
+        Self { cwnd, ssthresh, avoid_acked: 0 }
     }
 }
 
@@ -60,22 +39,22 @@ impl CongestionControl for NewReno {
         self.ssthresh
     }
 
-    fn on_ack(&mut self, acked: usize, mss: usize) {
+    fn on_ack(&mut self, ack: &Ack) {
         if self.cwnd < self.ssthresh {
             // RFC 5681 §3.1 (with RFC 3465's L = 1 SMSS): cwnd += min(N, SMSS).
-            self.cwnd += acked.min(mss);
+            self.cwnd += ack.acked.min(ack.mss);
         } else {
             // RFC 5681 §3.1, congestion avoidance by byte counting: one SMSS per
             // cwnd's worth of acknowledged bytes.
-            self.avoid_acked += acked;
+            self.avoid_acked += ack.acked;
             if self.avoid_acked >= self.cwnd {
                 self.avoid_acked -= self.cwnd;
-                self.cwnd += mss;
+                self.cwnd += ack.mss;
             }
         }
     }
 
-    fn on_loss(&mut self, flight: usize, mss: usize) {
+    fn on_loss(&mut self, _now: Instant, flight: usize, mss: usize) {
         // RFC 5681 §3.2 (4): ssthresh = max(FlightSize / 2, 2*SMSS).
         self.ssthresh = (flight / 2).max(2 * mss);
         self.cwnd = self.ssthresh;
@@ -88,7 +67,7 @@ impl CongestionControl for NewReno {
         self.cwnd = self.ssthresh.min(flight.max(mss) + mss);
     }
 
-    fn on_timeout(&mut self, flight: usize, mss: usize) {
+    fn on_timeout(&mut self, _now: Instant, flight: usize, mss: usize) {
         // RFC 5681 §3.1 (4) and the loss window LW = 1 SMSS.
         self.ssthresh = (flight / 2).max(2 * mss);
         self.cwnd = mss;
@@ -98,22 +77,28 @@ impl CongestionControl for NewReno {
 
 #[cfg(test)]
 mod tests {
+    use smoltcp::time::Duration;
+
     use super::*;
 
+    fn ack(acked: usize) -> Ack {
+        Ack { acked, mss: 1000, now: Instant::ZERO, srtt: Duration::from_millis(10) }
+    }
+
     #[test]
-    fn newreno_halves_on_loss_and_restarts_on_timeout() {
+    fn halves_on_loss_and_restarts_on_timeout() {
         let mss = 1000;
         let mut c = NewReno::new(mss);
         assert_eq!(c.cwnd(), 10_000);
-        c.on_ack(5000, mss);
+        c.on_ack(&ack(5000));
         assert_eq!(c.cwnd(), 11_000, "slow start grows by at most one MSS per ACK");
-        c.on_loss(20_000, mss);
+        c.on_loss(Instant::ZERO, 20_000, mss);
         assert_eq!((c.cwnd(), c.ssthresh()), (10_000, 10_000));
         for _ in 0..10 {
-            c.on_ack(1000, mss);
+            c.on_ack(&ack(1000));
         }
         assert_eq!(c.cwnd(), 11_000, "congestion avoidance: one MSS per window");
-        c.on_timeout(3000, mss);
+        c.on_timeout(Instant::ZERO, 3000, mss);
         assert_eq!((c.cwnd(), c.ssthresh()), (1000, 2000));
     }
 }
