@@ -66,6 +66,21 @@ struct PolicyFile {
     include: Vec<String>,
     #[serde(default)]
     allow: Vec<Allow>,
+    #[serde(default)]
+    refuse: Vec<Refuse>,
+}
+
+/// A syscall that fails with an errno instead of trapping: for calls the C
+/// library makes on its own and copes with failing.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Refuse {
+    /// The syscall's name (x86_64 table).
+    pub syscall: String,
+    /// The errno it returns.
+    pub errno: u32,
+    /// Who makes the call and why failing is harmless.
+    pub reason: String,
 }
 
 /// One allowed syscall, as the policy file states it.
@@ -97,14 +112,16 @@ pub struct Policy {
     pub role: String,
     /// Every allowed syscall with its reason.
     pub allow: Vec<Allow>,
+    /// Every refused syscall (an errno, not a trap).
+    pub refuse: Vec<Refuse>,
 }
 
 impl Policy {
     /// The policy compiled into this binary for `role`.
     pub fn for_role(role: &str) -> Result<Self, SandboxError> {
-        let mut allow = Vec::new();
-        collect(role, &mut allow, 0)?;
-        Ok(Self { role: role.to_owned(), allow })
+        let (mut allow, mut refuse) = (Vec::new(), Vec::new());
+        collect(role, &mut allow, &mut refuse, 0)?;
+        Ok(Self { role: role.to_owned(), allow, refuse })
     }
 
     /// Every role with a policy.
@@ -112,14 +129,34 @@ impl Policy {
         POLICIES.iter().map(|(r, _)| *r)
     }
 
-    /// The BPF program: allow what is listed, trap on everything else.
-    pub fn compile(&self) -> Result<seccompiler::BpfProgram, SandboxError> {
+    fn number(&self, name: &str) -> Result<i64, SandboxError> {
+        syscall_number(name)
+            .ok_or_else(|| SandboxError::Policy { role: self.role.clone(), msg: format!("unknown syscall {name:?}") })
+    }
+
+    /// The BPF programs, in the order they are installed: one per errno that
+    /// refuses its syscalls (allowing the rest), then the allow-list that traps
+    /// on everything not listed (the refused calls pass it, so the errno is
+    /// what the caller sees).
+    pub fn compile(&self) -> Result<Vec<seccompiler::BpfProgram>, SandboxError> {
+        let seccomp = |e: &dyn std::fmt::Display| SandboxError::Seccomp(e.to_string());
+        let mut programs = Vec::new();
+        let mut by_errno: BTreeMap<u32, BTreeMap<i64, Vec<SeccompRule>>> = BTreeMap::new();
+        for r in &self.refuse {
+            by_errno.entry(r.errno).or_default().insert(self.number(&r.syscall)?, Vec::new());
+        }
+        for (errno, rules) in by_errno {
+            let filter =
+                SeccompFilter::new(rules, SeccompAction::Allow, SeccompAction::Errno(errno), TargetArch::x86_64)
+                    .map_err(|e| seccomp(&e))?;
+            programs.push(filter.try_into().map_err(|e: seccompiler::BackendError| seccomp(&e))?);
+        }
         let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
+        for r in &self.refuse {
+            rules.insert(self.number(&r.syscall)?, Vec::new());
+        }
         for a in &self.allow {
-            let nr = syscall_number(&a.syscall).ok_or_else(|| SandboxError::Policy {
-                role: self.role.clone(),
-                msg: format!("unknown syscall {:?}", a.syscall),
-            })?;
+            let nr = self.number(&a.syscall)?;
             let entry = rules.entry(nr).or_default();
             if let Some(arg) = &a.arg {
                 for v in &arg.values {
@@ -130,12 +167,13 @@ impl Policy {
             }
         }
         let filter = SeccompFilter::new(rules, SeccompAction::Trap, SeccompAction::Allow, TargetArch::x86_64)
-            .map_err(|e| SandboxError::Seccomp(e.to_string()))?;
-        filter.try_into().map_err(|e: seccompiler::BackendError| SandboxError::Seccomp(e.to_string()))
+            .map_err(|e| seccomp(&e))?;
+        programs.push(filter.try_into().map_err(|e: seccompiler::BackendError| seccomp(&e))?);
+        Ok(programs)
     }
 }
 
-fn collect(role: &str, out: &mut Vec<Allow>, depth: u8) -> Result<(), SandboxError> {
+fn collect(role: &str, out: &mut Vec<Allow>, refuse: &mut Vec<Refuse>, depth: u8) -> Result<(), SandboxError> {
     if depth > 4 {
         return Err(SandboxError::Policy { role: role.into(), msg: "includes nest too deep".into() });
     }
@@ -150,7 +188,16 @@ fn collect(role: &str, out: &mut Vec<Allow>, depth: u8) -> Result<(), SandboxErr
         return Err(SandboxError::Policy { role: role.into(), msg: format!("file says role {:?}", file.role) });
     }
     for inc in &file.include {
-        collect(inc, out, depth + 1)?;
+        collect(inc, out, refuse, depth + 1)?;
+    }
+    for r in file.refuse {
+        if r.reason.trim().len() < 10 || out.iter().any(|o| o.syscall == r.syscall) {
+            return Err(SandboxError::Policy {
+                role: role.into(),
+                msg: format!("refused {} needs a reason and no allow", r.syscall),
+            });
+        }
+        refuse.push(r);
     }
     for a in file.allow {
         if a.reason.trim().len() < 10 {
@@ -262,7 +309,7 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
 /// a syscall the policy forbids there kills the domain by SIGSYS before the handler
 /// can record which one it was.
 pub fn enter(role: &str, stats: &'static Region) -> Result<(), SandboxError> {
-    let bpf = Policy::for_role(role)?.compile()?;
+    let programs = Policy::for_role(role)?.compile()?;
     // execve reset the dumpable flag the supervisor could not set for us.
     nix::sys::prctl::set_dumpable(false).map_err(|e| SandboxError::Privileges(format!("PR_SET_DUMPABLE: {e}")))?;
     VIOLATION_WORD.store((stats.word32(OFF_VIOLATION) as *const AtomicU32).cast_mut(), Ordering::Release);
@@ -281,7 +328,10 @@ pub fn enter(role: &str, stats: &'static Region) -> Result<(), SandboxError> {
     if !bounding.is_empty() {
         return Err(SandboxError::Privileges(format!("bounding set still holds {} capabilities", bounding.len())));
     }
-    seccompiler::apply_filter_all_threads(&bpf).map_err(|e| SandboxError::Seccomp(e.to_string()))
+    for bpf in &programs {
+        seccompiler::apply_filter_all_threads(bpf).map_err(|e| SandboxError::Seccomp(e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// What `/proc/PID/task/*/status` says about one thread of a domain.

@@ -13,6 +13,9 @@ fn render() -> String {
         let restriction = a.arg.as_ref().map_or(String::new(), |r| format!("arg {} ∈ {:?}", r.index, r.values));
         out.push_str(&format!("| `{}` | {} | {} |\n", a.syscall, restriction, a.reason));
     }
+    for r in &base.refuse {
+        out.push_str(&format!("| `{}` | refused: errno {} | {} |\n", r.syscall, r.errno, r.reason));
+    }
     for role in Policy::roles().filter(|r| *r != "base") {
         let p = Policy::for_role(role).expect("role");
         let extra: Vec<_> = p.allow.iter().filter(|a| !base.allow.contains(a)).collect();

@@ -198,6 +198,13 @@ pub struct LinkImpairment {
 impl LinkImpairment {
     /// A perfect link.
     pub const NONE: Self = Self { inbound: Impairment::NONE, outbound: Impairment::NONE };
+
+    /// The same seeded `loss` and `reorder` (frames held back 1 ms) each way,
+    /// each direction with its own random sequence.
+    pub fn symmetric(loss: f64, reorder: f64, seed: u64) -> Self {
+        let way = |seed| Impairment { loss, reorder, seed, ..Impairment::NONE };
+        Self { inbound: way(seed), outbound: way(seed.wrapping_add(1)) }
+    }
 }
 
 /// One direction's impairment stage on the driver's clock (time since start).
@@ -529,17 +536,13 @@ impl capnet_sockets::Transports for Cores {
     fn tcp_abort(&mut self, s: capnet_tcp::SocketId) -> Result<(), capnet_tcp::TcpError> {
         self.tcp.abort(s)
     }
-    fn tcp_set_nodelay(&mut self, s: capnet_tcp::SocketId, on: bool) -> Result<(), capnet_tcp::TcpError> {
-        let now = self.now();
-        self.tcp.set_nodelay(now, s, on)
-    }
-    fn tcp_set_keepalive(
+    fn tcp_set_option(
         &mut self,
         s: capnet_tcp::SocketId,
-        k: Option<capnet_tcp::Keepalive>,
+        opt: capnet_tcp::SockOpt,
     ) -> Result<(), capnet_tcp::TcpError> {
         let now = self.now();
-        self.tcp.set_keepalive(now, s, k)
+        self.tcp.set_option(now, s, opt)
     }
     fn tcp_ready(&self, s: capnet_tcp::SocketId) -> Result<capnet_tcp::Ready, capnet_tcp::TcpError> {
         self.tcp.ready(s)

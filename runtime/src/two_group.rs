@@ -79,6 +79,12 @@ impl Driver {
         combine(get(&self.live[0]), get(&self.live[1]))
     }
 
+    /// Whether a thread of the data path ended on its own (an error: see
+    /// [`Driver::stop`]).
+    pub fn ended(&self) -> bool {
+        self.reader.is_finished() || self.writer.is_finished()
+    }
+
     /// Stops both threads and returns their combined counters.
     pub fn stop(self) -> Result<DeviceStats, RuntimeError> {
         self.stop.store(true, Ordering::Relaxed);

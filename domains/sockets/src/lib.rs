@@ -21,7 +21,7 @@ pub mod proto;
 use std::collections::VecDeque;
 
 pub use capnet_tcp::{Endpoints, Ready, SocketId as TcpId};
-use capnet_tcp::{Keepalive, Received, TcpError};
+use capnet_tcp::{Keepalive, Received, SockOpt, TcpError};
 pub use capnet_udp::Ipv4Address;
 use capnet_udp::{SocketId, UdpError};
 pub use proto::{Call, Handle, Reply, Request, Response, SocketError, TcpOption, ERROR, HANGUP, READABLE, WRITABLE};
@@ -72,10 +72,8 @@ pub trait Transports {
     fn tcp_close(&mut self, s: TcpId) -> Result<(), TcpError>;
     /// TCP: reset now.
     fn tcp_abort(&mut self, s: TcpId) -> Result<(), TcpError>;
-    /// TCP: Nagle off (`true`) or on.
-    fn tcp_set_nodelay(&mut self, s: TcpId, on: bool) -> Result<(), TcpError>;
-    /// TCP: keep-alive.
-    fn tcp_set_keepalive(&mut self, s: TcpId, k: Option<Keepalive>) -> Result<(), TcpError>;
+    /// TCP: a socket option.
+    fn tcp_set_option(&mut self, s: TcpId, opt: SockOpt) -> Result<(), TcpError>;
     /// TCP: readiness.
     fn tcp_ready(&self, s: TcpId) -> Result<Ready, TcpError>;
 }
@@ -324,18 +322,19 @@ impl SocketsCore {
                 Reply::Done
             }),
             Call::TcpSetOption { handle, option } => self.tcp(app, handle).and_then(|(_, s)| {
-                let r = match option {
-                    TcpOption::NoDelay(on) => t.tcp_set_nodelay(s, on),
-                    TcpOption::KeepAlive(k) => t.tcp_set_keepalive(
-                        s,
-                        k.map(|(idle, interval, count)| Keepalive {
-                            idle: capnet_tcp::Duration::from_millis(idle.max(1)),
-                            interval: capnet_tcp::Duration::from_millis(interval.max(1)),
-                            count: count.max(1),
-                        }),
-                    ),
+                let opt = match option {
+                    TcpOption::NoDelay(on) => SockOpt::NoDelay(on),
+                    TcpOption::DelayedAck(on) => SockOpt::DelayedAck(on),
+                    TcpOption::KeepAlive(k) => SockOpt::KeepAlive(k.map(|(idle, interval, count)| Keepalive {
+                        idle: capnet_tcp::Duration::from_millis(idle.max(1)),
+                        interval: capnet_tcp::Duration::from_millis(interval.max(1)),
+                        count: count.max(1),
+                    })),
+                    TcpOption::CongestionControl(name) => {
+                        SockOpt::CongestionControl(name.parse().map_err(SocketError::Invalid)?)
+                    }
                 };
-                r.map(|_| Reply::Done).map_err(SocketError::from)
+                t.tcp_set_option(s, opt).map(|_| Reply::Done).map_err(SocketError::from)
             }),
             Call::Poll { items, wait } => {
                 let events = self.readiness(app, &items, t);

@@ -160,13 +160,18 @@ pub const ERROR: u8 = 4;
 /// Both directions are finished.
 pub const HANGUP: u8 = 8;
 
-/// TCP connection options.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Archive, Serialize, Deserialize)]
+/// TCP socket options.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
 pub enum TcpOption {
     /// Nagle's algorithm off (`true`) or on.
     NoDelay(bool),
+    /// Delayed acknowledgments on (`true`) or off.
+    DelayedAck(bool),
     /// Keep-alive: (idle ms, interval ms, probes), or off.
     KeepAlive(Option<(u64, u64, u32)>),
+    /// The congestion control algorithm, by name ("newreno", "cubic"); on a
+    /// listener, for the connections it accepts.
+    CongestionControl(String),
 }
 
 /// A response to the request with the same id.
@@ -279,6 +284,9 @@ pub enum SocketError {
     /// Writing after a shutdown.
     #[error("broken pipe")]
     BrokenPipe,
+    /// An argument the domain does not accept.
+    #[error("invalid argument: {0}")]
+    Invalid(String),
 }
 
 impl From<capnet_tcp::TcpError> for SocketError {

@@ -5,7 +5,7 @@
 use capnet_sockets::{
     AppId, Call, Handle, Ipv4Address, Reply, Request, Response, SocketError, SocketsCore, Transports,
 };
-use capnet_tcp::{Endpoints, Instant, Keepalive, Ready, Received, TcpCore, TcpError};
+use capnet_tcp::{Endpoints, Instant, Ready, Received, SockOpt, TcpCore, TcpError};
 use capnet_udp::{Datagram, SocketId, UdpCore, UdpError};
 
 type TcpId = capnet_sockets::TcpId;
@@ -86,11 +86,8 @@ impl Transports for Fake {
     fn tcp_abort(&mut self, s: TcpId) -> Result<(), TcpError> {
         self.tcp.abort(s)
     }
-    fn tcp_set_nodelay(&mut self, s: TcpId, on: bool) -> Result<(), TcpError> {
-        self.tcp.set_nodelay(NOW, s, on)
-    }
-    fn tcp_set_keepalive(&mut self, s: TcpId, k: Option<Keepalive>) -> Result<(), TcpError> {
-        self.tcp.set_keepalive(NOW, s, k)
+    fn tcp_set_option(&mut self, s: TcpId, opt: SockOpt) -> Result<(), TcpError> {
+        self.tcp.set_option(NOW, s, opt)
     }
     fn tcp_ready(&self, s: TcpId) -> Result<Ready, TcpError> {
         self.tcp.ready(s)

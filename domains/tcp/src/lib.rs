@@ -188,6 +188,20 @@ pub struct Ready {
     pub hup: bool,
 }
 
+/// Per-socket options ([`TcpCore::set_option`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SockOpt {
+    /// Nagle's algorithm off (`true`) or on (RFC 9293 §3.7.4).
+    NoDelay(bool),
+    /// Delayed acknowledgments on (the default unless the domain's
+    /// `delayed_ack` is zero) or off: every segment acknowledged at once.
+    DelayedAck(bool),
+    /// Keep-alive (`None`: off).
+    KeepAlive(Option<Keepalive>),
+    /// The congestion control algorithm.
+    CongestionControl(cc::Algorithm),
+}
+
 /// One connection as `capnet status --sockets` shows it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConnInfo {
@@ -419,6 +433,12 @@ impl TcpCore {
     /// The settings.
     pub fn config(&self) -> &Config {
         &self.cfg
+    }
+
+    /// The settings, to change for sockets opened from now on (the domain's
+    /// defaults: congestion control, buffers, timers).
+    pub fn config_mut(&mut self) -> &mut Config {
+        &mut self.cfg
     }
 
     /// The counters.
@@ -687,44 +707,25 @@ impl TcpCore {
         })
     }
 
-    /// Turns Nagle's algorithm off (`true`) or on.
-    pub fn set_nodelay(&mut self, now: Instant, id: SocketId, on: bool) -> Result<(), TcpError> {
+    /// Sets a per-socket option. Congestion control may be set on a listener
+    /// (for the connections it accepts) or a connection (the new algorithm takes
+    /// over its window); the rest apply to connections.
+    pub fn set_option(&mut self, now: Instant, id: SocketId, opt: SockOpt) -> Result<(), TcpError> {
         self.tick(now);
+        if let (Some(Sock::Listener(l)), SockOpt::CongestionControl(a)) = (self.socks.get_mut(id), opt) {
+            l.cc = a;
+            return Ok(());
+        }
         self.with_conn(id, |c, cx| {
-            c.nodelay = on;
+            match opt {
+                SockOpt::NoDelay(on) => c.nodelay = on,
+                SockOpt::DelayedAck(on) => c.delayed_ack = on,
+                SockOpt::KeepAlive(k) => c.set_keepalive(now, k),
+                SockOpt::CongestionControl(a) => c.set_congestion_control(a),
+            }
             c.output(cx, now);
             ((), Disposition::Keep)
         })
-    }
-
-    /// Delays acknowledgments (`true`, the default unless the domain's
-    /// `delayed_ack` is zero) or acknowledges every segment at once.
-    pub fn set_delayed_ack(&mut self, now: Instant, id: SocketId, on: bool) -> Result<(), TcpError> {
-        self.tick(now);
-        self.with_conn(id, |c, cx| {
-            c.delayed_ack = on;
-            if !on {
-                c.output(cx, now);
-            }
-            ((), Disposition::Keep)
-        })
-    }
-
-    /// Chooses a connection's congestion control (it takes over the window
-    /// and threshold), or a listener's for the connections it accepts.
-    pub fn set_congestion_control(&mut self, id: SocketId, algorithm: cc::Algorithm) -> Result<(), TcpError> {
-        match self.socks.get_mut(id) {
-            Some(Sock::Listener(l)) => l.cc = algorithm,
-            Some(Sock::Conn { conn, .. }) => conn.set_congestion_control(algorithm),
-            None => return Err(TcpError::BadSocket),
-        }
-        Ok(())
-    }
-
-    /// Sets keep-alive (`None`: off).
-    pub fn set_keepalive(&mut self, now: Instant, id: SocketId, k: Option<Keepalive>) -> Result<(), TcpError> {
-        self.tick(now);
-        self.with_conn(id, |c, _| (c.set_keepalive(now, k), Disposition::Keep))
     }
 
     /// A socket's readiness.

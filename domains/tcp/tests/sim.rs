@@ -3,7 +3,8 @@
 
 use capnet_tcp::cc::{cubic, Algorithm};
 use capnet_tcp::{
-    Config, DropReason, Duration, Instant, Ipv4Address, Keepalive, Output, Received, SocketId, TcpCore, TcpError,
+    Config, DropReason, Duration, Instant, Ipv4Address, Keepalive, Output, Received, SockOpt, SocketId, TcpCore,
+    TcpError,
 };
 
 const A: Ipv4Address = Ipv4Address::new(10, 0, 0, 1);
@@ -369,7 +370,7 @@ fn keepalive_detects_a_silent_peer() {
     let mut net = Net::new(0.0, 0.0, 14);
     let (c, _, _s) = connected(&mut net);
     let k = Keepalive { idle: Duration::from_secs(1), interval: Duration::from_secs(1), count: 3 };
-    net.a.set_keepalive(net.now, c, Some(k)).unwrap();
+    net.a.set_option(net.now, c, SockOpt::KeepAlive(Some(k))).unwrap();
     // Answered probes keep it alive.
     let t0 = net.now;
     net.run_until(Duration::from_secs(10), |n| n.now.total_millis() - t0.total_millis() >= 5000);

@@ -111,9 +111,13 @@ struct Target {
 struct StatusArgs {
     #[command(flatten)]
     target: Target,
-    /// Print one JSON object (the shape scripts rely on).
+    /// Print one JSON object (the shape scripts rely on; it always holds the
+    /// TCP connections).
     #[arg(long)]
     json: bool,
+    /// List the TCP connections: state, cwnd, ssthresh, RTT, retransmits, SACK.
+    #[arg(long)]
+    sockets: bool,
 }
 
 /// `up`'s options.
@@ -142,6 +146,13 @@ pub struct UpArgs {
     /// Seeded loss on the link, each way (0 to 1).
     #[arg(long, default_value_t = 0.0)]
     loss: f64,
+    /// Seeded reordering on the link, each way (0 to 1): a frame held back 1 ms.
+    #[arg(long, default_value_t = 0.0)]
+    reorder: f64,
+    /// The tcp domain's congestion control for new connections (newreno, cubic);
+    /// a socket may choose its own.
+    #[arg(long, default_value = "newreno")]
+    tcp_cc: capnet_tcp::cc::Algorithm,
     /// Seed of the impairment.
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -160,7 +171,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Up(args) => supervisor::up(args),
         Command::Down(t) => supervisor::down(&t.netns),
-        Command::Status(s) => status::show(&s.target.netns, s.json),
+        Command::Status(s) => status::show(&s.target.netns, s.json, s.sockets),
         Command::Ping(p) => apps::ping(&p.target.netns, p.addr, p.count, p.interval, p.size),
         Command::EchoServe(e) if e.tcp => apps::echo_serve_tcp(&e.target.netns, e.port),
         Command::EchoServe(e) => apps::echo_serve(&e.target.netns, e.port),

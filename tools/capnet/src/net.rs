@@ -63,6 +63,7 @@ fn io_err(e: SocketError) -> io::Error {
         SocketError::Reset => K::ConnectionReset,
         SocketError::NotConnected => K::NotConnected,
         SocketError::BrokenPipe => K::BrokenPipe,
+        SocketError::Invalid(_) => K::InvalidInput,
     };
     io::Error::new(kind, e)
 }
@@ -396,6 +397,11 @@ impl TcpListener {
         }
     }
 
+    /// The congestion control ("newreno", "cubic") of the connections it accepts.
+    pub fn set_congestion_control(&self, name: &str) -> io::Result<()> {
+        set_tcp_option(&self.sock, TcpOption::CongestionControl(name.into()))
+    }
+
     /// The port it listens on.
     pub fn local_port(&self) -> u16 {
         self.port
@@ -525,8 +531,20 @@ impl TcpStream {
         self.option(TcpOption::KeepAlive(k))
     }
 
+    /// Delayed acknowledgments on (the default) or off (every segment
+    /// acknowledged at once, like Linux's `TCP_QUICKACK` kept on).
+    pub fn set_delayed_ack(&self, on: bool) -> io::Result<()> {
+        self.option(TcpOption::DelayedAck(on))
+    }
+
+    /// The congestion control algorithm ("newreno", "cubic"); the new one takes
+    /// over the connection's window.
+    pub fn set_congestion_control(&self, name: &str) -> io::Result<()> {
+        self.option(TcpOption::CongestionControl(name.into()))
+    }
+
     fn option(&self, option: TcpOption) -> io::Result<()> {
-        self.sock.stack.call(Call::TcpSetOption { handle: self.sock.handle, option }, None).map(drop)
+        set_tcp_option(&self.sock, option)
     }
 
     /// A timeout for reads (`None`: wait forever).
@@ -642,4 +660,9 @@ impl io::Write for &TcpStream {
     fn flush(&mut self) -> io::Result<()> {
         Ok(())
     }
+}
+
+/// Sets a TCP option on a listener or connection.
+fn set_tcp_option(sock: &Owned, option: TcpOption) -> io::Result<()> {
+    sock.stack.call(Call::TcpSetOption { handle: sock.handle, option }, None).map(drop)
 }

@@ -18,7 +18,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use capnet_driver::impair::Impairment;
 use capnet_ip::{Config, EthernetAddress, Ipv4Cidr};
 use capnet_ipc::region::RegionRo;
 use capnet_kernel_shim::cap::{recv_caps, send_caps, Cap, CapKind, Rights};
@@ -76,8 +75,10 @@ pub fn up(args: UpArgs) -> Result<()> {
     if host_prefix != prefix || !same_subnet(host, addr, prefix) {
         bail!("--host-addr {host}/{host_prefix} and --addr {addr}/{prefix} must be on one subnet");
     }
-    if !(0.0..=1.0).contains(&args.loss) {
-        bail!("--loss {} is not a probability between 0 and 1", args.loss);
+    for (name, p) in [("--loss", args.loss), ("--reorder", args.reorder)] {
+        if !(0.0..=1.0).contains(&p) {
+            bail!("{name} {p} is not a probability between 0 and 1");
+        }
     }
     netns::path(&args.target.netns)?;
     if control::ask(&args.target.netns, &Request::Status).is_ok() {
@@ -155,7 +156,16 @@ fn spawn_driver(dev: Device, args: &UpArgs, stack: &StackHalf) -> Result<(Driver
     let (ours, theirs) = UnixStream::pair()?;
     let cfg = SpawnConfig {
         program,
-        args: vec!["--loss".into(), args.loss.to_string(), "--seed".into(), args.seed.to_string()],
+        args: [
+            "--loss",
+            &args.loss.to_string(),
+            "--reorder",
+            &args.reorder.to_string(),
+            "--seed",
+            &args.seed.to_string(),
+        ]
+        .map(String::from)
+        .to_vec(),
         env: vec![("RUST_BACKTRACE".into(), "1".into())],
         namespaces: Namespaces::ALL,
         uid: DRIVER_UID,
@@ -233,10 +243,7 @@ fn run(args: UpArgs) -> Result<()> {
     let mac = EthernetAddress([0x02, 0xca, 0xfe, o[1], o[2], o[3]]);
     let mut cfg = Config::new(mac, Ipv4Cidr::new(addr, prefix));
     cfg.gateway = Some(host);
-    let link = LinkImpairment {
-        inbound: Impairment::loss(args.loss, args.seed),
-        outbound: Impairment::loss(args.loss, args.seed.wrapping_add(1)),
-    };
+    let link = LinkImpairment::symmetric(args.loss, args.reorder, args.seed);
     let mode = if args.mono { "mono" } else { "two-group" };
     let mut stack = if !args.mono {
         let half = StackHalf::new()?;
@@ -246,6 +253,11 @@ fn run(args: UpArgs) -> Result<()> {
     } else {
         Running::Mono(Box::new(MonoStack::new(dev, cfg, 4 << 20, link)?))
     };
+    let cores = match &mut stack {
+        Running::Mono(s) => s.cores(),
+        Running::TwoGroup(s, _) => s.cores(),
+    };
+    cores.tcp.config_mut().congestion_control = args.tcp_cc;
 
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
@@ -270,6 +282,8 @@ fn run(args: UpArgs) -> Result<()> {
         addr: format!("{addr}/{prefix}"),
         domains: Vec::new(),
         routes,
+        tcp_connections: Vec::new(),
+        tcp_listening: Vec::new(),
     };
     let snapshot = Arc::new(Mutex::new(String::new()));
     *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = render(&base, &mut stack, started)?;
@@ -352,6 +366,9 @@ fn render(base: &Status, stack: &mut Running, started: Instant) -> Result<String
         domain("udp", me, udp_counters(cores.udp.stats())),
         domain("tcp", me, tcp_counters(cores.tcp.stats())),
     ];
+    let (conns, listening) = cores.tcp.sockets();
+    status.tcp_connections = conns.into_iter().map(Into::into).collect();
+    status.tcp_listening = listening;
     Ok(serde_json::to_string(&status)?)
 }
 

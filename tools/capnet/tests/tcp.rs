@@ -1,8 +1,9 @@
 //! TCP against the Linux kernel, on every composition: curl and Python's
 //! http.server as peers of `capnet http-serve` and `capnet http-get`, 200
 //! concurrent fetches, half-close with socat, refused and aborted connections,
-//! keep-alive against a peer an nftables rule silences, and the options Linux
-//! sees (`ss -tin`).
+//! keep-alive against a peer an nftables rule silences, the options Linux sees
+//! (`ss -tin`), 5 MB each way through the driver's seeded loss and reordering,
+//! RFC 5961 checked from a raw socket, and `capnet status --sockets`.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddrV4};
@@ -262,21 +263,53 @@ fn keepalive_finds_a_peer_silenced_by_nftables() {
 }
 
 #[test]
-fn linux_sees_our_mss_and_window_scale() {
+fn linux_agrees_to_our_mss_window_scale_sack_and_timestamps() {
     for mode in MODES {
         let up = Up::new(CAPNET, "tcp-ss", mode);
         let stack = Stack::attach(up.name()).expect("attach");
+        // The handshake as the Linux side's tcpdump sees it: our SYN and its SYN-ACK.
+        let dump = std::process::Command::new("ip")
+            .args(["netns", "exec", up.name(), "timeout", "10", "tcpdump", "-nvl", "-i", "capt9", "-c", "2"])
+            .args(["tcp[tcpflags] & tcp-syn != 0"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("tcpdump");
+        std::thread::sleep(Duration::from_millis(500));
         let (_sleeper, s) = connect_to_sleeper(&up, &stack, 7004);
+        let dump = dump.wait_with_output().expect("tcpdump output");
+        let handshake = String::from_utf8_lossy(&dump.stdout);
+        let syn_ack = handshake.lines().find(|l| l.contains("Flags [S.]")).unwrap_or_default();
+        for option in ["sackOK", "TS val", "wscale"] {
+            assert!(syn_ack.contains(option), "{mode:?}: Linux's SYN-ACK lacks {option}: {handshake}");
+        }
         (&s).write_all(&[0u8; 10_000]).expect("some data so Linux measures");
         std::thread::sleep(Duration::from_millis(200));
         let out = up.in_ns(&["ss", "-tin", "dst", "10.77.0.2"]);
         let text = String::from_utf8_lossy(&out.stdout);
         // `wscale:S,R`: S is what we offered (1 MiB receive buffer → 5).
         assert!(text.contains("wscale:5,"), "{mode:?}: {text}");
-        // We offered MSS 1460 (MTU 1500): Linux sends with it.
-        assert!(text.contains(" mss:1460"), "{mode:?}: {text}");
+        // We offered MSS 1460 (MTU 1500); Linux sends 1448 of it: 12 bytes of every
+        // segment carry the timestamps both sides agreed on.
+        assert!(text.contains(" mss:1448"), "{mode:?}: {text}");
+        // This kernel's TCP_INFO leaves the SACK and timestamp bits out (even
+        // between two Linux sockets), so `ss` prints "ts sack" only where the
+        // kernel reports them.
+        if text.contains(" ts ") {
+            assert!(text.contains(" sack "), "{mode:?}: {text}");
+        }
+        let c = capnet_connection(&up, "10.77.0.1:7004");
+        assert_eq!((c["sack"].as_bool(), c["timestamps"].as_bool()), (Some(true), Some(true)), "{mode:?}: {c}");
         drop(s);
     }
+}
+
+/// Our side of a connection to `remote`, from `capnet status --json`.
+fn capnet_connection(up: &Up, remote: &str) -> serde_json::Value {
+    let out = up.capnet(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status json");
+    let conns = status["tcp_connections"].as_array().expect("tcp_connections");
+    conns.iter().find(|c| c["remote"] == remote).cloned().unwrap_or_else(|| panic!("no {remote} in {status}"))
 }
 
 #[test]
@@ -308,5 +341,95 @@ fn urgent_data_arrives_inline_and_timeouts_and_nonblocking_behave_like_std() {
         conn.set_read_timeout(Some(Duration::from_secs(30))).expect("hang guard");
         assert_eq!((&conn).read(&mut buf).expect("EOF"), 0, "{mode:?}: the peer's close is EOF");
         assert!(conn.set_read_timeout(Some(Duration::ZERO)).is_err(), "a zero timeout is refused, as in std");
+    }
+}
+
+#[test]
+fn five_megabytes_each_way_through_seeded_loss_and_reordering() {
+    let impairments: [(&str, &[&str]); 2] = [
+        ("tcp-loss1", &["--loss", "0.01", "--seed", "7"]),
+        ("tcp-loss5", &["--loss", "0.05", "--reorder", "0.05", "--seed", "8"]),
+    ];
+    for (tag, impair) in impairments {
+        for mode in MODES {
+            let args = [mode, impair].concat();
+            let Served { up, dir, data, .. } = &serving(tag, &args, "five", 5 << 20);
+            // capnet sends: curl fetches from http-serve (the hang guard is curl's).
+            let got = dir.path("curl-got");
+            let out = up.in_ns(&["curl", "-sS", "--max-time", "300", "-o", &got, "http://10.77.0.2/five"]);
+            assert!(out.status.success(), "{tag} {mode:?}: curl: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(std::fs::read(&got).expect("curl output") == *data, "{tag} {mode:?}: curl's copy differs");
+            // capnet receives: http-get from Python's http.server.
+            let _py =
+                up.spawn_in_ns(&["python3", "-m", "http.server", "8000", "--bind", "10.77.0.1", "-d", &dir.path("")]);
+            linux_listening(up, 8000);
+            let got = dir.path("get-got");
+            let out = up.capnet(&["http-get", "http://10.77.0.1:8000/five", "-o", &got]);
+            assert!(out.status.success(), "{tag} {mode:?}: http-get: {}", String::from_utf8_lossy(&out.stderr));
+            assert!(std::fs::read(&got).expect("http-get output") == *data, "{tag} {mode:?}: http-get's copy differs");
+            // The link really lost frames, and capnet really repaired them.
+            assert!(up.counter("driver", "impair_out_dropped") > 0, "{tag} {mode:?}: nothing was dropped");
+            assert!(up.counter("tcp", "retransmits") > 0, "{tag} {mode:?}: nothing was retransmitted");
+        }
+    }
+}
+
+#[test]
+fn in_window_rst_and_syn_from_a_raw_socket_draw_challenge_acks() {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/rfc5961.py");
+    for mode in MODES {
+        let up = Up::new(CAPNET, "tcp-5961", mode);
+        let _echo = up.spawn_capnet(&["echo-serve", "--tcp", "--port", "7"]);
+        capnet_listening_raw(&up, 7);
+        let out = up.in_ns(&["python3", script, "capt9", "10.77.0.1", "10.77.0.2", "7"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "{mode:?}: {text}{}", String::from_utf8_lossy(&out.stderr));
+        for line in
+            ["in-window RST: challenge ACK seen", "in-window SYN: challenge ACK seen", "exact RST: connection reset"]
+        {
+            assert!(text.contains(line), "{mode:?}: {text}");
+        }
+        assert!(up.counter("tcp", "challenge_acks") >= 2, "{mode:?}");
+        assert!(up.counter("tcp", "resets_in") >= 1, "{mode:?}");
+    }
+}
+
+/// Waits until something accepts TCP connections on capnet's `port`.
+fn capnet_listening_raw(up: &Up, port: u16) {
+    for _ in 0..100 {
+        let py = format!("import socket\nsocket.create_connection(('10.77.0.2',{port}),timeout=1).close()\n");
+        if up.in_ns(&["python3", "-c", &py]).status.success() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+#[test]
+fn status_sockets_shows_each_connection_and_its_congestion_state() {
+    for mode in MODES {
+        let up = Up::new(CAPNET, "tcp-stat", &[mode, &["--tcp-cc", "cubic"]].concat());
+        let stack = Stack::attach(up.name()).expect("attach");
+        let (_sleeper, s) = connect_to_sleeper(&up, &stack, 7005);
+        (&s).write_all(&[0u8; 50_000]).expect("some data so the RTT is measured");
+        std::thread::sleep(Duration::from_millis(300));
+        let c = capnet_connection(&up, "10.77.0.1:7005");
+        assert_eq!(c["state"], "ESTABLISHED", "{mode:?}: {c}");
+        assert_eq!(c["cc"], "cubic", "{mode:?}: the domain's default from --tcp-cc");
+        assert!(c["cwnd"].as_u64().unwrap() >= 14_480, "{mode:?}: {c}");
+        assert!(c["srtt_us"].as_u64().is_some() && c["rto_us"].as_u64().unwrap() >= 200_000, "{mode:?}: {c}");
+        // The table for people shows the same connection.
+        let out = up.capnet(&["status", "--sockets"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        let line = text.lines().find(|l| l.contains("10.77.0.1:7005")).unwrap_or_else(|| panic!("{mode:?}: {text}"));
+        assert!(line.starts_with("ESTABLISHED") && line.contains("cubic cwnd:"), "{mode:?}: {line}");
+        // A socket may choose its own algorithm; an unknown one is refused.
+        s.set_congestion_control("newreno").expect("newreno");
+        let err = s.set_congestion_control("bbr").expect_err("unknown algorithm");
+        assert_eq!(err.kind(), ErrorKind::InvalidInput, "{mode:?}: {err}");
+        std::thread::sleep(Duration::from_millis(300));
+        let out = up.capnet(&["status", "--sockets"]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains("newreno cwnd:"), "{mode:?}: {text}");
     }
 }

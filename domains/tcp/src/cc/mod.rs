@@ -5,7 +5,7 @@
 //! only decides the window: how it grows on ACKs and where it lands after a loss.
 //! Each algorithm is its own module; [`Algorithm`] names them for configuration
 //! (per domain in [`crate::Config`], per socket through
-//! [`crate::TcpCore::set_congestion_control`]).
+//! [`crate::TcpCore::set_option`]).
 
 use std::fmt::Debug;
 use std::str::FromStr;

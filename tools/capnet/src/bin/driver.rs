@@ -13,7 +13,6 @@ use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
-use capnet_driver::impair::Impairment;
 use capnet_kernel_shim::cap::{recv_caps, send_caps, Cap, CapKind, Rights};
 use capnet_kernel_shim::sandbox::{self, StatsRegion};
 use capnet_kernel_shim::spawn::take_granted_fd;
@@ -29,15 +28,13 @@ fn main() {
 
 fn run() -> anyhow::Result<()> {
     let sock = UnixStream::from(take_granted_fd(0).ok_or_else(|| anyhow::anyhow!("no supervisor socket at fd 3"))?);
-    // The impairment comes as arguments: --loss P --seed S.
+    // The impairment comes as arguments: --loss P --reorder P --seed S.
     let args: Vec<String> = std::env::args().collect();
     let arg = |name: &str| args.iter().position(|a| a == name).and_then(|i| args.get(i + 1)).cloned();
     let loss: f64 = arg("--loss").map_or(Ok(0.0), |v| v.parse())?;
+    let reorder: f64 = arg("--reorder").map_or(Ok(0.0), |v| v.parse())?;
     let seed: u64 = arg("--seed").map_or(Ok(1), |v| v.parse())?;
-    let link = LinkImpairment {
-        inbound: Impairment::loss(loss, seed),
-        outbound: Impairment::loss(loss, seed.wrapping_add(1)),
-    };
+    let link = LinkImpairment::symmetric(loss, reorder, seed);
 
     let mut caps = recv_caps(sock.as_fd())?;
     // The device's tag says whether its frames carry the virtio-net header (1).
@@ -93,6 +90,11 @@ fn run() -> anyhow::Result<()> {
         ];
         for (i, v) in values.into_iter().enumerate() {
             StatsRegion::set(stats, i, v);
+        }
+        if driver.ended() {
+            // Only an error ends a thread: the device or a channel failed.
+            driver.stop()?;
+            anyhow::bail!("the data path ended");
         }
         match (&sock).read(&mut probe) {
             Ok(0) => return Ok(()), // the supervisor is gone
