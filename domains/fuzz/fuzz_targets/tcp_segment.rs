@@ -1,7 +1,8 @@
 //! Every byte string as TCP segments from a peer with an established connection:
 //! the first byte picks how the rest is cut into segments, each gets a valid
 //! checksum (so it reaches the state machine, not just the parser), and time
-//! advances between them. The tcp core must never panic.
+//! advances between them. SACK and timestamps are agreed in the handshake. The
+//! tcp core must never panic.
 #![no_main]
 
 use capnet_tcp::{Config, Duration, Instant, Ipv4Address, Output, TcpCore};
@@ -32,9 +33,12 @@ fuzz_target!(|data: &[u8]| {
     let l = core.listen(80, 4).ok();
     let mut now = Instant::from_secs(1);
     // SYN, then the rest as segments of `cut`-derived size.
-    let mut syn = vec![0u8; 20];
-    syn[12] = 0x50;
+    // The SYN offers SACK and timestamps: the fuzzed segments meet a connection
+    // that uses both (their own option bytes come from the input).
+    let mut syn = vec![0u8; 32];
+    syn[12] = 0x80;
     syn[13] = 0x02;
+    syn[20..32].copy_from_slice(&[4, 2, 8, 10, 0, 0, 0, 1, 0, 0, 0, 0]);
     core.receive(now, A, B, &seg(&syn, Some(1000)));
     while core.pop_output().is_some() {}
     let size = 20 + usize::from(cut) * 8;
