@@ -10,7 +10,7 @@ CARGO ?= cargo
 TEST_PROFILE := --cargo-profile test-opt
 LOOM_TARGET := target/loom
 
-.PHONY: all deps test test-unit test-loom ci fmt-check clippy bench demo clean-leftovers
+.PHONY: all deps test test-unit test-loom ci fmt-check clippy bench smoltcp-examples demo clean-leftovers
 
 all: test
 
@@ -45,8 +45,19 @@ clippy:
 
 ci: fmt-check clippy test
 
-bench:
+bench: deps smoltcp-examples
 	$(CARGO) bench -p capnet-ipc --bench ipc
+	$(CARGO) bench -p capnet --bench tcp
+
+# smoltcp's own benchmarks (examples/benchmark.rs over a TAP, loopback_benchmark.rs
+# in memory), built unmodified from the crate's source as cargo fetched it, for
+# the TCP benchmark to run beside capnet.
+SMOLTCP_BUILD := target/smoltcp
+smoltcp-examples: $(SMOLTCP_BUILD)/release/examples/benchmark
+$(SMOLTCP_BUILD)/release/examples/benchmark:
+	@src=$$($(CARGO) metadata --format-version 1 | python3 -c 'import json,sys; print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"]=="smoltcp").rsplit("/",1)[0])'); \
+	rm -rf target/smoltcp-src && cp -r "$$src" target/smoltcp-src && printf '\n[workspace]\n' >> target/smoltcp-src/Cargo.toml
+	cd target/smoltcp-src && CARGO_TARGET_DIR=../smoltcp $(CARGO) build --release --example benchmark --example loopback_benchmark
 
 # The main job: capnet up in a private namespace, Linux traffic through it, status,
 # down — narrated (scripts/demo.sh).

@@ -6,6 +6,7 @@
 //! ping-pong — the physical limit of two cores talking — so ratios survive a noisy
 //! shared machine. Each measurement is repeated and the median taken.
 
+use capnet_testkit::bench::median;
 use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,13 +54,6 @@ fn in_two_processes<R>(child: impl FnOnce(), parent: impl FnOnce() -> R) -> R {
             r
         }
     }
-}
-
-fn median(mut v: Vec<f64>) -> (f64, f64) {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let m = v[v.len() / 2];
-    let spread = (v[v.len() - 1] - v[0]) / m * 100.0;
-    (m, spread)
 }
 
 /// Raw ping-pong of one cache line's worth of words: ns one way.
@@ -340,41 +334,6 @@ fn main() {
     }
     println!("\n{table}");
     if !quick {
-        write_results(&table);
-    }
-}
-
-/// Replaces the ipc section of docs/results.md with this run's table.
-fn write_results(table: &str) {
-    let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../docs/results.md");
-    let Ok(doc) = std::fs::read_to_string(path) else {
-        eprintln!("docs/results.md not found; table printed only");
-        return;
-    };
-    let (start, end) = ("<!-- ipc-bench:start -->", "<!-- ipc-bench:end -->");
-    let (Some(s), Some(e)) = (doc.find(start), doc.find(end)) else {
-        eprintln!("docs/results.md has no ipc-bench markers; table printed only");
-        return;
-    };
-    let cpu = std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|c| {
-            c.lines().find(|l| l.starts_with("model name")).map(|l| l.split(':').nth(1).unwrap_or("").trim().to_owned())
-        })
-        .unwrap_or_default();
-    let when = std::process::Command::new("date")
-        .arg("-u")
-        .arg("+%Y-%m-%d %H:%M UTC")
-        .output()
-        .ok()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
-        .unwrap_or_default();
-    let body = format!(
-        "{start}\nMeasured {when} on {cpu}, {} CPUs, with `make bench` (`cargo bench -p capnet-ipc --bench ipc`).\n\n{table}{end}",
-        cpus()
-    );
-    let new = format!("{}{}{}", &doc[..s], body, &doc[e + end.len()..]);
-    if std::fs::write(path, new).is_ok() {
-        eprintln!("wrote {path}");
+        capnet_testkit::bench::write_section(env!("CARGO_MANIFEST_DIR"), "ipc-bench", "make bench", &table);
     }
 }

@@ -9,6 +9,8 @@
 
 #![forbid(unsafe_code)]
 
+pub mod bench;
+
 use std::path::PathBuf;
 use std::process::{Command, Output};
 

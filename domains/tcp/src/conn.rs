@@ -1392,7 +1392,9 @@ impl Conn {
     pub fn recv(&mut self, cx: &mut Cx, now: Instant, max: usize) -> Result<crate::Received, TcpError> {
         if !self.rcv_buf.is_empty() {
             let n = max.min(self.rcv_buf.len());
-            let data: Vec<u8> = self.rcv_buf.drain(..n).collect();
+            let [a, b] = deque_range(&self.rcv_buf, 0, n);
+            let data = [a, b].concat();
+            self.rcv_buf.drain(..n);
             // A window update once the advertised window fell below half the
             // buffer and its edge can move by the SWS step (RFC 9293 §3.8.6.2.2).
             let edge = self.rcv_nxt.plus(self.rcv_space());
