@@ -285,14 +285,14 @@ fn device_fd(dev: &Device) -> Result<(OwnedFd, bool), RuntimeError> {
 }
 
 /// The plain frame inside what the device handed over: as is, or with the
-/// virtio-net header stripped and a partial checksum completed (into `scratch`).
+/// virtio-net header stripped and a partial checksum completed (in place).
 /// `None` (counted) for a frame the header makes unusable.
-fn plain_frame<'a>(raw: &'a [u8], vnet: bool, scratch: &'a mut Vec<u8>, stats: &mut DeviceStats) -> Option<&'a [u8]> {
+fn plain_frame<'a>(raw: &'a mut [u8], vnet: bool, stats: &mut DeviceStats) -> Option<&'a [u8]> {
     if !vnet {
         return Some(raw);
     }
-    match capnet_driver::vnet::to_plain(raw, scratch) {
-        Ok(()) => Some(&scratch[..]),
+    match capnet_driver::vnet::to_plain(raw) {
+        Ok(frame) => Some(frame),
         Err(_) => {
             stats.vnet_refused += 1;
             None
@@ -350,7 +350,6 @@ pub struct MonoStack {
     vnet: bool,
     cores: Cores,
     buf: Vec<u8>,
-    scratch: Vec<u8>,
     inbound: Stage,
     outbound: Stage,
     /// The device side's counters.
@@ -367,7 +366,6 @@ impl MonoStack {
             vnet,
             cores: Cores::new(cfg, udp_queue_bytes),
             buf: vec![0u8; 65536 + VNET_HDR_LEN],
-            scratch: Vec::with_capacity(2048),
             inbound: Stage::new(link.inbound)?,
             outbound: Stage::new(link.outbound)?,
             stats: DeviceStats::default(),
@@ -413,7 +411,7 @@ impl Stack for MonoStack {
         wait_readable(&self.fd, wait)?;
         while let Some(n) = read_frame(&self.fd, &mut self.buf)? {
             self.stats.frames_read += 1;
-            let Some(frame) = plain_frame(&self.buf[..n], self.vnet, &mut self.scratch, &mut self.stats) else {
+            let Some(frame) = plain_frame(&mut self.buf[..n], self.vnet, &mut self.stats) else {
                 continue;
             };
             if self.inbound.passthrough {

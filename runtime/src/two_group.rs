@@ -317,7 +317,6 @@ fn reader_loop(
     let mut stats = DeviceStats::default();
     let mut waiter = Waiter::new(SpinPolicy::NEVER);
     let mut buf = vec![0u8; 65536 + VNET_HDR_LEN];
-    let mut scratch = Vec::with_capacity(2048);
     let (mut inbox, mut batch) = (Vec::with_capacity(1024), Vec::with_capacity(BATCH));
     while !stop.load(Ordering::Relaxed) {
         stats.inbound = impair.stage.stats;
@@ -361,7 +360,7 @@ fn reader_loop(
             while batch.len() + max_chain <= room {
                 let Some(n) = read_frame(&fd, &mut buf)? else { break };
                 stats.frames_read += 1;
-                let Some(frame) = plain_frame(&buf[..n], vnet, &mut scratch, &mut stats) else { continue };
+                let Some(frame) = plain_frame(&mut buf[..n], vnet, &mut stats) else { continue };
                 impair.passed();
                 if !lend(frame, &mut batch)? {
                     break;
@@ -370,7 +369,7 @@ fn reader_loop(
         } else {
             while let Some(n) = read_frame(&fd, &mut buf)? {
                 stats.frames_read += 1;
-                if let Some(frame) = plain_frame(&buf[..n], vnet, &mut scratch, &mut stats) {
+                if let Some(frame) = plain_frame(&mut buf[..n], vnet, &mut stats) {
                     impair.push(frame.to_vec());
                 }
             }

@@ -43,6 +43,13 @@ fn main() {
         Some("memwire") => {
             return println!("{:.2}", memwire(args[3].parse().expect("bytes"), args[2].parse().expect("mtu")))
         }
+        // One capnet TAP run, for profiling: `tcp tap mono|two send|recv BYTES`.
+        Some("tap") => {
+            let bench = Bench::new();
+            let up = if args[2] == "mono" { &bench.mono } else { &bench.two };
+            let dir = if args[3] == "send" { Dir::CapnetSends } else { Dir::CapnetReceives };
+            return println!("{:.2}", bench.capnet(up, dir, args[4].parse().expect("bytes")));
+        }
         _ => {}
     }
     let quick = args.iter().any(|a| a == "--quick");
