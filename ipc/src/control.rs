@@ -6,6 +6,8 @@
 //! deserialised: a peer can neither change them between check and use nor make the
 //! receiver read outside them.
 
+use std::cell::RefCell;
+
 use rkyv::api::high::{HighDeserializer, HighSerializer, HighValidator};
 use rkyv::bytecheck::CheckBytes;
 use rkyv::rancor::Error as RancorError;
@@ -42,6 +44,29 @@ where
     Ok(bytes)
 }
 
+thread_local! {
+    /// This thread's buffers for encoding and for the aligned private copy a
+    /// decode validates: reused, so a stream of 64 KiB messages allocates nothing
+    /// per message (freeing and re-faulting such buffers cost more than the copies).
+    static ENCODE_BUF: RefCell<AlignedVec> = RefCell::new(AlignedVec::new());
+    static DECODE_BUF: RefCell<AlignedVec<16>> = RefCell::new(AlignedVec::new());
+}
+
+/// Serialises `msg` into this thread's reused buffer and hands the archive to `f`.
+pub fn encode_with<T, R>(msg: &T, f: impl FnOnce(&[u8]) -> R) -> Result<R, ControlError>
+where
+    T: for<'a> Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, RancorError>>,
+{
+    // Taken out while `f` runs, so an `f` that encodes too gets a buffer of its own.
+    let mut buf = ENCODE_BUF.with_borrow_mut(std::mem::take);
+    buf.clear();
+    let bytes =
+        rkyv::api::high::to_bytes_in::<_, RancorError>(msg, buf).map_err(|e| ControlError::Encode(e.to_string()))?;
+    let r = if bytes.len() > MAX_CONTROL_LEN { Err(ControlError::TooLarge(bytes.len())) } else { Ok(f(&bytes)) };
+    ENCODE_BUF.with_borrow_mut(|b| *b = bytes);
+    r
+}
+
 /// Copies `bytes` (already out of shared memory) into an aligned private buffer,
 /// validates them as an archive of `T`, and deserialises.
 pub fn decode<T>(bytes: &[u8]) -> Result<T, ControlError>
@@ -52,9 +77,12 @@ where
     if bytes.len() > MAX_CONTROL_LEN {
         return Err(ControlError::TooLarge(bytes.len()));
     }
-    let mut private = AlignedVec::<16>::with_capacity(bytes.len());
+    let mut private = DECODE_BUF.with_borrow_mut(std::mem::take);
+    private.clear();
     private.extend_from_slice(bytes);
-    rkyv::from_bytes::<T, RancorError>(&private).map_err(|e| ControlError::Invalid(e.to_string()))
+    let r = rkyv::from_bytes::<T, RancorError>(&private).map_err(|e| ControlError::Invalid(e.to_string()));
+    DECODE_BUF.with_borrow_mut(|b| *b = private);
+    r
 }
 
 #[cfg(test)]

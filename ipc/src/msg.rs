@@ -79,7 +79,7 @@ impl MsgHalf {
         let mut pool = self.pool;
         let reader = pool.add_reader(BUFFERS);
         let view = PoolView::attach(peer.pool, end.other() as u16 + 1)?;
-        Ok(MsgEnd { chan, pool, reader, view, returns: Vec::new(), inbox: Vec::new() })
+        Ok(MsgEnd { chan, pool, reader, view, returns: Vec::new(), inbox: Vec::new(), scratch: Vec::new() })
     }
 }
 
@@ -92,6 +92,7 @@ pub struct MsgEnd {
     view: PoolView,
     returns: Vec<Descriptor>,
     inbox: Vec<Descriptor>,
+    scratch: Vec<u8>,
 }
 
 impl MsgEnd {
@@ -120,9 +121,10 @@ impl MsgEnd {
         Ok(true)
     }
 
-    /// Receives every message waiting (each as a private copy), returning loans and
-    /// taking back ours.
-    pub fn recv(&mut self, out: &mut Vec<Vec<u8>>) -> Result<usize, MsgError> {
+    /// Receives every message waiting, handing each to `each` as a private copy
+    /// (in a buffer reused from message to message), returning loans and taking
+    /// back ours.
+    pub fn recv(&mut self, mut each: impl FnMut(&[u8])) -> Result<usize, MsgError> {
         let mut n = 0;
         loop {
             self.inbox.clear();
@@ -133,9 +135,9 @@ impl MsgEnd {
                 if d.has(Descriptor::RETURN) {
                     self.pool.give_back(self.reader, d)?;
                 } else if d.has(Descriptor::CONTROL) {
-                    let mut bytes = Vec::with_capacity(d.len as usize);
-                    self.view.read_into(d, &mut bytes)?;
-                    out.push(bytes);
+                    self.scratch.clear();
+                    self.view.read_into(d, &mut self.scratch)?;
+                    each(&self.scratch);
                     self.returns.push(Descriptor { flags: Descriptor::RETURN, ..*d });
                     n += 1;
                 } else {

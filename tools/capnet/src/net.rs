@@ -40,7 +40,7 @@ use std::os::unix::net::UnixStream;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use capnet_ipc::control::{decode, encode};
+use capnet_ipc::control::{decode, encode, encode_with};
 use capnet_ipc::msg::MsgEnd;
 use capnet_ipc::notify::{SpinPolicy, SpinTokens};
 use capnet_ipc::region::Region;
@@ -81,7 +81,6 @@ struct Conn {
     early: HashMap<u64, Reply>,
     /// Ids whose replies nobody waits for (a cancel's own acknowledgment).
     forget: Vec<u64>,
-    inbox: Vec<Vec<u8>>,
 }
 
 /// An attachment to a running stack. Cheap to clone; sockets keep it alive.
@@ -108,7 +107,6 @@ impl Stack {
             waiter: Waiter::new(SpinPolicy::NEVER),
             early: HashMap::new(),
             forget: Vec::new(),
-            inbox: Vec::new(),
         };
         Ok(Self { conn: Arc::new(Mutex::new(conn)) })
     }
@@ -119,16 +117,19 @@ impl Stack {
         let mut c = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         let id = c.next_id;
         c.next_id += 1;
-        let bytes = encode(&Request { id, call }).map_err(io::Error::other)?;
         let deadline = timeout.map(|t| Instant::now() + t);
         let hard = Instant::now() + timeout.unwrap_or(Duration::ZERO) + Duration::from_secs(30);
-        while !c.msg.send(&bytes).map_err(broken)? {
-            c.pump()?;
-            c.wait(Interest::BOTH, Some(Duration::from_millis(10)));
-            if Instant::now() > hard || c.peer_gone() {
-                return Err(broken("no room to send"));
+        encode_with(&Request { id, call }, |bytes| {
+            while !c.msg.send(bytes).map_err(broken)? {
+                c.pump()?;
+                c.wait(Interest::BOTH, Some(Duration::from_millis(10)));
+                if Instant::now() > hard || c.peer_gone() {
+                    return Err(broken("no room to send"));
+                }
             }
-        }
+            Ok(())
+        })
+        .map_err(io::Error::other)??;
         let mut cancelled = false;
         loop {
             c.pump()?;
@@ -176,19 +177,25 @@ impl Stack {
 
 impl Conn {
     fn pump(&mut self) -> io::Result<()> {
-        self.inbox.clear();
-        let mut inbox = std::mem::take(&mut self.inbox);
-        self.msg.recv(&mut inbox).map_err(broken)?;
-        for m in inbox.drain(..) {
-            let r: Response = decode(&m).map_err(broken)?;
-            if let Some(k) = self.forget.iter().position(|f| *f == r.id) {
-                self.forget.swap_remove(k);
-                continue;
-            }
-            self.early.insert(r.id, r.reply);
+        let mut bad = None;
+        let (forget, early) = (&mut self.forget, &mut self.early);
+        self.msg
+            .recv(|m| match decode::<Response>(m) {
+                Ok(r) => match forget.iter().position(|f| *f == r.id) {
+                    Some(k) => {
+                        forget.swap_remove(k);
+                    }
+                    None => {
+                        early.insert(r.id, r.reply);
+                    }
+                },
+                Err(e) => bad = Some(e),
+            })
+            .map_err(broken)?;
+        match bad {
+            Some(e) => Err(broken(e)),
+            None => Ok(()),
         }
-        self.inbox = inbox;
-        Ok(())
     }
 
     /// Whether the supervisor closed the attachment (it exited, or cut this

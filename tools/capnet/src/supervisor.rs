@@ -32,7 +32,7 @@ use std::os::fd::AsFd;
 use crate::control::{self, recv, run_dir, send, socket_path, Reply, Request};
 use crate::status::{Domain, RouteEntry, Status};
 use crate::UpArgs;
-use capnet_ipc::control::{decode, encode};
+use capnet_ipc::control::{decode, encode_with};
 use capnet_ipc::msg::MsgEnd;
 use capnet_sockets::{AppId, SocketsCore};
 
@@ -476,7 +476,6 @@ struct App {
 struct Apps {
     sockets: Option<SocketsCore>,
     list: Vec<App>,
-    inbox: Vec<Vec<u8>>,
     checked: Option<Instant>,
 }
 
@@ -498,19 +497,14 @@ impl Apps {
         let Some(sockets) = self.sockets.as_mut() else { return Ok(()) };
         let mut gone = Vec::new();
         for (i, app) in self.list.iter_mut().enumerate() {
-            self.inbox.clear();
-            if app.msg.recv(&mut self.inbox).is_err() {
+            let mut garbage = false;
+            let r = app.msg.recv(|m| match decode::<capnet_sockets::Request>(m) {
+                Ok(req) if !garbage => sockets.request(app.id, req, stack.cores()),
+                Ok(_) => {}
+                Err(_) => garbage = true,
+            });
+            if r.is_err() || garbage {
                 gone.push(i); // broke the channel protocol: cut off
-                continue;
-            }
-            for m in self.inbox.drain(..) {
-                match decode::<capnet_sockets::Request>(&m) {
-                    Ok(req) => sockets.request(app.id, req, stack.cores()),
-                    Err(_) => {
-                        gone.push(i);
-                        break;
-                    }
-                }
             }
         }
         let cores = stack.cores();
@@ -519,9 +513,13 @@ impl Apps {
         }
         sockets.poll_ready(cores);
         while let Some((id, resp)) = sockets.pop_response() {
-            if let (Some(app), Ok(bytes)) = (self.list.iter_mut().find(|a| a.id == id), encode(&resp)) {
-                app.outbox.push_back(bytes.to_vec());
-            }
+            let Some(app) = self.list.iter_mut().find(|a| a.id == id) else { continue };
+            // Straight into the channel when nothing waits before it; else queued.
+            let _ = encode_with(&resp, |bytes| {
+                if !app.outbox.is_empty() || !matches!(app.msg.send(bytes), Ok(true)) {
+                    app.outbox.push_back(bytes.to_vec());
+                }
+            });
         }
         for app in &mut self.list {
             while let Some(m) = app.outbox.front() {
