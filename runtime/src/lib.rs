@@ -19,7 +19,7 @@ use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant as StdInstant};
 
 use capnet_driver::impair::{ImpairStats, Impairer, Impairment};
-use capnet_ip::{Config, Instant, IpCore, IpProtocol, Output, TransportId};
+use capnet_ip::{Config, Instant, IpCore, IpProtocol, LocalDatagram, Output, TransportId};
 use capnet_kernel_shim::device::{Device, DeviceKind, VNET_HDR_LEN};
 use capnet_tcp::TcpCore;
 use capnet_udp::UdpCore;
@@ -115,6 +115,25 @@ impl Cores {
         }
     }
 
+    /// Takes one frame from the device: an unfragmented datagram for udp or tcp
+    /// goes to its core straight from the frame (no copy); everything else
+    /// through the ip core's outputs.
+    pub fn receive_frame(&mut self, frame: &[u8]) {
+        let now = self.now();
+        if let Some(d) = self.ip.receive_frame_local(now, frame) {
+            self.deliver(now, &d);
+        }
+    }
+
+    /// Hands a datagram to its transport core.
+    fn deliver(&mut self, now: Instant, d: &LocalDatagram) {
+        match d.to {
+            UDP => self.udp.receive(d.src, d.dst, d.payload, d.ip_header),
+            TCP => self.tcp.receive(now, d.src, d.dst, d.payload),
+            _ => {}
+        }
+    }
+
     /// Runs timers and moves every output between the cores; frames for the
     /// device go to `emit`.
     pub fn pump(&mut self, mut emit: impl FnMut(Vec<u8>)) {
@@ -127,10 +146,19 @@ impl Cores {
                 progressed = true;
                 match out {
                     Output::Frame(f) => emit(f),
-                    Output::Deliver(d) if d.to == UDP => self.udp.receive(d.src, d.dst, &d.payload, &d.ip_header),
-                    Output::Deliver(d) if d.to == TCP => self.tcp.receive(now, d.src, d.dst, &d.payload),
+                    Output::Deliver(d) => {
+                        let local = LocalDatagram {
+                            to: d.to,
+                            src: d.src,
+                            dst: d.dst,
+                            protocol: d.protocol,
+                            payload: &d.payload,
+                            ip_header: &d.ip_header,
+                        };
+                        self.deliver(now, &local)
+                    }
                     Output::EchoReply(r) if r.to == SOCKETS => self.echo_replies.push((r.ident, r.from, r.seq, r.data)),
-                    Output::Deliver(_) | Output::EchoReply(_) => {}
+                    Output::EchoReply(_) => {}
                     Output::Icmp(e) if e.to == TCP => {
                         self.tcp.on_icmp(e.local_port, e.remote, e.remote_port, e.icmp_type, e.icmp_code)
                     }
@@ -383,8 +411,7 @@ impl MonoStack {
     /// frames that are due.
     fn flush(&mut self) {
         while let Some(f) = self.inbound.pop() {
-            let now = self.cores.now();
-            self.cores.ip.receive_frame(now, &f);
+            self.cores.receive_frame(&f);
         }
         let (out, fd, vnet, stats) = (&mut self.outbound, &self.fd, self.vnet, &mut self.stats);
         self.cores.pump(|frame| {
@@ -416,8 +443,7 @@ impl Stack for MonoStack {
             };
             if self.inbound.passthrough {
                 self.inbound.passed();
-                let now = self.cores.now();
-                self.cores.ip.receive_frame(now, frame);
+                self.cores.receive_frame(frame);
             } else {
                 self.inbound.push(frame.to_vec());
             }

@@ -478,8 +478,7 @@ impl StackGroup {
                 if d.has(Descriptor::MORE) {
                     continue;
                 }
-                let now = self.cores.now();
-                self.cores.ip.receive_frame(now, &self.frame);
+                self.cores.receive_frame(&self.frame);
                 self.frame.clear();
             }
             let mut sent = 0;

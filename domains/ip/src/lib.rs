@@ -219,6 +219,38 @@ pub struct Delivery {
     pub ip_header: Vec<u8>,
 }
 
+/// A datagram for a transport, borrowed from the frame it arrived in (an
+/// unfragmented datagram: nothing copied).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LocalDatagram<'a> {
+    /// The transport domain it belongs to.
+    pub to: TransportId,
+    /// Source address.
+    pub src: Ipv4Address,
+    /// Destination address (ours, or a broadcast).
+    pub dst: Ipv4Address,
+    /// Transport protocol.
+    pub protocol: IpProtocol,
+    /// The transport header and payload.
+    pub payload: &'a [u8],
+    /// The IPv4 header it arrived with.
+    pub ip_header: &'a [u8],
+}
+
+impl LocalDatagram<'_> {
+    /// An owned copy, as [`Output::Deliver`] carries it.
+    pub fn to_delivery(&self) -> Delivery {
+        Delivery {
+            to: self.to,
+            src: self.src,
+            dst: self.dst,
+            protocol: self.protocol,
+            payload: self.payload.to_vec(),
+            ip_header: self.ip_header.to_vec(),
+        }
+    }
+}
+
 /// An ICMP error concerning a flow of a transport domain.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct IcmpError {
@@ -427,19 +459,36 @@ impl IpCore {
         self.stats.drops[r as usize] += 1;
     }
 
-    /// Takes one frame from the driver.
+    /// Takes one frame from the driver; a datagram for a transport comes out as
+    /// [`Output::Deliver`].
     pub fn receive_frame(&mut self, now: Instant, frame: &[u8]) {
+        if let Some(d) = self.receive_frame_local(now, frame) {
+            self.out.push_back(Output::Deliver(d.to_delivery()));
+        }
+    }
+
+    /// Takes one frame from the driver, like [`IpCore::receive_frame`], but
+    /// returns an unfragmented datagram for a transport borrowed from the frame
+    /// instead of queueing a copy: for a composition that hands it to a core in
+    /// the same thread.
+    #[must_use = "the datagram is not queued: hand it to its transport"]
+    pub fn receive_frame_local<'a>(&mut self, now: Instant, frame: &'a [u8]) -> Option<LocalDatagram<'a>> {
         self.stats.frames_in += 1;
-        let Ok(eth) = EthernetFrame::new_checked(frame) else { return self.drop(DropReason::EthTruncated) };
+        let Ok(eth) = EthernetFrame::new_checked(frame) else {
+            self.drop(DropReason::EthTruncated);
+            return None;
+        };
         let dst = eth.dst_addr();
         if dst != self.cfg.mac && !dst.is_broadcast() {
-            return self.drop(DropReason::EthNotForUs);
+            self.drop(DropReason::EthNotForUs);
+            return None;
         }
         match eth.ethertype() {
-            EthernetProtocol::Arp => self.receive_arp(now, eth.payload()),
-            EthernetProtocol::Ipv4 => self.receive_ipv4(now, eth.payload()),
+            EthernetProtocol::Arp => self.receive_arp(now, &frame[14..]),
+            EthernetProtocol::Ipv4 => return self.receive_ipv4(now, &frame[14..]),
             _ => self.drop(DropReason::EthUnknownType),
         }
+        None
     }
 
     fn receive_arp(&mut self, now: Instant, bytes: &[u8]) {
@@ -458,87 +507,108 @@ impl IpCore {
         }
     }
 
-    fn receive_ipv4(&mut self, now: Instant, bytes: &[u8]) {
-        if bytes.len() < IP_HDR {
-            return self.drop(DropReason::IpTruncated);
-        }
-        if bytes[0] >> 4 != 4 {
-            return self.drop(DropReason::IpBadVersion);
-        }
-        let ihl = usize::from(bytes[0] & 0x0f) * 4;
-        if ihl < IP_HDR || ihl > bytes.len() {
-            return self.drop(DropReason::IpBadHeaderLen);
-        }
-        let total = usize::from(u16::from_be_bytes([bytes[2], bytes[3]]));
-        if total < ihl || total > bytes.len() {
-            return self.drop(DropReason::IpTruncated);
-        }
-        // Lengths checked above, so the view's accessors cannot panic.
-        let Ok(ip) = Ipv4Packet::new_checked(&bytes[..total]) else { return self.drop(DropReason::IpTruncated) };
-        if !ip.verify_checksum() {
-            return self.drop(DropReason::IpBadChecksum);
-        }
+    fn receive_ipv4<'a>(&mut self, now: Instant, bytes: &'a [u8]) -> Option<LocalDatagram<'a>> {
+        let r = self.check_ipv4(bytes);
+        let (ihl, total) = match r {
+            Ok(v) => v,
+            Err(reason) => {
+                self.drop(reason);
+                return None;
+            }
+        };
+        // Lengths were checked, so the view's accessors cannot panic.
+        let ip = Ipv4Packet::new_unchecked(&bytes[..total]);
         let dst = ip.dst_addr();
         let ours = self.cfg.addr.address();
         if dst != ours && !dst.is_broadcast() && Some(dst) != self.cfg.addr.broadcast() {
-            return self.drop(DropReason::IpNotForUs);
+            self.drop(DropReason::IpNotForUs);
+            return None;
         }
         let (src, protocol) = (ip.src_addr(), ip.next_header());
         // Options (IHL > 5) are skipped: the payload starts after the full header.
-        let payload = &bytes[ihl..total];
-        let datagram = if ip.more_frags() || ip.frag_offset() != 0 {
+        let (payload, ip_header) = (&bytes[ihl..total], &bytes[..ihl]);
+        if ip.more_frags() || ip.frag_offset() != 0 {
             let key = reasm::Key { src, dst, protocol, ident: ip.ident() };
             match self.reasm.add(now, key, usize::from(ip.frag_offset()), ip.more_frags(), payload) {
-                reasm::Added::Incomplete => return,
-                reasm::Added::Complete(d) => d,
-                reasm::Added::Dropped(r) => return self.drop(r),
+                reasm::Added::Incomplete => {}
+                reasm::Added::Complete(d) => {
+                    self.stats.packets_in += 1;
+                    if let Some(to) = self.demux_or_answer(now, src, dst, protocol, &d, ip_header) {
+                        let (payload, ip_header) = (d, ip_header.to_vec());
+                        self.out.push_back(Output::Deliver(Delivery { to, src, dst, protocol, payload, ip_header }));
+                    }
+                }
+                reasm::Added::Dropped(r) => self.drop(r),
             }
-        } else {
-            payload.to_vec()
-        };
+            return None;
+        }
         self.stats.packets_in += 1;
-        self.deliver(now, src, dst, protocol, datagram, bytes[..ihl].to_vec());
+        let to = self.demux_or_answer(now, src, dst, protocol, payload, ip_header)?;
+        Some(LocalDatagram { to, src, dst, protocol, payload, ip_header })
     }
 
-    fn deliver(
+    /// The header checks of an IPv4 datagram: (header length, total length).
+    fn check_ipv4(&self, bytes: &[u8]) -> Result<(usize, usize), DropReason> {
+        if bytes.len() < IP_HDR {
+            return Err(DropReason::IpTruncated);
+        }
+        if bytes[0] >> 4 != 4 {
+            return Err(DropReason::IpBadVersion);
+        }
+        let ihl = usize::from(bytes[0] & 0x0f) * 4;
+        if ihl < IP_HDR || ihl > bytes.len() {
+            return Err(DropReason::IpBadHeaderLen);
+        }
+        let total = usize::from(u16::from_be_bytes([bytes[2], bytes[3]]));
+        if total < ihl || total > bytes.len() {
+            return Err(DropReason::IpTruncated);
+        }
+        let ip = Ipv4Packet::new_checked(&bytes[..total]).map_err(|_| DropReason::IpTruncated)?;
+        if !ip.verify_checksum() {
+            return Err(DropReason::IpBadChecksum);
+        }
+        Ok((ihl, total))
+    }
+
+    /// The transport a datagram for us goes to; ICMP is answered here, and a
+    /// datagram nobody takes is dropped (with a port or protocol unreachable).
+    fn demux_or_answer(
         &mut self,
         now: Instant,
         src: Ipv4Address,
         dst: Ipv4Address,
         protocol: IpProtocol,
-        payload: Vec<u8>,
-        ip_header: Vec<u8>,
-    ) {
+        payload: &[u8],
+        ip_header: &[u8],
+    ) -> Option<TransportId> {
         match protocol {
-            IpProtocol::Icmp => self.receive_icmp(now, src, dst, payload),
+            IpProtocol::Icmp => self.receive_icmp(now, src, dst, payload.to_vec()),
             IpProtocol::Udp | IpProtocol::Tcp => {
                 if payload.len() < 4 {
-                    return self.drop(DropReason::NoTransport);
+                    self.drop(DropReason::NoTransport);
+                    return None;
                 }
                 let port = u16::from_be_bytes([payload[2], payload[3]]);
-                match self.demux.lookup(protocol, port) {
-                    Some(to) => {
-                        self.out.push_back(Output::Deliver(Delivery { to, src, dst, protocol, payload, ip_header }))
-                    }
-                    None => {
-                        self.drop(DropReason::NoTransport);
-                        // RFC 1122 §3.2.2.1: a host SHOULD send port unreachable for
-                        // a UDP port nobody listens on (TCP answers with RST itself).
-                        if protocol == IpProtocol::Udp && dst == self.cfg.addr.address() {
-                            let q = quote(&ip_header, &payload);
-                            self.send_unreachable(now, src, 3, &q);
-                        }
-                    }
+                if let Some(to) = self.demux.lookup(protocol, port) {
+                    return Some(to);
+                }
+                self.drop(DropReason::NoTransport);
+                // RFC 1122 §3.2.2.1: a host SHOULD send port unreachable for a UDP
+                // port nobody listens on (TCP answers with RST itself).
+                if protocol == IpProtocol::Udp && dst == self.cfg.addr.address() {
+                    let q = quote(ip_header, payload);
+                    self.send_unreachable(now, src, 3, &q);
                 }
             }
             _ => {
                 self.drop(DropReason::NoTransport);
                 if dst == self.cfg.addr.address() {
-                    let q = quote(&ip_header, &payload);
+                    let q = quote(ip_header, payload);
                     self.send_unreachable(now, src, 2, &q);
                 }
             }
         }
+        None
     }
 
     fn receive_icmp(&mut self, now: Instant, src: Ipv4Address, dst: Ipv4Address, payload: Vec<u8>) {

@@ -341,11 +341,11 @@ fn memwire(amount: usize, mtu: usize) -> f64 {
         }
         a.pump(|f| wire.push(f));
         for f in wire.drain(..) {
-            b.ip.receive_frame(b.now(), &f);
+            b.receive_frame(&f);
         }
         b.pump(|f| wire.push(f));
         for f in wire.drain(..) {
-            a.ip.receive_frame(a.now(), &f);
+            a.receive_frame(&f);
         }
         if conn.is_none() {
             conn = b.tcp.accept(l).expect("accept");
