@@ -135,8 +135,9 @@ impl Cores {
     }
 
     /// Runs timers and moves every output between the cores; frames for the
-    /// device go to `emit`.
-    pub fn pump(&mut self, mut emit: impl FnMut(Vec<u8>)) {
+    /// device go to `emit`, with the segment size a TSO frame is to be cut into
+    /// (only when the tcp core's `Config::tso` is on).
+    pub fn pump(&mut self, mut emit: impl FnMut(Vec<u8>, Option<u16>)) {
         let now = self.now();
         self.ip.poll(now);
         self.tcp.poll(now);
@@ -145,7 +146,8 @@ impl Cores {
             while let Some(out) = self.ip.pop_output() {
                 progressed = true;
                 match out {
-                    Output::Frame(f) => emit(f),
+                    Output::Frame(f) => emit(f, None),
+                    Output::TsoFrame { frame, mss } => emit(frame, Some(mss)),
                     Output::Deliver(d) => {
                         let local = LocalDatagram {
                             to: d.to,
@@ -176,11 +178,14 @@ impl Cores {
                     capnet_udp::Output::PortUnreachable { to, quote } => self.ip.send_unreachable(now, to, 3, &quote),
                 }
             }
-            while let Some(capnet_tcp::Output::Send { dst, segment }) = self.tcp.pop_output() {
+            while let Some(capnet_tcp::Output::Send { dst, segment, tso }) = self.tcp.pop_output() {
                 progressed = true;
                 // Without DF: the ip core's ICMP errors do not carry the next-hop
                 // MTU yet, so path MTU discovery is not done (docs/tcp.md).
-                let _ = self.ip.send(now, dst, IpProtocol::Tcp, &segment, false);
+                let _ = match tso {
+                    Some(mss) => self.ip.send_tso(now, dst, &segment, mss),
+                    None => self.ip.send(now, dst, IpProtocol::Tcp, &segment, false),
+                };
             }
             if !progressed {
                 return;
@@ -283,6 +288,9 @@ pub trait AppHost: Stack {
     fn push(&mut self) -> Result<(), RuntimeError>;
 }
 
+/// The most payload one TSO segment carries (its IP datagram stays under 64 KiB).
+pub const TSO_BYTES: usize = 64_000;
+
 /// How long the mono composition waits on its device while applications are
 /// attached: a futex wake cannot interrupt `poll(2)`, so it looks at their
 /// channels at least this often (their calls wait at most this long).
@@ -347,9 +355,10 @@ fn wait_readable(fd: &OwnedFd, wait: Duration) -> Result<(), RuntimeError> {
 
 /// Writes one frame to the device (behind a virtio-net header that asks for
 /// nothing, if the device wants one), counting the outcome.
-fn write_frame(fd: &OwnedFd, frame: &[u8], vnet: bool, stats: &mut DeviceStats) {
+fn write_frame(fd: &OwnedFd, frame: &[u8], vnet: bool, tso: Option<u16>, stats: &mut DeviceStats) {
     let r = if vnet {
-        rustix::io::writev(fd, &[std::io::IoSlice::new(&capnet_driver::vnet::PLAIN), std::io::IoSlice::new(frame)])
+        let hdr = tso.and_then(|mss| capnet_driver::vnet::tso_header(frame, mss)).unwrap_or(capnet_driver::vnet::PLAIN);
+        rustix::io::writev(fd, &[std::io::IoSlice::new(&hdr), std::io::IoSlice::new(frame)])
     } else {
         rustix::io::write(fd, frame)
     };
@@ -389,10 +398,16 @@ impl MonoStack {
     /// impaired as `link` says.
     pub fn new(dev: Device, cfg: Config, udp_queue_bytes: usize, link: LinkImpairment) -> Result<Self, RuntimeError> {
         let (fd, vnet) = device_fd(&dev)?;
+        let mut cores = Cores::new(cfg, udp_queue_bytes);
+        // TSO when the TAP takes virtio-net headers and frames go to it as they
+        // are (the impairment stage keeps plain frames).
+        if vnet && Impairment::is_none(&link.outbound) {
+            cores.tcp.config_mut().tso = TSO_BYTES;
+        }
         let mut s = Self {
             fd,
             vnet,
-            cores: Cores::new(cfg, udp_queue_bytes),
+            cores,
             buf: vec![0u8; 65536 + VNET_HDR_LEN],
             inbound: Stage::new(link.inbound)?,
             outbound: Stage::new(link.outbound)?,
@@ -414,16 +429,16 @@ impl MonoStack {
             self.cores.receive_frame(&f);
         }
         let (out, fd, vnet, stats) = (&mut self.outbound, &self.fd, self.vnet, &mut self.stats);
-        self.cores.pump(|frame| {
+        self.cores.pump(|frame, tso| {
             if out.passthrough {
                 out.passed();
-                write_frame(fd, &frame, vnet, stats);
+                write_frame(fd, &frame, vnet, tso, stats);
             } else {
                 out.push(frame);
             }
         });
         while let Some(frame) = self.outbound.pop() {
-            write_frame(&self.fd, &frame, self.vnet, &mut self.stats);
+            write_frame(&self.fd, &frame, self.vnet, None, &mut self.stats);
         }
     }
 }

@@ -397,7 +397,7 @@ fn writer_loop(side: DeviceSide, view: PoolView, mut end: ShmEnd) -> Result<Devi
         stats.outbound = impair.stage.stats;
         *live.lock().unwrap_or_else(|e| e.into_inner()) = stats;
         while let Some(frame) = impair.pop() {
-            write_frame(&fd, &frame, vnet, &mut stats);
+            write_frame(&fd, &frame, vnet, None, &mut stats);
         }
         inbox.clear();
         if end.recv(&mut inbox, 256).map_err(peer_err)? == 0 {
@@ -411,7 +411,7 @@ fn writer_loop(side: DeviceSide, view: PoolView, mut end: ShmEnd) -> Result<Devi
             view.read_into(d, &mut frame).map_err(peer_err)?;
             if impair.passthrough {
                 impair.passed();
-                write_frame(&fd, &frame, vnet, &mut stats);
+                write_frame(&fd, &frame, vnet, None, &mut stats);
             } else {
                 impair.push(frame.clone());
             }
@@ -428,7 +428,9 @@ impl StackGroup {
     /// pool buffers and ring slots allow; the rest waits in the backlog.
     fn flush(&mut self) -> Result<(), RuntimeError> {
         let backlog = &mut self.backlog;
-        self.cores.pump(|f| backlog.push_back(f));
+        // TSO stays off in this composition (`Config::tso` is 0): every frame
+        // fits one pool buffer.
+        self.cores.pump(|f, _| backlog.push_back(f));
         while !self.backlog.is_empty() {
             self.batch.clear();
             for f in self.backlog.iter().take(BATCH) {

@@ -22,6 +22,30 @@ pub const GSO_ECN: u8 = 0x80;
 /// The header we send: no checksum to finish, no segmentation.
 pub const PLAIN: [u8; HEADER_LEN] = [0; HEADER_LEN];
 
+/// The header that asks the kernel to cut an Ethernet/IPv4/TCP super-frame into
+/// `mss`-byte segments and finish their checksums (TSO): the TCP checksum field
+/// holds the pseudo-header sum, as Linux's own TSO leaves it. `None` when the
+/// frame is not a TCPv4 frame with a whole header.
+pub fn tso_header(frame: &[u8], mss: u16) -> Option<[u8; HEADER_LEN]> {
+    const ETH: usize = 14;
+    let ip = frame.get(ETH..)?;
+    let ihl = usize::from(ip.first()? & 0x0f) * 4;
+    if ip[0] >> 4 != 4 || *ip.get(9)? != 6 {
+        return None;
+    }
+    let tcp_len = usize::from(ip.get(ihl + 12)? >> 4) * 4;
+    let hdr_len = u16::try_from(ETH + ihl + tcp_len).ok()?;
+    let csum_start = u16::try_from(ETH + ihl).ok()?;
+    let mut h = [0u8; HEADER_LEN];
+    h[0] = F_NEEDS_CSUM;
+    h[1] = GSO_TCPV4;
+    h[2..4].copy_from_slice(&hdr_len.to_le_bytes());
+    h[4..6].copy_from_slice(&mss.to_le_bytes());
+    h[6..8].copy_from_slice(&csum_start.to_le_bytes());
+    h[8..10].copy_from_slice(&16u16.to_le_bytes()); // the checksum's offset in TCP
+    Some(h)
+}
+
 /// Why a frame from the device was refused.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum VnetError {
@@ -89,6 +113,22 @@ mod tests {
             sum = (sum & 0xffff) + (sum >> 16);
         }
         assert_eq!(sum, 0xffff);
+    }
+
+    #[test]
+    fn the_tso_header_describes_the_frame() {
+        // Ethernet, IPv4 (IHL 5, TCP), TCP with a 32-byte header (timestamps).
+        let mut frame = vec![0u8; 14 + 20 + 32 + 3000];
+        frame[14] = 0x45;
+        frame[14 + 9] = 6;
+        frame[14 + 20 + 12] = 8 << 4;
+        let h = tso_header(&frame, 1448).expect("a TCPv4 frame");
+        assert_eq!((h[0], h[1]), (F_NEEDS_CSUM, GSO_TCPV4));
+        let le = |i: usize| u16::from_le_bytes([h[i], h[i + 1]]);
+        assert_eq!((le(2), le(4), le(6), le(8)), (66, 1448, 34, 16), "hdr_len, gso_size, csum_start, csum_offset");
+        frame[14 + 9] = 17;
+        assert_eq!(tso_header(&frame, 1448), None, "not TCP");
+        assert_eq!(tso_header(&frame[..20], 1448), None, "no IP header");
     }
 
     #[test]

@@ -277,6 +277,14 @@ pub struct IcmpError {
 pub enum Output {
     /// A frame for the driver.
     Frame(Vec<u8>),
+    /// A frame holding a TCP segment larger than the MTU, for the device to cut
+    /// into `mss`-byte segments (TSO; see [`IpCore::send_tso`]).
+    TsoFrame {
+        /// The frame.
+        frame: Vec<u8>,
+        /// The segment size to cut it into.
+        mss: u16,
+    },
     /// A datagram for a transport domain.
     Deliver(Delivery),
     /// An ICMP error for a transport domain.
@@ -791,6 +799,11 @@ impl IpCore {
     }
 
     fn emit_ip_frame(&mut self, mac: EthernetAddress, packet: &[u8]) {
+        let frame = self.ip_frame(mac, packet);
+        self.out.push_back(Output::Frame(frame));
+    }
+
+    fn ip_frame(&mut self, mac: EthernetAddress, packet: &[u8]) -> Vec<u8> {
         let mut frame = vec![0u8; ETH_HDR + packet.len()];
         let mut eth = EthernetFrame::new_unchecked(&mut frame[..]);
         eth.set_dst_addr(mac);
@@ -799,7 +812,33 @@ impl IpCore {
         eth.payload_mut().copy_from_slice(packet);
         self.stats.packets_out += 1;
         self.stats.frames_out += 1;
-        self.out.push_back(Output::Frame(frame));
+        frame
+    }
+
+    /// Sends a TCP segment that may be larger than the MTU whole, with DF, for
+    /// the device to cut into `mss`-byte segments (TSO: [`Output::TsoFrame`]). A
+    /// segment that fits the MTU, or one whose next hop is not resolved yet, goes
+    /// as [`IpCore::send`] sends it.
+    pub fn send_tso(&mut self, now: Instant, dst: Ipv4Address, segment: &[u8], mss: u16) -> Result<(), SendError> {
+        if IP_HDR + segment.len() <= self.cfg.mtu {
+            return self.send(now, dst, IpProtocol::Tcp, segment, false);
+        }
+        if segment.len() > 65535 - IP_HDR {
+            return Err(SendError::TooLarge(segment.len()));
+        }
+        let Some(hop) = self.routes.next_hop(dst) else {
+            self.drop(DropReason::NoRoute);
+            return Err(SendError::NoRoute(dst));
+        };
+        let Some(mac) = self.arp.lookup(now, hop) else {
+            return self.send(now, dst, IpProtocol::Tcp, segment, false);
+        };
+        let ident = self.ident;
+        self.ident = self.ident.wrapping_add(1);
+        let packet = self.build_ip(dst, IpProtocol::Tcp, ident, 0, false, true, segment);
+        let frame = self.ip_frame(mac, &packet);
+        self.out.push_back(Output::TsoFrame { frame, mss });
+        Ok(())
     }
 
     fn emit_arp(

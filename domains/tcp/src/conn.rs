@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 
 use smoltcp::phy::ChecksumCapabilities;
 use smoltcp::time::{Duration, Instant};
-use smoltcp::wire::{IpAddress, Ipv4Address, TcpControl, TcpPacket, TcpRepr, TcpTimestampRepr};
+use smoltcp::wire::{IpAddress, IpProtocol, Ipv4Address, TcpControl, TcpPacket, TcpRepr, TcpTimestampRepr};
 
 use crate::cc::{Ack, Algorithm, CongestionControl};
 use crate::rtt::RttEstimator;
@@ -171,6 +171,8 @@ struct Flags {
     rst: bool,
     ack: bool,
     psh: bool,
+    /// A TSO segment, to be cut into pieces of this size by the device.
+    tso: Option<u16>,
 }
 
 /// One connection.
@@ -520,7 +522,7 @@ impl Conn {
             timestamp,
             payload: &[],
         };
-        push_segment(cx, self.ends, &repr, payload);
+        push_segment(cx, self.ends, &repr, payload, flags.tso);
         if flags.ack {
             self.ack_now = false;
             self.delack_at = None;
@@ -670,7 +672,9 @@ impl Conn {
         let off = self.snd_nxt.since(self.buf_seq);
         let unsent = self.snd_buf.len().saturating_sub(off);
         let rwnd_room = self.snd_una.plus(self.snd_wnd).diff(self.snd_nxt).max(0) as usize;
-        let cap = self.seg_cap();
+        let seg = self.seg_cap();
+        // With TSO, up to `cfg.tso` bytes in whole segments go as one.
+        let cap = if cx.cfg.tso > seg { cx.cfg.tso / seg * seg } else { seg };
         let mut len = unsent.min(budget).min(rwnd_room).min(cap);
         if self.snd_nxt.lt(self.snd_max) {
             // Never resend what the peer holds.
@@ -681,16 +685,20 @@ impl Conn {
         if force && len == 0 && unsent > 0 {
             len = 1;
         }
+        // RFC 9293 §3.8.6.2.1 (sender SWS avoidance) with Nagle (RFC 896,
+        // §3.7.4): a full segment, everything queued when nothing is in flight
+        // (or NODELAY), or half the largest window the peer offered. A TSO segment
+        // carries a short tail only when that tail could go alone.
+        let nagle_ok = self.nodelay || self.snd_nxt == self.snd_una;
+        if len > seg && !(len == unsent && nagle_ok) {
+            len -= len % seg;
+        }
         let fin = self.fin_pending() && off + len == self.snd_buf.len();
         if len == 0 && !fin {
             return false;
         }
-        // RFC 9293 §3.8.6.2.1 (sender SWS avoidance) with Nagle (RFC 896,
-        // §3.7.4): a full segment, everything queued when nothing is in flight
-        // (or NODELAY), or half the largest window the peer offered.
-        let nagle_ok = self.nodelay || self.snd_nxt == self.snd_una;
         let sendable = force
-            || len == cap
+            || len >= seg
             || fin
             || (len == unsent && nagle_ok)
             || (len > 0 && len >= self.max_snd_wnd / 2 && nagle_ok);
@@ -699,7 +707,8 @@ impl Conn {
         }
         let seq = self.snd_nxt;
         let retransmission = seq.lt(self.snd_max);
-        let flags = Flags { ack: true, fin, psh: off + len == self.snd_buf.len(), ..Flags::default() };
+        let tso = (len > seg).then_some(seg as u16);
+        let flags = Flags { ack: true, fin, psh: off + len == self.snd_buf.len(), tso, ..Flags::default() };
         self.emit(cx, seq, flags, (len > 0).then_some((off, len)));
         if retransmission {
             self.rexmit_tsval = self.ts_now(now);
@@ -1548,7 +1557,7 @@ impl Conn {
 /// `repr`'s header, then `payload` (the two pieces of a ring buffer's range), then
 /// one checksum pass: the payload is copied once, from the send buffer into the
 /// segment.
-fn push_segment(cx: &mut Cx, ends: Endpoints, repr: &TcpRepr, payload: [&[u8]; 2]) {
+fn push_segment(cx: &mut Cx, ends: Endpoints, repr: &TcpRepr, payload: [&[u8]; 2], tso: Option<u16>) {
     let hdr = repr.header_len();
     let mut buf = vec![0u8; hdr + payload[0].len() + payload[1].len()];
     buf[hdr..hdr + payload[0].len()].copy_from_slice(payload[0]);
@@ -1557,9 +1566,18 @@ fn push_segment(cx: &mut Cx, ends: Endpoints, repr: &TcpRepr, payload: [&[u8]; 2
     let (src, dst) = (IpAddress::Ipv4(cx.cfg.local), IpAddress::Ipv4(ends.remote));
     // `repr` carries no payload: emit writes the header only, the checksum after.
     repr.emit(&mut packet, &src, &dst, &ChecksumCapabilities::ignored());
-    packet.fill_checksum(&src, &dst);
+    match tso {
+        None => packet.fill_checksum(&src, &dst),
+        // The device finishes each piece's checksum from the pseudo-header sum
+        // (CHECKSUM_PARTIAL, as Linux's own TSO leaves it).
+        Some(_) => {
+            let len = packet.as_ref().len() as u32;
+            let (s, d) = (cx.cfg.local, ends.remote);
+            packet.set_checksum(smoltcp::wire::checksum::pseudo_header_v4(&s, &d, IpProtocol::Tcp, len));
+        }
+    }
     cx.stats.segments_out += 1;
-    cx.out.push_back(Output::Send { dst: ends.remote, segment: buf });
+    cx.out.push_back(Output::Send { dst: ends.remote, segment: buf, tso });
 }
 
 /// RFC 9293 §3.10.7.1: the reset for a segment no connection wants. With an ACK,
@@ -1587,7 +1605,7 @@ pub(crate) fn reset_for(cx: &mut Cx, ends: Endpoints, seg: &Segment) {
         payload: &[],
     };
     cx.stats.resets_out += 1;
-    push_segment(cx, ends, &repr, [&[], &[]]);
+    push_segment(cx, ends, &repr, [&[], &[]], None);
 }
 
 /// Bytes `off..off + len` of `dq`, as the (at most) two contiguous pieces they

@@ -68,6 +68,10 @@ pub struct Config {
     pub secret: [u64; 2],
     /// The ephemeral port range (inclusive).
     pub ephemeral: (u16, u16),
+    /// TCP segmentation offload: when nonzero, new data goes out in segments of
+    /// up to this many payload bytes (whole MSS-sized pieces) for the device to
+    /// cut. The runtime sets it when its device does TSO; 0 (off) by default.
+    pub tso: usize,
     /// Offer SACK (RFC 2018) in our SYNs and accept it in the peer's.
     pub sack: bool,
     /// Offer timestamps (RFC 7323 §3) likewise.
@@ -94,6 +98,7 @@ impl Config {
             delayed_ack: Duration::from_millis(40),
             secret,
             ephemeral: (49152, 65535),
+            tso: 0,
             sack: true,
             timestamps: true,
             congestion_control: cc::Algorithm::default(),
@@ -264,6 +269,9 @@ pub enum Output {
         dst: Ipv4Address,
         /// The segment.
         segment: Vec<u8>,
+        /// `Some(mss)`: a segment of several MSS for the device to cut (TSO,
+        /// [`Config::tso`]); its checksum field holds only the pseudo-header sum.
+        tso: Option<u16>,
     },
 }
 

@@ -132,7 +132,7 @@ proptest! {
                     let _ = b.send(now, conn, &vec![0x55; usize::from(n)]);
                 }
             }
-            while let Some(Output::Send { dst, segment }) = b.pop_output() {
+            while let Some(Output::Send { dst, segment, .. }) = b.pop_output() {
                 prop_assert_eq!(dst, A);
                 prop_assert!(TcpPacket::new_checked(&segment[..]).unwrap().verify_checksum(&B.into(), &A.into()));
             }

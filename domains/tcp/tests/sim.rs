@@ -79,7 +79,7 @@ impl Net {
     }
 
     fn collect(&mut self) {
-        while let Some(Output::Send { dst, segment }) = self.a.pop_output() {
+        while let Some(Output::Send { dst, segment, .. }) = self.a.pop_output() {
             assert_eq!(dst, B);
             if let Some(r) = &mut self.record_a {
                 r.push(segment.clone());
@@ -92,7 +92,7 @@ impl Net {
             }
             self.enqueue(true, A, B, segment);
         }
-        while let Some(Output::Send { dst, segment }) = self.b.pop_output() {
+        while let Some(Output::Send { dst, segment, .. }) = self.b.pop_output() {
             assert_eq!(dst, A);
             if self.silence_b {
                 continue;

@@ -341,11 +341,11 @@ fn memwire(amount: usize, mtu: usize) -> f64 {
         if conn.is_some() {
             while a.tcp.send(now, c, &chunk).unwrap_or(0) > 0 {}
         }
-        a.pump(|f| wire.push(f));
+        a.pump(|f, _| wire.push(f));
         for f in wire.drain(..) {
             b.receive_frame(&f);
         }
-        b.pump(|f| wire.push(f));
+        b.pump(|f, _| wire.push(f));
         for f in wire.drain(..) {
             a.receive_frame(&f);
         }

@@ -18,6 +18,13 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+/// The supervisor runs the stack (the monolithic one whole): segments of up to
+/// 64 KiB pass through freshly allocated buffers, which glibc's malloc returns to
+/// the kernel and faults back in over and over; mimalloc keeps them
+/// (docs/performance.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// capnet: a user-level TCP/IP stack split into sandboxed domains.
 #[derive(Debug, Parser)]
 #[command(name = "capnet", version, about, long_about = None)]
