@@ -14,9 +14,10 @@ use crate::pool::{BufferPool, PoolError, PoolLayout, PoolView, ReaderId};
 use crate::shm_channel::{self, ShmChannelError, ShmEnd};
 use crate::{Descriptor, End, RingError};
 
-/// The largest message (a 65 507-byte datagram plus its call).
-pub const MAX_MESSAGE: u32 = 70 * 1024;
-const BUFFERS: u32 = 32;
+/// The largest message: a 256 KiB TCP read or write plus its call (fewer, larger
+/// calls: each costs a request, a reply and often a wake-up).
+pub const MAX_MESSAGE: u32 = 264 * 1024;
+const BUFFERS: u32 = 16;
 
 /// What a message end needs from its side to be attached.
 #[derive(Debug)]

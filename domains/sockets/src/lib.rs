@@ -512,5 +512,6 @@ impl SocketsCore {
 }
 
 /// The most bytes one TCP receive returns (a message must stay under the
-/// channel's message size).
-pub const MAX_TCP_READ: usize = 64 * 1024;
+/// channel's message size). 256 KiB rather than 64: per call the request, the
+/// reply and a wake-up cost as much as copying tens of KiB.
+pub const MAX_TCP_READ: usize = 256 * 1024;
