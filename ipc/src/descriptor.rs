@@ -66,8 +66,11 @@ impl Descriptor {
     pub const CONTROL: u16 = 1 << 1;
     /// The receiver gives this loan back to the pool's owner.
     pub const RETURN: u16 = 1 << 2;
+    /// On the first descriptor of a frame: a TSO frame, whose first two bytes
+    /// (little-endian) are the segment size the device is to cut it into.
+    pub const TSO: u16 = 1 << 3;
     /// Every flag this version understands; others are a protocol violation.
-    pub const KNOWN_FLAGS: u16 = Self::MORE | Self::CONTROL | Self::RETURN;
+    pub const KNOWN_FLAGS: u16 = Self::MORE | Self::CONTROL | Self::RETURN | Self::TSO;
 
     /// Whether `flag` is set.
     pub fn has(&self, flag: u16) -> bool {

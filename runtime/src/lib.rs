@@ -115,6 +115,13 @@ impl Cores {
         }
     }
 
+    /// Turns TCP segmentation offload on: for a device that takes virtio-net
+    /// headers, on a link the driver does not impair (its stage keeps plain
+    /// frames).
+    pub fn use_tso(&mut self) {
+        self.tcp.config_mut().tso = TSO_BYTES;
+    }
+
     /// Takes one frame from the device: an unfragmented datagram for udp or tcp
     /// goes to its core straight from the frame (no copy); everything else
     /// through the ip core's outputs.
@@ -399,10 +406,8 @@ impl MonoStack {
     pub fn new(dev: Device, cfg: Config, udp_queue_bytes: usize, link: LinkImpairment) -> Result<Self, RuntimeError> {
         let (fd, vnet) = device_fd(&dev)?;
         let mut cores = Cores::new(cfg, udp_queue_bytes);
-        // TSO when the TAP takes virtio-net headers and frames go to it as they
-        // are (the impairment stage keeps plain frames).
-        if vnet && Impairment::is_none(&link.outbound) {
-            cores.tcp.config_mut().tso = TSO_BYTES;
+        if vnet && link.outbound.is_none() {
+            cores.use_tso();
         }
         let mut s = Self {
             fd,

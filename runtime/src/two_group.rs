@@ -113,7 +113,9 @@ pub struct StackGroup {
     inbox: Vec<Descriptor>,
     batch: Vec<Descriptor>,
     frame: Vec<u8>,
-    backlog: VecDeque<Vec<u8>>,
+    /// Frames waiting for pool buffers or ring slots; a TSO frame starts with its
+    /// segment size (two bytes, little-endian).
+    backlog: VecDeque<(Vec<u8>, bool)>,
 }
 
 /// The fds one group grants the other: its pool and its areas of channels R and T.
@@ -268,10 +270,15 @@ pub fn start(
     link: LinkImpairment,
 ) -> Result<(StackGroup, Driver), RuntimeError> {
     let (fd, vnet) = device_fd(&dev)?;
+    let tso = vnet && link.outbound.is_none();
     let (driver, stack) = (DriverHalf::new()?, StackHalf::new()?);
     let (to_stack, to_driver) = (driver.grant()?, stack.grant()?);
     let driver = driver.run(fd, vnet, to_driver, link)?;
-    let stack = stack.join(to_stack, Cores::new(cfg, udp_queue_bytes))?;
+    let mut cores = Cores::new(cfg, udp_queue_bytes);
+    if tso {
+        cores.use_tso();
+    }
+    let stack = stack.join(to_stack, cores)?;
     Ok((stack, driver))
 }
 
@@ -393,6 +400,9 @@ fn writer_loop(side: DeviceSide, view: PoolView, mut end: ShmEnd) -> Result<Devi
     let mut waiter = Waiter::new(SpinPolicy::DEFAULT);
     let (mut inbox, mut returns, mut frame) =
         (Vec::with_capacity(256), Vec::with_capacity(256), Vec::with_capacity(2048));
+    // Pieces of a chain gather in `frame` until the one without MORE; `tso`: the
+    // chain's first descriptor said TSO.
+    let mut tso = None;
     while !stop.load(Ordering::Relaxed) {
         stats.outbound = impair.stage.stats;
         *live.lock().unwrap_or_else(|e| e.into_inner()) = stats;
@@ -407,15 +417,28 @@ fn writer_loop(side: DeviceSide, view: PoolView, mut end: ShmEnd) -> Result<Devi
         }
         returns.clear();
         for d in &inbox {
-            frame.clear();
+            if frame.is_empty() {
+                tso = d.has(Descriptor::TSO).then_some(());
+            }
             view.read_into(d, &mut frame).map_err(peer_err)?;
+            returns.push(returned(d));
+            if frame.len() > MAX_FRAME + 2 {
+                return Err(RuntimeError::Peer(format!("a chain of over {MAX_FRAME} bytes")));
+            }
+            if d.has(Descriptor::MORE) {
+                continue;
+            }
+            let (body, mss) = match tso {
+                Some(()) if frame.len() > 2 => (&frame[2..], Some(u16::from_le_bytes([frame[0], frame[1]]))),
+                _ => (&frame[..], None),
+            };
             if impair.passthrough {
                 impair.passed();
-                write_frame(&fd, &frame, vnet, None, &mut stats);
+                write_frame(&fd, body, vnet, mss, &mut stats);
             } else {
-                impair.push(frame.clone());
+                impair.push(body.to_vec());
             }
-            returns.push(returned(d));
+            frame.clear();
         }
         send_all(&mut end, &returns, &mut waiter, &stop)?;
     }
@@ -428,32 +451,42 @@ impl StackGroup {
     /// pool buffers and ring slots allow; the rest waits in the backlog.
     fn flush(&mut self) -> Result<(), RuntimeError> {
         let backlog = &mut self.backlog;
-        // TSO stays off in this composition (`Config::tso` is 0): every frame
-        // fits one pool buffer.
-        self.cores.pump(|f, _| backlog.push_back(f));
+        self.cores.pump(|f, tso| match tso {
+            // A TSO frame crosses as a chain led by its segment size.
+            Some(mss) => backlog.push_back(([&mss.to_le_bytes()[..], &f].concat(), true)),
+            None => backlog.push_back((f, false)),
+        });
         while !self.backlog.is_empty() {
             self.batch.clear();
-            for f in self.backlog.iter().take(BATCH) {
-                if self.tx_pool.held_by(self.driver) >= QUOTA {
-                    break; // the driver holds its quota: wait for returns
+            // Only whole chains, and only as many descriptors as the ring takes.
+            let room = self.tx.space_for(BATCH).map_err(peer_err)?.min(BATCH);
+            let mut frames = 0;
+            for (f, tso) in &self.backlog {
+                let start = self.batch.len();
+                let layout = self.tx_pool.layout();
+                let pieces = f.len().div_ceil((layout.buf_size - layout.headroom) as usize).max(1);
+                if start + pieces > room || self.tx_pool.held_by(self.driver) as usize + pieces > QUOTA as usize {
+                    break; // the ring or the driver's quota is full: wait for returns
                 }
-                let Some(d) = self.tx_pool.fill(f).map_err(ipc_err)? else { break };
-                self.tx_pool.lend(self.driver, &d).map_err(ipc_err)?;
-                self.batch.push(d);
+                if !self.tx_pool.fill_chain(f, &mut self.batch).map_err(ipc_err)? {
+                    break; // every buffer is out: wait for returns
+                }
+                if *tso {
+                    self.batch[start].flags |= Descriptor::TSO;
+                }
+                for d in &self.batch[start..] {
+                    self.tx_pool.lend(self.driver, d).map_err(ipc_err)?;
+                }
+                frames += 1;
             }
             if self.batch.is_empty() {
-                return Ok(()); // every buffer is out: wait for returns
-            }
-            let sent = self.tx.send(&self.batch).map_err(peer_err)?;
-            self.backlog.drain(..sent);
-            // Ring full: take back the loans of what did not fit; those frames stay
-            // queued, in order, for the next poll.
-            for d in &self.batch[sent..] {
-                self.tx_pool.give_back(self.driver, d).map_err(ipc_err)?;
-            }
-            if sent < self.batch.len() {
                 return Ok(());
             }
+            let sent = self.tx.send(&self.batch).map_err(peer_err)?;
+            if sent < self.batch.len() {
+                return Err(RuntimeError::Peer("the driver's ring shrank under us".into()));
+            }
+            self.backlog.drain(..frames);
         }
         Ok(())
     }
