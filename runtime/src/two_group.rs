@@ -113,9 +113,9 @@ pub struct StackGroup {
     inbox: Vec<Descriptor>,
     batch: Vec<Descriptor>,
     frame: Vec<u8>,
-    /// Frames waiting for pool buffers or ring slots; a TSO frame starts with its
-    /// segment size (two bytes, little-endian).
-    backlog: VecDeque<(Vec<u8>, bool)>,
+    /// Frames waiting for pool buffers or ring slots, with the segment size of a
+    /// TSO frame.
+    backlog: VecDeque<(Vec<u8>, Option<u16>)>,
 }
 
 /// The fds one group grants the other: its pool and its areas of channels R and T.
@@ -451,11 +451,7 @@ impl StackGroup {
     /// pool buffers and ring slots allow; the rest waits in the backlog.
     fn flush(&mut self) -> Result<(), RuntimeError> {
         let backlog = &mut self.backlog;
-        self.cores.pump(|f, tso| match tso {
-            // A TSO frame crosses as a chain led by its segment size.
-            Some(mss) => backlog.push_back(([&mss.to_le_bytes()[..], &f].concat(), true)),
-            None => backlog.push_back((f, false)),
-        });
+        self.cores.pump(|f, tso| backlog.push_back((f, tso)));
         while !self.backlog.is_empty() {
             self.batch.clear();
             // Only whole chains, and only as many descriptors as the ring takes.
@@ -465,14 +461,21 @@ impl StackGroup {
                 let start = self.batch.len();
                 let layout = self.tx_pool.layout();
                 let pieces = f.len().div_ceil((layout.buf_size - layout.headroom) as usize).max(1);
+                let pieces = pieces + usize::from(tso.is_some());
                 if start + pieces > room || self.tx_pool.held_by(self.driver) as usize + pieces > QUOTA as usize {
                     break; // the ring or the driver's quota is full: wait for returns
                 }
-                if !self.tx_pool.fill_chain(f, &mut self.batch).map_err(ipc_err)? {
-                    break; // every buffer is out: wait for returns
+                // A TSO frame's chain is led by a piece holding its segment size.
+                if let Some(mss) = tso {
+                    let Some(mut d) = self.tx_pool.fill(&mss.to_le_bytes()).map_err(ipc_err)? else { break };
+                    d.flags |= Descriptor::TSO | Descriptor::MORE;
+                    self.batch.push(d);
                 }
-                if *tso {
-                    self.batch[start].flags |= Descriptor::TSO;
+                if !self.tx_pool.fill_chain(f, &mut self.batch).map_err(ipc_err)? {
+                    for d in self.batch.drain(start..) {
+                        self.tx_pool.release(d.index).map_err(ipc_err)?;
+                    }
+                    break; // every buffer is out: wait for returns
                 }
                 for d in &self.batch[start..] {
                     self.tx_pool.lend(self.driver, d).map_err(ipc_err)?;
