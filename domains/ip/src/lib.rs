@@ -735,27 +735,33 @@ impl IpCore {
         self.ident = self.ident.wrapping_add(1);
         // RFC 791: every fragment but the last carries a multiple of 8 bytes.
         let per = (mtu - IP_HDR) / 8 * 8;
-        let mut packets = Vec::new();
-        let mut off = 0;
-        loop {
-            let end = (off + per).min(payload.len());
-            let more = end < payload.len();
-            packets.push(self.build_ip(dst, protocol, ident, off, more, dont_frag, &payload[off..end]));
-            off = end;
-            if !more {
-                break;
-            }
-        }
+        let pieces = || {
+            let mut off = 0;
+            std::iter::from_fn(move || {
+                if off >= payload.len() && off > 0 {
+                    return None;
+                }
+                let end = (off + per).min(payload.len());
+                let piece = (off, end < payload.len(), &payload[off..end]);
+                off = end.max(1);
+                Some(piece)
+            })
+        };
         let broadcast = dst.is_broadcast() || Some(dst) == self.cfg.addr.broadcast();
         let mac = if broadcast { Some(EthernetAddress::BROADCAST) } else { self.arp.lookup(now, hop) };
         match mac {
             Some(mac) => {
-                for p in packets {
-                    self.emit_ip_frame(mac, &p);
+                // Straight into frames: one copy of the payload.
+                for (off, more, data) in pieces() {
+                    let frame = self.build_frame(mac, dst, protocol, ident, off, more, dont_frag, data);
+                    self.out.push_back(Output::Frame(frame));
                 }
                 Ok(())
             }
             None => {
+                let packets = pieces()
+                    .map(|(off, more, data)| self.build_ip(dst, protocol, ident, off, more, dont_frag, data))
+                    .collect();
                 let (first, accepted) = self.arp.enqueue(now, hop, packets);
                 if !accepted {
                     self.drop(DropReason::ArpQueueFull);
@@ -781,6 +787,47 @@ impl IpCore {
         data: &[u8],
     ) -> Vec<u8> {
         let mut buf = vec![0u8; IP_HDR + data.len()];
+        self.write_ip(&mut buf, dst, protocol, ident, off, more, df, data);
+        buf
+    }
+
+    /// An Ethernet frame to `mac` holding the datagram `build_ip` would build.
+    #[allow(clippy::too_many_arguments)]
+    fn build_frame(
+        &mut self,
+        mac: EthernetAddress,
+        dst: Ipv4Address,
+        protocol: IpProtocol,
+        ident: u16,
+        off: usize,
+        more: bool,
+        df: bool,
+        data: &[u8],
+    ) -> Vec<u8> {
+        let mut frame = vec![0u8; ETH_HDR + IP_HDR + data.len()];
+        let mut eth = EthernetFrame::new_unchecked(&mut frame[..]);
+        eth.set_dst_addr(mac);
+        eth.set_src_addr(self.cfg.mac);
+        eth.set_ethertype(EthernetProtocol::Ipv4);
+        self.write_ip(&mut frame[ETH_HDR..], dst, protocol, ident, off, more, df, data);
+        self.stats.packets_out += 1;
+        self.stats.frames_out += 1;
+        frame
+    }
+
+    /// Writes an IPv4 header and `data` into `buf` (exactly their length).
+    #[allow(clippy::too_many_arguments)]
+    fn write_ip(
+        &self,
+        buf: &mut [u8],
+        dst: Ipv4Address,
+        protocol: IpProtocol,
+        ident: u16,
+        off: usize,
+        more: bool,
+        df: bool,
+        data: &[u8],
+    ) {
         let mut p = Ipv4Packet::new_unchecked(&mut buf[..]);
         p.set_version(4);
         p.set_header_len(IP_HDR as u8);
@@ -795,7 +842,6 @@ impl IpCore {
         p.set_dst_addr(dst);
         p.fill_checksum();
         p.payload_mut().copy_from_slice(data);
-        buf
     }
 
     fn emit_ip_frame(&mut self, mac: EthernetAddress, packet: &[u8]) {
@@ -835,8 +881,7 @@ impl IpCore {
         };
         let ident = self.ident;
         self.ident = self.ident.wrapping_add(1);
-        let packet = self.build_ip(dst, IpProtocol::Tcp, ident, 0, false, true, segment);
-        let frame = self.ip_frame(mac, &packet);
+        let frame = self.build_frame(mac, dst, IpProtocol::Tcp, ident, 0, false, true, segment);
         self.out.push_back(Output::TsoFrame { frame, mss });
         Ok(())
     }
