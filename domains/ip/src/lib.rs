@@ -786,8 +786,10 @@ impl IpCore {
         df: bool,
         data: &[u8],
     ) -> Vec<u8> {
-        let mut buf = vec![0u8; IP_HDR + data.len()];
-        self.write_ip(&mut buf, dst, protocol, ident, off, more, df, data);
+        let mut buf = Vec::with_capacity(IP_HDR + data.len());
+        buf.resize(IP_HDR, 0);
+        buf.extend_from_slice(data);
+        self.write_ip_header(&mut buf, dst, protocol, ident, off, more, df);
         buf
     }
 
@@ -804,20 +806,23 @@ impl IpCore {
         df: bool,
         data: &[u8],
     ) -> Vec<u8> {
-        let mut frame = vec![0u8; ETH_HDR + IP_HDR + data.len()];
+        // Only the headers are zeroed: the payload is written once, by the copy.
+        let mut frame = Vec::with_capacity(ETH_HDR + IP_HDR + data.len());
+        frame.resize(ETH_HDR + IP_HDR, 0);
+        frame.extend_from_slice(data);
         let mut eth = EthernetFrame::new_unchecked(&mut frame[..]);
         eth.set_dst_addr(mac);
         eth.set_src_addr(self.cfg.mac);
         eth.set_ethertype(EthernetProtocol::Ipv4);
-        self.write_ip(&mut frame[ETH_HDR..], dst, protocol, ident, off, more, df, data);
+        self.write_ip_header(&mut frame[ETH_HDR..], dst, protocol, ident, off, more, df);
         self.stats.packets_out += 1;
         self.stats.frames_out += 1;
         frame
     }
 
-    /// Writes an IPv4 header and `data` into `buf` (exactly their length).
+    /// Writes the IPv4 header in front of the payload `buf` already holds.
     #[allow(clippy::too_many_arguments)]
-    fn write_ip(
+    fn write_ip_header(
         &self,
         buf: &mut [u8],
         dst: Ipv4Address,
@@ -826,12 +831,12 @@ impl IpCore {
         off: usize,
         more: bool,
         df: bool,
-        data: &[u8],
     ) {
+        let total = buf.len() as u16;
         let mut p = Ipv4Packet::new_unchecked(&mut buf[..]);
         p.set_version(4);
         p.set_header_len(IP_HDR as u8);
-        p.set_total_len((IP_HDR + data.len()) as u16);
+        p.set_total_len(total);
         p.set_ident(ident);
         p.set_dont_frag(df);
         p.set_more_frags(more);
@@ -841,7 +846,6 @@ impl IpCore {
         p.set_src_addr(self.cfg.addr.address());
         p.set_dst_addr(dst);
         p.fill_checksum();
-        p.payload_mut().copy_from_slice(data);
     }
 
     fn emit_ip_frame(&mut self, mac: EthernetAddress, packet: &[u8]) {

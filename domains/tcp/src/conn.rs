@@ -1559,9 +1559,11 @@ impl Conn {
 /// segment.
 fn push_segment(cx: &mut Cx, ends: Endpoints, repr: &TcpRepr, payload: [&[u8]; 2], tso: Option<u16>) {
     let hdr = repr.header_len();
-    let mut buf = vec![0u8; hdr + payload[0].len() + payload[1].len()];
-    buf[hdr..hdr + payload[0].len()].copy_from_slice(payload[0]);
-    buf[hdr + payload[0].len()..].copy_from_slice(payload[1]);
+    // Only the header is zeroed: the payload is written once, by the copy.
+    let mut buf = Vec::with_capacity(hdr + payload[0].len() + payload[1].len());
+    buf.resize(hdr, 0);
+    buf.extend_from_slice(payload[0]);
+    buf.extend_from_slice(payload[1]);
     let mut packet = TcpPacket::new_unchecked(&mut buf[..]);
     let (src, dst) = (IpAddress::Ipv4(cx.cfg.local), IpAddress::Ipv4(ends.remote));
     // `repr` carries no payload: emit writes the header only, the checksum after.
