@@ -806,15 +806,22 @@ impl IpCore {
         df: bool,
         data: &[u8],
     ) -> Vec<u8> {
-        // Only the headers are zeroed: the payload is written once, by the copy.
-        let mut frame = Vec::with_capacity(ETH_HDR + IP_HDR + data.len());
-        frame.resize(ETH_HDR + IP_HDR, 0);
+        let mut frame = self.eth_frame(mac, IP_HDR, data);
+        self.write_ip_header(&mut frame[ETH_HDR..], dst, protocol, ident, off, more, df);
+        frame
+    }
+
+    /// An IPv4 Ethernet frame to `mac`: the Ethernet header, `room` zeroed bytes
+    /// for the headers the caller writes, then `data` (copied once, not zeroed
+    /// first). Counted as a packet and a frame out.
+    fn eth_frame(&mut self, mac: EthernetAddress, room: usize, data: &[u8]) -> Vec<u8> {
+        let mut frame = Vec::with_capacity(ETH_HDR + room + data.len());
+        frame.resize(ETH_HDR + room, 0);
         frame.extend_from_slice(data);
         let mut eth = EthernetFrame::new_unchecked(&mut frame[..]);
         eth.set_dst_addr(mac);
         eth.set_src_addr(self.cfg.mac);
         eth.set_ethertype(EthernetProtocol::Ipv4);
-        self.write_ip_header(&mut frame[ETH_HDR..], dst, protocol, ident, off, more, df);
         self.stats.packets_out += 1;
         self.stats.frames_out += 1;
         frame
@@ -849,20 +856,8 @@ impl IpCore {
     }
 
     fn emit_ip_frame(&mut self, mac: EthernetAddress, packet: &[u8]) {
-        let frame = self.ip_frame(mac, packet);
+        let frame = self.eth_frame(mac, 0, packet);
         self.out.push_back(Output::Frame(frame));
-    }
-
-    fn ip_frame(&mut self, mac: EthernetAddress, packet: &[u8]) -> Vec<u8> {
-        let mut frame = vec![0u8; ETH_HDR + packet.len()];
-        let mut eth = EthernetFrame::new_unchecked(&mut frame[..]);
-        eth.set_dst_addr(mac);
-        eth.set_src_addr(self.cfg.mac);
-        eth.set_ethertype(EthernetProtocol::Ipv4);
-        eth.payload_mut().copy_from_slice(packet);
-        self.stats.packets_out += 1;
-        self.stats.frames_out += 1;
-        frame
     }
 
     /// Sends a TCP segment that may be larger than the MTU whole, with DF, for
