@@ -5,4 +5,5 @@
 #![forbid(unsafe_code)]
 
 pub mod attach;
+pub mod graph;
 pub mod net;

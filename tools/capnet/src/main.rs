@@ -50,6 +50,22 @@ enum Command {
     HttpServe(HttpServeArgs),
     /// Fetch an http:// URL (an IP literal) to a file or standard output.
     HttpGet(HttpGetArgs),
+    /// Print a built-in domain graph, or check a graph file and show what it runs.
+    Graph(GraphArgs),
+}
+
+#[derive(Debug, Args)]
+struct GraphArgs {
+    /// A graph file to check: prints its groups, channels and grants, or the
+    /// line and reason it is refused for.
+    #[arg(conflicts_with_all = ["default", "mono"])]
+    file: Option<std::path::PathBuf>,
+    /// Print the built-in graph (fully factored: every domain its own process).
+    #[arg(long, conflicts_with = "mono")]
+    default: bool,
+    /// Print the one-group graph.
+    #[arg(long)]
+    mono: bool,
 }
 
 #[derive(Debug, Args)]
@@ -165,12 +181,22 @@ pub struct UpArgs {
     seed: u64,
 }
 
-fn parse_cidr(s: &str) -> Result<(Ipv4Addr, u8), String> {
-    let (a, p) = s.split_once('/').ok_or_else(|| format!("{s:?}: write ADDRESS/PREFIX, e.g. 10.77.0.2/24"))?;
-    let addr: Ipv4Addr = a.parse().map_err(|_| format!("{a:?} is not an IPv4 address"))?;
-    let prefix: u8 =
-        p.parse().ok().filter(|p| (1..=30).contains(p)).ok_or_else(|| format!("prefix {p:?} must be 1 to 30"))?;
-    Ok((addr, prefix))
+use capnet::graph::parse_cidr;
+
+/// `capnet graph`.
+fn graph(args: GraphArgs) -> anyhow::Result<()> {
+    use capnet::graph::{Graph, DEFAULT, MONO};
+    match args.file {
+        Some(path) => {
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| anyhow::anyhow!("cannot read graph file {}: {e}", path.display()))?;
+            let g = Graph::parse(&text).map_err(|e| anyhow::anyhow!("{}: {e}", path.display()))?;
+            print!("{}", g.describe());
+        }
+        None if args.mono => print!("{MONO}"),
+        None => print!("{DEFAULT}"),
+    }
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -184,6 +210,7 @@ fn main() -> ExitCode {
         Command::EchoServe(e) => apps::echo_serve(&e.target.netns, e.port),
         Command::HttpServe(h) => http::serve(&h.target.netns, &h.dir, h.port),
         Command::HttpGet(h) => http::get(&h.target.netns, &h.url, h.output.as_deref()),
+        Command::Graph(g) => graph(g),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
