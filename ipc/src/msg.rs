@@ -10,6 +10,7 @@
 use std::os::fd::OwnedFd;
 
 use crate::channel::ChannelParams;
+use crate::region::Region;
 use crate::pool::{BufferPool, PoolError, PoolLayout, PoolView, ReaderId};
 use crate::shm_channel::{self, ShmChannelError, ShmEnd};
 use crate::{Descriptor, End, RingError};
@@ -58,13 +59,31 @@ pub enum MsgError {
     Io(#[from] std::io::Error),
 }
 
+const PARAMS: ChannelParams = ChannelParams { capacity: 64, epoch: 1 };
+const LAYOUT: PoolLayout = PoolLayout { buf_size: MAX_MESSAGE + 64, count: BUFFERS, headroom: 0 };
+
 impl MsgHalf {
     /// Makes this side's area (as `end`) and pool.
     pub fn new(name: &str, end: End) -> Result<Self, MsgError> {
-        let params = ChannelParams { capacity: 64, epoch: 1 };
-        let area = shm_channel::create_area::<Descriptor>(&format!("{name}.area"), end, params)?;
-        let layout = PoolLayout { buf_size: MAX_MESSAGE + 64, count: BUFFERS, headroom: 0 };
-        let pool = BufferPool::create(&format!("{name}.pool"), end as u16 + 1, layout)?;
+        let area = shm_channel::create_area::<Descriptor>(&format!("{name}.area"), end, PARAMS)?;
+        let pool = BufferPool::create(&format!("{name}.pool"), end as u16 + 1, LAYOUT)?;
+        Ok(Self { area, pool })
+    }
+
+    /// Blank regions of the sizes a side needs, for a domain that may no longer
+    /// create memory (the supervisor makes them; the domain [`adopt`](Self::adopt)s).
+    pub fn blank(name: &str) -> Result<MsgGrant, MsgError> {
+        let area = Region::blank(&format!("{name}.area"), crate::channel::area_len::<Descriptor>(PARAMS.capacity))
+            .map_err(ShmChannelError::from)?;
+        let pool = Region::blank(&format!("{name}.pool"), LAYOUT.region_len()).map_err(ShmChannelError::from)?;
+        Ok(MsgGrant { area, pool })
+    }
+
+    /// This side (as `end`) in blank regions granted by the supervisor: mapped,
+    /// sealed and laid out here, so this process is their one writer.
+    pub fn adopt(blank: MsgGrant, end: End) -> Result<Self, MsgError> {
+        let area = shm_channel::adopt_area::<Descriptor>(blank.area, end, PARAMS)?;
+        let pool = BufferPool::adopt(blank.pool, end as u16 + 1, LAYOUT)?;
         Ok(Self { area, pool })
     }
 
@@ -75,8 +94,7 @@ impl MsgHalf {
 
     /// Attaches to the peer's grant.
     pub fn attach(self, end: End, peer: MsgGrant) -> Result<MsgEnd, MsgError> {
-        let params = ChannelParams { capacity: 64, epoch: 1 };
-        let chan = shm_channel::attach::<Descriptor>(self.area, peer.area, end, params)?;
+        let chan = shm_channel::attach::<Descriptor>(self.area, peer.area, end, PARAMS)?;
         let mut pool = self.pool;
         let reader = pool.add_reader(BUFFERS);
         let view = PoolView::attach(peer.pool, end.other() as u16 + 1)?;

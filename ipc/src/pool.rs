@@ -190,7 +190,17 @@ impl BufferPool {
     /// Creates, maps and seals a pool with id `id`.
     pub fn create(name: &str, id: u16, layout: PoolLayout) -> Result<Self, PoolError> {
         layout.check()?;
-        let region = Region::create(name, layout.region_len())?;
+        Self::init(Region::create(name, layout.region_len())?, id, layout)
+    }
+
+    /// Adopts a blank region (`Region::blank` of `layout.region_len()` bytes, made
+    /// by the supervisor) as pool `id`: maps it, seals it and lays it out.
+    pub fn adopt(fd: std::os::fd::OwnedFd, id: u16, layout: PoolLayout) -> Result<Self, PoolError> {
+        layout.check()?;
+        Self::init(Region::adopt(fd, layout.region_len())?, id, layout)
+    }
+
+    fn init(region: Region, id: u16, layout: PoolLayout) -> Result<Self, PoolError> {
         region.store64(H_MAGIC, MAGIC, Ordering::Relaxed);
         region.store32(H_VERSION, VERSION, Ordering::Relaxed);
         region.store32(H_BUF_SIZE, layout.buf_size, Ordering::Relaxed);

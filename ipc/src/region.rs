@@ -47,6 +47,12 @@ pub enum RegionError {
         /// The first missing seal.
         missing: FileSeal,
     },
+    /// A region granted for us to own already carries a seal.
+    #[error("a region granted to be owned is already sealed ({seal:?}): someone else owns it")]
+    AlreadySealed {
+        /// A seal it carries.
+        seal: FileSeal,
+    },
     /// The region's size is not what the layout needs.
     #[error("region refused: it is {actual} bytes, the layout needs {expected}")]
     Size {
@@ -89,10 +95,46 @@ impl Region {
         Ok(Self { fd: mfd.into_file().into(), map })
     }
 
+    /// A blank region for a sandboxed domain to own: a sealable memfd of `len`
+    /// bytes (rounded up to a page) with no seals and no mapping. The supervisor
+    /// makes it (a domain may not call `memfd_create`), grants it, and the domain
+    /// [`adopt`](Region::adopt)s it.
+    pub fn blank(name: &str, len: usize) -> Result<OwnedFd, RegionError> {
+        let err = |source: std::io::Error| RegionError::Create { name: name.to_owned(), source };
+        let len = page_rounded(len);
+        let mfd =
+            MemfdOptions::new().allow_sealing(true).close_on_exec(true).create(name).map_err(|e| err(memfd_io(e)))?;
+        mfd.as_file().set_len(len as u64).map_err(err)?;
+        Ok(mfd.into_file().into())
+    }
+
+    /// Becomes the one writer of a [`blank`](Region::blank) region: maps it
+    /// read-write, then seals it like [`create`](Region::create), so nobody can map
+    /// it writable afterwards. Refuses anything but an unsealed memfd of exactly
+    /// `len` bytes (rounded up to a page): a sealed one cannot be owned, and a
+    /// resizable one of the wrong size is not what was asked for.
+    pub fn adopt(fd: OwnedFd, len: usize) -> Result<Self, RegionError> {
+        let len = page_rounded(len);
+        let (mfd, actual) = checked_memfd(fd, &[], len)?;
+        let sealed = mfd.seals().map_err(|e| RegionError::Map(memfd_io(e)))?;
+        if let Some(seal) = sealed.iter().next() {
+            return Err(RegionError::AlreadySealed { seal: *seal });
+        }
+        if actual != len {
+            return Err(RegionError::Size { expected: len, actual });
+        }
+        // SAFETY: the GROW/SHRINK seals are added right after mapping and before
+        // anyone is told the region is ours; until then only the trusted supervisor,
+        // which made it and waits for us, holds the fd. Every access goes through
+        // atomics and raw copies.
+        let map = unsafe { MmapOptions::new().len(len).map_mut(mfd.as_file()) }.map_err(RegionError::Map)?;
+        mfd.add_seals(&REQUIRED_SEALS).map_err(|e| RegionError::Map(memfd_io(e)))?;
+        Ok(Self { fd: mfd.into_file().into(), map })
+    }
+
     fn create_sealed(name: &str, len: usize, seals: &[FileSeal]) -> Result<Self, RegionError> {
         let err = |source: std::io::Error| RegionError::Create { name: name.to_owned(), source };
-        let page = rustix::param::page_size();
-        let len = len.max(1).div_ceil(page) * page;
+        let len = page_rounded(len);
         let mfd =
             MemfdOptions::new().allow_sealing(true).close_on_exec(true).create(name).map_err(|e| err(memfd_io(e)))?;
         mfd.as_file().set_len(len as u64).map_err(err)?;
@@ -154,6 +196,12 @@ impl RegionRo {
     pub fn copy_out(&self, off: usize, dst: &mut [u8]) {
         copy_out_checked(self.map.as_ptr(), self.map.len(), off, dst)
     }
+}
+
+/// `len` rounded up to whole pages (at least one).
+fn page_rounded(len: usize) -> usize {
+    let page = rustix::param::page_size();
+    len.max(1).div_ceil(page) * page
 }
 
 /// Checks that `fd` is a memfd carrying `seals`, at least `min_len` bytes long.

@@ -34,6 +34,14 @@ pub fn create_area<T: ShmSafe>(name: &str, end: End, params: ChannelParams) -> R
     Ok(region)
 }
 
+/// Adopts a blank region (`Region::blank`, made by the supervisor) as the area of
+/// end `end`: maps it, seals it and initialises it.
+pub fn adopt_area<T: ShmSafe>(fd: OwnedFd, end: End, params: ChannelParams) -> Result<Region, ShmChannelError> {
+    let region = Region::adopt(fd, area_len::<T>(params.capacity))?;
+    init_area::<_, T>(&region, end, params)?;
+    Ok(region)
+}
+
 /// Attaches end `end`: our own area, and the peer's area from its granted fd.
 pub fn attach<T: ShmSafe>(
     mine: Region,

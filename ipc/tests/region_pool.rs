@@ -134,3 +134,48 @@ fn a_64k_segment_with_device_header_is_a_chain() {
     bv.read_into(&d, &mut out).expect("read");
     assert_eq!(out, frame);
 }
+
+#[test]
+fn an_adopted_blank_region_has_one_writer_and_is_sealed_like_a_created_one() {
+    let blank = Region::blank("t-blank", 5000).expect("blank");
+    let keep = dup(&blank);
+    let r = Region::adopt(blank, 5000).expect("adopt");
+    r.store32(8, 0xbeef, Ordering::Relaxed);
+    // The maker kept an fd: it can no longer map it writable, only read it.
+    // SAFETY (test): a shared writable mapping is expected to fail.
+    let writable = unsafe { MmapOptions::new().len(4096).map_mut(&std::fs::File::from(dup(&keep))) };
+    assert!(writable.is_err(), "FUTURE_WRITE must forbid a writable mapping after adoption");
+    let ro = RegionRo::attach(keep, 8192).expect("readers attach it like a created region");
+    assert_eq!(ro.load32(8, Ordering::Relaxed), 0xbeef);
+}
+
+#[test]
+fn only_an_unsealed_blank_of_the_right_size_can_be_adopted() {
+    let sealed = Region::create("t-owned", 4096).expect("create");
+    assert!(matches!(Region::adopt(dup(sealed.fd()), 4096), Err(RegionError::AlreadySealed { .. })));
+    let blank = Region::blank("t-small", 4096).expect("blank");
+    assert!(matches!(Region::adopt(blank, 8192), Err(RegionError::Size { .. })));
+    let big = Region::blank("t-big", 3 * 4096).expect("blank");
+    assert!(matches!(Region::adopt(big, 4096), Err(RegionError::Size { .. })));
+    let file = std::fs::File::open("/dev/null").expect("open");
+    assert!(matches!(Region::adopt(file.into(), 4096), Err(RegionError::NotMemfd)));
+}
+
+#[test]
+fn a_message_end_in_adopted_regions_talks_to_a_created_one() {
+    use capnet_ipc::msg::MsgHalf;
+    use capnet_ipc::End;
+    let a = MsgHalf::adopt(MsgHalf::blank("t-msg-a").expect("blank"), End::A).expect("adopt");
+    let b = MsgHalf::new("t-msg-b", End::B).expect("new");
+    let (ga, gb) = (a.grant().expect("grant a"), b.grant().expect("grant b"));
+    let mut a = a.attach(End::A, gb).expect("attach a");
+    let mut b = b.attach(End::B, ga).expect("attach b");
+    assert!(a.send(b"over adopted memory").expect("send"));
+    let mut got = Vec::new();
+    b.recv(|m| got.push(m.to_vec())).expect("recv");
+    assert_eq!(got, vec![b"over adopted memory".to_vec()]);
+    assert!(b.send(b"and back").expect("send"));
+    let mut back = Vec::new();
+    a.recv(|m| back.push(m.to_vec())).expect("recv");
+    assert_eq!(back, vec![b"and back".to_vec()]);
+}

@@ -119,9 +119,17 @@ pub struct Policy {
 impl Policy {
     /// The policy compiled into this binary for `role`.
     pub fn for_role(role: &str) -> Result<Self, SandboxError> {
-        let (mut allow, mut refuse) = (Vec::new(), Vec::new());
-        collect(role, &mut allow, &mut refuse, 0)?;
-        Ok(Self { role: role.to_owned(), allow, refuse })
+        Self::for_roles(&[role])
+    }
+
+    /// The union of several roles' policies (a group running several domains);
+    /// a policy included by more than one is read once.
+    pub fn for_roles(roles: &[&str]) -> Result<Self, SandboxError> {
+        let (mut allow, mut refuse, mut seen) = (Vec::new(), Vec::new(), Vec::new());
+        for role in roles {
+            collect(role, &mut allow, &mut refuse, 0, &mut seen)?;
+        }
+        Ok(Self { role: roles.join("+"), allow, refuse })
     }
 
     /// Every role with a policy.
@@ -173,7 +181,17 @@ impl Policy {
     }
 }
 
-fn collect(role: &str, out: &mut Vec<Allow>, refuse: &mut Vec<Refuse>, depth: u8) -> Result<(), SandboxError> {
+fn collect(
+    role: &str,
+    out: &mut Vec<Allow>,
+    refuse: &mut Vec<Refuse>,
+    depth: u8,
+    seen: &mut Vec<String>,
+) -> Result<(), SandboxError> {
+    if seen.iter().any(|r| r == role) {
+        return Ok(());
+    }
+    seen.push(role.to_owned());
     if depth > 4 {
         return Err(SandboxError::Policy { role: role.into(), msg: "includes nest too deep".into() });
     }
@@ -188,7 +206,7 @@ fn collect(role: &str, out: &mut Vec<Allow>, refuse: &mut Vec<Refuse>, depth: u8
         return Err(SandboxError::Policy { role: role.into(), msg: format!("file says role {:?}", file.role) });
     }
     for inc in &file.include {
-        collect(inc, out, refuse, depth + 1)?;
+        collect(inc, out, refuse, depth + 1, seen)?;
     }
     for r in file.refuse {
         if r.reason.trim().len() < 10 || out.iter().any(|o| o.syscall == r.syscall) {
@@ -203,10 +221,17 @@ fn collect(role: &str, out: &mut Vec<Allow>, refuse: &mut Vec<Refuse>, depth: u8
         if a.reason.trim().len() < 10 {
             return Err(SandboxError::Policy { role: role.into(), msg: format!("{} has no real reason", a.syscall) });
         }
-        if out.iter().any(|o| o.syscall == a.syscall) {
-            return Err(SandboxError::Policy { role: role.into(), msg: format!("{} listed twice", a.syscall) });
+        match out.iter_mut().find(|o| o.syscall == a.syscall) {
+            // A role may widen an included entry's argument values (say, one more
+            // fcntl command), never lift its argument rule.
+            Some(Allow { arg: Some(have), .. }) if a.arg.as_ref().is_some_and(|n| n.index == have.index) => {
+                have.values.extend(a.arg.iter().flat_map(|n| n.values.iter().copied()));
+            }
+            Some(_) => {
+                return Err(SandboxError::Policy { role: role.into(), msg: format!("{} listed twice", a.syscall) });
+            }
+            None => out.push(a),
         }
-        out.push(a);
     }
     Ok(())
 }
@@ -300,7 +325,8 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
     unsafe { libc::_exit(SANDBOX_VIOLATION_EXIT) }
 }
 
-/// Enters the sandbox for `role`: not dumpable, SIGSYS handler pointing at `stats`,
+/// Enters the sandbox for `role` (several roles joined by `+`: the union of their
+/// policies, for a group running several domains): not dumpable, SIGSYS handler pointing at `stats`,
 /// capability sets emptied (checked), then the seccomp filter on every thread.
 ///
 /// `stats` must stay mapped for the rest of the process's life (leak it or keep it
@@ -309,7 +335,8 @@ extern "C" fn on_sigsys(_sig: libc::c_int, info: *mut libc::siginfo_t, _ctx: *mu
 /// a syscall the policy forbids there kills the domain by SIGSYS before the handler
 /// can record which one it was.
 pub fn enter(role: &str, stats: &'static Region) -> Result<(), SandboxError> {
-    let programs = Policy::for_role(role)?.compile()?;
+    let roles: Vec<&str> = role.split('+').collect();
+    let programs = Policy::for_roles(&roles)?.compile()?;
     // execve reset the dumpable flag the supervisor could not set for us.
     nix::sys::prctl::set_dumpable(false).map_err(|e| SandboxError::Privileges(format!("PR_SET_DUMPABLE: {e}")))?;
     VIOLATION_WORD.store((stats.word32(OFF_VIOLATION) as *const AtomicU32).cast_mut(), Ordering::Release);
