@@ -10,8 +10,8 @@
 use std::os::fd::OwnedFd;
 
 use crate::channel::ChannelParams;
-use crate::region::Region;
 use crate::pool::{BufferPool, PoolError, PoolLayout, PoolView, ReaderId};
+use crate::region::Region;
 use crate::shm_channel::{self, ShmChannelError, ShmEnd};
 use crate::{Descriptor, End, RingError};
 

@@ -13,7 +13,9 @@
 
 #![forbid(unsafe_code)]
 
+pub mod link;
 pub mod two_group;
+pub mod wire;
 
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant as StdInstant};
@@ -48,53 +50,142 @@ pub enum RuntimeError {
     Peer(String),
 }
 
-/// The packet-path cores of one stack, and the clock they run on.
+/// What a domain is: which core it runs (graph files name them the same).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Kind {
+    /// Frame I/O on a device.
+    Driver,
+    /// Ethernet, ARP, IPv4, ICMP, the demux.
+    Ip,
+    /// TCP connections.
+    Tcp,
+    /// UDP endpoints.
+    Udp,
+    /// The socket table applications call.
+    Sockets,
+}
+
+impl Kind {
+    /// Every kind, in the order a stack is built.
+    pub const ALL: [Kind; 5] = [Kind::Driver, Kind::Ip, Kind::Tcp, Kind::Udp, Kind::Sockets];
+
+    /// Its name (in graph files, and its seccomp policy's role).
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::Driver => "driver",
+            Kind::Ip => "ip",
+            Kind::Tcp => "tcp",
+            Kind::Udp => "udp",
+            Kind::Sockets => "sockets",
+        }
+    }
+
+    /// The kind with this name.
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|k| k.name() == s)
+    }
+}
+
+impl std::fmt::Display for Kind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// No spin tokens: this runtime's waits block once their own budget is spent.
+pub(crate) const NO_TOKENS: Option<
+    &'static capnet_ipc::notify::SpinTokens<std::sync::Arc<capnet_ipc::region::Region>>,
+> = None;
+
+/// The protocol cores of one group (each present when its domain runs in this
+/// group), the links to the domains of other groups, and the clock.
+///
+/// Outputs move between cores by direct calls when both run here, and over the
+/// link to the other group otherwise; [`Cores::receive_links`] does the reverse.
 #[derive(Debug)]
 pub struct Cores {
     /// The ip core.
-    pub ip: IpCore,
+    pub ip: Option<IpCore>,
     /// The udp core.
-    pub udp: UdpCore,
+    pub udp: Option<UdpCore>,
     /// The tcp core.
-    pub tcp: TcpCore,
+    pub tcp: Option<TcpCore>,
     /// Echo replies for echo sockets, waiting for the sockets domain.
     pub echo_replies: Vec<EchoReply>,
+    /// Channels to the domains of other groups.
+    pub links: Vec<link::Link>,
+    /// A transport of another group said readiness may have changed: the
+    /// sockets domain should look at its parked calls.
+    pub activity: bool,
+    /// The local tcp / udp core saw traffic or timers this round (an
+    /// [`wire::Msg::Activity`] is due to a sockets domain in another group).
+    touched: [bool; 2],
     /// The routing table as published to other domains, once asked for.
     routes: Option<capnet_ipc::region::Region>,
     epoch: StdInstant,
 }
 
 impl Cores {
-    /// Cores for `cfg`; UDP owns every UDP port and TCP every TCP port (with the
-    /// tcp core's default settings).
+    /// Every core, for `cfg`; UDP owns every UDP port and TCP every TCP port
+    /// (with the tcp core's default settings).
     pub fn new(cfg: Config, udp_queue_bytes: usize) -> Self {
+        Self::group(&[Kind::Ip, Kind::Tcp, Kind::Udp], cfg, udp_queue_bytes)
+    }
+
+    /// The cores of `kinds` (those that have one: ip, tcp, udp), for `cfg`.
+    pub fn group(kinds: &[Kind], cfg: Config, udp_queue_bytes: usize) -> Self {
         let local = cfg.addr.address();
         let mut tcp_cfg = capnet_tcp::Config::new(local, random_secret());
         tcp_cfg.mtu = cfg.mtu;
-        let mut ip = IpCore::new(cfg, Instant::ZERO);
-        ip.demux.insert(IpProtocol::Udp, 0..=65535, UDP);
-        ip.demux.insert(IpProtocol::Tcp, 0..=65535, TCP);
+        let ip = kinds.contains(&Kind::Ip).then(|| {
+            let mut ip = IpCore::new(cfg, Instant::ZERO);
+            ip.demux.insert(IpProtocol::Udp, 0..=65535, UDP);
+            ip.demux.insert(IpProtocol::Tcp, 0..=65535, TCP);
+            ip
+        });
         Self {
             ip,
-            udp: UdpCore::new(local, udp_queue_bytes),
-            tcp: TcpCore::new(tcp_cfg),
+            udp: kinds.contains(&Kind::Udp).then(|| UdpCore::new(local, udp_queue_bytes)),
+            tcp: kinds.contains(&Kind::Tcp).then(|| TcpCore::new(tcp_cfg)),
             echo_replies: Vec::new(),
+            links: Vec::new(),
+            activity: false,
+            touched: [false; 2],
             routes: None,
             epoch: StdInstant::now(),
         }
+    }
+
+    /// The ip core (every composition that runs a device has one).
+    ///
+    /// # Panics
+    /// If this group does not run the ip domain (a caller bug).
+    pub fn ip(&mut self) -> &mut IpCore {
+        self.ip.as_mut().expect("this group runs no ip domain")
+    }
+
+    /// The udp core; panics if this group does not run the udp domain.
+    pub fn udp(&mut self) -> &mut UdpCore {
+        self.udp.as_mut().expect("this group runs no udp domain")
+    }
+
+    /// The tcp core; panics if this group does not run the tcp domain.
+    pub fn tcp(&mut self) -> &mut TcpCore {
+        self.tcp.as_mut().expect("this group runs no tcp domain")
     }
 
     /// Publishes the ip domain's routing table in a sealed region of its own and
     /// returns it, to be granted read-only (made on the first call; republished on
     /// every call).
     pub fn publish_routes(&mut self) -> Result<&capnet_ipc::region::Region, RuntimeError> {
+        let Some(ip) = self.ip.as_ref() else { return Err(RuntimeError::Ipc("no ip domain here".into())) };
         if self.routes.is_none() {
             let r = capnet_ipc::region::Region::create("capnet-routes", capnet_ip::publish::REGION_LEN)
                 .map_err(|e| RuntimeError::Ipc(e.to_string()))?;
             self.routes = Some(r);
         }
         let region = self.routes.as_ref().ok_or_else(|| RuntimeError::Ipc("no routes region".into()))?;
-        capnet_ip::publish::publish(region, self.ip.routes());
+        capnet_ip::publish::publish(region, ip.routes());
         Ok(region)
     }
 
@@ -106,7 +197,10 @@ impl Cores {
     /// How long a runtime may wait before the cores' next deadline.
     pub fn wait_bound(&self, max_wait: Duration) -> Duration {
         let now = self.now();
-        let next = [self.ip.poll_at(), self.tcp.poll_at()].into_iter().flatten().min();
+        let next = [self.ip.as_ref().and_then(|c| c.poll_at()), self.tcp.as_ref().and_then(|c| c.poll_at())]
+            .into_iter()
+            .flatten()
+            .min();
         match next {
             // smoltcp's Instant difference is absolute: a deadline already past waits 0.
             Some(at) if at <= now => Duration::ZERO,
@@ -119,7 +213,19 @@ impl Cores {
     /// headers, on a link the driver does not impair (its stage keeps plain
     /// frames).
     pub fn use_tso(&mut self) {
-        self.tcp.config_mut().tso = TSO_BYTES;
+        if let Some(tcp) = self.tcp.as_mut() {
+            tcp.config_mut().tso = TSO_BYTES;
+        }
+    }
+
+    /// The link from `local` to `remote`, if this group has one.
+    fn link(&mut self, local: Kind, remote: Kind) -> Option<&mut link::Link> {
+        self.links.iter_mut().find(|l| l.local == local && l.remote == remote)
+    }
+
+    /// The first broken link's story, if any link broke.
+    pub fn broken_link(&self) -> Option<String> {
+        self.links.iter().find_map(|l| l.broken().map(str::to_owned))
     }
 
     /// Takes one frame from the device: an unfragmented datagram for udp or tcp
@@ -127,30 +233,65 @@ impl Cores {
     /// through the ip core's outputs.
     pub fn receive_frame(&mut self, frame: &[u8]) {
         let now = self.now();
-        if let Some(d) = self.ip.receive_frame_local(now, frame) {
-            self.deliver(now, &d);
+        let Some(ip) = self.ip.as_mut() else { return };
+        if let Some(d) = ip.receive_frame_local(now, frame) {
+            Self::deliver(&mut self.tcp, &mut self.udp, &mut self.links, &mut self.touched, now, &d);
         }
     }
 
-    /// Hands a datagram to its transport core.
-    fn deliver(&mut self, now: Instant, d: &LocalDatagram) {
-        match d.to {
-            UDP => self.udp.receive(d.src, d.dst, d.payload, d.ip_header),
-            TCP => self.tcp.receive(now, d.src, d.dst, d.payload),
-            _ => {}
+    /// Hands a datagram to its transport: its core here, or over the link.
+    fn deliver(
+        tcp: &mut Option<TcpCore>,
+        udp: &mut Option<UdpCore>,
+        links: &mut [link::Link],
+        touched: &mut [bool; 2],
+        now: Instant,
+        d: &LocalDatagram,
+    ) {
+        let kind = match d.to {
+            UDP => Kind::Udp,
+            TCP => Kind::Tcp,
+            _ => return,
+        };
+        match (kind, tcp, udp) {
+            (Kind::Tcp, Some(tcp), _) => {
+                touched[0] = true;
+                tcp.receive(now, d.src, d.dst, d.payload)
+            }
+            (Kind::Udp, _, Some(udp)) => {
+                touched[1] = true;
+                udp.receive(d.src, d.dst, d.payload, d.ip_header)
+            }
+            _ => {
+                if let Some(l) = links.iter_mut().find(|l| l.local == Kind::Ip && l.remote == kind) {
+                    l.send(&wire::Msg::Deliver {
+                        src: d.src.octets(),
+                        dst: d.dst.octets(),
+                        payload: d.payload.to_vec(),
+                        ip_header: d.ip_header.to_vec(),
+                    });
+                }
+            }
         }
     }
 
-    /// Runs timers and moves every output between the cores; frames for the
-    /// device go to `emit`, with the segment size a TSO frame is to be cut into
-    /// (only when the tcp core's `Config::tso` is on).
+    /// Runs timers and moves every output between the cores and onto links;
+    /// frames for the device go to `emit`, with the segment size a TSO frame is
+    /// to be cut into (only when the tcp core's `Config::tso` is on).
     pub fn pump(&mut self, mut emit: impl FnMut(Vec<u8>, Option<u16>)) {
         let now = self.now();
-        self.ip.poll(now);
-        self.tcp.poll(now);
+        if let Some(ip) = self.ip.as_mut() {
+            ip.poll(now);
+        }
+        if let Some(tcp) = self.tcp.as_mut() {
+            if tcp.poll_at().is_some_and(|at| at <= now) {
+                self.touched[0] = true;
+            }
+            tcp.poll(now);
+        }
         loop {
             let mut progressed = false;
-            while let Some(out) = self.ip.pop_output() {
+            while let Some(out) = self.ip.as_mut().and_then(IpCore::pop_output) {
                 progressed = true;
                 match out {
                     Output::Frame(f) => emit(f, None),
@@ -164,39 +305,276 @@ impl Cores {
                             payload: &d.payload,
                             ip_header: &d.ip_header,
                         };
-                        self.deliver(now, &local)
+                        Self::deliver(&mut self.tcp, &mut self.udp, &mut self.links, &mut self.touched, now, &local)
                     }
-                    Output::EchoReply(r) if r.to == SOCKETS => self.echo_replies.push((r.ident, r.from, r.seq, r.data)),
+                    Output::EchoReply(r) if r.to == SOCKETS => match self.link(Kind::Ip, Kind::Sockets) {
+                        Some(l) => l.send(&wire::Msg::EchoReply {
+                            ident: r.ident,
+                            from: r.from.octets(),
+                            seq: r.seq,
+                            data: r.data,
+                        }),
+                        None => self.echo_replies.push((r.ident, r.from, r.seq, r.data)),
+                    },
                     Output::EchoReply(_) => {}
-                    Output::Icmp(e) if e.to == TCP => {
-                        self.tcp.on_icmp(e.local_port, e.remote, e.remote_port, e.icmp_type, e.icmp_code)
-                    }
                     Output::Icmp(e) => {
-                        self.udp.on_icmp(e.local_port, e.remote, e.remote_port, e.icmp_type, e.icmp_code, e.reporter)
+                        let kind = if e.to == TCP { Kind::Tcp } else { Kind::Udp };
+                        self.on_icmp(kind, e.local_port, e.remote, e.remote_port, e.icmp_type, e.icmp_code, e.reporter)
                     }
                 }
             }
-            while let Some(out) = self.udp.pop_output() {
+            while let Some(out) = self.udp.as_mut().and_then(UdpCore::pop_output) {
                 progressed = true;
                 match out {
-                    capnet_udp::Output::Send { dst, segment } => {
-                        let _ = self.ip.send(now, dst, IpProtocol::Udp, &segment, false);
-                    }
-                    capnet_udp::Output::PortUnreachable { to, quote } => self.ip.send_unreachable(now, to, 3, &quote),
+                    capnet_udp::Output::Send { dst, segment } => self.send_ip(Kind::Udp, now, dst, 17, segment, None),
+                    capnet_udp::Output::PortUnreachable { to, quote } => match self.ip.as_mut() {
+                        Some(ip) => ip.send_unreachable(now, to, 3, &quote),
+                        None => {
+                            if let Some(l) = self.link(Kind::Udp, Kind::Ip) {
+                                l.send(&wire::Msg::Unreachable { to: to.octets(), quote });
+                            }
+                        }
+                    },
                 }
             }
-            while let Some(capnet_tcp::Output::Send { dst, segment, tso }) = self.tcp.pop_output() {
+            while let Some(capnet_tcp::Output::Send { dst, segment, tso }) =
+                self.tcp.as_mut().and_then(TcpCore::pop_output)
+            {
                 progressed = true;
-                // Without DF: the ip core's ICMP errors do not carry the next-hop
-                // MTU yet, so path MTU discovery is not done (docs/tcp.md).
-                let _ = match tso {
-                    Some(mss) => self.ip.send_tso(now, dst, &segment, mss),
-                    None => self.ip.send(now, dst, IpProtocol::Tcp, &segment, false),
-                };
+                self.send_ip(Kind::Tcp, now, dst, 6, segment, tso);
             }
             if !progressed {
-                return;
+                break;
             }
+        }
+        // A sockets domain elsewhere hears once that readiness may have changed,
+        // and again only after it has called since.
+        for (i, kind) in [Kind::Tcp, Kind::Udp].into_iter().enumerate() {
+            if std::mem::take(&mut self.touched[i]) {
+                if let Some(l) = self.link(kind, Kind::Sockets) {
+                    if !l.activity_sent {
+                        l.activity_sent = true;
+                        l.send(&wire::Msg::Activity);
+                    }
+                }
+            }
+        }
+        for l in &mut self.links {
+            l.flush();
+        }
+    }
+
+    /// A transport's segment to the ip domain: here, or over the link.
+    fn send_ip(
+        &mut self,
+        from: Kind,
+        now: Instant,
+        dst: capnet_ip::Ipv4Address,
+        protocol: u8,
+        segment: Vec<u8>,
+        tso: Option<u16>,
+    ) {
+        match self.ip.as_mut() {
+            // TCP without DF: the ip core's ICMP errors do not carry the next-hop
+            // MTU yet, so path MTU discovery is not done (docs/tcp.md).
+            Some(ip) => {
+                let _ = match (protocol, tso) {
+                    (_, Some(mss)) => ip.send_tso(now, dst, &segment, mss),
+                    (6, None) => ip.send(now, dst, IpProtocol::Tcp, &segment, false),
+                    _ => ip.send(now, dst, IpProtocol::Udp, &segment, false),
+                };
+            }
+            None => {
+                if let Some(l) = self.link(from, Kind::Ip) {
+                    l.send(&wire::Msg::Send { dst: dst.octets(), protocol, segment, tso });
+                }
+            }
+        }
+    }
+
+    /// An ICMP error for a transport's flow: to its core here, or over the link.
+    #[allow(clippy::too_many_arguments)]
+    fn on_icmp(
+        &mut self,
+        kind: Kind,
+        local_port: u16,
+        remote: capnet_ip::Ipv4Address,
+        remote_port: u16,
+        icmp_type: u8,
+        icmp_code: u8,
+        reporter: capnet_ip::Ipv4Address,
+    ) {
+        match (kind, self.tcp.as_mut(), self.udp.as_mut()) {
+            (Kind::Tcp, Some(tcp), _) => {
+                self.touched[0] = true;
+                tcp.on_icmp(local_port, remote, remote_port, icmp_type, icmp_code)
+            }
+            (Kind::Udp, _, Some(udp)) => {
+                self.touched[1] = true;
+                udp.on_icmp(local_port, remote, remote_port, icmp_type, icmp_code, reporter)
+            }
+            _ => {
+                if let Some(l) = self.link(Kind::Ip, kind) {
+                    l.send(&wire::Msg::Icmp {
+                        local_port,
+                        remote: remote.octets(),
+                        remote_port,
+                        icmp_type,
+                        icmp_code,
+                        reporter: reporter.octets(),
+                    });
+                }
+            }
+        }
+    }
+
+    /// Takes every message from every link and acts on it: datagrams into the
+    /// cores here, calls answered, activity noted. Returns whether any arrived.
+    pub fn receive_links(&mut self) -> bool {
+        let now = self.now();
+        let mut any = false;
+        let mut links = std::mem::take(&mut self.links);
+        for l in &mut links {
+            l.recv(|l, m| {
+                any = true;
+                self.on_message(now, l, m);
+            });
+        }
+        // Links made while we held them (none today) would be lost: keep both.
+        links.append(&mut self.links);
+        self.links = links;
+        any
+    }
+
+    /// One message from the domain at the other end of `l`.
+    fn on_message(&mut self, now: Instant, l: &mut link::Link, m: wire::Msg) {
+        use wire::Msg;
+        let ip4 = capnet_ip::Ipv4Address::from;
+        match (l.local, m) {
+            (Kind::Tcp, Msg::Deliver { src, dst, payload, .. }) if self.tcp.is_some() => {
+                self.touched[0] = true;
+                self.tcp().receive(now, ip4(src), ip4(dst), &payload);
+            }
+            (Kind::Udp, Msg::Deliver { src, dst, payload, ip_header }) if self.udp.is_some() => {
+                self.touched[1] = true;
+                self.udp().receive(ip4(src), ip4(dst), &payload, &ip_header);
+            }
+            (Kind::Tcp | Kind::Udp, Msg::Icmp { local_port, remote, remote_port, icmp_type, icmp_code, reporter }) => {
+                self.on_icmp(l.local, local_port, ip4(remote), remote_port, icmp_type, icmp_code, ip4(reporter))
+            }
+            (Kind::Sockets, Msg::EchoReply { ident, from, seq, data }) => {
+                self.echo_replies.push((ident, ip4(from), seq, data))
+            }
+            (Kind::Ip, Msg::Send { dst, protocol: protocol @ (6 | 17), segment, tso }) if self.ip.is_some() => {
+                let from = if protocol == 6 { Kind::Tcp } else { Kind::Udp };
+                if from == l.remote {
+                    self.send_ip(from, now, ip4(dst), protocol, segment, tso.filter(|_| protocol == 6));
+                } else {
+                    l.protocol_error(format!("{} sent a datagram of protocol {protocol}", l.remote));
+                }
+            }
+            (Kind::Ip, Msg::Unreachable { to, quote }) if self.ip.is_some() && l.remote == Kind::Udp => {
+                self.ip().send_unreachable(now, ip4(to), 3, &quote)
+            }
+            (_, Msg::Call { id, call }) if l.remote == Kind::Sockets => {
+                l.activity_sent = false;
+                let answer = self.answer(l.local, call);
+                l.send(&Msg::Answer { id, answer });
+            }
+            (Kind::Sockets, Msg::Activity) => self.activity = true,
+            // An answer nobody waits for (its call gave up): dropped.
+            (Kind::Sockets, Msg::Answer { .. }) => {}
+            (_, other) => l.protocol_error(format!("{} sent {other:?}, which it may not send here", l.remote)),
+        }
+    }
+
+    /// Answers a call of the sockets domain with the core of `kind` here.
+    fn answer(&mut self, kind: Kind, call: wire::Call) -> Result<wire::Answer, capnet_sockets::SocketError> {
+        use capnet_sockets::{SocketError, Transports};
+        use wire::{Answer, Call};
+        let ip4 = capnet_ip::Ipv4Address::from;
+        let tcp_id = capnet_tcp::SocketId::from_raw;
+        let udp_id = capnet_udp::SocketId::from_raw;
+        let owner = match &call {
+            Call::UdpBind { .. }
+            | Call::UdpPort { .. }
+            | Call::UdpConnect { .. }
+            | Call::UdpSend { .. }
+            | Call::UdpRecv { .. }
+            | Call::UdpClose { .. } => Kind::Udp,
+            Call::EchoClaim { .. } | Call::EchoRelease { .. } | Call::EchoSend { .. } => Kind::Ip,
+            _ => Kind::Tcp,
+        };
+        if owner != kind {
+            return Err(SocketError::Invalid(format!("the {kind} domain does not answer {owner} calls")));
+        }
+        Ok(match call {
+            Call::UdpBind { port } => Answer::Id(self.udp_bind(port)?.to_raw()),
+            Call::UdpPort { s } => Answer::Port(self.udp_port(udp_id(s))?),
+            Call::UdpConnect { s, addr, port } => {
+                self.udp_connect(udp_id(s), ip4(addr), port)?;
+                Answer::Done
+            }
+            Call::UdpSend { s, to, data } => {
+                self.udp_send(udp_id(s), to.map(|(a, p)| (ip4(a), p)), &data)?;
+                Answer::Done
+            }
+            Call::UdpRecv { s } => {
+                Answer::Datagram(self.udp_recv(udp_id(s))?.map(|d| (d.src.octets(), d.src_port, d.data)))
+            }
+            Call::UdpClose { s } => {
+                self.udp_close(udp_id(s))?;
+                Answer::Done
+            }
+            Call::EchoClaim { ident } => Answer::Bool(self.echo_claim(ident)?),
+            Call::EchoRelease { ident } => {
+                self.echo_release(ident)?;
+                Answer::Done
+            }
+            Call::EchoSend { dst, ident, seq, data } => {
+                self.echo_send(ip4(dst), ident, seq, &data)?;
+                Answer::Done
+            }
+            Call::TcpListen { port, backlog } => Answer::Id(self.tcp_listen(port, backlog as usize)?.to_raw()),
+            Call::TcpLocalPort { s } => Answer::Port(self.tcp_local_port(tcp_id(s))?),
+            Call::TcpAccept { l } => Answer::Accepted(self.tcp_accept(tcp_id(l))?.map(capnet_tcp::SocketId::to_raw)),
+            Call::TcpEndpoints { s } => {
+                let e = self.tcp_endpoints(tcp_id(s))?;
+                Answer::Endpoints(e.local_port, e.remote.octets(), e.remote_port)
+            }
+            Call::TcpConnect { addr, port } => Answer::Id(self.tcp_connect(ip4(addr), port)?.to_raw()),
+            Call::TcpConnected { s } => Answer::Bool(self.tcp_connected(tcp_id(s))?),
+            Call::TcpSend { s, data } => Answer::Count(self.tcp_send(tcp_id(s), &data)? as u32),
+            Call::TcpRecv { s, max } => match self.tcp_recv(tcp_id(s), max as usize)? {
+                capnet_tcp::Received::Data(d) => Answer::Data(d),
+                capnet_tcp::Received::Eof => Answer::Eof,
+                capnet_tcp::Received::Nothing => Answer::Nothing,
+            },
+            Call::TcpShutdown { s, read, write } => {
+                self.tcp_shutdown(tcp_id(s), read, write)?;
+                Answer::Done
+            }
+            Call::TcpClose { s } => {
+                self.tcp_close(tcp_id(s))?;
+                Answer::Done
+            }
+            Call::TcpAbort { s } => {
+                self.tcp_abort(tcp_id(s))?;
+                Answer::Done
+            }
+            Call::TcpSetOption { s, option } => {
+                self.tcp_set_option(tcp_id(s), option.to_core()?)?;
+                Answer::Done
+            }
+            Call::TcpReady { s } => Answer::Ready(wire::ready_bits(self.tcp_ready(tcp_id(s))?)),
+        })
+    }
+
+    /// A call to the domain of `kind` in another group, over its link.
+    fn remote(&mut self, kind: Kind, call: wire::Call) -> Result<wire::Answer, capnet_sockets::SocketError> {
+        match self.link(Kind::Sockets, kind) {
+            Some(l) => l.call(call),
+            None => Err(capnet_sockets::SocketError::Invalid(format!("no {kind} domain is reachable"))),
         }
     }
 }
@@ -498,110 +876,233 @@ impl AppHost for MonoStack {
     }
 }
 
-/// The sockets domain reaches the transports of this stack by direct calls.
+/// The sockets domain reaches each transport (and ip, for echo sockets) by a
+/// direct call when it runs in this group, and by a call over the link otherwise.
 impl capnet_sockets::Transports for Cores {
-    fn udp_bind(&mut self, port: u16) -> Result<capnet_udp::SocketId, capnet_udp::UdpError> {
-        self.udp.bind(port)
+    fn udp_bind(&mut self, port: u16) -> Result<capnet_udp::SocketId, SocketError> {
+        match self.udp.as_mut() {
+            Some(u) => Ok(u.bind(port)?),
+            None => match self.remote(Kind::Udp, Call::UdpBind { port })? {
+                Answer::Id(s) => Ok(capnet_udp::SocketId::from_raw(s)),
+                a => Err(odd(a)),
+            },
+        }
     }
-    fn udp_port(&self, s: capnet_udp::SocketId) -> Result<u16, capnet_udp::UdpError> {
-        self.udp.local_port(s)
+    fn udp_port(&mut self, s: capnet_udp::SocketId) -> Result<u16, SocketError> {
+        match self.udp.as_mut() {
+            Some(u) => Ok(u.local_port(s)?),
+            None => match self.remote(Kind::Udp, Call::UdpPort { s: s.to_raw() })? {
+                Answer::Port(p) => Ok(p),
+                a => Err(odd(a)),
+            },
+        }
     }
-    fn udp_connect(
-        &mut self,
-        s: capnet_udp::SocketId,
-        addr: capnet_ip::Ipv4Address,
-        port: u16,
-    ) -> Result<(), capnet_udp::UdpError> {
-        self.udp.connect(s, addr, port)
+    fn udp_connect(&mut self, s: capnet_udp::SocketId, addr: Ipv4Address, port: u16) -> Result<(), SocketError> {
+        match self.udp.as_mut() {
+            Some(u) => Ok(u.connect(s, addr, port)?),
+            None => done(self.remote(Kind::Udp, Call::UdpConnect { s: s.to_raw(), addr: addr.octets(), port })?),
+        }
     }
     fn udp_send(
         &mut self,
         s: capnet_udp::SocketId,
-        to: Option<(capnet_ip::Ipv4Address, u16)>,
+        to: Option<(Ipv4Address, u16)>,
         data: &[u8],
-    ) -> Result<(), capnet_udp::UdpError> {
-        self.udp.send_to(s, to, data)
-    }
-    fn udp_recv(&mut self, s: capnet_udp::SocketId) -> Result<Option<capnet_udp::Datagram>, capnet_udp::UdpError> {
-        self.udp.recv_from(s)
-    }
-    fn udp_close(&mut self, s: capnet_udp::SocketId) -> Result<(), capnet_udp::UdpError> {
-        self.udp.close(s)
-    }
-    fn echo_claim(&mut self, ident: u16) -> bool {
-        if self.ip.demux.lookup(IpProtocol::Icmp, ident).is_some() {
-            return false;
+    ) -> Result<(), SocketError> {
+        match self.udp.as_mut() {
+            Some(u) => Ok(u.send_to(s, to, data)?),
+            None => {
+                let to = to.map(|(a, p)| (a.octets(), p));
+                done(self.remote(Kind::Udp, Call::UdpSend { s: s.to_raw(), to, data: data.to_vec() })?)
+            }
         }
-        self.ip.demux.insert(IpProtocol::Icmp, ident..=ident, SOCKETS);
-        true
     }
-    fn echo_release(&mut self, ident: u16) {
-        self.ip.demux.remove_range(IpProtocol::Icmp, ident..=ident);
+    fn udp_recv(&mut self, s: capnet_udp::SocketId) -> Result<Option<capnet_udp::Datagram>, SocketError> {
+        match self.udp.as_mut() {
+            Some(u) => Ok(u.recv_from(s)?),
+            None => match self.remote(Kind::Udp, Call::UdpRecv { s: s.to_raw() })? {
+                Answer::Datagram(d) => Ok(d.map(|(src, src_port, data)| capnet_udp::Datagram {
+                    src: Ipv4Address::from(src),
+                    src_port,
+                    data,
+                })),
+                a => Err(odd(a)),
+            },
+        }
     }
-    fn tcp_listen(&mut self, port: u16, backlog: usize) -> Result<capnet_tcp::SocketId, capnet_tcp::TcpError> {
-        self.tcp.listen(port, backlog)
+    fn udp_close(&mut self, s: capnet_udp::SocketId) -> Result<(), SocketError> {
+        match self.udp.as_mut() {
+            Some(u) => Ok(u.close(s)?),
+            None => done(self.remote(Kind::Udp, Call::UdpClose { s: s.to_raw() })?),
+        }
     }
-    fn tcp_local_port(&self, s: capnet_tcp::SocketId) -> Result<u16, capnet_tcp::TcpError> {
-        self.tcp.local_port(s)
+    fn echo_claim(&mut self, ident: u16) -> Result<bool, SocketError> {
+        match self.ip.as_mut() {
+            Some(ip) => {
+                if ip.demux.lookup(IpProtocol::Icmp, ident).is_some() {
+                    return Ok(false);
+                }
+                ip.demux.insert(IpProtocol::Icmp, ident..=ident, SOCKETS);
+                Ok(true)
+            }
+            None => match self.remote(Kind::Ip, Call::EchoClaim { ident })? {
+                Answer::Bool(b) => Ok(b),
+                a => Err(odd(a)),
+            },
+        }
     }
-    fn tcp_accept(&mut self, l: capnet_tcp::SocketId) -> Result<Option<capnet_tcp::SocketId>, capnet_tcp::TcpError> {
-        self.tcp.accept(l)
+    fn echo_release(&mut self, ident: u16) -> Result<(), SocketError> {
+        match self.ip.as_mut() {
+            Some(ip) => {
+                ip.demux.remove_range(IpProtocol::Icmp, ident..=ident);
+                Ok(())
+            }
+            None => done(self.remote(Kind::Ip, Call::EchoRelease { ident })?),
+        }
     }
-    fn tcp_endpoints(&self, s: capnet_tcp::SocketId) -> Result<capnet_tcp::Endpoints, capnet_tcp::TcpError> {
-        self.tcp.endpoints(s)
-    }
-    fn tcp_connect(
-        &mut self,
-        addr: capnet_ip::Ipv4Address,
-        port: u16,
-    ) -> Result<capnet_tcp::SocketId, capnet_tcp::TcpError> {
+    fn echo_send(&mut self, dst: Ipv4Address, ident: u16, seq: u16, data: &[u8]) -> Result<(), SocketError> {
         let now = self.now();
-        self.tcp.connect(now, addr, port)
+        match self.ip.as_mut() {
+            Some(ip) => ip.send_echo_request(now, dst, ident, seq, data).map_err(|e| match e {
+                capnet_ip::SendError::NoRoute(_) => SocketError::NoRoute,
+                _ => SocketError::TooLarge,
+            }),
+            None => done(self.remote(Kind::Ip, Call::EchoSend { dst: dst.octets(), ident, seq, data: data.to_vec() })?),
+        }
     }
-    fn tcp_connected(&self, s: capnet_tcp::SocketId) -> Result<bool, capnet_tcp::TcpError> {
-        self.tcp.connected(s)
+    fn tcp_listen(&mut self, port: u16, backlog: usize) -> Result<TcpId, SocketError> {
+        match self.tcp.as_mut() {
+            Some(t) => Ok(t.listen(port, backlog)?),
+            None => tcp_id(self.remote(Kind::Tcp, Call::TcpListen { port, backlog: backlog as u32 })?),
+        }
     }
-    fn tcp_send(&mut self, s: capnet_tcp::SocketId, data: &[u8]) -> Result<usize, capnet_tcp::TcpError> {
+    fn tcp_local_port(&mut self, s: TcpId) -> Result<u16, SocketError> {
+        match self.tcp.as_mut() {
+            Some(t) => Ok(t.local_port(s)?),
+            None => match self.remote(Kind::Tcp, Call::TcpLocalPort { s: s.to_raw() })? {
+                Answer::Port(p) => Ok(p),
+                a => Err(odd(a)),
+            },
+        }
+    }
+    fn tcp_accept(&mut self, l: TcpId) -> Result<Option<TcpId>, SocketError> {
+        match self.tcp.as_mut() {
+            Some(t) => Ok(t.accept(l)?),
+            None => match self.remote(Kind::Tcp, Call::TcpAccept { l: l.to_raw() })? {
+                Answer::Accepted(c) => Ok(c.map(TcpId::from_raw)),
+                a => Err(odd(a)),
+            },
+        }
+    }
+    fn tcp_endpoints(&mut self, s: TcpId) -> Result<capnet_tcp::Endpoints, SocketError> {
+        match self.tcp.as_mut() {
+            Some(t) => Ok(t.endpoints(s)?),
+            None => match self.remote(Kind::Tcp, Call::TcpEndpoints { s: s.to_raw() })? {
+                Answer::Endpoints(local_port, remote, remote_port) => {
+                    Ok(capnet_tcp::Endpoints { local_port, remote: Ipv4Address::from(remote), remote_port })
+                }
+                a => Err(odd(a)),
+            },
+        }
+    }
+    fn tcp_connect(&mut self, addr: Ipv4Address, port: u16) -> Result<TcpId, SocketError> {
         let now = self.now();
-        self.tcp.send(now, s, data)
+        match self.tcp.as_mut() {
+            Some(t) => Ok(t.connect(now, addr, port)?),
+            None => tcp_id(self.remote(Kind::Tcp, Call::TcpConnect { addr: addr.octets(), port })?),
+        }
     }
-    fn tcp_recv(&mut self, s: capnet_tcp::SocketId, max: usize) -> Result<capnet_tcp::Received, capnet_tcp::TcpError> {
+    fn tcp_connected(&mut self, s: TcpId) -> Result<bool, SocketError> {
+        match self.tcp.as_mut() {
+            Some(t) => Ok(t.connected(s)?),
+            None => match self.remote(Kind::Tcp, Call::TcpConnected { s: s.to_raw() })? {
+                Answer::Bool(b) => Ok(b),
+                a => Err(odd(a)),
+            },
+        }
+    }
+    fn tcp_send(&mut self, s: TcpId, data: &[u8]) -> Result<usize, SocketError> {
         let now = self.now();
-        self.tcp.recv(now, s, max)
+        match self.tcp.as_mut() {
+            Some(t) => Ok(t.send(now, s, data)?),
+            None => match self.remote(Kind::Tcp, Call::TcpSend { s: s.to_raw(), data: data.to_vec() })? {
+                Answer::Count(n) => Ok(n as usize),
+                a => Err(odd(a)),
+            },
+        }
     }
-    fn tcp_shutdown(&mut self, s: capnet_tcp::SocketId, read: bool, write: bool) -> Result<(), capnet_tcp::TcpError> {
+    fn tcp_recv(&mut self, s: TcpId, max: usize) -> Result<capnet_tcp::Received, SocketError> {
         let now = self.now();
-        self.tcp.shutdown(now, s, read, write)
+        match self.tcp.as_mut() {
+            Some(t) => Ok(t.recv(now, s, max)?),
+            None => match self.remote(Kind::Tcp, Call::TcpRecv { s: s.to_raw(), max: max as u32 })? {
+                Answer::Data(d) if d.len() <= max => Ok(capnet_tcp::Received::Data(d)),
+                Answer::Eof => Ok(capnet_tcp::Received::Eof),
+                Answer::Nothing => Ok(capnet_tcp::Received::Nothing),
+                a => Err(odd(a)),
+            },
+        }
     }
-    fn tcp_close(&mut self, s: capnet_tcp::SocketId) -> Result<(), capnet_tcp::TcpError> {
+    fn tcp_shutdown(&mut self, s: TcpId, read: bool, write: bool) -> Result<(), SocketError> {
         let now = self.now();
-        self.tcp.close(now, s)
+        match self.tcp.as_mut() {
+            Some(t) => Ok(t.shutdown(now, s, read, write)?),
+            None => done(self.remote(Kind::Tcp, Call::TcpShutdown { s: s.to_raw(), read, write })?),
+        }
     }
-    fn tcp_abort(&mut self, s: capnet_tcp::SocketId) -> Result<(), capnet_tcp::TcpError> {
-        self.tcp.abort(s)
-    }
-    fn tcp_set_option(
-        &mut self,
-        s: capnet_tcp::SocketId,
-        opt: capnet_tcp::SockOpt,
-    ) -> Result<(), capnet_tcp::TcpError> {
+    fn tcp_close(&mut self, s: TcpId) -> Result<(), SocketError> {
         let now = self.now();
-        self.tcp.set_option(now, s, opt)
+        match self.tcp.as_mut() {
+            Some(t) => Ok(t.close(now, s)?),
+            None => done(self.remote(Kind::Tcp, Call::TcpClose { s: s.to_raw() })?),
+        }
     }
-    fn tcp_ready(&self, s: capnet_tcp::SocketId) -> Result<capnet_tcp::Ready, capnet_tcp::TcpError> {
-        self.tcp.ready(s)
+    fn tcp_abort(&mut self, s: TcpId) -> Result<(), SocketError> {
+        match self.tcp.as_mut() {
+            Some(t) => Ok(t.abort(s)?),
+            None => done(self.remote(Kind::Tcp, Call::TcpAbort { s: s.to_raw() })?),
+        }
     }
-    fn echo_send(
-        &mut self,
-        dst: capnet_ip::Ipv4Address,
-        ident: u16,
-        seq: u16,
-        data: &[u8],
-    ) -> Result<(), capnet_sockets::SocketError> {
+    fn tcp_set_option(&mut self, s: TcpId, opt: capnet_tcp::SockOpt) -> Result<(), SocketError> {
         let now = self.now();
-        self.ip.send_echo_request(now, dst, ident, seq, data).map_err(|e| match e {
-            capnet_ip::SendError::NoRoute(_) => capnet_sockets::SocketError::NoRoute,
-            _ => capnet_sockets::SocketError::TooLarge,
-        })
+        match self.tcp.as_mut() {
+            Some(t) => Ok(t.set_option(now, s, opt)?),
+            None => {
+                done(self.remote(Kind::Tcp, Call::TcpSetOption { s: s.to_raw(), option: wire::Opt::from_core(opt) })?)
+            }
+        }
+    }
+    fn tcp_ready(&mut self, s: TcpId) -> Result<capnet_tcp::Ready, SocketError> {
+        match self.tcp.as_mut() {
+            Some(t) => Ok(t.ready(s)?),
+            None => match self.remote(Kind::Tcp, Call::TcpReady { s: s.to_raw() })? {
+                Answer::Ready(b) => Ok(wire::ready_from(b)),
+                a => Err(odd(a)),
+            },
+        }
+    }
+}
+
+type TcpId = capnet_tcp::SocketId;
+use capnet_ip::Ipv4Address;
+use capnet_sockets::SocketError;
+use wire::{Answer, Call};
+
+/// An answer that does not fit its call: the peer broke the protocol.
+fn odd(a: Answer) -> SocketError {
+    SocketError::Invalid(format!("a transport answered with {a:?}"))
+}
+
+fn done(a: Answer) -> Result<(), SocketError> {
+    match a {
+        Answer::Done => Ok(()),
+        a => Err(odd(a)),
+    }
+}
+
+fn tcp_id(a: Answer) -> Result<TcpId, SocketError> {
+    match a {
+        Answer::Id(s) => Ok(TcpId::from_raw(s)),
+        a => Err(odd(a)),
     }
 }

@@ -101,7 +101,7 @@ fn stack_cfg(tag: &str, comp: Composition, link: LinkImpairment, tweak: impl FnO
             (Box::new(s), Some(d))
         }
     };
-    let echo = s.cores().udp.bind(7).expect("bind 7");
+    let echo = s.cores().udp().bind(7).expect("bind 7");
     let stop = Arc::new(AtomicBool::new(false));
     let flag = stop.clone();
     let (jobs, inbox) = std::sync::mpsc::channel::<Job>();
@@ -111,7 +111,7 @@ fn stack_cfg(tag: &str, comp: Composition, link: LinkImpairment, tweak: impl FnO
             while let Ok(job) = inbox.try_recv() {
                 job(s.cores());
             }
-            let udp = &mut s.cores().udp;
+            let udp = s.cores().udp();
             while let Ok(Some(d)) = udp.recv_from(echo) {
                 udp.send_to(echo, Some((d.src, d.src_port)), &d.data).expect("echo");
             }
@@ -141,7 +141,7 @@ fn ping_case(comp: Composition) {
         "{comp:?} ping -s 4000: {text}"
     );
     let (mut s, _) = run.finish();
-    assert!(s.cores().ip.stats().echo_replies >= 5, "the replies Linux counted came from this stack");
+    assert!(s.cores().ip().stats().echo_replies >= 5, "the replies Linux counted came from this stack");
 }
 
 #[test]
@@ -175,7 +175,7 @@ fn udp_case(comp: Composition) {
         assert!(got == payload.as_bytes(), "{comp:?}: echo of {size} bytes differs");
     }
     let (mut s, _) = run.finish();
-    assert!(s.cores().ip.stats().packets_in >= 5);
+    assert!(s.cores().ip().stats().packets_in >= 5);
 }
 
 #[test]
@@ -194,7 +194,7 @@ fn closed_case(comp: Composition) {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(text.contains("refused"), "{comp:?}: python said: {text} {}", String::from_utf8_lossy(&out.stderr));
     let (mut s, _) = run.finish();
-    assert_eq!(s.cores().udp.stats().dropped(capnet_udp::DropReason::NoSocket), 1);
+    assert_eq!(s.cores().udp().stats().dropped(capnet_udp::DropReason::NoSocket), 1);
 }
 
 #[test]
@@ -208,7 +208,7 @@ fn ten_percent_loss_each_way_and_the_counters_agree() {
         assert!((350..=450).contains(&received), "{comp:?}: {received}/500 replies");
         std::thread::sleep(Duration::from_millis(200));
         let (mut s, dev) = run.finish();
-        let ip = s.cores().ip.stats().clone();
+        let ip = s.cores().ip().stats().clone();
         assert!(dev.inbound.dropped > 20 && dev.outbound.dropped > 20, "{comp:?}: {dev:?}");
         assert_eq!(
             ip.frames_in,
@@ -280,7 +280,7 @@ fn malformed_frames_from_linux_are_counted_by_reason_and_pings_keep_working() {
         let ping = run.ns.run(&["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.77.0.2"]);
         assert!(String::from_utf8_lossy(&ping.stdout).contains("3 received"), "{comp:?}: pings after the garbage");
         let (mut s, _) = run.finish();
-        let st = s.cores().ip.stats().clone();
+        let st = s.cores().ip().stats().clone();
         for (reason, at_least) in [
             (IpBadChecksum, 1),
             (IpTruncated, 2),
@@ -311,16 +311,16 @@ fn the_stack_resolves_before_its_first_send_and_again_after_expiry() {
             .spawn()
             .expect("python echo");
         std::thread::sleep(Duration::from_millis(300));
-        let requests = |run: &Running| run.on_stack(|c| c.ip.stats().arp_requests);
+        let requests = |run: &Running| run.on_stack(|c| c.ip().stats().arp_requests);
         let at_start = requests(&run);
-        let sock = run.on_stack(|c| c.udp.bind(40000).expect("bind"));
+        let sock = run.on_stack(|c| c.udp().bind(40000).expect("bind"));
         let exchange = |payload: &'static [u8]| {
             run.on_stack(move |c| {
-                c.udp.send_to(sock, Some((Ipv4Address::new(10, 77, 0, 1), 7777)), payload).expect("send")
+                c.udp().send_to(sock, Some((Ipv4Address::new(10, 77, 0, 1), 7777)), payload).expect("send")
             });
             let deadline = std::time::Instant::now() + Duration::from_secs(5);
             loop {
-                if let Some(d) = run.on_stack(move |c| c.udp.recv_from(sock).expect("recv")) {
+                if let Some(d) = run.on_stack(move |c| c.udp().recv_from(sock).expect("recv")) {
                     assert_eq!((d.src, d.src_port, d.data.as_slice()), (Ipv4Address::new(10, 77, 0, 1), 7777, payload));
                     return;
                 }
@@ -386,7 +386,7 @@ fn an_af_packet_device_on_a_veth_carries_the_stack_in_both_compositions() {
             "{comp:?}: {}",
             String::from_utf8_lossy(&out.stdout)
         );
-        let st = s.cores().ip.stats().clone();
+        let st = s.cores().ip().stats().clone();
         assert!(st.echo_replies >= 3);
         assert_eq!(st.dropped(capnet_ip::DropReason::EthNotForUs), 0, "{comp:?}: our own frames do not come back");
     }

@@ -21,61 +21,63 @@ pub mod proto;
 use std::collections::VecDeque;
 
 pub use capnet_tcp::{Endpoints, Ready, SocketId as TcpId};
-use capnet_tcp::{Keepalive, Received, SockOpt, TcpError};
+use capnet_tcp::{Keepalive, Received, SockOpt};
 pub use capnet_udp::Ipv4Address;
-use capnet_udp::{SocketId, UdpError};
+use capnet_udp::SocketId;
 pub use proto::{Call, Handle, Reply, Request, Response, SocketError, TcpOption, ERROR, HANGUP, READABLE, WRITABLE};
 
 /// Which application (a per-attachment index the runtime assigns).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct AppId(pub u32);
 
-/// What the sockets domain needs from the transport and ip domains.
+/// What the sockets domain needs from the transport and ip domains: direct
+/// calls in one group, calls over a channel between groups (so every method may
+/// need to send, and every error is already the one the application sees).
 pub trait Transports {
     /// UDP: bind a port (0: ephemeral).
-    fn udp_bind(&mut self, port: u16) -> Result<SocketId, UdpError>;
+    fn udp_bind(&mut self, port: u16) -> Result<SocketId, SocketError>;
     /// UDP: the bound port.
-    fn udp_port(&self, s: SocketId) -> Result<u16, UdpError>;
+    fn udp_port(&mut self, s: SocketId) -> Result<u16, SocketError>;
     /// UDP: fix the peer.
-    fn udp_connect(&mut self, s: SocketId, addr: Ipv4Address, port: u16) -> Result<(), UdpError>;
+    fn udp_connect(&mut self, s: SocketId, addr: Ipv4Address, port: u16) -> Result<(), SocketError>;
     /// UDP: send.
-    fn udp_send(&mut self, s: SocketId, to: Option<(Ipv4Address, u16)>, data: &[u8]) -> Result<(), UdpError>;
+    fn udp_send(&mut self, s: SocketId, to: Option<(Ipv4Address, u16)>, data: &[u8]) -> Result<(), SocketError>;
     /// UDP: the next datagram, if any.
-    fn udp_recv(&mut self, s: SocketId) -> Result<Option<capnet_udp::Datagram>, UdpError>;
+    fn udp_recv(&mut self, s: SocketId) -> Result<Option<capnet_udp::Datagram>, SocketError>;
     /// UDP: close.
-    fn udp_close(&mut self, s: SocketId) -> Result<(), UdpError>;
+    fn udp_close(&mut self, s: SocketId) -> Result<(), SocketError>;
     /// ICMP: claim echo identifier `ident` for replies (false if taken).
-    fn echo_claim(&mut self, ident: u16) -> bool;
+    fn echo_claim(&mut self, ident: u16) -> Result<bool, SocketError>;
     /// ICMP: release an identifier.
-    fn echo_release(&mut self, ident: u16);
+    fn echo_release(&mut self, ident: u16) -> Result<(), SocketError>;
     /// ICMP: send an echo request.
     fn echo_send(&mut self, dst: Ipv4Address, ident: u16, seq: u16, data: &[u8]) -> Result<(), SocketError>;
     /// TCP: listen.
-    fn tcp_listen(&mut self, port: u16, backlog: usize) -> Result<TcpId, TcpError>;
+    fn tcp_listen(&mut self, port: u16, backlog: usize) -> Result<TcpId, SocketError>;
     /// TCP: the port of a listener or connection.
-    fn tcp_local_port(&self, s: TcpId) -> Result<u16, TcpError>;
+    fn tcp_local_port(&mut self, s: TcpId) -> Result<u16, SocketError>;
     /// TCP: take an established connection from a listener.
-    fn tcp_accept(&mut self, l: TcpId) -> Result<Option<TcpId>, TcpError>;
+    fn tcp_accept(&mut self, l: TcpId) -> Result<Option<TcpId>, SocketError>;
     /// TCP: a connection's endpoints.
-    fn tcp_endpoints(&self, s: TcpId) -> Result<Endpoints, TcpError>;
+    fn tcp_endpoints(&mut self, s: TcpId) -> Result<Endpoints, SocketError>;
     /// TCP: open a connection.
-    fn tcp_connect(&mut self, addr: Ipv4Address, port: u16) -> Result<TcpId, TcpError>;
+    fn tcp_connect(&mut self, addr: Ipv4Address, port: u16) -> Result<TcpId, SocketError>;
     /// TCP: has the handshake finished (or failed)?
-    fn tcp_connected(&self, s: TcpId) -> Result<bool, TcpError>;
+    fn tcp_connected(&mut self, s: TcpId) -> Result<bool, SocketError>;
     /// TCP: queue bytes; how many fit.
-    fn tcp_send(&mut self, s: TcpId, data: &[u8]) -> Result<usize, TcpError>;
+    fn tcp_send(&mut self, s: TcpId, data: &[u8]) -> Result<usize, SocketError>;
     /// TCP: take received bytes.
-    fn tcp_recv(&mut self, s: TcpId, max: usize) -> Result<Received, TcpError>;
+    fn tcp_recv(&mut self, s: TcpId, max: usize) -> Result<Received, SocketError>;
     /// TCP: shut down reading and/or writing.
-    fn tcp_shutdown(&mut self, s: TcpId, read: bool, write: bool) -> Result<(), TcpError>;
+    fn tcp_shutdown(&mut self, s: TcpId, read: bool, write: bool) -> Result<(), SocketError>;
     /// TCP: let go (graceful close in the background).
-    fn tcp_close(&mut self, s: TcpId) -> Result<(), TcpError>;
+    fn tcp_close(&mut self, s: TcpId) -> Result<(), SocketError>;
     /// TCP: reset now.
-    fn tcp_abort(&mut self, s: TcpId) -> Result<(), TcpError>;
+    fn tcp_abort(&mut self, s: TcpId) -> Result<(), SocketError>;
     /// TCP: a socket option.
-    fn tcp_set_option(&mut self, s: TcpId, opt: SockOpt) -> Result<(), TcpError>;
+    fn tcp_set_option(&mut self, s: TcpId, opt: SockOpt) -> Result<(), SocketError>;
     /// TCP: readiness.
-    fn tcp_ready(&self, s: TcpId) -> Result<Ready, TcpError>;
+    fn tcp_ready(&mut self, s: TcpId) -> Result<Ready, SocketError>;
 }
 
 #[derive(Debug)]
@@ -218,7 +220,9 @@ impl SocketsCore {
                 Kind::Udp(s) => {
                     let _ = t.udp_close(s);
                 }
-                Kind::Echo { ident, .. } => t.echo_release(ident),
+                Kind::Echo { ident, .. } => {
+                    let _ = t.echo_release(ident);
+                }
                 Kind::TcpListener(s) | Kind::Tcp(s) => {
                     let _ = t.tcp_close(s);
                 }
@@ -246,16 +250,16 @@ impl SocketsCore {
             return Some(Reply::Err(SocketError::BadHandle));
         }
         let r = match call {
-            Call::UdpBind { port } => t.udp_bind(port).map_err(SocketError::from).and_then(|s| {
-                let local = t.udp_port(s).map_err(SocketError::from)?;
+            Call::UdpBind { port } => t.udp_bind(port).and_then(|s| {
+                let local = t.udp_port(s)?;
                 Ok(Reply::Bound { handle: self.insert(app, Kind::Udp(s)), port: local })
             }),
-            Call::UdpConnect { handle, addr, port } => self.udp(app, handle).and_then(|s| {
-                t.udp_connect(s, Ipv4Address::from(addr), port).map(|_| Reply::Done).map_err(SocketError::from)
-            }),
+            Call::UdpConnect { handle, addr, port } => {
+                self.udp(app, handle).and_then(|s| t.udp_connect(s, Ipv4Address::from(addr), port).map(|_| Reply::Done))
+            }
             Call::UdpSend { handle, to, data } => self.udp(app, handle).and_then(|s| {
                 let to = to.map(|(a, p)| (Ipv4Address::from(a), p));
-                t.udp_send(s, to, &data).map(|_| Reply::Done).map_err(SocketError::from)
+                t.udp_send(s, to, &data).map(|_| Reply::Done)
             }),
             Call::Recv { handle, max, wait } => match self.check(app, handle) {
                 Err(e) => Err(e),
@@ -277,12 +281,10 @@ impl SocketsCore {
                 self.free_slot(i, t);
                 Reply::Done
             }),
-            Call::TcpListen { port, backlog } => {
-                t.tcp_listen(port, backlog as usize).map_err(SocketError::from).and_then(|s| {
-                    let port = t.tcp_local_port(s).map_err(SocketError::from)?;
-                    Ok(Reply::Bound { handle: self.insert(app, Kind::TcpListener(s)), port })
-                })
-            }
+            Call::TcpListen { port, backlog } => t.tcp_listen(port, backlog as usize).and_then(|s| {
+                let port = t.tcp_local_port(s)?;
+                Ok(Reply::Bound { handle: self.insert(app, Kind::TcpListener(s)), port })
+            }),
             Call::TcpAccept { handle, wait } => match self.listener(app, handle) {
                 Err(e) => Err(e),
                 Ok((i, l)) => match self.accept(app, l, t) {
@@ -292,29 +294,25 @@ impl SocketsCore {
                     Err(e) => Err(e),
                 },
             },
-            Call::TcpConnect { addr, port } => {
-                t.tcp_connect(Ipv4Address::from(addr), port).map_err(SocketError::from).and_then(|s| {
-                    let port = t.tcp_local_port(s).map_err(SocketError::from)?;
-                    Ok(Reply::Bound { handle: self.insert(app, Kind::Tcp(s)), port })
-                })
-            }
+            Call::TcpConnect { addr, port } => t.tcp_connect(Ipv4Address::from(addr), port).and_then(|s| {
+                let port = t.tcp_local_port(s)?;
+                Ok(Reply::Bound { handle: self.insert(app, Kind::Tcp(s)), port })
+            }),
             Call::TcpConnected { handle, wait } => match self.tcp(app, handle) {
                 Err(e) => Err(e),
                 Ok((i, s)) => match t.tcp_connected(s) {
                     Ok(true) => Ok(Reply::Done),
                     Ok(false) if wait => return self.park(app, id, Wait::Connected { slot: i }),
                     Ok(false) => Err(SocketError::WouldBlock),
-                    Err(e) => Err(e.into()),
+                    Err(e) => Err(e),
                 },
             },
-            Call::TcpSend { handle, data } => self
-                .tcp(app, handle)
-                .and_then(|(_, s)| t.tcp_send(s, &data).map_err(SocketError::from))
-                .map(|n| Reply::Sent { n: n as u32 }),
-            Call::TcpShutdown { handle, read, write } => self
-                .tcp(app, handle)
-                .and_then(|(_, s)| t.tcp_shutdown(s, read, write).map_err(SocketError::from))
-                .map(|_| Reply::Done),
+            Call::TcpSend { handle, data } => {
+                self.tcp(app, handle).and_then(|(_, s)| t.tcp_send(s, &data)).map(|n| Reply::Sent { n: n as u32 })
+            }
+            Call::TcpShutdown { handle, read, write } => {
+                self.tcp(app, handle).and_then(|(_, s)| t.tcp_shutdown(s, read, write)).map(|_| Reply::Done)
+            }
             Call::TcpAbort { handle } => self.tcp(app, handle).map(|(i, s)| {
                 let _ = t.tcp_abort(s);
                 self.unpark_slot(i, SocketError::StaleHandle);
@@ -334,7 +332,7 @@ impl SocketsCore {
                         SockOpt::CongestionControl(name.parse().map_err(SocketError::Invalid)?)
                     }
                 };
-                t.tcp_set_option(s, opt).map(|_| Reply::Done).map_err(SocketError::from)
+                t.tcp_set_option(s, opt).map(|_| Reply::Done)
             }),
             Call::Poll { items, wait } => {
                 let events = self.readiness(app, &items, t);
@@ -344,21 +342,24 @@ impl SocketsCore {
                 Ok(Reply::Ready { events })
             }
             Call::EchoOpen => {
-                let mut found = None;
+                let mut found = Ok(None);
                 for _ in 0..0x4000 {
                     let ident = self.next_ident;
                     self.next_ident = if self.next_ident == 0x7fff { 0x4000 } else { self.next_ident + 1 };
-                    if t.echo_claim(ident) {
-                        found = Some(ident);
-                        break;
+                    match t.echo_claim(ident) {
+                        Ok(false) => continue,
+                        Ok(true) => found = Ok(Some(ident)),
+                        Err(e) => found = Err(e),
                     }
+                    break;
                 }
                 match found {
-                    Some(ident) => Ok(Reply::Bound {
+                    Ok(Some(ident)) => Ok(Reply::Bound {
                         handle: self.insert(app, Kind::Echo { ident, replies: VecDeque::new() }),
                         port: ident,
                     }),
-                    None => Err(SocketError::AddrInUse),
+                    Ok(None) => Err(SocketError::AddrInUse),
+                    Err(e) => Err(e),
                 }
             }
             Call::EchoSend { handle, dst, seq, data } => match self.check(app, handle) {
@@ -399,7 +400,7 @@ impl SocketsCore {
     }
 
     /// Which of `items` are ready, as (index, bits); a bad handle reads as an error.
-    fn readiness<T: Transports>(&self, app: AppId, items: &[(Handle, u8)], t: &T) -> Vec<(u32, u8)> {
+    fn readiness<T: Transports>(&self, app: AppId, items: &[(Handle, u8)], t: &mut T) -> Vec<(u32, u8)> {
         let mut events = Vec::new();
         for (k, (h, interest)) in items.iter().enumerate() {
             let bits = match self.check(app, *h).map(|i| &self.slots[i].entry) {
@@ -444,7 +445,7 @@ impl SocketsCore {
             Kind::Udp(s) => match t.udp_recv(*s) {
                 Ok(Some(d)) => Ok(Some(Reply::Datagram { from: (d.src.octets(), d.src_port), data: d.data })),
                 Ok(None) => Ok(None),
-                Err(e) => Err(SocketError::from(e)),
+                Err(e) => Err(e),
             },
             Kind::Echo { replies, .. } => {
                 Ok(replies.pop_front().map(|(from, seq, data)| Reply::EchoReply { from: from.octets(), seq, data }))
@@ -488,7 +489,7 @@ impl SocketsCore {
                     Some(Entry { kind: Kind::Tcp(s), .. }) => match t.tcp_connected(*s) {
                         Ok(true) => Ok(Some(Reply::Done)),
                         Ok(false) => Ok(None),
-                        Err(e) => Err(e.into()),
+                        Err(e) => Err(e),
                     },
                     _ => Err(SocketError::StaleHandle),
                 },

@@ -5,8 +5,8 @@
 use capnet_sockets::{
     AppId, Call, Handle, Ipv4Address, Reply, Request, Response, SocketError, SocketsCore, Transports,
 };
-use capnet_tcp::{Endpoints, Instant, Ready, Received, SockOpt, TcpCore, TcpError};
-use capnet_udp::{Datagram, SocketId, UdpCore, UdpError};
+use capnet_tcp::{Endpoints, Instant, Ready, Received, SockOpt, TcpCore};
+use capnet_udp::{Datagram, SocketId, UdpCore};
 
 type TcpId = capnet_sockets::TcpId;
 
@@ -22,75 +22,76 @@ struct Fake {
 }
 
 impl Transports for Fake {
-    fn udp_bind(&mut self, port: u16) -> Result<SocketId, UdpError> {
-        self.udp.bind(port)
+    fn udp_bind(&mut self, port: u16) -> Result<SocketId, SocketError> {
+        self.udp.bind(port).map_err(SocketError::from)
     }
-    fn udp_port(&self, s: SocketId) -> Result<u16, UdpError> {
-        self.udp.local_port(s)
+    fn udp_port(&mut self, s: SocketId) -> Result<u16, SocketError> {
+        self.udp.local_port(s).map_err(SocketError::from)
     }
-    fn udp_connect(&mut self, s: SocketId, addr: Ipv4Address, port: u16) -> Result<(), UdpError> {
-        self.udp.connect(s, addr, port)
+    fn udp_connect(&mut self, s: SocketId, addr: Ipv4Address, port: u16) -> Result<(), SocketError> {
+        self.udp.connect(s, addr, port).map_err(SocketError::from)
     }
-    fn udp_send(&mut self, s: SocketId, to: Option<(Ipv4Address, u16)>, data: &[u8]) -> Result<(), UdpError> {
-        self.udp.send_to(s, to, data)
+    fn udp_send(&mut self, s: SocketId, to: Option<(Ipv4Address, u16)>, data: &[u8]) -> Result<(), SocketError> {
+        self.udp.send_to(s, to, data).map_err(SocketError::from)
     }
-    fn udp_recv(&mut self, s: SocketId) -> Result<Option<Datagram>, UdpError> {
-        self.udp.recv_from(s)
+    fn udp_recv(&mut self, s: SocketId) -> Result<Option<Datagram>, SocketError> {
+        self.udp.recv_from(s).map_err(SocketError::from)
     }
-    fn udp_close(&mut self, s: SocketId) -> Result<(), UdpError> {
-        self.udp.close(s)
+    fn udp_close(&mut self, s: SocketId) -> Result<(), SocketError> {
+        self.udp.close(s).map_err(SocketError::from)
     }
-    fn echo_claim(&mut self, ident: u16) -> bool {
-        !self.claimed.contains(&ident) && {
+    fn echo_claim(&mut self, ident: u16) -> Result<bool, SocketError> {
+        Ok(!self.claimed.contains(&ident) && {
             self.claimed.push(ident);
             true
-        }
+        })
     }
-    fn echo_release(&mut self, ident: u16) {
+    fn echo_release(&mut self, ident: u16) -> Result<(), SocketError> {
         self.claimed.retain(|i| *i != ident);
+        Ok(())
     }
     fn echo_send(&mut self, dst: Ipv4Address, ident: u16, seq: u16, data: &[u8]) -> Result<(), SocketError> {
         self.echoes.push((dst, ident, seq, data.to_vec()));
         Ok(())
     }
-    fn tcp_listen(&mut self, port: u16, backlog: usize) -> Result<TcpId, TcpError> {
-        self.tcp.listen(port, backlog)
+    fn tcp_listen(&mut self, port: u16, backlog: usize) -> Result<TcpId, SocketError> {
+        self.tcp.listen(port, backlog).map_err(SocketError::from)
     }
-    fn tcp_local_port(&self, s: TcpId) -> Result<u16, TcpError> {
-        self.tcp.local_port(s)
+    fn tcp_local_port(&mut self, s: TcpId) -> Result<u16, SocketError> {
+        self.tcp.local_port(s).map_err(SocketError::from)
     }
-    fn tcp_accept(&mut self, l: TcpId) -> Result<Option<TcpId>, TcpError> {
-        self.tcp.accept(l)
+    fn tcp_accept(&mut self, l: TcpId) -> Result<Option<TcpId>, SocketError> {
+        self.tcp.accept(l).map_err(SocketError::from)
     }
-    fn tcp_endpoints(&self, s: TcpId) -> Result<Endpoints, TcpError> {
-        self.tcp.endpoints(s)
+    fn tcp_endpoints(&mut self, s: TcpId) -> Result<Endpoints, SocketError> {
+        self.tcp.endpoints(s).map_err(SocketError::from)
     }
-    fn tcp_connect(&mut self, addr: Ipv4Address, port: u16) -> Result<TcpId, TcpError> {
-        self.tcp.connect(NOW, addr, port)
+    fn tcp_connect(&mut self, addr: Ipv4Address, port: u16) -> Result<TcpId, SocketError> {
+        self.tcp.connect(NOW, addr, port).map_err(SocketError::from)
     }
-    fn tcp_connected(&self, s: TcpId) -> Result<bool, TcpError> {
-        self.tcp.connected(s)
+    fn tcp_connected(&mut self, s: TcpId) -> Result<bool, SocketError> {
+        self.tcp.connected(s).map_err(SocketError::from)
     }
-    fn tcp_send(&mut self, s: TcpId, data: &[u8]) -> Result<usize, TcpError> {
-        self.tcp.send(NOW, s, data)
+    fn tcp_send(&mut self, s: TcpId, data: &[u8]) -> Result<usize, SocketError> {
+        self.tcp.send(NOW, s, data).map_err(SocketError::from)
     }
-    fn tcp_recv(&mut self, s: TcpId, max: usize) -> Result<Received, TcpError> {
-        self.tcp.recv(NOW, s, max)
+    fn tcp_recv(&mut self, s: TcpId, max: usize) -> Result<Received, SocketError> {
+        self.tcp.recv(NOW, s, max).map_err(SocketError::from)
     }
-    fn tcp_shutdown(&mut self, s: TcpId, read: bool, write: bool) -> Result<(), TcpError> {
-        self.tcp.shutdown(NOW, s, read, write)
+    fn tcp_shutdown(&mut self, s: TcpId, read: bool, write: bool) -> Result<(), SocketError> {
+        self.tcp.shutdown(NOW, s, read, write).map_err(SocketError::from)
     }
-    fn tcp_close(&mut self, s: TcpId) -> Result<(), TcpError> {
-        self.tcp.close(NOW, s)
+    fn tcp_close(&mut self, s: TcpId) -> Result<(), SocketError> {
+        self.tcp.close(NOW, s).map_err(SocketError::from)
     }
-    fn tcp_abort(&mut self, s: TcpId) -> Result<(), TcpError> {
-        self.tcp.abort(s)
+    fn tcp_abort(&mut self, s: TcpId) -> Result<(), SocketError> {
+        self.tcp.abort(s).map_err(SocketError::from)
     }
-    fn tcp_set_option(&mut self, s: TcpId, opt: SockOpt) -> Result<(), TcpError> {
-        self.tcp.set_option(NOW, s, opt)
+    fn tcp_set_option(&mut self, s: TcpId, opt: SockOpt) -> Result<(), SocketError> {
+        self.tcp.set_option(NOW, s, opt).map_err(SocketError::from)
     }
-    fn tcp_ready(&self, s: TcpId) -> Result<Ready, TcpError> {
-        self.tcp.ready(s)
+    fn tcp_ready(&mut self, s: TcpId) -> Result<Ready, SocketError> {
+        self.tcp.ready(s).map_err(SocketError::from)
     }
 }
 

@@ -36,6 +36,19 @@ slotmap::new_key_type! {
     pub struct SocketId;
 }
 
+impl SocketId {
+    /// The id as a number, to cross a channel between groups.
+    pub fn to_raw(self) -> u64 {
+        slotmap::Key::data(&self).as_ffi()
+    }
+
+    /// An id from [`SocketId::to_raw`]'s number. Any number is accepted: the core
+    /// checks slot and generation on every call, so a made-up one is `BadSocket`.
+    pub fn from_raw(raw: u64) -> Self {
+        slotmap::KeyData::from_ffi(raw).into()
+    }
+}
+
 /// The tcp core's settings. Timers that make tests slow are here so tests can
 /// set them short (DESIGN, "Testing against the real world").
 #[derive(Debug, Clone)]

@@ -27,6 +27,19 @@ pub struct SocketId {
     generation: u32,
 }
 
+impl SocketId {
+    /// The id as a number, to cross a channel between groups.
+    pub fn to_raw(self) -> u64 {
+        u64::from(self.slot) << 32 | u64::from(self.generation)
+    }
+
+    /// An id from [`SocketId::to_raw`]'s number. Any number is accepted: the core
+    /// checks slot and generation on every call, so a made-up one is `BadSocket`.
+    pub fn from_raw(raw: u64) -> Self {
+        Self { slot: (raw >> 32) as u32, generation: raw as u32 }
+    }
+}
+
 /// UDP call errors, each mapping to one `io::ErrorKind` in the client library.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum UdpError {

@@ -330,8 +330,9 @@ fn memwire(amount: usize, mtu: usize) -> f64 {
         Cores::new(cfg, 1 << 20)
     };
     let (mut a, mut b) = (core(1), core(2));
-    let l = b.tcp.listen(5001, 4).expect("listen");
-    let c = a.tcp.connect(a.now(), Ipv4Address::new(10, 9, 0, 2), 5001).expect("connect");
+    let l = b.tcp().listen(5001, 4).expect("listen");
+    let now = a.now();
+    let c = a.tcp().connect(now, Ipv4Address::new(10, 9, 0, 2), 5001).expect("connect");
     let chunk = vec![0u8; 256 * 1024];
     let (mut conn, mut got) = (None, 0usize);
     let mut wire: Vec<Vec<u8>> = Vec::new();
@@ -339,7 +340,7 @@ fn memwire(amount: usize, mtu: usize) -> f64 {
     while got < amount {
         let now = a.now();
         if conn.is_some() {
-            while a.tcp.send(now, c, &chunk).unwrap_or(0) > 0 {}
+            while a.tcp().send(now, c, &chunk).unwrap_or(0) > 0 {}
         }
         a.pump(|f, _| wire.push(f));
         for f in wire.drain(..) {
@@ -350,10 +351,13 @@ fn memwire(amount: usize, mtu: usize) -> f64 {
             a.receive_frame(&f);
         }
         if conn.is_none() {
-            conn = b.tcp.accept(l).expect("accept");
+            conn = b.tcp().accept(l).expect("accept");
         }
         if let Some(s) = conn {
-            while let Ok(Received::Data(d)) = b.tcp.recv(b.now(), s, 1 << 20) {
+            while let Ok(Received::Data(d)) = {
+                let now = b.now();
+                b.tcp().recv(now, s, 1 << 20)
+            } {
                 got += d.len();
             }
         }

@@ -264,7 +264,7 @@ fn run(args: UpArgs) -> Result<()> {
         Running::Mono(s) => s.cores(),
         Running::TwoGroup(s, _) => s.cores(),
     };
-    cores.tcp.config_mut().congestion_control = args.tcp_cc;
+    cores.tcp().config_mut().congestion_control = args.tcp_cc;
 
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
@@ -369,11 +369,11 @@ fn render(base: &Status, stack: &mut Running, started: Instant) -> Result<String
     let mut status = base.clone();
     status.domains = vec![
         domain("driver", driver_pid, driver_counters(&device)),
-        domain("ip", me, ip_counters(cores.ip.stats())),
-        domain("udp", me, udp_counters(cores.udp.stats())),
-        domain("tcp", me, tcp_counters(cores.tcp.stats())),
+        domain("ip", me, ip_counters(cores.ip().stats())),
+        domain("udp", me, udp_counters(cores.udp().stats())),
+        domain("tcp", me, tcp_counters(cores.tcp().stats())),
     ];
-    let (conns, listening) = cores.tcp.sockets();
+    let (conns, listening) = cores.tcp().sockets();
     status.tcp_connections = conns.into_iter().map(Into::into).collect();
     status.tcp_listening = listening;
     Ok(serde_json::to_string(&status)?)

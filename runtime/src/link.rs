@@ -1,0 +1,205 @@
+//! A link: one domain's message channel to a domain of another group.
+//!
+//! Sends never block the group: a message the channel cannot take now waits in
+//! the link's outbox, in order. A [`Link::call`] (the sockets domain calling a
+//! transport in another process) is the one place a group waits for a peer: it
+//! sends the call, then takes messages until the answer with its id arrives,
+//! keeping the others for the group's next round. A peer that breaks the
+//! channel, sends garbage, or does not answer within [`CALL_DEADLINE`] breaks the
+//! link for good: the group reports it (and the supervisor will cut the peer off).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use capnet_ipc::control::{decode, encode_with};
+use capnet_ipc::msg::MsgEnd;
+use capnet_ipc::notify::SpinPolicy;
+use capnet_ipc::shm_channel::ShmEnd;
+use capnet_ipc::{Interest, Waiter};
+use capnet_sockets::SocketError;
+
+use crate::wire::{Answer, Call, Msg};
+use crate::Kind;
+
+/// How long a call waits for its answer before the link counts as broken.
+pub const CALL_DEADLINE: Duration = Duration::from_secs(5);
+
+/// One end of a channel to another group's domain.
+#[derive(Debug)]
+pub struct Link {
+    /// The local domain this end belongs to.
+    pub local: Kind,
+    /// The domain at the other end.
+    pub remote: Kind,
+    end: MsgEnd,
+    outbox: VecDeque<Vec<u8>>,
+    /// Messages that arrived while a call waited for its answer.
+    deferred: VecDeque<Msg>,
+    waiter: Waiter,
+    next_id: u64,
+    /// Why the link is broken, once it is.
+    broken: Option<String>,
+    /// An [`Msg::Activity`] went out and no call has come since (transport side).
+    pub activity_sent: bool,
+}
+
+impl Link {
+    /// A link over `end` from domain `local` to domain `remote`.
+    pub fn new(local: Kind, remote: Kind, end: MsgEnd) -> Self {
+        Self {
+            local,
+            remote,
+            end,
+            outbox: VecDeque::new(),
+            deferred: VecDeque::new(),
+            waiter: Waiter::new(SpinPolicy::DEFAULT),
+            next_id: 1,
+            broken: None,
+            activity_sent: false,
+        }
+    }
+
+    /// Why the link broke, if it did.
+    pub fn broken(&self) -> Option<&str> {
+        self.broken.as_deref()
+    }
+
+    /// The peer sent something it may not send on this channel: the link is
+    /// broken from now on.
+    pub fn protocol_error(&mut self, why: String) {
+        self.breaks(why);
+    }
+
+    fn breaks(&mut self, why: String) {
+        if self.broken.is_none() {
+            self.broken = Some(format!("the channel from {} to {} broke: {why}", self.local, self.remote));
+        }
+    }
+
+    /// The channel end, to wait on (interested in space too while the outbox
+    /// holds messages).
+    pub fn channel(&mut self) -> &mut ShmEnd {
+        let want = if self.outbox.is_empty() { Interest::RX } else { Interest::BOTH };
+        let ch = self.end.channel();
+        ch.interest = want;
+        ch
+    }
+
+    /// Whether messages wait for room (or for the answer to a call).
+    pub fn has_deferred(&self) -> bool {
+        !self.deferred.is_empty()
+    }
+
+    /// Sends `msg`: straight into the channel when nothing waits before it, else
+    /// after what waits.
+    pub fn send(&mut self, msg: &Msg) {
+        if self.broken.is_some() {
+            return;
+        }
+        let (outbox, end) = (&mut self.outbox, &mut self.end);
+        let mut failed = None;
+        let r = encode_with(msg, |bytes| {
+            if !outbox.is_empty() {
+                outbox.push_back(bytes.to_vec());
+                return;
+            }
+            match end.send(bytes) {
+                Ok(true) => {}
+                Ok(false) => outbox.push_back(bytes.to_vec()),
+                Err(e) => failed = Some(e.to_string()),
+            }
+        });
+        if let Err(e) = r {
+            failed = Some(e.to_string());
+        }
+        if let Some(why) = failed {
+            self.breaks(why);
+        }
+    }
+
+    /// Pushes what waits in the outbox, as far as the channel takes it.
+    pub fn flush(&mut self) {
+        while let Some(m) = self.outbox.front() {
+            match self.end.send(m) {
+                Ok(true) => {
+                    self.outbox.pop_front();
+                }
+                Ok(false) => break,
+                Err(e) => {
+                    self.breaks(e.to_string());
+                    break;
+                }
+            }
+        }
+    }
+
+    /// Takes every message waiting (those kept during a call first), handing each
+    /// to `each`. A message that fails validation breaks the link.
+    pub fn recv(&mut self, mut each: impl FnMut(&mut Self, Msg)) {
+        while let Some(m) = self.deferred.pop_front() {
+            each(self, m);
+        }
+        for m in self.take() {
+            each(self, m);
+        }
+    }
+
+    /// Copies out and validates every message in the channel (none once broken).
+    fn take(&mut self) -> Vec<Msg> {
+        let mut got = Vec::new();
+        if self.broken.is_some() {
+            return got;
+        }
+        let mut garbage = None;
+        if let Err(e) = self.end.recv(|bytes| match decode::<Msg>(bytes) {
+            Ok(m) => got.push(m),
+            Err(e) => garbage = Some(e.to_string()),
+        }) {
+            self.breaks(e.to_string());
+        }
+        if let Some(why) = garbage {
+            self.breaks(format!("a message that is not one: {why}"));
+            got.clear();
+        }
+        got
+    }
+
+    /// Calls the remote domain and waits for its answer (sockets → transport).
+    /// A broken link, or one whose peer does not answer in time, is `Reset`:
+    /// to the application the connection is gone.
+    pub fn call(&mut self, call: Call) -> Result<Answer, SocketError> {
+        let id = self.next_id;
+        self.next_id += 1;
+        self.send(&Msg::Call { id, call });
+        let deadline = Instant::now() + CALL_DEADLINE;
+        loop {
+            self.flush();
+            if self.broken.is_some() {
+                return Err(SocketError::Reset);
+            }
+            let mut answer = None;
+            let got = self.take();
+            for m in got {
+                match m {
+                    Msg::Answer { id: i, answer: a } if i == id => answer = Some(a),
+                    other => self.deferred.push_back(other),
+                }
+            }
+            if let Some(a) = answer {
+                return a;
+            }
+            if self.broken.is_some() {
+                return Err(SocketError::Reset);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                self.breaks(format!("{} did not answer a call within {CALL_DEADLINE:?}", self.remote));
+                return Err(SocketError::Reset);
+            }
+            let want = if self.outbox.is_empty() { Interest::RX } else { Interest::BOTH };
+            let ch = self.end.channel();
+            ch.interest = want;
+            self.waiter.wait(&mut [ch], Some(deadline - now), crate::NO_TOKENS);
+        }
+    }
+}
