@@ -18,6 +18,8 @@
 //! --test loom`).
 #![deny(unsafe_op_in_unsafe_fn)]
 
+#[cfg(not(loom))]
+pub mod blob;
 pub mod channel;
 #[cfg(not(loom))]
 pub mod control;

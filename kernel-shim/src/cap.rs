@@ -44,6 +44,10 @@ pub enum CapKind {
     Device = 4,
     /// A Unix socket (the supervisor socket, an application's socket).
     Socket = 5,
+    /// A blank memfd (sealable, no seals yet) for the receiver to own: it maps
+    /// and seals it, becoming its one writer (a sandboxed domain cannot create
+    /// memory itself).
+    Blank = 6,
 }
 
 impl CapKind {
@@ -54,6 +58,7 @@ impl CapKind {
             3 => Self::Pool,
             4 => Self::Device,
             5 => Self::Socket,
+            6 => Self::Blank,
             _ => return None,
         })
     }
@@ -194,6 +199,24 @@ impl Cap {
                 let have = seal_set(seals);
                 if let Some(missing) = need.iter().find(|s| !have.contains(s)) {
                     return Err(CapError::Seals { tag: self.tag, kind: self.kind, missing: *missing });
+                }
+                Ok(())
+            }
+            CapKind::Blank => {
+                if ft != rustix::fs::FileType::RegularFile {
+                    return Err(wrong());
+                }
+                let seals = rustix::fs::fcntl_get_seals(&self.fd).map_err(|_| CapError::WrongType {
+                    tag: self.tag,
+                    kind: self.kind,
+                    found: "a file that is not a sealable memfd",
+                })?;
+                if !seals.is_empty() {
+                    return Err(CapError::WrongType {
+                        tag: self.tag,
+                        kind: self.kind,
+                        found: "an already sealed memfd",
+                    });
                 }
                 Ok(())
             }

@@ -463,6 +463,7 @@ impl Cores {
                 self.on_icmp(l.local, local_port, ip4(remote), remote_port, icmp_type, icmp_code, ip4(reporter))
             }
             (Kind::Sockets, Msg::EchoReply { ident, from, seq, data }) => {
+                self.activity = true; // a parked receive on an echo socket may complete
                 self.echo_replies.push((ident, ip4(from), seq, data))
             }
             (Kind::Ip, Msg::Send { dst, protocol: protocol @ (6 | 17), segment, tso }) if self.ip.is_some() => {
@@ -782,8 +783,19 @@ impl MonoStack {
     /// A stack on `dev` (plain frames) with ip configuration `cfg`, its link
     /// impaired as `link` says.
     pub fn new(dev: Device, cfg: Config, udp_queue_bytes: usize, link: LinkImpairment) -> Result<Self, RuntimeError> {
+        Self::with_cores(dev, Cores::new(cfg, udp_queue_bytes), link)
+    }
+
+    /// A stack on `dev` running `cores` (which must include ip).
+    pub fn with_cores(dev: Device, cores: Cores, link: LinkImpairment) -> Result<Self, RuntimeError> {
         let (fd, vnet) = device_fd(&dev)?;
-        let mut cores = Cores::new(cfg, udp_queue_bytes);
+        Self::on_fd(fd, vnet, cores, link)
+    }
+
+    /// A stack on a device fd granted as a capability (`vnet`: its frames carry
+    /// the virtio-net header), running `cores` (which must include ip).
+    pub fn on_fd(fd: OwnedFd, vnet: bool, mut cores: Cores, link: LinkImpairment) -> Result<Self, RuntimeError> {
+        let fd = set_nonblocking(fd)?;
         if vnet && link.outbound.is_none() {
             cores.use_tso();
         }
@@ -808,6 +820,7 @@ impl MonoStack {
     /// Delivers inbound frames that are due, runs the cores, and writes outbound
     /// frames that are due.
     fn flush(&mut self) {
+        self.cores.receive_links();
         while let Some(f) = self.inbound.pop() {
             self.cores.receive_frame(&f);
         }
@@ -830,6 +843,9 @@ impl Stack for MonoStack {
     fn poll(&mut self, max_wait: Duration) -> Result<(), RuntimeError> {
         self.flush();
         let mut wait = self.cores.wait_bound(max_wait);
+        if !self.cores.links.is_empty() {
+            wait = wait.min(MONO_APP_TICK); // a futex wake cannot interrupt poll(2)
+        }
         for due in [self.inbound.due_in(), self.outbound.due_in()].into_iter().flatten() {
             wait = wait.min(due);
         }
@@ -866,12 +882,88 @@ impl AppHost for MonoStack {
         max_wait: Duration,
         apps: &mut [&mut capnet_ipc::shm_channel::ShmEnd],
     ) -> Result<(), RuntimeError> {
-        let wait = if apps.is_empty() { max_wait } else { max_wait.min(MONO_APP_TICK) };
+        let wait = if apps.is_empty() && self.cores.links.is_empty() { max_wait } else { max_wait.min(MONO_APP_TICK) };
         self.poll(wait)
     }
 
     fn push(&mut self) -> Result<(), RuntimeError> {
         self.flush();
+        Ok(())
+    }
+}
+
+/// Waits on `ends` (the design's spin-then-block) for at most `wait`. A group
+/// with more ends than one wait covers waits on the first ones and looks at the
+/// rest every [`MONO_APP_TICK`].
+pub(crate) fn wait_on(
+    waiter: &mut capnet_ipc::Waiter,
+    mut ends: Vec<&mut capnet_ipc::shm_channel::ShmEnd>,
+    wait: Duration,
+) {
+    if ends.is_empty() {
+        std::thread::sleep(wait); // nothing to wake us but the clock
+        return;
+    }
+    let mut wait = wait;
+    if ends.len() > capnet_ipc::channel::MAX_WAIT_ENDS {
+        ends.truncate(capnet_ipc::channel::MAX_WAIT_ENDS);
+        wait = wait.min(MONO_APP_TICK);
+    }
+    waiter.wait(&mut ends, Some(wait), NO_TOKENS);
+}
+
+/// A group without the ip domain (transports and/or sockets): its cores, woken
+/// by its links and the applications' channels.
+#[derive(Debug)]
+pub struct Plain {
+    cores: Cores,
+    waiter: capnet_ipc::Waiter,
+}
+
+impl Plain {
+    /// The group running `cores`.
+    pub fn new(cores: Cores) -> Self {
+        Self { cores, waiter: capnet_ipc::Waiter::new(capnet_ipc::notify::SpinPolicy::DEFAULT) }
+    }
+
+    fn pump(&mut self) {
+        // No ip here, so no frame ever comes out.
+        self.cores.pump(|_, _| {});
+    }
+}
+
+impl Stack for Plain {
+    fn poll(&mut self, max_wait: Duration) -> Result<(), RuntimeError> {
+        self.poll_apps(max_wait, &mut [])
+    }
+
+    fn cores(&mut self) -> &mut Cores {
+        &mut self.cores
+    }
+}
+
+impl AppHost for Plain {
+    fn poll_apps(
+        &mut self,
+        max_wait: Duration,
+        apps: &mut [&mut capnet_ipc::shm_channel::ShmEnd],
+    ) -> Result<(), RuntimeError> {
+        let arrived = self.cores.receive_links();
+        self.pump();
+        if !arrived {
+            let wait = self.cores.wait_bound(max_wait);
+            let mut ends: Vec<&mut capnet_ipc::shm_channel::ShmEnd> =
+                self.cores.links.iter_mut().map(link::Link::channel).collect();
+            ends.extend(apps.iter_mut().map(|e| &mut **e));
+            wait_on(&mut self.waiter, ends, wait);
+            self.cores.receive_links();
+            self.pump();
+        }
+        Ok(())
+    }
+
+    fn push(&mut self) -> Result<(), RuntimeError> {
+        self.pump();
         Ok(())
     }
 }

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 use capnet_ip::Config;
 use capnet_ipc::channel::ChannelParams;
-use capnet_ipc::notify::{SpinPolicy, SpinTokens};
+use capnet_ipc::notify::SpinPolicy;
 use capnet_ipc::pool::{BufferPool, PoolLayout, PoolView, ReaderId};
 use capnet_ipc::region::Region;
 use capnet_ipc::shm_channel::{self, ShmEnd};
@@ -48,8 +48,6 @@ const RX_BATCH: usize = 160;
 const MAX_FRAME: usize = 65536 + 14;
 /// How often a blocked driver thread looks at its stop flag.
 const STOP_CHECK: Duration = Duration::from_millis(100);
-
-type NoTokens = Option<&'static SpinTokens<Arc<Region>>>;
 
 fn ipc_err(e: impl std::fmt::Display) -> RuntimeError {
     RuntimeError::Ipc(e.to_string())
@@ -305,7 +303,7 @@ fn send_all(
         let k = end.send(&items[sent..]).map_err(peer_err)?;
         if k == 0 {
             end.interest = Interest::SPACE;
-            waiter.wait(&mut [&mut *end], Some(STOP_CHECK), None as NoTokens);
+            waiter.wait(&mut [&mut *end], Some(STOP_CHECK), crate::NO_TOKENS);
             end.interest = Interest::RX;
         }
         sent += k;
@@ -344,7 +342,7 @@ fn reader_loop(
         let room = end.space_for(max_chain).map_err(peer_err)?.min(pool.free_count()).min(quota_left).min(RX_BATCH);
         if room < max_chain {
             // Out of buffers or ring slots: wait for the stack to return some.
-            waiter.wait(&mut [&mut end], Some(STOP_CHECK), None as NoTokens);
+            waiter.wait(&mut [&mut end], Some(STOP_CHECK), crate::NO_TOKENS);
             continue;
         }
         wait_readable(&fd, impair.due_in().map_or(STOP_CHECK, |d| d.min(STOP_CHECK)))?;
@@ -412,7 +410,7 @@ fn writer_loop(side: DeviceSide, view: PoolView, mut end: ShmEnd) -> Result<Devi
         inbox.clear();
         if end.recv(&mut inbox, 256).map_err(peer_err)? == 0 {
             let wait = impair.due_in().map_or(STOP_CHECK, |d| d.min(STOP_CHECK));
-            waiter.wait(&mut [&mut end], Some(wait), None as NoTokens);
+            waiter.wait(&mut [&mut end], Some(wait), crate::NO_TOKENS);
             continue;
         }
         returns.clear();
@@ -496,7 +494,7 @@ impl StackGroup {
 
     /// Drains both channels; returns whether anything arrived.
     fn drain(&mut self) -> Result<bool, RuntimeError> {
-        let mut any = false;
+        let mut any = self.cores.receive_links();
         loop {
             self.inbox.clear();
             let k = self.rx.recv(&mut self.inbox, 256).map_err(peer_err)?;
@@ -551,8 +549,9 @@ impl StackGroup {
             let wait = self.cores.wait_bound(max_wait);
             self.tx.interest = if self.backlog.is_empty() { Interest::RX } else { Interest::BOTH };
             let mut ends: Vec<&mut ShmEnd> = vec![&mut self.rx, &mut self.tx];
+            ends.extend(self.cores.links.iter_mut().map(crate::link::Link::channel));
             ends.extend(extra.iter_mut().map(|e| &mut **e));
-            self.waiter.wait(&mut ends, Some(wait), None as NoTokens);
+            crate::wait_on(&mut self.waiter, ends, wait);
             self.drain()?;
         }
         self.flush()

@@ -66,12 +66,16 @@ fn take(sock: &UnixStream) -> Result<MsgGrant, AttachError> {
     }
 }
 
-/// The supervisor's side: grant first, then take.
-pub fn serve(sock: &UnixStream, name: &str) -> Result<MsgEnd, AttachError> {
-    let half = MsgHalf::new(name, End::A)?;
-    grant(sock, &half)?;
-    let peer = take(sock)?;
-    Ok(half.attach(End::A, peer)?)
+/// The supervisor's side: grants the sockets domain's area and pool (made by
+/// the supervisor, adopted and sealed by the sockets domain) read-only, then
+/// takes the application's.
+pub fn grant_and_take(sock: &UnixStream, sockets_side: MsgGrant) -> Result<MsgGrant, AttachError> {
+    let all = Rights::READ | Rights::MAP | Rights::GRANT;
+    let area = Cap::new(CapKind::ChannelEnd, all, 0, sockets_side.area)?;
+    let pool = Cap::new(CapKind::Pool, all, 1, sockets_side.pool)?;
+    let ro = Rights::READ | Rights::MAP;
+    send_caps(sock.as_fd(), &[(&area, ro), (&pool, ro)])?;
+    take(sock)
 }
 
 /// The application's side: take first, then grant.

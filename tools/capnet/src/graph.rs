@@ -22,47 +22,10 @@ use toml::Spanned;
 pub const DEFAULT: &str = include_str!("../graphs/default.toml");
 /// The one-group graph (`--mono`): every domain in one sandboxed process.
 pub const MONO: &str = include_str!("../graphs/mono.toml");
+/// Two groups (`--two-group`): the driver | everything else.
+pub const TWO_GROUP: &str = include_str!("../graphs/two-group.toml");
 
-/// What a domain is: which core it runs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Kind {
-    /// Frame I/O on a device.
-    Driver,
-    /// Ethernet, ARP, IPv4, ICMP, the demux.
-    Ip,
-    /// TCP connections.
-    Tcp,
-    /// UDP endpoints.
-    Udp,
-    /// The socket table applications call.
-    Sockets,
-}
-
-impl Kind {
-    /// Every kind, in the order a stack is built.
-    pub const ALL: [Kind; 5] = [Kind::Driver, Kind::Ip, Kind::Tcp, Kind::Udp, Kind::Sockets];
-
-    /// Its name in graph files (and its seccomp policy's role).
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::Driver => "driver",
-            Kind::Ip => "ip",
-            Kind::Tcp => "tcp",
-            Kind::Udp => "udp",
-            Kind::Sockets => "sockets",
-        }
-    }
-
-    fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.name() == s)
-    }
-}
-
-impl fmt::Display for Kind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
+pub use capnet_runtime::Kind;
 
 /// The pairs of kinds that have a protocol between them, each with what the
 /// stack cannot do without it.

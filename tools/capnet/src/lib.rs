@@ -6,4 +6,6 @@
 
 pub mod attach;
 pub mod graph;
+pub mod group;
 pub mod net;
+pub mod report;

@@ -58,14 +58,17 @@ enum Command {
 struct GraphArgs {
     /// A graph file to check: prints its groups, channels and grants, or the
     /// line and reason it is refused for.
-    #[arg(conflicts_with_all = ["default", "mono"])]
+    #[arg(conflicts_with_all = ["default", "mono", "two_group"])]
     file: Option<std::path::PathBuf>,
     /// Print the built-in graph (fully factored: every domain its own process).
-    #[arg(long, conflicts_with = "mono")]
+    #[arg(long, conflicts_with_all = ["mono", "two_group"])]
     default: bool,
     /// Print the one-group graph.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "two_group")]
     mono: bool,
+    /// Print the two-group graph (driver | the rest).
+    #[arg(long)]
+    two_group: bool,
 }
 
 #[derive(Debug, Args)]
@@ -148,19 +151,24 @@ struct StatusArgs {
 pub struct UpArgs {
     #[command(flatten)]
     target: Target,
-    /// The TAP device inside the namespace.
-    #[arg(long, default_value = "cap0")]
-    tap: String,
-    /// The kernel's address on the TAP (the peer), with prefix length.
-    #[arg(long, default_value = "10.77.0.1/24", value_parser = parse_cidr)]
-    host_addr: (Ipv4Addr, u8),
-    /// The stack's address, with prefix length.
-    #[arg(long, default_value = "10.77.0.2/24", value_parser = parse_cidr)]
-    addr: (Ipv4Addr, u8),
-    /// One group: every domain in one thread of the supervisor.
+    /// The domain graph to run (docs/graph.md); the built-in default graph —
+    /// every domain its own sandboxed process — when none is given.
+    #[arg(conflicts_with_all = ["mono", "two_group"])]
+    graph: Option<std::path::PathBuf>,
+    /// The TAP device inside the namespace [default: the graph's, else cap0].
+    #[arg(long)]
+    tap: Option<String>,
+    /// The kernel's address on the TAP (the peer), with prefix length
+    /// [default: the graph's, else 10.77.0.1/24].
+    #[arg(long, value_parser = parse_cidr)]
+    host_addr: Option<(Ipv4Addr, u8)>,
+    /// The stack's address, with prefix length [default: the graph's, else 10.77.0.2/24].
+    #[arg(long, value_parser = parse_cidr)]
+    addr: Option<(Ipv4Addr, u8)>,
+    /// The one-group graph: every domain in one sandboxed process.
     #[arg(long, conflicts_with = "two_group")]
     mono: bool,
-    /// Two groups: driver | ip + udp + sockets, joined by ipc channels (the default).
+    /// The two-group graph: the driver | ip + tcp + udp + sockets.
     #[arg(long)]
     two_group: bool,
     /// Detach: return once the stack is up, leaving it running.
@@ -185,7 +193,7 @@ use capnet::graph::parse_cidr;
 
 /// `capnet graph`.
 fn graph(args: GraphArgs) -> anyhow::Result<()> {
-    use capnet::graph::{Graph, DEFAULT, MONO};
+    use capnet::graph::{Graph, DEFAULT, MONO, TWO_GROUP};
     match args.file {
         Some(path) => {
             let text = std::fs::read_to_string(&path)
@@ -194,6 +202,7 @@ fn graph(args: GraphArgs) -> anyhow::Result<()> {
             print!("{}", g.describe());
         }
         None if args.mono => print!("{MONO}"),
+        None if args.two_group => print!("{TWO_GROUP}"),
         None => print!("{DEFAULT}"),
     }
     Ok(())

@@ -1,14 +1,19 @@
 //! `capnet up` and `capnet down`: the supervisor's life cycle.
 //!
-//! Today every group runs as threads of the supervisor's process (`--mono`, or
-//! `--two-group` with the driver joined by ipc channels); the per-domain sandboxed
-//! processes arrive with the factored graph. What `up` makes — the namespace (and
-//! with it the TAP), the run directory with the control socket, pid file and log —
-//! `down` removes, also after a crash or a `kill -9`.
+//! `up` reads the domain graph (a file, or a built-in one), makes the private
+//! namespace with the TAP, starts every group as a sandboxed `capnet-domain`
+//! process (`capnet::group`), passes each the capabilities the graph grants it,
+//! and reports the stack up only once every thread of every group is confined.
+//! It then serves the control socket (status, down) and the application socket
+//! (each application gets its own channel to the sockets domain), and gathers
+//! each group's report from a region it maps read-only. What `up` makes — the
+//! namespace (and with it the TAP), the run directory with the sockets, pid file
+//! and log, the group processes — `down` removes, also after a crash or a
+//! `kill -9` of the supervisor.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
@@ -18,23 +23,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use capnet_ip::{Config, EthernetAddress, Ipv4Cidr};
+use capnet::graph::Graph;
+use capnet::group::{recv_msg, send_msg, Control, Event, GroupSpec};
+use capnet::report::{Domain, GroupReport, Status};
+use capnet_ipc::msg::{MsgGrant, MsgHalf};
 use capnet_ipc::region::RegionRo;
 use capnet_kernel_shim::cap::{recv_caps, send_caps, Cap, CapKind, Rights};
 use capnet_kernel_shim::device::Device;
 use capnet_kernel_shim::netns;
 use capnet_kernel_shim::sandbox::{inspect_threads, StatsRegion};
-use capnet_kernel_shim::spawn::{sibling_binary, spawn, Child, Limits, Namespaces, SpawnConfig};
-use capnet_runtime::two_group::{self, HalfGrant, StackHalf};
-use capnet_runtime::{AppHost, DeviceStats, LinkImpairment, MonoStack, Stack};
-use std::os::fd::AsFd;
+use capnet_kernel_shim::spawn::{sibling_binary, spawn, Child, Limits, SpawnConfig};
+use capnet_runtime::Kind;
 
 use crate::control::{self, recv, run_dir, send, socket_path, Reply, Request};
-use crate::status::{Domain, RouteEntry, Status};
 use crate::UpArgs;
-use capnet_ipc::control::{decode, encode_with};
-use capnet_ipc::msg::MsgEnd;
-use capnet_sockets::{AppId, SocketsCore};
 
 /// Removes what `up` made when dropped.
 struct Made {
@@ -67,13 +69,14 @@ fn same_subnet(a: Ipv4Addr, b: Ipv4Addr, prefix: u8) -> bool {
 
 /// `capnet up`.
 pub fn up(args: UpArgs) -> Result<()> {
-    let (host, host_prefix) = args.host_addr;
-    let (addr, prefix) = args.addr;
+    // The graph first: a bad one is refused before anything is made.
+    let graph = load_graph(&args)?;
+    let (_, (host, host_prefix), (addr, prefix)) = addressing(&args, &graph);
     if host == addr {
-        bail!("--host-addr and --addr are both {addr}: the kernel and the stack need addresses of their own");
+        bail!("the host address and the stack's are both {addr}: the kernel and the stack need addresses of their own");
     }
     if host_prefix != prefix || !same_subnet(host, addr, prefix) {
-        bail!("--host-addr {host}/{host_prefix} and --addr {addr}/{prefix} must be on one subnet");
+        bail!("the host address {host}/{host_prefix} and the stack's {addr}/{prefix} must be on one subnet");
     }
     for (name, p) in [("--loss", args.loss), ("--reorder", args.reorder)] {
         if !(0.0..=1.0).contains(&p) {
@@ -90,7 +93,7 @@ pub fn up(args: UpArgs) -> Result<()> {
     if args.detach {
         return detach(&args);
     }
-    run(args)
+    run(args, graph)
 }
 
 /// Starts the supervisor in the background and returns once it answers.
@@ -131,97 +134,253 @@ fn detach(args: &UpArgs) -> Result<()> {
     bail!("the supervisor did not come up within 20 s; see {}", log_path.display())
 }
 
-enum Running {
-    Mono(Box<MonoStack>),
-    TwoGroup(Box<two_group::StackGroup>, DriverProcess),
+/// One group of the graph, running as a sandboxed `capnet-domain` process.
+struct GroupProcess {
+    name: String,
+    /// Its domains' names.
+    domains: Vec<String>,
+    child: Child,
+    /// Its stats region (the sandbox-violation word), read-only.
+    stats: RegionRo,
+    /// Its status region (its [`GroupReport`]), read-only.
+    status: RegionRo,
+    /// Its supervisor socket.
+    sock: UnixStream,
+    started: Instant,
 }
 
-/// The driver domain running sandboxed as its own process.
-struct DriverProcess {
-    child: Child,
-    stats: RegionRo,
-    /// Closing it tells the driver the supervisor is gone.
-    _sock: UnixStream,
-    /// The supervisor's own handle on the device: the TAP outlives a driver crash.
+impl GroupProcess {
+    /// Its latest report (empty if it has not published one or it is garbled).
+    fn report(&self) -> GroupReport {
+        capnet_ipc::blob::read(&self.status).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
+    }
+
+    /// Why it ended, if it did.
+    fn ended(&self) -> Option<capnet_kernel_shim::spawn::ExitCause> {
+        self.child.try_wait(|| StatsRegion::violation(&self.stats)).ok().flatten()
+    }
+}
+
+/// What a group sent when it started: its regions and its sides of channels.
+struct Sent {
+    /// Per message channel (by name): area and pool.
+    halves: Vec<(String, OwnedFd, OwnedFd)>,
+    /// Its frame side of driver | ip: pool, R area, T area.
+    frames: Option<[OwnedFd; 3]>,
+}
+
+/// The running graph: every group, the supervisor's copy of the device, and
+/// which group runs the sockets domain.
+struct Running {
+    groups: Vec<GroupProcess>,
+    sockets: usize,
+    /// The supervisor's own handle on the TAP: it outlives a driver crash.
     _device: Device,
 }
 
-/// The uid the driver domain runs under.
-const DRIVER_UID: u32 = 61_100;
+/// Whether a channel is the frame channel between driver and ip.
+fn is_frames(g: &Graph, ch: &capnet::graph::Channel) -> bool {
+    let kinds: Vec<Kind> =
+        ch.ends.iter().filter_map(|e| g.domains.iter().find(|d| d.name == *e)).map(|d| d.kind).collect();
+    kinds.contains(&Kind::Driver) && kinds.contains(&Kind::Ip)
+}
 
-/// Spawns the driver domain, grants it the device, exchanges halves with it, and
-/// waits until every one of its threads is confined.
-fn spawn_driver(dev: Device, args: &UpArgs, stack: &StackHalf) -> Result<(DriverProcess, HalfGrant)> {
-    let program = sibling_binary("capnet-driver").context("capnet-driver is not installed next to capnet")?;
-    let (ours, theirs) = UnixStream::pair()?;
-    let cfg = SpawnConfig {
-        program,
-        args: [
-            "--loss",
-            &args.loss.to_string(),
-            "--reorder",
-            &args.reorder.to_string(),
-            "--seed",
-            &args.seed.to_string(),
-        ]
-        .map(String::from)
-        .to_vec(),
-        env: vec![("RUST_BACKTRACE".into(), "1".into())],
-        namespaces: Namespaces::ALL,
-        uid: DRIVER_UID,
-        limits: Limits::default(),
-        fds: vec![theirs.into()],
-    };
-    let child = spawn(&cfg)?;
-    ours.set_read_timeout(Some(Duration::from_secs(10)))?;
-    // The tag tells the driver whether frames carry the virtio-net header (1).
+/// Starts every group of `graph`: spawns it sandboxed, exchanges the regions and
+/// channel sides the groups made, grants the device, and waits until each says
+/// it is ready and every one of its threads is confined.
+fn start_groups(graph: &Graph, dev: Device, spec_base: &GroupSpec) -> Result<Running> {
     let vnet = matches!(dev.kind(), capnet_kernel_shim::device::DeviceKind::Tap(o) if o.vnet_hdr);
-    let rights = Rights::READ | Rights::WRITE | Rights::GRANT;
-    let device = Cap::new(CapKind::Device, rights, u32::from(vnet), dev.fd().try_clone_to_owned()?)?;
-    send_caps(ours.as_fd(), &[(&device, Rights::READ | Rights::WRITE)])?;
-    let mut got = recv_caps(ours.as_fd()).context("the driver did not send its regions")?;
-    if got.len() != 4 {
-        bail!("the driver sent {} capabilities instead of its stats region, pool and two channel areas", got.len());
+    let kind_of = |d: &str| graph.domains.iter().find(|x| x.name == d).map(|x| x.kind);
+    let mut procs = Vec::new();
+    let mut sent = Vec::new();
+    for group in &graph.groups {
+        // Channels that leave the group, in graph order: (channel, local kind, remote kind).
+        let links: Vec<(String, Kind, Kind)> = graph
+            .channels
+            .iter()
+            .filter(|ch| graph.crosses(ch))
+            .filter_map(|ch| {
+                let (mine, theirs) = if group.domains.contains(&ch.ends[0]) {
+                    (&ch.ends[0], &ch.ends[1])
+                } else if group.domains.contains(&ch.ends[1]) {
+                    (&ch.ends[1], &ch.ends[0])
+                } else {
+                    return None;
+                };
+                Some((ch.name.clone(), kind_of(mine)?, kind_of(theirs)?))
+            })
+            .collect();
+        let spec = GroupSpec {
+            name: group.name.clone(),
+            domains: group.domains.iter().filter_map(|d| Some((d.clone(), kind_of(d)?.name().to_owned()))).collect(),
+            links: links.iter().map(|(c, l, r)| (c.clone(), l.name().to_owned(), r.name().to_owned())).collect(),
+            seccomp: group.sandbox.seccomp.clone(),
+            vnet,
+            ..spec_base.clone()
+        };
+        let binary = graph.domains.iter().find(|d| group.domains.contains(&d.name)).map(|d| d.binary.clone());
+        let binary = binary.ok_or_else(|| anyhow::anyhow!("group {} has no domain", group.name))?;
+        let program = if binary.contains('/') {
+            std::path::PathBuf::from(&binary)
+        } else {
+            sibling_binary(&binary).with_context(|| format!("{binary} is not installed next to capnet"))?
+        };
+        let (ours, theirs) = UnixStream::pair()?;
+        let sb = &group.sandbox;
+        let cfg = SpawnConfig {
+            program,
+            args: vec![group.name.clone()],
+            env: vec![("RUST_BACKTRACE".into(), "1".into())],
+            namespaces: sb.namespaces,
+            uid: sb.uid,
+            limits: Limits { address_space: sb.address_space_mib.map(|m| m << 20), open_files: sb.nofile },
+            fds: vec![theirs.into()],
+        };
+        let child = spawn(&cfg).with_context(|| format!("starting group {}", group.name))?;
+        ours.set_read_timeout(Some(Duration::from_secs(10)))?;
+        send_msg(&ours, &spec)?;
+        let mut got = recv_caps(ours.as_fd())
+            .with_context(|| format!("group {} did not send its regions", group.name))?
+            .into_iter()
+            .map(Cap::into_fd);
+        let mut next = || got.next().ok_or_else(|| anyhow::anyhow!("group {} sent too few capabilities", group.name));
+        let (stats, status) = (next()?, next()?);
+        let mut halves = Vec::new();
+        let mut frames = None;
+        for (c, _, _) in &links {
+            let ch = graph.channels.iter().find(|x| x.name == *c).ok_or_else(|| anyhow::anyhow!("no channel {c}"))?;
+            if !is_frames(graph, ch) {
+                halves.push((c.clone(), next()?, next()?));
+            }
+        }
+        if links.iter().any(|(c, _, _)| graph.channels.iter().any(|ch| ch.name == *c && is_frames(graph, ch))) {
+            frames = Some([next()?, next()?, next()?]);
+        }
+        let stats_view = StatsRegion::attach(stats)?;
+        let status_view = RegionRo::attach(status, capnet::group::STATUS_LEN)?;
+        procs.push((
+            GroupProcess {
+                name: group.name.clone(),
+                domains: group.domains.clone(),
+                child,
+                stats: stats_view,
+                status: status_view,
+                sock: ours,
+                started: Instant::now(),
+            },
+            links,
+        ));
+        sent.push(Sent { halves, frames });
     }
-    let t_area = got.pop().map(Cap::into_fd);
-    let r_area = got.pop().map(Cap::into_fd);
-    let pool = got.pop().map(Cap::into_fd);
-    let stats = got.pop().map(Cap::into_fd);
-    let (Some(stats), Some(pool), Some(r_area), Some(t_area)) = (stats, pool, r_area, t_area) else {
-        bail!("the driver's capabilities are incomplete")
-    };
-    let stats = StatsRegion::attach(stats)?;
-    let g = stack.grant()?;
-    let all = Rights::READ | Rights::MAP | Rights::GRANT;
+    // Each group gets the device (if it drives it) and the other side of each of
+    // its channels, as the peer group made it, read-only.
     let ro = Rights::READ | Rights::MAP;
-    let mine = [
-        Cap::new(CapKind::Pool, all, 1, g.pool)?,
-        Cap::new(CapKind::ChannelEnd, all, 2, g.r_area)?,
-        Cap::new(CapKind::ChannelEnd, all, 3, g.t_area)?,
-    ];
-    send_caps(ours.as_fd(), &mine.iter().map(|c| (c, ro)).collect::<Vec<_>>())?;
-    // Ready only once every thread of the driver shows the sandbox (DESIGN, "Sandboxes").
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        if let Some(cause) = child.try_wait(|| StatsRegion::violation(&stats))? {
-            bail!("the driver domain died during setup: {cause}");
+    let all = Rights::READ | Rights::MAP | Rights::GRANT;
+    for (i, (p, links)) in procs.iter().enumerate() {
+        let mut caps = Vec::new();
+        let group = &graph.groups[i];
+        if group.domains.iter().any(|d| kind_of(d) == Some(Kind::Driver)) {
+            let rw = Rights::READ | Rights::WRITE | Rights::GRANT;
+            caps.push((
+                Cap::new(CapKind::Device, rw, u32::from(vnet), dev.fd().try_clone_to_owned()?)?,
+                Rights::READ | Rights::WRITE,
+            ));
         }
-        let threads = inspect_threads(child.pid()).unwrap_or_default();
-        if threads.len() >= 3 && threads.iter().all(|t| t.confined()) {
-            break;
+        let peer_of = |c: &str| {
+            let ch = graph.channels.iter().find(|x| x.name == c)?;
+            let other = ch.ends.iter().find(|e| !group.domains.contains(e))?;
+            graph.groups.iter().position(|g| g.domains.contains(other))
+        };
+        for (c, _, _) in links {
+            let j = peer_of(c).ok_or_else(|| anyhow::anyhow!("channel {c} has no peer group"))?;
+            if let Some((_, area, pool)) = sent[j].halves.iter().find(|(n, _, _)| n == c) {
+                caps.push((Cap::new(CapKind::ChannelEnd, all, 0, area.try_clone()?)?, ro));
+                caps.push((Cap::new(CapKind::Pool, all, 1, pool.try_clone()?)?, ro));
+            }
         }
-        if Instant::now() > deadline {
-            bail!("the driver domain did not confine all its threads within 10 s: {threads:?}");
+        if sent[i].frames.is_some() {
+            let j = links
+                .iter()
+                .find_map(|(c, l, r)| {
+                    matches!((l, r), (Kind::Driver, Kind::Ip) | (Kind::Ip, Kind::Driver)).then(|| peer_of(c)).flatten()
+                })
+                .ok_or_else(|| anyhow::anyhow!("the frame channel has no peer group"))?;
+            let [pool, r, t] =
+                sent[j].frames.as_ref().ok_or_else(|| anyhow::anyhow!("the peer group sent no frame side"))?;
+            caps.push((Cap::new(CapKind::Pool, all, 2, pool.try_clone()?)?, ro));
+            caps.push((Cap::new(CapKind::ChannelEnd, all, 3, r.try_clone()?)?, ro));
+            caps.push((Cap::new(CapKind::ChannelEnd, all, 4, t.try_clone()?)?, ro));
         }
-        std::thread::sleep(Duration::from_millis(10));
+        send_caps(p.sock.as_fd(), &caps.iter().map(|(c, r)| (c, *r)).collect::<Vec<_>>())?;
     }
-    Ok((DriverProcess { child, stats, _sock: ours, _device: dev }, HalfGrant { pool, r_area, t_area }))
+    drop(sent);
+    // Ready only once every thread of every group shows the sandbox (DESIGN, "Sandboxes").
+    for (p, _) in &procs {
+        match recv_msg::<Event>(&p.sock) {
+            Ok(Event::Ready) => {}
+            Ok(e) => bail!("group {} answered {e:?} instead of being ready", p.name),
+            Err(e) => {
+                // It may be exiting: give it a moment to say why.
+                let until = Instant::now() + Duration::from_secs(2);
+                while Instant::now() < until {
+                    if let Some(cause) = p.ended() {
+                        bail!("group {} ({}) died during setup: {cause}", p.name, p.domains.join(" + "));
+                    }
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                bail!("group {} did not come up: {e:#}", p.name)
+            }
+        }
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let threads = inspect_threads(p.child.pid()).unwrap_or_default();
+            if !threads.is_empty() && threads.iter().all(|t| t.confined()) {
+                break;
+            }
+            if Instant::now() > deadline {
+                bail!("group {} did not confine all its threads within 10 s: {threads:?}", p.name);
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        p.sock.set_read_timeout(Some(Duration::from_secs(5)))?;
+    }
+    let sockets = graph
+        .groups
+        .iter()
+        .position(|g| g.domains.iter().any(|d| kind_of(d) == Some(Kind::Sockets)))
+        .ok_or_else(|| anyhow::anyhow!("no group runs the sockets domain"))?;
+    Ok(Running { groups: procs.into_iter().map(|(p, _)| p).collect(), sockets, _device: dev })
+}
+
+/// Which graph `up` runs: a file, or a built-in one.
+fn load_graph(args: &UpArgs) -> Result<Graph> {
+    let (what, text) = match (&args.graph, args.mono, args.two_group) {
+        (Some(path), _, _) => (
+            path.display().to_string(),
+            std::fs::read_to_string(path).with_context(|| format!("cannot read graph file {}", path.display()))?,
+        ),
+        (None, true, _) => ("the mono graph".into(), capnet::graph::MONO.to_owned()),
+        (None, _, true) => ("the two-group graph".into(), capnet::graph::TWO_GROUP.to_owned()),
+        (None, false, false) => ("the default graph".into(), capnet::graph::DEFAULT.to_owned()),
+    };
+    Graph::parse(&text).map_err(|e| anyhow::anyhow!("{what}: {e}"))
+}
+
+/// The addresses `up` uses: the command line's, else the graph's, else the defaults.
+fn addressing(args: &UpArgs, graph: &Graph) -> (String, (Ipv4Addr, u8), (Ipv4Addr, u8)) {
+    let a = &graph.addressing;
+    (
+        args.tap.clone().or_else(|| a.tap.clone()).unwrap_or_else(|| "cap0".into()),
+        args.host_addr.or(a.host_addr).unwrap_or((Ipv4Addr::new(10, 77, 0, 1), 24)),
+        args.addr.or(a.addr).unwrap_or((Ipv4Addr::new(10, 77, 0, 2), 24)),
+    )
 }
 
 /// The foreground supervisor: makes everything, runs until Ctrl-C or `down`.
-fn run(args: UpArgs) -> Result<()> {
+fn run(args: UpArgs, graph: Graph) -> Result<()> {
     let name = args.target.netns.clone();
     let dir = run_dir(&name);
+    let (tap, (host, prefix), (addr, _)) = addressing(&args, &graph);
     // The namespace first: if it exists (someone else's), nothing of it is touched.
     let path = netns::create(&name)?;
     // From here on, any error (and the end of the run) removes what was made.
@@ -229,71 +388,49 @@ fn run(args: UpArgs) -> Result<()> {
     std::fs::create_dir_all(&dir)?;
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
     // Offloads where the TAP allows them (the driver completes partial checksums).
-    let dev = Device::open_tap(&args.tap, Some(&path), true)?;
-    let (host, prefix) = args.host_addr;
-    let (addr, _) = args.addr;
+    let dev = Device::open_tap(&tap, Some(&path), true)?;
     let _ = Command::new("ip")
-        .args(["netns", "exec", &name, "sysctl", "-qw", &format!("net.ipv6.conf.{}.disable_ipv6=1", args.tap)])
+        .args(["netns", "exec", &name, "sysctl", "-qw", &format!("net.ipv6.conf.{tap}.disable_ipv6=1")])
         .output();
     ip_cmd(&name, &["link", "set", "lo", "up"])?;
-    ip_cmd(&name, &["link", "set", &args.tap, "up"])?;
-    ip_cmd(&name, &["addr", "add", &format!("{host}/{prefix}"), "dev", &args.tap])?;
+    ip_cmd(&name, &["link", "set", &tap, "up"])?;
+    ip_cmd(&name, &["addr", "add", &format!("{host}/{prefix}"), "dev", &tap])?;
 
     let o = addr.octets();
-    let mac = EthernetAddress([0x02, 0xca, 0xfe, o[1], o[2], o[3]]);
-    let mut cfg = Config::new(mac, Ipv4Cidr::new(addr, prefix));
-    cfg.gateway = Some(host);
-    let link = LinkImpairment::symmetric(args.loss, args.reorder, args.seed);
-    let mode = if args.mono { "mono" } else { "two-group" };
-    let mut stack = if !args.mono {
-        let half = StackHalf::new()?;
-        // TSO when the TAP takes virtio-net headers and the driver does not
-        // impair the link (its stage keeps plain frames).
-        let vnet = matches!(dev.kind(), capnet_kernel_shim::device::DeviceKind::Tap(o) if o.vnet_hdr);
-        let mut cores = capnet_runtime::Cores::new(cfg, 4 << 20);
-        if vnet && args.loss == 0.0 && args.reorder == 0.0 {
-            cores.use_tso();
-        }
-        let (driver, grant) = spawn_driver(dev, &args, &half)?;
-        let s = half.join(grant, cores)?;
-        Running::TwoGroup(Box::new(s), driver)
-    } else {
-        Running::Mono(Box::new(MonoStack::new(dev, cfg, 4 << 20, link)?))
+    let spec = GroupSpec {
+        name: String::new(),
+        domains: Vec::new(),
+        links: Vec::new(),
+        seccomp: Vec::new(),
+        mac: [0x02, 0xca, 0xfe, o[1], o[2], o[3]],
+        addr: o,
+        prefix,
+        gateway: host.octets(),
+        tcp_cc: args.tcp_cc.name().into(),
+        loss: args.loss,
+        reorder: args.reorder,
+        seed: args.seed,
+        vnet: false,
     };
-    let cores = match &mut stack {
-        Running::Mono(s) => s.cores(),
-        Running::TwoGroup(s, _) => s.cores(),
-    };
-    cores.tcp().config_mut().congestion_control = args.tcp_cc;
+    let mode = if graph.groups.len() == 1 { "mono" } else { "factored" };
+    let mut running = start_groups(&graph, dev, &spec)?;
 
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
     signal_hook::flag::register(signal_hook::consts::SIGTERM, stop.clone())?;
-    let started = Instant::now();
-    // The routing table, published by ip in a sealed region; the supervisor reads
-    // it through a read-only mapping like any other domain would.
-    let routes_fd = match &mut stack {
-        Running::Mono(s) => s.cores().publish_routes()?.fd().try_clone_to_owned()?,
-        Running::TwoGroup(s, _) => s.cores().publish_routes()?.fd().try_clone_to_owned()?,
-    };
-    let routes_view = RegionRo::attach(routes_fd, capnet_ip::publish::REGION_LEN)?;
-    let routes = capnet_ip::publish::read(&routes_view)?
-        .iter()
-        .map(|r| RouteEntry { dest: r.dest.to_string(), via: r.via.map(|v| v.to_string()) })
-        .collect();
     let base = Status {
         mode: mode.into(),
         netns: name.clone(),
-        tap: args.tap.clone(),
+        tap: tap.clone(),
         host_addr: format!("{host}/{prefix}"),
         addr: format!("{addr}/{prefix}"),
         domains: Vec::new(),
-        routes,
+        routes: Vec::new(),
         tcp_connections: Vec::new(),
         tcp_listening: Vec::new(),
     };
     let snapshot = Arc::new(Mutex::new(String::new()));
-    *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = render(&base, &mut stack, started)?;
+    *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = render(&base, &running)?;
     let sock = socket_path(&name);
     let _ = std::fs::remove_file(&sock);
     let listener = UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
@@ -303,7 +440,7 @@ fn run(args: UpArgs) -> Result<()> {
         let (snapshot, stop) = (snapshot.clone(), stop.clone());
         std::thread::Builder::new().name("control".into()).spawn(move || serve(listener, snapshot, stop))?;
     }
-    let (app_tx, app_rx) = std::sync::mpsc::channel::<(MsgEnd, UnixStream)>();
+    let (app_tx, app_rx) = std::sync::mpsc::channel::<UnixStream>();
     {
         let path = capnet::attach::app_socket(&name);
         let _ = std::fs::remove_file(&path);
@@ -311,146 +448,100 @@ fn run(args: UpArgs) -> Result<()> {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         std::thread::Builder::new().name("apps".into()).spawn(move || serve_apps(apps, app_tx))?;
     }
-    let mut apps = Apps::default();
-    println!("capnet up: {mode} stack at {addr}/{prefix} on {} in namespace {name}; the kernel is {host}", args.tap);
+    let groups: Vec<String> =
+        running.groups.iter().map(|g| format!("{} (pid {})", g.domains.join("+"), g.child.pid())).collect();
+    println!("capnet up: {mode} stack at {addr}/{prefix} on {tap} in namespace {name}; the kernel is {host}");
+    println!("groups: {}", groups.join(" | "));
     println!("try: ip netns exec {name} ping {addr}");
     let _ = std::io::stdout().flush();
 
-    let mut last = Instant::now();
+    let mut apps: Vec<(u64, UnixStream)> = Vec::new();
+    let mut next_app = 0u64;
     while !stop.load(Ordering::Relaxed) {
-        while let Ok((msg, sock)) = app_rx.try_recv() {
-            apps.add(msg, sock);
+        while let Ok(conn) = app_rx.try_recv() {
+            next_app += 1;
+            match attach_app(&running.groups[running.sockets], next_app, &conn) {
+                Ok(()) => apps.push((next_app, conn)),
+                Err(e) => eprintln!("capnet: an application failed to attach: {e:#}"),
+            }
         }
-        let r = match &mut stack {
-            Running::Mono(s) => apps.serve(&mut **s),
-            Running::TwoGroup(s, _) => apps.serve(&mut **s),
-        };
-        if let Err(e) = r {
-            eprintln!("capnet: the stack failed: {e}; taking it down");
+        // Applications that closed their attach socket are gone.
+        let sockets = &running.groups[running.sockets];
+        apps.retain(|(id, conn)| {
+            let gone = capnet::attach::closed_by_peer(conn);
+            if gone {
+                let _ = send_msg(&sockets.sock, &Control::Detach(*id));
+            }
+            !gone
+        });
+        if let Some((g, cause)) = running.groups.iter().find_map(|g| g.ended().map(|c| (g, c))) {
+            eprintln!("capnet: group {} ({}) ended: {cause}; taking the stack down", g.name, g.domains.join(" + "));
             break;
         }
-        if last.elapsed() >= Duration::from_millis(200) {
-            *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = render(&base, &mut stack, started)?;
-            last = Instant::now();
-        }
+        *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = render(&base, &running)?;
+        std::thread::sleep(Duration::from_millis(100));
     }
-    if let Running::TwoGroup(_, d) = &stack {
-        if let Ok(Some(cause)) = d.child.try_wait(|| StatsRegion::violation(&d.stats)) {
-            eprintln!("capnet: the driver domain ended: {cause}");
-        }
+    drop(apps);
+    for g in &mut running.groups {
+        let _ = g.child.kill();
     }
-    drop(stack);
+    drop(running);
     drop(made);
     println!("capnet down: namespace {name} and its TAP removed");
     Ok(())
 }
 
-/// The status object as JSON, from the live counters.
-fn render(base: &Status, stack: &mut Running, started: Instant) -> Result<String> {
-    let me = std::process::id() as i32;
-    let (device, driver_pid, cores) = match stack {
-        Running::Mono(s) => (s.device_stats(), me, s.cores()),
-        Running::TwoGroup(s, d) => (driver_process_stats(&d.stats), d.child.pid(), s.cores()),
-    };
-    let domain = |name: &str, pid: i32, counters: BTreeMap<String, u64>| {
-        let (cpu_s, rss_bytes) = process_usage(pid);
-        Domain {
-            name: name.into(),
-            pid,
-            state: "running".into(),
-            restarts: 0,
-            uptime_s: started.elapsed().as_secs_f64(),
-            cpu_s,
-            rss_bytes,
-            counters,
-            last_error: None,
-        }
-    };
-    let mut status = base.clone();
-    status.domains = vec![
-        domain("driver", driver_pid, driver_counters(&device)),
-        domain("ip", me, ip_counters(cores.ip().stats())),
-        domain("udp", me, udp_counters(cores.udp().stats())),
-        domain("tcp", me, tcp_counters(cores.tcp().stats())),
+/// Gives application `id` its channel to the sockets domain: blank regions the
+/// sockets group adopts (it may not create memory), sealed by it, granted to the
+/// application read-only; the application's own regions granted to the group.
+fn attach_app(sockets: &GroupProcess, id: u64, conn: &UnixStream) -> Result<()> {
+    let blank = MsgHalf::blank(&format!("capnet-app-{id}"))?;
+    let rw = Rights::READ | Rights::WRITE | Rights::MAP;
+    send_msg(&sockets.sock, &Control::AdoptApp(id))?;
+    let caps = [
+        Cap::new(CapKind::Blank, rw | Rights::GRANT, 0, blank.area.try_clone()?)?,
+        Cap::new(CapKind::Blank, rw | Rights::GRANT, 1, blank.pool.try_clone()?)?,
     ];
-    let (conns, listening) = cores.tcp().sockets();
-    status.tcp_connections = conns.into_iter().map(Into::into).collect();
-    status.tcp_listening = listening;
+    send_caps(sockets.sock.as_fd(), &caps.iter().map(|c| (c, rw)).collect::<Vec<_>>())?;
+    match recv_msg::<Event>(&sockets.sock).context("the sockets domain did not adopt the application's channel")? {
+        Event::Adopted(a) if a == id => {}
+        e => bail!("the sockets domain answered {e:?}"),
+    }
+    // Sealed by the sockets domain now (recv_caps on the application's side checks).
+    let theirs = capnet::attach::grant_and_take(conn, MsgGrant { area: blank.area, pool: blank.pool })?;
+    send_msg(&sockets.sock, &Control::AppGrant(id))?;
+    let all = Rights::READ | Rights::MAP | Rights::GRANT;
+    let ro = Rights::READ | Rights::MAP;
+    let caps = [Cap::new(CapKind::ChannelEnd, all, 0, theirs.area)?, Cap::new(CapKind::Pool, all, 1, theirs.pool)?];
+    send_caps(sockets.sock.as_fd(), &caps.iter().map(|c| (c, ro)).collect::<Vec<_>>())?;
+    Ok(())
+}
+
+/// The status object as JSON, from every group's report.
+fn render(base: &Status, running: &Running) -> Result<String> {
+    let mut status = base.clone();
+    for g in &running.groups {
+        let report = g.report();
+        let (cpu_s, rss_bytes) = process_usage(g.child.pid());
+        for d in &g.domains {
+            let counters = report.domains.iter().find(|(n, _)| n == d).map(|(_, c)| c.clone()).unwrap_or_default();
+            status.domains.push(Domain {
+                name: d.clone(),
+                pid: g.child.pid(),
+                state: "running".into(),
+                restarts: 0,
+                uptime_s: g.started.elapsed().as_secs_f64(),
+                cpu_s,
+                rss_bytes,
+                counters,
+                last_error: None,
+            });
+        }
+        status.tcp_connections.extend(report.tcp_connections);
+        status.tcp_listening.extend(report.tcp_listening);
+        status.routes.extend(report.routes);
+    }
     Ok(serde_json::to_string(&status)?)
-}
-
-fn driver_counters(d: &DeviceStats) -> BTreeMap<String, u64> {
-    let mut c = BTreeMap::new();
-    c.insert("frames_in".into(), d.frames_read);
-    c.insert("frames_out".into(), d.frames_written);
-    c.insert("write_errors".into(), d.write_errors);
-    for (dir, s) in [("in", d.inbound), ("out", d.outbound)] {
-        c.insert(format!("impair_{dir}_dropped"), s.dropped);
-        c.insert(format!("impair_{dir}_duplicated"), s.duplicated);
-        c.insert(format!("impair_{dir}_reordered"), s.reordered);
-        c.insert(format!("impair_{dir}_corrupted"), s.corrupted);
-    }
-    c
-}
-
-fn ip_counters(s: &capnet_ip::Stats) -> BTreeMap<String, u64> {
-    let mut c = BTreeMap::new();
-    c.insert("frames_in".into(), s.frames_in);
-    c.insert("frames_out".into(), s.frames_out);
-    c.insert("packets_in".into(), s.packets_in);
-    c.insert("packets_out".into(), s.packets_out);
-    c.insert("echo_replies".into(), s.echo_replies);
-    c.insert("arp_requests".into(), s.arp_requests);
-    for r in capnet_ip::DropReason::ALL {
-        c.insert(format!("drop_{}", r.name()), s.dropped(r));
-    }
-    c
-}
-
-fn udp_counters(s: &capnet_udp::Stats) -> BTreeMap<String, u64> {
-    let mut c = BTreeMap::new();
-    c.insert("datagrams_in".into(), s.datagrams_in);
-    c.insert("datagrams_out".into(), s.datagrams_out);
-    for r in capnet_udp::DropReason::ALL {
-        c.insert(format!("drop_{}", r.name()), s.dropped(r));
-    }
-    c
-}
-
-fn tcp_counters(s: &capnet_tcp::Stats) -> BTreeMap<String, u64> {
-    let mut c = BTreeMap::new();
-    for (k, v) in [
-        ("segments_in", s.segments_in),
-        ("segments_out", s.segments_out),
-        ("data_segments_out", s.data_segments_out),
-        ("bytes_in", s.bytes_in),
-        ("retransmits", s.retransmits),
-        ("fast_retransmits", s.fast_retransmits),
-        ("timeouts", s.timeouts),
-        ("active_opens", s.active_opens),
-        ("passive_opens", s.passive_opens),
-        ("resets_in", s.resets_in),
-        ("resets_out", s.resets_out),
-        ("challenge_acks", s.challenge_acks),
-        ("keepalive_probes", s.keepalive_probes),
-        ("keepalive_timeouts", s.keepalive_timeouts),
-    ] {
-        c.insert(k.into(), v);
-    }
-    for r in capnet_tcp::DropReason::ALL {
-        c.insert(format!("drop_{}", r.name()), s.dropped(r));
-    }
-    c
-}
-
-/// The driver domain's counters, as it publishes them in its stats region (the
-/// order `capnet-driver` writes them in).
-fn driver_process_stats(stats: &RegionRo) -> DeviceStats {
-    let g = |i| StatsRegion::get(stats, i);
-    let mut d = DeviceStats { frames_read: g(0), frames_written: g(1), write_errors: g(2), ..DeviceStats::default() };
-    (d.inbound.dropped, d.inbound.duplicated, d.inbound.reordered, d.inbound.corrupted) = (g(3), g(4), g(5), g(6));
-    (d.outbound.dropped, d.outbound.duplicated, d.outbound.reordered, d.outbound.corrupted) = (g(7), g(8), g(9), g(10));
-    d
 }
 
 /// CPU seconds and resident bytes of process `pid`, from /proc.
@@ -470,98 +561,11 @@ fn process_usage(pid: i32) -> (f64, u64) {
     (ticks / tick, rss * page)
 }
 
-/// One attached application.
-struct App {
-    id: AppId,
-    msg: MsgEnd,
-    sock: UnixStream,
-    outbox: std::collections::VecDeque<Vec<u8>>,
-}
-
-/// The sockets domain and the applications it serves (in the stack group).
-#[derive(Default)]
-struct Apps {
-    sockets: Option<SocketsCore>,
-    list: Vec<App>,
-    checked: Option<Instant>,
-}
-
-impl Apps {
-    fn add(&mut self, msg: MsgEnd, sock: UnixStream) {
-        let mut secret = [0u8; 8];
-        let _ = rustix::rand::getrandom(&mut secret, rustix::rand::GetRandomFlags::empty());
-        let id = self.sockets.get_or_insert_with(SocketsCore::new).attach(u64::from_ne_bytes(secret));
-        let _ = sock.set_nonblocking(true);
-        self.list.push(App { id, msg, sock, outbox: Default::default() });
-    }
-
-    /// One round: wait for the device side or an application, run calls, answer.
-    fn serve<S: AppHost>(&mut self, stack: &mut S) -> Result<(), capnet_runtime::RuntimeError> {
-        {
-            let mut ends: Vec<_> = self.list.iter_mut().map(|a| a.msg.channel()).collect();
-            stack.poll_apps(Duration::from_millis(50), &mut ends)?;
-        }
-        let Some(sockets) = self.sockets.as_mut() else { return Ok(()) };
-        let mut gone = Vec::new();
-        for (i, app) in self.list.iter_mut().enumerate() {
-            let mut garbage = false;
-            let r = app.msg.recv(|m| match decode::<capnet_sockets::Request>(m) {
-                Ok(req) if !garbage => sockets.request(app.id, req, stack.cores()),
-                Ok(_) => {}
-                Err(_) => garbage = true,
-            });
-            if r.is_err() || garbage {
-                gone.push(i); // broke the channel protocol: cut off
-            }
-        }
-        let cores = stack.cores();
-        for (ident, from, seq, data) in std::mem::take(&mut cores.echo_replies) {
-            sockets.echo_reply(ident, from, seq, data);
-        }
-        sockets.poll_ready(cores);
-        while let Some((id, resp)) = sockets.pop_response() {
-            let Some(app) = self.list.iter_mut().find(|a| a.id == id) else { continue };
-            // Straight into the channel when nothing waits before it; else queued.
-            let _ = encode_with(&resp, |bytes| {
-                if !app.outbox.is_empty() || !matches!(app.msg.send(bytes), Ok(true)) {
-                    app.outbox.push_back(bytes.to_vec());
-                }
-            });
-        }
-        for app in &mut self.list {
-            while let Some(m) = app.outbox.front() {
-                match app.msg.send(m) {
-                    Ok(true) => {
-                        app.outbox.pop_front();
-                    }
-                    _ => break,
-                }
-            }
-        }
-        // Applications that closed their attach socket are gone.
-        if self.checked.is_none_or(|t| t.elapsed() >= Duration::from_millis(200)) {
-            self.checked = Some(Instant::now());
-            for (i, app) in self.list.iter().enumerate() {
-                if capnet::attach::closed_by_peer(&app.sock) {
-                    gone.push(i);
-                }
-            }
-        }
-        gone.sort_unstable();
-        gone.dedup();
-        for i in gone.into_iter().rev() {
-            let app = self.list.remove(i);
-            sockets.detach(app.id, stack.cores());
-        }
-        stack.push()
-    }
-}
-
-/// Accepts applications: checks the caller, runs the attach handshake, hands the
-/// new channel to the stack's thread.
-fn serve_apps(listener: UnixListener, to_stack: std::sync::mpsc::Sender<(MsgEnd, UnixStream)>) {
+/// Accepts applications: checks the caller and hands the connection to the
+/// supervisor's loop, which gives it a channel to the sockets domain.
+fn serve_apps(listener: UnixListener, to_loop: std::sync::mpsc::Sender<UnixStream>) {
     let me = nix::unistd::geteuid().as_raw();
-    for (n, conn) in listener.incoming().enumerate() {
+    for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
         let allowed = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)
             .is_ok_and(|c| c.uid() == me || c.uid() == 0);
@@ -569,13 +573,8 @@ fn serve_apps(listener: UnixListener, to_stack: std::sync::mpsc::Sender<(MsgEnd,
             continue;
         }
         let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
-        match capnet::attach::serve(&conn, &format!("capnet-sockets-{n}")) {
-            Ok(msg) => {
-                if to_stack.send((msg, conn)).is_err() {
-                    return;
-                }
-            }
-            Err(e) => eprintln!("capnet: an application failed to attach: {e}"),
+        if to_loop.send(conn).is_err() {
+            return;
         }
     }
 }

@@ -51,10 +51,17 @@ fn counter(s: &Value, domain: &str, name: &str) -> u64 {
 }
 
 #[test]
-fn up_detached_ping_status_down_in_both_compositions() {
-    for (tag, mode_flag, mode) in [("cli-mono", "--mono", "mono"), ("cli-two", "--two-group", "two-group")] {
+fn up_detached_ping_status_down_in_every_composition() {
+    // (tag, graph flag, mode, processes)
+    for (tag, flag, mode, processes) in
+        [("cli-mono", "--mono", "mono", 1), ("cli-two", "--two-group", "factored", 2), ("cli-fact", "", "factored", 5)]
+    {
         let up = Up::name(tag);
-        let out = capnet(&["up", "-d", mode_flag, "--netns", &up.0, "--tap", "capt0"]);
+        let mut args = vec!["up", "-d", "--netns", &up.0, "--tap", "capt0"];
+        if !flag.is_empty() {
+            args.push(flag);
+        }
+        let out = capnet(&args);
         assert!(out.status.success(), "up: {}", String::from_utf8_lossy(&out.stderr));
         let ping = in_ns(&up.0, &["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.77.0.2"]);
         assert!(
@@ -75,6 +82,13 @@ fn up_detached_ping_status_down_in_both_compositions() {
                 assert!(d.get(key).is_some(), "{mode}: domain field {key} missing in {d}");
             }
         }
+        let domains = s["domains"].as_array().expect("domains");
+        let names: Vec<&str> = domains.iter().filter_map(|d| d["name"].as_str()).collect();
+        assert_eq!(names.len(), 5, "{tag}: every domain is listed: {names:?}");
+        let mut pids: Vec<i64> = domains.iter().filter_map(|d| d["pid"].as_i64()).collect();
+        pids.sort_unstable();
+        pids.dedup();
+        assert_eq!(pids.len(), processes, "{tag}: one process per group: {s}");
         assert!(counter(&s, "ip", "echo_replies") >= 3, "{mode}: {s}");
         let routes = s["routes"].as_array().expect("routes, as ip publishes them");
         assert!(routes.iter().any(|r| r["dest"] == "10.77.0.0/24" && r["via"].is_null()), "{mode}: connected route");

@@ -1,0 +1,13 @@
+//! capnet-domain: one group of the domain graph as a sandboxed process.
+//!
+//! Spawned by the supervisor (kernel-shim `spawn`: namespaces, uid and limits of
+//! its group, no capabilities) with its supervisor socket as granted fd 3; see
+//! `capnet::group` for what it does with it.
+#![forbid(unsafe_code)]
+
+fn main() {
+    if let Err(e) = capnet::group::main() {
+        eprintln!("capnet-domain: {e:#}");
+        std::process::exit(1);
+    }
+}

@@ -1,0 +1,550 @@
+//! A group: one sandboxed process running one or more domains of the graph
+//! (`capnet-domain`), and the protocol it speaks with the supervisor over its
+//! supervisor socket (granted fd 3).
+//!
+//! Setup, in order (DESIGN, "Who may write what": each region's one writer
+//! creates and seals it, others map it read-only):
+//! 1. the supervisor sends the [`GroupSpec`];
+//! 2. the group creates its stats region, its status region, and its side of every
+//!    channel that leaves the group (channel area and pool; for driver | ip the
+//!    frame pools and areas), and sends them as capabilities, in the spec's order;
+//! 3. the supervisor sends the device (if the group runs the driver) and the
+//!    other side of each of those channels, as the peer groups sent them;
+//! 4. the group joins the channels, starts its threads, enters its sandbox (the
+//!    union of its domains' seccomp policies) and says [`Event::Ready`]; the
+//!    supervisor then checks every thread of it before it reports the graph up.
+//!
+//! After that the supervisor sends [`Control`] messages (applications attaching
+//! to and leaving the sockets domain, stop), and the group publishes a
+//! [`GroupReport`] in its status region five times a second. The group exits
+//! when its supervisor socket closes: a dead supervisor leaves no domain behind.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use capnet_ip::{Config, EthernetAddress, Ipv4Cidr};
+use capnet_ipc::control::{decode, encode, encode_with, MAX_CONTROL_LEN};
+use capnet_ipc::msg::{MsgEnd, MsgGrant, MsgHalf};
+use capnet_ipc::region::Region;
+use capnet_ipc::End;
+use capnet_kernel_shim::cap::{recv_caps, send_caps, Cap, CapKind, Rights};
+use capnet_kernel_shim::sandbox::{self, StatsRegion};
+use capnet_runtime::link::Link;
+use capnet_runtime::two_group::{DriverHalf, HalfGrant, StackHalf};
+use capnet_runtime::{AppHost, Cores, DeviceStats, Kind, LinkImpairment, MonoStack, Plain, RuntimeError};
+use capnet_sockets::{AppId, SocketsCore};
+use rkyv::{Archive, Deserialize, Serialize};
+
+use crate::report::{GroupReport, RouteEntry};
+
+/// Bytes of a group's status region (its [`GroupReport`] as JSON).
+pub const STATUS_LEN: usize = 1 << 20;
+/// How often a group publishes its report.
+const REPORT_EVERY: Duration = Duration::from_millis(200);
+/// How long a group's loop may wait before it looks at its supervisor socket.
+const CONTROL_TICK: Duration = Duration::from_millis(20);
+/// UDP receive queue per socket.
+const UDP_QUEUE: usize = 4 << 20;
+
+/// What the supervisor tells a group it starts.
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub struct GroupSpec {
+    /// The group's name.
+    pub name: String,
+    /// Its domains: (name, kind).
+    pub domains: Vec<(String, String)>,
+    /// The channels that leave the group, in the order their capabilities are
+    /// exchanged: (channel, local domain kind, remote domain kind).
+    pub links: Vec<(String, String, String)>,
+    /// The seccomp roles whose union it runs under.
+    pub seccomp: Vec<String>,
+    /// The stack's MAC address.
+    pub mac: [u8; 6],
+    /// The stack's address.
+    pub addr: [u8; 4],
+    /// Its prefix length.
+    pub prefix: u8,
+    /// The gateway (the kernel's side of the TAP).
+    pub gateway: [u8; 4],
+    /// The tcp domain's congestion control for new connections.
+    pub tcp_cc: String,
+    /// Seeded loss each way (driver).
+    pub loss: f64,
+    /// Seeded reordering each way (driver).
+    pub reorder: f64,
+    /// The impairment's seed.
+    pub seed: u64,
+    /// The device takes virtio-net headers (so TCP may use segmentation offload
+    /// when the link is not impaired).
+    pub vnet: bool,
+}
+
+/// What the supervisor asks a running group.
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub enum Control {
+    /// Adopt the blank channel area and pool that follow as capabilities, as the
+    /// sockets domain's side of application `app`'s channel (answer: `Adopted`).
+    AdoptApp(u64),
+    /// Application `app`'s own area and pool follow: attach them.
+    AppGrant(u64),
+    /// Application `app` left: close its sockets.
+    Detach(u64),
+}
+
+/// What a group tells the supervisor.
+#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
+pub enum Event {
+    /// Setup is done and the sandbox is entered.
+    Ready,
+    /// The blank regions for application `app` are ours now (mapped and sealed).
+    Adopted(u64),
+    /// Something failed; the group goes on or exits, as it says.
+    Failed(String),
+}
+
+/// Sends one length-prefixed rkyv message on a supervisor socket.
+pub fn send_msg<T>(mut sock: &UnixStream, msg: &T) -> Result<()>
+where
+    T: for<'a> Serialize<
+        rkyv::api::high::HighSerializer<
+            rkyv::util::AlignedVec,
+            rkyv::ser::allocator::ArenaHandle<'a>,
+            rkyv::rancor::Error,
+        >,
+    >,
+{
+    let bytes = encode(msg)?;
+    let mut frame = (bytes.len() as u32).to_le_bytes().to_vec();
+    frame.extend_from_slice(&bytes);
+    sock.write_all(&frame)?;
+    Ok(())
+}
+
+/// Receives one length-prefixed rkyv message, validated on a private copy.
+pub fn recv_msg<T>(mut sock: &UnixStream) -> Result<T>
+where
+    T: Archive,
+    T::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rkyv::rancor::Error>>
+        + rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rkyv::rancor::Error>>,
+{
+    let mut len = [0u8; 4];
+    sock.read_exact(&mut len)?;
+    let len = u32::from_le_bytes(len) as usize;
+    if len > MAX_CONTROL_LEN {
+        bail!("a message of {len} bytes is over the limit");
+    }
+    let mut buf = vec![0u8; len];
+    sock.read_exact(&mut buf)?;
+    Ok(decode(&buf)?)
+}
+
+/// Which end of a channel a kind is: the lower kind (in [`Kind::ALL`] order) is A.
+pub fn end_of(local: Kind, remote: Kind) -> End {
+    if local < remote {
+        End::A
+    } else {
+        End::B
+    }
+}
+
+fn kind(name: &str) -> Result<Kind> {
+    Kind::parse(name).ok_or_else(|| anyhow!("unknown domain kind {name:?}"))
+}
+
+/// What a group created and sends to the supervisor, in order.
+struct Made {
+    stats: &'static Region,
+    status: Region,
+    /// Per link: its message side.
+    halves: Vec<MsgHalf>,
+    /// The frame side of driver | ip, if that channel leaves the group here.
+    frames: Option<Frames>,
+}
+
+enum Frames {
+    Driver(DriverHalf),
+    Stack(StackHalf),
+}
+
+/// The running engine: whatever waits on the device or the driver's channels,
+/// with the cores of this group.
+enum Engine {
+    Mono(Box<MonoStack>),
+    Stack(Box<capnet_runtime::two_group::StackGroup>),
+    Plain(Box<Plain>),
+}
+
+impl Engine {
+    fn host(&mut self) -> &mut dyn AppHostDyn {
+        match self {
+            Engine::Mono(s) => &mut **s,
+            Engine::Stack(s) => &mut **s,
+            Engine::Plain(s) => &mut **s,
+        }
+    }
+}
+
+/// [`AppHost`] as an object (the engine differs by what the group runs).
+trait AppHostDyn {
+    fn poll_apps(
+        &mut self,
+        max_wait: Duration,
+        apps: &mut [&mut capnet_ipc::shm_channel::ShmEnd],
+    ) -> Result<(), RuntimeError>;
+    fn push(&mut self) -> Result<(), RuntimeError>;
+    fn cores(&mut self) -> &mut Cores;
+    fn device_stats(&self) -> Option<DeviceStats>;
+}
+
+impl<S: AppHost> AppHostDyn for S {
+    fn poll_apps(
+        &mut self,
+        max_wait: Duration,
+        apps: &mut [&mut capnet_ipc::shm_channel::ShmEnd],
+    ) -> Result<(), RuntimeError> {
+        AppHost::poll_apps(self, max_wait, apps)
+    }
+    fn push(&mut self) -> Result<(), RuntimeError> {
+        AppHost::push(self)
+    }
+    fn cores(&mut self) -> &mut Cores {
+        capnet_runtime::Stack::cores(self)
+    }
+    fn device_stats(&self) -> Option<DeviceStats> {
+        capnet_runtime::Stack::device_stats(self)
+    }
+}
+
+/// `capnet-domain`'s main: runs the group its supervisor describes.
+pub fn main() -> Result<()> {
+    let sock = UnixStream::from(
+        capnet_kernel_shim::spawn::take_granted_fd(0).ok_or_else(|| anyhow!("no supervisor socket at fd 3"))?,
+    );
+    let spec: GroupSpec = recv_msg(&sock).context("reading the group's spec")?;
+    let kinds = spec.domains.iter().map(|(_, k)| kind(k)).collect::<Result<Vec<_>>>()?;
+    let has = |k: Kind| kinds.contains(&k);
+    let links =
+        spec.links.iter().map(|(name, l, r)| Ok((name.clone(), kind(l)?, kind(r)?))).collect::<Result<Vec<_>>>()?;
+
+    // 2. Create what this group writes, and send it.
+    let made = Made {
+        stats: Box::leak(Box::new(StatsRegion::create()?)),
+        status: Region::create("capnet-status", STATUS_LEN)?,
+        halves: links
+            .iter()
+            .filter(|(_, l, r)| (*l, *r) != (Kind::Driver, Kind::Ip) && (*l, *r) != (Kind::Ip, Kind::Driver))
+            .map(|(name, l, r)| MsgHalf::new(&format!("capnet-{name}"), end_of(*l, *r)))
+            .collect::<Result<Vec<_>, _>>()?,
+        frames: links
+            .iter()
+            .find_map(|(_, l, r)| match (l, r) {
+                (Kind::Driver, Kind::Ip) => Some(DriverHalf::new().map(Frames::Driver)),
+                (Kind::Ip, Kind::Driver) => Some(StackHalf::new().map(Frames::Stack)),
+                _ => None,
+            })
+            .transpose()?,
+    };
+    send_caps(sock.as_fd(), &made.caps()?.iter().map(|c| (c, Rights::READ | Rights::MAP)).collect::<Vec<_>>())?;
+
+    // 3. Take the device and the other sides.
+    let mut got = recv_caps(sock.as_fd()).context("receiving the group's capabilities")?.into_iter();
+    let device = if has(Kind::Driver) {
+        match got.next() {
+            Some(c) if c.kind == CapKind::Device => {
+                let vnet = c.tag == 1;
+                Some((c.into_fd(), vnet))
+            }
+            _ => bail!("the driver's device capability is missing"),
+        }
+    } else {
+        None
+    };
+    let mut take = |what: &str| -> Result<OwnedFd> {
+        got.next().map(Cap::into_fd).ok_or_else(|| anyhow!("the capability for {what} is missing"))
+    };
+    let mut peers = Vec::new();
+    for (name, _, _) in
+        links.iter().filter(|(_, l, r)| !matches!((l, r), (Kind::Driver, Kind::Ip) | (Kind::Ip, Kind::Driver)))
+    {
+        peers.push(MsgGrant { area: take(name)?, pool: take(name)? });
+    }
+    let frames_peer = match made.frames {
+        Some(_) => Some(HalfGrant { pool: take("frames")?, r_area: take("frames")?, t_area: take("frames")? }),
+        None => None,
+    };
+
+    // 4. Join, start, confine.
+    let o = spec.addr;
+    let mut cfg = Config::new(EthernetAddress(spec.mac), Ipv4Cidr::new(o.into(), spec.prefix));
+    cfg.gateway = Some(spec.gateway.into());
+    let mut cores = Cores::group(&kinds, cfg, UDP_QUEUE);
+    if let Some(tcp) = cores.tcp.as_mut() {
+        tcp.config_mut().congestion_control = spec.tcp_cc.parse().map_err(|e: String| anyhow!(e))?;
+    }
+    let msg_links =
+        links.iter().filter(|(_, l, r)| !matches!((l, r), (Kind::Driver, Kind::Ip) | (Kind::Ip, Kind::Driver)));
+    for ((_, l, r), (half, peer)) in msg_links.zip(made.halves.into_iter().zip(peers)) {
+        cores.links.push(Link::new(*l, *r, half.attach(end_of(*l, *r), peer)?));
+    }
+    let impair = LinkImpairment::symmetric(spec.loss, spec.reorder, spec.seed);
+    if spec.vnet && impair.outbound.is_none() {
+        cores.use_tso(); // the driver's impairment stage keeps plain frames
+    }
+    let mut driver = None;
+    let mut engine = match (made.frames, frames_peer, device) {
+        (Some(Frames::Driver(half)), Some(peer), Some((fd, vnet))) => {
+            driver = Some(half.run(fd, vnet, peer, impair)?);
+            Engine::Plain(Box::new(Plain::new(cores)))
+        }
+        (Some(Frames::Stack(half)), Some(peer), None) => Engine::Stack(Box::new(half.join(peer, cores)?)),
+        (None, None, Some((fd, vnet))) => Engine::Mono(Box::new(MonoStack::on_fd(fd, vnet, cores, impair)?)),
+        (None, None, None) => Engine::Plain(Box::new(Plain::new(cores))),
+        _ => bail!("the group's frame channel and device do not fit together"),
+    };
+    let roles = spec.seccomp.join("+");
+    sandbox::enter(&roles, made.stats)?;
+    send_msg(&sock, &Event::Ready)?;
+
+    // 5. Run until the supervisor goes away.
+    let mut sockets = has(Kind::Sockets).then(SocketsHost::default);
+    let mut last_report: Option<Instant> = None;
+    let mut last_control = Instant::now();
+    loop {
+        let host = engine.host();
+        match sockets.as_mut() {
+            Some(s) => s.serve(host)?,
+            None => host.poll_apps(CONTROL_TICK, &mut [])?,
+        }
+        if let Some(why) = host.cores().broken_link() {
+            bail!("{why}");
+        }
+        if let Some(d) = &driver {
+            if d.ended() {
+                bail!("the driver's data path ended");
+            }
+        }
+        if last_report.is_none_or(|t| t.elapsed() >= REPORT_EVERY) {
+            last_report = Some(Instant::now());
+            let device = host.device_stats().or_else(|| driver.as_ref().map(|d| d.stats()));
+            let report = report(&spec, host.cores(), device);
+            capnet_ipc::blob::publish(&made.status, serde_json::to_string(&report)?.as_bytes());
+        }
+        if last_control.elapsed() >= CONTROL_TICK {
+            last_control = Instant::now();
+            if !control(&sock, sockets.as_mut(), host)? {
+                return Ok(()); // the supervisor is gone
+            }
+        }
+    }
+}
+
+impl Made {
+    /// The capabilities to send, in the agreed order.
+    fn caps(&self) -> Result<Vec<Cap>> {
+        let all = Rights::READ | Rights::MAP | Rights::GRANT;
+        let dup = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned();
+        let mut caps = vec![
+            Cap::new(CapKind::Region, all, 0, dup(self.stats.fd())?)?,
+            Cap::new(CapKind::Region, all, 1, dup(self.status.fd())?)?,
+        ];
+        for h in &self.halves {
+            let g = h.grant()?;
+            caps.push(Cap::new(CapKind::ChannelEnd, all, 2, g.area)?);
+            caps.push(Cap::new(CapKind::Pool, all, 3, g.pool)?);
+        }
+        if let Some(f) = &self.frames {
+            let g = match f {
+                Frames::Driver(h) => h.grant()?,
+                Frames::Stack(h) => h.grant()?,
+            };
+            caps.push(Cap::new(CapKind::Pool, all, 4, g.pool)?);
+            caps.push(Cap::new(CapKind::ChannelEnd, all, 5, g.r_area)?);
+            caps.push(Cap::new(CapKind::ChannelEnd, all, 6, g.t_area)?);
+        }
+        Ok(caps)
+    }
+}
+
+/// Handles what the supervisor sent; false when it has gone.
+fn control(sock: &UnixStream, sockets: Option<&mut SocketsHost>, host: &mut dyn AppHostDyn) -> Result<bool> {
+    let mut probe = [0u8; 1];
+    let flags = nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
+    match nix::sys::socket::recv(std::os::fd::AsRawFd::as_raw_fd(sock), &mut probe, flags) {
+        Ok(0) => return Ok(false),
+        Ok(_) => {}
+        Err(nix::errno::Errno::EAGAIN) => return Ok(true),
+        Err(e) => return Err(e.into()),
+    }
+    // The socket stays blocking (switching needs ioctl, which no domain may
+    // call): the peek above said a message is there, and it comes whole.
+    let r = (|| -> Result<()> {
+        let msg: Control = recv_msg(sock)?;
+        let Some(sockets) = sockets else { bail!("a {msg:?} for a group without the sockets domain") };
+        match msg {
+            Control::AdoptApp(app) => {
+                let blank = take_pair(sock)?;
+                let half = MsgHalf::adopt(blank, End::A)?;
+                sockets.pending.push((app, half));
+                send_msg(sock, &Event::Adopted(app))?;
+            }
+            Control::AppGrant(app) => {
+                let theirs = take_pair(sock)?;
+                let k = sockets
+                    .pending
+                    .iter()
+                    .position(|(a, _)| *a == app)
+                    .ok_or_else(|| anyhow!("no pending application {app}"))?;
+                let (_, half) = sockets.pending.remove(k);
+                sockets.add(app, half.attach(End::A, theirs)?);
+            }
+            Control::Detach(app) => sockets.detach(app, host.cores()),
+        }
+        Ok(())
+    })();
+    r.map(|_| true)
+}
+
+/// An area and a pool, as capabilities on the supervisor socket.
+fn take_pair(sock: &UnixStream) -> Result<MsgGrant> {
+    let mut caps = recv_caps(sock.as_fd())?;
+    if caps.len() != 2 {
+        bail!("expected an area and a pool, got {} capabilities", caps.len());
+    }
+    let pool = caps.pop().map(Cap::into_fd);
+    let area = caps.pop().map(Cap::into_fd);
+    match (area, pool) {
+        (Some(area), Some(pool)) => Ok(MsgGrant { area, pool }),
+        _ => bail!("missing capabilities"),
+    }
+}
+
+/// The report this group publishes.
+fn report(spec: &GroupSpec, cores: &mut Cores, device: Option<DeviceStats>) -> GroupReport {
+    let mut r = GroupReport::default();
+    for (name, k) in &spec.domains {
+        let counters = match Kind::parse(k) {
+            Some(Kind::Driver) => device.map(|d| crate::report::driver_counters(&d)).unwrap_or_default(),
+            Some(Kind::Ip) => cores.ip.as_ref().map(|c| crate::report::ip_counters(c.stats())).unwrap_or_default(),
+            Some(Kind::Udp) => cores.udp.as_ref().map(|c| crate::report::udp_counters(c.stats())).unwrap_or_default(),
+            Some(Kind::Tcp) => cores.tcp.as_ref().map(|c| crate::report::tcp_counters(c.stats())).unwrap_or_default(),
+            _ => BTreeMap::new(),
+        };
+        r.domains.push((name.clone(), counters));
+    }
+    if let Some(tcp) = cores.tcp.as_ref() {
+        let (conns, listening) = tcp.sockets();
+        r.tcp_connections = conns.into_iter().map(Into::into).collect();
+        r.tcp_listening = listening;
+    }
+    if let Some(ip) = cores.ip.as_ref() {
+        r.routes = ip
+            .routes()
+            .routes()
+            .iter()
+            .map(|x| RouteEntry { dest: x.dest.to_string(), via: x.via.map(|v| v.to_string()) })
+            .collect();
+    }
+    r
+}
+
+/// One attached application.
+struct App {
+    id: u64,
+    core_id: AppId,
+    msg: MsgEnd,
+    outbox: std::collections::VecDeque<Vec<u8>>,
+}
+
+/// The sockets domain and the applications it serves.
+struct SocketsHost {
+    core: SocketsCore,
+    list: Vec<App>,
+    /// Applications whose blank regions are adopted, waiting for their grant.
+    pending: Vec<(u64, MsgHalf)>,
+}
+
+impl Default for SocketsHost {
+    fn default() -> Self {
+        Self { core: SocketsCore::new(), list: Vec::new(), pending: Vec::new() }
+    }
+}
+
+impl SocketsHost {
+    fn add(&mut self, id: u64, msg: MsgEnd) {
+        let mut secret = [0u8; 8];
+        let _ = rustix::rand::getrandom(&mut secret, rustix::rand::GetRandomFlags::empty());
+        let core_id = self.core.attach(u64::from_ne_bytes(secret));
+        self.list.push(App { id, core_id, msg, outbox: Default::default() });
+    }
+
+    fn detach(&mut self, id: u64, cores: &mut Cores) {
+        if let Some(k) = self.list.iter().position(|a| a.id == id) {
+            let app = self.list.remove(k);
+            self.core.detach(app.core_id, cores);
+        }
+    }
+
+    /// One round: wait for the group's channels or an application, run calls,
+    /// answer.
+    fn serve(&mut self, host: &mut dyn AppHostDyn) -> Result<(), RuntimeError> {
+        {
+            let mut ends: Vec<_> = self.list.iter_mut().map(|a| a.msg.channel()).collect();
+            host.poll_apps(CONTROL_TICK, &mut ends)?;
+        }
+        let mut gone = Vec::new();
+        let mut requests = false;
+        for (i, app) in self.list.iter_mut().enumerate() {
+            let mut garbage = false;
+            let core = &mut self.core;
+            let r = app.msg.recv(|m| match decode::<capnet_sockets::Request>(m) {
+                Ok(req) if !garbage => {
+                    requests = true;
+                    core.request(app.core_id, req, host.cores());
+                }
+                Ok(_) => {}
+                Err(_) => garbage = true,
+            });
+            if r.is_err() || garbage {
+                gone.push(i); // broke the channel protocol: cut off
+            }
+        }
+        let cores = host.cores();
+        for (ident, from, seq, data) in std::mem::take(&mut cores.echo_replies) {
+            self.core.echo_reply(ident, from, seq, data);
+        }
+        // Parked calls are looked at when something may have changed: always when
+        // the transports run here, else when one said so or a call came in.
+        let local = cores.tcp.is_some() || cores.udp.is_some();
+        if local || requests || std::mem::take(&mut cores.activity) {
+            self.core.poll_ready(cores);
+        }
+        while let Some((id, resp)) = self.core.pop_response() {
+            let Some(app) = self.list.iter_mut().find(|a| a.core_id == id) else { continue };
+            // Straight into the channel when nothing waits before it; else queued.
+            let _ = encode_with(&resp, |bytes| {
+                if !app.outbox.is_empty() || !matches!(app.msg.send(bytes), Ok(true)) {
+                    app.outbox.push_back(bytes.to_vec());
+                }
+            });
+        }
+        for app in &mut self.list {
+            while let Some(m) = app.outbox.front() {
+                match app.msg.send(m) {
+                    Ok(true) => {
+                        app.outbox.pop_front();
+                    }
+                    _ => break,
+                }
+            }
+        }
+        for i in gone.into_iter().rev() {
+            let app = self.list.remove(i);
+            self.core.detach(app.core_id, host.cores());
+        }
+        host.push()
+    }
+}

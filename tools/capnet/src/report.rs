@@ -1,0 +1,226 @@
+//! The status report: the one JSON shape `capnet status --json` prints and scripts
+//! rely on (DESIGN, "Supervisor and CLI"), and the pieces each group publishes
+//! for the supervisor to gather.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+/// The whole status object.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Status {
+    /// "mono" or "two-group" ("factored" arrives with the per-domain processes).
+    pub mode: String,
+    /// The namespace holding the TAP and the kernel peer.
+    pub netns: String,
+    /// The TAP's name.
+    pub tap: String,
+    /// The kernel's address on the TAP.
+    pub host_addr: String,
+    /// The stack's address.
+    pub addr: String,
+    /// Every domain.
+    pub domains: Vec<Domain>,
+    /// The ip domain's routing table, as it publishes it read-only.
+    #[serde(default)]
+    pub routes: Vec<RouteEntry>,
+    /// The tcp domain's connections.
+    #[serde(default)]
+    pub tcp_connections: Vec<TcpConnection>,
+    /// The ports the tcp domain listens on.
+    #[serde(default)]
+    pub tcp_listening: Vec<u16>,
+}
+
+/// One TCP connection, as the tcp domain reports it (`capnet status --sockets`).
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct TcpConnection {
+    /// RFC 9293 state name.
+    pub state: String,
+    /// Our port.
+    pub local_port: u16,
+    /// The peer, ADDRESS:PORT.
+    pub remote: String,
+    /// Congestion control algorithm.
+    pub cc: String,
+    /// Congestion window, bytes.
+    pub cwnd: usize,
+    /// Slow-start threshold, bytes (`None`: not yet set by a loss).
+    pub ssthresh: Option<usize>,
+    /// Smoothed RTT, µs (`None`: no sample yet).
+    pub srtt_us: Option<u64>,
+    /// RTT variation, µs.
+    pub rttvar_us: u64,
+    /// Retransmission timeout, µs.
+    pub rto_us: u64,
+    /// Segments retransmitted.
+    pub retransmits: u64,
+    /// Payload of a full segment.
+    pub mss: usize,
+    /// Window scales: the peer's, ours.
+    pub wscale: (u8, u8),
+    /// SACK agreed.
+    pub sack: bool,
+    /// Timestamps agreed.
+    pub timestamps: bool,
+    /// SACK blocks received.
+    pub sack_blocks_in: u64,
+    /// Ranges the peer has SACKed above the cumulative ACK now.
+    pub sacked_ranges: usize,
+    /// In fast recovery.
+    pub recovery: bool,
+    /// The peer's window, bytes.
+    pub snd_wnd: usize,
+    /// Bytes queued to send, unacknowledged included.
+    pub snd_queued: usize,
+    /// Bytes received, not yet read.
+    pub rcv_queued: usize,
+    /// Nagle off.
+    pub nodelay: bool,
+    /// Delayed acknowledgments on.
+    pub delayed_ack: bool,
+}
+
+impl From<capnet_tcp::ConnInfo> for TcpConnection {
+    fn from(i: capnet_tcp::ConnInfo) -> Self {
+        Self {
+            state: i.state.into(),
+            local_port: i.local_port,
+            remote: format!("{}:{}", i.remote, i.remote_port),
+            cc: i.congestion_control.into(),
+            cwnd: i.cwnd,
+            ssthresh: (i.ssthresh != usize::MAX).then_some(i.ssthresh),
+            srtt_us: i.srtt_us,
+            rttvar_us: i.rttvar_us,
+            rto_us: i.rto_us,
+            retransmits: i.retransmits,
+            mss: i.mss,
+            wscale: (i.snd_wscale, i.rcv_wscale),
+            sack: i.sack,
+            timestamps: i.timestamps,
+            sack_blocks_in: i.sack_blocks_in,
+            sacked_ranges: i.sacked_ranges,
+            recovery: i.recovery,
+            snd_wnd: i.snd_wnd,
+            snd_queued: i.snd_queued,
+            rcv_queued: i.rcv_queued,
+            nodelay: i.nodelay,
+            delayed_ack: i.delayed_ack,
+        }
+    }
+}
+
+/// One published route.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct RouteEntry {
+    /// Destination, as ADDRESS/PREFIX.
+    pub dest: String,
+    /// Gateway; `None` when directly connected.
+    pub via: Option<String>,
+}
+
+/// One domain.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Domain {
+    /// driver, ip, udp, …
+    pub name: String,
+    /// Its process.
+    pub pid: i32,
+    /// "running".
+    pub state: String,
+    /// Restarts since `up`.
+    pub restarts: u32,
+    /// Seconds since it started.
+    pub uptime_s: f64,
+    /// CPU seconds of its process.
+    pub cpu_s: f64,
+    /// Resident memory of its process.
+    pub rss_bytes: u64,
+    /// Its counters, by name.
+    pub counters: BTreeMap<String, u64>,
+    /// The last error it reported, if any.
+    pub last_error: Option<String>,
+}
+
+/// What one group publishes in its status region (JSON, read by the supervisor
+/// through a read-only mapping): the counters of each domain it runs, and the
+/// tcp domain's connections if it runs that.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct GroupReport {
+    /// (domain name, counters).
+    pub domains: Vec<(String, BTreeMap<String, u64>)>,
+    /// The tcp domain's connections, if it runs here.
+    pub tcp_connections: Vec<TcpConnection>,
+    /// The ports it listens on.
+    pub tcp_listening: Vec<u16>,
+    /// The ip domain's routes, if it runs here.
+    pub routes: Vec<RouteEntry>,
+}
+
+/// The driver's counters by name.
+pub fn driver_counters(d: &capnet_runtime::DeviceStats) -> BTreeMap<String, u64> {
+    let mut c = BTreeMap::new();
+    c.insert("frames_in".into(), d.frames_read);
+    c.insert("frames_out".into(), d.frames_written);
+    c.insert("write_errors".into(), d.write_errors);
+    for (dir, s) in [("in", d.inbound), ("out", d.outbound)] {
+        c.insert(format!("impair_{dir}_dropped"), s.dropped);
+        c.insert(format!("impair_{dir}_duplicated"), s.duplicated);
+        c.insert(format!("impair_{dir}_reordered"), s.reordered);
+        c.insert(format!("impair_{dir}_corrupted"), s.corrupted);
+    }
+    c
+}
+
+/// The ip domain's counters by name.
+pub fn ip_counters(s: &capnet_ip::Stats) -> BTreeMap<String, u64> {
+    let mut c = BTreeMap::new();
+    c.insert("frames_in".into(), s.frames_in);
+    c.insert("frames_out".into(), s.frames_out);
+    c.insert("packets_in".into(), s.packets_in);
+    c.insert("packets_out".into(), s.packets_out);
+    c.insert("echo_replies".into(), s.echo_replies);
+    c.insert("arp_requests".into(), s.arp_requests);
+    for r in capnet_ip::DropReason::ALL {
+        c.insert(format!("drop_{}", r.name()), s.dropped(r));
+    }
+    c
+}
+
+/// The udp domain's counters by name.
+pub fn udp_counters(s: &capnet_udp::Stats) -> BTreeMap<String, u64> {
+    let mut c = BTreeMap::new();
+    c.insert("datagrams_in".into(), s.datagrams_in);
+    c.insert("datagrams_out".into(), s.datagrams_out);
+    for r in capnet_udp::DropReason::ALL {
+        c.insert(format!("drop_{}", r.name()), s.dropped(r));
+    }
+    c
+}
+
+/// The tcp domain's counters by name.
+pub fn tcp_counters(s: &capnet_tcp::Stats) -> BTreeMap<String, u64> {
+    let mut c = BTreeMap::new();
+    for (k, v) in [
+        ("segments_in", s.segments_in),
+        ("segments_out", s.segments_out),
+        ("data_segments_out", s.data_segments_out),
+        ("bytes_in", s.bytes_in),
+        ("retransmits", s.retransmits),
+        ("fast_retransmits", s.fast_retransmits),
+        ("timeouts", s.timeouts),
+        ("active_opens", s.active_opens),
+        ("passive_opens", s.passive_opens),
+        ("resets_in", s.resets_in),
+        ("resets_out", s.resets_out),
+        ("challenge_acks", s.challenge_acks),
+        ("keepalive_probes", s.keepalive_probes),
+        ("keepalive_timeouts", s.keepalive_timeouts),
+    ] {
+        c.insert(k.into(), v);
+    }
+    for r in capnet_tcp::DropReason::ALL {
+        c.insert(format!("drop_{}", r.name()), s.dropped(r));
+    }
+    c
+}
