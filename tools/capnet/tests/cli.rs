@@ -1,7 +1,9 @@
 //! The `capnet` command against the real kernel: up (detached and foreground, in
-//! both compositions), ping from the Linux side, status in its JSON shape, down —
-//! and clean-up after Ctrl-C and after `kill -9`; bad arguments and an existing
-//! namespace are one-line errors that leave nothing behind.
+//! the mono, two-group and fully factored graphs), ping from the Linux side,
+//! status in its JSON shape, down — and clean-up after Ctrl-C and after `kill -9`
+//! (no domain process, namespace, TAP, run directory or capnet memfd left); bad
+//! arguments and an existing namespace are one-line errors that leave nothing
+//! behind.
 
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
@@ -36,6 +38,48 @@ fn in_ns(ns: &str, cmd: &[&str]) -> Output {
 fn gone(ns: &str) -> bool {
     !std::path::Path::new(&format!("/run/netns/{ns}")).exists()
         && !std::path::Path::new(&format!("/run/capnet/{ns}")).exists()
+}
+
+/// The pids of the stack's domain processes, from its status.
+fn domain_pids(ns: &str) -> Vec<i32> {
+    let mut pids: Vec<i32> = status(ns)["domains"]
+        .as_array()
+        .expect("domains")
+        .iter()
+        .filter_map(|d| d["pid"].as_i64().and_then(|p| i32::try_from(p).ok()))
+        .collect();
+    pids.sort_unstable();
+    pids.dedup();
+    pids
+}
+
+/// Whether process `pid` still runs (a zombie waiting for its reaper does not).
+fn running(pid: i32) -> bool {
+    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
+    state.as_deref().and_then(|s| s.rsplit_once(") ")).is_some_and(|(_, rest)| !rest.starts_with('Z'))
+}
+
+/// What a stack left behind, waiting up to 3 s for its processes to go: domain
+/// processes among `pids` still running, and capnet memfds any process holds.
+fn leftovers(pids: &[i32]) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(3);
+    loop {
+        let mut left: Vec<String> = pids.iter().filter(|p| running(**p)).map(|p| format!("process {p}")).collect();
+        for proc_dir in std::fs::read_dir("/proc").expect("/proc").flatten() {
+            let Ok(pid) = proc_dir.file_name().to_string_lossy().parse::<i32>() else { continue };
+            let Ok(fds) = std::fs::read_dir(proc_dir.path().join("fd")) else { continue };
+            for fd in fds.flatten() {
+                let target = std::fs::read_link(fd.path()).map(|t| t.display().to_string()).unwrap_or_default();
+                if target.starts_with("/memfd:capnet-") && running(pid) {
+                    left.push(format!("process {pid} holds {target}"));
+                }
+            }
+        }
+        if left.is_empty() || Instant::now() > deadline {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 fn status(ns: &str) -> Value {
@@ -95,9 +139,11 @@ fn up_detached_ping_status_down_in_every_composition() {
         assert!(routes.iter().any(|r| r["dest"] == "0.0.0.0/0" && r["via"] == "10.77.0.1"), "{mode}: default route");
         assert!(counter(&s, "driver", "frames_in") >= 4);
         assert_eq!(counter(&s, "ip", "drop_ip_bad_checksum"), 0);
+        let pids = domain_pids(&up.0);
         let out = capnet(&["down", "--netns", &up.0]);
         assert!(out.status.success(), "down: {}", String::from_utf8_lossy(&out.stderr));
         assert!(gone(&up.0), "{mode}: down left something behind");
+        assert_eq!(leftovers(&pids), Vec::<String>::new(), "{tag}: down left these");
     }
 }
 
@@ -110,17 +156,21 @@ fn ctrl_c_on_a_foreground_up_is_down() {
         assert!(Instant::now() < deadline, "never came up");
         std::thread::sleep(Duration::from_millis(50));
     }
+    let pids = domain_pids(&up.0);
+    assert_eq!(pids.len(), 5, "the default graph: five domain processes");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGINT)
         .expect("SIGINT");
     let st = child.wait().expect("wait");
     assert!(st.success(), "{st}");
     assert!(gone(&up.0), "Ctrl-C left something behind");
+    assert_eq!(leftovers(&pids), Vec::<String>::new(), "Ctrl-C left these");
 }
 
 #[test]
 fn down_cleans_up_after_kill_9() {
     let up = Up::name("cli-k9");
     assert!(capnet(&["up", "-d", "--netns", &up.0, "--tap", "capt2"]).status.success());
+    let pids = domain_pids(&up.0);
     let pid: i32 =
         std::fs::read_to_string(format!("/run/capnet/{}/pid", up.0)).expect("pid file").trim().parse().expect("pid");
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL).expect("kill -9");
@@ -131,10 +181,10 @@ fn down_cleans_up_after_kill_9() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(String::from_utf8_lossy(&out.stdout).contains("was gone"));
     assert!(gone(&up.0));
-    // Gone, or a zombie waiting for whoever adopted the detached supervisor.
-    let state = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok();
-    let running = state.as_deref().and_then(|s| s.rsplit_once(") ")).is_some_and(|(_, rest)| !rest.starts_with('Z'));
-    assert!(!running, "no supervisor process left running");
+    // Gone, or a zombie waiting for whoever adopted the detached supervisor; its
+    // domains do not outlive it.
+    assert!(!running(pid), "no supervisor process left running");
+    assert_eq!(leftovers(&pids), Vec::<String>::new(), "kill -9 and down left these");
 }
 
 #[test]
