@@ -682,6 +682,60 @@ pub const TSO_BYTES: usize = 64_000;
 /// channels at least this often (their calls wait at most this long).
 pub const MONO_APP_TICK: Duration = Duration::from_millis(1);
 
+/// A copy of every frame the device reads or writes, sent to a capture socket
+/// while one is installed (`capnet capture`). Each copy is one message on a
+/// `SOCK_SEQPACKET` socket: 8 bytes of wall-clock time (µs since the epoch,
+/// little-endian) and the frame. A capture that cannot keep up loses frames
+/// (counted), never slows the device; a closed capture socket ends the capture.
+#[derive(Debug, Clone, Default)]
+pub struct FrameTap(std::sync::Arc<TapState>);
+
+#[derive(Debug, Default)]
+struct TapState {
+    on: std::sync::atomic::AtomicBool,
+    sink: std::sync::Mutex<Option<OwnedFd>>,
+    dropped: std::sync::atomic::AtomicU64,
+}
+
+impl FrameTap {
+    /// Starts copying frames to `sock` (replacing an earlier capture).
+    pub fn install(&self, sock: OwnedFd) {
+        *self.0.sink.lock().unwrap_or_else(|e| e.into_inner()) = Some(sock);
+        self.0.on.store(true, std::sync::atomic::Ordering::Release);
+    }
+
+    /// Frames a slow capture lost.
+    pub fn dropped(&self) -> u64 {
+        self.0.dropped.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Copies `frame` to the capture, if one runs.
+    pub fn record(&self, frame: &[u8]) {
+        use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
+        if !self.0.on.load(Acquire) {
+            return;
+        }
+        let micros =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_micros() as u64);
+        let head = micros.to_le_bytes();
+        let mut sink = self.0.sink.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(fd) = sink.as_ref() else { return };
+        let parts = [std::io::IoSlice::new(&head), std::io::IoSlice::new(frame)];
+        let flags = rustix::net::SendFlags::DONTWAIT | rustix::net::SendFlags::NOSIGNAL;
+        match rustix::net::sendmsg(fd, &parts, &mut rustix::net::SendAncillaryBuffer::default(), flags) {
+            Ok(_) => {}
+            Err(rustix::io::Errno::AGAIN) => {
+                self.0.dropped.fetch_add(1, Relaxed);
+            }
+            Err(_) => {
+                // The reader went away: the capture is over.
+                *sink = None;
+                self.0.on.store(false, Release);
+            }
+        }
+    }
+}
+
 /// Counters the device side of a runtime keeps.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct DeviceStats {
@@ -741,7 +795,8 @@ fn wait_readable(fd: &OwnedFd, wait: Duration) -> Result<(), RuntimeError> {
 
 /// Writes one frame to the device (behind a virtio-net header that asks for
 /// nothing, if the device wants one), counting the outcome.
-fn write_frame(fd: &OwnedFd, frame: &[u8], vnet: bool, tso: Option<u16>, stats: &mut DeviceStats) {
+fn write_frame(fd: &OwnedFd, frame: &[u8], vnet: bool, tso: Option<u16>, stats: &mut DeviceStats, tap: &FrameTap) {
+    tap.record(frame);
     let r = if vnet {
         let hdr = tso.and_then(|mss| capnet_driver::vnet::tso_header(frame, mss)).unwrap_or(capnet_driver::vnet::PLAIN);
         rustix::io::writev(fd, &[std::io::IoSlice::new(&hdr), std::io::IoSlice::new(frame)])
@@ -777,6 +832,8 @@ pub struct MonoStack {
     outbound: Stage,
     /// The device side's counters.
     pub stats: DeviceStats,
+    /// Copies of the device's frames for `capnet capture`.
+    pub tap: FrameTap,
 }
 
 impl MonoStack {
@@ -807,6 +864,7 @@ impl MonoStack {
             inbound: Stage::new(link.inbound)?,
             outbound: Stage::new(link.outbound)?,
             stats: DeviceStats::default(),
+            tap: FrameTap::default(),
         };
         s.flush();
         Ok(s)
@@ -824,17 +882,17 @@ impl MonoStack {
         while let Some(f) = self.inbound.pop() {
             self.cores.receive_frame(&f);
         }
-        let (out, fd, vnet, stats) = (&mut self.outbound, &self.fd, self.vnet, &mut self.stats);
+        let (out, fd, vnet, stats, tap) = (&mut self.outbound, &self.fd, self.vnet, &mut self.stats, &self.tap);
         self.cores.pump(|frame, tso| {
             if out.passthrough {
                 out.passed();
-                write_frame(fd, &frame, vnet, tso, stats);
+                write_frame(fd, &frame, vnet, tso, stats, tap);
             } else {
                 out.push(frame);
             }
         });
         while let Some(frame) = self.outbound.pop() {
-            write_frame(&self.fd, &frame, self.vnet, None, &mut self.stats);
+            write_frame(&self.fd, &frame, self.vnet, None, &mut self.stats, &self.tap);
         }
     }
 }
@@ -855,6 +913,7 @@ impl Stack for MonoStack {
             let Some(frame) = plain_frame(&mut self.buf[..n], self.vnet, &mut self.stats) else {
                 continue;
             };
+            self.tap.record(frame);
             if self.inbound.passthrough {
                 self.inbound.passed();
                 self.cores.receive_frame(frame);

@@ -187,6 +187,7 @@ impl DriverHalf {
         vnet: bool,
         stack: HalfGrant,
         link: LinkImpairment,
+        tap: crate::FrameTap,
     ) -> Result<Driver, RuntimeError> {
         let fd = set_nonblocking(device)?;
         let params = ChannelParams::default();
@@ -202,7 +203,7 @@ impl DriverHalf {
         let started = Arc::new(std::sync::Barrier::new(3));
         let reader = {
             let (stop, live, started) = (stop.clone(), live[0].clone(), started.clone());
-            let side = DeviceSide { fd, vnet, impair: inbound, stop, live };
+            let side = DeviceSide { fd, vnet, tap: tap.clone(), impair: inbound, stop, live };
             std::thread::Builder::new().name("driver-rx".into()).spawn(move || {
                 started.wait();
                 reader_loop(side, rx_pool, stack_reader, r_driver)
@@ -210,7 +211,7 @@ impl DriverHalf {
         };
         let writer = {
             let (stop, live, started) = (stop.clone(), live[1].clone(), started.clone());
-            let side = DeviceSide { fd: wfd, vnet, impair: outbound, stop, live };
+            let side = DeviceSide { fd: wfd, vnet, tap, impair: outbound, stop, live };
             std::thread::Builder::new().name("driver-tx".into()).spawn(move || {
                 started.wait();
                 writer_loop(side, tx_view, t_driver)
@@ -271,7 +272,7 @@ pub fn start(
     let tso = vnet && link.outbound.is_none();
     let (driver, stack) = (DriverHalf::new()?, StackHalf::new()?);
     let (to_stack, to_driver) = (driver.grant()?, stack.grant()?);
-    let driver = driver.run(fd, vnet, to_driver, link)?;
+    let driver = driver.run(fd, vnet, to_driver, link, crate::FrameTap::default())?;
     let mut cores = Cores::new(cfg, udp_queue_bytes);
     if tso {
         cores.use_tso();
@@ -286,6 +287,7 @@ pub fn start(
 struct DeviceSide {
     fd: OwnedFd,
     vnet: bool,
+    tap: crate::FrameTap,
     impair: Stage,
     stop: Arc<AtomicBool>,
     live: Arc<std::sync::Mutex<DeviceStats>>,
@@ -318,7 +320,7 @@ fn reader_loop(
     stack: ReaderId,
     mut end: ShmEnd,
 ) -> Result<DeviceStats, RuntimeError> {
-    let DeviceSide { fd, vnet, mut impair, stop, live } = side;
+    let DeviceSide { fd, vnet, tap, mut impair, stop, live } = side;
     let mut stats = DeviceStats::default();
     let mut waiter = Waiter::new(SpinPolicy::NEVER);
     let mut buf = vec![0u8; 65536 + VNET_HDR_LEN];
@@ -366,6 +368,7 @@ fn reader_loop(
                 let Some(n) = read_frame(&fd, &mut buf)? else { break };
                 stats.frames_read += 1;
                 let Some(frame) = plain_frame(&mut buf[..n], vnet, &mut stats) else { continue };
+                tap.record(frame);
                 impair.passed();
                 if !lend(frame, &mut batch)? {
                     break;
@@ -375,6 +378,7 @@ fn reader_loop(
             while let Some(n) = read_frame(&fd, &mut buf)? {
                 stats.frames_read += 1;
                 if let Some(frame) = plain_frame(&mut buf[..n], vnet, &mut stats) {
+                    tap.record(frame);
                     impair.push(frame.to_vec());
                 }
             }
@@ -393,7 +397,7 @@ fn reader_loop(
 
 /// Channel T → device; returns each loan once written.
 fn writer_loop(side: DeviceSide, view: PoolView, mut end: ShmEnd) -> Result<DeviceStats, RuntimeError> {
-    let DeviceSide { fd, vnet, mut impair, stop, live } = side;
+    let DeviceSide { fd, vnet, tap, mut impair, stop, live } = side;
     let mut stats = DeviceStats::default();
     let mut waiter = Waiter::new(SpinPolicy::DEFAULT);
     let (mut inbox, mut returns, mut frame) =
@@ -405,7 +409,7 @@ fn writer_loop(side: DeviceSide, view: PoolView, mut end: ShmEnd) -> Result<Devi
         stats.outbound = impair.stage.stats;
         *live.lock().unwrap_or_else(|e| e.into_inner()) = stats;
         while let Some(frame) = impair.pop() {
-            write_frame(&fd, &frame, vnet, None, &mut stats);
+            write_frame(&fd, &frame, vnet, None, &mut stats, &tap);
         }
         inbox.clear();
         if end.recv(&mut inbox, 256).map_err(peer_err)? == 0 {
@@ -432,7 +436,7 @@ fn writer_loop(side: DeviceSide, view: PoolView, mut end: ShmEnd) -> Result<Devi
             };
             if impair.passthrough {
                 impair.passed();
-                write_frame(&fd, body, vnet, mss, &mut stats);
+                write_frame(&fd, body, vnet, mss, &mut stats, &tap);
             } else {
                 impair.push(body.to_vec());
             }

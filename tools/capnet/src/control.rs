@@ -27,6 +27,9 @@ pub enum Request {
     Status,
     /// Stop and clean up.
     Down,
+    /// Copies of the driver's frames: answered `Ok`, then the reading end of a
+    /// `SOCK_SEQPACKET` socket as a capability.
+    Capture,
 }
 
 /// What the supervisor answers.
@@ -77,11 +80,18 @@ where
 
 /// Asks the stack in `netns` one thing.
 pub fn ask(netns: &str, req: &Request) -> Result<Reply> {
+    ask_keep(netns, req).map(|(reply, _)| reply)
+}
+
+/// Asks the stack in `netns` one thing and keeps the connection (for what the
+/// supervisor sends after its reply).
+pub fn ask_keep(netns: &str, req: &Request) -> Result<(Reply, UnixStream)> {
     let path = socket_path(netns);
     let mut s = UnixStream::connect(&path).with_context(|| {
         format!("capnet is not up in namespace {netns} (no answer on {}): start it with `capnet up`", path.display())
     })?;
     s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
     send(&mut s, req)?;
-    recv(&mut s).map_err(|e| anyhow!("the supervisor did not answer: {e}"))
+    let reply = recv(&mut s).map_err(|e| anyhow!("the supervisor did not answer: {e}"))?;
+    Ok((reply, s))
 }

@@ -35,7 +35,7 @@ use capnet_kernel_shim::cap::{recv_caps, send_caps, Cap, CapKind, Rights};
 use capnet_kernel_shim::sandbox::{self, StatsRegion};
 use capnet_runtime::link::Link;
 use capnet_runtime::two_group::{DriverHalf, HalfGrant, StackHalf};
-use capnet_runtime::{AppHost, Cores, DeviceStats, Kind, LinkImpairment, MonoStack, Plain, RuntimeError};
+use capnet_runtime::{AppHost, Cores, DeviceStats, FrameTap, Kind, LinkImpairment, MonoStack, Plain, RuntimeError};
 use capnet_sockets::{AppId, SocketsCore};
 use rkyv::{Archive, Deserialize, Serialize};
 
@@ -93,6 +93,9 @@ pub enum Control {
     AppGrant(u64),
     /// Application `app` left: close its sockets.
     Detach(u64),
+    /// Copy every frame of the driver to the `SOCK_SEQPACKET` socket that follows
+    /// as a capability (`capnet capture`).
+    Capture,
 }
 
 /// What a group tells the supervisor.
@@ -295,13 +298,18 @@ pub fn main() -> Result<()> {
         cores.use_tso(); // the driver's impairment stage keeps plain frames
     }
     let mut driver = None;
+    let tap = FrameTap::default();
     let mut engine = match (made.frames, frames_peer, device) {
         (Some(Frames::Driver(half)), Some(peer), Some((fd, vnet))) => {
-            driver = Some(half.run(fd, vnet, peer, impair)?);
+            driver = Some(half.run(fd, vnet, peer, impair, tap.clone())?);
             Engine::Plain(Box::new(Plain::new(cores)))
         }
         (Some(Frames::Stack(half)), Some(peer), None) => Engine::Stack(Box::new(half.join(peer, cores)?)),
-        (None, None, Some((fd, vnet))) => Engine::Mono(Box::new(MonoStack::on_fd(fd, vnet, cores, impair)?)),
+        (None, None, Some((fd, vnet))) => {
+            let mut stack = MonoStack::on_fd(fd, vnet, cores, impair)?;
+            stack.tap = tap.clone();
+            Engine::Mono(Box::new(stack))
+        }
         (None, None, None) => Engine::Plain(Box::new(Plain::new(cores))),
         _ => bail!("the group's frame channel and device do not fit together"),
     };
@@ -335,7 +343,7 @@ pub fn main() -> Result<()> {
         }
         if last_control.elapsed() >= CONTROL_TICK {
             last_control = Instant::now();
-            if !control(&sock, sockets.as_mut(), host)? {
+            if !control(&sock, sockets.as_mut(), host, &tap)? {
                 return Ok(()); // the supervisor is gone
             }
         }
@@ -370,7 +378,12 @@ impl Made {
 }
 
 /// Handles what the supervisor sent; false when it has gone.
-fn control(sock: &UnixStream, sockets: Option<&mut SocketsHost>, host: &mut dyn AppHostDyn) -> Result<bool> {
+fn control(
+    sock: &UnixStream,
+    sockets: Option<&mut SocketsHost>,
+    host: &mut dyn AppHostDyn,
+    tap: &FrameTap,
+) -> Result<bool> {
     let mut probe = [0u8; 1];
     let flags = nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
     match nix::sys::socket::recv(std::os::fd::AsRawFd::as_raw_fd(sock), &mut probe, flags) {
@@ -383,6 +396,14 @@ fn control(sock: &UnixStream, sockets: Option<&mut SocketsHost>, host: &mut dyn 
     // call): the peek above said a message is there, and it comes whole.
     let r = (|| -> Result<()> {
         let msg: Control = recv_msg(sock)?;
+        if msg == Control::Capture {
+            let mut caps = recv_caps(sock.as_fd())?;
+            match (caps.pop(), caps.is_empty()) {
+                (Some(c), true) if c.kind == CapKind::Socket => tap.install(c.into_fd()),
+                _ => bail!("a capture without exactly its socket"),
+            }
+            return Ok(());
+        }
         let Some(sockets) = sockets else { bail!("a {msg:?} for a group without the sockets domain") };
         match msg {
             Control::AdoptApp(app) => {
@@ -402,6 +423,7 @@ fn control(sock: &UnixStream, sockets: Option<&mut SocketsHost>, host: &mut dyn 
                 sockets.add(app, half.attach(End::A, theirs)?);
             }
             Control::Detach(app) => sockets.detach(app, host.cores()),
+            Control::Capture => {}
         }
         Ok(())
     })();

@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod apps;
+mod capture;
 mod control;
 mod http;
 mod status;
@@ -52,6 +53,23 @@ enum Command {
     HttpGet(HttpGetArgs),
     /// Print a built-in domain graph, or check a graph file and show what it runs.
     Graph(GraphArgs),
+    /// Write the driver's frames (in and out of the device) as pcap, for tcpdump.
+    Capture(CaptureArgs),
+}
+
+#[derive(Debug, Args)]
+struct CaptureArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Write the pcap here (standard output when not a terminal otherwise).
+    #[arg(short = 'w', long)]
+    write: Option<std::path::PathBuf>,
+    /// Stop after this many frames.
+    #[arg(short = 'c', long)]
+    count: Option<u64>,
+    /// Stop after this many seconds.
+    #[arg(long)]
+    seconds: Option<f64>,
 }
 
 #[derive(Debug, Args)]
@@ -220,6 +238,7 @@ fn main() -> ExitCode {
         Command::HttpServe(h) => http::serve(&h.target.netns, &h.dir, h.port),
         Command::HttpGet(h) => http::get(&h.target.netns, &h.url, h.output.as_deref()),
         Command::Graph(g) => graph(g),
+        Command::Capture(c) => capture::capture(&c.target.netns, c.write.as_deref(), c.count, c.seconds),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

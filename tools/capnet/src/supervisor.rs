@@ -174,6 +174,8 @@ struct Sent {
 struct Running {
     groups: Vec<GroupProcess>,
     sockets: usize,
+    /// The group running the driver.
+    driver: usize,
     /// The supervisor's own handle on the TAP: it outlives a driver crash.
     _device: Device,
 }
@@ -349,7 +351,12 @@ fn start_groups(graph: &Graph, dev: Device, spec_base: &GroupSpec) -> Result<Run
         .iter()
         .position(|g| g.domains.iter().any(|d| kind_of(d) == Some(Kind::Sockets)))
         .ok_or_else(|| anyhow::anyhow!("no group runs the sockets domain"))?;
-    Ok(Running { groups: procs.into_iter().map(|(p, _)| p).collect(), sockets, _device: dev })
+    let driver = graph
+        .groups
+        .iter()
+        .position(|g| g.domains.iter().any(|d| kind_of(d) == Some(Kind::Driver)))
+        .ok_or_else(|| anyhow::anyhow!("no group runs the driver"))?;
+    Ok(Running { groups: procs.into_iter().map(|(p, _)| p).collect(), sockets, driver, _device: dev })
 }
 
 /// Which graph `up` runs: a file, or a built-in one.
@@ -436,9 +443,12 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
     let listener = UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
     std::fs::write(dir.join("pid"), format!("{}\n", std::process::id()))?;
+    let (capture_tx, capture_rx) = std::sync::mpsc::channel::<UnixStream>();
     {
         let (snapshot, stop) = (snapshot.clone(), stop.clone());
-        std::thread::Builder::new().name("control".into()).spawn(move || serve(listener, snapshot, stop))?;
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || serve(listener, snapshot, stop, capture_tx))?;
     }
     let (app_tx, app_rx) = std::sync::mpsc::channel::<UnixStream>();
     {
@@ -463,6 +473,11 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
             match attach_app(&running.groups[running.sockets], next_app, &conn) {
                 Ok(()) => apps.push((next_app, conn)),
                 Err(e) => eprintln!("capnet: an application failed to attach: {e:#}"),
+            }
+        }
+        while let Ok(mut conn) = capture_rx.try_recv() {
+            if let Err(e) = start_capture(&running, &mut conn) {
+                let _ = send(&mut conn, &Reply::Refused(format!("{e:#}")));
             }
         }
         // Applications that closed their attach socket are gone.
@@ -514,6 +529,22 @@ fn attach_app(sockets: &GroupProcess, id: u64, conn: &UnixStream) -> Result<()> 
     let ro = Rights::READ | Rights::MAP;
     let caps = [Cap::new(CapKind::ChannelEnd, all, 0, theirs.area)?, Cap::new(CapKind::Pool, all, 1, theirs.pool)?];
     send_caps(sockets.sock.as_fd(), &caps.iter().map(|c| (c, ro)).collect::<Vec<_>>())?;
+    Ok(())
+}
+
+/// `capnet capture`: a `SOCK_SEQPACKET` pair, one end to the group running the
+/// driver (it copies each frame there), the other to the asking CLI.
+fn start_capture(running: &Running, conn: &mut UnixStream) -> Result<()> {
+    use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
+    let driver = &running.groups[running.driver];
+    let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
+    let rw = Rights::READ | Rights::WRITE | Rights::GRANT;
+    send_msg(&driver.sock, &Control::Capture)?;
+    let cap = Cap::new(CapKind::Socket, rw, 0, theirs)?;
+    send_caps(driver.sock.as_fd(), &[(&cap, Rights::READ | Rights::WRITE)])?;
+    send(conn, &Reply::Ok)?;
+    let cap = Cap::new(CapKind::Socket, rw, 0, ours)?;
+    send_caps(conn.as_fd(), &[(&cap, Rights::READ | Rights::WRITE)])?;
     Ok(())
 }
 
@@ -580,7 +611,12 @@ fn serve_apps(listener: UnixListener, to_loop: std::sync::mpsc::Sender<UnixStrea
 }
 
 /// Serves the control socket: one request per connection, from our own user only.
-fn serve(listener: UnixListener, snapshot: Arc<Mutex<String>>, stop: Arc<AtomicBool>) {
+fn serve(
+    listener: UnixListener,
+    snapshot: Arc<Mutex<String>>,
+    stop: Arc<AtomicBool>,
+    captures: std::sync::mpsc::Sender<UnixStream>,
+) {
     let me = nix::unistd::geteuid().as_raw();
     for conn in listener.incoming() {
         let Ok(mut conn) = conn else { continue };
@@ -597,6 +633,11 @@ fn serve(listener: UnixListener, snapshot: Arc<Mutex<String>>, stop: Arc<AtomicB
             Ok(Request::Down) => {
                 stop.store(true, Ordering::Relaxed);
                 Reply::Ok
+            }
+            Ok(Request::Capture) => {
+                // The loop that holds the groups' sockets answers it.
+                let _ = captures.send(conn);
+                continue;
             }
             Err(e) => Reply::Refused(format!("bad request: {e}")),
         };

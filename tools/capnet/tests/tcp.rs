@@ -3,7 +3,8 @@
 //! concurrent fetches, half-close with socat, refused and aborted connections,
 //! keep-alive against a peer an nftables rule silences, the options Linux sees
 //! (`ss -tin`), 5 MB each way through the driver's seeded loss and reordering,
-//! RFC 5961 checked from a raw socket, and `capnet status --sockets`.
+//! RFC 5961 checked from a raw socket, `capnet status --sockets`, and `capnet
+//! capture` read back by tcpdump.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddrV4};
@@ -435,5 +436,38 @@ fn status_sockets_shows_each_connection_and_its_congestion_state() {
         let out = up.capnet(&["status", "--sockets"]);
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(text.contains("newreno cwnd:"), "{mode:?}: {text}");
+    }
+}
+
+#[test]
+fn capture_is_read_back_by_tcpdump_and_shows_the_handshake() {
+    for mode in MODES {
+        let up = Up::new(CAPNET, "tcp-cap", mode);
+        let dir = Scratch::new("cap");
+        dir.file("f", 3000);
+        let _server = up.spawn_capnet(&["http-serve", &dir.path(""), "--port", "8081"]);
+        capnet_listening(&up, 8081);
+        let pcap = dir.path("c.pcap");
+        let mut capture = std::process::Command::new(CAPNET)
+            .args(["capture", "--netns", up.name(), "-w", &pcap, "--seconds", "3"])
+            .spawn()
+            .expect("capnet capture");
+        std::thread::sleep(Duration::from_millis(500)); // the driver has the capture socket
+        let got = up.in_ns(&["curl", "-s", "--max-time", "5", "http://10.77.0.2:8081/f"]);
+        assert_eq!(got.stdout.len(), 3000, "{mode:?}: the fetch itself");
+        assert!(capture.wait().expect("wait").success(), "{mode:?}: capture exits cleanly");
+        let out =
+            std::process::Command::new("tcpdump").args(["-nr", &pcap, "tcp port 8081"]).output().expect("tcpdump -r");
+        assert!(out.status.success(), "{mode:?}: tcpdump reads it: {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout);
+        let lines: Vec<&str> = text.lines().collect();
+        let syn = lines.iter().position(|l| l.contains("10.77.0.1.") && l.contains("Flags [S],"));
+        let syn_ack = lines.iter().position(|l| l.contains("10.77.0.2.8081 >") && l.contains("Flags [S.]"));
+        let ack = lines.iter().position(|l| l.contains("> 10.77.0.2.8081") && l.contains("Flags [.]"));
+        match (syn, syn_ack, ack) {
+            (Some(a), Some(b), Some(c)) => assert!(a < b && b < c, "{mode:?}: handshake out of order:\n{text}"),
+            _ => panic!("{mode:?}: no handshake in the capture:\n{text}"),
+        }
+        assert!(text.contains("HTTP") || lines.len() >= 6, "{mode:?}: the exchange follows:\n{text}");
     }
 }
