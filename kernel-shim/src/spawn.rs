@@ -77,6 +77,9 @@ pub struct SpawnConfig {
     pub limits: Limits,
     /// The fds it is granted, in order: they become fds 3, 4, …
     pub fds: Vec<OwnedFd>,
+    /// Where its standard output and error go (its log, which the supervisor
+    /// keeps); `None`: the supervisor's own.
+    pub log: Option<OwnedFd>,
 }
 
 /// Spawning failed.
@@ -213,6 +216,8 @@ struct Prepared {
     argv: Vec<*const libc::c_char>,
     envp: Vec<*const libc::c_char>,
     fds: Vec<RawFd>,
+    /// The log fd, or -1.
+    log: RawFd,
     last_cap: libc::c_int,
     open_files: libc::rlim_t,
     address_space: libc::rlim_t,
@@ -250,6 +255,7 @@ fn prepare(cfg: &SpawnConfig) -> Result<Prepared, SpawnError> {
         argv,
         envp,
         fds: cfg.fds.iter().map(|f| f.as_raw_fd()).collect(),
+        log: cfg.log.as_ref().map_or(-1, |f| f.as_raw_fd()),
         last_cap,
         open_files: cfg.limits.open_files,
         address_space: cfg.limits.address_space.unwrap_or(libc::RLIM_INFINITY),
@@ -398,6 +404,10 @@ unsafe fn child_main(p: &Prepared, sync_r: RawFd, err_w: RawFd, uid: u32, user_n
                 die(err_w, 2);
             }
         }
+        let log_tmp = if p.log >= 0 { libc::fcntl(p.log, libc::F_DUPFD_CLOEXEC, floor) } else { -1 };
+        if p.log >= 0 && log_tmp < 0 {
+            die(err_w, 2);
+        }
         let err_tmp = libc::fcntl(err_w, libc::F_DUPFD_CLOEXEC, floor);
         if err_tmp < 0 || libc::dup3(err_tmp, err_fd, libc::O_CLOEXEC) < 0 {
             die(err_w, 2);
@@ -407,7 +417,10 @@ unsafe fn child_main(p: &Prepared, sync_r: RawFd, err_w: RawFd, uid: u32, user_n
                 die(err_fd, 2);
             }
         }
-        // stdin, stdout and stderr stay (the supervisor collects logs from them).
+        // stdout and stderr go to the log, if there is one; stdin stays.
+        if log_tmp >= 0 && (libc::dup3(log_tmp, 1, 0) < 0 || libc::dup3(log_tmp, 2, 0) < 0) {
+            die(err_fd, 2);
+        }
         if libc::close_range((err_fd + 1) as libc::c_uint, libc::c_uint::MAX, 0) != 0 {
             die(err_fd, 3);
         }

@@ -38,6 +38,7 @@ impl Probe {
             uid: PROBE_UID,
             limits: Limits::default(),
             fds,
+            log: None,
         };
         let child = spawn(&cfg).expect("spawn probe");
         drop(cfg);
@@ -168,6 +169,7 @@ fn root_uid_and_missing_binaries_are_refused() {
         uid: PROBE_UID,
         limits: Limits::default(),
         fds: vec![],
+        log: None,
     };
     let err = spawn(&SpawnConfig { uid: 0, ..base() }).expect_err("uid 0");
     assert!(err.to_string().contains("uid 0"), "{err}");

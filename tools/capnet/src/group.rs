@@ -224,10 +224,25 @@ impl<S: AppHost> AppHostDyn for S {
 
 /// `capnet-domain`'s main: runs the group its supervisor describes.
 pub fn main() -> Result<()> {
+    // Events go to standard error, which the supervisor points at this group's
+    // log (`capnet logs`); UTC timestamps, so no time zone file is opened.
+    tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(false).with_target(false).init();
     let sock = UnixStream::from(
         capnet_kernel_shim::spawn::take_granted_fd(0).ok_or_else(|| anyhow!("no supervisor socket at fd 3"))?,
     );
     let spec: GroupSpec = recv_msg(&sock).context("reading the group's spec")?;
+    let span = tracing::info_span!("group", name = %spec.name);
+    let _entered = span.enter();
+    let r = run(&sock, &spec);
+    if let Err(e) = &r {
+        tracing::error!("the group stops: {e:#}");
+    }
+    r
+}
+
+fn run(sock: &UnixStream, spec: &GroupSpec) -> Result<()> {
+    let names: Vec<&str> = spec.domains.iter().map(|(n, _)| n.as_str()).collect();
+    tracing::info!(domains = %names.join(" "), "starting");
     let kinds = spec.domains.iter().map(|(_, k)| kind(k)).collect::<Result<Vec<_>>>()?;
     let has = |k: Kind| kinds.contains(&k);
     let links =
@@ -290,8 +305,9 @@ pub fn main() -> Result<()> {
     }
     let msg_links =
         links.iter().filter(|(_, l, r)| !matches!((l, r), (Kind::Driver, Kind::Ip) | (Kind::Ip, Kind::Driver)));
-    for ((_, l, r), (half, peer)) in msg_links.zip(made.halves.into_iter().zip(peers)) {
+    for ((name, l, r), (half, peer)) in msg_links.zip(made.halves.into_iter().zip(peers)) {
         cores.links.push(Link::new(*l, *r, half.attach(end_of(*l, *r), peer)?));
+        tracing::info!("channel {name} joined: {l} here, {r} in another group");
     }
     let impair = LinkImpairment::symmetric(spec.loss, spec.reorder, spec.seed);
     if spec.vnet && impair.outbound.is_none() {
@@ -313,9 +329,15 @@ pub fn main() -> Result<()> {
         (None, None, None) => Engine::Plain(Box::new(Plain::new(cores))),
         _ => bail!("the group's frame channel and device do not fit together"),
     };
+    if let Some((name, l, r)) =
+        links.iter().find(|(_, l, r)| matches!((l, r), (Kind::Driver, Kind::Ip) | (Kind::Ip, Kind::Driver)))
+    {
+        tracing::info!("frame channel {name} joined: {l} here, {r} in another group");
+    }
     let roles = spec.seccomp.join("+");
     sandbox::enter(&roles, made.stats)?;
-    send_msg(&sock, &Event::Ready)?;
+    tracing::info!("sandbox entered on every thread: seccomp {roles}, no capabilities");
+    send_msg(sock, &Event::Ready)?;
 
     // 5. Run until the supervisor goes away.
     let mut sockets = has(Kind::Sockets).then(SocketsHost::default);
@@ -343,8 +365,9 @@ pub fn main() -> Result<()> {
         }
         if last_control.elapsed() >= CONTROL_TICK {
             last_control = Instant::now();
-            if !control(&sock, sockets.as_mut(), host, &tap)? {
-                return Ok(()); // the supervisor is gone
+            if !control(sock, sockets.as_mut(), host, &tap)? {
+                tracing::info!("the supervisor is gone: exiting");
+                return Ok(());
             }
         }
     }
@@ -399,7 +422,10 @@ fn control(
         if msg == Control::Capture {
             let mut caps = recv_caps(sock.as_fd())?;
             match (caps.pop(), caps.is_empty()) {
-                (Some(c), true) if c.kind == CapKind::Socket => tap.install(c.into_fd()),
+                (Some(c), true) if c.kind == CapKind::Socket => {
+                    tap.install(c.into_fd());
+                    tracing::info!("capture started");
+                }
                 _ => bail!("a capture without exactly its socket"),
             }
             return Ok(());
@@ -421,8 +447,12 @@ fn control(
                     .ok_or_else(|| anyhow!("no pending application {app}"))?;
                 let (_, half) = sockets.pending.remove(k);
                 sockets.add(app, half.attach(End::A, theirs)?);
+                tracing::info!("application {app} attached");
             }
-            Control::Detach(app) => sockets.detach(app, host.cores()),
+            Control::Detach(app) => {
+                sockets.detach(app, host.cores());
+                tracing::info!("application {app} left: its sockets are closed");
+            }
             Control::Capture => {}
         }
         Ok(())
@@ -565,6 +595,7 @@ impl SocketsHost {
         }
         for i in gone.into_iter().rev() {
             let app = self.list.remove(i);
+            tracing::warn!("application {} broke its channel's protocol: cut off", app.id);
             self.core.detach(app.core_id, host.cores());
         }
         host.push()

@@ -11,6 +11,7 @@ mod apps;
 mod capture;
 mod control;
 mod http;
+mod logs;
 mod status;
 mod supervisor;
 
@@ -55,6 +56,19 @@ enum Command {
     Graph(GraphArgs),
     /// Write the driver's frames (in and out of the device) as pcap, for tcpdump.
     Capture(CaptureArgs),
+    /// Show what the domains logged (all of them, or one).
+    Logs(LogsArgs),
+}
+
+#[derive(Debug, Args)]
+struct LogsArgs {
+    #[command(flatten)]
+    target: Target,
+    /// Only this domain's log (or a group's, or `supervisor`).
+    domain: Option<String>,
+    /// Keep printing what is logged until Ctrl-C or `down`.
+    #[arg(short = 'f', long)]
+    follow: bool,
 }
 
 #[derive(Debug, Args)]
@@ -238,6 +252,7 @@ fn main() -> ExitCode {
         Command::HttpServe(h) => http::serve(&h.target.netns, &h.dir, h.port),
         Command::HttpGet(h) => http::get(&h.target.netns, &h.url, h.output.as_deref()),
         Command::Graph(g) => graph(g),
+        Command::Logs(l) => logs::show(&l.target.netns, l.domain.as_deref(), l.follow),
         Command::Capture(c) => capture::capture(&c.target.netns, c.write.as_deref(), c.count, c.seconds),
     };
     match result {

@@ -14,7 +14,7 @@
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::os::unix::process::CommandExt;
 use std::process::{Command, Stdio};
@@ -180,6 +180,9 @@ struct Running {
     _device: Device,
 }
 
+/// The first line of a group's log: `# capnet group NAME: DOMAIN…`.
+pub const LOG_HEADER: &str = "# capnet group ";
+
 /// Whether a channel is the frame channel between driver and ip.
 fn is_frames(g: &Graph, ch: &capnet::graph::Channel) -> bool {
     let kinds: Vec<Kind> =
@@ -190,7 +193,7 @@ fn is_frames(g: &Graph, ch: &capnet::graph::Channel) -> bool {
 /// Starts every group of `graph`: spawns it sandboxed, exchanges the regions and
 /// channel sides the groups made, grants the device, and waits until each says
 /// it is ready and every one of its threads is confined.
-fn start_groups(graph: &Graph, dev: Device, spec_base: &GroupSpec) -> Result<Running> {
+fn start_groups(graph: &Graph, dev: Device, spec_base: &GroupSpec, logs: &std::path::Path) -> Result<Running> {
     let vnet = matches!(dev.kind(), capnet_kernel_shim::device::DeviceKind::Tap(o) if o.vnet_hdr);
     let kind_of = |d: &str| graph.domains.iter().find(|x| x.name == d).map(|x| x.kind);
     let mut procs = Vec::new();
@@ -229,6 +232,10 @@ fn start_groups(graph: &Graph, dev: Device, spec_base: &GroupSpec) -> Result<Run
         };
         let (ours, theirs) = UnixStream::pair()?;
         let sb = &group.sandbox;
+        // Its log: standard output and error, kept by the supervisor (`capnet logs`).
+        let log_path = logs.join(format!("{}.log", group.name));
+        let mut log = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(&log_path)?;
+        writeln!(log, "{LOG_HEADER}{}: {}", group.name, group.domains.join(" "))?;
         let cfg = SpawnConfig {
             program,
             args: vec![group.name.clone()],
@@ -237,6 +244,7 @@ fn start_groups(graph: &Graph, dev: Device, spec_base: &GroupSpec) -> Result<Run
             uid: sb.uid,
             limits: Limits { address_space: sb.address_space_mib.map(|m| m << 20), open_files: sb.nofile },
             fds: vec![theirs.into()],
+            log: Some(log.into()),
         };
         let child = spawn(&cfg).with_context(|| format!("starting group {}", group.name))?;
         ours.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -420,7 +428,10 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
         vnet: false,
     };
     let mode = if graph.groups.len() == 1 { "mono" } else { "factored" };
-    let mut running = start_groups(&graph, dev, &spec)?;
+    let logs = dir.join("logs");
+    std::fs::create_dir_all(&logs)?;
+    std::fs::set_permissions(&logs, std::fs::Permissions::from_mode(0o700))?;
+    let mut running = start_groups(&graph, dev, &spec, &logs)?;
 
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;

@@ -2,7 +2,8 @@
 //! its own process, each thread of each one confined (`Seccomp: 2`, no
 //! capability in any set, `no_new_privs`), under the uid and in the namespaces
 //! its graph entry names, holding only the fds it was granted — while an
-//! application is attached and a connection is up.
+//! application is attached and a connection is up; and `capnet logs`, per domain
+//! and following.
 
 use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
@@ -101,4 +102,43 @@ fn every_domain_is_its_own_confined_process_holding_only_its_grants() {
     }
     assert_eq!(pids.len(), 5, "five domains, five processes");
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn logs_show_each_domain_and_follow_what_comes() {
+    let up = Up::new(CAPNET, "fac-log", &[]);
+    let out = up.capnet(&["logs"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for d in ["driver", "ip", "tcp", "udp", "sockets"] {
+        assert!(
+            text.lines().any(|l| l.starts_with(d) && l.contains("sandbox entered on every thread")),
+            "{d} logged its sandbox:\n{text}"
+        );
+    }
+    assert!(text.contains("channel ip-tcp joined"), "{text}");
+    // One domain's log only.
+    let out = up.capnet(&["logs", "tcp"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.is_empty() && text.lines().all(|l| l.starts_with("tcp ")), "{text}");
+    // An unknown one is a clear error.
+    let out = up.capnet(&["logs", "sctp"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no domain \"sctp\""));
+    // -f prints what is logged after it started: an application attaching.
+    let follow = std::process::Command::new(CAPNET)
+        .args(["logs", "sockets", "-f", "--netns", up.name()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("logs -f");
+    std::thread::sleep(std::time::Duration::from_millis(500));
+    let ping = up.capnet(&["ping", "-c", "1", "10.77.0.1"]);
+    assert!(ping.status.success(), "{}", String::from_utf8_lossy(&ping.stderr));
+    std::thread::sleep(std::time::Duration::from_millis(1000));
+    let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(follow.id() as i32), nix::sys::signal::Signal::SIGINT);
+    let out = follow.wait_with_output().expect("logs -f ends on SIGINT");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let attached = text.lines().filter(|l| l.contains("attached")).count();
+    assert!(attached >= 1, "the new attachment followed:\n{text}");
+    assert!(text.lines().any(|l| l.contains("left: its sockets are closed")), "and its leaving:\n{text}");
 }
