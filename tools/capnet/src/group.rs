@@ -360,7 +360,7 @@ fn run(sock: &UnixStream, spec: &GroupSpec) -> Result<()> {
         if last_report.is_none_or(|t| t.elapsed() >= REPORT_EVERY) {
             last_report = Some(Instant::now());
             let device = host.device_stats().or_else(|| driver.as_ref().map(|d| d.stats()));
-            let report = report(&spec, host.cores(), device);
+            let report = report(spec, host.cores(), device);
             capnet_ipc::blob::publish(&made.status, serde_json::to_string(&report)?.as_bytes());
         }
         if last_control.elapsed() >= CONTROL_TICK {
