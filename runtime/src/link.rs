@@ -85,6 +85,27 @@ impl Link {
         ch
     }
 
+    /// Its counters for `capnet status`, named `link_REMOTE_…`: messages sent and
+    /// received, futex wakes made for the peer, messages waiting in the ring for
+    /// us and in our outbox for room, and our sleeps while a call waited.
+    pub fn counters(&mut self) -> Vec<(String, u64)> {
+        let outbox = self.outbox.len() as u64;
+        let sleeps = self.waiter.stats.sleeps;
+        let ch = self.end.channel();
+        let waiting = ch.pending().unwrap_or(0) as u64;
+        let st = ch.stats;
+        let r = self.remote;
+        vec![
+            (format!("link_{r}_sent"), st.sent),
+            (format!("link_{r}_received"), st.received),
+            (format!("link_{r}_futex_wakes"), st.wakes),
+            (format!("link_{r}_ring_waiting"), waiting),
+            (format!("link_{r}_outbox"), outbox),
+            (format!("link_{r}_call_sleeps"), sleeps),
+            (format!("link_{r}_violations"), st.violations),
+        ]
+    }
+
     /// Whether messages wait for room (or for the answer to a call).
     pub fn has_deferred(&self) -> bool {
         !self.deferred.is_empty()

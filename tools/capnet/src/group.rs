@@ -485,6 +485,12 @@ fn report(spec: &GroupSpec, cores: &mut Cores, device: Option<DeviceStats>) -> G
             Some(Kind::Tcp) => cores.tcp.as_ref().map(|c| crate::report::tcp_counters(c.stats())).unwrap_or_default(),
             _ => BTreeMap::new(),
         };
+        let mut counters = counters;
+        if let Some(k) = Kind::parse(k) {
+            for l in cores.links.iter_mut().filter(|l| l.local == k) {
+                counters.extend(l.counters());
+            }
+        }
         r.domains.push((name.clone(), counters));
     }
     if let Some(tcp) = cores.tcp.as_ref() {

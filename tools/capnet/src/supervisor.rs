@@ -352,6 +352,10 @@ fn start_groups(graph: &Graph, dev: Device, spec_base: &GroupSpec, logs: &std::p
             }
             std::thread::sleep(Duration::from_millis(10));
         }
+        let drives = p.domains.iter().any(|d| kind_of(d) == Some(Kind::Driver));
+        if let Some(bad) = unexplained_fd(p.child.pid(), drives) {
+            bail!("group {} holds {bad}, which no grant explains: refusing to report the graph up", p.name);
+        }
         p.sock.set_read_timeout(Some(Duration::from_secs(5)))?;
     }
     let sockets = graph
@@ -365,6 +369,29 @@ fn start_groups(graph: &Graph, dev: Device, spec_base: &GroupSpec, logs: &std::p
         .position(|g| g.domains.iter().any(|d| kind_of(d) == Some(Kind::Driver)))
         .ok_or_else(|| anyhow::anyhow!("no group runs the driver"))?;
     Ok(Running { groups: procs.into_iter().map(|(p, _)| p).collect(), sockets, driver, _device: dev })
+}
+
+/// An fd of process `pid` that its grants do not explain, if any: it may hold
+/// its standard streams, one socket (its supervisor socket), capnet memfd
+/// regions, and — if it runs the driver — the TAP.
+fn unexplained_fd(pid: i32, drives: bool) -> Option<String> {
+    let mut sockets = 0;
+    for fd in std::fs::read_dir(format!("/proc/{pid}/fd")).ok()?.flatten() {
+        let n: i32 = fd.file_name().to_string_lossy().parse().unwrap_or(-1);
+        let target = std::fs::read_link(fd.path()).map(|t| t.display().to_string()).unwrap_or_default();
+        let ok = match n {
+            0..=2 => true,
+            _ if target.starts_with("socket:") => {
+                sockets += 1;
+                sockets == 1
+            }
+            _ => target.starts_with("/memfd:capnet-") || (drives && target == "/dev/net/tun"),
+        };
+        if !ok {
+            return Some(format!("fd {n} → {target}"));
+        }
+    }
+    None
 }
 
 /// Which graph `up` runs: a file, or a built-in one.
