@@ -111,14 +111,14 @@ fn main() {
         ),
         (
             "TAP",
-            "capnet two-group → Linux",
+            "capnet factored → Linux",
             "tap two send",
             ratio("tap two send", "tap smoltcp send"),
             ratio("tap two send", "veth linux"),
         ),
         (
             "TAP",
-            "Linux → capnet two-group",
+            "Linux → capnet factored",
             "tap two recv",
             ratio("tap two recv", "tap smoltcp recv"),
             ratio("tap two recv", "veth linux"),
@@ -185,7 +185,7 @@ struct Bench {
 impl Bench {
     fn new() -> Self {
         let mono = Up::new(CAPNET, "bench-mono", &["--mono"]);
-        let two = Up::new(CAPNET, "bench-two", &[]);
+        let two = Up::new(CAPNET, "bench-fact", &[]); // the default graph: five processes
         // smoltcp's benchmark expects tap0 with the kernel at 192.168.69.100.
         let smol = Netns::new("bench-smol");
         smol.run_ok(&["ip", "tuntap", "add", "tap0", "mode", "tap"]);
