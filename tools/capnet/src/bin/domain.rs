@@ -5,6 +5,12 @@
 //! `capnet::group` for what it does with it.
 #![forbid(unsafe_code)]
 
+/// Segments of up to 64 KiB pass through freshly allocated buffers; glibc's
+/// malloc returns that memory to the kernel and faults it back in over and over,
+/// where mimalloc keeps it (docs/performance.md).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() {
     if let Err(e) = capnet::group::main() {
         eprintln!("capnet-domain: {e:#}");
