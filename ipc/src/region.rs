@@ -123,10 +123,10 @@ impl Region {
         if actual != len {
             return Err(RegionError::Size { expected: len, actual });
         }
-        // SAFETY: the GROW/SHRINK seals are added right after mapping and before
-        // anyone is told the region is ours; until then only the trusted supervisor,
-        // which made it and waits for us, holds the fd. Every access goes through
-        // atomics and raw copies.
+        // Until the seals below, only the trusted supervisor (which made it and
+        // waits for us) holds the fd, so nobody truncates it under the mapping.
+        // SAFETY: the size cannot change under us (see above); every access goes
+        // through atomics and raw copies.
         let map = unsafe { MmapOptions::new().len(len).map_mut(mfd.as_file()) }.map_err(RegionError::Map)?;
         mfd.add_seals(&REQUIRED_SEALS).map_err(|e| RegionError::Map(memfd_io(e)))?;
         Ok(Self { fd: mfd.into_file().into(), map })

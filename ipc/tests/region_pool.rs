@@ -142,9 +142,10 @@ fn an_adopted_blank_region_has_one_writer_and_is_sealed_like_a_created_one() {
     let r = Region::adopt(blank, 5000).expect("adopt");
     r.store32(8, 0xbeef, Ordering::Relaxed);
     // The maker kept an fd: it can no longer map it writable, only read it.
+    let file = std::fs::File::from(dup(&keep));
     // SAFETY: a shared writable mapping is expected to fail; were it made, it would
     // be dropped unused and the memfd cannot shrink under it.
-    let writable = unsafe { MmapOptions::new().len(4096).map_mut(&std::fs::File::from(dup(&keep))) };
+    let writable = unsafe { MmapOptions::new().len(4096).map_mut(&file) };
     assert!(writable.is_err(), "FUTURE_WRITE must forbid a writable mapping after adoption");
     let ro = RegionRo::attach(keep, 8192).expect("readers attach it like a created region");
     assert_eq!(ro.load32(8, Ordering::Relaxed), 0xbeef);

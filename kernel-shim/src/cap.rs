@@ -182,7 +182,7 @@ impl Cap {
         };
         let wrong = || CapError::WrongType { tag: self.tag, kind: self.kind, found };
         match self.kind {
-            CapKind::Region | CapKind::ChannelEnd | CapKind::Pool => {
+            CapKind::Region | CapKind::ChannelEnd | CapKind::Pool | CapKind::Blank => {
                 if ft != rustix::fs::FileType::RegularFile {
                     return Err(wrong());
                 }
@@ -191,6 +191,17 @@ impl Cap {
                     kind: self.kind,
                     found: "a file that is not a sealable memfd",
                 })?;
+                if self.kind == CapKind::Blank {
+                    // To be owned by the receiver: nobody may have sealed it yet.
+                    return match seals.is_empty() {
+                        true => Ok(()),
+                        false => Err(CapError::WrongType {
+                            tag: self.tag,
+                            kind: self.kind,
+                            found: "an already sealed memfd",
+                        }),
+                    };
+                }
                 let need: &[memfd::FileSeal] = if self.kind == CapKind::Region && self.rights.contains(Rights::WRITE) {
                     &MULTI_WRITER_SEALS
                 } else {
@@ -199,24 +210,6 @@ impl Cap {
                 let have = seal_set(seals);
                 if let Some(missing) = need.iter().find(|s| !have.contains(s)) {
                     return Err(CapError::Seals { tag: self.tag, kind: self.kind, missing: *missing });
-                }
-                Ok(())
-            }
-            CapKind::Blank => {
-                if ft != rustix::fs::FileType::RegularFile {
-                    return Err(wrong());
-                }
-                let seals = rustix::fs::fcntl_get_seals(&self.fd).map_err(|_| CapError::WrongType {
-                    tag: self.tag,
-                    kind: self.kind,
-                    found: "a file that is not a sealable memfd",
-                })?;
-                if !seals.is_empty() {
-                    return Err(CapError::WrongType {
-                        tag: self.tag,
-                        kind: self.kind,
-                        found: "an already sealed memfd",
-                    });
                 }
                 Ok(())
             }

@@ -186,7 +186,7 @@ impl Bench {
     fn new() -> Self {
         let mono = Up::new(CAPNET, "bench-mono", &["--mono"]);
         let two = Up::new(CAPNET, "bench-fact", &[]); // the default graph: five processes
-        // smoltcp's benchmark expects tap0 with the kernel at 192.168.69.100.
+                                                      // smoltcp's benchmark expects tap0 with the kernel at 192.168.69.100.
         let smol = Netns::new("bench-smol");
         smol.run_ok(&["ip", "tuntap", "add", "tap0", "mode", "tap"]);
         smol.run_ok(&["ip", "addr", "add", "192.168.69.100/24", "dev", "tap0"]);

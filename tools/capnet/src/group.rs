@@ -182,43 +182,12 @@ enum Engine {
 }
 
 impl Engine {
-    fn host(&mut self) -> &mut dyn AppHostDyn {
+    fn host(&mut self) -> &mut dyn AppHost {
         match self {
             Engine::Mono(s) => &mut **s,
             Engine::Stack(s) => &mut **s,
             Engine::Plain(s) => &mut **s,
         }
-    }
-}
-
-/// [`AppHost`] as an object (the engine differs by what the group runs).
-trait AppHostDyn {
-    fn poll_apps(
-        &mut self,
-        max_wait: Duration,
-        apps: &mut [&mut capnet_ipc::shm_channel::ShmEnd],
-    ) -> Result<(), RuntimeError>;
-    fn push(&mut self) -> Result<(), RuntimeError>;
-    fn cores(&mut self) -> &mut Cores;
-    fn device_stats(&self) -> Option<DeviceStats>;
-}
-
-impl<S: AppHost> AppHostDyn for S {
-    fn poll_apps(
-        &mut self,
-        max_wait: Duration,
-        apps: &mut [&mut capnet_ipc::shm_channel::ShmEnd],
-    ) -> Result<(), RuntimeError> {
-        AppHost::poll_apps(self, max_wait, apps)
-    }
-    fn push(&mut self) -> Result<(), RuntimeError> {
-        AppHost::push(self)
-    }
-    fn cores(&mut self) -> &mut Cores {
-        capnet_runtime::Stack::cores(self)
-    }
-    fn device_stats(&self) -> Option<DeviceStats> {
-        capnet_runtime::Stack::device_stats(self)
     }
 }
 
@@ -404,7 +373,7 @@ impl Made {
 fn control(
     sock: &UnixStream,
     sockets: Option<&mut SocketsHost>,
-    host: &mut dyn AppHostDyn,
+    host: &mut dyn AppHost,
     tap: &FrameTap,
 ) -> Result<bool> {
     let mut probe = [0u8; 1];
@@ -548,7 +517,7 @@ impl SocketsHost {
 
     /// One round: wait for the group's channels or an application, run calls,
     /// answer.
-    fn serve(&mut self, host: &mut dyn AppHostDyn) -> Result<(), RuntimeError> {
+    fn serve(&mut self, host: &mut dyn AppHost) -> Result<(), RuntimeError> {
         {
             let mut ends: Vec<_> = self.list.iter_mut().map(|a| a.msg.channel()).collect();
             host.poll_apps(CONTROL_TICK, &mut ends)?;

@@ -513,9 +513,9 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
                 Err(e) => eprintln!("capnet: an application failed to attach: {e:#}"),
             }
         }
-        while let Ok(mut conn) = capture_rx.try_recv() {
-            if let Err(e) = start_capture(&running, &mut conn) {
-                let _ = send(&mut conn, &Reply::Refused(format!("{e:#}")));
+        while let Ok(conn) = capture_rx.try_recv() {
+            if let Err(e) = start_capture(&running, &conn) {
+                let _ = send(&conn, &Reply::Refused(format!("{e:#}")));
             }
         }
         // Applications that closed their attach socket are gone.
@@ -572,7 +572,7 @@ fn attach_app(sockets: &GroupProcess, id: u64, conn: &UnixStream) -> Result<()> 
 
 /// `capnet capture`: a `SOCK_SEQPACKET` pair, one end to the group running the
 /// driver (it copies each frame there), the other to the asking CLI.
-fn start_capture(running: &Running, conn: &mut UnixStream) -> Result<()> {
+fn start_capture(running: &Running, conn: &UnixStream) -> Result<()> {
     use nix::sys::socket::{socketpair, AddressFamily, SockFlag, SockType};
     let driver = &running.groups[running.driver];
     let (ours, theirs) = socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?;
@@ -657,16 +657,16 @@ fn serve(
 ) {
     let me = nix::unistd::geteuid().as_raw();
     for conn in listener.incoming() {
-        let Ok(mut conn) = conn else { continue };
+        let Ok(conn) = conn else { continue };
         let _ = conn.set_read_timeout(Some(Duration::from_secs(5)));
         let allowed = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)
             .is_ok_and(|c| c.uid() == me || c.uid() == 0);
         if !allowed {
             let _ =
-                send(&mut conn, &Reply::Refused("only the supervisor's own user may use its control socket".into()));
+                send(&conn, &Reply::Refused("only the supervisor's own user may use its control socket".into()));
             continue;
         }
-        let reply = match recv::<Request>(&mut conn) {
+        let reply = match recv::<Request>(&conn) {
             Ok(Request::Status) => Reply::Status(snapshot.lock().unwrap_or_else(|e| e.into_inner()).clone()),
             Ok(Request::Down) => {
                 stop.store(true, Ordering::Relaxed);
@@ -679,7 +679,7 @@ fn serve(
             }
             Err(e) => Reply::Refused(format!("bad request: {e}")),
         };
-        let _ = send(&mut conn, &reply);
+        let _ = send(&conn, &reply);
     }
 }
 
