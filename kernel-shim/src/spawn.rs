@@ -132,7 +132,9 @@ impl std::fmt::Display for ExitCause {
         match self {
             ExitCause::Exited(c) => write!(f, "exited with code {c}"),
             ExitCause::Signaled(s) => {
-                let name = Signal::from_named_raw(*s).map_or_else(|| format!("signal {s}"), |sig| format!("{sig:?}"));
+                // nix's names (SIGKILL …); rustix's Debug says "Signal::KILL".
+                let name = nix::sys::signal::Signal::try_from(*s)
+                    .map_or_else(|_| format!("signal {s}"), |sig| sig.as_str().to_owned());
                 write!(f, "killed by {name}")
             }
             ExitCause::SandboxViolation { syscall } => write!(f, "sandbox violation: syscall {syscall}"),

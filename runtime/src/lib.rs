@@ -223,6 +223,15 @@ impl Cores {
         self.links.iter_mut().find(|l| l.local == local && l.remote == remote)
     }
 
+    /// Puts `link` in place of the link between the same two domains (a peer
+    /// restarted with a fresh channel), or adds it.
+    pub fn replace_link(&mut self, link: link::Link) {
+        match self.links.iter_mut().find(|l| l.local == link.local && l.remote == link.remote) {
+            Some(old) => *old = link,
+            None => self.links.push(link),
+        }
+    }
+
     /// The first broken link's story, if any link broke.
     pub fn broken_link(&self) -> Option<String> {
         self.links.iter().find_map(|l| l.broken().map(str::to_owned))

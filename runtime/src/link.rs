@@ -21,8 +21,15 @@ use capnet_sockets::SocketError;
 use crate::wire::{Answer, Call, Msg};
 use crate::Kind;
 
-/// How long a call waits for its answer before the link counts as broken.
-pub const CALL_DEADLINE: Duration = Duration::from_secs(5);
+/// How long a call waits for its answer before the link counts as broken: a
+/// transport answers in microseconds, so this is only ever spent on a dead one
+/// (the application then sees `ConnectionReset` within it).
+pub const CALL_DEADLINE: Duration = Duration::from_secs(1);
+
+/// Messages an outbox holds for a peer that does not read (one that died and
+/// is being restarted, say); beyond this, new ones are dropped and counted —
+/// TCP's retransmission covers what was in flight.
+pub const MAX_OUTBOX: usize = 4096;
 
 /// One end of a channel to another group's domain.
 #[derive(Debug)]
@@ -41,6 +48,8 @@ pub struct Link {
     broken: Option<String>,
     /// An [`Msg::Activity`] went out and no call has come since (transport side).
     pub activity_sent: bool,
+    /// Messages dropped because the outbox was full.
+    dropped: u64,
 }
 
 impl Link {
@@ -56,6 +65,7 @@ impl Link {
             next_id: 1,
             broken: None,
             activity_sent: false,
+            dropped: 0,
         }
     }
 
@@ -103,6 +113,7 @@ impl Link {
             (format!("link_{r}_outbox"), outbox),
             (format!("link_{r}_call_sleeps"), sleeps),
             (format!("link_{r}_violations"), st.violations),
+            (format!("link_{r}_dropped"), self.dropped),
         ]
     }
 
@@ -117,16 +128,24 @@ impl Link {
         if self.broken.is_some() {
             return;
         }
-        let (outbox, end) = (&mut self.outbox, &mut self.end);
+        let (outbox, end, dropped) = (&mut self.outbox, &mut self.end, &mut self.dropped);
+        let queued = !outbox.is_empty();
         let mut failed = None;
-        let r = encode_with(msg, |bytes| {
-            if !outbox.is_empty() {
+        let mut keep = |bytes: &[u8]| {
+            if outbox.len() < MAX_OUTBOX {
                 outbox.push_back(bytes.to_vec());
+            } else {
+                *dropped += 1;
+            }
+        };
+        let r = encode_with(msg, |bytes| {
+            if queued {
+                keep(bytes);
                 return;
             }
             match end.send(bytes) {
                 Ok(true) => {}
-                Ok(false) => outbox.push_back(bytes.to_vec()),
+                Ok(false) => keep(bytes),
                 Err(e) => failed = Some(e.to_string()),
             }
         });

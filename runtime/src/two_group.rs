@@ -46,6 +46,8 @@ const BATCH: usize = 64;
 const RX_BATCH: usize = 160;
 /// The largest frame a chain may carry: 64 KiB of IP datagram plus Ethernet.
 const MAX_FRAME: usize = 65536 + 14;
+/// Frames the stack group holds for a driver that does not take them.
+const MAX_BACKLOG: usize = 4096;
 /// How often a blocked driver thread looks at its stop flag.
 const STOP_CHECK: Duration = Duration::from_millis(100);
 
@@ -233,14 +235,33 @@ impl StackHalf {
         self.0.grant()
     }
 
+    /// Blank regions of the sizes a stack half needs: what the supervisor grants
+    /// a sandboxed ip domain (which may not create memory) to rejoin a restarted
+    /// driver with.
+    pub fn blank() -> Result<HalfGrant, RuntimeError> {
+        let area = capnet_ipc::channel::area_len::<Descriptor>(ChannelParams::default().capacity);
+        Ok(HalfGrant {
+            pool: Region::blank("capnet-stack-pool", PoolLayout::with_count(POOL_BUFFERS).region_len())
+                .map_err(ipc_err)?,
+            r_area: Region::blank("capnet-stack-frames-in", area).map_err(ipc_err)?,
+            t_area: Region::blank("capnet-stack-frames-out", area).map_err(ipc_err)?,
+        })
+    }
+
+    /// The stack half in blank regions from [`StackHalf::blank`]: mapped, sealed
+    /// and laid out here, so this process is their one writer.
+    pub fn adopt(blank: HalfGrant) -> Result<Self, RuntimeError> {
+        let params = ChannelParams::default();
+        Ok(Self(Half {
+            pool: BufferPool::adopt(blank.pool, TX_POOL, PoolLayout::with_count(POOL_BUFFERS)).map_err(ipc_err)?,
+            r_area: shm_channel::adopt_area::<Descriptor>(blank.r_area, End::B, params).map_err(ipc_err)?,
+            t_area: shm_channel::adopt_area::<Descriptor>(blank.t_area, End::A, params).map_err(ipc_err)?,
+        }))
+    }
+
     /// Joins the driver group's grant: the stack group, ready to poll.
     pub fn join(self, driver: HalfGrant, cores: Cores) -> Result<StackGroup, RuntimeError> {
-        let params = ChannelParams::default();
-        let Half { pool: mut tx_pool, r_area, t_area } = self.0;
-        let driver_reader = tx_pool.add_reader(QUOTA);
-        let rx_view = PoolView::attach(driver.pool, RX_POOL).map_err(peer_err)?;
-        let rx = shm_channel::attach::<Descriptor>(r_area, driver.r_area, End::B, params).map_err(peer_err)?;
-        let tx = shm_channel::attach::<Descriptor>(t_area, driver.t_area, End::A, params).map_err(peer_err)?;
+        let (rx, tx, rx_view, tx_pool, driver_reader) = self.attach(driver)?;
         let mut stack = StackGroup {
             cores,
             rx,
@@ -256,6 +277,31 @@ impl StackHalf {
         };
         stack.flush()?;
         Ok(stack)
+    }
+
+    /// This half attached to the driver's: both channels, the view of the
+    /// driver's pool, our pool and the driver's reader id in it.
+    #[allow(clippy::type_complexity)]
+    fn attach(self, driver: HalfGrant) -> Result<(ShmEnd, ShmEnd, PoolView, BufferPool, ReaderId), RuntimeError> {
+        let params = ChannelParams::default();
+        let Half { pool: mut tx_pool, r_area, t_area } = self.0;
+        let driver_reader = tx_pool.add_reader(QUOTA);
+        let rx_view = PoolView::attach(driver.pool, RX_POOL).map_err(peer_err)?;
+        let rx = shm_channel::attach::<Descriptor>(r_area, driver.r_area, End::B, params).map_err(peer_err)?;
+        let tx = shm_channel::attach::<Descriptor>(t_area, driver.t_area, End::A, params).map_err(peer_err)?;
+        Ok((rx, tx, rx_view, tx_pool, driver_reader))
+    }
+}
+
+impl StackGroup {
+    /// Joins a restarted driver: fresh channels and pools in place of the dead
+    /// driver's; frames waiting in the backlog go to the new one, a chain half
+    /// read from the old one is dropped.
+    pub fn rejoin(&mut self, half: StackHalf, driver: HalfGrant) -> Result<(), RuntimeError> {
+        let (rx, tx, rx_view, tx_pool, driver_reader) = half.attach(driver)?;
+        (self.rx, self.tx, self.rx_view, self.tx_pool, self.driver) = (rx, tx, rx_view, tx_pool, driver_reader);
+        self.frame.clear();
+        self.flush()
     }
 }
 
@@ -454,6 +500,13 @@ impl StackGroup {
     fn flush(&mut self) -> Result<(), RuntimeError> {
         let backlog = &mut self.backlog;
         self.cores.pump(|f, tso| backlog.push_back((f, tso)));
+        // A driver that stopped returning loans (it died and is being restarted)
+        // must not make us hold every frame since: the oldest go, as a full
+        // device queue would drop them.
+        if self.backlog.len() > MAX_BACKLOG {
+            let excess = self.backlog.len() - MAX_BACKLOG;
+            self.backlog.drain(..excess);
+        }
         while !self.backlog.is_empty() {
             self.batch.clear();
             // Only whole chains, and only as many descriptors as the ring takes.

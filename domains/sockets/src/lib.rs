@@ -83,9 +83,26 @@ pub trait Transports {
 #[derive(Debug)]
 enum Kind {
     Udp(SocketId),
-    Echo { ident: u16, replies: VecDeque<(Ipv4Address, u16, Vec<u8>)> },
+    Echo {
+        ident: u16,
+        replies: VecDeque<(Ipv4Address, u16, Vec<u8>)>,
+    },
     TcpListener(TcpId),
     Tcp(TcpId),
+    /// Its transport restarted: the socket is gone there, and every call on it
+    /// says so (`Reset`) until the application closes it.
+    Lost,
+}
+
+/// Which transport restarted (see [`SocketsCore::transport_lost`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lost {
+    /// The tcp domain: every TCP listener and connection.
+    Tcp,
+    /// The udp domain: every UDP socket.
+    Udp,
+    /// The ip domain: every echo socket (its identifier claims are gone).
+    Echo,
 }
 
 #[derive(Debug)]
@@ -167,6 +184,46 @@ impl SocketsCore {
         }
     }
 
+    /// A transport restarted with none of its sockets: each socket of that kind
+    /// becomes [`Lost`] — its parked calls are answered `Reset` now, its later
+    /// calls too — so applications see the connection reset, never a hang.
+    pub fn transport_lost(&mut self, which: Lost) {
+        for i in 0..self.slots.len() {
+            let hit = match self.slots[i].entry.as_ref().map(|e| &e.kind) {
+                Some(Kind::Tcp(_) | Kind::TcpListener(_)) => which == Lost::Tcp,
+                Some(Kind::Udp(_)) => which == Lost::Udp,
+                Some(Kind::Echo { .. }) => which == Lost::Echo,
+                _ => false,
+            };
+            if hit {
+                self.unpark_slot(i, SocketError::Reset);
+                if let Some(e) = self.slots[i].entry.as_mut() {
+                    e.kind = Kind::Lost;
+                }
+            }
+        }
+        // A poll over a lost socket reports it at once.
+        let parked = std::mem::take(&mut self.parked);
+        for p in parked {
+            match &p.wait {
+                Wait::Poll { items } if items.iter().any(|(h, _)| self.lost(p.app, *h)) => {
+                    let events = items
+                        .iter()
+                        .enumerate()
+                        .filter(|(_, (h, _))| self.lost(p.app, *h))
+                        .map(|(k, _)| (k as u32, ERROR | HANGUP))
+                        .collect();
+                    self.out.push_back((p.app, Response { id: p.id, reply: Reply::Ready { events } }));
+                }
+                _ => self.parked.push(p),
+            }
+        }
+    }
+
+    fn lost(&self, app: AppId, h: Handle) -> bool {
+        self.check(app, h).is_ok_and(|i| matches!(self.slots[i].entry, Some(Entry { kind: Kind::Lost, .. })))
+    }
+
     /// The next response for an application.
     pub fn pop_response(&mut self) -> Option<(AppId, Response)> {
         self.out.pop_front()
@@ -226,6 +283,7 @@ impl SocketsCore {
                 Kind::TcpListener(s) | Kind::Tcp(s) => {
                     let _ = t.tcp_close(s);
                 }
+                Kind::Lost => {}
             }
         }
     }
@@ -368,6 +426,7 @@ impl SocketsCore {
                     Some(Entry { kind: Kind::Echo { ident, .. }, .. }) => {
                         t.echo_send(Ipv4Address::from(dst), *ident, seq, &data).map(|_| Reply::Done)
                     }
+                    Some(Entry { kind: Kind::Lost, .. }) => Err(SocketError::Reset),
                     _ => Err(SocketError::WrongKind),
                 },
             },
@@ -379,6 +438,7 @@ impl SocketsCore {
         let i = self.check(app, h)?;
         match &self.slots[i].entry {
             Some(Entry { kind: Kind::Tcp(s), .. }) => Ok((i, *s)),
+            Some(Entry { kind: Kind::Lost, .. }) => Err(SocketError::Reset),
             _ => Err(SocketError::WrongKind),
         }
     }
@@ -387,6 +447,7 @@ impl SocketsCore {
         let i = self.check(app, h)?;
         match &self.slots[i].entry {
             Some(Entry { kind: Kind::TcpListener(s), .. }) => Ok((i, *s)),
+            Some(Entry { kind: Kind::Lost, .. }) => Err(SocketError::Reset),
             _ => Err(SocketError::WrongKind),
         }
     }
@@ -421,6 +482,7 @@ impl SocketsCore {
                 // UDP readiness would need a peek at the udp core's queue: report
                 // writable only; receive with `wait` instead.
                 Ok(Some(Entry { kind: Kind::Udp(_), .. })) => WRITABLE,
+                Ok(Some(Entry { kind: Kind::Lost, .. })) => ERROR | HANGUP,
                 _ => ERROR,
             };
             let bits = bits & (*interest | ERROR | HANGUP);
@@ -435,6 +497,7 @@ impl SocketsCore {
         let i = self.check(app, h)?;
         match &self.slots[i].entry {
             Some(Entry { kind: Kind::Udp(s), .. }) => Ok(*s),
+            Some(Entry { kind: Kind::Lost, .. }) => Err(SocketError::Reset),
             _ => Err(SocketError::WrongKind),
         }
     }
@@ -456,6 +519,7 @@ impl SocketsCore {
                 Received::Nothing => Ok(None),
             },
             Kind::TcpListener(_) => Err(SocketError::WrongKind),
+            Kind::Lost => Err(SocketError::Reset),
         }
     }
 

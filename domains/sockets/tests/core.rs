@@ -275,3 +275,26 @@ fn tcp_accept_connect_and_poll_park_until_ready() {
         Some(Reply::Err(SocketError::BadHandle))
     );
 }
+
+#[test]
+fn a_restarted_transport_resets_its_sockets_and_spares_the_others() {
+    let (mut core, mut t, a, _) = setup();
+    let u = bind(&mut core, &mut t, a, 7);
+    let l = match call(&mut core, &mut t, a, 1, Call::TcpListen { port: 80, backlog: 4 }) {
+        Some(Reply::Bound { handle, .. }) => handle,
+        r => panic!("listen: {r:?}"),
+    };
+    assert_eq!(call(&mut core, &mut t, a, 2, Call::TcpAccept { handle: l, wait: true }), None, "parked");
+    core.transport_lost(capnet_sockets::Lost::Tcp);
+    let (_, r) = core.pop_response().expect("the parked accept is answered at once");
+    assert_eq!((r.id, r.reply), (2, Reply::Err(SocketError::Reset)));
+    assert_eq!(
+        call(&mut core, &mut t, a, 3, Call::TcpAccept { handle: l, wait: false }),
+        Some(Reply::Err(SocketError::Reset)),
+        "and every later call on it"
+    );
+    assert_eq!(call(&mut core, &mut t, a, 4, Call::Close { handle: l }), Some(Reply::Done), "it can be closed");
+    // The UDP socket is untouched.
+    let r = call(&mut core, &mut t, a, 5, Call::UdpSend { handle: u, to: Some((PEER.octets(), 9)), data: vec![1] });
+    assert_eq!(r, Some(Reply::Done));
+}

@@ -720,6 +720,17 @@ impl TcpCore {
         }
     }
 
+    /// The sockets domain that owned every socket is gone (it restarted): close
+    /// every listener and reset every connection (the peers hear RST), as a
+    /// kernel does for the sockets of a process that died.
+    pub fn abort_all(&mut self, now: Instant) {
+        let ids: Vec<(SocketId, bool)> =
+            self.socks.iter().map(|(id, s)| (id, matches!(s, Sock::Listener(_)))).collect();
+        for (id, listener) in ids {
+            let _ = if listener { self.close(now, id) } else { self.abort(id) };
+        }
+    }
+
     /// Resets a connection now (linger 0) and frees it.
     pub fn abort(&mut self, id: SocketId) -> Result<(), TcpError> {
         self.with_conn(id, |c, cx| {

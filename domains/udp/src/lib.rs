@@ -278,6 +278,15 @@ impl UdpCore {
         Ok(())
     }
 
+    /// The sockets domain that owned every socket is gone (it restarted): close
+    /// them all.
+    pub fn close_all(&mut self) {
+        for slot in &mut self.slots {
+            slot.socket = None;
+        }
+        self.ports.clear();
+    }
+
     /// Sends `data` to `dst:port` (or to the connected peer if `to` is `None`).
     pub fn send_to(&mut self, id: SocketId, to: Option<(Ipv4Address, u16)>, data: &[u8]) -> Result<(), UdpError> {
         if data.len() > MAX_PAYLOAD {

@@ -28,6 +28,8 @@ pub enum Request {
     /// Copies of the driver's frames: answered `Ok`, then the reading end of a
     /// `SOCK_SEQPACKET` socket as a capability.
     Capture,
+    /// Restart a domain (its group) now, as if it had died.
+    Restart(String),
 }
 
 /// What the supervisor answers.

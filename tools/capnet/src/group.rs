@@ -96,6 +96,17 @@ pub enum Control {
     /// Copy every frame of the driver to the `SOCK_SEQPACKET` socket that follows
     /// as a capability (`capnet capture`).
     Capture,
+    /// The group at the other end of this channel is being restarted: adopt the
+    /// blank regions that follow as this side of a fresh channel (answer:
+    /// `Relinked`).
+    Relink(String),
+    /// The restarted peer's side of this channel follows: join it in place of
+    /// the old channel.
+    Peer(String),
+    /// A domain restarted without state: `tcp`, `udp` or `echo` (ip's echo
+    /// claims) for the sockets domain; `sockets` for a transport (every socket
+    /// it held belonged to the old sockets domain's applications).
+    Lost(String),
 }
 
 /// What a group tells the supervisor.
@@ -105,6 +116,8 @@ pub enum Event {
     Ready,
     /// The blank regions for application `app` are ours now (mapped and sealed).
     Adopted(u64),
+    /// This side of the fresh channel is ours now.
+    Relinked(String),
     /// Something failed; the group goes on or exits, as it says.
     Failed(String),
 }
@@ -312,15 +325,20 @@ fn run(sock: &UnixStream, spec: &GroupSpec) -> Result<()> {
     let mut sockets = has(Kind::Sockets).then(SocketsHost::default);
     let mut last_report: Option<Instant> = None;
     let mut last_control = Instant::now();
+    let mut relinks = Relinks { links: links.clone(), pending: Vec::new(), reported: None };
     loop {
         let host = engine.host();
         match sockets.as_mut() {
             Some(s) => s.serve(host)?,
             None => host.poll_apps(CONTROL_TICK, &mut [])?,
         }
-        if let Some(why) = host.cores().broken_link() {
-            bail!("{why}");
+        // A broken channel is reported once; its peer is cut off and restarted by
+        // the supervisor, which then hands us a fresh channel.
+        let broken = host.cores().broken_link();
+        if broken.is_some() && broken != relinks.reported {
+            tracing::warn!("{}", broken.as_deref().unwrap_or_default());
         }
+        relinks.reported = broken;
         if let Some(d) = &driver {
             if d.ended() {
                 bail!("the driver's data path ended");
@@ -334,7 +352,7 @@ fn run(sock: &UnixStream, spec: &GroupSpec) -> Result<()> {
         }
         if last_control.elapsed() >= CONTROL_TICK {
             last_control = Instant::now();
-            if !control(sock, sockets.as_mut(), host, &tap)? {
+            if !control(sock, sockets.as_mut(), &mut engine, &tap, &mut relinks)? {
                 tracing::info!("the supervisor is gone: exiting");
                 return Ok(());
             }
@@ -370,11 +388,28 @@ impl Made {
 }
 
 /// Handles what the supervisor sent; false when it has gone.
+/// Channels being replaced because their peer restarts.
+struct Relinks {
+    /// This group's channels: (name, local kind, remote kind).
+    links: Vec<(String, Kind, Kind)>,
+    /// Sides adopted, waiting for the restarted peer's.
+    pending: Vec<(String, Side)>,
+    /// The broken link last logged.
+    reported: Option<String>,
+}
+
+/// This group's side of a fresh channel.
+enum Side {
+    Msg(MsgHalf),
+    Frames(StackHalf),
+}
+
 fn control(
     sock: &UnixStream,
     sockets: Option<&mut SocketsHost>,
-    host: &mut dyn AppHost,
+    engine: &mut Engine,
     tap: &FrameTap,
+    relinks: &mut Relinks,
 ) -> Result<bool> {
     let mut probe = [0u8; 1];
     let flags = nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
@@ -399,6 +434,58 @@ fn control(
             }
             return Ok(());
         }
+        if let Control::Relink(c) | Control::Peer(c) = &msg {
+            let (_, l, r) =
+                relinks.links.iter().find(|(n, _, _)| n == c).cloned().ok_or_else(|| anyhow!("no channel {c} here"))?;
+            let mut caps = recv_caps(sock.as_fd())?.into_iter().map(Cap::into_fd);
+            let mut next = || caps.next().ok_or_else(|| anyhow!("too few capabilities for channel {c}"));
+            let frames = matches!((l, r), (Kind::Ip, Kind::Driver));
+            if let Control::Relink(_) = msg {
+                let side = if frames {
+                    Side::Frames(StackHalf::adopt(HalfGrant { pool: next()?, r_area: next()?, t_area: next()? })?)
+                } else {
+                    Side::Msg(MsgHalf::adopt(MsgGrant { area: next()?, pool: next()? }, end_of(l, r))?)
+                };
+                relinks.pending.retain(|(n, _)| n != c);
+                relinks.pending.push((c.clone(), side));
+                send_msg(sock, &Event::Relinked(c.clone()))?;
+                return Ok(());
+            }
+            let k = relinks.pending.iter().position(|(n, _)| n == c).ok_or_else(|| anyhow!("no fresh side of {c}"))?;
+            match (relinks.pending.remove(k).1, engine) {
+                (Side::Msg(half), engine) => {
+                    let end = half.attach(end_of(l, r), MsgGrant { area: next()?, pool: next()? })?;
+                    engine.host().cores().replace_link(Link::new(l, r, end));
+                }
+                (Side::Frames(half), Engine::Stack(stack)) => {
+                    stack.rejoin(half, HalfGrant { pool: next()?, r_area: next()?, t_area: next()? })?
+                }
+                (Side::Frames(_), _) => bail!("a fresh frame channel for a group that does not wait on one"),
+            }
+            tracing::info!("channel {c} joined again: the {r} domain restarted");
+            return Ok(());
+        }
+        if let Control::Lost(what) = &msg {
+            let cores = engine.host().cores();
+            let now = cores.now();
+            match (what.as_str(), sockets) {
+                ("tcp", Some(s)) => s.core.transport_lost(capnet_sockets::Lost::Tcp),
+                ("udp", Some(s)) => s.core.transport_lost(capnet_sockets::Lost::Udp),
+                ("echo", Some(s)) => s.core.transport_lost(capnet_sockets::Lost::Echo),
+                ("sockets", _) => {
+                    if let Some(tcp) = cores.tcp.as_mut() {
+                        tcp.abort_all(now);
+                    }
+                    if let Some(udp) = cores.udp.as_mut() {
+                        udp.close_all();
+                    }
+                }
+                (other, _) => bail!("told that {other} was lost, which means nothing here"),
+            }
+            tracing::info!("the {what} domain restarted: what this group held of it is gone");
+            return Ok(());
+        }
+        let host = engine.host();
         let Some(sockets) = sockets else { bail!("a {msg:?} for a group without the sockets domain") };
         match msg {
             Control::AdoptApp(app) => {
@@ -422,7 +509,7 @@ fn control(
                 sockets.detach(app, host.cores());
                 tracing::info!("application {app} left: its sockets are closed");
             }
-            Control::Capture => {}
+            Control::Capture | Control::Relink(_) | Control::Peer(_) | Control::Lost(_) => {}
         }
         Ok(())
     })();

@@ -58,6 +58,16 @@ enum Command {
     Capture(CaptureArgs),
     /// Show what the domains logged (all of them, or one).
     Logs(LogsArgs),
+    /// Restart a domain now (its group), with fresh channels, as if it had died.
+    Restart(RestartArgs),
+}
+
+#[derive(Debug, Args)]
+struct RestartArgs {
+    #[command(flatten)]
+    target: Target,
+    /// The domain (its whole group restarts).
+    domain: String,
 }
 
 #[derive(Debug, Args)]
@@ -223,6 +233,18 @@ pub struct UpArgs {
 
 use capnet::graph::parse_cidr;
 
+/// `capnet restart DOMAIN`.
+fn restart(netns: &str, domain: &str) -> anyhow::Result<()> {
+    match control::ask(netns, &control::Request::Restart(domain.to_owned()))? {
+        control::Reply::Ok => {
+            println!("capnet restart: {domain} is being restarted (`capnet status` shows its new pid)");
+            Ok(())
+        }
+        control::Reply::Refused(why) => anyhow::bail!("{why}"),
+        other => anyhow::bail!("unexpected answer {other:?}"),
+    }
+}
+
 /// `capnet graph`.
 fn graph(args: GraphArgs) -> anyhow::Result<()> {
     use capnet::graph::{Graph, DEFAULT, MONO, TWO_GROUP};
@@ -252,6 +274,7 @@ fn main() -> ExitCode {
         Command::HttpServe(h) => http::serve(&h.target.netns, &h.dir, h.port),
         Command::HttpGet(h) => http::get(&h.target.netns, &h.url, h.output.as_deref()),
         Command::Graph(g) => graph(g),
+        Command::Restart(r) => restart(&r.target.netns, &r.domain),
         Command::Logs(l) => logs::show(&l.target.netns, l.domain.as_deref(), l.follow),
         Command::Capture(c) => capture::capture(&c.target.netns, c.write.as_deref(), c.count, c.seconds),
     };

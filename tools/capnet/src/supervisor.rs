@@ -134,6 +134,9 @@ fn detach(args: &UpArgs) -> Result<()> {
     bail!("the supervisor did not come up within 20 s; see {}", log_path.display())
 }
 
+/// The first line of a group's log: `# capnet group NAME: DOMAIN…`.
+pub const LOG_HEADER: &str = "# capnet group ";
+
 /// One group of the graph, running as a sandboxed `capnet-domain` process.
 struct GroupProcess {
     name: String,
@@ -147,6 +150,10 @@ struct GroupProcess {
     /// Its supervisor socket.
     sock: UnixStream,
     started: Instant,
+    /// Times it was restarted.
+    restarts: u32,
+    /// Why it last ended.
+    last_error: Option<String>,
 }
 
 impl GroupProcess {
@@ -161,49 +168,63 @@ impl GroupProcess {
     }
 }
 
-/// What a group sent when it started: its regions and its sides of channels.
-struct Sent {
-    /// Per message channel (by name): area and pool.
-    halves: Vec<(String, OwnedFd, OwnedFd)>,
-    /// Its frame side of driver | ip: pool, R area, T area.
-    frames: Option<[OwnedFd; 3]>,
-}
+/// Channel sides as their makers sent them: (channel, group index) → fds (area
+/// and pool of a message channel; pool, R area and T area of the frame channel).
+type Sides = std::collections::BTreeMap<(String, usize), Vec<OwnedFd>>;
 
-/// The running graph: every group, the supervisor's copy of the device, and
-/// which group runs the sockets domain.
+/// The running graph: every group, the supervisor's copy of the device, and what
+/// a restart needs to start a group again.
 struct Running {
+    graph: Graph,
     groups: Vec<GroupProcess>,
+    /// The group running the sockets domain.
     sockets: usize,
     /// The group running the driver.
     driver: usize,
-    /// The supervisor's own handle on the TAP: it outlives a driver crash.
-    _device: Device,
+    /// The supervisor's own handle on the TAP: it outlives a driver crash and is
+    /// granted again to a restarted driver.
+    device: Device,
+    vnet: bool,
+    spec_base: GroupSpec,
+    logs: std::path::PathBuf,
 }
-
-/// The first line of a group's log: `# capnet group NAME: DOMAIN…`.
-pub const LOG_HEADER: &str = "# capnet group ";
 
 /// Whether a channel is the frame channel between driver and ip.
-fn is_frames(g: &Graph, ch: &capnet::graph::Channel) -> bool {
-    let kinds: Vec<Kind> =
-        ch.ends.iter().filter_map(|e| g.domains.iter().find(|d| d.name == *e)).map(|d| d.kind).collect();
-    kinds.contains(&Kind::Driver) && kinds.contains(&Kind::Ip)
+fn is_frames(l: Kind, r: Kind) -> bool {
+    matches!((l, r), (Kind::Driver, Kind::Ip) | (Kind::Ip, Kind::Driver))
 }
 
-/// Starts every group of `graph`: spawns it sandboxed, exchanges the regions and
-/// channel sides the groups made, grants the device, and waits until each says
-/// it is ready and every one of its threads is confined.
-fn start_groups(graph: &Graph, dev: Device, spec_base: &GroupSpec, logs: &std::path::Path) -> Result<Running> {
-    let vnet = matches!(dev.kind(), capnet_kernel_shim::device::DeviceKind::Tap(o) if o.vnet_hdr);
-    let kind_of = |d: &str| graph.domains.iter().find(|x| x.name == d).map(|x| x.kind);
-    let mut procs = Vec::new();
-    let mut sent = Vec::new();
-    for group in &graph.groups {
-        // Channels that leave the group, in graph order: (channel, local kind, remote kind).
-        let links: Vec<(String, Kind, Kind)> = graph
-            .channels
+impl Running {
+    /// Starts every group of `graph`: spawns it sandboxed, exchanges the regions
+    /// and channel sides the groups made, grants the device, and waits until each
+    /// says it is ready and every one of its threads is confined.
+    fn start(graph: Graph, device: Device, spec_base: GroupSpec, logs: std::path::PathBuf) -> Result<Self> {
+        let vnet = matches!(device.kind(), capnet_kernel_shim::device::DeviceKind::Tap(o) if o.vnet_hdr);
+        let position =
+            |k: Kind| graph.groups.iter().position(|g| g.domains.iter().any(|d| kind_in(&graph, d) == Some(k)));
+        let sockets = position(Kind::Sockets).ok_or_else(|| anyhow::anyhow!("no group runs the sockets domain"))?;
+        let driver = position(Kind::Driver).ok_or_else(|| anyhow::anyhow!("no group runs the driver"))?;
+        let mut r = Running { graph, groups: Vec::new(), sockets, driver, device, vnet, spec_base, logs };
+        let mut sides = Sides::new();
+        for gi in 0..r.graph.groups.len() {
+            let p = r.spawn(gi, &mut sides)?;
+            r.groups.push(p);
+        }
+        for gi in 0..r.groups.len() {
+            r.grant(gi, &sides)?;
+        }
+        for gi in 0..r.groups.len() {
+            r.await_ready(gi)?;
+        }
+        Ok(r)
+    }
+
+    /// The channels that leave group `gi`, in graph order: (channel, local kind, remote kind).
+    fn links_of(&self, gi: usize) -> Vec<(String, Kind, Kind)> {
+        let (g, group) = (&self.graph, &self.graph.groups[gi]);
+        g.channels
             .iter()
-            .filter(|ch| graph.crosses(ch))
+            .filter(|ch| g.crosses(ch))
             .filter_map(|ch| {
                 let (mine, theirs) = if group.domains.contains(&ch.ends[0]) {
                     (&ch.ends[0], &ch.ends[1])
@@ -212,18 +233,40 @@ fn start_groups(graph: &Graph, dev: Device, spec_base: &GroupSpec, logs: &std::p
                 } else {
                     return None;
                 };
-                Some((ch.name.clone(), kind_of(mine)?, kind_of(theirs)?))
+                Some((ch.name.clone(), kind_in(g, mine)?, kind_in(g, theirs)?))
             })
-            .collect();
+            .collect()
+    }
+
+    /// The group at the other end of channel `ch` from group `gi`.
+    fn peer_of(&self, gi: usize, ch: &str) -> Option<usize> {
+        let c = self.graph.channels.iter().find(|x| x.name == ch)?;
+        let group = &self.graph.groups[gi];
+        let other = c.ends.iter().find(|e| !group.domains.contains(e))?;
+        self.graph.groups.iter().position(|g| g.domains.contains(other))
+    }
+
+    fn runs(&self, gi: usize, k: Kind) -> bool {
+        self.graph.groups[gi].domains.iter().any(|d| kind_in(&self.graph, d) == Some(k))
+    }
+
+    /// Spawns group `gi` and takes the regions and channel sides it made.
+    fn spawn(&self, gi: usize, sides: &mut Sides) -> Result<GroupProcess> {
+        let group = &self.graph.groups[gi];
+        let links = self.links_of(gi);
         let spec = GroupSpec {
             name: group.name.clone(),
-            domains: group.domains.iter().filter_map(|d| Some((d.clone(), kind_of(d)?.name().to_owned()))).collect(),
+            domains: group
+                .domains
+                .iter()
+                .filter_map(|d| Some((d.clone(), kind_in(&self.graph, d)?.name().to_owned())))
+                .collect(),
             links: links.iter().map(|(c, l, r)| (c.clone(), l.name().to_owned(), r.name().to_owned())).collect(),
             seccomp: group.sandbox.seccomp.clone(),
-            vnet,
-            ..spec_base.clone()
+            vnet: self.vnet,
+            ..self.spec_base.clone()
         };
-        let binary = graph.domains.iter().find(|d| group.domains.contains(&d.name)).map(|d| d.binary.clone());
+        let binary = self.graph.domains.iter().find(|d| group.domains.contains(&d.name)).map(|d| d.binary.clone());
         let binary = binary.ok_or_else(|| anyhow::anyhow!("group {} has no domain", group.name))?;
         let program = if binary.contains('/') {
             std::path::PathBuf::from(&binary)
@@ -233,9 +276,12 @@ fn start_groups(graph: &Graph, dev: Device, spec_base: &GroupSpec, logs: &std::p
         let (ours, theirs) = UnixStream::pair()?;
         let sb = &group.sandbox;
         // Its log: standard output and error, kept by the supervisor (`capnet logs`).
-        let log_path = logs.join(format!("{}.log", group.name));
+        let log_path = self.logs.join(format!("{}.log", group.name));
+        let new_log = !log_path.exists();
         let mut log = std::fs::OpenOptions::new().create(true).append(true).mode(0o600).open(&log_path)?;
-        writeln!(log, "{LOG_HEADER}{}: {}", group.name, group.domains.join(" "))?;
+        if new_log {
+            writeln!(log, "{LOG_HEADER}{}: {}", group.name, group.domains.join(" "))?;
+        }
         let cfg = SpawnConfig {
             program,
             args: vec![group.name.clone()],
@@ -255,77 +301,62 @@ fn start_groups(graph: &Graph, dev: Device, spec_base: &GroupSpec, logs: &std::p
             .map(Cap::into_fd);
         let mut next = || got.next().ok_or_else(|| anyhow::anyhow!("group {} sent too few capabilities", group.name));
         let (stats, status) = (next()?, next()?);
-        let mut halves = Vec::new();
-        let mut frames = None;
-        for (c, _, _) in &links {
-            let ch = graph.channels.iter().find(|x| x.name == *c).ok_or_else(|| anyhow::anyhow!("no channel {c}"))?;
-            if !is_frames(graph, ch) {
-                halves.push((c.clone(), next()?, next()?));
-            }
+        for (c, l, r) in links.iter().filter(|(_, l, r)| !is_frames(*l, *r)) {
+            let _ = (l, r);
+            sides.insert((c.clone(), gi), vec![next()?, next()?]);
         }
-        if links.iter().any(|(c, _, _)| graph.channels.iter().any(|ch| ch.name == *c && is_frames(graph, ch))) {
-            frames = Some([next()?, next()?, next()?]);
+        if let Some((c, _, _)) = links.iter().find(|(_, l, r)| is_frames(*l, *r)) {
+            sides.insert((c.clone(), gi), vec![next()?, next()?, next()?]);
         }
-        let stats_view = StatsRegion::attach(stats)?;
-        let status_view = RegionRo::attach(status, capnet::group::STATUS_LEN)?;
-        procs.push((
-            GroupProcess {
-                name: group.name.clone(),
-                domains: group.domains.clone(),
-                child,
-                stats: stats_view,
-                status: status_view,
-                sock: ours,
-                started: Instant::now(),
-            },
-            links,
-        ));
-        sent.push(Sent { halves, frames });
+        Ok(GroupProcess {
+            name: group.name.clone(),
+            domains: group.domains.clone(),
+            child,
+            stats: StatsRegion::attach(stats)?,
+            status: RegionRo::attach(status, capnet::group::STATUS_LEN)?,
+            sock: ours,
+            started: Instant::now(),
+            restarts: 0,
+            last_error: None,
+        })
     }
-    // Each group gets the device (if it drives it) and the other side of each of
-    // its channels, as the peer group made it, read-only.
-    let ro = Rights::READ | Rights::MAP;
-    let all = Rights::READ | Rights::MAP | Rights::GRANT;
-    for (i, (p, links)) in procs.iter().enumerate() {
+
+    /// Sends group `gi` the device (if it drives it) and the other side of each of
+    /// its channels, as the peer group made it, read-only.
+    fn grant(&self, gi: usize, sides: &Sides) -> Result<()> {
+        let (ro, all) = (Rights::READ | Rights::MAP, Rights::READ | Rights::MAP | Rights::GRANT);
         let mut caps = Vec::new();
-        let group = &graph.groups[i];
-        if group.domains.iter().any(|d| kind_of(d) == Some(Kind::Driver)) {
+        if self.runs(gi, Kind::Driver) {
             let rw = Rights::READ | Rights::WRITE | Rights::GRANT;
-            caps.push((
-                Cap::new(CapKind::Device, rw, u32::from(vnet), dev.fd().try_clone_to_owned()?)?,
-                Rights::READ | Rights::WRITE,
-            ));
+            let dev = self.device.fd().try_clone_to_owned()?;
+            caps.push((Cap::new(CapKind::Device, rw, u32::from(self.vnet), dev)?, Rights::READ | Rights::WRITE));
         }
-        let peer_of = |c: &str| {
-            let ch = graph.channels.iter().find(|x| x.name == c)?;
-            let other = ch.ends.iter().find(|e| !group.domains.contains(e))?;
-            graph.groups.iter().position(|g| g.domains.contains(other))
-        };
-        for (c, _, _) in links {
-            let j = peer_of(c).ok_or_else(|| anyhow::anyhow!("channel {c} has no peer group"))?;
-            if let Some((_, area, pool)) = sent[j].halves.iter().find(|(n, _, _)| n == c) {
-                caps.push((Cap::new(CapKind::ChannelEnd, all, 0, area.try_clone()?)?, ro));
-                caps.push((Cap::new(CapKind::Pool, all, 1, pool.try_clone()?)?, ro));
+        let links = self.links_of(gi);
+        // Message channels first, then the frame channel: the order the group takes them in.
+        let ordered = links
+            .iter()
+            .filter(|(_, l, r)| !is_frames(*l, *r))
+            .chain(links.iter().filter(|(_, l, r)| is_frames(*l, *r)));
+        for (c, l, r) in ordered {
+            let pj = self.peer_of(gi, c).ok_or_else(|| anyhow::anyhow!("channel {c} has no peer group"))?;
+            let fds =
+                sides.get(&(c.clone(), pj)).ok_or_else(|| anyhow::anyhow!("no side of channel {c} from its peer"))?;
+            let kinds: &[CapKind] = if is_frames(*l, *r) {
+                &[CapKind::Pool, CapKind::ChannelEnd, CapKind::ChannelEnd]
+            } else {
+                &[CapKind::ChannelEnd, CapKind::Pool]
+            };
+            for (k, fd) in kinds.iter().zip(fds) {
+                caps.push((Cap::new(*k, all, 0, fd.try_clone()?)?, ro));
             }
         }
-        if sent[i].frames.is_some() {
-            let j = links
-                .iter()
-                .find_map(|(c, l, r)| {
-                    matches!((l, r), (Kind::Driver, Kind::Ip) | (Kind::Ip, Kind::Driver)).then(|| peer_of(c)).flatten()
-                })
-                .ok_or_else(|| anyhow::anyhow!("the frame channel has no peer group"))?;
-            let [pool, r, t] =
-                sent[j].frames.as_ref().ok_or_else(|| anyhow::anyhow!("the peer group sent no frame side"))?;
-            caps.push((Cap::new(CapKind::Pool, all, 2, pool.try_clone()?)?, ro));
-            caps.push((Cap::new(CapKind::ChannelEnd, all, 3, r.try_clone()?)?, ro));
-            caps.push((Cap::new(CapKind::ChannelEnd, all, 4, t.try_clone()?)?, ro));
-        }
-        send_caps(p.sock.as_fd(), &caps.iter().map(|(c, r)| (c, *r)).collect::<Vec<_>>())?;
+        send_caps(self.groups[gi].sock.as_fd(), &caps.iter().map(|(c, r)| (c, *r)).collect::<Vec<_>>())?;
+        Ok(())
     }
-    drop(sent);
-    // Ready only once every thread of every group shows the sandbox (DESIGN, "Sandboxes").
-    for (p, _) in &procs {
+
+    /// Waits until group `gi` says it is ready, then checks every thread and fd.
+    fn await_ready(&self, gi: usize) -> Result<()> {
+        let p = &self.groups[gi];
         match recv_msg::<Event>(&p.sock) {
             Ok(Event::Ready) => {}
             Ok(e) => bail!("group {} answered {e:?} instead of being ready", p.name),
@@ -341,6 +372,7 @@ fn start_groups(graph: &Graph, dev: Device, spec_base: &GroupSpec, logs: &std::p
                 bail!("group {} did not come up: {e:#}", p.name)
             }
         }
+        // Ready only once every thread shows the sandbox (DESIGN, "Sandboxes").
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let threads = inspect_threads(p.child.pid()).unwrap_or_default();
@@ -352,23 +384,125 @@ fn start_groups(graph: &Graph, dev: Device, spec_base: &GroupSpec, logs: &std::p
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        let drives = p.domains.iter().any(|d| kind_of(d) == Some(Kind::Driver));
-        if let Some(bad) = unexplained_fd(p.child.pid(), drives) {
+        if let Some(bad) = unexplained_fd(p.child.pid(), self.runs(gi, Kind::Driver)) {
             bail!("group {} holds {bad}, which no grant explains: refusing to report the graph up", p.name);
         }
         p.sock.set_read_timeout(Some(Duration::from_secs(5)))?;
+        Ok(())
     }
-    let sockets = graph
-        .groups
-        .iter()
-        .position(|g| g.domains.iter().any(|d| kind_of(d) == Some(Kind::Sockets)))
-        .ok_or_else(|| anyhow::anyhow!("no group runs the sockets domain"))?;
-    let driver = graph
-        .groups
-        .iter()
-        .position(|g| g.domains.iter().any(|d| kind_of(d) == Some(Kind::Driver)))
-        .ok_or_else(|| anyhow::anyhow!("no group runs the driver"))?;
-    Ok(Running { groups: procs.into_iter().map(|(p, _)| p).collect(), sockets, driver, _device: dev })
+
+    /// The groups to restart when `gi` died: it, and a group holding the driver
+    /// side of its frame channel (its threads cannot take a new channel).
+    fn restart_set(&self, gi: usize) -> Vec<usize> {
+        let mut set = vec![gi];
+        for (c, l, r) in self.links_of(gi) {
+            if (l, r) == (Kind::Ip, Kind::Driver) {
+                if let Some(pj) = self.peer_of(gi, &c) {
+                    set.push(pj);
+                }
+            }
+        }
+        set
+    }
+
+    /// Restarts the groups of `set` with fresh channels: the groups outside that
+    /// shared a channel with them adopt new sides of it, the new processes get
+    /// those, and the old sides' users learn what state they lost.
+    fn restart(&mut self, set: &[usize], cause: &str) -> Result<()> {
+        for &s in set {
+            let _ = self.groups[s].child.kill();
+        }
+        // What the others lost with them.
+        let lost: Vec<(Kind, &str)> = [(Kind::Tcp, "tcp"), (Kind::Udp, "udp"), (Kind::Ip, "echo")]
+            .into_iter()
+            .filter(|(k, _)| set.iter().any(|&s| self.runs(s, *k)))
+            .collect();
+        let outside: Vec<usize> = (0..self.groups.len()).filter(|g| !set.contains(g)).collect();
+        for &h in &outside {
+            if self.runs(h, Kind::Sockets) {
+                for (_, what) in &lost {
+                    send_msg(&self.groups[h].sock, &Control::Lost((*what).into()))?;
+                }
+            }
+            if set.iter().any(|&s| self.runs(s, Kind::Sockets)) && (self.runs(h, Kind::Tcp) || self.runs(h, Kind::Udp))
+            {
+                send_msg(&self.groups[h].sock, &Control::Lost("sockets".into()))?;
+            }
+        }
+        // Fresh sides of every channel between the set and the rest.
+        let mut sides = Sides::new();
+        let mut relinked = Vec::new();
+        for &h in &outside {
+            for (c, l, r) in self.links_of(h) {
+                if !self.peer_of(h, &c).is_some_and(|p| set.contains(&p)) {
+                    continue;
+                }
+                let rw = Rights::READ | Rights::WRITE | Rights::MAP | Rights::GRANT;
+                let blanks: Vec<OwnedFd> = if is_frames(l, r) {
+                    let g = capnet_runtime::two_group::StackHalf::blank()?;
+                    vec![g.pool, g.r_area, g.t_area]
+                } else {
+                    let g = MsgHalf::blank(&format!("capnet-{c}"))?;
+                    vec![g.area, g.pool]
+                };
+                let sock = &self.groups[h].sock;
+                send_msg(sock, &Control::Relink(c.clone()))?;
+                let caps = blanks
+                    .iter()
+                    .map(|fd| Cap::new(CapKind::Blank, rw, 0, fd.try_clone()?).map_err(anyhow::Error::from))
+                    .collect::<Result<Vec<_>>>()?;
+                send_caps(sock.as_fd(), &caps.iter().map(|c| (c, rw)).collect::<Vec<_>>())?;
+                match recv_msg::<Event>(sock)? {
+                    Event::Relinked(x) if x == c => {}
+                    e => bail!("group {} answered {e:?} to a relink of {c}", self.groups[h].name),
+                }
+                sides.insert((c.clone(), h), blanks);
+                relinked.push((h, c));
+            }
+        }
+        for &s in set {
+            let mut p = self.spawn(s, &mut sides)?;
+            p.restarts = self.groups[s].restarts + 1;
+            p.last_error = Some(cause.to_owned());
+            self.groups[s] = p;
+        }
+        for &s in set {
+            self.grant(s, &sides)?;
+        }
+        for &s in set {
+            self.await_ready(s)?;
+        }
+        for (h, c) in relinked {
+            let s = self.peer_of(h, &c).ok_or_else(|| anyhow::anyhow!("channel {c} has no peer"))?;
+            let (l, r) = self
+                .links_of(h)
+                .into_iter()
+                .find(|(x, _, _)| *x == c)
+                .map(|(_, l, r)| (l, r))
+                .unwrap_or((Kind::Ip, Kind::Tcp));
+            let fds = sides.get(&(c.clone(), s)).ok_or_else(|| anyhow::anyhow!("no new side of {c}"))?;
+            let kinds: &[CapKind] = if is_frames(l, r) {
+                &[CapKind::Pool, CapKind::ChannelEnd, CapKind::ChannelEnd]
+            } else {
+                &[CapKind::ChannelEnd, CapKind::Pool]
+            };
+            let all = Rights::READ | Rights::MAP | Rights::GRANT;
+            let caps = kinds
+                .iter()
+                .zip(fds)
+                .map(|(k, fd)| Cap::new(*k, all, 0, fd.try_clone()?).map_err(anyhow::Error::from))
+                .collect::<Result<Vec<_>>>()?;
+            let sock = &self.groups[h].sock;
+            send_msg(sock, &Control::Peer(c.clone()))?;
+            send_caps(sock.as_fd(), &caps.iter().map(|c| (c, Rights::READ | Rights::MAP)).collect::<Vec<_>>())?;
+        }
+        Ok(())
+    }
+}
+
+/// The kind of domain `d` in `graph`.
+fn kind_in(graph: &Graph, d: &str) -> Option<Kind> {
+    graph.domains.iter().find(|x| x.name == d).map(|x| x.kind)
 }
 
 /// An fd of process `pid` that its grants do not explain, if any: it may hold
@@ -458,7 +592,7 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs)?;
     std::fs::set_permissions(&logs, std::fs::Permissions::from_mode(0o700))?;
-    let mut running = start_groups(&graph, dev, &spec, &logs)?;
+    let mut running = Running::start(graph, dev, spec, logs)?;
 
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
@@ -482,11 +616,12 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
     std::fs::write(dir.join("pid"), format!("{}\n", std::process::id()))?;
     let (capture_tx, capture_rx) = std::sync::mpsc::channel::<UnixStream>();
+    let (restart_tx, restart_rx) = std::sync::mpsc::channel::<(String, UnixStream)>();
     {
         let (snapshot, stop) = (snapshot.clone(), stop.clone());
         std::thread::Builder::new()
             .name("control".into())
-            .spawn(move || serve(listener, snapshot, stop, capture_tx))?;
+            .spawn(move || serve(listener, snapshot, stop, capture_tx, restart_tx))?;
     }
     let (app_tx, app_rx) = std::sync::mpsc::channel::<UnixStream>();
     {
@@ -527,15 +662,49 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
             }
             !gone
         });
-        if let Some((g, cause)) = running.groups.iter().find_map(|g| g.ended().map(|c| (g, c))) {
-            eprintln!("capnet: group {} ({}) ended: {cause}; taking the stack down", g.name, g.domains.join(" + "));
-            break;
+        // A group that ended (or was asked to restart) comes back with fresh
+        // channels; one that keeps dying waits longer each time (100 ms, doubling,
+        // at most 5 s), counted from its last start.
+        let mut due: Vec<(usize, String)> =
+            running.groups.iter().enumerate().filter_map(|(i, g)| g.ended().map(|c| (i, c.to_string()))).collect();
+        while let Ok((domain, conn)) = restart_rx.try_recv() {
+            match running.groups.iter().position(|g| g.domains.contains(&domain)) {
+                Some(i) => {
+                    due.push((i, "restarted on request".into()));
+                    let _ = send(&conn, &Reply::Ok);
+                }
+                None => {
+                    let _ = send(&conn, &Reply::Refused(format!("there is no domain {domain:?}")));
+                }
+            }
+        }
+        for (i, cause) in due {
+            if running.groups[i].restarts > 0 && running.groups[i].started.elapsed() < Duration::from_secs(10) {
+                let wait = Duration::from_millis(100 << running.groups[i].restarts.min(6)).min(Duration::from_secs(5));
+                std::thread::sleep(wait.saturating_sub(running.groups[i].started.elapsed()));
+            }
+            let set = running.restart_set(i);
+            let names: Vec<String> = set.iter().map(|&g| running.groups[g].domains.join("+")).collect();
+            eprintln!(
+                "capnet: {} ended: {cause}; restarting {}",
+                running.groups[i].domains.join("+"),
+                names.join(", ")
+            );
+            if set.contains(&running.sockets) {
+                // Their channels died with the sockets domain: the applications
+                // see the stack go away (ConnectionReset) and may attach again.
+                apps.clear();
+            }
+            if let Err(e) = running.restart(&set, &cause) {
+                eprintln!("capnet: restarting {} failed: {e:#}; taking the stack down", names.join(", "));
+                stop.store(true, Ordering::Relaxed);
+            }
         }
         *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = render(&base, &running)?;
         std::thread::sleep(Duration::from_millis(100));
     }
     drop(apps);
-    for g in &mut running.groups {
+    for g in &running.groups {
         let _ = g.child.kill();
     }
     drop(running);
@@ -598,12 +767,12 @@ fn render(base: &Status, running: &Running) -> Result<String> {
                 name: d.clone(),
                 pid: g.child.pid(),
                 state: "running".into(),
-                restarts: 0,
+                restarts: g.restarts,
                 uptime_s: g.started.elapsed().as_secs_f64(),
                 cpu_s,
                 rss_bytes,
                 counters,
-                last_error: None,
+                last_error: g.last_error.clone(),
             });
         }
         status.tcp_connections.extend(report.tcp_connections);
@@ -654,6 +823,7 @@ fn serve(
     snapshot: Arc<Mutex<String>>,
     stop: Arc<AtomicBool>,
     captures: std::sync::mpsc::Sender<UnixStream>,
+    restarts: std::sync::mpsc::Sender<(String, UnixStream)>,
 ) {
     let me = nix::unistd::geteuid().as_raw();
     for conn in listener.incoming() {
@@ -662,8 +832,7 @@ fn serve(
         let allowed = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)
             .is_ok_and(|c| c.uid() == me || c.uid() == 0);
         if !allowed {
-            let _ =
-                send(&conn, &Reply::Refused("only the supervisor's own user may use its control socket".into()));
+            let _ = send(&conn, &Reply::Refused("only the supervisor's own user may use its control socket".into()));
             continue;
         }
         let reply = match recv::<Request>(&conn) {
@@ -675,6 +844,10 @@ fn serve(
             Ok(Request::Capture) => {
                 // The loop that holds the groups' sockets answers it.
                 let _ = captures.send(conn);
+                continue;
+            }
+            Ok(Request::Restart(domain)) => {
+                let _ = restarts.send((domain, conn));
                 continue;
             }
             Err(e) => Reply::Refused(format!("bad request: {e}")),

@@ -1,0 +1,197 @@
+//! Surviving a dead domain, on the default (fully factored) graph: `kill -9` of
+//! the driver, ip or udp during a TCP transfer — the supervisor restarts it with
+//! fresh channels, tcp keeps its connections, retransmission covers the gap, and
+//! the transfer completes byte-exact; a crash of tcp or sockets reaches the
+//! application as `ConnectionReset` (never a hang) and new connections work
+//! afterwards; `capnet restart DOMAIN` does the same on request.
+
+use std::io::{ErrorKind, Read, Write};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use capnet::net::{Stack, TcpStream};
+use capnet_testkit::Up;
+use serde_json::Value;
+
+const CAPNET: &str = env!("CARGO_BIN_EXE_capnet");
+
+fn status(up: &Up) -> Value {
+    let out = up.capnet(&["status", "--json"]);
+    assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("status --json is JSON")
+}
+
+fn domain(up: &Up, name: &str) -> Value {
+    status(up)["domains"].as_array().expect("domains").iter().find(|d| d["name"] == name).cloned().expect("domain")
+}
+
+/// Waits (hang guard 20 s) until `name` runs again under a pid other than `old`.
+fn restarted(up: &Up, name: &str, old: i64) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let d = domain(up, name);
+        if d["pid"].as_i64() != Some(old) && d["restarts"].as_u64() >= Some(1) {
+            return d;
+        }
+        assert!(Instant::now() < deadline, "{name} never came back: {d}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A scratch directory removed on drop.
+struct Scratch(std::path::PathBuf);
+
+impl Scratch {
+    fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("capt-{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("scratch dir");
+        Self(p)
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[test]
+fn a_tcp_transfer_survives_kill_9_of_the_driver_ip_or_udp() {
+    const LEN: usize = 50_000_000;
+    let dir = Scratch::new("rs-www");
+    let mut x = 0x2545_f491_4f6c_dd1du64;
+    let data: Vec<u8> = (0..LEN)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(dir.0.join("big"), &data).expect("file");
+    for victim in ["driver", "ip", "udp"] {
+        let up = Up::new(CAPNET, &format!("rs-{victim}"), &[]);
+        let _server = up.spawn_capnet(&["http-serve", dir.0.to_str().expect("utf-8"), "--port", "80"]);
+        for _ in 0..100 {
+            let probe = up.in_ns(&["curl", "-s", "-o", "/dev/null", "--max-time", "2", "http://10.77.0.2/"]);
+            if probe.status.code() != Some(7) {
+                break; // anything but "could not connect": the server is up
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let got = dir.0.join(format!("got-{victim}"));
+        let _ = std::fs::remove_file(&got);
+        // Slowed so the kill lands mid-transfer (50 MB at 25 MB/s).
+        let mut curl = up.spawn_in_ns(&[
+            "curl",
+            "-s",
+            "--retry",
+            "0",
+            "--max-time",
+            "60",
+            "--limit-rate",
+            "25M",
+            "-o",
+            got.to_str().expect("utf-8"),
+            "http://10.77.0.2/big",
+        ]);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while std::fs::metadata(&got).map_or(0, |m| m.len()) < (LEN / 10) as u64 {
+            assert!(Instant::now() < deadline, "{victim}: the transfer never reached 10 %");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let old = domain(&up, victim)["pid"].as_i64().expect("pid");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(old as i32), nix::sys::signal::Signal::SIGKILL)
+            .expect("kill -9");
+        let at = std::fs::metadata(&got).map_or(0, |m| m.len());
+        let d = restarted(&up, victim, old);
+        assert_eq!(d["restarts"], 1, "{victim}: {d}");
+        assert!(d["last_error"].as_str().is_some_and(|e| e.contains("SIGKILL")), "{victim}: the cause: {d}");
+        let st = curl.0.wait().expect("curl");
+        assert!(st.success(), "{victim}: curl failed ({st}) after the kill at {at} bytes");
+        assert!(at < LEN as u64, "{victim}: the kill landed before the end");
+        let copy = std::fs::read(&got).expect("curl's copy");
+        assert!(copy == data, "{victim}: the copy differs ({} bytes of {LEN})", copy.len());
+        // The other transports were not touched: tcp kept its pid throughout.
+        assert_eq!(domain(&up, "tcp")["restarts"], 0, "{victim}");
+    }
+}
+
+/// A TCP echo server on 10.77.0.1:7100, one thread per connection.
+const ECHO_SERVER: &str = "
+import socketserver
+class Echo(socketserver.BaseRequestHandler):
+    def handle(self):
+        while True:
+            d = self.request.recv(65536)
+            if not d:
+                return
+            self.request.sendall(d)
+socketserver.ThreadingTCPServer.allow_reuse_address = True
+socketserver.ThreadingTCPServer.daemon_threads = True
+socketserver.ThreadingTCPServer(('10.77.0.1', 7100), Echo).serve_forever()
+";
+
+#[test]
+fn a_tcp_or_sockets_crash_is_connection_reset_and_new_connections_work() {
+    for victim in ["tcp", "sockets"] {
+        let up = Up::new(CAPNET, &format!("rs-{victim}"), &[]);
+        // One process (killed on drop, children and all): a threaded echo server.
+        let _echo = up.spawn_in_ns(&["python3", "-c", ECHO_SERVER]);
+        std::thread::sleep(Duration::from_millis(300));
+        let stack = Stack::attach(up.name()).expect("attach");
+        let peer = SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), 7100);
+        let mut s = TcpStream::connect(&stack, peer).expect("connect");
+        s.write_all(b"before").expect("write");
+        let mut buf = [0u8; 6];
+        s.read_exact(&mut buf).expect("echo");
+        let old = domain(&up, victim)["pid"].as_i64().expect("pid");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(old as i32), nix::sys::signal::Signal::SIGKILL)
+            .expect("kill -9");
+        // The application learns it at once: a hang guard, not a speed assertion.
+        s.set_read_timeout(Some(Duration::from_secs(2))).expect("timeout");
+        let err = s.read(&mut buf).expect_err("the connection is gone");
+        assert_eq!(err.kind(), ErrorKind::ConnectionReset, "{victim}: {err}");
+        restarted(&up, victim, old);
+        // A new connection works (through a new attachment if sockets restarted).
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut s = loop {
+            let stack = Stack::attach(up.name());
+            match stack.and_then(|st| TcpStream::connect(&st, peer).map(|c| (st, c))) {
+                Ok((_st, c)) => break (_st, c),
+                Err(e) => assert!(Instant::now() < deadline, "{victim}: no new connection: {e}"),
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        };
+        s.1.write_all(b"after!").expect("write");
+        s.1.read_exact(&mut buf).expect("echo after the restart");
+        assert_eq!(&buf, b"after!");
+    }
+}
+
+#[test]
+fn capnet_restart_restarts_a_domain_on_request() {
+    let up = Up::new(CAPNET, "rs-req", &[]);
+    let old = domain(&up, "udp")["pid"].as_i64().expect("pid");
+    let out = up.capnet(&["restart", "udp"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let d = restarted(&up, "udp", old);
+    assert_eq!(d["last_error"], "restarted on request");
+    // UDP works again: an echo service on the new domain answers Linux.
+    let _echo = up.spawn_capnet(&["echo-serve", "--udp", "--port", "7"]);
+    std::thread::sleep(Duration::from_millis(500));
+    let mut socat = Command::new("ip")
+        .args(["netns", "exec", up.name(), "socat", "-t", "2", "-", "UDP4:10.77.0.2:7"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("socat");
+    socat.stdin.take().expect("stdin").write_all(b"still here").expect("write");
+    let out = socat.wait_with_output().expect("socat");
+    assert_eq!(out.stdout, b"still here");
+    let out = up.capnet(&["restart", "sctp"]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("no domain \"sctp\""));
+}
