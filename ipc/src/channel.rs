@@ -293,6 +293,15 @@ where
         Ok(n)
     }
 
+    /// Writes garbage over this end's own published indices (its outbound tail
+    /// and inbound head): what a compromised domain can do to the area it owns.
+    /// Only for tests of the neighbours' defences (the hostile mode); the peer
+    /// detects it on its next call and its ring reports `RingError` for good.
+    pub fn scribble(&mut self, garbage: u32) {
+        self.tx.mine().store32(TAIL, garbage, Ordering::Release);
+        self.tx.mine().store32(HEAD, garbage.wrapping_mul(7), Ordering::Release);
+    }
+
     /// Free outbound slots (refreshing the peer's head if none are cached).
     pub fn space(&mut self) -> Result<usize, RingError> {
         self.counted(|e| e.tx.free(1))

@@ -1021,7 +1021,7 @@ impl AppHost for Plain {
         if !arrived {
             let wait = self.cores.wait_bound(max_wait);
             let mut ends: Vec<&mut capnet_ipc::shm_channel::ShmEnd> =
-                self.cores.links.iter_mut().map(link::Link::channel).collect();
+                self.cores.links.iter_mut().filter(|l| l.broken().is_none()).map(link::Link::channel).collect();
             ends.extend(apps.iter_mut().map(|e| &mut **e));
             wait_on(&mut self.waiter, ends, wait);
             self.cores.receive_links();

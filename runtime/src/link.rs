@@ -117,6 +117,12 @@ impl Link {
         ]
     }
 
+    /// Writes garbage over this end's channel indices: the hostile mode of a
+    /// test (what a compromised domain could do to the area it owns).
+    pub fn scribble(&mut self, garbage: u32) {
+        self.end.channel().scribble(garbage);
+    }
+
     /// Whether messages wait for room (or for the answer to a call).
     pub fn has_deferred(&self) -> bool {
         !self.deferred.is_empty()

@@ -67,6 +67,9 @@ fn returned(d: &Descriptor) -> Descriptor {
 #[derive(Debug)]
 pub struct Driver {
     stop: Arc<AtomicBool>,
+    /// Garbage for each thread to write over its channel indices (the hostile
+    /// mode of a test); 0: none.
+    scribble: Arc<std::sync::atomic::AtomicU32>,
     live: [Arc<std::sync::Mutex<DeviceStats>>; 2],
     reader: JoinHandle<Result<DeviceStats, RuntimeError>>,
     writer: JoinHandle<Result<DeviceStats, RuntimeError>>,
@@ -83,6 +86,12 @@ impl Driver {
     /// [`Driver::stop`]).
     pub fn ended(&self) -> bool {
         self.reader.is_finished() || self.writer.is_finished()
+    }
+
+    /// Has both threads write `garbage` over their channel indices: the hostile
+    /// mode of a test (what a compromised driver could do to areas it owns).
+    pub fn scribble(&self, garbage: u32) {
+        self.scribble.store(garbage.max(1), Ordering::Release);
     }
 
     /// Stops both threads and returns their combined counters.
@@ -116,6 +125,9 @@ pub struct StackGroup {
     /// Frames waiting for pool buffers or ring slots, with the segment size of a
     /// TSO frame.
     backlog: VecDeque<(Vec<u8>, Option<u16>)>,
+    /// Why the driver's channels are broken (the driver broke the protocol): no
+    /// frame moves until a new driver is joined ([`StackGroup::rejoin`]).
+    broken: Option<String>,
 }
 
 /// The fds one group grants the other: its pool and its areas of channels R and T.
@@ -199,13 +211,15 @@ impl DriverHalf {
         let r_driver = shm_channel::attach::<Descriptor>(r_area, stack.r_area, End::A, params).map_err(peer_err)?;
         let t_driver = shm_channel::attach::<Descriptor>(t_area, stack.t_area, End::B, params).map_err(peer_err)?;
         let stop = Arc::new(AtomicBool::new(false));
+        let scribble = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let wfd = fd.try_clone()?;
         let (inbound, outbound) = (Stage::new(link.inbound)?, Stage::new(link.outbound)?);
         let live: [Arc<std::sync::Mutex<DeviceStats>>; 2] = [Arc::default(), Arc::default()];
         let started = Arc::new(std::sync::Barrier::new(3));
         let reader = {
             let (stop, live, started) = (stop.clone(), live[0].clone(), started.clone());
-            let side = DeviceSide { fd, vnet, tap: tap.clone(), impair: inbound, stop, live };
+            let side =
+                DeviceSide { fd, vnet, tap: tap.clone(), scribble: scribble.clone(), impair: inbound, stop, live };
             std::thread::Builder::new().name("driver-rx".into()).spawn(move || {
                 started.wait();
                 reader_loop(side, rx_pool, stack_reader, r_driver)
@@ -213,14 +227,14 @@ impl DriverHalf {
         };
         let writer = {
             let (stop, live, started) = (stop.clone(), live[1].clone(), started.clone());
-            let side = DeviceSide { fd: wfd, vnet, tap, impair: outbound, stop, live };
+            let side = DeviceSide { fd: wfd, vnet, tap, scribble: scribble.clone(), impair: outbound, stop, live };
             std::thread::Builder::new().name("driver-tx".into()).spawn(move || {
                 started.wait();
                 writer_loop(side, tx_view, t_driver)
             })?
         };
         started.wait();
-        Ok(Driver { stop, live, reader, writer })
+        Ok(Driver { stop, scribble, live, reader, writer })
     }
 }
 
@@ -274,6 +288,7 @@ impl StackHalf {
             batch: Vec::with_capacity(BATCH),
             frame: Vec::with_capacity(2048),
             backlog: VecDeque::new(),
+            broken: None,
         };
         stack.flush()?;
         Ok(stack)
@@ -301,6 +316,7 @@ impl StackGroup {
         let (rx, tx, rx_view, tx_pool, driver_reader) = half.attach(driver)?;
         (self.rx, self.tx, self.rx_view, self.tx_pool, self.driver) = (rx, tx, rx_view, tx_pool, driver_reader);
         self.frame.clear();
+        self.broken = None;
         self.flush()
     }
 }
@@ -334,6 +350,7 @@ struct DeviceSide {
     fd: OwnedFd,
     vnet: bool,
     tap: crate::FrameTap,
+    scribble: Arc<std::sync::atomic::AtomicU32>,
     impair: Stage,
     stop: Arc<AtomicBool>,
     live: Arc<std::sync::Mutex<DeviceStats>>,
@@ -366,12 +383,17 @@ fn reader_loop(
     stack: ReaderId,
     mut end: ShmEnd,
 ) -> Result<DeviceStats, RuntimeError> {
-    let DeviceSide { fd, vnet, tap, mut impair, stop, live } = side;
+    let DeviceSide { fd, vnet, tap, scribble, mut impair, stop, live } = side;
+    let mut scribbled = false;
     let mut stats = DeviceStats::default();
     let mut waiter = Waiter::new(SpinPolicy::NEVER);
     let mut buf = vec![0u8; 65536 + VNET_HDR_LEN];
     let (mut inbox, mut batch) = (Vec::with_capacity(1024), Vec::with_capacity(BATCH));
     while !stop.load(Ordering::Relaxed) {
+        let garbage = scribble.load(Ordering::Relaxed);
+        if garbage != 0 && !std::mem::replace(&mut scribbled, true) {
+            end.scribble(garbage);
+        }
         stats.inbound = impair.stage.stats;
         *live.lock().unwrap_or_else(|e| e.into_inner()) = stats;
         inbox.clear();
@@ -443,7 +465,8 @@ fn reader_loop(
 
 /// Channel T → device; returns each loan once written.
 fn writer_loop(side: DeviceSide, view: PoolView, mut end: ShmEnd) -> Result<DeviceStats, RuntimeError> {
-    let DeviceSide { fd, vnet, tap, mut impair, stop, live } = side;
+    let DeviceSide { fd, vnet, tap, scribble, mut impair, stop, live } = side;
+    let mut scribbled = false;
     let mut stats = DeviceStats::default();
     let mut waiter = Waiter::new(SpinPolicy::DEFAULT);
     let (mut inbox, mut returns, mut frame) =
@@ -452,6 +475,10 @@ fn writer_loop(side: DeviceSide, view: PoolView, mut end: ShmEnd) -> Result<Devi
     // chain's first descriptor said TSO.
     let mut tso = None;
     while !stop.load(Ordering::Relaxed) {
+        let garbage = scribble.load(Ordering::Relaxed);
+        if garbage != 0 && !std::mem::replace(&mut scribbled, true) {
+            end.scribble(garbage);
+        }
         stats.outbound = impair.stage.stats;
         *live.lock().unwrap_or_else(|e| e.into_inner()) = stats;
         while let Some(frame) = impair.pop() {
@@ -498,15 +525,10 @@ impl StackGroup {
     /// Runs the cores' outputs and sends queued frames to the driver, as far as
     /// pool buffers and ring slots allow; the rest waits in the backlog.
     fn flush(&mut self) -> Result<(), RuntimeError> {
-        let backlog = &mut self.backlog;
-        self.cores.pump(|f, tso| backlog.push_back((f, tso)));
         // A driver that stopped returning loans (it died and is being restarted)
         // must not make us hold every frame since: the oldest go, as a full
         // device queue would drop them.
-        if self.backlog.len() > MAX_BACKLOG {
-            let excess = self.backlog.len() - MAX_BACKLOG;
-            self.backlog.drain(..excess);
-        }
+        self.pump_to_backlog();
         while !self.backlog.is_empty() {
             self.batch.clear();
             // Only whole chains, and only as many descriptors as the ring takes.
@@ -600,13 +622,60 @@ impl StackGroup {
 impl StackGroup {
     /// Like [`Stack::poll`], also waking for the channel ends in `extra` (the
     /// applications' channels the sockets domain serves).
+    ///
+    /// A driver that breaks the channel protocol does not stop the stack: the
+    /// channel is marked broken ([`StackGroup::broken`]), frames wait (bounded)
+    /// until a new driver is joined, and everything else goes on.
     pub fn poll_with(&mut self, max_wait: Duration, extra: &mut [&mut ShmEnd]) -> Result<(), RuntimeError> {
+        if self.broken.is_some() {
+            self.cores.receive_links();
+            self.pump_to_backlog();
+            let wait = self.cores.wait_bound(max_wait);
+            let mut ends: Vec<&mut ShmEnd> =
+                self.cores.links.iter_mut().filter(|l| l.broken().is_none()).map(crate::link::Link::channel).collect();
+            ends.extend(extra.iter_mut().map(|e| &mut **e));
+            crate::wait_on(&mut self.waiter, ends, wait);
+            self.cores.receive_links();
+            self.pump_to_backlog();
+            return Ok(());
+        }
+        match self.poll_frames(max_wait, extra) {
+            Err(RuntimeError::Peer(why)) => {
+                self.broken = Some(why);
+                Ok(())
+            }
+            r => r,
+        }
+    }
+
+    /// Why the driver's channels are broken, if they are.
+    pub fn broken(&self) -> Option<&str> {
+        self.broken.as_deref()
+    }
+
+    /// Writes garbage over this side's frame channel indices: the hostile mode
+    /// of a test (what a compromised ip domain could do to the area it owns).
+    pub fn scribble(&mut self, garbage: u32) {
+        self.rx.scribble(garbage);
+        self.tx.scribble(garbage);
+    }
+
+    fn pump_to_backlog(&mut self) {
+        let backlog = &mut self.backlog;
+        self.cores.pump(|f, tso| backlog.push_back((f, tso)));
+        if self.backlog.len() > MAX_BACKLOG {
+            let excess = self.backlog.len() - MAX_BACKLOG;
+            self.backlog.drain(..excess);
+        }
+    }
+
+    fn poll_frames(&mut self, max_wait: Duration, extra: &mut [&mut ShmEnd]) -> Result<(), RuntimeError> {
         self.flush()?;
         if !self.drain()? {
             let wait = self.cores.wait_bound(max_wait);
             self.tx.interest = if self.backlog.is_empty() { Interest::RX } else { Interest::BOTH };
             let mut ends: Vec<&mut ShmEnd> = vec![&mut self.rx, &mut self.tx];
-            ends.extend(self.cores.links.iter_mut().map(crate::link::Link::channel));
+            ends.extend(self.cores.links.iter_mut().filter(|l| l.broken().is_none()).map(crate::link::Link::channel));
             ends.extend(extra.iter_mut().map(|e| &mut **e));
             crate::wait_on(&mut self.waiter, ends, wait);
             self.drain()?;
@@ -616,7 +685,17 @@ impl StackGroup {
 
     /// Runs the cores' outputs now (after the application side called them).
     pub fn push(&mut self) -> Result<(), RuntimeError> {
-        self.flush()
+        if self.broken.is_some() {
+            self.pump_to_backlog();
+            return Ok(());
+        }
+        match self.flush() {
+            Err(RuntimeError::Peer(why)) => {
+                self.broken = Some(why);
+                Ok(())
+            }
+            r => r,
+        }
     }
 }
 

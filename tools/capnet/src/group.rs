@@ -118,6 +118,14 @@ pub enum Event {
     Adopted(u64),
     /// This side of the fresh channel is ours now.
     Relinked(String),
+    /// The peer on this channel broke its protocol (garbage, a loan it never
+    /// had, a message it may not send): the supervisor cuts it off.
+    Broken {
+        /// The channel.
+        channel: String,
+        /// What the peer did.
+        why: String,
+    },
     /// Something failed; the group goes on or exits, as it says.
     Failed(String),
 }
@@ -325,7 +333,9 @@ fn run(sock: &UnixStream, spec: &GroupSpec) -> Result<()> {
     let mut sockets = has(Kind::Sockets).then(SocketsHost::default);
     let mut last_report: Option<Instant> = None;
     let mut last_control = Instant::now();
-    let mut relinks = Relinks { links: links.clone(), pending: Vec::new(), reported: None };
+    let mut relinks = Relinks { links: links.clone(), pending: Vec::new(), reported: Vec::new() };
+    #[cfg(debug_assertions)]
+    let (mut hostile, started) = (hostile_plan(&kinds), Instant::now());
     loop {
         let host = engine.host();
         match sockets.as_mut() {
@@ -334,11 +344,21 @@ fn run(sock: &UnixStream, spec: &GroupSpec) -> Result<()> {
         }
         // A broken channel is reported once; its peer is cut off and restarted by
         // the supervisor, which then hands us a fresh channel.
-        let broken = host.cores().broken_link();
-        if broken.is_some() && broken != relinks.reported {
-            tracing::warn!("{}", broken.as_deref().unwrap_or_default());
+        for (channel, why) in broken_channels(&mut engine, &relinks.links) {
+            if !relinks.reported.contains(&channel) {
+                tracing::warn!("{why}: reporting it");
+                send_msg(sock, &Event::Broken { channel: channel.clone(), why })?;
+                relinks.reported.push(channel);
+            }
         }
-        relinks.reported = broken;
+        #[cfg(debug_assertions)]
+        if let Some((action, at)) = hostile.as_ref() {
+            if started.elapsed() >= *at {
+                hostile_act(action, &mut engine, driver.as_ref());
+                hostile = None;
+            }
+        }
+        let host = engine.host();
         if let Some(d) = &driver {
             if d.ended() {
                 bail!("the driver's data path ended");
@@ -388,14 +408,67 @@ impl Made {
 }
 
 /// Handles what the supervisor sent; false when it has gone.
+/// Every broken channel of the group: (name, what happened).
+fn broken_channels(engine: &mut Engine, links: &[(String, Kind, Kind)]) -> Vec<(String, String)> {
+    let name = |l: Kind, r: Kind| links.iter().find(|(_, a, b)| (*a, *b) == (l, r)).map(|(n, _, _)| n.clone());
+    let mut out = Vec::new();
+    if let Engine::Stack(s) = engine {
+        if let (Some(why), Some(n)) = (s.broken(), name(Kind::Ip, Kind::Driver)) {
+            out.push((n, format!("the driver broke the frame channel: {why}")));
+        }
+    }
+    for l in &engine.host().cores().links {
+        if let (Some(why), Some(n)) = (l.broken(), name(l.local, l.remote)) {
+            out.push((n, why.to_owned()));
+        }
+    }
+    out
+}
+
+/// The test-only hostile mode (debug builds only; release builds have no such
+/// code): `CAPNET_HOSTILE=KIND:ACTION:DELAY_MS` makes the group running KIND, in
+/// its first life, do ACTION once DELAY_MS after it started — `syscall` (one its
+/// policy forbids) or `garbage` (write garbage over every channel area it owns).
+#[cfg(debug_assertions)]
+fn hostile_plan(kinds: &[Kind]) -> Option<(String, Duration)> {
+    let v = std::env::var("CAPNET_HOSTILE").ok()?;
+    let mut parts = v.split(':');
+    let (kind, action, delay) = (parts.next()?, parts.next()?, parts.next()?.parse().ok()?);
+    kinds.contains(&Kind::parse(kind)?).then(|| (action.to_owned(), Duration::from_millis(delay)))
+}
+
+#[cfg(debug_assertions)]
+fn hostile_act(action: &str, engine: &mut Engine, driver: Option<&capnet_runtime::two_group::Driver>) {
+    tracing::warn!("hostile mode: {action}");
+    match action {
+        "syscall" => {
+            // socket(2) is in no domain's policy: the trap names it.
+            let _ = rustix::net::socket(rustix::net::AddressFamily::INET, rustix::net::SocketType::DGRAM, None);
+        }
+        "garbage" => {
+            let garbage = 0xdead_beef;
+            if let Engine::Stack(s) = engine {
+                s.scribble(garbage);
+            }
+            if let Some(d) = driver {
+                d.scribble(garbage);
+            }
+            for l in &mut engine.host().cores().links {
+                l.scribble(garbage);
+            }
+        }
+        other => tracing::warn!("hostile mode: unknown action {other}"),
+    }
+}
+
 /// Channels being replaced because their peer restarts.
 struct Relinks {
     /// This group's channels: (name, local kind, remote kind).
     links: Vec<(String, Kind, Kind)>,
     /// Sides adopted, waiting for the restarted peer's.
     pending: Vec<(String, Side)>,
-    /// The broken link last logged.
-    reported: Option<String>,
+    /// Channels whose breaking was reported (until they are joined again).
+    reported: Vec<String>,
 }
 
 /// This group's side of a fresh channel.
@@ -462,6 +535,7 @@ fn control(
                 }
                 (Side::Frames(_), _) => bail!("a fresh frame channel for a group that does not wait on one"),
             }
+            relinks.reported.retain(|x| x != c);
             tracing::info!("channel {c} joined again: the {r} domain restarted");
             return Ok(());
         }

@@ -154,9 +154,37 @@ struct GroupProcess {
     restarts: u32,
     /// Why it last ended.
     last_error: Option<String>,
+    /// Events it sent while the supervisor waited for another answer.
+    stash: std::cell::RefCell<Vec<Event>>,
 }
 
 impl GroupProcess {
+    /// Waits for the event `want` picks, keeping the others for the main loop.
+    fn expect(&self, want: impl Fn(&Event) -> bool) -> Result<Event> {
+        loop {
+            let e = recv_msg::<Event>(&self.sock)?;
+            if want(&e) {
+                return Ok(e);
+            }
+            self.stash.borrow_mut().push(e);
+        }
+    }
+
+    /// Every event it sent that nobody waited for (without blocking).
+    fn events(&self) -> Vec<Event> {
+        let mut out = std::mem::take(&mut *self.stash.borrow_mut());
+        let mut probe = [0u8; 1];
+        let flags = nix::sys::socket::MsgFlags::MSG_PEEK | nix::sys::socket::MsgFlags::MSG_DONTWAIT;
+        while matches!(nix::sys::socket::recv(std::os::fd::AsRawFd::as_raw_fd(&self.sock), &mut probe, flags), Ok(n) if n > 0)
+        {
+            match recv_msg::<Event>(&self.sock) {
+                Ok(e) => out.push(e),
+                Err(_) => break,
+            }
+        }
+        out
+    }
+
     /// Its latest report (empty if it has not published one or it is garbled).
     fn report(&self) -> GroupReport {
         capnet_ipc::blob::read(&self.status).ok().and_then(|b| serde_json::from_slice(&b).ok()).unwrap_or_default()
@@ -207,7 +235,7 @@ impl Running {
         let mut r = Running { graph, groups: Vec::new(), sockets, driver, device, vnet, spec_base, logs };
         let mut sides = Sides::new();
         for gi in 0..r.graph.groups.len() {
-            let p = r.spawn(gi, &mut sides)?;
+            let p = r.spawn(gi, &mut sides, true)?;
             r.groups.push(p);
         }
         for gi in 0..r.groups.len() {
@@ -251,7 +279,7 @@ impl Running {
     }
 
     /// Spawns group `gi` and takes the regions and channel sides it made.
-    fn spawn(&self, gi: usize, sides: &mut Sides) -> Result<GroupProcess> {
+    fn spawn(&self, gi: usize, sides: &mut Sides, first: bool) -> Result<GroupProcess> {
         let group = &self.graph.groups[gi];
         let links = self.links_of(gi);
         let spec = GroupSpec {
@@ -282,10 +310,18 @@ impl Running {
         if new_log {
             writeln!(log, "{LOG_HEADER}{}: {}", group.name, group.domains.join(" "))?;
         }
+        let mut env = vec![("RUST_BACKTRACE".to_owned(), "1".to_owned())];
+        // The test-only hostile mode exists in debug builds alone, and acts in a
+        // domain's first life only (its restart is the cure).
+        if cfg!(debug_assertions) && first {
+            if let Ok(v) = std::env::var("CAPNET_HOSTILE") {
+                env.push(("CAPNET_HOSTILE".into(), v));
+            }
+        }
         let cfg = SpawnConfig {
             program,
             args: vec![group.name.clone()],
-            env: vec![("RUST_BACKTRACE".into(), "1".into())],
+            env,
             namespaces: sb.namespaces,
             uid: sb.uid,
             limits: Limits { address_space: sb.address_space_mib.map(|m| m << 20), open_files: sb.nofile },
@@ -318,6 +354,7 @@ impl Running {
             started: Instant::now(),
             restarts: 0,
             last_error: None,
+            stash: Default::default(),
         })
     }
 
@@ -452,16 +489,13 @@ impl Running {
                     .map(|fd| Cap::new(CapKind::Blank, rw, 0, fd.try_clone()?).map_err(anyhow::Error::from))
                     .collect::<Result<Vec<_>>>()?;
                 send_caps(sock.as_fd(), &caps.iter().map(|c| (c, rw)).collect::<Vec<_>>())?;
-                match recv_msg::<Event>(sock)? {
-                    Event::Relinked(x) if x == c => {}
-                    e => bail!("group {} answered {e:?} to a relink of {c}", self.groups[h].name),
-                }
+                self.groups[h].expect(|e| matches!(e, Event::Relinked(x) if *x == c))?;
                 sides.insert((c.clone(), h), blanks);
                 relinked.push((h, c));
             }
         }
         for &s in set {
-            let mut p = self.spawn(s, &mut sides)?;
+            let mut p = self.spawn(s, &mut sides, false)?;
             p.restarts = self.groups[s].restarts + 1;
             p.last_error = Some(cause.to_owned());
             self.groups[s] = p;
@@ -667,6 +701,23 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
         // at most 5 s), counted from its last start.
         let mut due: Vec<(usize, String)> =
             running.groups.iter().enumerate().filter_map(|(i, g)| g.ended().map(|c| (i, c.to_string()))).collect();
+        // A group that reports its peer broke a channel: the peer is cut off.
+        for (i, g) in running.groups.iter().enumerate() {
+            for e in g.events() {
+                if let Event::Broken { channel, why } = e {
+                    if let Some(p) = running.peer_of(i, &channel) {
+                        eprintln!(
+                            "capnet: {} reports that {} broke channel {channel}: {why}",
+                            g.domains.join("+"),
+                            running.groups[p].domains.join("+")
+                        );
+                        due.push((p, format!("cut off: it broke channel {channel} ({why})")));
+                    }
+                }
+            }
+        }
+        due.sort_by_key(|(i, _)| *i);
+        due.dedup_by_key(|(i, _)| *i);
         while let Ok((domain, conn)) = restart_rx.try_recv() {
             match running.groups.iter().position(|g| g.domains.contains(&domain)) {
                 Some(i) => {
@@ -725,10 +776,9 @@ fn attach_app(sockets: &GroupProcess, id: u64, conn: &UnixStream) -> Result<()> 
         Cap::new(CapKind::Blank, rw | Rights::GRANT, 1, blank.pool.try_clone()?)?,
     ];
     send_caps(sockets.sock.as_fd(), &caps.iter().map(|c| (c, rw)).collect::<Vec<_>>())?;
-    match recv_msg::<Event>(&sockets.sock).context("the sockets domain did not adopt the application's channel")? {
-        Event::Adopted(a) if a == id => {}
-        e => bail!("the sockets domain answered {e:?}"),
-    }
+    sockets
+        .expect(|e| matches!(e, Event::Adopted(a) if *a == id))
+        .context("the sockets domain did not adopt the application's channel")?;
     // Sealed by the sockets domain now (recv_caps on the application's side checks).
     let theirs = capnet::attach::grant_and_take(conn, MsgGrant { area: blank.area, pool: blank.pool })?;
     send_msg(&sockets.sock, &Control::AppGrant(id))?;

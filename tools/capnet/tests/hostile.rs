@@ -1,0 +1,120 @@
+//! Hostile domains, on the default (fully factored) graph, driven by the
+//! test-only hostile mode (`CAPNET_HOSTILE=KIND:ACTION:DELAY_MS`, compiled into
+//! debug builds only): a domain that writes garbage over its channel areas is
+//! detected by its neighbours, reported, cut off and restarted, while the
+//! neighbours keep running with their state — pings and an established TCP
+//! connection keep working; a domain that makes a forbidden syscall is reported
+//! with the syscall's name and restarted.
+
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddrV4};
+use std::time::{Duration, Instant};
+
+use capnet::net::{Stack, TcpStream};
+use capnet_testkit::Up;
+use serde_json::Value;
+
+const CAPNET: &str = env!("CARGO_BIN_EXE_capnet");
+
+fn domains(up: &Up) -> Vec<Value> {
+    let out = up.capnet(&["status", "--json"]);
+    assert!(out.status.success(), "status: {}", String::from_utf8_lossy(&out.stderr));
+    let s: Value = serde_json::from_slice(&out.stdout).expect("status --json is JSON");
+    s["domains"].as_array().expect("domains").clone()
+}
+
+fn pid_of(ds: &[Value], name: &str) -> i64 {
+    ds.iter().find(|d| d["name"] == name).and_then(|d| d["pid"].as_i64()).expect("pid")
+}
+
+/// Brings the stack up with the hostile mode set for `kind`.
+fn hostile_up(tag: &str, spec: &str) -> Up {
+    std::env::set_var("CAPNET_HOSTILE", spec);
+    let up = Up::new(CAPNET, tag, &[]);
+    std::env::remove_var("CAPNET_HOSTILE");
+    up
+}
+
+/// Waits (hang guard 20 s) until `name` was restarted, and returns its entry.
+fn restarted(up: &Up, name: &str) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ds = domains(up);
+        let d = ds.iter().find(|d| d["name"] == name).cloned().expect("domain");
+        if d["restarts"].as_u64() >= Some(1) {
+            return d;
+        }
+        assert!(Instant::now() < deadline, "{name} was never cut off: {d}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A TCP echo server on 10.77.0.1:7200, one process, one thread per connection.
+const ECHO_SERVER: &str = "
+import socketserver
+class Echo(socketserver.BaseRequestHandler):
+    def handle(self):
+        while True:
+            d = self.request.recv(65536)
+            if not d:
+                return
+            self.request.sendall(d)
+socketserver.ThreadingTCPServer.allow_reuse_address = True
+socketserver.ThreadingTCPServer.daemon_threads = True
+socketserver.ThreadingTCPServer(('10.77.0.1', 7200), Echo).serve_forever()
+";
+
+#[test]
+fn a_domain_writing_garbage_is_cut_off_and_its_neighbours_keep_their_state() {
+    for victim in ["driver", "ip", "tcp", "udp", "sockets"] {
+        let up = hostile_up(&format!("ho-{victim}"), &format!("{victim}:garbage:2500"));
+        let _echo = up.spawn_in_ns(&["python3", "-c", ECHO_SERVER]);
+        std::thread::sleep(Duration::from_millis(300));
+        // An established connection, before the domain turns hostile.
+        let stack = Stack::attach(up.name()).expect("attach");
+        let mut conn =
+            TcpStream::connect(&stack, SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), 7200)).expect("connect");
+        conn.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let mut buf = [0u8; 6];
+        conn.write_all(b"before").expect("write");
+        conn.read_exact(&mut buf).expect("echo before");
+        let before = domains(&up);
+
+        let d = restarted(&up, victim);
+        let why = d["last_error"].as_str().unwrap_or_default().to_owned();
+        assert!(why.contains("cut off") && why.contains("broke channel"), "{victim}: the supervisor says why: {d}");
+
+        // Neighbours keep their processes (the driver's threads hold the frame
+        // channel, so it restarts with ip: the one exception).
+        let after = domains(&up);
+        for n in ["driver", "ip", "tcp", "udp", "sockets"] {
+            if n == victim || (victim == "ip" && n == "driver") {
+                continue;
+            }
+            assert_eq!(pid_of(&after, n), pid_of(&before, n), "{victim} hostile: {n} kept its process");
+        }
+        // The kernel still pings the stack.
+        let ping = up.in_ns(&["ping", "-c", "3", "-i", "0.2", "-W", "2", "10.77.0.2"]);
+        assert!(capnet_testkit::ping_received(&ping) >= 1, "{victim} hostile: pings: {ping:?}");
+        // The established connection goes on — unless it lived in the cut-off
+        // domain itself (tcp holds it; sockets holds the application's channel).
+        if !["tcp", "sockets"].contains(&victim) {
+            conn.write_all(b"after!").expect("write after");
+            conn.read_exact(&mut buf).expect("echo after the cut-off");
+            assert_eq!(&buf, b"after!", "{victim} hostile");
+        }
+    }
+}
+
+#[test]
+fn a_forbidden_syscall_is_named_and_the_domain_restarted() {
+    let up = hostile_up("ho-sys", "udp:syscall:1000");
+    let d = restarted(&up, "udp");
+    assert_eq!(d["last_error"], "sandbox violation: syscall socket", "{d}");
+    // Restarted without the hostile mode: it stays up.
+    std::thread::sleep(Duration::from_millis(1500));
+    let d = restarted(&up, "udp");
+    assert_eq!(d["restarts"], 1, "{d}");
+    let logs = up.capnet(&["logs", "supervisor"]);
+    assert!(String::from_utf8_lossy(&logs.stdout).contains("sandbox violation: syscall socket"), "the log says it too");
+}
