@@ -50,6 +50,9 @@ pub struct Link {
     pub activity_sent: bool,
     /// Messages dropped because the outbox was full.
     dropped: u64,
+    /// The peer is being replaced (restart or swap): sends are dropped and
+    /// calls fail at once until the new channel takes this one's place.
+    pub replacing: bool,
 }
 
 impl Link {
@@ -66,6 +69,7 @@ impl Link {
             broken: None,
             activity_sent: false,
             dropped: 0,
+            replacing: false,
         }
     }
 
@@ -131,7 +135,8 @@ impl Link {
     /// Sends `msg`: straight into the channel when nothing waits before it, else
     /// after what waits.
     pub fn send(&mut self, msg: &Msg) {
-        if self.broken.is_some() {
+        if self.broken.is_some() || self.replacing {
+            self.dropped += u64::from(self.replacing);
             return;
         }
         let (outbox, end, dropped) = (&mut self.outbox, &mut self.end, &mut self.dropped);
@@ -214,6 +219,9 @@ impl Link {
     /// A broken link, or one whose peer does not answer in time, is `Reset`:
     /// to the application the connection is gone.
     pub fn call(&mut self, call: Call) -> Result<Answer, SocketError> {
+        if self.replacing {
+            return Err(SocketError::Reset);
+        }
         let id = self.next_id;
         self.next_id += 1;
         self.send(&Msg::Call { id, call });

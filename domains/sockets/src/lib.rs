@@ -80,9 +80,17 @@ pub trait Transports {
     fn tcp_ready(&mut self, s: TcpId) -> Result<Ready, SocketError>;
 }
 
+/// What the sockets domain remembers of a UDP socket to bind it again on a
+/// new udp domain (a restart or a swap).
+#[derive(Debug, Clone, Copy)]
+struct UdpMeta {
+    port: u16,
+    peer: Option<(Ipv4Address, u16)>,
+}
+
 #[derive(Debug)]
 enum Kind {
-    Udp(SocketId),
+    Udp(SocketId, UdpMeta),
     Echo {
         ident: u16,
         replies: VecDeque<(Ipv4Address, u16, Vec<u8>)>,
@@ -191,7 +199,7 @@ impl SocketsCore {
         for i in 0..self.slots.len() {
             let hit = match self.slots[i].entry.as_ref().map(|e| &e.kind) {
                 Some(Kind::Tcp(_) | Kind::TcpListener(_)) => which == Lost::Tcp,
-                Some(Kind::Udp(_)) => which == Lost::Udp,
+                Some(Kind::Udp(..)) => which == Lost::Udp,
                 Some(Kind::Echo { .. }) => which == Lost::Echo,
                 _ => false,
             };
@@ -216,6 +224,35 @@ impl SocketsCore {
                     self.out.push_back((p.app, Response { id: p.id, reply: Reply::Ready { events } }));
                 }
                 _ => self.parked.push(p),
+            }
+        }
+    }
+
+    /// A new udp domain took over (a restart or a swap): every UDP socket is
+    /// bound again there on its port (and connected to its peer), so
+    /// applications keep their sockets and lose only the datagrams that were
+    /// queued in the old domain. A socket whose port cannot be bound again
+    /// becomes [`Lost`].
+    pub fn udp_replaced<T: Transports>(&mut self, t: &mut T) {
+        for i in 0..self.slots.len() {
+            let Some(Entry { kind: Kind::Udp(_, meta), .. }) = self.slots[i].entry.as_ref() else { continue };
+            let meta = *meta;
+            let again = t.udp_bind(meta.port).and_then(|s| match meta.peer {
+                Some((addr, port)) => t.udp_connect(s, addr, port).map(|_| s),
+                None => Ok(s),
+            });
+            match again {
+                Ok(s) => {
+                    if let Some(e) = self.slots[i].entry.as_mut() {
+                        e.kind = Kind::Udp(s, meta);
+                    }
+                }
+                Err(_) => {
+                    self.unpark_slot(i, SocketError::Reset);
+                    if let Some(e) = self.slots[i].entry.as_mut() {
+                        e.kind = Kind::Lost;
+                    }
+                }
             }
         }
     }
@@ -274,7 +311,7 @@ impl SocketsCore {
         self.unpark_slot(i, SocketError::StaleHandle);
         if let Some(e) = self.slots[i].entry.take() {
             match e.kind {
-                Kind::Udp(s) => {
+                Kind::Udp(s, _) => {
                     let _ = t.udp_close(s);
                 }
                 Kind::Echo { ident, .. } => {
@@ -310,11 +347,20 @@ impl SocketsCore {
         let r = match call {
             Call::UdpBind { port } => t.udp_bind(port).and_then(|s| {
                 let local = t.udp_port(s)?;
-                Ok(Reply::Bound { handle: self.insert(app, Kind::Udp(s)), port: local })
+                Ok(Reply::Bound {
+                    handle: self.insert(app, Kind::Udp(s, UdpMeta { port: local, peer: None })),
+                    port: local,
+                })
             }),
-            Call::UdpConnect { handle, addr, port } => {
-                self.udp(app, handle).and_then(|s| t.udp_connect(s, Ipv4Address::from(addr), port).map(|_| Reply::Done))
-            }
+            Call::UdpConnect { handle, addr, port } => self.udp(app, handle).and_then(|s| {
+                t.udp_connect(s, Ipv4Address::from(addr), port)?;
+                if let Ok(i) = self.check(app, handle) {
+                    if let Some(Entry { kind: Kind::Udp(_, meta), .. }) = self.slots[i].entry.as_mut() {
+                        meta.peer = Some((Ipv4Address::from(addr), port));
+                    }
+                }
+                Ok(Reply::Done)
+            }),
             Call::UdpSend { handle, to, data } => self.udp(app, handle).and_then(|s| {
                 let to = to.map(|(a, p)| (Ipv4Address::from(a), p));
                 t.udp_send(s, to, &data).map(|_| Reply::Done)
@@ -481,7 +527,7 @@ impl SocketsCore {
                 }
                 // UDP readiness would need a peek at the udp core's queue: report
                 // writable only; receive with `wait` instead.
-                Ok(Some(Entry { kind: Kind::Udp(_), .. })) => WRITABLE,
+                Ok(Some(Entry { kind: Kind::Udp(..), .. })) => WRITABLE,
                 Ok(Some(Entry { kind: Kind::Lost, .. })) => ERROR | HANGUP,
                 _ => ERROR,
             };
@@ -496,7 +542,7 @@ impl SocketsCore {
     fn udp(&self, app: AppId, h: Handle) -> Result<SocketId, SocketError> {
         let i = self.check(app, h)?;
         match &self.slots[i].entry {
-            Some(Entry { kind: Kind::Udp(s), .. }) => Ok(*s),
+            Some(Entry { kind: Kind::Udp(s, _), .. }) => Ok(*s),
             Some(Entry { kind: Kind::Lost, .. }) => Err(SocketError::Reset),
             _ => Err(SocketError::WrongKind),
         }
@@ -505,7 +551,7 @@ impl SocketsCore {
     fn take_ready<T: Transports>(&mut self, i: usize, max: u32, t: &mut T) -> Result<Option<Reply>, SocketError> {
         let Some(e) = self.slots[i].entry.as_mut() else { return Err(SocketError::StaleHandle) };
         match &mut e.kind {
-            Kind::Udp(s) => match t.udp_recv(*s) {
+            Kind::Udp(s, _) => match t.udp_recv(*s) {
                 Ok(Some(d)) => Ok(Some(Reply::Datagram { from: (d.src.octets(), d.src_port), data: d.data })),
                 Ok(None) => Ok(None),
                 Err(e) => Err(e),

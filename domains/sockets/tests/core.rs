@@ -298,3 +298,24 @@ fn a_restarted_transport_resets_its_sockets_and_spares_the_others() {
     let r = call(&mut core, &mut t, a, 5, Call::UdpSend { handle: u, to: Some((PEER.octets(), 9)), data: vec![1] });
     assert_eq!(r, Some(Reply::Done));
 }
+
+#[test]
+fn a_replaced_udp_domain_gets_every_socket_bound_again() {
+    let (mut core, mut t, a, _) = setup();
+    let h = bind(&mut core, &mut t, a, 5353);
+    let r = call(&mut core, &mut t, a, 1, Call::UdpConnect { handle: h, addr: PEER.octets(), port: 53 });
+    assert_eq!(r, Some(Reply::Done));
+    // A new udp domain with none of the old one's sockets.
+    t.udp = UdpCore::new(US, 1 << 16);
+    core.udp_replaced(&mut t);
+    let r = call(&mut core, &mut t, a, 2, Call::UdpSend { handle: h, to: None, data: b"again".to_vec() });
+    assert_eq!(r, Some(Reply::Done), "the same handle, connected as before");
+    match t.udp.pop_output() {
+        Some(capnet_udp::Output::Send { dst, segment }) => {
+            assert_eq!(dst, PEER);
+            assert_eq!(u16::from_be_bytes([segment[0], segment[1]]), 5353, "from the same port");
+            assert_eq!(u16::from_be_bytes([segment[2], segment[3]]), 53, "to the same peer");
+        }
+        o => panic!("no datagram: {o:?}"),
+    }
+}

@@ -145,6 +145,12 @@ pub fn echo_serve_tcp(netns: &str, port: u16) -> Result<()> {
     Ok(())
 }
 
+/// An error a UDP service rides out: an ICMP error for an earlier datagram, or
+/// its transport being restarted or swapped.
+fn transient(e: &std::io::Error) -> bool {
+    matches!(e.kind(), std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::ConnectionReset)
+}
+
 /// `capnet echo-serve --udp`.
 pub fn echo_serve(netns: &str, port: u16) -> Result<()> {
     let stop = Arc::new(AtomicBool::new(false));
@@ -158,11 +164,14 @@ pub fn echo_serve(netns: &str, port: u16) -> Result<()> {
     let mut echoed = 0u64;
     while !stop.load(Ordering::Relaxed) {
         match sock.recv_from(&mut buf) {
-            Ok((n, from)) => {
-                sock.send_to(&buf[..n], from)?;
-                echoed += 1;
-            }
-            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
+            Ok((n, from)) => match sock.send_to(&buf[..n], from) {
+                Ok(_) => echoed += 1,
+                // A datagram that cannot go now (the peer refused an earlier
+                // one, the udp domain is being restarted) is lost, as UDP may.
+                Err(e) if transient(&e) && !stack.is_gone() => {}
+                Err(e) => return Err(e.into()),
+            },
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut || (transient(&e) && !stack.is_gone()) => {}
             Err(e) => return Err(e.into()),
         }
     }

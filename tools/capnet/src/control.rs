@@ -30,6 +30,13 @@ pub enum Request {
     Capture,
     /// Restart a domain (its group) now, as if it had died.
     Restart(String),
+    /// Replace a domain with another program (`capnet swap DOMAIN --with BINARY`).
+    Swap {
+        /// The domain.
+        domain: String,
+        /// The new program's absolute path.
+        binary: String,
+    },
 }
 
 /// What the supervisor answers.

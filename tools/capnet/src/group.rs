@@ -479,7 +479,7 @@ enum Side {
 
 fn control(
     sock: &UnixStream,
-    sockets: Option<&mut SocketsHost>,
+    mut sockets: Option<&mut SocketsHost>,
     engine: &mut Engine,
     tap: &FrameTap,
     relinks: &mut Relinks,
@@ -521,6 +521,10 @@ fn control(
                 };
                 relinks.pending.retain(|(n, _)| n != c);
                 relinks.pending.push((c.clone(), side));
+                // Until the new peer is joined, nothing waits on the old one.
+                if let Some(link) = engine.host().cores().links.iter_mut().find(|x| (x.local, x.remote) == (l, r)) {
+                    link.replacing = true;
+                }
                 send_msg(sock, &Event::Relinked(c.clone()))?;
                 return Ok(());
             }
@@ -529,6 +533,14 @@ fn control(
                 (Side::Msg(half), engine) => {
                     let end = half.attach(end_of(l, r), MsgGrant { area: next()?, pool: next()? })?;
                     engine.host().cores().replace_link(Link::new(l, r, end));
+                    if (l, r) == (Kind::Sockets, Kind::Udp) {
+                        // A new udp domain: every UDP socket bound again there,
+                        // before any application call can reach it.
+                        if let Some(s) = sockets.as_mut() {
+                            s.core.udp_replaced(engine.host().cores());
+                            tracing::info!("every UDP socket is bound again on the new udp domain");
+                        }
+                    }
                 }
                 (Side::Frames(half), Engine::Stack(stack)) => {
                     stack.rejoin(half, HalfGrant { pool: next()?, r_area: next()?, t_area: next()? })?

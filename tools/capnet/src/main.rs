@@ -60,6 +60,19 @@ enum Command {
     Logs(LogsArgs),
     /// Restart a domain now (its group), with fresh channels, as if it had died.
     Restart(RestartArgs),
+    /// Replace a domain with another program while the rest keeps running (udp).
+    Swap(SwapArgs),
+}
+
+#[derive(Debug, Args)]
+struct SwapArgs {
+    #[command(flatten)]
+    target: Target,
+    /// The domain to replace.
+    domain: String,
+    /// The new program (absolute path; not writable by others).
+    #[arg(long = "with")]
+    with: std::path::PathBuf,
 }
 
 #[derive(Debug, Args)]
@@ -245,6 +258,20 @@ fn restart(netns: &str, domain: &str) -> anyhow::Result<()> {
     }
 }
 
+/// `capnet swap DOMAIN --with BINARY`.
+fn swap(netns: &str, domain: &str, binary: &std::path::Path) -> anyhow::Result<()> {
+    let binary = std::path::absolute(binary)?.display().to_string();
+    let req = control::Request::Swap { domain: domain.to_owned(), binary: binary.clone() };
+    match control::ask(netns, &req)? {
+        control::Reply::Ok => {
+            println!("capnet swap: {domain} is being replaced by {binary} (`capnet status` shows its new pid)");
+            Ok(())
+        }
+        control::Reply::Refused(why) => anyhow::bail!("{why}"),
+        other => anyhow::bail!("unexpected answer {other:?}"),
+    }
+}
+
 /// `capnet graph`.
 fn graph(args: GraphArgs) -> anyhow::Result<()> {
     use capnet::graph::{Graph, DEFAULT, MONO, TWO_GROUP};
@@ -275,6 +302,7 @@ fn main() -> ExitCode {
         Command::HttpGet(h) => http::get(&h.target.netns, &h.url, h.output.as_deref()),
         Command::Graph(g) => graph(g),
         Command::Restart(r) => restart(&r.target.netns, &r.domain),
+        Command::Swap(w) => swap(&w.target.netns, &w.domain, &w.with),
         Command::Logs(l) => logs::show(&l.target.netns, l.domain.as_deref(), l.follow),
         Command::Capture(c) => capture::capture(&c.target.netns, c.write.as_deref(), c.count, c.seconds),
     };

@@ -90,6 +90,13 @@ pub struct Stack {
 }
 
 impl Stack {
+    /// Whether the stack went away (the supervisor exited or cut this
+    /// application off): a `ConnectionReset` then is for good, where otherwise it
+    /// may be a transport restarting.
+    pub fn is_gone(&self) -> bool {
+        self.conn.lock().map_or(true, |c| c.peer_gone())
+    }
+
     /// Attaches to the stack `capnet up` started in namespace `netns`.
     pub fn attach(netns: &str) -> io::Result<Self> {
         let path = crate::attach::app_socket(netns);

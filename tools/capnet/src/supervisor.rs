@@ -446,11 +446,9 @@ impl Running {
     /// shared a channel with them adopt new sides of it, the new processes get
     /// those, and the old sides' users learn what state they lost.
     fn restart(&mut self, set: &[usize], cause: &str) -> Result<()> {
-        for &s in set {
-            let _ = self.groups[s].child.kill();
-        }
         // What the others lost with them.
-        let lost: Vec<(Kind, &str)> = [(Kind::Tcp, "tcp"), (Kind::Udp, "udp"), (Kind::Ip, "echo")]
+        // (UDP sockets are bound again on the new udp domain once it is joined.)
+        let lost: Vec<(Kind, &str)> = [(Kind::Tcp, "tcp"), (Kind::Ip, "echo")]
             .into_iter()
             .filter(|(k, _)| set.iter().any(|&s| self.runs(s, *k)))
             .collect();
@@ -494,6 +492,11 @@ impl Running {
                 relinked.push((h, c));
             }
         }
+        // Only now the old processes go (a swapped one was still serving until
+        // its neighbours stopped waiting on it).
+        for &s in set {
+            let _ = self.groups[s].child.kill();
+        }
         for &s in set {
             let mut p = self.spawn(s, &mut sides, false)?;
             p.restarts = self.groups[s].restarts + 1;
@@ -532,6 +535,74 @@ impl Running {
         }
         Ok(())
     }
+}
+
+/// A change asked for on the control socket.
+enum Change {
+    /// `capnet restart DOMAIN`.
+    Restart(String),
+    /// `capnet swap DOMAIN --with BINARY`.
+    Swap(String, String),
+}
+
+impl Running {
+    /// Checks a requested change; gives the group to restart and why. A swap
+    /// also changes the domain's program in the graph (later restarts keep it).
+    fn change(&mut self, change: &Change) -> Result<(usize, String)> {
+        let (domain, binary) = match change {
+            Change::Restart(d) => (d, None),
+            Change::Swap(d, b) => (d, Some(b)),
+        };
+        let gi = self
+            .groups
+            .iter()
+            .position(|g| g.domains.contains(domain))
+            .ok_or_else(|| anyhow::anyhow!("there is no domain {domain:?}"))?;
+        let Some(binary) = binary else { return Ok((gi, "restarted on request".into())) };
+        match kind_in(&self.graph, domain) {
+            Some(Kind::Udp) => {}
+            Some(Kind::Tcp) => bail!("swapping tcp (new connections to the new domain while the old one finishes its own) is not built yet; `capnet restart tcp` restarts it"),
+            Some(k) => bail!("swapping the {k} domain is not supported: udp can be swapped"),
+            None => bail!("there is no domain {domain:?}"),
+        }
+        if self.groups[gi].domains.len() != 1 {
+            bail!(
+                "{domain} shares its process with {}: a swap replaces one domain's process",
+                self.groups[gi].domains.join(", ")
+            );
+        }
+        check_binary(binary)?;
+        if let Some(d) = self.graph.domains.iter_mut().find(|d| d.name == *domain) {
+            d.binary = binary.clone();
+        }
+        Ok((gi, format!("swapped for {binary}")))
+    }
+}
+
+/// A program the supervisor may start as a domain: an absolute path to an
+/// executable regular file that only root or the supervisor's user owns and
+/// nobody else may write (it runs with the authority the graph grants).
+fn check_binary(path: &str) -> Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let p = std::path::Path::new(path);
+    if !p.is_absolute() {
+        bail!("{path}: give the binary's absolute path");
+    }
+    let m = std::fs::metadata(p).with_context(|| format!("{path}: cannot read it"))?;
+    if !m.is_file() {
+        bail!("{path} is not a regular file");
+    }
+    if m.mode() & 0o111 == 0 {
+        bail!("{path} is not executable");
+    }
+    if m.mode() & 0o022 != 0 {
+        bail!("{path} is writable by others (mode {:o}): refusing to run it as a domain", m.mode() & 0o777);
+    }
+    let me = nix::unistd::geteuid().as_raw();
+    if m.uid() != 0 && m.uid() != me {
+        bail!("{path} belongs to uid {}, neither root nor the supervisor's user", m.uid());
+    }
+    Ok(())
 }
 
 /// The kind of domain `d` in `graph`.
@@ -650,7 +721,7 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
     std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
     std::fs::write(dir.join("pid"), format!("{}\n", std::process::id()))?;
     let (capture_tx, capture_rx) = std::sync::mpsc::channel::<UnixStream>();
-    let (restart_tx, restart_rx) = std::sync::mpsc::channel::<(String, UnixStream)>();
+    let (restart_tx, restart_rx) = std::sync::mpsc::channel::<(Change, UnixStream)>();
     {
         let (snapshot, stop) = (snapshot.clone(), stop.clone());
         std::thread::Builder::new()
@@ -718,14 +789,14 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
         }
         due.sort_by_key(|(i, _)| *i);
         due.dedup_by_key(|(i, _)| *i);
-        while let Ok((domain, conn)) = restart_rx.try_recv() {
-            match running.groups.iter().position(|g| g.domains.contains(&domain)) {
-                Some(i) => {
-                    due.push((i, "restarted on request".into()));
+        while let Ok((change, conn)) = restart_rx.try_recv() {
+            match running.change(&change) {
+                Ok((i, cause)) => {
+                    due.push((i, cause));
                     let _ = send(&conn, &Reply::Ok);
                 }
-                None => {
-                    let _ = send(&conn, &Reply::Refused(format!("there is no domain {domain:?}")));
+                Err(e) => {
+                    let _ = send(&conn, &Reply::Refused(format!("{e:#}")));
                 }
             }
         }
@@ -873,7 +944,7 @@ fn serve(
     snapshot: Arc<Mutex<String>>,
     stop: Arc<AtomicBool>,
     captures: std::sync::mpsc::Sender<UnixStream>,
-    restarts: std::sync::mpsc::Sender<(String, UnixStream)>,
+    restarts: std::sync::mpsc::Sender<(Change, UnixStream)>,
 ) {
     let me = nix::unistd::geteuid().as_raw();
     for conn in listener.incoming() {
@@ -897,7 +968,18 @@ fn serve(
                 continue;
             }
             Ok(Request::Restart(domain)) => {
-                let _ = restarts.send((domain, conn));
+                let _ = restarts.send((Change::Restart(domain), conn));
+                continue;
+            }
+            Ok(Request::Swap { domain, binary }) => {
+                // Swap starts code with the supervisor's authority: its own user only.
+                let own = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)
+                    .is_ok_and(|c| c.uid() == me);
+                if !own {
+                    let _ = send(&conn, &Reply::Refused("only the supervisor's own user may swap a domain".into()));
+                    continue;
+                }
+                let _ = restarts.send((Change::Swap(domain, binary), conn));
                 continue;
             }
             Err(e) => Reply::Refused(format!("bad request: {e}")),

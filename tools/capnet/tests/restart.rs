@@ -195,3 +195,84 @@ fn capnet_restart_restarts_a_domain_on_request() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("no domain \"sctp\""));
 }
+
+/// Sends a numbered datagram to the stack's UDP echo every 10 ms for 4 s and
+/// prints: sent, received, last number echoed.
+const UDP_LOOP: &str = "
+import socket, time
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.settimeout(0.005)
+s.connect(('10.77.0.2', 7))
+got, last, n = set(), -1, 400
+for i in range(n):
+    s.send(str(i).encode())
+    end = time.time() + 0.01
+    while time.time() < end:
+        try:
+            k = int(s.recv(100)); got.add(k); last = max(last, k)
+        except (socket.timeout, ConnectionRefusedError, ValueError):
+            pass
+end = time.time() + 0.5
+while time.time() < end:
+    try:
+        k = int(s.recv(100)); got.add(k); last = max(last, k)
+    except (socket.timeout, ConnectionRefusedError, ValueError):
+        pass
+print(n, len(got), last)
+";
+
+#[test]
+fn swap_udp_replaces_the_domain_while_an_echo_loop_runs() {
+    let up = Up::new(CAPNET, "rs-swap", &[]);
+    let _echo = up.spawn_capnet(&["echo-serve", "--udp", "--port", "7"]);
+    std::thread::sleep(Duration::from_millis(500));
+    // The "new" udp domain: a copy of capnet-domain, as an experimental build would be.
+    let dir = Scratch::new("rs-swap");
+    let domain_bin = std::path::Path::new(CAPNET).with_file_name("capnet-domain");
+    let next = dir.0.join("udp-next");
+    std::fs::copy(&domain_bin, &next).expect("copy capnet-domain");
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&next, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let old = domain(&up, "udp")["pid"].as_i64().expect("pid");
+    let looped = up.spawn_in_ns(&["python3", "-c", UDP_LOOP]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let out = up.capnet(&["swap", "udp", "--with", next.to_str().expect("utf-8")]);
+    assert!(out.status.success(), "swap: {}", String::from_utf8_lossy(&out.stderr));
+    let d = restarted(&up, "udp", old);
+    assert_eq!(d["last_error"], format!("swapped for {}", next.display()));
+    let exe = std::fs::read_link(format!("/proc/{}/exe", d["pid"])).expect("the new domain's program");
+    assert_eq!(exe, next, "the udp domain runs the new program");
+    // That loop only kept traffic flowing across the first swap; the counted one
+    // runs across a second swap, back to the stock program.
+    drop(looped);
+    let counted = |swap_to: Option<&std::path::Path>| {
+        let child = std::process::Command::new("ip")
+            .args(["netns", "exec", up.name(), "python3", "-c", UDP_LOOP])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("udp loop");
+        if let Some(bin) = swap_to {
+            std::thread::sleep(Duration::from_millis(1500));
+            let out = up.capnet(&["swap", "udp", "--with", bin.to_str().expect("utf-8")]);
+            assert!(out.status.success(), "swap: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        let out = child.wait_with_output().expect("loop");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let v: Vec<i64> = text.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+        assert_eq!(v.len(), 3, "loop output: {text}");
+        (v[0], v[1], v[2])
+    };
+    let (sent, got, last) = counted(Some(&domain_bin));
+    assert_eq!(last, sent - 1, "the echo goes on after the swap ({got} of {sent})");
+    assert!(sent - got <= 40, "only the datagrams in flight during the swap are lost: {got} of {sent}");
+    // What may not be swapped in, and what cannot be swapped yet.
+    std::fs::set_permissions(&next, std::fs::Permissions::from_mode(0o777)).expect("chmod");
+    let out = up.capnet(&["swap", "udp", "--with", next.to_str().expect("utf-8")]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("writable by others"), "{out:?}");
+    let out = up.capnet(&["swap", "udp", "--with", "/nonexistent/udp"]);
+    assert!(!out.status.success());
+    let out = up.capnet(&["swap", "tcp", "--with", domain_bin.to_str().expect("utf-8")]);
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not built yet"), "{out:?}");
+}
