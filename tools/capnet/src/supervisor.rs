@@ -497,10 +497,12 @@ impl Running {
         for &s in set {
             let _ = self.groups[s].child.kill();
         }
+        let first = self.groups[set[0]].domains.join("+");
         for &s in set {
             let mut p = self.spawn(s, &mut sides, false)?;
             p.restarts = self.groups[s].restarts + 1;
-            p.last_error = Some(cause.to_owned());
+            // The first of the set is why; the others come along.
+            p.last_error = Some(if s == set[0] { cause.to_owned() } else { format!("restarted with {first} ({cause})") });
             self.groups[s] = p;
         }
         for &s in set {
