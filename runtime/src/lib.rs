@@ -491,7 +491,13 @@ impl Cores {
                 let answer = self.answer(l.local, call);
                 l.send(&Msg::Answer { id, answer });
             }
-            (Kind::Sockets, Msg::Activity) => self.activity = true,
+            (Kind::Sockets, Msg::Activity) => {
+                l.unasked_activity += 1;
+                if l.unasked_activity > link::MAX_UNASKED_ACTIVITY {
+                    l.protocol_error(format!("{} floods activity notices nobody asked for", l.remote));
+                }
+                self.activity = true
+            }
             // An answer nobody waits for (its call gave up): dropped.
             (Kind::Sockets, Msg::Answer { .. }) => {}
             (_, other) => l.protocol_error(format!("{} sent {other:?}, which it may not send here", l.remote)),

@@ -53,7 +53,14 @@ pub struct Link {
     /// The peer is being replaced (restart or swap): sends are dropped and
     /// calls fail at once until the new channel takes this one's place.
     pub replacing: bool,
+    /// `Activity` notices received since our last call (sockets side): the
+    /// protocol allows one; a flood of them breaks the link.
+    pub unasked_activity: u32,
 }
+
+/// `Activity` notices a transport may send between two calls before the sockets
+/// domain counts it as flooding (the protocol sends one).
+pub const MAX_UNASKED_ACTIVITY: u32 = 64;
 
 impl Link {
     /// A link over `end` from domain `local` to domain `remote`.
@@ -70,6 +77,7 @@ impl Link {
             activity_sent: false,
             dropped: 0,
             replacing: false,
+            unasked_activity: 0,
         }
     }
 
@@ -125,6 +133,31 @@ impl Link {
     /// test (what a compromised domain could do to the area it owns).
     pub fn scribble(&mut self, garbage: u32) {
         self.end.channel().scribble(garbage);
+    }
+
+    /// Sends the peer a return of a loan it never made: the hostile mode of a
+    /// test (the peer's pool refuses it and the peer breaks the link).
+    pub fn return_foreign_loan(&mut self) {
+        // Our end is A when our kind comes first; the peer's pool is its end's + 1.
+        let peer_pool = if self.local < self.remote { 2 } else { 1 };
+        let d = capnet_ipc::Descriptor {
+            pool: peer_pool,
+            flags: capnet_ipc::Descriptor::RETURN,
+            index: 7,
+            offset: 0,
+            len: 64,
+        };
+        let _ = self.end.channel().send(&[d]);
+    }
+
+    /// Sends `n` messages as fast as the channel takes them: the hostile mode of
+    /// a test (a flood of activity notices).
+    pub fn flood(&mut self, n: usize) {
+        for _ in 0..n {
+            let _ = encode_with(&Msg::Activity, |bytes| {
+                let _ = self.end.send(bytes);
+            });
+        }
     }
 
     /// Whether messages wait for room (or for the answer to a call).
@@ -224,6 +257,7 @@ impl Link {
         }
         let id = self.next_id;
         self.next_id += 1;
+        self.unasked_activity = 0;
         self.send(&Msg::Call { id, call });
         let deadline = Instant::now() + CALL_DEADLINE;
         loop {

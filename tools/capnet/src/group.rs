@@ -428,7 +428,9 @@ fn broken_channels(engine: &mut Engine, links: &[(String, Kind, Kind)]) -> Vec<(
 /// The test-only hostile mode (debug builds only; release builds have no such
 /// code): `CAPNET_HOSTILE=KIND:ACTION:DELAY_MS` makes the group running KIND, in
 /// its first life, do ACTION once DELAY_MS after it started — `syscall` (one its
-/// policy forbids) or `garbage` (write garbage over every channel area it owns).
+/// policy forbids), `garbage` (write garbage over every channel area it owns),
+/// `loans` (return a loan it never had on every channel) or `flood` (send ten
+/// thousand activity notices on every channel).
 #[cfg(debug_assertions)]
 fn hostile_plan(kinds: &[Kind]) -> Option<(String, Duration)> {
     let v = std::env::var("CAPNET_HOSTILE").ok()?;
@@ -455,6 +457,16 @@ fn hostile_act(action: &str, engine: &mut Engine, driver: Option<&capnet_runtime
             }
             for l in &mut engine.host().cores().links {
                 l.scribble(garbage);
+            }
+        }
+        "loans" => {
+            for l in &mut engine.host().cores().links {
+                l.return_foreign_loan();
+            }
+        }
+        "flood" => {
+            for l in &mut engine.host().cores().links {
+                l.flood(10_000);
             }
         }
         other => tracing::warn!("hostile mode: unknown action {other}"),

@@ -502,7 +502,8 @@ impl Running {
             let mut p = self.spawn(s, &mut sides, false)?;
             p.restarts = self.groups[s].restarts + 1;
             // The first of the set is why; the others come along.
-            p.last_error = Some(if s == set[0] { cause.to_owned() } else { format!("restarted with {first} ({cause})") });
+            p.last_error =
+                Some(if s == set[0] { cause.to_owned() } else { format!("restarted with {first} ({cause})") });
             self.groups[s] = p;
         }
         for &s in set {

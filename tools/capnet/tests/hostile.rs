@@ -3,8 +3,9 @@
 //! debug builds only): a domain that writes garbage over its channel areas is
 //! detected by its neighbours, reported, cut off and restarted, while the
 //! neighbours keep running with their state — pings and an established TCP
-//! connection keep working; a domain that makes a forbidden syscall is reported
-//! with the syscall's name and restarted.
+//! connection keep working; one that returns loans it never had, or floods its
+//! neighbours with notices nobody asked for, likewise; a domain that makes a
+//! forbidden syscall is reported with the syscall's name and restarted.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -117,4 +118,21 @@ fn a_forbidden_syscall_is_named_and_the_domain_restarted() {
     assert_eq!(d["restarts"], 1, "{d}");
     let logs = up.capnet(&["logs", "supervisor"]);
     assert!(String::from_utf8_lossy(&logs.stdout).contains("sandbox violation: syscall socket"), "the log says it too");
+}
+
+#[test]
+fn returning_foreign_loans_or_flooding_is_cut_off_too() {
+    for action in ["loans", "flood"] {
+        let up = hostile_up(&format!("ho-{action}"), &format!("udp:{action}:1500"));
+        let before = domains(&up);
+        let d = restarted(&up, "udp");
+        let why = d["last_error"].as_str().unwrap_or_default().to_owned();
+        assert!(why.contains("cut off") && why.contains("broke channel"), "{action}: {d}");
+        let after = domains(&up);
+        for n in ["driver", "ip", "tcp", "sockets"] {
+            assert_eq!(pid_of(&after, n), pid_of(&before, n), "udp {action}: {n} kept its process");
+        }
+        let ping = up.in_ns(&["ping", "-c", "2", "-i", "0.2", "-W", "2", "10.77.0.2"]);
+        assert!(capnet_testkit::ping_received(&ping) >= 1, "udp {action}: pings: {ping:?}");
+    }
 }
