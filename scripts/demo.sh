@@ -76,7 +76,7 @@ cmp -s "$WWW/file" "$WWW/get-got" || fail "http-get's copy differs"
 echo "http-get's copy is byte-exact"
 
 say "Surviving a crash: kill -9 of the ip domain while curl fetches the 20 MB file again"
-echo "   the supervisor restarts ip (and the driver, whose threads hold ip's frame channel) with fresh channels;"
+echo "   the supervisor restarts ip with fresh channels to the driver, tcp, udp and sockets, which keep running;"
 echo "   tcp, in its own process, keeps the connection, and retransmission covers the gap"
 "$CAPNET" http-serve --netns "$NS" "$WWW" --port 80 & HTTP=$!
 for _ in $(seq 50); do ip netns exec "$NS" curl -s -o /dev/null --max-time 1 http://10.77.0.2/ && break; sleep 0.1; done
@@ -138,7 +138,7 @@ echo "   pinged it (also with fragmented 4000-byte pings), got ICMP port unreach
 echo "   capnet ping (an application process) pinged the kernel, capnet echo-serve echoed a 20000-byte datagram;"
 echo "   curl fetched 20 MB from capnet http-serve and capnet http-get fetched it from Python's http.server, byte-exact;"
 echo "   capnet capture showed the fetch's handshake to tcpdump; capnet status counted $replies echo replies;"
-echo "   a kill -9 of ip mid-transfer was survived byte-exact (ip and the driver restarted, tcp kept the connection);"
+echo "   a kill -9 of ip mid-transfer was survived byte-exact (ip restarted, every other domain kept its process);"
 echo "   the udp domain was swapped for another program while an echo loop ran;"
 echo "   capnet logs showed each domain's log, and capnet down removed the processes, the namespace and its TAP."
 echo "   Not yet shown: a live swap of tcp (new connections to the new domain, old ones finishing on the old)."

@@ -70,6 +70,7 @@ pub struct Driver {
     /// Garbage for each thread to write over its channel indices (the hostile
     /// mode of a test); 0: none.
     scribble: Arc<std::sync::atomic::AtomicU32>,
+    rejoin: Arc<Rejoin>,
     live: [Arc<std::sync::Mutex<DeviceStats>>; 2],
     reader: JoinHandle<Result<DeviceStats, RuntimeError>>,
     writer: JoinHandle<Result<DeviceStats, RuntimeError>>,
@@ -92,6 +93,22 @@ impl Driver {
     /// mode of a test (what a compromised driver could do to areas it owns).
     pub fn scribble(&self, garbage: u32) {
         self.scribble.store(garbage.max(1), Ordering::Release);
+    }
+
+    /// Joins a restarted stack group: the threads drop the old channels (and
+    /// whatever the old ip domain held of the rx pool) and carry on with the new.
+    pub fn rejoin(&self, half: DriverHalf, stack: HalfGrant) -> Result<(), RuntimeError> {
+        let params = ChannelParams::default();
+        let Half { pool: mut rx_pool, r_area, t_area } = half.0;
+        let stack_reader = rx_pool.add_reader(QUOTA);
+        let tx_view = PoolView::attach(stack.pool, TX_POOL).map_err(peer_err)?;
+        let r = shm_channel::attach::<Descriptor>(r_area, stack.r_area, End::A, params).map_err(peer_err)?;
+        let t = shm_channel::attach::<Descriptor>(t_area, stack.t_area, End::B, params).map_err(peer_err)?;
+        *self.rejoin.reader.lock().unwrap_or_else(|e| e.into_inner()) = Some((rx_pool, stack_reader, r));
+        *self.rejoin.writer.lock().unwrap_or_else(|e| e.into_inner()) = Some((tx_view, t));
+        self.rejoin.pending[0].store(true, Ordering::Release);
+        self.rejoin.pending[1].store(true, Ordering::Release);
+        Ok(())
     }
 
     /// Stops both threads and returns their combined counters.
@@ -191,6 +208,18 @@ impl DriverHalf {
         self.0.grant()
     }
 
+    /// The driver's half in blank regions (the sizes [`StackHalf::blank`] makes):
+    /// mapped, sealed and laid out here, for a sandboxed driver to rejoin a
+    /// restarted stack group with.
+    pub fn adopt(blank: HalfGrant) -> Result<Self, RuntimeError> {
+        let params = ChannelParams::default();
+        Ok(Self(Half {
+            pool: BufferPool::adopt(blank.pool, RX_POOL, PoolLayout::with_count(POOL_BUFFERS)).map_err(ipc_err)?,
+            r_area: shm_channel::adopt_area::<Descriptor>(blank.r_area, End::A, params).map_err(ipc_err)?,
+            t_area: shm_channel::adopt_area::<Descriptor>(blank.t_area, End::B, params).map_err(ipc_err)?,
+        }))
+    }
+
     /// Joins the stack group's grant and starts the reader and writer threads on
     /// the device fd (`vnet`: its frames carry the virtio-net header). When this
     /// returns, both threads have started, so a sandbox entered next covers them
@@ -212,14 +241,23 @@ impl DriverHalf {
         let t_driver = shm_channel::attach::<Descriptor>(t_area, stack.t_area, End::B, params).map_err(peer_err)?;
         let stop = Arc::new(AtomicBool::new(false));
         let scribble = Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let rejoin = Arc::new(Rejoin::default());
         let wfd = fd.try_clone()?;
         let (inbound, outbound) = (Stage::new(link.inbound)?, Stage::new(link.outbound)?);
         let live: [Arc<std::sync::Mutex<DeviceStats>>; 2] = [Arc::default(), Arc::default()];
         let started = Arc::new(std::sync::Barrier::new(3));
         let reader = {
             let (stop, live, started) = (stop.clone(), live[0].clone(), started.clone());
-            let side =
-                DeviceSide { fd, vnet, tap: tap.clone(), scribble: scribble.clone(), impair: inbound, stop, live };
+            let side = DeviceSide {
+                fd,
+                vnet,
+                tap: tap.clone(),
+                scribble: scribble.clone(),
+                rejoin: rejoin.clone(),
+                impair: inbound,
+                stop,
+                live,
+            };
             std::thread::Builder::new().name("driver-rx".into()).spawn(move || {
                 started.wait();
                 reader_loop(side, rx_pool, stack_reader, r_driver)
@@ -227,14 +265,23 @@ impl DriverHalf {
         };
         let writer = {
             let (stop, live, started) = (stop.clone(), live[1].clone(), started.clone());
-            let side = DeviceSide { fd: wfd, vnet, tap, scribble: scribble.clone(), impair: outbound, stop, live };
+            let side = DeviceSide {
+                fd: wfd,
+                vnet,
+                tap,
+                scribble: scribble.clone(),
+                rejoin: rejoin.clone(),
+                impair: outbound,
+                stop,
+                live,
+            };
             std::thread::Builder::new().name("driver-tx".into()).spawn(move || {
                 started.wait();
                 writer_loop(side, tx_view, t_driver)
             })?
         };
         started.wait();
-        Ok(Driver { stop, scribble, live, reader, writer })
+        Ok(Driver { stop, scribble, rejoin, live, reader, writer })
     }
 }
 
@@ -343,6 +390,22 @@ pub fn start(
     Ok((stack, driver))
 }
 
+/// A new stack group's channels for the driver's threads (the old ip domain
+/// died or broke the channels): each thread takes its part at the top of its
+/// next round.
+#[derive(Default)]
+struct Rejoin {
+    reader: std::sync::Mutex<Option<(BufferPool, ReaderId, ShmEnd)>>,
+    writer: std::sync::Mutex<Option<(PoolView, ShmEnd)>>,
+    pending: [AtomicBool; 2],
+}
+
+impl std::fmt::Debug for Rejoin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Rejoin").finish_non_exhaustive()
+    }
+}
+
 /// What a driver thread needs of the device: its fd, whether frames carry the
 /// virtio-net header, its direction's impairment stage, the stop flag, and where
 /// to publish its counters.
@@ -351,6 +414,7 @@ struct DeviceSide {
     vnet: bool,
     tap: crate::FrameTap,
     scribble: Arc<std::sync::atomic::AtomicU32>,
+    rejoin: Arc<Rejoin>,
     impair: Stage,
     stop: Arc<AtomicBool>,
     live: Arc<std::sync::Mutex<DeviceStats>>,
@@ -377,96 +441,114 @@ fn send_all(
 }
 
 /// Device → rx pool → channel R; takes back returned loans.
-fn reader_loop(
-    side: DeviceSide,
-    mut pool: BufferPool,
-    stack: ReaderId,
-    mut end: ShmEnd,
-) -> Result<DeviceStats, RuntimeError> {
-    let DeviceSide { fd, vnet, tap, scribble, mut impair, stop, live } = side;
+fn reader_loop(side: DeviceSide, pool: BufferPool, stack: ReaderId, end: ShmEnd) -> Result<DeviceStats, RuntimeError> {
+    let DeviceSide { fd, vnet, tap, scribble, rejoin, mut impair, stop, live } = side;
+    let (mut pool, mut stack, mut end) = (pool, stack, end);
     let mut scribbled = false;
+    let mut broken = false;
     let mut stats = DeviceStats::default();
     let mut waiter = Waiter::new(SpinPolicy::NEVER);
     let mut buf = vec![0u8; 65536 + VNET_HDR_LEN];
     let (mut inbox, mut batch) = (Vec::with_capacity(1024), Vec::with_capacity(BATCH));
     while !stop.load(Ordering::Relaxed) {
-        let garbage = scribble.load(Ordering::Relaxed);
-        if garbage != 0 && !std::mem::replace(&mut scribbled, true) {
-            end.scribble(garbage);
-        }
-        stats.inbound = impair.stage.stats;
-        *live.lock().unwrap_or_else(|e| e.into_inner()) = stats;
-        inbox.clear();
-        end.recv(&mut inbox, 1024).map_err(peer_err)?;
-        for d in &inbox {
-            if !d.has(Descriptor::RETURN) {
-                return Err(RuntimeError::Peer(format!("stack sent {d:?} on the receive channel")));
+        if rejoin.pending[0].swap(false, Ordering::Acquire) {
+            if let Some((p, r, e)) = rejoin.reader.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                (pool, stack, end, broken) = (p, r, e, false);
             }
-            pool.give_back(stack, d).map_err(peer_err)?;
         }
-        // With offloads a frame may need a chain of buffers: read only when the
-        // longest one fits.
-        let room_bytes = (pool.layout().buf_size - pool.layout().headroom) as usize;
-        let max_chain = if vnet { (65536 + VNET_HDR_LEN).div_ceil(room_bytes) } else { 1 };
-        let quota_left = (QUOTA - pool.held_by(stack).min(QUOTA)) as usize;
-        let room = end.space_for(max_chain).map_err(peer_err)?.min(pool.free_count()).min(quota_left).min(RX_BATCH);
-        if room < max_chain {
-            // Out of buffers or ring slots: wait for the stack to return some.
-            waiter.wait(&mut [&mut end], Some(STOP_CHECK), crate::NO_TOKENS);
+        if broken {
+            // The stack broke the channel (or died): wait for a new one; the
+            // device's frames wait in its queue meanwhile.
+            std::thread::sleep(Duration::from_millis(5));
             continue;
         }
-        wait_readable(&fd, impair.due_in().map_or(STOP_CHECK, |d| d.min(STOP_CHECK)))?;
-        batch.clear();
-        // A frame larger than a buffer (a TSO super-frame) goes as a chain; it is
-        // read only when the whole chain fits the ring room left.
-        let mut lend = |frame: &[u8], batch: &mut Vec<Descriptor>| -> Result<bool, RuntimeError> {
-            let start = batch.len();
-            if !pool.fill_chain(frame, batch).map_err(ipc_err)? {
-                return Ok(false);
+        let round = (|| -> Result<(), RuntimeError> {
+            let garbage = scribble.load(Ordering::Relaxed);
+            if garbage != 0 && !std::mem::replace(&mut scribbled, true) {
+                end.scribble(garbage);
             }
-            for d in &batch[start..] {
-                pool.lend(stack, d).map_err(ipc_err)?;
-            }
-            Ok(true)
-        };
-        if impair.passthrough {
-            // Straight from the device into the pool: one copy, no allocation, and
-            // never more than fits (the rest waits in the device's queue).
-            while batch.len() + max_chain <= room {
-                let Some(n) = read_frame(&fd, &mut buf)? else { break };
-                stats.frames_read += 1;
-                let Some(frame) = plain_frame(&mut buf[..n], vnet, &mut stats) else { continue };
-                tap.record(frame);
-                impair.passed();
-                if !lend(frame, &mut batch)? {
-                    break;
+            stats.inbound = impair.stage.stats;
+            *live.lock().unwrap_or_else(|e| e.into_inner()) = stats;
+            inbox.clear();
+            end.recv(&mut inbox, 1024).map_err(peer_err)?;
+            for d in &inbox {
+                if !d.has(Descriptor::RETURN) {
+                    return Err(RuntimeError::Peer(format!("stack sent {d:?} on the receive channel")));
                 }
+                pool.give_back(stack, d).map_err(peer_err)?;
             }
-        } else {
-            while let Some(n) = read_frame(&fd, &mut buf)? {
-                stats.frames_read += 1;
-                if let Some(frame) = plain_frame(&mut buf[..n], vnet, &mut stats) {
+            // With offloads a frame may need a chain of buffers: read only when the
+            // longest one fits.
+            let room_bytes = (pool.layout().buf_size - pool.layout().headroom) as usize;
+            let max_chain = if vnet { (65536 + VNET_HDR_LEN).div_ceil(room_bytes) } else { 1 };
+            let quota_left = (QUOTA - pool.held_by(stack).min(QUOTA)) as usize;
+            let room = end.space_for(max_chain).map_err(peer_err)?.min(pool.free_count()).min(quota_left).min(RX_BATCH);
+            if room < max_chain {
+                // Out of buffers or ring slots: wait for the stack to return some.
+                waiter.wait(&mut [&mut end], Some(STOP_CHECK), crate::NO_TOKENS);
+                return Ok(());
+            }
+            wait_readable(&fd, impair.due_in().map_or(STOP_CHECK, |d| d.min(STOP_CHECK)))?;
+            batch.clear();
+            // A frame larger than a buffer (a TSO super-frame) goes as a chain; it is
+            // read only when the whole chain fits the ring room left.
+            let mut lend = |frame: &[u8], batch: &mut Vec<Descriptor>| -> Result<bool, RuntimeError> {
+                let start = batch.len();
+                if !pool.fill_chain(frame, batch).map_err(ipc_err)? {
+                    return Ok(false);
+                }
+                for d in &batch[start..] {
+                    pool.lend(stack, d).map_err(ipc_err)?;
+                }
+                Ok(true)
+            };
+            if impair.passthrough {
+                // Straight from the device into the pool: one copy, no allocation, and
+                // never more than fits (the rest waits in the device's queue).
+                while batch.len() + max_chain <= room {
+                    let Some(n) = read_frame(&fd, &mut buf)? else { break };
+                    stats.frames_read += 1;
+                    let Some(frame) = plain_frame(&mut buf[..n], vnet, &mut stats) else { continue };
                     tap.record(frame);
-                    impair.push(frame.to_vec());
+                    impair.passed();
+                    if !lend(frame, &mut batch)? {
+                        break;
+                    }
+                }
+            } else {
+                while let Some(n) = read_frame(&fd, &mut buf)? {
+                    stats.frames_read += 1;
+                    if let Some(frame) = plain_frame(&mut buf[..n], vnet, &mut stats) {
+                        tap.record(frame);
+                        impair.push(frame.to_vec());
+                    }
+                }
+                while batch.len() + max_chain <= room {
+                    let Some(frame) = impair.pop() else { break };
+                    if !lend(&frame, &mut batch)? {
+                        break;
+                    }
                 }
             }
-            while batch.len() + max_chain <= room {
-                let Some(frame) = impair.pop() else { break };
-                if !lend(&frame, &mut batch)? {
-                    break;
-                }
-            }
+            send_all(&mut end, &batch, &mut waiter, &stop)?;
+            Ok(())
+        })();
+        match round {
+            Ok(()) => {}
+            Err(RuntimeError::Peer(_)) => broken = true,
+            Err(e) => return Err(e),
         }
-        send_all(&mut end, &batch, &mut waiter, &stop)?;
     }
     stats.inbound = impair.stage.stats;
     Ok(stats)
 }
 
 /// Channel T → device; returns each loan once written.
-fn writer_loop(side: DeviceSide, view: PoolView, mut end: ShmEnd) -> Result<DeviceStats, RuntimeError> {
-    let DeviceSide { fd, vnet, tap, scribble, mut impair, stop, live } = side;
+fn writer_loop(side: DeviceSide, view: PoolView, end: ShmEnd) -> Result<DeviceStats, RuntimeError> {
+    let DeviceSide { fd, vnet, tap, scribble, rejoin, mut impair, stop, live } = side;
+    let (mut view, mut end) = (view, end);
     let mut scribbled = false;
+    let mut broken = false;
     let mut stats = DeviceStats::default();
     let mut waiter = Waiter::new(SpinPolicy::DEFAULT);
     let (mut inbox, mut returns, mut frame) =
@@ -475,47 +557,65 @@ fn writer_loop(side: DeviceSide, view: PoolView, mut end: ShmEnd) -> Result<Devi
     // chain's first descriptor said TSO.
     let mut tso = None;
     while !stop.load(Ordering::Relaxed) {
-        let garbage = scribble.load(Ordering::Relaxed);
-        if garbage != 0 && !std::mem::replace(&mut scribbled, true) {
-            end.scribble(garbage);
+        if rejoin.pending[1].swap(false, Ordering::Acquire) {
+            if let Some((v, e)) = rejoin.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                (view, end, broken) = (v, e, false);
+                frame.clear();
+            }
         }
-        stats.outbound = impair.stage.stats;
-        *live.lock().unwrap_or_else(|e| e.into_inner()) = stats;
-        while let Some(frame) = impair.pop() {
-            write_frame(&fd, &frame, vnet, None, &mut stats, &tap);
-        }
-        inbox.clear();
-        if end.recv(&mut inbox, 256).map_err(peer_err)? == 0 {
-            let wait = impair.due_in().map_or(STOP_CHECK, |d| d.min(STOP_CHECK));
-            waiter.wait(&mut [&mut end], Some(wait), crate::NO_TOKENS);
+        if broken {
+            std::thread::sleep(Duration::from_millis(5));
             continue;
         }
-        returns.clear();
-        for d in &inbox {
-            if frame.is_empty() {
-                tso = d.has(Descriptor::TSO).then_some(());
+        let round = (|| -> Result<(), RuntimeError> {
+            let garbage = scribble.load(Ordering::Relaxed);
+            if garbage != 0 && !std::mem::replace(&mut scribbled, true) {
+                end.scribble(garbage);
             }
-            view.read_into(d, &mut frame).map_err(peer_err)?;
-            returns.push(returned(d));
-            if frame.len() > MAX_FRAME + 2 {
-                return Err(RuntimeError::Peer(format!("a chain of over {MAX_FRAME} bytes")));
+            stats.outbound = impair.stage.stats;
+            *live.lock().unwrap_or_else(|e| e.into_inner()) = stats;
+            while let Some(frame) = impair.pop() {
+                write_frame(&fd, &frame, vnet, None, &mut stats, &tap);
             }
-            if d.has(Descriptor::MORE) {
-                continue;
+            inbox.clear();
+            if end.recv(&mut inbox, 256).map_err(peer_err)? == 0 {
+                let wait = impair.due_in().map_or(STOP_CHECK, |d| d.min(STOP_CHECK));
+                waiter.wait(&mut [&mut end], Some(wait), crate::NO_TOKENS);
+                return Ok(());
             }
-            let (body, mss) = match tso {
-                Some(()) if frame.len() > 2 => (&frame[2..], Some(u16::from_le_bytes([frame[0], frame[1]]))),
-                _ => (&frame[..], None),
-            };
-            if impair.passthrough {
-                impair.passed();
-                write_frame(&fd, body, vnet, mss, &mut stats, &tap);
-            } else {
-                impair.push(body.to_vec());
+            returns.clear();
+            for d in &inbox {
+                if frame.is_empty() {
+                    tso = d.has(Descriptor::TSO).then_some(());
+                }
+                view.read_into(d, &mut frame).map_err(peer_err)?;
+                returns.push(returned(d));
+                if frame.len() > MAX_FRAME + 2 {
+                    return Err(RuntimeError::Peer(format!("a chain of over {MAX_FRAME} bytes")));
+                }
+                if d.has(Descriptor::MORE) {
+                    continue;
+                }
+                let (body, mss) = match tso {
+                    Some(()) if frame.len() > 2 => (&frame[2..], Some(u16::from_le_bytes([frame[0], frame[1]]))),
+                    _ => (&frame[..], None),
+                };
+                if impair.passthrough {
+                    impair.passed();
+                    write_frame(&fd, body, vnet, mss, &mut stats, &tap);
+                } else {
+                    impair.push(body.to_vec());
+                }
+                frame.clear();
             }
-            frame.clear();
+            send_all(&mut end, &returns, &mut waiter, &stop)?;
+            Ok(())
+        })();
+        match round {
+            Ok(()) => {}
+            Err(RuntimeError::Peer(_)) => broken = true,
+            Err(e) => return Err(e),
         }
-        send_all(&mut end, &returns, &mut waiter, &stop)?;
     }
     stats.outbound = impair.stage.stats;
     Ok(stats)

@@ -372,7 +372,7 @@ fn run(sock: &UnixStream, spec: &GroupSpec) -> Result<()> {
         }
         if last_control.elapsed() >= CONTROL_TICK {
             last_control = Instant::now();
-            if !control(sock, sockets.as_mut(), &mut engine, &tap, &mut relinks)? {
+            if !control(sock, sockets.as_mut(), &mut engine, driver.as_ref(), &tap, &mut relinks)? {
                 tracing::info!("the supervisor is gone: exiting");
                 return Ok(());
             }
@@ -486,13 +486,17 @@ struct Relinks {
 /// This group's side of a fresh channel.
 enum Side {
     Msg(MsgHalf),
+    /// ip's side of the frame channel.
     Frames(StackHalf),
+    /// The driver's side of the frame channel.
+    DriverFrames(DriverHalf),
 }
 
 fn control(
     sock: &UnixStream,
     mut sockets: Option<&mut SocketsHost>,
     engine: &mut Engine,
+    driver: Option<&capnet_runtime::two_group::Driver>,
     tap: &FrameTap,
     relinks: &mut Relinks,
 ) -> Result<bool> {
@@ -524,10 +528,15 @@ fn control(
                 relinks.links.iter().find(|(n, _, _)| n == c).cloned().ok_or_else(|| anyhow!("no channel {c} here"))?;
             let mut caps = recv_caps(sock.as_fd())?.into_iter().map(Cap::into_fd);
             let mut next = || caps.next().ok_or_else(|| anyhow!("too few capabilities for channel {c}"));
-            let frames = matches!((l, r), (Kind::Ip, Kind::Driver));
             if let Control::Relink(_) = msg {
-                let side = if frames {
+                let side = if (l, r) == (Kind::Ip, Kind::Driver) {
                     Side::Frames(StackHalf::adopt(HalfGrant { pool: next()?, r_area: next()?, t_area: next()? })?)
+                } else if (l, r) == (Kind::Driver, Kind::Ip) {
+                    Side::DriverFrames(DriverHalf::adopt(HalfGrant {
+                        pool: next()?,
+                        r_area: next()?,
+                        t_area: next()?,
+                    })?)
                 } else {
                     Side::Msg(MsgHalf::adopt(MsgGrant { area: next()?, pool: next()? }, end_of(l, r))?)
                 };
@@ -558,6 +567,10 @@ fn control(
                     stack.rejoin(half, HalfGrant { pool: next()?, r_area: next()?, t_area: next()? })?
                 }
                 (Side::Frames(_), _) => bail!("a fresh frame channel for a group that does not wait on one"),
+                (Side::DriverFrames(half), _) => match driver {
+                    Some(d) => d.rejoin(half, HalfGrant { pool: next()?, r_area: next()?, t_area: next()? })?,
+                    None => bail!("a fresh frame channel for a group without the driver's threads"),
+                },
             }
             relinks.reported.retain(|x| x != c);
             tracing::info!("channel {c} joined again: the {r} domain restarted");

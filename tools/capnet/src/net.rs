@@ -175,7 +175,7 @@ impl Stack {
             }
             let left = deadline.filter(|_| !cancelled).map(|d| d.saturating_duration_since(now));
             c.wait(Interest::RX, Some(left.unwrap_or(Duration::from_millis(200)).max(Duration::from_micros(100))));
-            if c.early.is_empty() && c.peer_gone() {
+            if !c.early.contains_key(&id) && c.peer_gone() {
                 return Err(broken("the supervisor closed the attachment"));
             }
         }

@@ -428,18 +428,10 @@ impl Running {
         Ok(())
     }
 
-    /// The groups to restart when `gi` died: it, and a group holding the driver
-    /// side of its frame channel (its threads cannot take a new channel).
+    /// The groups to restart when `gi` died: just it (every neighbour, the
+    /// driver's threads included, joins a fresh channel in place).
     fn restart_set(&self, gi: usize) -> Vec<usize> {
-        let mut set = vec![gi];
-        for (c, l, r) in self.links_of(gi) {
-            if (l, r) == (Kind::Ip, Kind::Driver) {
-                if let Some(pj) = self.peer_of(gi, &c) {
-                    set.push(pj);
-                }
-            }
-        }
-        set
+        vec![gi]
     }
 
     /// Restarts the groups of `set` with fresh channels: the groups outside that

@@ -85,11 +85,10 @@ fn a_domain_writing_garbage_is_cut_off_and_its_neighbours_keep_their_state() {
         let why = d["last_error"].as_str().unwrap_or_default().to_owned();
         assert!(why.contains("cut off") && why.contains("broke channel"), "{victim}: the supervisor says why: {d}");
 
-        // Neighbours keep their processes (the driver's threads hold the frame
-        // channel, so it restarts with ip: the one exception).
+        // Neighbours keep their processes, each joining a fresh channel in place.
         let after = domains(&up);
         for n in ["driver", "ip", "tcp", "udp", "sockets"] {
-            if n == victim || (victim == "ip" && n == "driver") {
+            if n == victim {
                 continue;
             }
             assert_eq!(pid_of(&after, n), pid_of(&before, n), "{victim} hostile: {n} kept its process");
