@@ -142,6 +142,75 @@ impl Drop for Up {
     }
 }
 
+/// A scratch directory (`$TMPDIR/capt-PID-TAG`) removed on drop.
+#[derive(Debug)]
+pub struct Scratch(pub PathBuf);
+
+impl Scratch {
+    /// A fresh, empty directory for this test.
+    pub fn new(tag: &str) -> Self {
+        let p = std::env::temp_dir().join(format!("{PREFIX}{}-{tag}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).expect("scratch dir");
+        Self(p)
+    }
+
+    /// Writes `len` seeded bytes (incompressible enough to catch misplaced
+    /// bytes) to `name` and returns them.
+    pub fn file(&self, name: &str, len: usize) -> Vec<u8> {
+        let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ len as u64;
+        let data: Vec<u8> = (0..len)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        std::fs::write(self.0.join(name), &data).expect("write file");
+        data
+    }
+
+    /// The path of `name` inside it, as a string.
+    pub fn path(&self, name: &str) -> String {
+        self.0.join(name).display().to_string()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A TCP echo server on the Linux side (`10.77.0.1:PORT`): one Python process,
+/// a thread per connection, stopped (children and all) on drop.
+pub fn tcp_echo_server(up: &Up, port: u16) -> Killed {
+    let script = format!(
+        "
+import socketserver
+class Echo(socketserver.BaseRequestHandler):
+    def handle(self):
+        while True:
+            d = self.request.recv(65536)
+            if not d:
+                return
+            self.request.sendall(d)
+socketserver.ThreadingTCPServer.allow_reuse_address = True
+socketserver.ThreadingTCPServer.daemon_threads = True
+socketserver.ThreadingTCPServer(('10.77.0.1', {port}), Echo).serve_forever()
+"
+    );
+    let server = up.spawn_in_ns(&["python3", "-c", &script]);
+    for _ in 0..50 {
+        if !up.in_ns(&["ss", "-Htln", &format!("sport = :{port}")]).stdout.is_empty() {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    server
+}
+
 /// A child process that gets SIGTERM (then is waited for) when dropped.
 #[derive(Debug)]
 pub struct Killed(pub std::process::Child);

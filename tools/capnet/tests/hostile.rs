@@ -50,27 +50,11 @@ fn restarted(up: &Up, name: &str) -> Value {
     }
 }
 
-/// A TCP echo server on 10.77.0.1:7200, one process, one thread per connection.
-const ECHO_SERVER: &str = "
-import socketserver
-class Echo(socketserver.BaseRequestHandler):
-    def handle(self):
-        while True:
-            d = self.request.recv(65536)
-            if not d:
-                return
-            self.request.sendall(d)
-socketserver.ThreadingTCPServer.allow_reuse_address = True
-socketserver.ThreadingTCPServer.daemon_threads = True
-socketserver.ThreadingTCPServer(('10.77.0.1', 7200), Echo).serve_forever()
-";
-
 #[test]
 fn a_domain_writing_garbage_is_cut_off_and_its_neighbours_keep_their_state() {
     for victim in ["driver", "ip", "tcp", "udp", "sockets"] {
         let up = hostile_up(&format!("ho-{victim}"), &format!("{victim}:garbage:2500"));
-        let _echo = up.spawn_in_ns(&["python3", "-c", ECHO_SERVER]);
-        std::thread::sleep(Duration::from_millis(300));
+        let _echo = capnet_testkit::tcp_echo_server(&up, 7200);
         // An established connection, before the domain turns hostile.
         let stack = Stack::attach(up.name()).expect("attach");
         let mut conn =

@@ -11,7 +11,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use capnet::net::{Stack, TcpStream};
-use capnet_testkit::Up;
+use capnet_testkit::{Scratch, Up};
 use serde_json::Value;
 
 const CAPNET: &str = env!("CARGO_BIN_EXE_capnet");
@@ -39,38 +39,11 @@ fn restarted(up: &Up, name: &str, old: i64) -> Value {
     }
 }
 
-/// A scratch directory removed on drop.
-struct Scratch(std::path::PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("capt-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("scratch dir");
-        Self(p)
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 #[test]
 fn a_tcp_transfer_survives_kill_9_of_the_driver_ip_or_udp() {
     const LEN: usize = 50_000_000;
     let dir = Scratch::new("rs-www");
-    let mut x = 0x2545_f491_4f6c_dd1du64;
-    let data: Vec<u8> = (0..LEN)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    std::fs::write(dir.0.join("big"), &data).expect("file");
+    let data = dir.file("big", LEN);
     for victim in ["driver", "ip", "udp"] {
         let up = Up::new(CAPNET, &format!("rs-{victim}"), &[]);
         let _server = up.spawn_capnet(&["http-serve", dir.0.to_str().expect("utf-8"), "--port", "80"]);
@@ -123,28 +96,11 @@ fn a_tcp_transfer_survives_kill_9_of_the_driver_ip_or_udp() {
     }
 }
 
-/// A TCP echo server on 10.77.0.1:7100, one thread per connection.
-const ECHO_SERVER: &str = "
-import socketserver
-class Echo(socketserver.BaseRequestHandler):
-    def handle(self):
-        while True:
-            d = self.request.recv(65536)
-            if not d:
-                return
-            self.request.sendall(d)
-socketserver.ThreadingTCPServer.allow_reuse_address = True
-socketserver.ThreadingTCPServer.daemon_threads = True
-socketserver.ThreadingTCPServer(('10.77.0.1', 7100), Echo).serve_forever()
-";
-
 #[test]
 fn a_tcp_or_sockets_crash_is_connection_reset_and_new_connections_work() {
     for victim in ["tcp", "sockets"] {
         let up = Up::new(CAPNET, &format!("rs-{victim}"), &[]);
-        // One process (killed on drop, children and all): a threaded echo server.
-        let _echo = up.spawn_in_ns(&["python3", "-c", ECHO_SERVER]);
-        std::thread::sleep(Duration::from_millis(300));
+        let _echo = capnet_testkit::tcp_echo_server(&up, 7100);
         let stack = Stack::attach(up.name()).expect("attach");
         let peer = SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), 7100);
         let mut s = TcpStream::connect(&stack, peer).expect("connect");

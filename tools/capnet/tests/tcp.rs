@@ -8,52 +8,16 @@
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, SocketAddrV4};
-use std::path::PathBuf;
 use std::time::Duration;
 
 use capnet::net::{Stack, TcpListener, TcpStream};
-use capnet_testkit::Up;
+use capnet_testkit::{Scratch, Up};
 
 const CAPNET: &str = env!("CARGO_BIN_EXE_capnet");
 const KERNEL: Ipv4Addr = Ipv4Addr::new(10, 77, 0, 1);
 
 /// The compositions every test runs on.
 const MODES: [&[&str]; 2] = [&[], &["--mono"]];
-
-/// A scratch directory removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        let p = std::env::temp_dir().join(format!("capt-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).expect("scratch dir");
-        Self(p)
-    }
-    fn file(&self, name: &str, len: usize) -> Vec<u8> {
-        // Seeded, incompressible enough to catch misplaced bytes.
-        let mut x = 0x9e37_79b9_7f4a_7c15u64 ^ len as u64;
-        let data: Vec<u8> = (0..len)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
-        std::fs::write(self.0.join(name), &data).expect("write file");
-        data
-    }
-    fn path(&self, name: &str) -> String {
-        self.0.join(name).display().to_string()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// Waits until `up`'s namespace has a TCP listener on `port` (Linux side) —
 /// or gives up after 10 s and lets the test fail on its own terms.
