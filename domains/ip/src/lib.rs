@@ -343,6 +343,10 @@ pub fn quote(ip_header: &[u8], payload: &[u8]) -> Vec<u8> {
 #[derive(Debug, Clone, Default)]
 pub struct Demux {
     entries: Vec<(IpProtocol, std::ops::RangeInclusive<u16>, TransportId)>,
+    /// Single flows that go elsewhere than their port's entry: (protocol
+    /// number, local port, remote address, remote port) → transport. A swap
+    /// keeps the old domain's connections here while new ones reach the new.
+    flows: std::collections::HashMap<(u8, u16, Ipv4Address, u16), TransportId>,
 }
 
 impl Demux {
@@ -357,14 +361,51 @@ impl Demux {
         self.entries.retain(|e| !(e.0 == protocol && e.1 == ports));
     }
 
-    /// Removes every entry pointing at `to`.
+    /// Removes every entry pointing at `to`, flows included.
     pub fn remove(&mut self, to: TransportId) {
         self.entries.retain(|e| e.2 != to);
+        self.flows.retain(|_, t| *t != to);
     }
 
     /// Who gets `protocol` traffic for local port `port`.
     pub fn lookup(&self, protocol: IpProtocol, port: u16) -> Option<TransportId> {
         self.entries.iter().rev().find(|(p, r, _)| *p == protocol && r.contains(&port)).map(|e| e.2)
+    }
+
+    /// Routes the one flow (local port, remote address and port) to `to`, ahead
+    /// of its port's entry.
+    pub fn insert_flow(
+        &mut self,
+        protocol: IpProtocol,
+        local_port: u16,
+        remote: Ipv4Address,
+        remote_port: u16,
+        to: TransportId,
+    ) {
+        self.flows.insert((u8::from(protocol), local_port, remote, remote_port), to);
+    }
+
+    /// Forgets one flow (its traffic follows its port's entry again).
+    pub fn remove_flow(&mut self, protocol: IpProtocol, local_port: u16, remote: Ipv4Address, remote_port: u16) {
+        self.flows.remove(&(u8::from(protocol), local_port, remote, remote_port));
+    }
+
+    /// Who gets this flow's traffic: its own entry, else its port's.
+    pub fn lookup_flow(
+        &self,
+        protocol: IpProtocol,
+        local_port: u16,
+        remote: Ipv4Address,
+        remote_port: u16,
+    ) -> Option<TransportId> {
+        // No hashing on the per-packet path unless a flow was ever set apart.
+        if self.flows.is_empty() {
+            return self.lookup(protocol, local_port);
+        }
+        match self.flows.get(&(u8::from(protocol), local_port, remote, remote_port)) {
+            Some(to) => Some(*to),
+            None => self.lookup(protocol, local_port),
+        }
     }
 }
 
@@ -596,8 +637,9 @@ impl IpCore {
                     self.drop(DropReason::NoTransport);
                     return None;
                 }
-                let port = u16::from_be_bytes([payload[2], payload[3]]);
-                if let Some(to) = self.demux.lookup(protocol, port) {
+                let (remote_port, port) =
+                    (u16::from_be_bytes([payload[0], payload[1]]), u16::from_be_bytes([payload[2], payload[3]]));
+                if let Some(to) = self.demux.lookup_flow(protocol, port, src, remote_port) {
                     return Some(to);
                 }
                 self.drop(DropReason::NoTransport);
@@ -662,7 +704,7 @@ impl IpCore {
                 let remote = Ipv4Address::new(quoted[16], quoted[17], quoted[18], quoted[19]);
                 let local_port = u16::from_be_bytes([quoted[ihl], quoted[ihl + 1]]);
                 let remote_port = u16::from_be_bytes([quoted[ihl + 2], quoted[ihl + 3]]);
-                match self.demux.lookup(protocol, local_port) {
+                match self.demux.lookup_flow(protocol, local_port, remote, remote_port) {
                     Some(to) => self.out.push_back(Output::Icmp(IcmpError {
                         to,
                         reporter: src,

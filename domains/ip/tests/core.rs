@@ -440,3 +440,50 @@ proptest! {
         drain(&mut c);
     }
 }
+
+#[test]
+fn a_flow_set_apart_reaches_its_own_transport_and_the_rest_follow_the_port() {
+    let mut c = core();
+    learn_peer(&mut c);
+    // tcp A owns every port; one established flow stays with tcp B (as a swap
+    // leaves the old domain's connections where they are).
+    c.demux.insert(IpProtocol::Tcp, 0..=65535, TransportId(3));
+    c.demux.insert_flow(IpProtocol::Tcp, 80, PEER_IP, 40000, TransportId(9));
+    let seg = |sport: u16| {
+        let mut s = vec![0u8; 20];
+        s[0..2].copy_from_slice(&sport.to_be_bytes());
+        s[2..4].copy_from_slice(&80u16.to_be_bytes());
+        s[12] = 0x50;
+        s
+    };
+    let to = |c: &mut IpCore, sport: u16| {
+        c.receive_frame(t(2), &to_us(&ip(IpProtocol::Tcp, sport, 0, false, &seg(sport))));
+        match &drain(c)[..] {
+            [Output::Deliver(d)] => d.to,
+            o => panic!("{o:?}"),
+        }
+    };
+    assert_eq!(to(&mut c, 40000), TransportId(9), "the flow set apart");
+    assert_eq!(to(&mut c, 40001), TransportId(3), "another flow to the same port");
+    // ICMP errors about the flow follow it too.
+    let mut quoted = vec![0u8; 28];
+    quoted[0] = 0x45;
+    quoted[9] = 6;
+    quoted[12..16].copy_from_slice(&OUR_IP.octets());
+    quoted[16..20].copy_from_slice(&PEER_IP.octets());
+    quoted[20..22].copy_from_slice(&80u16.to_be_bytes());
+    quoted[22..24].copy_from_slice(&40000u16.to_be_bytes());
+    let mut m = vec![0u8; 8 + quoted.len()];
+    m[0] = 3;
+    m[1] = 1;
+    m[8..].copy_from_slice(&quoted);
+    Icmpv4Packet::new_unchecked(&mut m[..]).fill_checksum();
+    c.receive_frame(t(2), &to_us(&ip(IpProtocol::Icmp, 7, 0, false, &m)));
+    assert!(matches!(&drain(&mut c)[..], [Output::Icmp(e)] if e.to == TransportId(9)));
+    // Forgotten, or its transport removed: the port's entry again.
+    c.demux.remove_flow(IpProtocol::Tcp, 80, PEER_IP, 40000);
+    assert_eq!(to(&mut c, 40000), TransportId(3));
+    c.demux.insert_flow(IpProtocol::Tcp, 80, PEER_IP, 40000, TransportId(9));
+    c.demux.remove(TransportId(9));
+    assert_eq!(to(&mut c, 40000), TransportId(3));
+}
