@@ -99,6 +99,24 @@ fn echo_request(id: u16, seq: u16, data: &[u8]) -> Vec<u8> {
 }
 
 /// Teaches the core the peer's MAC, as Linux's first ARP request would.
+/// An ICMP destination unreachable (`code`) from the peer quoting our datagram of
+/// IP protocol `proto` from our `local_port` to its `remote_port`.
+fn unreachable(code: u8, proto: u8, local_port: u16, remote_port: u16) -> Vec<u8> {
+    let mut quoted = vec![0u8; 28];
+    quoted[0] = 0x45;
+    quoted[9] = proto;
+    quoted[12..16].copy_from_slice(&OUR_IP.octets());
+    quoted[16..20].copy_from_slice(&PEER_IP.octets());
+    quoted[20..22].copy_from_slice(&local_port.to_be_bytes());
+    quoted[22..24].copy_from_slice(&remote_port.to_be_bytes());
+    let mut m = vec![0u8; 8 + quoted.len()];
+    m[0] = 3;
+    m[1] = code;
+    m[8..].copy_from_slice(&quoted);
+    Icmpv4Packet::new_unchecked(&mut m[..]).fill_checksum();
+    m
+}
+
 fn learn_peer(c: &mut IpCore) {
     c.receive_frame(t(1), &arp(ArpOperation::Request, (PEER_MAC, PEER_IP), (EthernetAddress([0; 6]), OUR_IP)));
     drain(c);
@@ -394,18 +412,7 @@ fn icmp_errors_reach_the_transport_that_owns_the_port() {
     learn_peer(&mut c);
     c.demux.insert(IpProtocol::Udp, 40000..=40010, TransportId(4));
     // Linux's port unreachable quoting our datagram 10.77.0.2:40001 -> 10.77.0.1:9.
-    let mut quoted = vec![0u8; 28];
-    quoted[0] = 0x45;
-    quoted[9] = 17;
-    quoted[12..16].copy_from_slice(&OUR_IP.octets());
-    quoted[16..20].copy_from_slice(&PEER_IP.octets());
-    quoted[20..22].copy_from_slice(&40001u16.to_be_bytes());
-    quoted[22..24].copy_from_slice(&9u16.to_be_bytes());
-    let mut m = vec![0u8; 8 + quoted.len()];
-    m[0] = 3;
-    m[1] = 3;
-    m[8..].copy_from_slice(&quoted);
-    Icmpv4Packet::new_unchecked(&mut m[..]).fill_checksum();
+    let m = unreachable(3, 17, 40001, 9);
     c.receive_frame(t(2), &to_us(&ip(IpProtocol::Icmp, 3, 0, false, &m)));
     let out = drain(&mut c);
     assert!(
@@ -466,18 +473,7 @@ fn a_flow_set_apart_reaches_its_own_transport_and_the_rest_follow_the_port() {
     assert_eq!(to(&mut c, 40000), TransportId(9), "the flow set apart");
     assert_eq!(to(&mut c, 40001), TransportId(3), "another flow to the same port");
     // ICMP errors about the flow follow it too.
-    let mut quoted = vec![0u8; 28];
-    quoted[0] = 0x45;
-    quoted[9] = 6;
-    quoted[12..16].copy_from_slice(&OUR_IP.octets());
-    quoted[16..20].copy_from_slice(&PEER_IP.octets());
-    quoted[20..22].copy_from_slice(&80u16.to_be_bytes());
-    quoted[22..24].copy_from_slice(&40000u16.to_be_bytes());
-    let mut m = vec![0u8; 8 + quoted.len()];
-    m[0] = 3;
-    m[1] = 1;
-    m[8..].copy_from_slice(&quoted);
-    Icmpv4Packet::new_unchecked(&mut m[..]).fill_checksum();
+    let m = unreachable(1, 6, 80, 40000);
     c.receive_frame(t(2), &to_us(&ip(IpProtocol::Icmp, 7, 0, false, &m)));
     assert!(matches!(&drain(&mut c)[..], [Output::Icmp(e)] if e.to == TransportId(9)));
     // Forgotten, or its transport removed: the port's entry again.
