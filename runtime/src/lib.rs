@@ -32,6 +32,19 @@ pub const UDP: TransportId = TransportId(1);
 pub const SOCKETS: TransportId = TransportId(2);
 /// The transport id the tcp core has in the ip core's demux table.
 pub const TCP: TransportId = TransportId(3);
+/// The transport id of a tcp domain being swapped out, for the flows it keeps.
+pub const TCP_OLD: TransportId = TransportId(4);
+
+/// TCP segments for new connections the ip domain holds while a swap waits for
+/// the old tcp domain to name its flows (a millisecond's worth, more than enough);
+/// beyond it they are dropped, and the peers retransmit.
+const MAX_HELD: usize = 4096;
+
+/// Bits 24..32 of a tcp socket id as the sockets domain holds it name the tcp
+/// domain (the link's [`link::Link::tag`]) the socket lives in: during a swap
+/// there are two. No core's socket table reaches 2^24 slots.
+const TAG_SHIFT: u32 = 24;
+const TAG_MASK: u64 = 0xff << TAG_SHIFT;
 
 /// An echo reply for an echo socket: (identifier, from, sequence, data).
 pub type EchoReply = (u16, capnet_ip::Ipv4Address, u16, Vec<u8>);
@@ -122,6 +135,15 @@ pub struct Cores {
     touched: [bool; 2],
     /// The routing table as published to other domains, once asked for.
     routes: Option<capnet_ipc::region::Region>,
+    /// ip side of a tcp swap: segments for new connections, held until the old
+    /// tcp domain has named the flows it keeps (at most [`link::CALL_DEADLINE`]
+    /// from `held_since`: a silent old domain loses its flows to the new one).
+    held: Option<std::collections::VecDeque<wire::Msg>>,
+    held_since: StdInstant,
+    /// ip side: the flows the old tcp domain named, to apply once the links are back.
+    flows_named: Option<Vec<(u16, wire::Addr, u16)>>,
+    /// tcp side: this domain is being swapped out (it was told to retire).
+    pub retiring: bool,
     epoch: StdInstant,
 }
 
@@ -152,6 +174,10 @@ impl Cores {
             activity: false,
             touched: [false; 2],
             routes: None,
+            held: None,
+            held_since: StdInstant::now(),
+            flows_named: None,
+            retiring: false,
             epoch: StdInstant::now(),
         }
     }
@@ -225,9 +251,12 @@ impl Cores {
 
     /// Puts `link` in place of the link between the same two domains (a peer
     /// restarted with a fresh channel), or adds it.
-    pub fn replace_link(&mut self, link: link::Link) {
-        match self.links.iter_mut().find(|l| l.local == link.local && l.remote == link.remote) {
-            Some(old) => *old = link,
+    pub fn replace_link(&mut self, mut link: link::Link) {
+        match self.links.iter_mut().find(|l| l.local == link.local && l.remote == link.remote && !l.retiring) {
+            Some(old) => {
+                link.tag = old.tag;
+                *old = link
+            }
             None => self.links.push(link),
         }
     }
@@ -244,22 +273,25 @@ impl Cores {
         let now = self.now();
         let Some(ip) = self.ip.as_mut() else { return };
         if let Some(d) = ip.receive_frame_local(now, frame) {
-            Self::deliver(&mut self.tcp, &mut self.udp, &mut self.links, &mut self.touched, now, &d);
+            Self::deliver(&mut self.tcp, &mut self.udp, &mut self.links, &mut self.held, &mut self.touched, now, &d);
         }
     }
 
-    /// Hands a datagram to its transport: its core here, or over the link.
+    /// Hands a datagram to its transport: its core here, or over the link (to
+    /// a retiring tcp domain for the flows it keeps during a swap).
+    #[allow(clippy::too_many_arguments)]
     fn deliver(
         tcp: &mut Option<TcpCore>,
         udp: &mut Option<UdpCore>,
         links: &mut [link::Link],
+        held: &mut Option<std::collections::VecDeque<wire::Msg>>,
         touched: &mut [bool; 2],
         now: Instant,
         d: &LocalDatagram,
     ) {
         let kind = match d.to {
             UDP => Kind::Udp,
-            TCP => Kind::Tcp,
+            TCP | TCP_OLD => Kind::Tcp,
             _ => return,
         };
         match (kind, tcp, udp) {
@@ -272,13 +304,26 @@ impl Cores {
                 udp.receive(d.src, d.dst, d.payload, d.ip_header)
             }
             _ => {
-                if let Some(l) = links.iter_mut().find(|l| l.local == Kind::Ip && l.remote == kind) {
-                    l.send(&wire::Msg::Deliver {
-                        src: d.src.octets(),
-                        dst: d.dst.octets(),
-                        payload: d.payload.to_vec(),
-                        ip_header: d.ip_header.to_vec(),
-                    });
+                let msg = wire::Msg::Deliver {
+                    src: d.src.octets(),
+                    dst: d.dst.octets(),
+                    payload: d.payload.to_vec(),
+                    ip_header: d.ip_header.to_vec(),
+                };
+                match held.as_mut() {
+                    Some(h) if d.to == TCP => {
+                        if h.len() < MAX_HELD {
+                            h.push_back(msg);
+                        }
+                    }
+                    _ => {
+                        let old = d.to == TCP_OLD;
+                        if let Some(l) =
+                            links.iter_mut().find(|l| l.local == Kind::Ip && l.remote == kind && l.retiring == old)
+                        {
+                            l.send(&msg);
+                        }
+                    }
                 }
             }
         }
@@ -289,6 +334,9 @@ impl Cores {
     /// to be cut into (only when the tcp core's `Config::tso` is on).
     pub fn pump(&mut self, mut emit: impl FnMut(Vec<u8>, Option<u16>)) {
         let now = self.now();
+        if self.held.is_some() && self.held_since.elapsed() > link::CALL_DEADLINE {
+            self.release_held();
+        }
         if let Some(ip) = self.ip.as_mut() {
             ip.poll(now);
         }
@@ -314,7 +362,15 @@ impl Cores {
                             payload: &d.payload,
                             ip_header: &d.ip_header,
                         };
-                        Self::deliver(&mut self.tcp, &mut self.udp, &mut self.links, &mut self.touched, now, &local)
+                        Self::deliver(
+                            &mut self.tcp,
+                            &mut self.udp,
+                            &mut self.links,
+                            &mut self.held,
+                            &mut self.touched,
+                            now,
+                            &local,
+                        )
                     }
                     Output::EchoReply(r) if r.to == SOCKETS => match self.link(Kind::Ip, Kind::Sockets) {
                         Some(l) => l.send(&wire::Msg::EchoReply {
@@ -327,8 +383,9 @@ impl Cores {
                     },
                     Output::EchoReply(_) => {}
                     Output::Icmp(e) => {
-                        let kind = if e.to == TCP { Kind::Tcp } else { Kind::Udp };
-                        self.on_icmp(kind, e.local_port, e.remote, e.remote_port, e.icmp_type, e.icmp_code, e.reporter)
+                        let kind = if matches!(e.to, TCP | TCP_OLD) { Kind::Tcp } else { Kind::Udp };
+                        let flow = (e.local_port, e.remote, e.remote_port);
+                        self.on_icmp(kind, e.to == TCP_OLD, flow, e.icmp_type, e.icmp_code, e.reporter)
                     }
                 }
             }
@@ -401,14 +458,14 @@ impl Cores {
         }
     }
 
-    /// An ICMP error for a transport's flow: to its core here, or over the link.
-    #[allow(clippy::too_many_arguments)]
+    /// An ICMP error for a transport's flow (local port, remote address, remote
+    /// port): to its core here, or over the link (the retiring tcp domain's when
+    /// `old`).
     fn on_icmp(
         &mut self,
         kind: Kind,
-        local_port: u16,
-        remote: capnet_ip::Ipv4Address,
-        remote_port: u16,
+        old: bool,
+        (local_port, remote, remote_port): (u16, capnet_ip::Ipv4Address, u16),
         icmp_type: u8,
         icmp_code: u8,
         reporter: capnet_ip::Ipv4Address,
@@ -423,7 +480,8 @@ impl Cores {
                 udp.on_icmp(local_port, remote, remote_port, icmp_type, icmp_code, reporter)
             }
             _ => {
-                if let Some(l) = self.link(Kind::Ip, kind) {
+                let l = self.links.iter_mut().find(|l| l.local == Kind::Ip && l.remote == kind && l.retiring == old);
+                if let Some(l) = l {
                     l.send(&wire::Msg::Icmp {
                         local_port,
                         remote: remote.octets(),
@@ -452,7 +510,86 @@ impl Cores {
         // Links made while we held them (none today) would be lost: keep both.
         links.append(&mut self.links);
         self.links = links;
+        if let Some(flows) = self.flows_named.take() {
+            self.keep_old_flows(&flows);
+        }
         any
+    }
+
+    /// ip side: a new tcp domain joins beside the present one (`capnet swap
+    /// tcp`) over `link`. On the sockets side new listeners and connections go
+    /// to it from now on; on the ip side the old domain is asked to name the
+    /// flows it keeps, and segments of new connections wait until it has.
+    pub fn tcp_beside(&mut self, mut link: link::Link) {
+        let local = link.local;
+        let mut tag = 0;
+        for l in self.links.iter_mut().filter(|l| l.local == local && l.remote == Kind::Tcp) {
+            l.retiring = true;
+            tag = l.tag.wrapping_add(1);
+            if local == Kind::Ip {
+                l.send(&wire::Msg::Retire);
+                l.flush();
+            }
+        }
+        if local == Kind::Ip {
+            self.held = Some(std::collections::VecDeque::new());
+            self.held_since = StdInstant::now();
+        }
+        link.tag = tag;
+        self.links.push(link);
+    }
+
+    /// ip side: the old tcp domain named its flows: they stay with it, every
+    /// other segment (those held included) goes to the new one.
+    fn keep_old_flows(&mut self, flows: &[(u16, wire::Addr, u16)]) {
+        if let Some(ip) = self.ip.as_mut() {
+            for (local_port, remote, remote_port) in flows {
+                ip.demux.insert_flow(IpProtocol::Tcp, *local_port, (*remote).into(), *remote_port, TCP_OLD);
+            }
+        }
+        self.release_held();
+    }
+
+    /// Sends the segments held during a swap's switch where the demux says now.
+    fn release_held(&mut self) {
+        let Some(held) = self.held.take() else { return };
+        for m in held {
+            let wire::Msg::Deliver { src, payload, .. } = &m else { continue };
+            let (Some(sp), Some(dp)) = (payload.get(0..2), payload.get(2..4)) else { continue };
+            let (src_port, dst_port) = (u16::from_be_bytes([sp[0], sp[1]]), u16::from_be_bytes([dp[0], dp[1]]));
+            let old = self
+                .ip
+                .as_ref()
+                .and_then(|ip| ip.demux.lookup_flow(IpProtocol::Tcp, dst_port, (*src).into(), src_port))
+                == Some(TCP_OLD);
+            let l = self.links.iter_mut().find(|l| l.local == Kind::Ip && l.remote == Kind::Tcp && l.retiring == old);
+            if let Some(l) = l {
+                l.send(&m);
+            }
+        }
+    }
+
+    /// The swapped-out tcp domain is gone (it finished its last connection, or
+    /// died): its link goes, and on the ip side its flows with it.
+    pub fn tcp_retired(&mut self) {
+        self.links.retain(|l| !(l.remote == Kind::Tcp && l.retiring));
+        if let Some(ip) = self.ip.as_mut() {
+            ip.demux.remove(TCP_OLD);
+        }
+        self.release_held();
+    }
+
+    /// Whether the sockets domain's tcp socket `s` lives in a retiring tcp
+    /// domain (or one no link reaches any more).
+    pub fn tcp_socket_retiring(&self, s: TcpId) -> bool {
+        let tag = (s.to_raw() >> TAG_SHIFT) as u8;
+        !self.links.iter().any(|l| l.local == Kind::Sockets && l.remote == Kind::Tcp && l.tag == tag && !l.retiring)
+    }
+
+    /// tcp side: told to retire, it holds only connections in TIME-WAIT (which
+    /// need no more than their peer's silence) or none.
+    pub fn drained(&self) -> bool {
+        self.retiring && self.tcp.as_ref().is_some_and(|t| t.sockets().0.iter().all(|c| c.state == "TIME-WAIT"))
     }
 
     /// One message from the domain at the other end of `l`.
@@ -469,7 +606,14 @@ impl Cores {
                 self.udp().receive(ip4(src), ip4(dst), &payload, &ip_header);
             }
             (Kind::Tcp | Kind::Udp, Msg::Icmp { local_port, remote, remote_port, icmp_type, icmp_code, reporter }) => {
-                self.on_icmp(l.local, local_port, ip4(remote), remote_port, icmp_type, icmp_code, ip4(reporter))
+                self.on_icmp(
+                    l.local,
+                    false,
+                    (local_port, ip4(remote), remote_port),
+                    icmp_type,
+                    icmp_code,
+                    ip4(reporter),
+                )
             }
             (Kind::Sockets, Msg::EchoReply { ident, from, seq, data }) => {
                 self.activity = true; // a parked receive on an echo socket may complete
@@ -497,6 +641,18 @@ impl Cores {
                     l.protocol_error(format!("{} floods activity notices nobody asked for", l.remote));
                 }
                 self.activity = true
+            }
+            (Kind::Tcp, Msg::Retire) if l.remote == Kind::Ip && self.tcp.is_some() => {
+                self.retiring = true;
+                let (conns, _) = self.tcp().sockets();
+                let flows = conns.iter().map(|c| (c.local_port, c.remote.octets(), c.remote_port)).collect();
+                l.send(&Msg::Flows { flows });
+            }
+            // Named too late (the switch went ahead without them): nothing to keep.
+            (Kind::Ip, Msg::Flows { flows }) if l.remote == Kind::Tcp && l.retiring => {
+                if self.held.is_some() {
+                    self.flows_named = Some(flows);
+                }
             }
             // An answer nobody waits for (its call gave up): dropped.
             (Kind::Sockets, Msg::Answer { .. }) => {}
@@ -583,6 +739,35 @@ impl Cores {
                 Answer::Done
             }
             Call::TcpReady { s } => Answer::Ready(wire::ready_bits(self.tcp_ready(tcp_id(s))?)),
+        })
+    }
+
+    /// A call to a tcp domain in another group: the one socket `s` lives in (by
+    /// its tag), or for a new socket the one not retiring. Socket ids in the
+    /// answer come back tagged with that domain's link.
+    fn tcp_remote(&mut self, s: Option<TcpId>, make: impl FnOnce(u64) -> Call) -> Result<Answer, SocketError> {
+        let raw = s.map(TcpId::to_raw);
+        let link = self.links.iter_mut().find(|l| {
+            l.local == Kind::Sockets
+                && l.remote == Kind::Tcp
+                && match raw {
+                    Some(r) => l.tag == (r >> TAG_SHIFT) as u8,
+                    None => !l.retiring,
+                }
+        });
+        let Some(l) = link else { return Err(SocketError::Invalid("no tcp domain is reachable".into())) };
+        let tag = u64::from(l.tag) << TAG_SHIFT;
+        let retag = |id: u64| {
+            if id & TAG_MASK == 0 {
+                Ok(id | tag)
+            } else {
+                Err(SocketError::Invalid(format!("the tcp domain named socket {id:#x}, beyond any table")))
+            }
+        };
+        Ok(match l.call(make(raw.map_or(0, |r| r & !TAG_MASK)))? {
+            Answer::Id(id) => Answer::Id(retag(id)?),
+            Answer::Accepted(Some(id)) => Answer::Accepted(Some(retag(id)?)),
+            a => a,
         })
     }
 
@@ -1139,13 +1324,13 @@ impl capnet_sockets::Transports for Cores {
     fn tcp_listen(&mut self, port: u16, backlog: usize) -> Result<TcpId, SocketError> {
         match self.tcp.as_mut() {
             Some(t) => Ok(t.listen(port, backlog)?),
-            None => tcp_id(self.remote(Kind::Tcp, Call::TcpListen { port, backlog: backlog as u32 })?),
+            None => tcp_id(self.tcp_remote(None, |_| Call::TcpListen { port, backlog: backlog as u32 })?),
         }
     }
     fn tcp_local_port(&mut self, s: TcpId) -> Result<u16, SocketError> {
         match self.tcp.as_mut() {
             Some(t) => Ok(t.local_port(s)?),
-            None => match self.remote(Kind::Tcp, Call::TcpLocalPort { s: s.to_raw() })? {
+            None => match self.tcp_remote(Some(s), |s| Call::TcpLocalPort { s })? {
                 Answer::Port(p) => Ok(p),
                 a => Err(odd(a)),
             },
@@ -1154,7 +1339,7 @@ impl capnet_sockets::Transports for Cores {
     fn tcp_accept(&mut self, l: TcpId) -> Result<Option<TcpId>, SocketError> {
         match self.tcp.as_mut() {
             Some(t) => Ok(t.accept(l)?),
-            None => match self.remote(Kind::Tcp, Call::TcpAccept { l: l.to_raw() })? {
+            None => match self.tcp_remote(Some(l), |l| Call::TcpAccept { l })? {
                 Answer::Accepted(c) => Ok(c.map(TcpId::from_raw)),
                 a => Err(odd(a)),
             },
@@ -1163,7 +1348,7 @@ impl capnet_sockets::Transports for Cores {
     fn tcp_endpoints(&mut self, s: TcpId) -> Result<capnet_tcp::Endpoints, SocketError> {
         match self.tcp.as_mut() {
             Some(t) => Ok(t.endpoints(s)?),
-            None => match self.remote(Kind::Tcp, Call::TcpEndpoints { s: s.to_raw() })? {
+            None => match self.tcp_remote(Some(s), |s| Call::TcpEndpoints { s })? {
                 Answer::Endpoints(local_port, remote, remote_port) => {
                     Ok(capnet_tcp::Endpoints { local_port, remote: Ipv4Address::from(remote), remote_port })
                 }
@@ -1175,13 +1360,13 @@ impl capnet_sockets::Transports for Cores {
         let now = self.now();
         match self.tcp.as_mut() {
             Some(t) => Ok(t.connect(now, addr, port)?),
-            None => tcp_id(self.remote(Kind::Tcp, Call::TcpConnect { addr: addr.octets(), port })?),
+            None => tcp_id(self.tcp_remote(None, |_| Call::TcpConnect { addr: addr.octets(), port })?),
         }
     }
     fn tcp_connected(&mut self, s: TcpId) -> Result<bool, SocketError> {
         match self.tcp.as_mut() {
             Some(t) => Ok(t.connected(s)?),
-            None => match self.remote(Kind::Tcp, Call::TcpConnected { s: s.to_raw() })? {
+            None => match self.tcp_remote(Some(s), |s| Call::TcpConnected { s })? {
                 Answer::Bool(b) => Ok(b),
                 a => Err(odd(a)),
             },
@@ -1191,7 +1376,7 @@ impl capnet_sockets::Transports for Cores {
         let now = self.now();
         match self.tcp.as_mut() {
             Some(t) => Ok(t.send(now, s, data)?),
-            None => match self.remote(Kind::Tcp, Call::TcpSend { s: s.to_raw(), data: data.to_vec() })? {
+            None => match self.tcp_remote(Some(s), |s| Call::TcpSend { s, data: data.to_vec() })? {
                 Answer::Count(n) => Ok(n as usize),
                 a => Err(odd(a)),
             },
@@ -1201,7 +1386,7 @@ impl capnet_sockets::Transports for Cores {
         let now = self.now();
         match self.tcp.as_mut() {
             Some(t) => Ok(t.recv(now, s, max)?),
-            None => match self.remote(Kind::Tcp, Call::TcpRecv { s: s.to_raw(), max: max as u32 })? {
+            None => match self.tcp_remote(Some(s), |s| Call::TcpRecv { s, max: max as u32 })? {
                 Answer::Data(d) if d.len() <= max => Ok(capnet_tcp::Received::Data(d)),
                 Answer::Eof => Ok(capnet_tcp::Received::Eof),
                 Answer::Nothing => Ok(capnet_tcp::Received::Nothing),
@@ -1213,35 +1398,33 @@ impl capnet_sockets::Transports for Cores {
         let now = self.now();
         match self.tcp.as_mut() {
             Some(t) => Ok(t.shutdown(now, s, read, write)?),
-            None => done(self.remote(Kind::Tcp, Call::TcpShutdown { s: s.to_raw(), read, write })?),
+            None => done(self.tcp_remote(Some(s), |s| Call::TcpShutdown { s, read, write })?),
         }
     }
     fn tcp_close(&mut self, s: TcpId) -> Result<(), SocketError> {
         let now = self.now();
         match self.tcp.as_mut() {
             Some(t) => Ok(t.close(now, s)?),
-            None => done(self.remote(Kind::Tcp, Call::TcpClose { s: s.to_raw() })?),
+            None => done(self.tcp_remote(Some(s), |s| Call::TcpClose { s })?),
         }
     }
     fn tcp_abort(&mut self, s: TcpId) -> Result<(), SocketError> {
         match self.tcp.as_mut() {
             Some(t) => Ok(t.abort(s)?),
-            None => done(self.remote(Kind::Tcp, Call::TcpAbort { s: s.to_raw() })?),
+            None => done(self.tcp_remote(Some(s), |s| Call::TcpAbort { s })?),
         }
     }
     fn tcp_set_option(&mut self, s: TcpId, opt: capnet_tcp::SockOpt) -> Result<(), SocketError> {
         let now = self.now();
         match self.tcp.as_mut() {
             Some(t) => Ok(t.set_option(now, s, opt)?),
-            None => {
-                done(self.remote(Kind::Tcp, Call::TcpSetOption { s: s.to_raw(), option: wire::Opt::from_core(opt) })?)
-            }
+            None => done(self.tcp_remote(Some(s), |s| Call::TcpSetOption { s, option: wire::Opt::from_core(opt) })?),
         }
     }
     fn tcp_ready(&mut self, s: TcpId) -> Result<capnet_tcp::Ready, SocketError> {
         match self.tcp.as_mut() {
             Some(t) => Ok(t.ready(s)?),
-            None => match self.remote(Kind::Tcp, Call::TcpReady { s: s.to_raw() })? {
+            None => match self.tcp_remote(Some(s), |s| Call::TcpReady { s })? {
                 Answer::Ready(b) => Ok(wire::ready_from(b)),
                 a => Err(odd(a)),
             },

@@ -56,6 +56,12 @@ pub struct Link {
     /// `Activity` notices received since our last call (sockets side): the
     /// protocol allows one; a flood of them breaks the link.
     pub unasked_activity: u32,
+    /// Which tcp domain this link reaches, when a swap runs two (the sockets
+    /// domain tags the socket ids it holds with it).
+    pub tag: u8,
+    /// The peer is a tcp domain being swapped out: it finishes the connections
+    /// it has and gets no new ones.
+    pub retiring: bool,
 }
 
 /// `Activity` notices a transport may send between two calls before the sockets
@@ -78,6 +84,8 @@ impl Link {
             dropped: 0,
             replacing: false,
             unasked_activity: 0,
+            tag: 0,
+            retiring: false,
         }
     }
 

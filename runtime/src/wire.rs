@@ -92,6 +92,15 @@ pub enum Msg {
     /// transport → sockets: readiness may have changed (parked calls may now
     /// complete).
     Activity,
+    /// ip → tcp, during a swap: a new tcp domain takes every new connection;
+    /// name yours (answered by [`Msg::Flows`]) and finish them.
+    Retire,
+    /// tcp → ip: the flows a retiring tcp domain keeps, as (local port, remote
+    /// address, remote port) — every connection it holds at [`Msg::Retire`].
+    Flows {
+        /// The flows.
+        flows: Vec<(u16, Addr, u16)>,
+    },
 }
 
 /// A [`Transports`](capnet_sockets::Transports) call. Socket ids are the

@@ -95,7 +95,14 @@ enum Kind {
         ident: u16,
         replies: VecDeque<(Ipv4Address, u16, Vec<u8>)>,
     },
-    TcpListener(TcpId),
+    /// A listener on the tcp domain, and during a swap also on the one being
+    /// swapped out (whose queued connections are still accepted, first).
+    TcpListener {
+        id: TcpId,
+        old: Option<TcpId>,
+        port: u16,
+        backlog: u32,
+    },
     Tcp(TcpId),
     /// Its transport restarted: the socket is gone there, and every call on it
     /// says so (`Reset`) until the application closes it.
@@ -198,7 +205,7 @@ impl SocketsCore {
     pub fn transport_lost(&mut self, which: Lost) {
         for i in 0..self.slots.len() {
             let hit = match self.slots[i].entry.as_ref().map(|e| &e.kind) {
-                Some(Kind::Tcp(_) | Kind::TcpListener(_)) => which == Lost::Tcp,
+                Some(Kind::Tcp(_) | Kind::TcpListener { .. }) => which == Lost::Tcp,
                 Some(Kind::Udp(..)) => which == Lost::Udp,
                 Some(Kind::Echo { .. }) => which == Lost::Echo,
                 _ => false,
@@ -253,6 +260,42 @@ impl SocketsCore {
                         e.kind = Kind::Lost;
                     }
                 }
+            }
+        }
+    }
+
+    /// A new tcp domain joined beside the present one (`capnet swap tcp`):
+    /// every listener listens there too, so new connections find it, while the
+    /// connections queued on the old domain are still accepted.
+    pub fn tcp_added<T: Transports>(&mut self, t: &mut T) {
+        for i in 0..self.slots.len() {
+            let Some(Entry { kind: Kind::TcpListener { id, old: None, port, backlog }, .. }) = &self.slots[i].entry
+            else {
+                continue;
+            };
+            let (id, port, backlog) = (*id, *port, *backlog);
+            // A listener the new domain refuses keeps only the old one, until it goes.
+            if let Ok(new) = t.tcp_listen(port, backlog as usize) {
+                if let Some(e) = self.slots[i].entry.as_mut() {
+                    e.kind = Kind::TcpListener { id: new, old: Some(id), port, backlog };
+                }
+            }
+        }
+    }
+
+    /// The tcp domain that was swapped out is gone: listeners forget it, and a
+    /// connection that still lived there (`retired` says which) is reset.
+    pub fn tcp_retired(&mut self, retired: impl Fn(TcpId) -> bool) {
+        for i in 0..self.slots.len() {
+            match self.slots[i].entry.as_mut().map(|e| &mut e.kind) {
+                Some(Kind::TcpListener { old, .. }) => *old = None,
+                Some(Kind::Tcp(s)) if retired(*s) => {
+                    self.unpark_slot(i, SocketError::Reset);
+                    if let Some(e) = self.slots[i].entry.as_mut() {
+                        e.kind = Kind::Lost;
+                    }
+                }
+                _ => {}
             }
         }
     }
@@ -317,7 +360,12 @@ impl SocketsCore {
                 Kind::Echo { ident, .. } => {
                     let _ = t.echo_release(ident);
                 }
-                Kind::TcpListener(s) | Kind::Tcp(s) => {
+                Kind::TcpListener { id, old, .. } => {
+                    for s in std::iter::once(id).chain(old) {
+                        let _ = t.tcp_close(s);
+                    }
+                }
+                Kind::Tcp(s) => {
                     let _ = t.tcp_close(s);
                 }
                 Kind::Lost => {}
@@ -385,13 +433,13 @@ impl SocketsCore {
                 self.free_slot(i, t);
                 Reply::Done
             }),
-            Call::TcpListen { port, backlog } => t.tcp_listen(port, backlog as usize).and_then(|s| {
-                let port = t.tcp_local_port(s)?;
-                Ok(Reply::Bound { handle: self.insert(app, Kind::TcpListener(s)), port })
+            Call::TcpListen { port, backlog } => t.tcp_listen(port, backlog as usize).and_then(|id| {
+                let port = t.tcp_local_port(id)?;
+                Ok(Reply::Bound { handle: self.insert(app, Kind::TcpListener { id, old: None, port, backlog }), port })
             }),
             Call::TcpAccept { handle, wait } => match self.listener(app, handle) {
                 Err(e) => Err(e),
-                Ok((i, l)) => match self.accept(app, l, t) {
+                Ok(i) => match self.accept(app, i, t) {
                     Ok(Some(r)) => Ok(r),
                     Ok(None) if wait => return self.park(app, id, Wait::Accept { slot: i }),
                     Ok(None) => Err(SocketError::WouldBlock),
@@ -489,18 +537,30 @@ impl SocketsCore {
         }
     }
 
-    fn listener(&self, app: AppId, h: Handle) -> Result<(usize, TcpId), SocketError> {
+    fn listener(&self, app: AppId, h: Handle) -> Result<usize, SocketError> {
         let i = self.check(app, h)?;
         match &self.slots[i].entry {
-            Some(Entry { kind: Kind::TcpListener(s), .. }) => Ok((i, *s)),
+            Some(Entry { kind: Kind::TcpListener { .. }, .. }) => Ok(i),
             Some(Entry { kind: Kind::Lost, .. }) => Err(SocketError::Reset),
             _ => Err(SocketError::WrongKind),
         }
     }
 
-    /// Takes a connection from listener `l` and gives it a handle.
-    fn accept<T: Transports>(&mut self, app: AppId, l: TcpId, t: &mut T) -> Result<Option<Reply>, SocketError> {
-        let Some(c) = t.tcp_accept(l)? else { return Ok(None) };
+    /// Takes a connection from the listener in slot `i` and gives it a handle:
+    /// during a swap, those queued on the old tcp domain first.
+    fn accept<T: Transports>(&mut self, app: AppId, i: usize, t: &mut T) -> Result<Option<Reply>, SocketError> {
+        let Some(Entry { kind: Kind::TcpListener { id, old, .. }, .. }) = &self.slots[i].entry else {
+            return Err(SocketError::StaleHandle);
+        };
+        let (id, old) = (*id, *old);
+        // The old domain's listener failing is its end, not this listener's.
+        let c = match old.map(|o| t.tcp_accept(o)) {
+            Some(Ok(Some(c))) => c,
+            _ => match t.tcp_accept(id)? {
+                Some(c) => c,
+                None => return Ok(None),
+            },
+        };
         let ends = t.tcp_endpoints(c)?;
         let handle = self.insert(app, Kind::Tcp(c));
         Ok(Some(Reply::Accepted { handle, port: ends.local_port, peer: (ends.remote.octets(), ends.remote_port) }))
@@ -511,11 +571,16 @@ impl SocketsCore {
         let mut events = Vec::new();
         for (k, (h, interest)) in items.iter().enumerate() {
             let bits = match self.check(app, *h).map(|i| &self.slots[i].entry) {
-                Ok(Some(Entry { kind: Kind::Tcp(s) | Kind::TcpListener(s), .. })) => match t.tcp_ready(*s) {
+                Ok(Some(Entry { kind: Kind::Tcp(s), .. })) => match t.tcp_ready(*s) {
                     Ok(r) => {
                         let bit = |on: bool, b: u8| if on { b } else { 0 };
                         bit(r.readable, READABLE) | bit(r.writable, WRITABLE) | bit(r.error, ERROR) | bit(r.hup, HANGUP)
                     }
+                    Err(_) => ERROR,
+                },
+                Ok(Some(Entry { kind: Kind::TcpListener { id, old, .. }, .. })) => match t.tcp_ready(*id) {
+                    Ok(r) if r.readable || old.is_some_and(|o| t.tcp_ready(o).is_ok_and(|r| r.readable)) => READABLE,
+                    Ok(_) => 0,
                     Err(_) => ERROR,
                 },
                 Ok(Some(Entry { kind: Kind::Echo { replies, .. }, .. })) => {
@@ -564,7 +629,7 @@ impl SocketsCore {
                 Received::Eof => Ok(Some(Reply::Data { data: Vec::new() })),
                 Received::Nothing => Ok(None),
             },
-            Kind::TcpListener(_) => Err(SocketError::WrongKind),
+            Kind::TcpListener { .. } => Err(SocketError::WrongKind),
             Kind::Lost => Err(SocketError::Reset),
         }
     }
@@ -588,13 +653,10 @@ impl SocketsCore {
             let (app, id) = (self.parked[k].app, self.parked[k].id);
             let r = match &self.parked[k].wait {
                 Wait::Recv { slot, max } => self.take_ready(*slot, *max, t),
-                Wait::Accept { slot } => match &self.slots[*slot].entry {
-                    Some(Entry { kind: Kind::TcpListener(l), .. }) => {
-                        let l = *l;
-                        self.accept(app, l, t)
-                    }
-                    _ => Err(SocketError::StaleHandle),
-                },
+                Wait::Accept { slot } => {
+                    let slot = *slot;
+                    self.accept(app, slot, t)
+                }
                 Wait::Connected { slot } => match &self.slots[*slot].entry {
                     Some(Entry { kind: Kind::Tcp(s), .. }) => match t.tcp_connected(*s) {
                         Ok(true) => Ok(Some(Reply::Done)),

@@ -101,8 +101,15 @@ pub enum Control {
     /// `Relinked`).
     Relink(String),
     /// The restarted peer's side of this channel follows: join it in place of
-    /// the old channel.
+    /// the old channel (answer: `Joined`) — or, after `Beside`, next to it.
     Peer(String),
+    /// A second tcp domain joins at the other end of this channel (`capnet swap
+    /// tcp`): adopt the blank regions that follow as this side of a channel to
+    /// it, keeping the present one for the old domain (answer: `Relinked`).
+    Beside(String),
+    /// The tcp domain swapped out on this channel is gone: drop its channel
+    /// (and on the ip side its flows).
+    Retired(String),
     /// A domain restarted without state: `tcp`, `udp` or `echo` (ip's echo
     /// claims) for the sockets domain; `sockets` for a transport (every socket
     /// it held belonged to the old sockets domain's applications).
@@ -118,6 +125,10 @@ pub enum Event {
     Adopted(u64),
     /// This side of the fresh channel is ours now.
     Relinked(String),
+    /// The new peer on this channel is joined (after `Peer`).
+    Joined(String),
+    /// This tcp domain, told to retire, has finished its last connection.
+    Drained,
     /// The peer on this channel broke its protocol (garbage, a loan it never
     /// had, a message it may not send): the supervisor cuts it off.
     Broken {
@@ -125,6 +136,9 @@ pub enum Event {
         channel: String,
         /// What the peer did.
         why: String,
+        /// The peer is the tcp domain being swapped out (not the one the
+        /// graph runs on this channel now).
+        old: bool,
     },
     /// Something failed; the group goes on or exits, as it says.
     Failed(String),
@@ -214,6 +228,13 @@ impl Engine {
 
 /// `capnet-domain`'s main: runs the group its supervisor describes.
 pub fn main() -> Result<()> {
+    main_with(|_| {})
+}
+
+/// The main of a domain program of your own: runs the group its supervisor
+/// describes, with `tcp` adjusting the tcp core's settings (after the graph's)
+/// when the group runs the tcp domain — `capnet-tcp-cubic` is the example.
+pub fn main_with(tcp: fn(&mut capnet_tcp::Config)) -> Result<()> {
     // Events go to standard error, which the supervisor points at this group's
     // log (`capnet logs`); UTC timestamps, so no time zone file is opened.
     tracing_subscriber::fmt().with_writer(std::io::stderr).with_ansi(false).with_target(false).init();
@@ -223,14 +244,14 @@ pub fn main() -> Result<()> {
     let spec: GroupSpec = recv_msg(&sock).context("reading the group's spec")?;
     let span = tracing::info_span!("group", name = %spec.name);
     let _entered = span.enter();
-    let r = run(&sock, &spec);
+    let r = run(&sock, &spec, tcp);
     if let Err(e) = &r {
         tracing::error!("the group stops: {e:#}");
     }
     r
 }
 
-fn run(sock: &UnixStream, spec: &GroupSpec) -> Result<()> {
+fn run(sock: &UnixStream, spec: &GroupSpec, tune_tcp: fn(&mut capnet_tcp::Config)) -> Result<()> {
     let names: Vec<&str> = spec.domains.iter().map(|(n, _)| n.as_str()).collect();
     tracing::info!(domains = %names.join(" "), "starting");
     let kinds = spec.domains.iter().map(|(_, k)| kind(k)).collect::<Result<Vec<_>>>()?;
@@ -292,6 +313,7 @@ fn run(sock: &UnixStream, spec: &GroupSpec) -> Result<()> {
     let mut cores = Cores::group(&kinds, cfg, UDP_QUEUE);
     if let Some(tcp) = cores.tcp.as_mut() {
         tcp.config_mut().congestion_control = spec.tcp_cc.parse().map_err(|e: String| anyhow!(e))?;
+        tune_tcp(tcp.config_mut());
     }
     let msg_links =
         links.iter().filter(|(_, l, r)| !matches!((l, r), (Kind::Driver, Kind::Ip) | (Kind::Ip, Kind::Driver)));
@@ -334,6 +356,7 @@ fn run(sock: &UnixStream, spec: &GroupSpec) -> Result<()> {
     let mut last_report: Option<Instant> = None;
     let mut last_control = Instant::now();
     let mut relinks = Relinks { links: links.clone(), pending: Vec::new(), reported: Vec::new() };
+    let mut drained = false;
     #[cfg(debug_assertions)]
     let (mut hostile, started) = (hostile_plan(&kinds), Instant::now());
     loop {
@@ -344,11 +367,11 @@ fn run(sock: &UnixStream, spec: &GroupSpec) -> Result<()> {
         }
         // A broken channel is reported once; its peer is cut off and restarted by
         // the supervisor, which then hands us a fresh channel.
-        for (channel, why) in broken_channels(&mut engine, &relinks.links) {
-            if !relinks.reported.contains(&channel) {
+        for (channel, why, old) in broken_channels(&mut engine, &relinks.links) {
+            if !relinks.reported.contains(&(channel.clone(), old)) {
                 tracing::warn!("{why}: reporting it");
-                send_msg(sock, &Event::Broken { channel: channel.clone(), why })?;
-                relinks.reported.push(channel);
+                send_msg(sock, &Event::Broken { channel: channel.clone(), why, old })?;
+                relinks.reported.push((channel, old));
             }
         }
         #[cfg(debug_assertions)]
@@ -366,6 +389,11 @@ fn run(sock: &UnixStream, spec: &GroupSpec) -> Result<()> {
         }
         if last_report.is_none_or(|t| t.elapsed() >= REPORT_EVERY) {
             last_report = Some(Instant::now());
+            if !drained && host.cores().drained() {
+                drained = true;
+                tracing::info!("swapped out, and the last connection is finished: telling the supervisor");
+                send_msg(sock, &Event::Drained)?;
+            }
             let device = host.device_stats().or_else(|| driver.as_ref().map(|d| d.stats()));
             let report = report(spec, host.cores(), device);
             capnet_ipc::blob::publish(&made.status, serde_json::to_string(&report)?.as_bytes());
@@ -408,18 +436,19 @@ impl Made {
 }
 
 /// Handles what the supervisor sent; false when it has gone.
-/// Every broken channel of the group: (name, what happened).
-fn broken_channels(engine: &mut Engine, links: &[(String, Kind, Kind)]) -> Vec<(String, String)> {
+/// Every broken channel of the group: (name, what happened, whether its peer is
+/// a swapped-out tcp domain).
+fn broken_channels(engine: &mut Engine, links: &[(String, Kind, Kind)]) -> Vec<(String, String, bool)> {
     let name = |l: Kind, r: Kind| links.iter().find(|(_, a, b)| (*a, *b) == (l, r)).map(|(n, _, _)| n.clone());
     let mut out = Vec::new();
     if let Engine::Stack(s) = engine {
         if let (Some(why), Some(n)) = (s.broken(), name(Kind::Ip, Kind::Driver)) {
-            out.push((n, format!("the driver broke the frame channel: {why}")));
+            out.push((n, format!("the driver broke the frame channel: {why}"), false));
         }
     }
     for l in &engine.host().cores().links {
         if let (Some(why), Some(n)) = (l.broken(), name(l.local, l.remote)) {
-            out.push((n, why.to_owned()));
+            out.push((n, why.to_owned(), l.retiring));
         }
     }
     out
@@ -479,13 +508,16 @@ struct Relinks {
     links: Vec<(String, Kind, Kind)>,
     /// Sides adopted, waiting for the restarted peer's.
     pending: Vec<(String, Side)>,
-    /// Channels whose breaking was reported (until they are joined again).
-    reported: Vec<String>,
+    /// Channels whose breaking was reported (until they are joined again), and
+    /// whether it was the swapped-out tcp domain's.
+    reported: Vec<(String, bool)>,
 }
 
 /// This group's side of a fresh channel.
 enum Side {
     Msg(MsgHalf),
+    /// A channel to a second tcp domain, beside the present one.
+    Beside(MsgHalf),
     /// ip's side of the frame channel.
     Frames(StackHalf),
     /// The driver's side of the frame channel.
@@ -523,11 +555,32 @@ fn control(
             }
             return Ok(());
         }
-        if let Control::Relink(c) | Control::Peer(c) = &msg {
+        if let Control::Retired(c) = &msg {
+            let cores = engine.host().cores();
+            cores.tcp_retired();
+            if let Some(s) = sockets {
+                let is_old = |id| cores.tcp_socket_retiring(id);
+                s.core.tcp_retired(is_old);
+            }
+            relinks.reported.retain(|(x, old)| x != c || !*old);
+            tracing::info!("channel {c}: the swapped-out tcp domain is gone");
+            return Ok(());
+        }
+        if let Control::Relink(c) | Control::Peer(c) | Control::Beside(c) = &msg {
             let (_, l, r) =
                 relinks.links.iter().find(|(n, _, _)| n == c).cloned().ok_or_else(|| anyhow!("no channel {c} here"))?;
             let mut caps = recv_caps(sock.as_fd())?.into_iter().map(Cap::into_fd);
             let mut next = || caps.next().ok_or_else(|| anyhow!("too few capabilities for channel {c}"));
+            if let Control::Beside(_) = msg {
+                if r != Kind::Tcp {
+                    bail!("only a tcp domain may join beside another, not {r}");
+                }
+                let side = Side::Beside(MsgHalf::adopt(MsgGrant { area: next()?, pool: next()? }, end_of(l, r))?);
+                relinks.pending.retain(|(n, _)| n != c);
+                relinks.pending.push((c.clone(), side));
+                send_msg(sock, &Event::Relinked(c.clone()))?;
+                return Ok(());
+            }
             if let Control::Relink(_) = msg {
                 let side = if (l, r) == (Kind::Ip, Kind::Driver) {
                     Side::Frames(StackHalf::adopt(HalfGrant { pool: next()?, r_area: next()?, t_area: next()? })?)
@@ -563,6 +616,20 @@ fn control(
                         }
                     }
                 }
+                (Side::Beside(half), engine) => {
+                    let end = half.attach(end_of(l, r), MsgGrant { area: next()?, pool: next()? })?;
+                    let cores = engine.host().cores();
+                    cores.tcp_beside(Link::new(l, r, end));
+                    if let Some(s) = sockets.as_mut() {
+                        s.core.tcp_added(cores);
+                        tracing::info!("every TCP listener listens on the new tcp domain too");
+                    }
+                    send_msg(sock, &Event::Joined(c.clone()))?;
+                    tracing::info!(
+                        "channel {c}: a new tcp domain joined beside the old one, which finishes its connections"
+                    );
+                    return Ok(());
+                }
                 (Side::Frames(half), Engine::Stack(stack)) => {
                     stack.rejoin(half, HalfGrant { pool: next()?, r_area: next()?, t_area: next()? })?
                 }
@@ -572,7 +639,8 @@ fn control(
                     None => bail!("a fresh frame channel for a group without the driver's threads"),
                 },
             }
-            relinks.reported.retain(|x| x != c);
+            relinks.reported.retain(|(x, old)| x != c || *old);
+            send_msg(sock, &Event::Joined(c.clone()))?;
             tracing::info!("channel {c} joined again: the {r} domain restarted");
             return Ok(());
         }
@@ -620,7 +688,12 @@ fn control(
                 sockets.detach(app, host.cores());
                 tracing::info!("application {app} left: its sockets are closed");
             }
-            Control::Capture | Control::Relink(_) | Control::Peer(_) | Control::Lost(_) => {}
+            Control::Capture
+            | Control::Relink(_)
+            | Control::Peer(_)
+            | Control::Beside(_)
+            | Control::Retired(_)
+            | Control::Lost(_) => {}
         }
         Ok(())
     })();

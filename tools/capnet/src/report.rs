@@ -79,6 +79,10 @@ pub struct TcpConnection {
     pub nodelay: bool,
     /// Delayed acknowledgments on.
     pub delayed_ack: bool,
+    /// The process of the tcp domain that holds it (during a swap there are
+    /// two); filled in by the supervisor.
+    #[serde(default)]
+    pub pid: i32,
 }
 
 impl From<capnet_tcp::ConnInfo> for TcpConnection {
@@ -106,6 +110,7 @@ impl From<capnet_tcp::ConnInfo> for TcpConnection {
             rcv_queued: i.rcv_queued,
             nodelay: i.nodelay,
             delayed_ack: i.delayed_ack,
+            pid: 0,
         }
     }
 }

@@ -81,6 +81,7 @@ fn print_sockets(s: &Status) {
             c.snd_queued,
             c.rcv_queued,
         );
+        opts.push(format!("tcp-pid:{}", c.pid));
         println!("             {}", opts.join(" "));
     }
 }

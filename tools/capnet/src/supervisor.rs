@@ -215,6 +215,16 @@ struct Running {
     vnet: bool,
     spec_base: GroupSpec,
     logs: std::path::PathBuf,
+    /// A tcp domain swapped out, finishing the connections it had.
+    draining: Option<Draining>,
+}
+
+/// A tcp domain swapped out (`capnet swap tcp`): it keeps its process and its
+/// channels until its last connection is finished.
+struct Draining {
+    process: GroupProcess,
+    /// Its channels, each with the group at its other end.
+    channels: Vec<(String, usize)>,
 }
 
 /// Whether a channel is the frame channel between driver and ip.
@@ -232,7 +242,8 @@ impl Running {
             |k: Kind| graph.groups.iter().position(|g| g.domains.iter().any(|d| kind_in(&graph, d) == Some(k)));
         let sockets = position(Kind::Sockets).ok_or_else(|| anyhow::anyhow!("no group runs the sockets domain"))?;
         let driver = position(Kind::Driver).ok_or_else(|| anyhow::anyhow!("no group runs the driver"))?;
-        let mut r = Running { graph, groups: Vec::new(), sockets, driver, device, vnet, spec_base, logs };
+        let mut r =
+            Running { graph, groups: Vec::new(), sockets, driver, device, vnet, spec_base, logs, draining: None };
         let mut sides = Sides::new();
         for gi in 0..r.graph.groups.len() {
             let p = r.spawn(gi, &mut sides, true)?;
@@ -464,22 +475,7 @@ impl Running {
                 if !self.peer_of(h, &c).is_some_and(|p| set.contains(&p)) {
                     continue;
                 }
-                let rw = Rights::READ | Rights::WRITE | Rights::MAP | Rights::GRANT;
-                let blanks: Vec<OwnedFd> = if is_frames(l, r) {
-                    let g = capnet_runtime::two_group::StackHalf::blank()?;
-                    vec![g.pool, g.r_area, g.t_area]
-                } else {
-                    let g = MsgHalf::blank(&format!("capnet-{c}"))?;
-                    vec![g.area, g.pool]
-                };
-                let sock = &self.groups[h].sock;
-                send_msg(sock, &Control::Relink(c.clone()))?;
-                let caps = blanks
-                    .iter()
-                    .map(|fd| Cap::new(CapKind::Blank, rw, 0, fd.try_clone()?).map_err(anyhow::Error::from))
-                    .collect::<Result<Vec<_>>>()?;
-                send_caps(sock.as_fd(), &caps.iter().map(|c| (c, rw)).collect::<Vec<_>>())?;
-                self.groups[h].expect(|e| matches!(e, Event::Relinked(x) if *x == c))?;
+                let blanks = self.offer_blanks(h, &Control::Relink(c.clone()), is_frames(l, r))?;
                 sides.insert((c.clone(), h), blanks);
                 relinked.push((h, c));
             }
@@ -505,30 +501,136 @@ impl Running {
             self.await_ready(s)?;
         }
         for (h, c) in relinked {
-            let s = self.peer_of(h, &c).ok_or_else(|| anyhow::anyhow!("channel {c} has no peer"))?;
-            let (l, r) = self
-                .links_of(h)
-                .into_iter()
-                .find(|(x, _, _)| *x == c)
-                .map(|(_, l, r)| (l, r))
-                .unwrap_or((Kind::Ip, Kind::Tcp));
-            let fds = sides.get(&(c.clone(), s)).ok_or_else(|| anyhow::anyhow!("no new side of {c}"))?;
-            let kinds: &[CapKind] = if is_frames(l, r) {
-                &[CapKind::Pool, CapKind::ChannelEnd, CapKind::ChannelEnd]
-            } else {
-                &[CapKind::ChannelEnd, CapKind::Pool]
-            };
-            let all = Rights::READ | Rights::MAP | Rights::GRANT;
-            let caps = kinds
-                .iter()
-                .zip(fds)
-                .map(|(k, fd)| Cap::new(*k, all, 0, fd.try_clone()?).map_err(anyhow::Error::from))
-                .collect::<Result<Vec<_>>>()?;
-            let sock = &self.groups[h].sock;
-            send_msg(sock, &Control::Peer(c.clone()))?;
-            send_caps(sock.as_fd(), &caps.iter().map(|c| (c, Rights::READ | Rights::MAP)).collect::<Vec<_>>())?;
+            self.join_peer(h, &c, &sides)?;
         }
         Ok(())
+    }
+
+    /// Sends group `h` blank regions for its side of a fresh channel, with the
+    /// control message saying why (`Relink` or `Beside`), and waits until it has
+    /// adopted them; returns them (the new peer is granted them read-only).
+    fn offer_blanks(&self, h: usize, why: &Control, frames: bool) -> Result<Vec<OwnedFd>> {
+        let rw = Rights::READ | Rights::WRITE | Rights::MAP | Rights::GRANT;
+        let (Control::Relink(c) | Control::Beside(c)) = why else { bail!("blank regions offered for {why:?}") };
+        let blanks: Vec<OwnedFd> = if frames {
+            let g = capnet_runtime::two_group::StackHalf::blank()?;
+            vec![g.pool, g.r_area, g.t_area]
+        } else {
+            let g = MsgHalf::blank(&format!("capnet-{c}"))?;
+            vec![g.area, g.pool]
+        };
+        let sock = &self.groups[h].sock;
+        send_msg(sock, why)?;
+        let caps = blanks
+            .iter()
+            .map(|fd| Cap::new(CapKind::Blank, rw, 0, fd.try_clone()?).map_err(anyhow::Error::from))
+            .collect::<Result<Vec<_>>>()?;
+        send_caps(sock.as_fd(), &caps.iter().map(|c| (c, rw)).collect::<Vec<_>>())?;
+        self.groups[h].expect(|e| matches!(e, Event::Relinked(x) if x == c))?;
+        Ok(blanks)
+    }
+
+    /// Grants group `h` the new peer's side of channel `c` (from `sides`) and
+    /// waits until it has joined it.
+    fn join_peer(&self, h: usize, c: &str, sides: &Sides) -> Result<()> {
+        let s = self.peer_of(h, c).ok_or_else(|| anyhow::anyhow!("channel {c} has no peer"))?;
+        let (l, r) = self
+            .links_of(h)
+            .into_iter()
+            .find(|(x, _, _)| x == c)
+            .map(|(_, l, r)| (l, r))
+            .ok_or_else(|| anyhow::anyhow!("group {} has no channel {c}", self.groups[h].name))?;
+        let fds = sides.get(&(c.to_owned(), s)).ok_or_else(|| anyhow::anyhow!("no new side of {c}"))?;
+        let kinds: &[CapKind] = if is_frames(l, r) {
+            &[CapKind::Pool, CapKind::ChannelEnd, CapKind::ChannelEnd]
+        } else {
+            &[CapKind::ChannelEnd, CapKind::Pool]
+        };
+        let all = Rights::READ | Rights::MAP | Rights::GRANT;
+        let caps = kinds
+            .iter()
+            .zip(fds)
+            .map(|(k, fd)| Cap::new(*k, all, 0, fd.try_clone()?).map_err(anyhow::Error::from))
+            .collect::<Result<Vec<_>>>()?;
+        let sock = &self.groups[h].sock;
+        send_msg(sock, &Control::Peer(c.to_owned()))?;
+        send_caps(sock.as_fd(), &caps.iter().map(|c| (c, Rights::READ | Rights::MAP)).collect::<Vec<_>>())?;
+        self.groups[h].expect(|e| matches!(e, Event::Joined(x) if x == c))?;
+        Ok(())
+    }
+
+    /// `capnet swap tcp`: starts the new tcp domain beside the old one (group
+    /// `gi`). The sockets domain joins it first (its listeners listen there
+    /// too), then ip, which from then on sends it every new connection while
+    /// the old domain keeps the flows it names; the old one is stopped once it
+    /// says its last connection is finished ([`Running::finish_drain`]).
+    fn swap_tcp(&mut self, gi: usize, binary: &str) -> Result<()> {
+        if let Some(d) = &self.draining {
+            bail!(
+                "the last tcp swap is still finishing: the old tcp domain (pid {}) holds connections; swap again once it has exited",
+                d.process.child.pid()
+            );
+        }
+        let mut channels: Vec<(String, usize)> =
+            self.links_of(gi).into_iter().filter_map(|(c, _, _)| Some((c.clone(), self.peer_of(gi, &c)?))).collect();
+        channels.sort_by_key(|(_, h)| !self.runs(*h, Kind::Sockets));
+        let mut sides = Sides::new();
+        for (c, h) in &channels {
+            let blanks = self.offer_blanks(*h, &Control::Beside(c.clone()), false)?;
+            sides.insert((c.clone(), *h), blanks);
+        }
+        let domain = self.groups[gi].domains[0].clone();
+        let entry = self
+            .graph
+            .domains
+            .iter_mut()
+            .find(|d| d.name == domain)
+            .ok_or_else(|| anyhow::anyhow!("no domain {domain} in the graph"))?;
+        let previous = std::mem::replace(&mut entry.binary, binary.to_owned());
+        let started = self.spawn(gi, &mut sides, false).map(|mut p| {
+            p.restarts = self.groups[gi].restarts;
+            p
+        });
+        let back = |r: &mut Self| {
+            if let Some(d) = r.graph.domains.iter_mut().find(|d| d.name == domain) {
+                d.binary = previous.clone();
+            }
+        };
+        let p = match started {
+            Ok(p) => p,
+            Err(e) => {
+                back(self);
+                return Err(e.context("the new tcp domain did not start; the old one keeps serving"));
+            }
+        };
+        let old = std::mem::replace(&mut self.groups[gi], p);
+        if let Err(e) = self.grant(gi, &sides).and_then(|()| self.await_ready(gi)) {
+            let _ = self.groups[gi].child.kill();
+            self.groups[gi] = old;
+            back(self);
+            return Err(e.context("the new tcp domain did not come up; the old one keeps serving"));
+        }
+        for (c, h) in &channels {
+            self.join_peer(*h, c, &sides)?;
+        }
+        eprintln!(
+            "capnet: tcp swapped for {binary} (pid {}); the old domain (pid {}) finishes its connections",
+            self.groups[gi].child.pid(),
+            old.child.pid()
+        );
+        self.draining = Some(Draining { process: old, channels });
+        Ok(())
+    }
+
+    /// Ends a tcp swap: the neighbours drop the old domain's channels (and any
+    /// connection still there is reset), and its process is stopped.
+    fn finish_drain(&mut self, why: &str) {
+        let Some(d) = self.draining.take() else { return };
+        eprintln!("capnet: the swapped-out tcp domain (pid {}) is stopped: {why}", d.process.child.pid());
+        for (c, h) in &d.channels {
+            let _ = send_msg(&self.groups[*h].sock, &Control::Retired(c.clone()));
+        }
+        let _ = d.process.child.kill();
     }
 }
 
@@ -541,9 +643,10 @@ enum Change {
 }
 
 impl Running {
-    /// Checks a requested change; gives the group to restart and why. A swap
-    /// also changes the domain's program in the graph (later restarts keep it).
-    fn change(&mut self, change: &Change) -> Result<(usize, String)> {
+    /// Checks a requested change; gives the group to restart and why (none
+    /// for a tcp swap, done here). A swap also changes the domain's program in
+    /// the graph (later restarts keep it).
+    fn change(&mut self, change: &Change) -> Result<Option<(usize, String)>> {
         let (domain, binary) = match change {
             Change::Restart(d) => (d, None),
             Change::Swap(d, b) => (d, Some(b)),
@@ -553,11 +656,11 @@ impl Running {
             .iter()
             .position(|g| g.domains.contains(domain))
             .ok_or_else(|| anyhow::anyhow!("there is no domain {domain:?}"))?;
-        let Some(binary) = binary else { return Ok((gi, "restarted on request".into())) };
-        match kind_in(&self.graph, domain) {
-            Some(Kind::Udp) => {}
-            Some(Kind::Tcp) => bail!("swapping tcp (new connections to the new domain while the old one finishes its own) is not built yet; `capnet restart tcp` restarts it"),
-            Some(k) => bail!("swapping the {k} domain is not supported: udp can be swapped"),
+        let Some(binary) = binary else { return Ok(Some((gi, "restarted on request".into()))) };
+        let kind = kind_in(&self.graph, domain);
+        match kind {
+            Some(Kind::Udp | Kind::Tcp) => {}
+            Some(k) => bail!("swapping the {k} domain is not supported: tcp and udp can be swapped"),
             None => bail!("there is no domain {domain:?}"),
         }
         if self.groups[gi].domains.len() != 1 {
@@ -567,10 +670,14 @@ impl Running {
             );
         }
         check_binary(binary)?;
+        if kind == Some(Kind::Tcp) {
+            self.swap_tcp(gi, binary)?;
+            return Ok(None);
+        }
         if let Some(d) = self.graph.domains.iter_mut().find(|d| d.name == *domain) {
             d.binary = binary.clone();
         }
-        Ok((gi, format!("swapped for {binary}")))
+        Ok(Some((gi, format!("swapped for {binary}"))))
     }
 }
 
@@ -768,10 +875,13 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
         let mut due: Vec<(usize, String)> =
             running.groups.iter().enumerate().filter_map(|(i, g)| g.ended().map(|c| (i, c.to_string()))).collect();
         // A group that reports its peer broke a channel: the peer is cut off.
+        let mut old_broke = None;
         for (i, g) in running.groups.iter().enumerate() {
             for e in g.events() {
-                if let Event::Broken { channel, why } = e {
-                    if let Some(p) = running.peer_of(i, &channel) {
+                if let Event::Broken { channel, why, old } = e {
+                    if old {
+                        old_broke = Some(format!("cut off: it broke channel {channel} ({why})"));
+                    } else if let Some(p) = running.peer_of(i, &channel) {
                         eprintln!(
                             "capnet: {} reports that {} broke channel {channel}: {why}",
                             g.domains.join("+"),
@@ -786,14 +896,30 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
         due.dedup_by_key(|(i, _)| *i);
         while let Ok((change, conn)) = restart_rx.try_recv() {
             match running.change(&change) {
-                Ok((i, cause)) => {
-                    due.push((i, cause));
+                Ok(restart) => {
+                    due.extend(restart);
                     let _ = send(&conn, &Reply::Ok);
                 }
                 Err(e) => {
                     let _ = send(&conn, &Reply::Refused(format!("{e:#}")));
                 }
             }
+        }
+        // A swapped-out tcp domain goes when it says it is done, dies, or is cut off.
+        if let Some(why) = old_broke {
+            running.finish_drain(&why);
+        }
+        if let Some(d) = &running.draining {
+            let drained = d.process.events().iter().any(|e| matches!(e, Event::Drained));
+            match (drained, d.process.ended()) {
+                (true, _) => running.finish_drain("its last connection is finished"),
+                (_, Some(cause)) => running.finish_drain(&format!("it ended ({cause}); its connections are lost")),
+                _ => {}
+            }
+        }
+        if !due.is_empty() {
+            // Restarts rebuild channels from the graph, which knows one tcp domain.
+            running.finish_drain("a restart ends the swap; its connections are lost");
         }
         for (i, cause) in due {
             if running.groups[i].restarts > 0 && running.groups[i].started.elapsed() < Duration::from_secs(10) {
@@ -874,7 +1000,8 @@ fn start_capture(running: &Running, conn: &UnixStream) -> Result<()> {
 /// The status object as JSON, from every group's report.
 fn render(base: &Status, running: &Running) -> Result<String> {
     let mut status = base.clone();
-    for g in &running.groups {
+    let draining = running.draining.as_ref().map(|d| (&d.process, "draining"));
+    for (g, state) in running.groups.iter().map(|g| (g, "running")).chain(draining) {
         let report = g.report();
         let (cpu_s, rss_bytes) = process_usage(g.child.pid());
         for d in &g.domains {
@@ -882,7 +1009,7 @@ fn render(base: &Status, running: &Running) -> Result<String> {
             status.domains.push(Domain {
                 name: d.clone(),
                 pid: g.child.pid(),
-                state: "running".into(),
+                state: state.into(),
                 restarts: g.restarts,
                 uptime_s: g.started.elapsed().as_secs_f64(),
                 cpu_s,
@@ -891,7 +1018,9 @@ fn render(base: &Status, running: &Running) -> Result<String> {
                 last_error: g.last_error.clone(),
             });
         }
-        status.tcp_connections.extend(report.tcp_connections);
+        status.tcp_connections.extend(
+            report.tcp_connections.into_iter().map(|c| capnet::report::TcpConnection { pid: g.child.pid(), ..c }),
+        );
         status.tcp_listening.extend(report.tcp_listening);
         status.routes.extend(report.routes);
     }
