@@ -46,7 +46,7 @@ pub enum DeviceError {
         source: std::io::Error,
     },
     /// `/dev/net/tun` is missing or not accessible.
-    #[error("cannot open /dev/net/tun: {0} (is the tun module loaded, and are you root or in its group?)")]
+    #[error("cannot open /dev/net/tun: {0} (is the tun module loaded, and may this user read and write it? root may; an ordinary user needs a node open to it)")]
     Tun(std::io::Error),
     /// An ioctl or socket call failed.
     #[error("{what} failed on {name}")]

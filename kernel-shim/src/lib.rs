@@ -13,3 +13,4 @@ pub mod device;
 pub mod netns;
 pub mod sandbox;
 pub mod spawn;
+pub mod userns;

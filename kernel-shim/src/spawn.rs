@@ -221,6 +221,9 @@ struct Prepared {
     /// The log fd, or -1.
     log: RawFd,
     last_cap: libc::c_int,
+    /// setgroups(2) is denied in this user namespace (and so in the domain's):
+    /// an unprivileged supervisor's, which keeps only its user's own groups.
+    setgroups_denied: bool,
     open_files: libc::rlim_t,
     address_space: libc::rlim_t,
 }
@@ -259,6 +262,7 @@ fn prepare(cfg: &SpawnConfig) -> Result<Prepared, SpawnError> {
         fds: cfg.fds.iter().map(|f| f.as_raw_fd()).collect(),
         log: cfg.log.as_ref().map_or(-1, |f| f.as_raw_fd()),
         last_cap,
+        setgroups_denied: std::fs::read_to_string("/proc/self/setgroups").is_ok_and(|s| s.trim() == "deny"),
         open_files: cfg.limits.open_files,
         address_space: cfg.limits.address_space.unwrap_or(libc::RLIM_INFINITY),
     })
@@ -324,10 +328,13 @@ pub fn spawn(cfg: &SpawnConfig) -> Result<Child, SpawnError> {
     let child = Child { pid, pidfd: unsafe { OwnedFd::from_raw_fd(pidfd) } };
     drop((sync_r, err_w));
     if ns.user {
-        let map = format!("{0} {0} 1\n", cfg.uid);
-        let write = |file: &str| std::fs::write(format!("/proc/{pid}/{file}"), &map).map_err(SpawnError::IdMap);
-        write("uid_map")?;
-        write("gid_map")?;
+        let uid = parent_id(cfg.uid, "uid_map", nix::unistd::geteuid().as_raw());
+        let gid = parent_id(cfg.uid, "gid_map", nix::unistd::getegid().as_raw());
+        let write = |file: &str, to: u32| {
+            std::fs::write(format!("/proc/{pid}/{file}"), format!("{} {to} 1\n", cfg.uid)).map_err(SpawnError::IdMap)
+        };
+        write("uid_map", uid)?;
+        write("gid_map", gid)?;
     }
     rustix::io::write(&sync_w, &[1]).map_err(|e| SpawnError::IdMap(e.into()))?;
     drop(sync_w);
@@ -343,6 +350,23 @@ pub fn spawn(cfg: &SpawnConfig) -> Result<Child, SpawnError> {
         return Err(SpawnError::Child { step, errno, program: cfg.program.display().to_string() });
     }
     Ok(child)
+}
+
+/// The id of this process's user namespace that a domain's `id` maps to: the
+/// same number where the namespace has it (the host's has every id), else this
+/// process's own `own` — the one id an unprivileged supervisor's namespace has
+/// (`crate::userns`).
+fn parent_id(id: u32, map: &str, own: u32) -> u32 {
+    let text = std::fs::read_to_string(format!("/proc/self/{map}")).unwrap_or_default();
+    let has = text.lines().any(|l| {
+        let f: Vec<u64> = l.split_whitespace().filter_map(|x| x.parse().ok()).collect();
+        matches!(f[..], [inside, _, count] if u64::from(id) >= inside && u64::from(id) < inside + count)
+    });
+    if has {
+        id
+    } else {
+        own
+    }
 }
 
 fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> usize {
@@ -437,7 +461,7 @@ unsafe fn child_main(p: &Prepared, sync_r: RawFd, err_w: RawFd, uid: u32, user_n
                 die(err_fd, 4);
             }
         }
-        if libc::setgroups(0, std::ptr::null()) != 0 {
+        if !p.setgroups_denied && libc::setgroups(0, std::ptr::null()) != 0 {
             die(err_fd, 5);
         }
         if libc::setresgid(uid, uid, uid) != 0 {

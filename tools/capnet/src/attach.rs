@@ -1,7 +1,7 @@
 //! How an application gets its own channel to the sockets domain.
 //!
 //! The application connects to the supervisor's application socket
-//! (`/run/capnet/NETNS/app.sock`, mode 0600 in an owner-only directory; the caller's
+//! (`app.sock` in the [`run_dir`], mode 0600 in an owner-only directory; the caller's
 //! uid is checked with `SO_PEERCRED`). The supervisor sends its end's channel area
 //! and pool as capabilities (`SCM_RIGHTS`, read and map only); the application
 //! answers with its own; each side maps the other's read-only. The Unix socket stays
@@ -24,9 +24,23 @@ pub fn closed_by_peer(sock: &UnixStream) -> bool {
     matches!(nix::sys::socket::recv(std::os::fd::AsRawFd::as_raw_fd(sock), &mut probe, flags), Ok(0))
 }
 
+/// Where the supervisor of the stack in `netns` keeps its sockets, pid and
+/// logs: `/run/capnet/NETNS` for root; for an ordinary user (unprivileged mode)
+/// `/tmp/capnet-UID/NETNS`, UID as the host sees it — the same path inside the
+/// supervisor's own user namespace as outside it.
+pub fn run_dir(netns: &str) -> PathBuf {
+    use capnet_kernel_shim::userns;
+    let base = if userns::privileged() {
+        PathBuf::from("/run/capnet")
+    } else {
+        format!("/tmp/capnet-{}", userns::host_uid()).into()
+    };
+    base.join(netns)
+}
+
 /// The application socket of the stack in `netns`.
 pub fn app_socket(netns: &str) -> PathBuf {
-    PathBuf::from("/run/capnet").join(netns).join("app.sock")
+    run_dir(netns).join("app.sock")
 }
 
 /// The handshake failed.

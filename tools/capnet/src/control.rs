@@ -3,14 +3,36 @@
 //! with `SO_PEERCRED`.
 
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
-use anyhow::{anyhow, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use rkyv::{Archive, Deserialize, Serialize};
 
 /// Where a supervisor keeps its sockets, pid and log.
-pub fn run_dir(netns: &str) -> PathBuf {
-    Path::new("/run/capnet").join(netns)
+pub use capnet::attach::run_dir;
+
+/// Makes the run directory of the stack in `netns`, owner-only. Unprivileged,
+/// its parent is `/tmp/capnet-UID`: one that exists must be ours and writable by
+/// nobody else (someone may have made it first in the shared `/tmp`).
+pub fn make_run_dir(netns: &str) -> Result<PathBuf> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt, PermissionsExt};
+    let dir = run_dir(netns);
+    let base = dir.parent().ok_or_else(|| anyhow!("{} has no parent", dir.display()))?;
+    match std::fs::DirBuilder::new().mode(0o700).create(base) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+        Err(e) => return Err(e).with_context(|| format!("making {}", base.display())),
+    }
+    let meta = std::fs::symlink_metadata(base)?;
+    if !meta.is_dir() || meta.uid() != nix::unistd::geteuid().as_raw() || meta.mode() & 0o022 != 0 {
+        bail!(
+            "{} is not a directory of ours that only we may write: refusing to keep capnet's sockets there",
+            base.display()
+        );
+    }
+    std::fs::create_dir_all(&dir)?;
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    Ok(dir)
 }
 
 /// The control socket of the stack in `netns`.

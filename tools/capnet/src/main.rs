@@ -60,8 +60,20 @@ enum Command {
     Logs(LogsArgs),
     /// Restart a domain now (its group), with fresh channels, as if it had died.
     Restart(RestartArgs),
-    /// Replace a domain with another program while the rest keeps running (udp).
+    /// Replace a domain with another program while the rest keeps running (udp, tcp).
     Swap(SwapArgs),
+    /// Run a command on the Linux side of the stack's TAP (its network
+    /// namespace; unprivileged, through the supervisor's user namespace).
+    Exec(ExecArgs),
+}
+
+#[derive(Debug, Args)]
+struct ExecArgs {
+    #[command(flatten)]
+    target: Target,
+    /// The command and its arguments.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
 }
 
 #[derive(Debug, Args)]
@@ -289,6 +301,29 @@ fn graph(args: GraphArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// `capnet exec -- COMMAND…`: root enters the named namespace (as `ip netns
+/// exec` does); an ordinary user the supervisor's user namespace and the network
+/// namespace it owns (found by the supervisor's pid file), as their owner may.
+fn exec(netns: &str, command: &[String]) -> anyhow::Result<()> {
+    use std::os::unix::process::CommandExt;
+    let (program, args) = command.split_first().ok_or_else(|| anyhow::anyhow!("no command to run"))?;
+    if capnet_kernel_shim::userns::privileged() {
+        let path = capnet_kernel_shim::netns::path(netns)?;
+        let ns = std::fs::File::open(&path)
+            .map_err(|e| anyhow::anyhow!("capnet is not up in namespace {netns} ({}: {e})", path.display()))?;
+        nix::sched::setns(ns, nix::sched::CloneFlags::CLONE_NEWNET)?;
+    } else {
+        let pid_file = control::run_dir(netns).join("pid");
+        let pid: i32 = std::fs::read_to_string(&pid_file)
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+            .ok_or_else(|| anyhow::anyhow!("capnet is not up in namespace {netns} (no {})", pid_file.display()))?;
+        capnet_kernel_shim::userns::join(pid)?;
+    }
+    let err = std::process::Command::new(program).args(args).exec();
+    anyhow::bail!("cannot run {program}: {err}")
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
@@ -303,6 +338,7 @@ fn main() -> ExitCode {
         Command::Graph(g) => graph(g),
         Command::Restart(r) => restart(&r.target.netns, &r.domain),
         Command::Swap(w) => swap(&w.target.netns, &w.domain, &w.with),
+        Command::Exec(x) => exec(&x.target.netns, &x.command),
         Command::Logs(l) => logs::show(&l.target.netns, l.domain.as_deref(), l.follow),
         Command::Capture(c) => capture::capture(&c.target.netns, c.write.as_deref(), c.count, c.seconds),
     };

@@ -30,9 +30,9 @@ use capnet_ipc::msg::{MsgGrant, MsgHalf};
 use capnet_ipc::region::RegionRo;
 use capnet_kernel_shim::cap::{recv_caps, send_caps, Cap, CapKind, Rights};
 use capnet_kernel_shim::device::Device;
-use capnet_kernel_shim::netns;
 use capnet_kernel_shim::sandbox::{inspect_threads, StatsRegion};
 use capnet_kernel_shim::spawn::{sibling_binary, spawn, Child, Limits, SpawnConfig};
+use capnet_kernel_shim::{netns, userns};
 use capnet_runtime::Kind;
 
 use crate::control::{self, recv, run_dir, send, socket_path, Reply, Request};
@@ -41,23 +41,30 @@ use crate::UpArgs;
 /// Removes what `up` made when dropped.
 struct Made {
     netns: String,
+    /// A named namespace was made (privileged mode); unprivileged, the
+    /// namespace is the supervisor's own and ends with it.
+    named: bool,
 }
 
 impl Drop for Made {
     fn drop(&mut self) {
-        let _ = netns::delete(&self.netns);
+        if self.named {
+            let _ = netns::delete(&self.netns);
+        }
         let _ = std::fs::remove_dir_all(run_dir(&self.netns));
     }
 }
 
-fn ip_cmd(netns: &str, args: &[&str]) -> Result<()> {
+/// Runs `ip ARGS` in the stack's namespace: the named one `netns`, or
+/// (unprivileged) the supervisor's own.
+fn ip_cmd(netns: Option<&str>, args: &[&str]) -> Result<()> {
     let out = Command::new("ip")
-        .args(["-n", netns])
+        .args(netns.map(|n| ["-n", n]).into_iter().flatten())
         .args(args)
         .output()
         .context("running `ip` (iproute2) to configure the kernel side of the TAP")?;
     if !out.status.success() {
-        bail!("ip -n {netns} {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+        bail!("ip {} {}: {}", netns.unwrap_or(""), args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
     }
     Ok(())
 }
@@ -87,7 +94,7 @@ pub fn up(args: UpArgs) -> Result<()> {
     if control::ask(&args.target.netns, &Request::Status).is_ok() {
         bail!("capnet is already up in namespace {0}: `capnet status --netns {0}` shows it", args.target.netns);
     }
-    if netns::exists(&args.target.netns) {
+    if userns::privileged() && netns::exists(&args.target.netns) {
         bail!(netns::NetnsError::Exists(args.target.netns.clone()));
     }
     if args.detach {
@@ -98,9 +105,7 @@ pub fn up(args: UpArgs) -> Result<()> {
 
 /// Starts the supervisor in the background and returns once it answers.
 fn detach(args: &UpArgs) -> Result<()> {
-    let dir = run_dir(&args.target.netns);
-    std::fs::create_dir_all(&dir)?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    let dir = control::make_run_dir(&args.target.netns)?;
     let log_path = dir.join("log");
     let log = std::fs::File::create(&log_path)?;
     let argv: Vec<String> = std::env::args().skip(1).filter(|a| a != "-d" && a != "--detach").collect();
@@ -762,22 +767,28 @@ fn addressing(args: &UpArgs, graph: &Graph) -> (String, (Ipv4Addr, u8), (Ipv4Add
 /// The foreground supervisor: makes everything, runs until Ctrl-C or `down`.
 fn run(args: UpArgs, graph: Graph) -> Result<()> {
     let name = args.target.netns.clone();
-    let dir = run_dir(&name);
     let (tap, (host, prefix), (addr, _)) = addressing(&args, &graph);
-    // The namespace first: if it exists (someone else's), nothing of it is touched.
-    let path = netns::create(&name)?;
+    // Root makes a named namespace (if it exists, someone else's, nothing of it
+    // is touched); an ordinary user a user namespace of its own owning a network
+    // namespace, which this process enters (it has one thread still).
+    let named = userns::privileged().then(|| netns::create(&name)).transpose()?;
+    if named.is_none() {
+        userns::enter_own()?;
+    }
     // From here on, any error (and the end of the run) removes what was made.
-    let made = Made { netns: name.clone() };
-    std::fs::create_dir_all(&dir)?;
-    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700))?;
+    let made = Made { netns: name.clone(), named: named.is_some() };
+    let dir = control::make_run_dir(&name)?;
     // Offloads where the TAP allows them (the driver completes partial checksums).
-    let dev = Device::open_tap(&tap, Some(&path), true)?;
-    let _ = Command::new("ip")
-        .args(["netns", "exec", &name, "sysctl", "-qw", &format!("net.ipv6.conf.{tap}.disable_ipv6=1")])
-        .output();
-    ip_cmd(&name, &["link", "set", "lo", "up"])?;
-    ip_cmd(&name, &["link", "set", &tap, "up"])?;
-    ip_cmd(&name, &["addr", "add", &format!("{host}/{prefix}"), "dev", &tap])?;
+    let dev = Device::open_tap(&tap, named.as_deref(), true)?;
+    let ns = named.is_some().then_some(name.as_str());
+    let sysctl = format!("net.ipv6.conf.{tap}.disable_ipv6=1");
+    let _ = match ns {
+        Some(n) => Command::new("ip").args(["netns", "exec", n, "sysctl", "-qw", &sysctl]).output(),
+        None => Command::new("sysctl").args(["-qw", &sysctl]).output(),
+    };
+    ip_cmd(ns, &["link", "set", "lo", "up"])?;
+    ip_cmd(ns, &["link", "set", &tap, "up"])?;
+    ip_cmd(ns, &["addr", "add", &format!("{host}/{prefix}"), "dev", &tap])?;
 
     let o = addr.octets();
     let spec = GroupSpec {
@@ -842,7 +853,11 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
         running.groups.iter().map(|g| format!("{} (pid {})", g.domains.join("+"), g.child.pid())).collect();
     println!("capnet up: {mode} stack at {addr}/{prefix} on {tap} in namespace {name}; the kernel is {host}");
     println!("groups: {}", groups.join(" | "));
-    println!("try: ip netns exec {name} ping {addr}");
+    if made.named {
+        println!("try: ip netns exec {name} ping {addr}");
+    } else {
+        println!("try: capnet exec --netns {name} -- ping {addr}   (unprivileged: a user namespace of its own)");
+    }
     let _ = std::io::stdout().flush();
 
     let mut apps: Vec<(u64, UnixStream)> = Vec::new();
@@ -1120,7 +1135,8 @@ pub fn down(name: &str) -> Result<()> {
     if matches!(control::ask(name, &Request::Down), Ok(Reply::Ok)) {
         let deadline = Instant::now() + Duration::from_secs(15);
         while Instant::now() < deadline {
-            if !dir.exists() && !netns::exists(name) {
+            let left = dir.exists() || (userns::privileged() && netns::exists(name));
+            if !left {
                 println!("capnet down: namespace {name} and its TAP removed");
                 return Ok(());
             }
@@ -1135,8 +1151,11 @@ pub fn down(name: &str) -> Result<()> {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
         }
     }
-    let had = netns::exists(name) || dir.exists();
-    netns::delete(name)?;
+    let named = userns::privileged();
+    let had = (named && netns::exists(name)) || dir.exists();
+    if named {
+        netns::delete(name)?;
+    }
     let _ = UnixStream::connect(socket_path(name));
     std::fs::remove_dir_all(&dir)
         .or_else(|e| if e.kind() == std::io::ErrorKind::NotFound { Ok(()) } else { Err(e) })?;
