@@ -654,8 +654,11 @@ impl Cores {
                     self.flows_named = Some(flows);
                 }
             }
-            // An answer nobody waits for (its call gave up): dropped.
-            (Kind::Sockets, Msg::Answer { .. }) => {}
+            // A call waits for its answer (one at a time per link) and breaks the
+            // link when it gives up, so an answer outside a call answers nothing.
+            (Kind::Sockets, Msg::Answer { id, .. }) => {
+                l.protocol_error(format!("{} sent an answer to no call ({id})", l.remote))
+            }
             (_, other) => l.protocol_error(format!("{} sent {other:?}, which it may not send here", l.remote)),
         }
     }

@@ -158,11 +158,11 @@ impl Link {
         let _ = self.end.channel().send(&[d]);
     }
 
-    /// Sends `n` messages as fast as the channel takes them: the hostile mode of
-    /// a test (a flood of activity notices).
-    pub fn flood(&mut self, n: usize) {
+    /// Sends `msg` `n` times as fast as the channel takes it: the hostile mode
+    /// of a test (a flood of activity notices, or of answers to no call).
+    pub fn flood(&mut self, msg: &Msg, n: usize) {
         for _ in 0..n {
-            let _ = encode_with(&Msg::Activity, |bytes| {
+            let _ = encode_with(msg, |bytes| {
                 let _ = self.end.send(bytes);
             });
         }

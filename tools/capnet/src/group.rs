@@ -458,8 +458,9 @@ fn broken_channels(engine: &mut Engine, links: &[(String, Kind, Kind)]) -> Vec<(
 /// code): `CAPNET_HOSTILE=KIND:ACTION:DELAY_MS` makes the group running KIND, in
 /// its first life, do ACTION once DELAY_MS after it started — `syscall` (one its
 /// policy forbids), `garbage` (write garbage over every channel area it owns),
-/// `loans` (return a loan it never had on every channel) or `flood` (send ten
-/// thousand activity notices on every channel).
+/// `loans` (return a loan it never had on every channel), `flood` (send ten
+/// thousand activity notices on every channel) or `answers` (ten thousand
+/// answers to no call).
 #[cfg(debug_assertions)]
 fn hostile_plan(kinds: &[Kind]) -> Option<(String, Duration)> {
     let v = std::env::var("CAPNET_HOSTILE").ok()?;
@@ -493,9 +494,13 @@ fn hostile_act(action: &str, engine: &mut Engine, driver: Option<&capnet_runtime
                 l.return_foreign_loan();
             }
         }
-        "flood" => {
+        "flood" | "answers" => {
+            let msg = match action {
+                "flood" => capnet_runtime::wire::Msg::Activity,
+                _ => capnet_runtime::wire::Msg::Answer { id: u64::MAX, answer: Ok(capnet_runtime::wire::Answer::Done) },
+            };
             for l in &mut engine.host().cores().links {
-                l.flood(10_000);
+                l.flood(&msg, 10_000);
             }
         }
         other => tracing::warn!("hostile mode: unknown action {other}"),

@@ -105,7 +105,7 @@ fn a_forbidden_syscall_is_named_and_the_domain_restarted() {
 
 #[test]
 fn returning_foreign_loans_or_flooding_is_cut_off_too() {
-    for action in ["loans", "flood"] {
+    for action in ["loans", "flood", "answers"] {
         let up = hostile_up(&format!("ho-{action}"), &format!("udp:{action}:1500"));
         let before = domains(&up);
         let d = restarted(&up, "udp");
