@@ -8,6 +8,11 @@ NS=capnet-demo
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 fail() { printf '\ndemo failed: %s\n' "$*" >&2; "$CAPNET" down --netns "$NS" >/dev/null 2>&1 || true; exit 1; }
 trap '"$CAPNET" down --netns "$NS" >/dev/null 2>&1 || true' EXIT
+# capnet http-serve on port 80 of the stack, serving $WWW (pid in HTTP), once it answers.
+serve_www() {
+  "$CAPNET" http-serve --netns "$NS" "$WWW" --port 80 & HTTP=$!
+  for _ in $(seq 50); do ip netns exec "$NS" curl -s -o /dev/null --max-time 1 http://10.77.0.2/ && break; sleep 0.1; done
+}
 
 say "The domain graph capnet runs by default (capnet graph --default): five groups, one process each"
 "$CAPNET" graph --default | grep -v '^#' | grep -E '^\[(groups|channels)\.' | tr '\n' ' '; echo
@@ -52,8 +57,7 @@ echo "socat got $got bytes back"
 say "capnet http-serve: a TCP web server on the stack; curl on the Linux side fetches a 20 MB file"
 WWW=$(mktemp -d /tmp/capnet-demo-www.XXXXXX)
 head -c 20000000 /dev/urandom > "$WWW/file"
-"$CAPNET" http-serve --netns "$NS" "$WWW" --port 80 & HTTP=$!
-for _ in $(seq 50); do ip netns exec "$NS" curl -s -o /dev/null --max-time 1 http://10.77.0.2/ && break; sleep 0.1; done
+serve_www
 "$CAPNET" capture --netns "$NS" -w "$WWW/demo.pcap" -c 12 2>/dev/null & CAP=$!
 sleep 0.3
 ip netns exec "$NS" curl -sS --max-time 60 -o "$WWW/curl-got" -w 'curl: %{size_download} bytes at %{speed_download} bytes/s\n' http://10.77.0.2/file \
@@ -83,8 +87,7 @@ replies=$("$CAPNET" status --netns "$NS" --json | python3 -c "import json,sys; s
 say "Surviving a crash: kill -9 of the ip domain while curl fetches the 20 MB file again"
 echo "   the supervisor restarts ip with fresh channels to the driver, tcp, udp and sockets, which keep running;"
 echo "   tcp, in its own process, keeps the connection, and retransmission covers the gap"
-"$CAPNET" http-serve --netns "$NS" "$WWW" --port 80 & HTTP=$!
-for _ in $(seq 50); do ip netns exec "$NS" curl -s -o /dev/null --max-time 1 http://10.77.0.2/ && break; sleep 0.1; done
+serve_www
 ip netns exec "$NS" curl -sS --max-time 60 --limit-rate 10M -o "$WWW/crash-got" -w 'curl: %{size_download} bytes\n' http://10.77.0.2/file & CURL=$!
 sleep 0.5
 ip_pid=$("$CAPNET" status --netns "$NS" --json | python3 -c "import json,sys; s=json.load(sys.stdin); print(next(d for d in s['domains'] if d['name']=='ip')['pid'])")
@@ -122,8 +125,7 @@ rm -f /tmp/capnet-demo-udp-next
 say "A live tcp swap: capnet-tcp-cubic (an experimental tcp domain) starts beside the old one during a fetch"
 echo "   ip sends it every new connection; the fetch already running finishes on the old domain, which then exits"
 NEXT=$(realpath "$(dirname "$CAPNET")/capnet-tcp-cubic")
-"$CAPNET" http-serve --netns "$NS" "$WWW" --port 80 & HTTP=$!
-for _ in $(seq 50); do ip netns exec "$NS" curl -s -o /dev/null --max-time 1 http://10.77.0.2/ && break; sleep 0.1; done
+serve_www
 ip netns exec "$NS" curl -sS --max-time 60 --limit-rate 5M -o "$WWW/swap-got" -w 'the fetch across the swap: %{size_download} bytes\n' http://10.77.0.2/file & CURL=$!
 sleep 0.5
 old_tcp=$("$CAPNET" status --netns "$NS" --json | python3 -c "import json,sys; s=json.load(sys.stdin); print(next(d for d in s['domains'] if d['name']=='tcp')['pid'])")
