@@ -24,6 +24,8 @@ pub const DEFAULT: &str = include_str!("../graphs/default.toml");
 pub const MONO: &str = include_str!("../graphs/mono.toml");
 /// Two groups (`--two-group`): the driver | everything else.
 pub const TWO_GROUP: &str = include_str!("../graphs/two-group.toml");
+/// Three groups: the driver | ip | the transports with the sockets domain.
+pub const THREE_GROUP: &str = include_str!("../graphs/three-group.toml");
 
 pub use capnet_runtime::Kind;
 

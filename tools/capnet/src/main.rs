@@ -8,6 +8,7 @@
 #![forbid(unsafe_code)]
 
 mod apps;
+mod bench;
 mod capture;
 mod control;
 mod http;
@@ -65,6 +66,16 @@ enum Command {
     /// Run a command on the Linux side of the stack's TAP (its network
     /// namespace; unprivileged, through the supervisor's user namespace).
     Exec(ExecArgs),
+    /// Measure every workload on every composition (mono, the groupings between,
+    /// factored, Linux over veth) side by side, and print the ratios.
+    Bench(bench::BenchArgs),
+    /// The Linux side of `capnet bench`'s runs (run by it inside namespaces).
+    #[command(hide = true)]
+    BenchPeer {
+        /// serve WORK PORT BULK SECS | client ADDR PORT MODE ARGS…
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 #[derive(Debug, Args)]
@@ -339,6 +350,8 @@ fn main() -> ExitCode {
         Command::Restart(r) => restart(&r.target.netns, &r.domain),
         Command::Swap(w) => swap(&w.target.netns, &w.domain, &w.with),
         Command::Exec(x) => exec(&x.target.netns, &x.command),
+        Command::Bench(b) => bench::run(&b),
+        Command::BenchPeer { args } => bench::peer(&args),
         Command::Logs(l) => logs::show(&l.target.netns, l.domain.as_deref(), l.follow),
         Command::Capture(c) => capture::capture(&c.target.netns, c.write.as_deref(), c.count, c.seconds),
     };

@@ -1,0 +1,45 @@
+//! `capnet bench --quick` runs on this machine and its JSON parses: every
+//! workload measured on every composition it applies to, with the
+//! factored/monolithic ratio. That it runs, not how fast: figures are never
+//! asserted against a speed.
+
+use serde_json::Value;
+
+const CAPNET: &str = env!("CARGO_BIN_EXE_capnet");
+
+#[test]
+fn capnet_bench_quick_measures_every_workload_on_every_composition() {
+    let out = std::process::Command::new(CAPNET).args(["bench", "--quick", "--json"]).output().expect("capnet bench");
+    assert!(out.status.success(), "capnet bench failed: {}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_slice(&out.stdout).expect("the JSON parses");
+    let comps: Vec<&str> =
+        r["compositions"].as_array().expect("compositions").iter().filter_map(|c| c[0].as_str()).collect();
+    assert_eq!(comps, ["mono", "two-group", "three-group", "factored", "linux", "device"]);
+    let figures = r["figures"].as_array().expect("figures");
+    let workloads: std::collections::BTreeSet<&str> = figures.iter().filter_map(|f| f["workload"].as_str()).collect();
+    assert_eq!(workloads.len(), 9, "{workloads:?}");
+    for w in &workloads {
+        let on: Vec<&str> = figures
+            .iter()
+            .filter(|f| f["workload"] == *w)
+            .inspect(|f| {
+                assert!(f["median"].as_f64().is_some_and(|m| m > 0.0), "{w}: a figure of nothing: {f}");
+                assert_eq!(f["samples"].as_array().map(Vec::len), Some(1), "one round: {f}");
+            })
+            .filter_map(|f| f["composition"].as_str())
+            .collect();
+        let want = if w.starts_with("UDP") { 6 } else { 5 };
+        assert_eq!(on.len(), want, "{w} ran on {on:?}");
+        if w.contains("request/response") {
+            let f = figures.iter().find(|f| f["workload"] == *w && f["composition"] == "factored").expect("factored");
+            let l: Vec<f64> = f["latency_us"].as_array().expect("latency").iter().filter_map(Value::as_f64).collect();
+            assert!(l.len() == 3 && l[0] <= l[1] && l[1] <= l[2], "p50 ≤ p99 ≤ p99.9: {l:?}");
+        }
+    }
+    let ratios = r["factored_over_mono"].as_array().expect("ratios");
+    assert_eq!(ratios.len(), 9);
+    assert!(ratios.iter().all(|x| x[1].as_f64().is_some_and(|v| v > 0.0)), "{ratios:?}");
+    // The factored stack's costs were read from its status.
+    let f = figures.iter().find(|f| f["composition"] == "factored").expect("a factored figure");
+    assert!(f["cpu_s"].as_array().is_some_and(|c| c.len() == 5), "{f}");
+}
