@@ -461,10 +461,13 @@ unsafe fn child_main(p: &Prepared, sync_r: RawFd, err_w: RawFd, uid: u32, user_n
                 die(err_fd, 4);
             }
         }
-        if !p.setgroups_denied && libc::setgroups(0, std::ptr::null()) != 0 {
+        // The id changes are raw system calls, not glibc's wrappers: those ask
+        // every thread the parent had to change ids too and wait on a futex for
+        // them — threads this copy does not have, so it would wait forever.
+        if !p.setgroups_denied && libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<libc::gid_t>()) != 0 {
             die(err_fd, 5);
         }
-        if libc::setresgid(uid, uid, uid) != 0 {
+        if libc::syscall(libc::SYS_setresgid, uid, uid, uid) != 0 {
             die(err_fd, 6);
         }
         for cap in 0..=p.last_cap {
@@ -475,7 +478,7 @@ unsafe fn child_main(p: &Prepared, sync_r: RawFd, err_w: RawFd, uid: u32, user_n
         if libc::prctl(libc::PR_CAP_AMBIENT, libc::PR_CAP_AMBIENT_CLEAR_ALL as libc::c_ulong, 0, 0, 0) != 0 {
             die(err_fd, 8);
         }
-        if libc::setresuid(uid, uid, uid) != 0 {
+        if libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0 {
             die(err_fd, 9);
         }
         // capset(v3, all zero): empty effective, permitted and inheritable sets.
