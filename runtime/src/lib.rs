@@ -1037,6 +1037,101 @@ pub struct MonoStack {
     pub stats: DeviceStats,
     /// Copies of the device's frames for `capnet capture`.
     pub tap: FrameTap,
+    /// Rings while the stack sleeps on channels and a frame arrives.
+    watch: DeviceWatch,
+    waiter: capnet_ipc::Waiter,
+}
+
+/// How the mono stack sleeps on its applications' channels (futexes) and its
+/// device (`poll(2)`) at once, which no one system call does: while it sleeps,
+/// a thread of its own blocks in `poll(2)` on the device and, when a frame is
+/// there, rings a doorbell — a message on an in-process channel the stack waits
+/// on among the others. Without it the stack would have to look at one of the
+/// two every [`MONO_APP_TICK`], and every call or frame would wait for that tick.
+#[derive(Debug)]
+struct DeviceWatch {
+    /// The stack's end of the doorbell channel.
+    bell: capnet_ipc::shm_channel::ShmEnd,
+    /// 1 while the stack sleeps and wants a ring (the watcher waits for it).
+    armed: std::sync::Arc<std::sync::atomic::AtomicU32>,
+    rung: Vec<capnet_ipc::Descriptor>,
+}
+
+/// `armed` value that tells the watcher to end.
+const WATCH_STOP: u32 = 2;
+
+impl DeviceWatch {
+    /// Starts the watcher on a copy of `fd` (before the sandbox: no thread may
+    /// be started inside it).
+    fn start(fd: &OwnedFd) -> Result<Self, RuntimeError> {
+        use std::sync::atomic::Ordering::{AcqRel, Acquire};
+        let ipc = |e: capnet_ipc::shm_channel::ShmChannelError| RuntimeError::Ipc(e.to_string());
+        let params = capnet_ipc::channel::ChannelParams { capacity: 16, epoch: 1 };
+        let (mut ring, bell) = capnet_ipc::shm_channel::pair("capnet-doorbell", params).map_err(ipc)?;
+        let fd = fd.try_clone().map_err(RuntimeError::Io)?;
+        let armed = std::sync::Arc::new(std::sync::atomic::AtomicU32::new(0));
+        let watcher = armed.clone();
+        // Returns only once the thread has finished starting: thread start runs
+        // with signals blocked, and a sandbox entered meanwhile would kill it there.
+        let started = std::sync::Arc::new(std::sync::Barrier::new(2));
+        let up = started.clone();
+        std::thread::Builder::new()
+            .name("device-watch".into())
+            .spawn(move || {
+                up.wait();
+                loop {
+                    let mut a = watcher.load(Acquire);
+                    while a == 0 {
+                        let _ = rustix::thread::futex::wait(&watcher, rustix::thread::futex::Flags::PRIVATE, 0, None);
+                        a = watcher.load(Acquire);
+                    }
+                    if a == WATCH_STOP {
+                        return;
+                    }
+                    // Woken every 100 ms while idle, to see whether the stack is gone
+                    // (a pipe to stop it would be an fd no grant explains).
+                    let mut fds = [rustix::event::PollFd::new(&fd, rustix::event::PollFlags::IN)];
+                    let tick = rustix::time::Timespec { tv_sec: 0, tv_nsec: 100_000_000 };
+                    if !matches!(rustix::event::poll(&mut fds, Some(&tick)), Ok(1..)) {
+                        continue;
+                    }
+                    if watcher.compare_exchange(1, 0, AcqRel, Acquire).is_ok() {
+                        let _ = ring.send(&[capnet_ipc::Descriptor::default()]);
+                    }
+                }
+            })
+            .map_err(RuntimeError::Io)?;
+        started.wait();
+        Ok(Self { bell, armed, rung: Vec::new() })
+    }
+
+    /// The stack is about to sleep: ring when a frame arrives.
+    fn arm(&self) {
+        let (acqrel, acq) = (std::sync::atomic::Ordering::AcqRel, std::sync::atomic::Ordering::Acquire);
+        if self.armed.compare_exchange(0, 1, acqrel, acq).is_ok() {
+            let _ = rustix::thread::futex::wake(&self.armed, rustix::thread::futex::Flags::PRIVATE, 1);
+        }
+    }
+
+    /// The stack woke: forget the rings (it reads the device whatever woke it).
+    fn quiet(&mut self) {
+        let _ = self.armed.compare_exchange(
+            1,
+            0,
+            std::sync::atomic::Ordering::AcqRel,
+            std::sync::atomic::Ordering::Acquire,
+        );
+        self.rung.clear();
+        let _ = self.bell.recv(&mut self.rung, 16);
+    }
+}
+
+impl Drop for DeviceWatch {
+    fn drop(&mut self) {
+        // Ends a watcher waiting to be armed, or one in poll(2) at its next tick.
+        self.armed.store(WATCH_STOP, std::sync::atomic::Ordering::Release);
+        let _ = rustix::thread::futex::wake(&self.armed, rustix::thread::futex::Flags::PRIVATE, 1);
+    }
 }
 
 impl MonoStack {
@@ -1060,7 +1155,6 @@ impl MonoStack {
             cores.use_tso();
         }
         let mut s = Self {
-            fd,
             vnet,
             cores,
             buf: vec![0u8; 65536 + VNET_HDR_LEN],
@@ -1068,6 +1162,9 @@ impl MonoStack {
             outbound: Stage::new(link.outbound)?,
             stats: DeviceStats::default(),
             tap: FrameTap::default(),
+            watch: DeviceWatch::start(&fd)?,
+            waiter: capnet_ipc::Waiter::new(capnet_ipc::notify::SpinPolicy::DEFAULT),
+            fd,
         };
         s.flush();
         Ok(s)
@@ -1100,17 +1197,30 @@ impl MonoStack {
     }
 }
 
-impl Stack for MonoStack {
-    fn poll(&mut self, max_wait: Duration) -> Result<(), RuntimeError> {
+impl MonoStack {
+    /// Sleeps until a frame, a message on a link or an application's channel,
+    /// or the cores' next deadline; then takes every frame and runs the cores.
+    fn run(
+        &mut self,
+        max_wait: Duration,
+        apps: &mut [&mut capnet_ipc::shm_channel::ShmEnd],
+    ) -> Result<(), RuntimeError> {
         self.flush();
         let mut wait = self.cores.wait_bound(max_wait);
-        if !self.cores.links.is_empty() {
-            wait = wait.min(MONO_APP_TICK); // a futex wake cannot interrupt poll(2)
-        }
         for due in [self.inbound.due_in(), self.outbound.due_in()].into_iter().flatten() {
             wait = wait.min(due);
         }
-        wait_readable(&self.fd, wait)?;
+        if apps.is_empty() && self.cores.links.is_empty() {
+            wait_readable(&self.fd, wait)?;
+        } else if !wait.is_zero() {
+            self.watch.arm();
+            let mut ends: Vec<&mut capnet_ipc::shm_channel::ShmEnd> =
+                self.cores.links.iter_mut().filter(|l| l.broken().is_none()).map(link::Link::channel).collect();
+            ends.extend(apps.iter_mut().map(|e| &mut **e));
+            ends.insert(0, &mut self.watch.bell);
+            wait_on(&mut self.waiter, ends, wait);
+            self.watch.quiet();
+        }
         while let Some(n) = read_frame(&self.fd, &mut self.buf)? {
             self.stats.frames_read += 1;
             let Some(frame) = plain_frame(&mut self.buf[..n], self.vnet, &mut self.stats) else {
@@ -1128,6 +1238,12 @@ impl Stack for MonoStack {
         self.flush();
         Ok(())
     }
+}
+
+impl Stack for MonoStack {
+    fn poll(&mut self, max_wait: Duration) -> Result<(), RuntimeError> {
+        self.run(max_wait, &mut [])
+    }
 
     fn cores(&mut self) -> &mut Cores {
         &mut self.cores
@@ -1144,8 +1260,7 @@ impl AppHost for MonoStack {
         max_wait: Duration,
         apps: &mut [&mut capnet_ipc::shm_channel::ShmEnd],
     ) -> Result<(), RuntimeError> {
-        let wait = if apps.is_empty() && self.cores.links.is_empty() { max_wait } else { max_wait.min(MONO_APP_TICK) };
-        self.poll(wait)
+        self.run(max_wait, apps)
     }
 
     fn push(&mut self) -> Result<(), RuntimeError> {

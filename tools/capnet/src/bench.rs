@@ -515,10 +515,11 @@ impl Env {
             let file = env.graphs.join(format!("{key}.toml"));
             std::fs::write(&file, graph)?;
             let out = Command::new(&env.exe).args(["up", "-d", "--netns", &ns]).arg(&file).output()?;
+            // Recorded before the check: dropping `env` takes down what came up, this one too.
+            env.stacks.push((key, ns));
             if !out.status.success() {
                 bail!("capnet up ({key}): {}", String::from_utf8_lossy(&out.stderr).trim());
             }
-            env.stacks.push((key, ns));
         }
         let (a, b) = env.veth.clone();
         for n in [&a, &b] {
