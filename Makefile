@@ -46,6 +46,8 @@ clippy:
 ci: fmt-check clippy test
 
 bench: deps smoltcp-examples
+	$(CARGO) build --release -p capnet
+	target/release/capnet bench --write-docs .
 	$(CARGO) bench -p capnet-ipc --bench ipc
 	$(CARGO) bench -p capnet --bench tcp
 

@@ -740,7 +740,8 @@ fn report(spec: &GroupSpec, cores: &mut Cores, device: Option<DeviceStats>) -> G
     }
     if let Some(tcp) = cores.tcp.as_ref() {
         let (conns, listening) = tcp.sockets();
-        r.tcp_connections = conns.into_iter().map(Into::into).collect();
+        r.tcp_connections_total = conns.len();
+        r.tcp_connections = conns.into_iter().take(crate::report::MAX_LISTED).map(Into::into).collect();
         r.tcp_listening = listening;
     }
     if let Some(ip) = cores.ip.as_ref() {

@@ -24,13 +24,21 @@ pub struct Status {
     /// The ip domain's routing table, as it publishes it read-only.
     #[serde(default)]
     pub routes: Vec<RouteEntry>,
-    /// The tcp domain's connections.
+    /// The tcp domain's connections (at most [`MAX_LISTED`] of each tcp domain's).
     #[serde(default)]
     pub tcp_connections: Vec<TcpConnection>,
+    /// How many connections there are, listed or not.
+    #[serde(default)]
+    pub tcp_connections_total: usize,
     /// The ports the tcp domain listens on.
     #[serde(default)]
     pub tcp_listening: Vec<u16>,
 }
+
+/// Connections a tcp domain lists in its report: the status must fit one
+/// control message (a thousand connections in TIME-WAIT would not), and is
+/// rewritten every 200 ms.
+pub const MAX_LISTED: usize = 128;
 
 /// One TCP connection, as the tcp domain reports it (`capnet status --sockets`).
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
@@ -154,8 +162,10 @@ pub struct Domain {
 pub struct GroupReport {
     /// (domain name, counters).
     pub domains: Vec<(String, BTreeMap<String, u64>)>,
-    /// The tcp domain's connections, if it runs here.
+    /// The tcp domain's connections, if it runs here (at most [`MAX_LISTED`]).
     pub tcp_connections: Vec<TcpConnection>,
+    /// How many it has.
+    pub tcp_connections_total: usize,
     /// The ports it listens on.
     pub tcp_listening: Vec<u16>,
     /// The ip domain's routes, if it runs here.

@@ -52,6 +52,14 @@ pub fn show(netns: &str, json: bool, sockets: bool) -> Result<()> {
 fn print_sockets(s: &Status) {
     let ports: Vec<String> = s.tcp_listening.iter().map(u16::to_string).collect();
     println!("tcp listening: {}", if ports.is_empty() { "none".into() } else { ports.join(" ") });
+    if s.tcp_connections_total > s.tcp_connections.len() {
+        println!(
+            "tcp connections: {} ({} listed; each tcp domain lists at most {})",
+            s.tcp_connections_total,
+            s.tcp_connections.len(),
+            capnet::report::MAX_LISTED
+        );
+    }
     let ms = |us: u64| format!("{:.1}", us as f64 / 1000.0);
     for c in &s.tcp_connections {
         let mut opts = Vec::new();

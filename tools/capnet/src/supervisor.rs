@@ -824,6 +824,7 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
         domains: Vec::new(),
         routes: Vec::new(),
         tcp_connections: Vec::new(),
+        tcp_connections_total: 0,
         tcp_listening: Vec::new(),
     };
     let snapshot = Arc::new(Mutex::new(String::new()));
@@ -1036,6 +1037,7 @@ fn render(base: &Status, running: &Running) -> Result<String> {
         status.tcp_connections.extend(
             report.tcp_connections.into_iter().map(|c| capnet::report::TcpConnection { pid: g.child.pid(), ..c }),
         );
+        status.tcp_connections_total += report.tcp_connections_total;
         status.tcp_listening.extend(report.tcp_listening);
         status.routes.extend(report.routes);
     }

@@ -116,6 +116,18 @@ fn two_hundred_concurrent_curls_each_get_a_byte_exact_megabyte() {
         assert!(head.contains("200 OK") && head.contains("Content-Length: 1048576"), "{head}");
         let out = up.in_ns(&["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "http://10.77.0.2/nope"]);
         assert_eq!(String::from_utf8_lossy(&out.stdout), "404");
+        // Status still fits one message with that many connections about (the
+        // server's in TIME-WAIT): the tcp domain lists some and counts them all.
+        let out = up.capnet(&["status", "--json"]);
+        assert!(out.status.success(), "{mode:?}: status: {}", String::from_utf8_lossy(&out.stderr));
+        let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+        let listed = st["tcp_connections"].as_array().map_or(0, Vec::len);
+        assert!(listed <= capnet::report::MAX_LISTED, "{mode:?}: {listed} listed");
+        assert!(
+            st["tcp_connections_total"].as_u64() >= Some(listed as u64),
+            "{mode:?}: {}",
+            st["tcp_connections_total"]
+        );
     }
 }
 
