@@ -203,7 +203,8 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     eprintln!("\rcapnet bench: {total} runs in {:.0} s{:60}", started.elapsed().as_secs_f64(), "");
     drop(env);
-    let report = Report::new(rounds, args.quick, sizes, &results);
+    let wake_us = wake_cost_us(if args.quick { 500 } else { 5000 })?;
+    let report = Report::new(rounds, args.quick, sizes, &results, wake_us);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {
@@ -245,6 +246,9 @@ struct Report {
     figures: Vec<Figure>,
     /// Per workload, capnet factored over capnet mono.
     factored_over_mono: Vec<(String, f64)>,
+    /// What waking a sleeping domain on the same core costs here, µs (measured
+    /// in this run: [`wake_cost_us`]).
+    wake_us: f64,
 }
 
 fn med(v: Vec<f64>) -> f64 {
@@ -252,7 +256,7 @@ fn med(v: Vec<f64>) -> f64 {
 }
 
 impl Report {
-    fn new(rounds: usize, quick: bool, sizes: Sizes, results: &[(Work, Comp, Vec<Sample>)]) -> Self {
+    fn new(rounds: usize, quick: bool, sizes: Sizes, results: &[(Work, Comp, Vec<Sample>)], wake_us: f64) -> Self {
         let figures: Vec<Figure> = results
             .iter()
             .map(|(w, c, s)| {
@@ -303,6 +307,7 @@ impl Report {
             compositions: COMPS.iter().map(|c| (c.key(), c.label())).collect(),
             figures,
             factored_over_mono,
+            wake_us,
         }
     }
 
@@ -355,6 +360,22 @@ impl Report {
             }
             t += "\n";
         }
+        // The latency target: factored p50 within mono's plus 1.2 × one wake per
+        // added hop — three boundaries, each crossed by the request and the reply.
+        let hops = 6.0;
+        for w in WORKS.iter().filter(|w| matches!(w, Work::Rr(_))) {
+            let p50 = |c: &str| self.figure(&w.name(), c).and_then(|f| f.latency_us).map(|l| l[0]);
+            if let (Some(m), Some(f)) = (p50("mono"), p50("factored")) {
+                let bound = m + 1.2 * hops * self.wake_us;
+                t += &format!(
+                    "\n{}: factored p50 {f:.0} µs against mono's {m:.0} + 1.2 × {hops:.0} hops × {:.1} µs (a same-core wake, measured in this run) = {bound:.0} µs: {}.",
+                    w.name(),
+                    self.wake_us,
+                    if f <= bound { "within" } else { "over" }
+                );
+            }
+        }
+        t += "\n";
         t += "\nWhat the factored stack spends per run (medians): CPU seconds per domain, messages between \
               groups per unit of work (per KB moved, per transaction, per connection, per datagram), futex \
               wake calls per message:\n\n| workload | driver | ip | tcp | udp | sockets | messages per unit | wakes per message |\n|---|---|---|---|---|---|---|---|\n";
@@ -413,7 +434,7 @@ impl Report {
         let capnets: Vec<Comp> = COMPS.iter().copied().filter(|c| matches!(c, Comp::Capnet(..))).collect();
         let xs = capnets.len() + 1; // … and Linux
         let mut lines = Vec::new();
-        let mut top = 1.5f64;
+        let (mut top, mut bottom) = (1.5f64, 0.8f64);
         for w in WORKS {
             let Some(base) = self.figure(&w.name(), "mono").map(|f| f.median).filter(|m| *m > 0.0) else { continue };
             let pts: Vec<(f64, f64)> = capnets
@@ -423,17 +444,21 @@ impl Report {
                 .filter_map(|(i, c)| Some((i as f64, self.figure(&w.name(), c.key())?.median / base)))
                 .collect();
             top = pts.iter().map(|p| p.1).fold(top, f64::max);
+            bottom = pts.iter().map(|p| p.1).filter(|v| *v > 0.0).fold(bottom, f64::min);
             lines.push((w.name(), pts));
         }
         let root = SVGBackend::new(path, (960, 560)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
         let mut chart = ChartBuilder::on(&root)
-            .caption(format!("capnet bench, {} — relative to capnet mono", self.date), ("sans-serif", 20))
+            .caption(
+                format!("capnet bench, {} — each figure over capnet mono's (log scale)", self.date),
+                ("sans-serif", 20),
+            )
             .margin(12)
             .x_label_area_size(40)
             .y_label_area_size(56)
             .right_y_label_area_size(0)
-            .build_cartesian_2d(-0.3f64..(xs as f64 - 0.7), 0f64..(top * 1.1))
+            .build_cartesian_2d(-0.3f64..(xs as f64 - 0.7), ((bottom * 0.8)..(top * 1.25)).log_scale())
             .map_err(|e| anyhow!("{e}"))?;
         let names: Vec<&str> = capnets.iter().map(|c| c.key()).chain(["Linux (veth)"]).collect();
         chart
@@ -470,6 +495,53 @@ impl Report {
         root.present().map_err(|e| anyhow!("{e}"))?;
         Ok(())
     }
+}
+
+/// What waking a sleeping domain on the same core costs: two threads pinned to
+/// one CPU pass a message back and forth over an ipc channel, each asleep on its
+/// futex (no spinning) until the other's arrives; the median of half of each
+/// round trip, µs.
+fn wake_cost_us(trips: usize) -> Result<f64> {
+    const NO_TOKENS: Option<&capnet_ipc::notify::SpinTokens<Arc<capnet_ipc::region::Region>>> = None;
+    use capnet_ipc::notify::SpinPolicy;
+    use capnet_ipc::{Descriptor, Waiter};
+    let params = capnet_ipc::channel::ChannelParams { capacity: 16, epoch: 1 };
+    let (mut a, mut b) = capnet_ipc::shm_channel::pair::<Descriptor>("capnet-bench-wake", params)?;
+    let pin = || {
+        let mut set = nix::sched::CpuSet::new();
+        let _ = set.set(0);
+        let _ = nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), &set);
+    };
+    let echo = std::thread::spawn(move || -> Result<()> {
+        pin();
+        let mut w = Waiter::new(SpinPolicy::NEVER);
+        let mut got = Vec::new();
+        for _ in 0..trips {
+            while b.recv(&mut got, 1)? == 0 {
+                w.wait(&mut [&mut b], Some(Duration::from_secs(1)), NO_TOKENS);
+            }
+            got.clear();
+            while b.send(&[Descriptor::default()])? == 0 {}
+        }
+        Ok(())
+    });
+    let me = nix::unistd::Pid::from_raw(0);
+    let was = nix::sched::sched_getaffinity(me)?;
+    pin();
+    let mut w = Waiter::new(SpinPolicy::NEVER);
+    let (mut got, mut half) = (Vec::new(), Vec::with_capacity(trips));
+    for _ in 0..trips {
+        let t = Instant::now();
+        while a.send(&[Descriptor::default()])? == 0 {}
+        while a.recv(&mut got, 1)? == 0 {
+            w.wait(&mut [&mut a], Some(Duration::from_secs(1)), NO_TOKENS);
+        }
+        got.clear();
+        half.push(t.elapsed().as_secs_f64() * 1e6 / 2.0);
+    }
+    echo.join().map_err(|_| anyhow!("the echo thread panicked"))??;
+    let _ = nix::sched::sched_setaffinity(me, &was);
+    Ok(med(half))
 }
 
 fn now_utc() -> String {

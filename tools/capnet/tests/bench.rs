@@ -39,6 +39,7 @@ fn capnet_bench_quick_measures_every_workload_on_every_composition() {
     let ratios = r["factored_over_mono"].as_array().expect("ratios");
     assert_eq!(ratios.len(), 9);
     assert!(ratios.iter().all(|x| x[1].as_f64().is_some_and(|v| v > 0.0)), "{ratios:?}");
+    assert!(r["wake_us"].as_f64().is_some_and(|w| w > 0.0), "the same-core wake cost: {}", r["wake_us"]);
     // The factored stack's costs were read from its status.
     let f = figures.iter().find(|f| f["composition"] == "factored").expect("a factored figure");
     assert!(f["cpu_s"].as_array().is_some_and(|c| c.len() == 5), "{f}");
