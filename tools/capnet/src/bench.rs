@@ -46,6 +46,12 @@ pub struct BenchArgs {
     /// the checkout at DIR (`make bench` passes its own).
     #[arg(long, value_name = "DIR")]
     pub write_docs: Option<PathBuf>,
+    /// Only the workloads whose name contains TEXT (e.g. "request", "UDP 64").
+    #[arg(long, value_name = "TEXT")]
+    pub only: Option<String>,
+    /// Only these compositions (mono, two-group, three-group, factored, linux, device; comma-separated).
+    #[arg(long, value_name = "KEYS", value_delimiter = ',')]
+    pub on: Vec<String>,
 }
 
 /// One composition of the stack (or the reference it is measured against).
@@ -179,12 +185,19 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     eprintln!("capnet bench: setting up {} compositions", COMPS.len());
     let env = Env::new()?;
     let mut results: Vec<(Work, Comp, Vec<Sample>)> = Vec::new();
-    let total = rounds * WORKS.iter().map(|w| COMPS.iter().filter(|c| w.runs_on(**c)).count()).sum::<usize>();
+    let works: Vec<Work> =
+        WORKS.iter().copied().filter(|w| args.only.as_ref().is_none_or(|t| w.name().contains(t.as_str()))).collect();
+    let chosen = |c: &Comp| args.on.is_empty() || args.on.iter().any(|k| k == c.key());
+    if works.is_empty() || !COMPS.iter().any(chosen) {
+        bail!("--only and --on leave nothing to run");
+    }
+    let total =
+        rounds * works.iter().map(|w| COMPS.iter().filter(|c| w.runs_on(**c) && chosen(c)).count()).sum::<usize>();
     let mut done = 0;
     let started = Instant::now();
     for round in 0..rounds {
-        for w in WORKS {
-            let comps: Vec<Comp> = COMPS.iter().copied().filter(|c| w.runs_on(*c)).collect();
+        for &w in &works {
+            let comps: Vec<Comp> = COMPS.iter().copied().filter(|c| w.runs_on(*c) && chosen(c)).collect();
             for k in 0..comps.len() {
                 // Each round starts the rotation one later, so none is always first.
                 let c = comps[(k + round) % comps.len()];
