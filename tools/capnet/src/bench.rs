@@ -485,6 +485,8 @@ impl Report {
                     String::new()
                 }
             })
+            .y_labels(12)
+            .y_label_formatter(&|v| format!("{v:.2}"))
             .y_desc("figure / capnet mono's")
             .draw()
             .map_err(|e| anyhow!("{e}"))?;
