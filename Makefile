@@ -53,13 +53,16 @@ bench: deps smoltcp-examples
 
 # smoltcp's own benchmarks (examples/benchmark.rs over a TAP, loopback_benchmark.rs
 # in memory), built unmodified from the crate's source as cargo fetched it, for
-# the TCP benchmark to run beside capnet.
+# the TCP benchmark to run beside capnet; and capnet bench's smoltcp peer
+# (tools/capnet/smoltcp/capnet_bench_peer.rs), built there as one more example.
 SMOLTCP_BUILD := target/smoltcp
-smoltcp-examples: $(SMOLTCP_BUILD)/release/examples/benchmark
-$(SMOLTCP_BUILD)/release/examples/benchmark:
+smoltcp-examples: $(SMOLTCP_BUILD)/release/examples/capnet_bench_peer
+$(SMOLTCP_BUILD)/release/examples/capnet_bench_peer: tools/capnet/smoltcp/capnet_bench_peer.rs
 	@src=$$($(CARGO) metadata --format-version 1 | python3 -c 'import json,sys; print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"]=="smoltcp").rsplit("/",1)[0])'); \
 	rm -rf target/smoltcp-src && cp -r "$$src" target/smoltcp-src && printf '\n[workspace]\n' >> target/smoltcp-src/Cargo.toml
-	cd target/smoltcp-src && CARGO_TARGET_DIR=../smoltcp $(CARGO) build --release --example benchmark --example loopback_benchmark
+	cp tools/capnet/smoltcp/capnet_bench_peer.rs target/smoltcp-src/examples/
+	printf '\n[[example]]\nname = "capnet_bench_peer"\npath = "examples/capnet_bench_peer.rs"\n' >> target/smoltcp-src/Cargo.toml
+	cd target/smoltcp-src && CARGO_TARGET_DIR=../smoltcp $(CARGO) build --release --example benchmark --example loopback_benchmark --example capnet_bench_peer
 
 # The main job: capnet up in a private namespace, Linux traffic through it, status,
 # down — narrated (scripts/demo.sh).

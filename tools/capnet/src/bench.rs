@@ -61,6 +61,9 @@ enum Comp {
     Capnet(&'static str, &'static str, u8),
     /// Linux to Linux over a veth pair.
     Linux,
+    /// smoltcp over the same kind of TAP, serving the same workloads
+    /// (`tools/capnet/smoltcp/capnet_bench_peer.rs`, built by `make smoltcp-examples`).
+    Smoltcp,
     /// The TAP read by a loop that only counts frames.
     Device,
 }
@@ -70,6 +73,7 @@ impl Comp {
         match self {
             Comp::Capnet(k, _, _) => k,
             Comp::Linux => "linux",
+            Comp::Smoltcp => "smoltcp",
             Comp::Device => "device",
         }
     }
@@ -80,19 +84,25 @@ impl Comp {
             Comp::Capnet("factored", ..) => "capnet factored (5 processes)".into(),
             Comp::Capnet(k, _, b) => format!("capnet {k} ({b} boundar{})", if b == 1 { "y" } else { "ies" }),
             Comp::Linux => "Linux ↔ Linux, veth".into(),
+            Comp::Smoltcp => "smoltcp, TAP".into(),
             Comp::Device => "the TAP alone (ceiling)".into(),
         }
     }
 }
 
-const COMPS: [Comp; 6] = [
+const COMPS: [Comp; 7] = [
     Comp::Capnet("mono", capnet::graph::MONO, 0),
     Comp::Capnet("two-group", capnet::graph::TWO_GROUP, 1),
     Comp::Capnet("three-group", capnet::graph::THREE_GROUP, 2),
     Comp::Capnet("factored", capnet::graph::DEFAULT, 3),
+    Comp::Smoltcp,
     Comp::Linux,
     Comp::Device,
 ];
+
+/// smoltcp's side of the runs, as `make smoltcp-examples` builds it.
+const SMOLTCP_PEER: &str =
+    concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/smoltcp/release/examples/capnet_bench_peer");
 
 /// A workload.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -187,7 +197,12 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let mut results: Vec<(Work, Comp, Vec<Sample>)> = Vec::new();
     let works: Vec<Work> =
         WORKS.iter().copied().filter(|w| args.only.as_ref().is_none_or(|t| w.name().contains(t.as_str()))).collect();
-    let chosen = |c: &Comp| args.on.is_empty() || args.on.iter().any(|k| k == c.key());
+    let smoltcp = Path::new(SMOLTCP_PEER).exists();
+    if !smoltcp {
+        eprintln!("capnet bench: smoltcp's peer is not built (make smoltcp-examples): its column stays empty");
+    }
+    let chosen =
+        |c: &Comp| (args.on.is_empty() || args.on.iter().any(|k| k == c.key())) && (smoltcp || *c != Comp::Smoltcp);
     if works.is_empty() || !COMPS.iter().any(chosen) {
         bail!("--only and --on leave nothing to run");
     }
@@ -317,7 +332,11 @@ impl Report {
             rounds,
             quick,
             sizes,
-            compositions: COMPS.iter().map(|c| (c.key(), c.label())).collect(),
+            compositions: COMPS
+                .iter()
+                .filter(|c| figures.iter().any(|f| f.composition == c.key()))
+                .map(|c| (c.key(), c.label()))
+                .collect(),
             figures,
             factored_over_mono,
             wake_us,
@@ -445,14 +464,19 @@ impl Report {
     fn chart(&self, path: &Path) -> Result<()> {
         use plotters::prelude::*;
         let capnets: Vec<Comp> = COMPS.iter().copied().filter(|c| matches!(c, Comp::Capnet(..))).collect();
-        let xs = capnets.len() + 1; // … and Linux
+        // … then the others as points: smoltcp (if it ran) and Linux.
+        let others: Vec<Comp> = [Comp::Smoltcp, Comp::Linux]
+            .into_iter()
+            .filter(|c| self.figures.iter().any(|f| f.composition == c.key()))
+            .collect();
+        let xs = capnets.len() + others.len();
         let mut lines = Vec::new();
         let (mut top, mut bottom) = (1.5f64, 0.8f64);
         for w in WORKS {
             let Some(base) = self.figure(&w.name(), "mono").map(|f| f.median).filter(|m| *m > 0.0) else { continue };
             let pts: Vec<(f64, f64)> = capnets
                 .iter()
-                .chain([&Comp::Linux])
+                .chain(&others)
                 .enumerate()
                 .filter_map(|(i, c)| Some((i as f64, self.figure(&w.name(), c.key())?.median / base)))
                 .collect();
@@ -473,14 +497,18 @@ impl Report {
             .right_y_label_area_size(0)
             .build_cartesian_2d(-0.3f64..(xs as f64 - 0.7), ((bottom * 0.8)..(top * 1.25)).log_scale())
             .map_err(|e| anyhow!("{e}"))?;
-        let names: Vec<&str> = capnets.iter().map(|c| c.key()).chain(["Linux (veth)"]).collect();
+        let names: Vec<String> = capnets
+            .iter()
+            .map(|c| c.key().to_owned())
+            .chain(others.iter().map(|c| if *c == Comp::Linux { "Linux (veth)".into() } else { c.key().to_owned() }))
+            .collect();
         chart
             .configure_mesh()
             .x_labels(xs)
             .x_label_formatter(&|x| {
                 let i = x.round() as usize;
                 if (x - i as f64).abs() < 0.01 {
-                    names.get(i).map_or(String::new(), |s| (*s).to_owned())
+                    names.get(i).cloned().unwrap_or_default()
                 } else {
                     String::new()
                 }
@@ -576,8 +604,13 @@ struct Env {
     veth: (String, String),
     /// The bare TAP's namespace, and the TAP.
     device: (String, Option<capnet_kernel_shim::device::Device>),
+    /// smoltcp's namespace (its TAP persists there between runs).
+    smoltcp: String,
     graphs: PathBuf,
 }
+
+/// The TAP smoltcp runs on.
+const SMOLTCP_TAP: &str = "capbs";
 
 const SERVER: &str = "10.77.0.2";
 const VETH_SERVER: &str = "10.99.0.1";
@@ -594,6 +627,7 @@ impl Env {
             stacks: Vec::new(),
             veth: (format!("capb-{pid}-va"), format!("capb-{pid}-vb")),
             device: (format!("capb-{pid}-dev"), None),
+            smoltcp: format!("capb-{pid}-smol"),
             graphs,
         };
         for c in COMPS {
@@ -624,6 +658,11 @@ impl Env {
         ip(&d, &["addr", "add", "10.77.0.1/24", "dev", "capb0"])?;
         ip(&d, &["link", "set", "capb0", "up"])?;
         ip(&d, &["neigh", "add", SERVER, "lladdr", DEVICE_MAC, "dev", "capb0", "nud", "permanent"])?;
+        let sm = env.smoltcp.clone();
+        capnet_kernel_shim::netns::create(&sm)?;
+        ip(&sm, &["tuntap", "add", SMOLTCP_TAP, "mode", "tap"])?;
+        ip(&sm, &["addr", "add", "10.77.0.1/24", "dev", SMOLTCP_TAP])?;
+        ip(&sm, &["link", "set", SMOLTCP_TAP, "up"])?;
         Ok(env)
     }
 
@@ -631,6 +670,7 @@ impl Env {
         match c {
             Comp::Capnet(k, ..) => self.stacks.iter().find(|(key, _)| *key == k).map_or("", |(_, n)| n.as_str()),
             Comp::Linux => &self.veth.1,
+            Comp::Smoltcp => &self.smoltcp,
             Comp::Device => &self.device.0,
         }
     }
@@ -672,8 +712,13 @@ impl Env {
                 let udp = server.join().map_err(|_| anyhow!("the server panicked"))??;
                 sample_of(w, &figures, udp)
             }
-            Comp::Linux => {
-                let mut server = PeerServer::start(&self.exe, &self.veth.0, w, port, sizes)?;
+            Comp::Linux | Comp::Smoltcp => {
+                let exe = self.exe.display().to_string();
+                let (ns, program) = match c {
+                    Comp::Linux => (&self.veth.0, vec![exe.as_str(), "bench-peer"]),
+                    _ => (&self.smoltcp, vec![SMOLTCP_PEER, "--tap", SMOLTCP_TAP]),
+                };
+                let mut server = PeerServer::start(&program, ns, w, port, sizes)?;
                 let figures = self.client(self.netns(c), &client_args)?;
                 let udp = server.finish()?;
                 sample_of(w, &figures, udp)
@@ -711,7 +756,7 @@ impl Drop for Env {
         for (_, ns) in &self.stacks {
             let _ = Command::new(&self.exe).args(["down", "--netns", ns]).output();
         }
-        for ns in [&self.veth.0, &self.veth.1, &self.device.0] {
+        for ns in [&self.veth.0, &self.veth.1, &self.device.0, &self.smoltcp] {
             let _ = capnet_kernel_shim::netns::delete(ns);
         }
         let _ = std::fs::remove_dir_all(&self.graphs);
@@ -970,16 +1015,17 @@ fn serve<N: Net>(net: &N, w: Work, port: u16, sizes: &Sizes) -> Result<Served> {
     })
 }
 
-/// The veth reference's server: `capnet bench-peer serve …` in the server's
-/// namespace, started once it says it listens.
+/// A server in another process — the veth reference's (`capnet bench-peer
+/// serve …`) or smoltcp's (`capnet_bench_peer --tap NAME serve …`) — run in
+/// namespace `ns` and started once it says it listens.
 struct PeerServer(Child);
 
 impl PeerServer {
-    fn start(exe: &Path, ns: &str, w: Work, port: u16, sizes: &Sizes) -> Result<Self> {
+    fn start(program: &[&str], ns: &str, w: Work, port: u16, sizes: &Sizes) -> Result<Self> {
         let mut child = Command::new("ip")
             .args(["netns", "exec", ns])
-            .arg(exe)
-            .args(["bench-peer", "serve", &work_arg(w), &port.to_string()])
+            .args(program)
+            .args(["serve", &work_arg(w), &port.to_string()])
             .args([sizes.bulk_bytes.to_string(), sizes.udp_secs.to_string()])
             .stdout(Stdio::piped())
             .spawn()?;
@@ -988,7 +1034,7 @@ impl PeerServer {
         io::BufReader::new(out).read_line(&mut line)?;
         if line.trim() != "ready" {
             let _ = child.kill();
-            bail!("the veth server did not start: {line:?}");
+            bail!("{} did not start: {line:?}", program.join(" "));
         }
         Ok(Self(child))
     }
