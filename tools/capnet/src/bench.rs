@@ -454,8 +454,7 @@ impl Report {
     }
 
     fn command_line(&self) -> String {
-        let args: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with("--write-docs")).collect();
-        format!("capnet {}", args.join(" "))
+        format!("capnet {}", std::env::args().skip(1).collect::<Vec<_>>().join(" "))
     }
 
     /// Every workload's figure on each composition relative to capnet mono:
