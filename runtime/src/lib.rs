@@ -694,9 +694,12 @@ impl Cores {
                 self.udp_send(udp_id(s), to.map(|(a, p)| (ip4(a), p)), &data)?;
                 Answer::Done
             }
-            Call::UdpRecv { s } => {
-                Answer::Datagram(self.udp_recv(udp_id(s))?.map(|d| (d.src.octets(), d.src_port, d.data)))
-            }
+            Call::UdpRecv { s, max } => Answer::Datagrams(
+                self.udp_recv(udp_id(s), max as usize)?
+                    .into_iter()
+                    .map(|d| (d.src.octets(), d.src_port, d.data))
+                    .collect(),
+            ),
             Call::UdpClose { s } => {
                 self.udp_close(udp_id(s))?;
                 Answer::Done
@@ -1386,15 +1389,16 @@ impl capnet_sockets::Transports for Cores {
             }
         }
     }
-    fn udp_recv(&mut self, s: capnet_udp::SocketId) -> Result<Option<capnet_udp::Datagram>, SocketError> {
+    fn udp_recv(&mut self, s: capnet_udp::SocketId, max: usize) -> Result<Vec<capnet_udp::Datagram>, SocketError> {
         match self.udp.as_mut() {
-            Some(u) => Ok(u.recv_from(s)?),
-            None => match self.remote(Kind::Udp, Call::UdpRecv { s: s.to_raw() })? {
-                Answer::Datagram(d) => Ok(d.map(|(src, src_port, data)| capnet_udp::Datagram {
-                    src: Ipv4Address::from(src),
-                    src_port,
-                    data,
-                })),
+            Some(u) => Ok(u.recv_many(s, max, capnet_sockets::UDP_BATCH_BYTES)?),
+            None => match self.remote(Kind::Udp, Call::UdpRecv { s: s.to_raw(), max: max as u32 })? {
+                // More than asked for, or a datagram over the IP limit: the udp
+                // domain broke the protocol.
+                Answer::Datagrams(d) if d.len() <= max && d.iter().all(|x| x.2.len() <= 65_535) => Ok(d
+                    .into_iter()
+                    .map(|(src, src_port, data)| capnet_udp::Datagram { src: Ipv4Address::from(src), src_port, data })
+                    .collect()),
                 a => Err(odd(a)),
             },
         }

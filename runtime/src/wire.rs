@@ -112,7 +112,7 @@ pub enum Call {
     UdpPort { s: u64 },
     UdpConnect { s: u64, addr: Addr, port: u16 },
     UdpSend { s: u64, to: Option<(Addr, u16)>, data: Vec<u8> },
-    UdpRecv { s: u64 },
+    UdpRecv { s: u64, max: u32 },
     UdpClose { s: u64 },
     EchoClaim { ident: u16 },
     EchoRelease { ident: u16 },
@@ -166,8 +166,8 @@ pub enum Answer {
     Eof,
     /// Nothing yet.
     Nothing,
-    /// A datagram, if one was queued: (from, port, payload).
-    Datagram(Option<(Addr, u16, Vec<u8>)>),
+    /// The datagrams that were queued: (from, port, payload) each.
+    Datagrams(Vec<(Addr, u16, Vec<u8>)>),
     /// A connection's endpoints: (our port, peer, peer's port).
     Endpoints(u16, Addr, u16),
     /// Readiness bits: readable 1, writable 2, error 4, hup 8.
@@ -232,7 +232,7 @@ mod tests {
             },
             Msg::Call { id: 7, call: Call::TcpSetOption { s: 1 << 33, option: Opt::KeepAlive(Some((1000, 500, 3))) } },
             Msg::Answer { id: 7, answer: Err(SocketError::Invalid("no such cc".into())) },
-            Msg::Answer { id: 8, answer: Ok(Answer::Datagram(Some(([1, 2, 3, 4], 53, vec![9; 10])))) },
+            Msg::Answer { id: 8, answer: Ok(Answer::Datagrams(vec![([1, 2, 3, 4], 53, vec![9; 10])])) },
             Msg::Send { dst: [10, 77, 0, 1], protocol: 6, segment: vec![2; 64_000], tso: Some(1448) },
             Msg::Activity,
         ];

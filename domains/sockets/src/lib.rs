@@ -42,8 +42,9 @@ pub trait Transports {
     fn udp_connect(&mut self, s: SocketId, addr: Ipv4Address, port: u16) -> Result<(), SocketError>;
     /// UDP: send.
     fn udp_send(&mut self, s: SocketId, to: Option<(Ipv4Address, u16)>, data: &[u8]) -> Result<(), SocketError>;
-    /// UDP: the next datagram, if any.
-    fn udp_recv(&mut self, s: SocketId) -> Result<Option<capnet_udp::Datagram>, SocketError>;
+    /// UDP: the datagrams queued, at most `max` and about [`UDP_BATCH_BYTES`]
+    /// of payload (one call for many: between groups each call is a round trip).
+    fn udp_recv(&mut self, s: SocketId, max: usize) -> Result<Vec<capnet_udp::Datagram>, SocketError>;
     /// UDP: close.
     fn udp_close(&mut self, s: SocketId) -> Result<(), SocketError>;
     /// ICMP: claim echo identifier `ident` for replies (false if taken).
@@ -82,11 +83,20 @@ pub trait Transports {
 
 /// What the sockets domain remembers of a UDP socket to bind it again on a
 /// new udp domain (a restart or a swap).
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct UdpMeta {
     port: u16,
     peer: Option<(Ipv4Address, u16)>,
+    /// Datagrams taken from the udp domain and not yet read (a receive takes
+    /// up to [`UDP_BATCH`] at once).
+    queue: VecDeque<capnet_udp::Datagram>,
 }
+
+/// Datagrams one receive call takes from the udp domain.
+pub const UDP_BATCH: usize = 64;
+/// Payload bytes after which a receive call stops taking datagrams (one more
+/// may pass it: an answer stays under a message's size).
+pub const UDP_BATCH_BYTES: usize = 128 * 1024;
 
 #[derive(Debug)]
 enum Kind {
@@ -243,7 +253,7 @@ impl SocketsCore {
     pub fn udp_replaced<T: Transports>(&mut self, t: &mut T) {
         for i in 0..self.slots.len() {
             let Some(Entry { kind: Kind::Udp(_, meta), .. }) = self.slots[i].entry.as_ref() else { continue };
-            let meta = *meta;
+            let meta = meta.clone();
             let again = t.udp_bind(meta.port).and_then(|s| match meta.peer {
                 Some((addr, port)) => t.udp_connect(s, addr, port).map(|_| s),
                 None => Ok(s),
@@ -396,7 +406,7 @@ impl SocketsCore {
             Call::UdpBind { port } => t.udp_bind(port).and_then(|s| {
                 let local = t.udp_port(s)?;
                 Ok(Reply::Bound {
-                    handle: self.insert(app, Kind::Udp(s, UdpMeta { port: local, peer: None })),
+                    handle: self.insert(app, Kind::Udp(s, UdpMeta { port: local, peer: None, queue: VecDeque::new() })),
                     port: local,
                 })
             }),
@@ -592,6 +602,7 @@ impl SocketsCore {
                 }
                 // UDP readiness would need a peek at the udp core's queue: report
                 // writable only; receive with `wait` instead.
+                Ok(Some(Entry { kind: Kind::Udp(_, meta), .. })) if !meta.queue.is_empty() => READABLE | WRITABLE,
                 Ok(Some(Entry { kind: Kind::Udp(..), .. })) => WRITABLE,
                 Ok(Some(Entry { kind: Kind::Lost, .. })) => ERROR | HANGUP,
                 _ => ERROR,
@@ -616,11 +627,12 @@ impl SocketsCore {
     fn take_ready<T: Transports>(&mut self, i: usize, max: u32, t: &mut T) -> Result<Option<Reply>, SocketError> {
         let Some(e) = self.slots[i].entry.as_mut() else { return Err(SocketError::StaleHandle) };
         match &mut e.kind {
-            Kind::Udp(s, _) => match t.udp_recv(*s) {
-                Ok(Some(d)) => Ok(Some(Reply::Datagram { from: (d.src.octets(), d.src_port), data: d.data })),
-                Ok(None) => Ok(None),
-                Err(e) => Err(e),
-            },
+            Kind::Udp(s, meta) => {
+                if meta.queue.is_empty() {
+                    meta.queue.extend(t.udp_recv(*s, UDP_BATCH)?);
+                }
+                Ok(meta.queue.pop_front().map(|d| Reply::Datagram { from: (d.src.octets(), d.src_port), data: d.data }))
+            }
             Kind::Echo { replies, .. } => {
                 Ok(replies.pop_front().map(|(from, seq, data)| Reply::EchoReply { from: from.octets(), seq, data }))
             }

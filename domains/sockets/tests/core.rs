@@ -19,6 +19,8 @@ struct Fake {
     tcp: TcpCore,
     claimed: Vec<u16>,
     echoes: Vec<(Ipv4Address, u16, u16, Vec<u8>)>,
+    /// Receive calls made to the udp side.
+    udp_recvs: usize,
 }
 
 impl Transports for Fake {
@@ -34,8 +36,9 @@ impl Transports for Fake {
     fn udp_send(&mut self, s: SocketId, to: Option<(Ipv4Address, u16)>, data: &[u8]) -> Result<(), SocketError> {
         self.udp.send_to(s, to, data).map_err(SocketError::from)
     }
-    fn udp_recv(&mut self, s: SocketId) -> Result<Option<Datagram>, SocketError> {
-        self.udp.recv_from(s).map_err(SocketError::from)
+    fn udp_recv(&mut self, s: SocketId, max: usize) -> Result<Vec<Datagram>, SocketError> {
+        self.udp_recvs += 1;
+        self.udp.recv_many(s, max, capnet_sockets::UDP_BATCH_BYTES).map_err(SocketError::from)
     }
     fn udp_close(&mut self, s: SocketId) -> Result<(), SocketError> {
         self.udp.close(s).map_err(SocketError::from)
@@ -111,7 +114,7 @@ fn setup() -> (SocketsCore, Fake, AppId, AppId) {
     let a = core.attach(0x1111_2222_3333_4444);
     let b = core.attach(0x5555_6666_7777_8888);
     let tcp = TcpCore::new(capnet_tcp::Config::new(US, [7, 7]));
-    (core, Fake { udp: UdpCore::new(US, 1 << 16), tcp, claimed: vec![], echoes: vec![] }, a, b)
+    (core, Fake { udp: UdpCore::new(US, 1 << 16), tcp, claimed: vec![], echoes: vec![], udp_recvs: 0 }, a, b)
 }
 
 fn call(core: &mut SocketsCore, t: &mut Fake, app: AppId, id: u64, c: Call) -> Option<Reply> {
@@ -177,6 +180,33 @@ fn a_parked_receive_completes_when_data_arrives_or_is_cancelled() {
     assert_eq!((parked.id, parked.reply), (11, Reply::Err(SocketError::TimedOut)), "the parked one times out");
     let (_, done) = core.pop_response().expect("cancel's own reply");
     assert_eq!((done.id, done.reply), (12, Reply::Done));
+}
+
+#[test]
+fn one_receive_takes_every_queued_datagram_and_the_next_ones_are_answered_from_them() {
+    let (mut core, mut t, a, _) = setup();
+    let h = bind(&mut core, &mut t, a, 7);
+    for i in 0..5u8 {
+        t.udp.receive(PEER, US, &segment(7, &[i; 3]), &[0x45; 20]);
+    }
+    for i in 0..5u8 {
+        let r = call(&mut core, &mut t, a, 20 + u64::from(i), Call::Recv { handle: h, max: 0, wait: false });
+        assert_eq!(r, Some(Reply::Datagram { from: (PEER.octets(), 9), data: vec![i; 3] }), "in order");
+        // The first receive took all five from the udp side in one call.
+        assert_eq!(t.udp_recvs, 1, "receive {i}");
+        if i == 0 {
+            let poll =
+                call(&mut core, &mut t, a, 30, Call::Poll { items: vec![(h, capnet_sockets::READABLE)], wait: false });
+            assert_eq!(
+                poll,
+                Some(Reply::Ready { events: vec![(0, capnet_sockets::READABLE)] }),
+                "readable from its own queue"
+            );
+        }
+    }
+    let r = call(&mut core, &mut t, a, 40, Call::Recv { handle: h, max: 0, wait: false });
+    assert_eq!(r, Some(Reply::Err(SocketError::WouldBlock)), "all five taken");
+    assert_eq!(t.udp_recvs, 2, "the empty queue asked the udp side again");
 }
 
 #[test]

@@ -325,6 +325,29 @@ impl UdpCore {
         Ok(d)
     }
 
+    /// Takes up to `max` queued datagrams, stopping once `max_bytes` of payload
+    /// are taken (one more may pass it); a pending ICMP error comes first, alone.
+    pub fn recv_many(&mut self, id: SocketId, max: usize, max_bytes: usize) -> Result<Vec<Datagram>, UdpError> {
+        let mut out = Vec::new();
+        let mut bytes = 0;
+        while out.len() < max && bytes < max_bytes {
+            match self.recv_from(id) {
+                Ok(Some(d)) => {
+                    bytes += d.data.len();
+                    out.push(d);
+                }
+                Ok(None) => break,
+                Err(e) if out.is_empty() => return Err(e),
+                Err(e) => {
+                    // Keep the error for the next call; these datagrams came first.
+                    self.socket_mut(id)?.error = Some(e);
+                    break;
+                }
+            }
+        }
+        Ok(out)
+    }
+
     /// Datagrams this socket dropped because its queue was full.
     pub fn socket_drops(&self, id: SocketId) -> Result<u64, UdpError> {
         Ok(self.socket(id)?.dropped)
