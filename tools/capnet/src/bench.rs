@@ -179,6 +179,9 @@ struct Sample {
     /// capnet: messages between groups per unit of work (per KB moved, per
     /// transaction, per connection, per datagram).
     msgs: Option<f64>,
+    /// capnet: the most messages seen waiting in one ring between groups
+    /// (sampled from the groups' reports during the run).
+    ring_max: Option<f64>,
 }
 
 /// `capnet bench`.
@@ -259,6 +262,7 @@ struct Figure {
     cpu_s: Vec<(String, f64)>,
     wakes_per_msg: Option<f64>,
     msgs: Option<f64>,
+    ring_max: Option<f64>,
 }
 
 /// What `--json` prints and the table and chart are made from.
@@ -317,6 +321,7 @@ impl Report {
                     cpu_s,
                     wakes_per_msg: opt(|x| x.wakes_per_msg),
                     msgs: opt(|x| x.msgs),
+                    ring_max: opt(|x| x.ring_max),
                 }
             })
             .collect();
@@ -410,7 +415,8 @@ impl Report {
         t += "\n";
         t += "\nWhat the factored stack spends per run (medians): CPU seconds per domain, messages between \
               groups per unit of work (per KB moved, per transaction, per connection, per datagram), futex \
-              wake calls per message:\n\n| workload | driver | ip | tcp | udp | sockets | messages per unit | wakes per message |\n|---|---|---|---|---|---|---|---|\n";
+              wake calls per message, and the most messages seen waiting in one ring between groups (sampled \
+              every 50 ms from the groups' reports):\n\n| workload | driver | ip | tcp | udp | sockets | messages per unit | wakes per message | most waiting in a ring |\n|---|---|---|---|---|---|---|---|---|\n";
         for w in WORKS {
             let Some(f) = self.figure(&w.name(), "factored") else { continue };
             t += &format!("| {} |", w.name());
@@ -419,7 +425,7 @@ impl Report {
                 t += &format!(" {} |", v.map_or("—".into(), |v| format!("{v:.2}")));
             }
             let opt = |v: Option<f64>, p: usize| v.map_or("—".into(), |v| format!("{v:.p$}"));
-            t += &format!(" {} | {} |\n", opt(f.msgs, 2), opt(f.wakes_per_msg, 3));
+            t += &format!(" {} | {} | {} |\n", opt(f.msgs, 2), opt(f.wakes_per_msg, 3), opt(f.ring_max, 0));
         }
         t += &format!(
             "\n{} round{}, alternating; per run {} bytes of bulk (split over the streams), {} transactions, {} connections, {} s of datagrams.\n",
@@ -707,9 +713,10 @@ impl Env {
             Comp::Capnet(..) => {
                 let net = CapnetNet(self.netns(c).to_owned());
                 let server = serve(&net, w, port, sizes)?;
+                let rings = RingWatch::start(self.netns(c));
                 let figures = self.client(self.netns(c), &client_args)?;
                 let udp = server.join().map_err(|_| anyhow!("the server panicked"))??;
-                sample_of(w, &figures, udp)
+                Sample { ring_max: Some(rings.finish()), ..sample_of(w, &figures, udp) }
             }
             Comp::Linux | Comp::Smoltcp => {
                 let exe = self.exe.display().to_string();
@@ -780,6 +787,41 @@ fn sample_of(w: Work, figures: &[f64], udp: Option<(u64, f64)>) -> Sample {
     };
     let latency_us = matches!(w, Work::Rr(_)).then(|| [figures[1], figures[2], figures[3]]);
     Sample { value, latency_us, ..Sample::default() }
+}
+
+/// Samples a stack's status every 50 ms while a run lasts: the most messages
+/// waiting in any one ring between groups (each group publishes its report
+/// every 200 ms, so this sees a few snapshots per run, not every peak).
+struct RingWatch {
+    stop: Arc<AtomicBool>,
+    thread: std::thread::JoinHandle<u64>,
+}
+
+impl RingWatch {
+    fn start(netns: &str) -> Self {
+        let (stop, netns) = (Arc::new(AtomicBool::new(false)), netns.to_owned());
+        let done = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut most = 0;
+            while !done.load(Ordering::Relaxed) {
+                if let Ok(Reply::Status(s)) = control::ask(&netns, &Request::Status) {
+                    if let Ok(st) = serde_json::from_str::<Status>(&s) {
+                        let waiting = st.domains.iter().flat_map(|d| d.counters.iter());
+                        let waiting = waiting.filter(|(k, _)| k.ends_with("_ring_waiting")).map(|(_, v)| *v);
+                        most = waiting.fold(most, u64::max);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            most
+        });
+        Self { stop, thread }
+    }
+
+    fn finish(self) -> f64 {
+        self.stop.store(true, Ordering::Relaxed);
+        self.thread.join().unwrap_or(0) as f64
+    }
 }
 
 /// The factored costs of a run, from the status before and after it.
