@@ -174,10 +174,12 @@ struct Sample {
     latency_us: Option<[f64; 3]>,
     /// capnet: CPU seconds each domain spent in the run.
     cpu_s: Vec<(String, f64)>,
-    /// capnet: futex wake calls per message on the links between groups.
+    /// capnet: futex wake calls per ring entry on the links between groups.
     wakes_per_msg: Option<f64>,
-    /// capnet: messages between groups per unit of work (per KB moved, per
-    /// transaction, per connection, per datagram).
+    /// capnet: ring entries between groups per unit of work (per KB moved, per
+    /// transaction, per connection, per datagram) — each message, and the
+    /// return of the buffer it was lent in, is one (the frame channel between
+    /// driver and ip is not counted).
     msgs: Option<f64>,
     /// capnet: the most messages seen waiting in one ring between groups
     /// (sampled from the groups' reports during the run).
@@ -413,10 +415,11 @@ impl Report {
             }
         }
         t += "\n";
-        t += "\nWhat the factored stack spends per run (medians): CPU seconds per domain, messages between \
-              groups per unit of work (per KB moved, per transaction, per connection, per datagram), futex \
-              wake calls per message, and the most messages seen waiting in one ring between groups (sampled \
-              every 50 ms from the groups' reports):\n\n| workload | driver | ip | tcp | udp | sockets | messages per unit | wakes per message | most waiting in a ring |\n|---|---|---|---|---|---|---|---|---|\n";
+        t += "\nWhat the factored stack spends per run (medians): CPU seconds per domain; ring entries between \
+              groups per unit of work (per KB moved, per transaction, per connection, per datagram) — a message \
+              and the return of the buffer it was lent in are one entry each, about half of them messages; \
+              futex wake calls per entry; and the most entries seen waiting in one ring (sampled every 50 ms \
+              from the groups' reports). The driver–ip frame channel is not in these counts.\n\n| workload | driver | ip | tcp | udp | sockets | ring entries per unit | wakes per entry | most waiting in a ring |\n|---|---|---|---|---|---|---|---|---|\n";
         for w in WORKS {
             let Some(f) = self.figure(&w.name(), "factored") else { continue };
             t += &format!("| {} |", w.name());
