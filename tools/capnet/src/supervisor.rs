@@ -706,6 +706,11 @@ fn check_binary(path: &str) -> Result<()> {
         bail!("{path} is writable by others (mode {:o}): refusing to run it as a domain", m.mode() & 0o777);
     }
     let me = nix::unistd::geteuid().as_raw();
+    if !userns::privileged() && m.uid() != me {
+        // In its own user namespace the supervisor sees only its user's files
+        // as anyone's: root's and others' show as the overflow uid.
+        bail!("{path} is not the user's own file (an unprivileged supervisor runs only those): copy it to a file of yours");
+    }
     if m.uid() != 0 && m.uid() != me {
         bail!("{path} belongs to uid {}, neither root nor the supervisor's user", m.uid());
     }

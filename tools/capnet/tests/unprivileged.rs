@@ -134,6 +134,29 @@ fn capnet_up_as_nobody_runs_the_factored_stack_in_user_namespaces_of_its_own() {
         std::thread::sleep(Duration::from_millis(100));
     }
     assert!(fetched == data, "curl's copy differs ({} bytes of {})", fetched.len(), data.len());
+    // Swap, as nobody: root's build is refused (root's files are nobody's to
+    // this supervisor), nobody's own copy runs.
+    let out = run(as_nobody(&bin, &["swap", "udp", "--with", &bin.path("capnet-domain"), "--netns", &name]));
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("not the user's own file"), "{out:?}");
+    let mine = bin.0.join("udp-next");
+    std::fs::copy(bin.0.join("capnet-domain"), &mine).expect("copy");
+    std::fs::set_permissions(&mine, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    nix::unistd::chown(&mine, Some(nix::unistd::Uid::from_raw(65534)), Some(nix::unistd::Gid::from_raw(65534)))
+        .expect("chown");
+    let out = run(as_nobody(&bin, &["swap", "udp", "--with", mine.to_str().expect("utf-8"), "--netns", &name]));
+    assert!(out.status.success(), "swap: {}", String::from_utf8_lossy(&out.stderr));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let st: Value = serde_json::from_slice(&run(as_nobody(&bin, &["status", "--json", "--netns", &name])).stdout)
+            .unwrap_or(Value::Null);
+        let udp = st["domains"].as_array().and_then(|d| d.iter().find(|d| d["name"] == "udp").cloned());
+        if udp.as_ref().is_some_and(|u| u["restarts"] == 1 && u["state"] == "running") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the swapped udp domain never ran: {udp:?}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // The host's tun node is as it was.
     assert_eq!(std::fs::metadata("/dev/net/tun").map(|m| m.permissions().mode()).ok(), host_tun.ok());
     // Down, as nobody: the supervisor and its run directory go.
