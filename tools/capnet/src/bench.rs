@@ -986,12 +986,7 @@ fn serve<N: Net>(net: &N, w: Work, port: u16, sizes: &Sizes) -> Result<Served> {
                             let mut s = N::accept(&l)?;
                             let mut buf = vec![0u8; CHUNK];
                             if send {
-                                let mut left = bulk / n;
-                                while left > 0 {
-                                    let k = left.min(CHUNK);
-                                    s.write_all(&buf[..k])?;
-                                    left -= k;
-                                }
+                                write_bytes(&mut s, bulk / n, &buf)?;
                             } else {
                                 while s.read(&mut buf)? > 0 {}
                             }
@@ -1152,6 +1147,16 @@ pub fn peer(args: &[String]) -> Result<()> {
     }
 }
 
+/// Writes `n` bytes of `buf`'s contents, a buffer at a time.
+fn write_bytes(w: &mut impl Write, mut n: usize, buf: &[u8]) -> io::Result<()> {
+    while n > 0 {
+        let k = n.min(buf.len());
+        w.write_all(&buf[..k])?;
+        n -= k;
+    }
+    Ok(())
+}
+
 /// Connects, retrying while the server is not up yet (a bench's own setup race).
 fn connect(to: SocketAddrV4) -> Result<std::net::TcpStream> {
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -1180,13 +1185,8 @@ fn client(to: SocketAddrV4, args: &[String]) -> Result<Vec<f64>> {
                         let mut buf = vec![0u8; CHUNK];
                         let mut done = 0;
                         if write {
-                            let mut left = amount / streams;
-                            while left > 0 {
-                                let k = left.min(CHUNK);
-                                s.write_all(&buf[..k])?;
-                                left -= k;
-                                done += k;
-                            }
+                            done = amount / streams;
+                            write_bytes(&mut s, done, &buf)?;
                             s.shutdown(std::net::Shutdown::Write)?;
                             // Timed to the server's end: it closes once it read everything.
                             while s.read(&mut buf)? > 0 {}
