@@ -953,6 +953,8 @@ pub struct DeviceStats {
     pub write_errors: u64,
     /// Frames whose virtio-net header was malformed or asked for segmentation.
     pub vnet_refused: u64,
+    /// Times an in-memory wire's peer broke the channel protocol and was dropped.
+    pub wire_refused: u64,
     /// What the inbound impairment did.
     pub inbound: ImpairStats,
     /// What the outbound impairment did.

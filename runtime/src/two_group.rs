@@ -46,8 +46,13 @@ const BATCH: usize = 64;
 const RX_BATCH: usize = 160;
 /// The largest frame a chain may carry: 64 KiB of IP datagram plus Ethernet.
 const MAX_FRAME: usize = 65536 + 14;
+/// The MTU of an in-memory wire: the largest IPv4 datagram, as on Linux's
+/// loopback (a frame is a chain of pool buffers; no device limits it).
+pub const WIRE_MTU: usize = 65535;
 /// Frames the stack group holds for a driver that does not take them.
 const MAX_BACKLOG: usize = 4096;
+/// The bit of a scribble request that spares the channels to ip.
+const WIRE_ONLY: u32 = 1 << 31;
 /// How often a blocked driver thread looks at its stop flag.
 const STOP_CHECK: Duration = Duration::from_millis(100);
 
@@ -89,10 +94,12 @@ impl Driver {
         self.reader.is_finished() || self.writer.is_finished()
     }
 
-    /// Has both threads write `garbage` over their channel indices: the hostile
-    /// mode of a test (what a compromised driver could do to areas it owns).
-    pub fn scribble(&self, garbage: u32) {
-        self.scribble.store(garbage.max(1), Ordering::Release);
+    /// Has both threads write `garbage` over their channel indices — only the
+    /// wire's, with `wire_only`: the hostile mode of a test (what a compromised
+    /// driver could do to areas it owns).
+    pub fn scribble(&self, garbage: u32, wire_only: bool) {
+        let g = (garbage & !WIRE_ONLY).max(1) | if wire_only { WIRE_ONLY } else { 0 };
+        self.scribble.store(g, Ordering::Release);
     }
 
     /// Joins a restarted stack group: the threads drop the old channels (and
@@ -111,6 +118,16 @@ impl Driver {
         Ok(())
     }
 
+    /// Joins a wire's peer (our side adopted from blanks, the peer's side as
+    /// its supervisor granted it) in place of the old peer, if any.
+    pub fn plug(&self, ours: StackHalf, peer: HalfGrant) -> Result<(), RuntimeError> {
+        let (input, out) = ours.attach(peer, Peer::Wire)?;
+        *self.rejoin.wire.lock().unwrap_or_else(|e| e.into_inner()) = (Some(input), Some(out));
+        self.rejoin.pending[2].store(true, Ordering::Release);
+        self.rejoin.pending[3].store(true, Ordering::Release);
+        Ok(())
+    }
+
     /// Stops both threads and returns their combined counters.
     pub fn stop(self) -> Result<DeviceStats, RuntimeError> {
         self.stop.store(true, Ordering::Relaxed);
@@ -123,28 +140,157 @@ impl Driver {
 
 /// The reader's counters with the writer's.
 fn combine(r: DeviceStats, w: DeviceStats) -> DeviceStats {
-    DeviceStats { frames_written: w.frames_written, write_errors: w.write_errors, outbound: w.outbound, ..r }
+    DeviceStats {
+        frames_written: w.frames_written,
+        write_errors: w.write_errors,
+        outbound: w.outbound,
+        wire_refused: r.wire_refused + w.wire_refused,
+        ..r
+    }
 }
 
 /// The stack group: the ip and udp cores, fed by the driver over channels.
 #[derive(Debug)]
 pub struct StackGroup {
     cores: Cores,
-    rx: ShmEnd,
-    tx: ShmEnd,
-    rx_view: PoolView,
-    tx_pool: BufferPool,
-    driver: ReaderId,
+    /// The frame channels, once joined: from the driver (or a wire's peer), to it.
+    port: Option<(FramesIn, FramesOut)>,
     waiter: Waiter,
-    inbox: Vec<Descriptor>,
-    batch: Vec<Descriptor>,
-    frame: Vec<u8>,
     /// Frames waiting for pool buffers or ring slots, with the segment size of a
-    /// TSO frame.
+    /// TSO frame (while no port is joined too).
     backlog: VecDeque<(Vec<u8>, Option<u16>)>,
-    /// Why the driver's channels are broken (the driver broke the protocol): no
-    /// frame moves until a new driver is joined ([`StackGroup::rejoin`]).
+    /// Why the driver's channels are broken (the driver broke the protocol), or
+    /// that none is joined yet: no frame moves until a new driver is joined
+    /// ([`StackGroup::rejoin`]).
     broken: Option<String>,
+}
+
+/// Frames a peer lends over a channel (the driver's rx pool, or a wire peer's
+/// pool): each copied out whole, every loan returned at once.
+#[derive(Debug)]
+pub struct FramesIn {
+    end: ShmEnd,
+    view: PoolView,
+    inbox: Vec<Descriptor>,
+    returns: Vec<Descriptor>,
+    /// Pieces of a chain gather here until the one without MORE.
+    frame: Vec<u8>,
+}
+
+impl FramesIn {
+    fn new(end: ShmEnd, view: PoolView) -> Self {
+        Self { end, view, inbox: Vec::with_capacity(256), returns: Vec::with_capacity(256), frame: Vec::new() }
+    }
+
+    /// Takes up to `max` descriptors, hands each whole frame to `each` and returns
+    /// their loans; the number of descriptors taken (0: nothing had arrived).
+    fn recv(
+        &mut self,
+        max: usize,
+        mut each: impl FnMut(&[u8]) -> Result<(), RuntimeError>,
+    ) -> Result<usize, RuntimeError> {
+        self.inbox.clear();
+        let k = self.end.recv(&mut self.inbox, max).map_err(peer_err)?;
+        self.returns.clear();
+        for d in &self.inbox {
+            if d.has(Descriptor::RETURN) {
+                return Err(RuntimeError::Peer(format!("a return {d:?} on a channel that only lends")));
+            }
+            self.view.read_into(d, &mut self.frame).map_err(peer_err)?;
+            self.returns.push(returned(d));
+            if self.frame.len() > MAX_FRAME {
+                return Err(RuntimeError::Peer(format!("a chain of over {MAX_FRAME} bytes")));
+            }
+            if !d.has(Descriptor::MORE) {
+                each(&self.frame)?;
+                self.frame.clear();
+            }
+        }
+        let mut sent = 0;
+        while sent < self.returns.len() {
+            sent += self.end.send(&self.returns[sent..]).map_err(peer_err)?;
+        }
+        Ok(k)
+    }
+}
+
+/// Frames lent to a peer from a pool of our own (the stack's tx pool, or a wire
+/// side's), as far as buffers, the peer's quota and ring slots allow.
+#[derive(Debug)]
+pub struct FramesOut {
+    end: ShmEnd,
+    pool: BufferPool,
+    peer: ReaderId,
+    batch: Vec<Descriptor>,
+    inbox: Vec<Descriptor>,
+}
+
+impl FramesOut {
+    fn new(end: ShmEnd, pool: BufferPool, peer: ReaderId) -> Self {
+        Self { end, pool, peer, batch: Vec::with_capacity(BATCH), inbox: Vec::with_capacity(1024) }
+    }
+
+    /// Lends the frames at the front of `backlog` and removes those sent.
+    fn send(&mut self, backlog: &mut VecDeque<(Vec<u8>, Option<u16>)>) -> Result<(), RuntimeError> {
+        while !backlog.is_empty() {
+            self.batch.clear();
+            // Only whole chains, and only as many descriptors as the ring takes.
+            let room = self.end.space_for(BATCH).map_err(peer_err)?.min(BATCH);
+            let mut frames = 0;
+            for (f, tso) in backlog.iter() {
+                let start = self.batch.len();
+                let layout = self.pool.layout();
+                let pieces = f.len().div_ceil((layout.buf_size - layout.headroom) as usize).max(1);
+                let pieces = pieces + usize::from(tso.is_some());
+                if start + pieces > room || self.pool.held_by(self.peer) as usize + pieces > QUOTA as usize {
+                    break; // the ring or the peer's quota is full: wait for returns
+                }
+                // A TSO frame's chain is led by a piece holding its segment size.
+                if let Some(mss) = tso {
+                    let Some(mut d) = self.pool.fill(&mss.to_le_bytes()).map_err(ipc_err)? else { break };
+                    d.flags |= Descriptor::TSO | Descriptor::MORE;
+                    self.batch.push(d);
+                }
+                if !self.pool.fill_chain(f, &mut self.batch).map_err(ipc_err)? {
+                    for d in self.batch.drain(start..) {
+                        self.pool.release(d.index).map_err(ipc_err)?;
+                    }
+                    break; // every buffer is out: wait for returns
+                }
+                for d in &self.batch[start..] {
+                    self.pool.lend(self.peer, d).map_err(ipc_err)?;
+                }
+                frames += 1;
+            }
+            if self.batch.is_empty() {
+                return Ok(());
+            }
+            let sent = self.end.send(&self.batch).map_err(peer_err)?;
+            if sent < self.batch.len() {
+                return Err(RuntimeError::Peer("the peer's ring shrank under us".into()));
+            }
+            backlog.drain(..frames);
+        }
+        Ok(())
+    }
+
+    /// Takes back every loan the peer returned; whether any came.
+    fn take_returns(&mut self) -> Result<bool, RuntimeError> {
+        let mut any = false;
+        loop {
+            self.inbox.clear();
+            if self.end.recv(&mut self.inbox, 1024).map_err(peer_err)? == 0 {
+                return Ok(any);
+            }
+            any = true;
+            for d in &self.inbox {
+                if !d.has(Descriptor::RETURN) {
+                    return Err(RuntimeError::Peer(format!("peer sent {d:?} on the channel it only returns on")));
+                }
+                self.pool.give_back(self.peer, d).map_err(peer_err)?;
+            }
+        }
+    }
 }
 
 /// The fds one group grants the other: its pool and its areas of channels R and T.
@@ -221,18 +367,19 @@ impl DriverHalf {
     }
 
     /// Joins the stack group's grant and starts the reader and writer threads on
-    /// the device fd (`vnet`: its frames carry the virtio-net header). When this
-    /// returns, both threads have started, so a sandbox entered next covers them
-    /// (see `sandbox::enter`).
+    /// the device fd (`vnet`: its frames carry the virtio-net header) — or, with
+    /// no fd, on an in-memory wire to another capnet instance, which
+    /// [`Driver::plug`] joins later. When this returns, both threads have started,
+    /// so a sandbox entered next covers them (see `sandbox::enter`).
     pub fn run(
         self,
-        device: OwnedFd,
+        device: Option<OwnedFd>,
         vnet: bool,
         stack: HalfGrant,
         link: LinkImpairment,
         tap: crate::FrameTap,
     ) -> Result<Driver, RuntimeError> {
-        let fd = set_nonblocking(device)?;
+        let fd = device.map(set_nonblocking).transpose()?;
         let params = ChannelParams::default();
         let Half { pool: mut rx_pool, r_area, t_area } = self.0;
         let stack_reader = rx_pool.add_reader(QUOTA);
@@ -242,7 +389,7 @@ impl DriverHalf {
         let stop = Arc::new(AtomicBool::new(false));
         let scribble = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let rejoin = Arc::new(Rejoin::default());
-        let wfd = fd.try_clone()?;
+        let wfd = fd.as_ref().map(OwnedFd::try_clone).transpose()?;
         let (inbound, outbound) = (Stage::new(link.inbound)?, Stage::new(link.outbound)?);
         let live: [Arc<std::sync::Mutex<DeviceStats>>; 2] = [Arc::default(), Arc::default()];
         let started = Arc::new(std::sync::Barrier::new(3));
@@ -322,49 +469,66 @@ impl StackHalf {
 
     /// Joins the driver group's grant: the stack group, ready to poll.
     pub fn join(self, driver: HalfGrant, cores: Cores) -> Result<StackGroup, RuntimeError> {
-        let (rx, tx, rx_view, tx_pool, driver_reader) = self.attach(driver)?;
-        let mut stack = StackGroup {
-            cores,
-            rx,
-            tx,
-            rx_view,
-            tx_pool,
-            driver: driver_reader,
-            waiter: Waiter::new(SpinPolicy::DEFAULT),
-            inbox: Vec::with_capacity(1024),
-            batch: Vec::with_capacity(BATCH),
-            frame: Vec::with_capacity(2048),
-            backlog: VecDeque::new(),
-            broken: None,
-        };
-        stack.flush()?;
+        let mut stack = StackGroup::unplugged(cores);
+        stack.plug(self.attach(driver, Peer::Driver)?)?;
         Ok(stack)
     }
 
-    /// This half attached to the driver's: both channels, the view of the
-    /// driver's pool, our pool and the driver's reader id in it.
-    #[allow(clippy::type_complexity)]
-    fn attach(self, driver: HalfGrant) -> Result<(ShmEnd, ShmEnd, PoolView, BufferPool, ReaderId), RuntimeError> {
+    /// This half attached to the peer's: the frames it lends us, the frames we
+    /// lend it.
+    pub fn attach(self, peer: HalfGrant, kind: Peer) -> Result<(FramesIn, FramesOut), RuntimeError> {
         let params = ChannelParams::default();
         let Half { pool: mut tx_pool, r_area, t_area } = self.0;
-        let driver_reader = tx_pool.add_reader(QUOTA);
-        let rx_view = PoolView::attach(driver.pool, RX_POOL).map_err(peer_err)?;
-        let rx = shm_channel::attach::<Descriptor>(r_area, driver.r_area, End::B, params).map_err(peer_err)?;
-        let tx = shm_channel::attach::<Descriptor>(t_area, driver.t_area, End::A, params).map_err(peer_err)?;
-        Ok((rx, tx, rx_view, tx_pool, driver_reader))
+        let peer_reader = tx_pool.add_reader(QUOTA);
+        // A wire's peer is a stack half too: its T channel is our R, and the
+        // other way round.
+        let (view_id, their_r, their_t) = match kind {
+            Peer::Driver => (RX_POOL, peer.r_area, peer.t_area),
+            Peer::Wire => (TX_POOL, peer.t_area, peer.r_area),
+        };
+        let view = PoolView::attach(peer.pool, view_id).map_err(peer_err)?;
+        let rx = shm_channel::attach::<Descriptor>(r_area, their_r, End::B, params).map_err(peer_err)?;
+        let tx = shm_channel::attach::<Descriptor>(t_area, their_t, End::A, params).map_err(peer_err)?;
+        Ok((FramesIn::new(rx, view), FramesOut::new(tx, tx_pool, peer_reader)))
     }
 }
 
+/// What is at the other end of a stack half's frame channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    /// The driver's half: it lends frames from its rx pool.
+    Driver,
+    /// Another capnet instance's stack half (the in-memory wire): the two lend
+    /// each other frames from their tx pools.
+    Wire,
+}
+
 impl StackGroup {
-    /// Joins a restarted driver: fresh channels and pools in place of the dead
-    /// driver's; frames waiting in the backlog go to the new one, a chain half
+    /// A stack group with no frame channels yet (a wire whose peer has not
+    /// come): frames wait in the backlog, bounded, until [`StackGroup::plug`].
+    pub fn unplugged(cores: Cores) -> Self {
+        StackGroup {
+            cores,
+            port: None,
+            waiter: Waiter::new(SpinPolicy::DEFAULT),
+            backlog: VecDeque::new(),
+            broken: Some("no peer has joined yet".into()),
+        }
+    }
+
+    /// Joins frame channels (from [`StackHalf::attach`]) in place of whatever
+    /// was there: frames waiting in the backlog go to the new peer, a chain half
     /// read from the old one is dropped.
-    pub fn rejoin(&mut self, half: StackHalf, driver: HalfGrant) -> Result<(), RuntimeError> {
-        let (rx, tx, rx_view, tx_pool, driver_reader) = half.attach(driver)?;
-        (self.rx, self.tx, self.rx_view, self.tx_pool, self.driver) = (rx, tx, rx_view, tx_pool, driver_reader);
-        self.frame.clear();
+    pub fn plug(&mut self, port: (FramesIn, FramesOut)) -> Result<(), RuntimeError> {
+        self.port = Some(port);
         self.broken = None;
         self.flush()
+    }
+
+    /// Joins a restarted driver: fresh channels and pools in place of the dead
+    /// driver's.
+    pub fn rejoin(&mut self, half: StackHalf, driver: HalfGrant) -> Result<(), RuntimeError> {
+        self.plug(half.attach(driver, Peer::Driver)?)
     }
 }
 
@@ -381,7 +545,7 @@ pub fn start(
     let tso = vnet && link.outbound.is_none();
     let (driver, stack) = (DriverHalf::new()?, StackHalf::new()?);
     let (to_stack, to_driver) = (driver.grant()?, stack.grant()?);
-    let driver = driver.run(fd, vnet, to_driver, link, crate::FrameTap::default())?;
+    let driver = driver.run(Some(fd), vnet, to_driver, link, crate::FrameTap::default())?;
     let mut cores = Cores::new(cfg, udp_queue_bytes);
     if tso {
         cores.use_tso();
@@ -397,7 +561,10 @@ pub fn start(
 struct Rejoin {
     reader: std::sync::Mutex<Option<(BufferPool, ReaderId, ShmEnd)>>,
     writer: std::sync::Mutex<Option<(PoolView, ShmEnd)>>,
-    pending: [AtomicBool; 2],
+    /// A wire's new peer: the reader's part and the writer's.
+    wire: std::sync::Mutex<(Option<FramesIn>, Option<FramesOut>)>,
+    /// Set for the reader and writer (channels to ip), then the same for the wire.
+    pending: [AtomicBool; 4],
 }
 
 impl std::fmt::Debug for Rejoin {
@@ -406,11 +573,11 @@ impl std::fmt::Debug for Rejoin {
     }
 }
 
-/// What a driver thread needs of the device: its fd, whether frames carry the
-/// virtio-net header, its direction's impairment stage, the stop flag, and where
-/// to publish its counters.
+/// What a driver thread needs of the device: its fd (none: an in-memory wire,
+/// joined by [`Driver::plug`]), whether frames carry the virtio-net header, its
+/// direction's impairment stage, the stop flag, and where to publish its counters.
 struct DeviceSide {
-    fd: OwnedFd,
+    fd: Option<OwnedFd>,
     vnet: bool,
     tap: crate::FrameTap,
     scribble: Arc<std::sync::atomic::AtomicU32>,
@@ -450,11 +617,15 @@ fn reader_loop(side: DeviceSide, pool: BufferPool, stack: ReaderId, end: ShmEnd)
     let mut waiter = Waiter::new(SpinPolicy::NEVER);
     let mut buf = vec![0u8; 65536 + VNET_HDR_LEN];
     let (mut inbox, mut batch) = (Vec::with_capacity(1024), Vec::with_capacity(BATCH));
+    let mut wire: Option<FramesIn> = None;
     while !stop.load(Ordering::Relaxed) {
         if rejoin.pending[0].swap(false, Ordering::Acquire) {
             if let Some((p, r, e)) = rejoin.reader.lock().unwrap_or_else(|e| e.into_inner()).take() {
                 (pool, stack, end, broken) = (p, r, e, false);
             }
+        }
+        if rejoin.pending[2].swap(false, Ordering::Acquire) {
+            wire = rejoin.wire.lock().unwrap_or_else(|e| e.into_inner()).0.take();
         }
         if broken {
             // The stack broke the channel (or died): wait for a new one; the
@@ -465,7 +636,12 @@ fn reader_loop(side: DeviceSide, pool: BufferPool, stack: ReaderId, end: ShmEnd)
         let round = (|| -> Result<(), RuntimeError> {
             let garbage = scribble.load(Ordering::Relaxed);
             if garbage != 0 && !std::mem::replace(&mut scribbled, true) {
-                end.scribble(garbage);
+                if garbage & WIRE_ONLY == 0 {
+                    end.scribble(garbage);
+                }
+                if let Some(w) = wire.as_mut() {
+                    w.end.scribble(garbage & !WIRE_ONLY);
+                }
             }
             stats.inbound = impair.stage.stats;
             *live.lock().unwrap_or_else(|e| e.into_inner()) = stats;
@@ -488,7 +664,7 @@ fn reader_loop(side: DeviceSide, pool: BufferPool, stack: ReaderId, end: ShmEnd)
                 waiter.wait(&mut [&mut end], Some(STOP_CHECK), crate::NO_TOKENS);
                 return Ok(());
             }
-            wait_readable(&fd, impair.due_in().map_or(STOP_CHECK, |d| d.min(STOP_CHECK)))?;
+            let due = impair.due_in().map_or(STOP_CHECK, |d| d.min(STOP_CHECK));
             batch.clear();
             // A frame larger than a buffer (a TSO super-frame) goes as a chain; it is
             // read only when the whole chain fits the ring room left.
@@ -502,27 +678,65 @@ fn reader_loop(side: DeviceSide, pool: BufferPool, stack: ReaderId, end: ShmEnd)
                 }
                 Ok(true)
             };
-            if impair.passthrough {
-                // Straight from the device into the pool: one copy, no allocation, and
-                // never more than fits (the rest waits in the device's queue).
-                while batch.len() + max_chain <= room {
-                    let Some(n) = read_frame(&fd, &mut buf)? else { break };
-                    stats.frames_read += 1;
-                    let Some(frame) = plain_frame(&mut buf[..n], vnet, &mut stats) else { continue };
-                    tap.record(frame);
-                    impair.passed();
-                    if !lend(frame, &mut batch)? {
-                        break;
+            match (&fd, wire.as_mut()) {
+                (Some(fd), _) => {
+                    wait_readable(fd, due)?;
+                    if impair.passthrough {
+                        // Straight from the device into the pool: one copy, no
+                        // allocation, and never more than fits (the rest waits in
+                        // the device's queue).
+                        while batch.len() + max_chain <= room {
+                            let Some(n) = read_frame(fd, &mut buf)? else { break };
+                            stats.frames_read += 1;
+                            let Some(frame) = plain_frame(&mut buf[..n], vnet, &mut stats) else { continue };
+                            tap.record(frame);
+                            impair.passed();
+                            if !lend(frame, &mut batch)? {
+                                break;
+                            }
+                        }
+                    } else {
+                        while let Some(n) = read_frame(fd, &mut buf)? {
+                            stats.frames_read += 1;
+                            if let Some(frame) = plain_frame(&mut buf[..n], vnet, &mut stats) {
+                                tap.record(frame);
+                                impair.push(frame.to_vec());
+                            }
+                        }
                     }
                 }
-            } else {
-                while let Some(n) = read_frame(&fd, &mut buf)? {
-                    stats.frames_read += 1;
-                    if let Some(frame) = plain_frame(&mut buf[..n], vnet, &mut stats) {
+                // A wire whose peer has not joined: nothing comes.
+                (None, None) => std::thread::sleep(due.min(Duration::from_millis(5))),
+                (None, Some(w)) => {
+                    // From the peer's pool straight into ours (what is left waits
+                    // in the wire's ring).
+                    let got = w.recv(room - batch.len(), |frame| {
+                        stats.frames_read += 1;
                         tap.record(frame);
-                        impair.push(frame.to_vec());
+                        if impair.passthrough {
+                            impair.passed();
+                            lend(frame, &mut batch)?;
+                        } else {
+                            impair.push(frame.to_vec());
+                        }
+                        Ok(())
+                    });
+                    match got {
+                        Ok(0) if impair.due_in().is_none() => {
+                            waiter.wait(&mut [&mut w.end], Some(due), crate::NO_TOKENS);
+                        }
+                        Ok(_) => {}
+                        // The peer broke the wire: it is dropped until the
+                        // peer's supervisor joins a new one.
+                        Err(RuntimeError::Peer(_)) => {
+                            stats.wire_refused += 1;
+                            wire = None;
+                        }
+                        Err(e) => return Err(e),
                     }
                 }
+            }
+            if !impair.passthrough {
                 while batch.len() + max_chain <= room {
                     let Some(frame) = impair.pop() else { break };
                     if !lend(&frame, &mut batch)? {
@@ -556,12 +770,18 @@ fn writer_loop(side: DeviceSide, view: PoolView, end: ShmEnd) -> Result<DeviceSt
     // Pieces of a chain gather in `frame` until the one without MORE; `tso`: the
     // chain's first descriptor said TSO.
     let mut tso = None;
+    // Without a device: the wire's peer, and the frames waiting for room in it.
+    let mut wire: Option<FramesOut> = None;
+    let mut backlog = VecDeque::new();
     while !stop.load(Ordering::Relaxed) {
         if rejoin.pending[1].swap(false, Ordering::Acquire) {
             if let Some((v, e)) = rejoin.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
                 (view, end, broken) = (v, e, false);
                 frame.clear();
             }
+        }
+        if rejoin.pending[3].swap(false, Ordering::Acquire) {
+            wire = rejoin.wire.lock().unwrap_or_else(|e| e.into_inner()).1.take();
         }
         if broken {
             std::thread::sleep(Duration::from_millis(5));
@@ -570,17 +790,32 @@ fn writer_loop(side: DeviceSide, view: PoolView, end: ShmEnd) -> Result<DeviceSt
         let round = (|| -> Result<(), RuntimeError> {
             let garbage = scribble.load(Ordering::Relaxed);
             if garbage != 0 && !std::mem::replace(&mut scribbled, true) {
-                end.scribble(garbage);
+                if garbage & WIRE_ONLY == 0 {
+                    end.scribble(garbage);
+                }
+                if let Some(w) = wire.as_mut() {
+                    w.end.scribble(garbage & !WIRE_ONLY);
+                }
             }
             stats.outbound = impair.stage.stats;
             *live.lock().unwrap_or_else(|e| e.into_inner()) = stats;
             while let Some(frame) = impair.pop() {
-                write_frame(&fd, &frame, vnet, None, &mut stats, &tap);
+                match &fd {
+                    Some(fd) => write_frame(fd, &frame, vnet, None, &mut stats, &tap),
+                    None => to_wire(&mut backlog, wire.is_some(), frame, &mut stats, &tap),
+                }
             }
             inbox.clear();
             if end.recv(&mut inbox, 256).map_err(peer_err)? == 0 {
                 let wait = impair.due_in().map_or(STOP_CHECK, |d| d.min(STOP_CHECK));
-                waiter.wait(&mut [&mut end], Some(wait), crate::NO_TOKENS);
+                wire_round(&mut wire, &mut backlog, &mut stats);
+                match wire.as_mut() {
+                    // Returns from the peer make room for the backlog.
+                    Some(w) if !backlog.is_empty() => {
+                        waiter.wait(&mut [&mut end, &mut w.end], Some(wait), crate::NO_TOKENS)
+                    }
+                    _ => waiter.wait(&mut [&mut end], Some(wait), crate::NO_TOKENS),
+                };
                 return Ok(());
             }
             returns.clear();
@@ -602,13 +837,18 @@ fn writer_loop(side: DeviceSide, view: PoolView, end: ShmEnd) -> Result<DeviceSt
                 };
                 if impair.passthrough {
                     impair.passed();
-                    write_frame(&fd, body, vnet, mss, &mut stats, &tap);
+                    match &fd {
+                        Some(fd) => write_frame(fd, body, vnet, mss, &mut stats, &tap),
+                        // No TSO on a wire: the frame goes whole, without a copy.
+                        None => to_wire(&mut backlog, wire.is_some(), std::mem::take(&mut frame), &mut stats, &tap),
+                    }
                 } else {
                     impair.push(body.to_vec());
                 }
                 frame.clear();
             }
             send_all(&mut end, &returns, &mut waiter, &stop)?;
+            wire_round(&mut wire, &mut backlog, &mut stats);
             Ok(())
         })();
         match round {
@@ -621,105 +861,71 @@ fn writer_loop(side: DeviceSide, view: PoolView, end: ShmEnd) -> Result<DeviceSt
     Ok(stats)
 }
 
+/// Queues a frame for the wire's peer; without a peer it is dropped (no
+/// carrier), and beyond [`MAX_BACKLOG`] the oldest goes.
+fn to_wire(
+    backlog: &mut VecDeque<(Vec<u8>, Option<u16>)>,
+    plugged: bool,
+    frame: Vec<u8>,
+    stats: &mut DeviceStats,
+    tap: &crate::FrameTap,
+) {
+    tap.record(&frame);
+    if !plugged {
+        stats.write_errors += 1;
+        return;
+    }
+    backlog.push_back((frame, None));
+    stats.frames_written += 1;
+    if backlog.len() > MAX_BACKLOG {
+        backlog.pop_front();
+        stats.write_errors += 1;
+    }
+}
+
+/// Takes the wire peer's returns and lends it what fits of the backlog; a peer
+/// that broke the protocol is dropped until its supervisor joins a new one.
+fn wire_round(wire: &mut Option<FramesOut>, backlog: &mut VecDeque<(Vec<u8>, Option<u16>)>, stats: &mut DeviceStats) {
+    let Some(w) = wire.as_mut() else { return };
+    if let Err(_why) = w.take_returns().and_then(|_| w.send(backlog)) {
+        stats.wire_refused += 1;
+        *wire = None;
+    }
+}
+
 impl StackGroup {
     /// Runs the cores' outputs and sends queued frames to the driver, as far as
     /// pool buffers and ring slots allow; the rest waits in the backlog.
     fn flush(&mut self) -> Result<(), RuntimeError> {
-        // A driver that stopped returning loans (it died and is being restarted)
-        // must not make us hold every frame since: the oldest go, as a full
-        // device queue would drop them.
         self.pump_to_backlog();
-        while !self.backlog.is_empty() {
-            self.batch.clear();
-            // Only whole chains, and only as many descriptors as the ring takes.
-            let room = self.tx.space_for(BATCH).map_err(peer_err)?.min(BATCH);
-            let mut frames = 0;
-            for (f, tso) in &self.backlog {
-                let start = self.batch.len();
-                let layout = self.tx_pool.layout();
-                let pieces = f.len().div_ceil((layout.buf_size - layout.headroom) as usize).max(1);
-                let pieces = pieces + usize::from(tso.is_some());
-                if start + pieces > room || self.tx_pool.held_by(self.driver) as usize + pieces > QUOTA as usize {
-                    break; // the ring or the driver's quota is full: wait for returns
-                }
-                // A TSO frame's chain is led by a piece holding its segment size.
-                if let Some(mss) = tso {
-                    let Some(mut d) = self.tx_pool.fill(&mss.to_le_bytes()).map_err(ipc_err)? else { break };
-                    d.flags |= Descriptor::TSO | Descriptor::MORE;
-                    self.batch.push(d);
-                }
-                if !self.tx_pool.fill_chain(f, &mut self.batch).map_err(ipc_err)? {
-                    for d in self.batch.drain(start..) {
-                        self.tx_pool.release(d.index).map_err(ipc_err)?;
-                    }
-                    break; // every buffer is out: wait for returns
-                }
-                for d in &self.batch[start..] {
-                    self.tx_pool.lend(self.driver, d).map_err(ipc_err)?;
-                }
-                frames += 1;
-            }
-            if self.batch.is_empty() {
-                return Ok(());
-            }
-            let sent = self.tx.send(&self.batch).map_err(peer_err)?;
-            if sent < self.batch.len() {
-                return Err(RuntimeError::Peer("the driver's ring shrank under us".into()));
-            }
-            self.backlog.drain(..frames);
+        match self.port.as_mut() {
+            Some((_, out)) => out.send(&mut self.backlog),
+            None => Ok(()),
         }
-        Ok(())
     }
 
     /// Drains both channels; returns whether anything arrived.
     fn drain(&mut self) -> Result<bool, RuntimeError> {
         let mut any = self.cores.receive_links();
+        let Some((input, out)) = self.port.as_mut() else { return Ok(any) };
         loop {
-            self.inbox.clear();
-            let k = self.rx.recv(&mut self.inbox, 256).map_err(peer_err)?;
-            if k == 0 {
+            let cores = &mut self.cores;
+            if input.recv(256, |f| {
+                cores.receive_frame(f);
+                Ok(())
+            })? == 0
+            {
                 break;
             }
             any = true;
-            self.batch.clear();
-            for i in 0..self.inbox.len() {
-                let d = self.inbox[i];
-                // Pieces of a chain gather in `frame` until the one without MORE.
-                self.rx_view.read_into(&d, &mut self.frame).map_err(peer_err)?;
-                self.batch.push(returned(&d));
-                if self.frame.len() > MAX_FRAME {
-                    return Err(RuntimeError::Peer(format!("a chain of over {MAX_FRAME} bytes")));
-                }
-                if d.has(Descriptor::MORE) {
-                    continue;
-                }
-                self.cores.receive_frame(&self.frame);
-                self.frame.clear();
-            }
-            let mut sent = 0;
-            while sent < self.batch.len() {
-                sent += self.rx.send(&self.batch[sent..]).map_err(peer_err)?;
-            }
-            self.flush()?;
+            // Answer what arrived (ACKs) before taking more.
+            pump_to_backlog(cores, &mut self.backlog);
+            out.send(&mut self.backlog)?;
         }
-        loop {
-            self.inbox.clear();
-            if self.tx.recv(&mut self.inbox, 1024).map_err(peer_err)? == 0 {
-                break;
-            }
-            any = true;
-            for d in &self.inbox {
-                if !d.has(Descriptor::RETURN) {
-                    return Err(RuntimeError::Peer(format!("driver sent {d:?} on the transmit channel")));
-                }
-                self.tx_pool.give_back(self.driver, d).map_err(peer_err)?;
-            }
-        }
+        any |= out.take_returns()?;
         Ok(any)
     }
-}
 
-impl StackGroup {
     /// Like [`Stack::poll`], also waking for the channel ends in `extra` (the
     /// applications' channels the sockets domain serves).
     ///
@@ -748,7 +954,7 @@ impl StackGroup {
         }
     }
 
-    /// Why the driver's channels are broken, if they are.
+    /// Why the driver's channels are broken (or not joined yet), if they are.
     pub fn broken(&self) -> Option<&str> {
         self.broken.as_deref()
     }
@@ -756,25 +962,23 @@ impl StackGroup {
     /// Writes garbage over this side's frame channel indices: the hostile mode
     /// of a test (what a compromised ip domain could do to the area it owns).
     pub fn scribble(&mut self, garbage: u32) {
-        self.rx.scribble(garbage);
-        self.tx.scribble(garbage);
+        if let Some((input, out)) = self.port.as_mut() {
+            input.end.scribble(garbage);
+            out.end.scribble(garbage);
+        }
     }
 
     fn pump_to_backlog(&mut self) {
-        let backlog = &mut self.backlog;
-        self.cores.pump(|f, tso| backlog.push_back((f, tso)));
-        if self.backlog.len() > MAX_BACKLOG {
-            let excess = self.backlog.len() - MAX_BACKLOG;
-            self.backlog.drain(..excess);
-        }
+        pump_to_backlog(&mut self.cores, &mut self.backlog);
     }
 
     fn poll_frames(&mut self, max_wait: Duration, extra: &mut [&mut ShmEnd]) -> Result<(), RuntimeError> {
         self.flush()?;
         if !self.drain()? {
             let wait = self.cores.wait_bound(max_wait);
-            self.tx.interest = if self.backlog.is_empty() { Interest::RX } else { Interest::BOTH };
-            let mut ends: Vec<&mut ShmEnd> = vec![&mut self.rx, &mut self.tx];
+            let Some((input, out)) = self.port.as_mut() else { return Ok(()) };
+            out.end.interest = if self.backlog.is_empty() { Interest::RX } else { Interest::BOTH };
+            let mut ends: Vec<&mut ShmEnd> = vec![&mut input.end, &mut out.end];
             ends.extend(self.cores.links.iter_mut().filter(|l| l.broken().is_none()).map(crate::link::Link::channel));
             ends.extend(extra.iter_mut().map(|e| &mut **e));
             crate::wait_on(&mut self.waiter, ends, wait);
@@ -796,6 +1000,18 @@ impl StackGroup {
             }
             r => r,
         }
+    }
+}
+
+/// Moves the cores' output to the backlog. A peer that stopped returning loans
+/// (a driver that died and is being restarted, a wire's peer gone) must not make
+/// us hold every frame since: the oldest go, as a full device queue would drop
+/// them.
+fn pump_to_backlog(cores: &mut Cores, backlog: &mut VecDeque<(Vec<u8>, Option<u16>)>) {
+    cores.pump(|f, tso| backlog.push_back((f, tso)));
+    if backlog.len() > MAX_BACKLOG {
+        let excess = backlog.len() - MAX_BACKLOG;
+        backlog.drain(..excess);
     }
 }
 

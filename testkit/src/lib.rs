@@ -88,8 +88,14 @@ pub struct Up {
 impl Up {
     /// Runs `BIN up -d --netns capt-PID-TAG --tap capt9 EXTRA…` and waits for it.
     pub fn new(bin: &str, tag: &str, extra: &[&str]) -> Self {
+        Self::start(bin, tag, &[&["--tap", "capt9"], extra].concat())
+    }
+
+    /// Runs `BIN up -d --netns capt-PID-TAG EXTRA…` (no TAP named: an in-memory
+    /// wire's instance) and waits for it.
+    pub fn start(bin: &str, tag: &str, extra: &[&str]) -> Self {
         let name = format!("{PREFIX}{}-{tag}", std::process::id());
-        let mut args = vec!["up", "-d", "--netns", name.as_str(), "--tap", "capt9"];
+        let mut args = vec!["up", "-d", "--netns", name.as_str()];
         args.extend_from_slice(extra);
         let out = Command::new(bin).args(&args).output().expect("run capnet");
         assert!(out.status.success(), "up: {}", String::from_utf8_lossy(&out.stderr));

@@ -59,6 +59,10 @@ pub struct BenchArgs {
 enum Comp {
     /// capnet running a built-in graph: (key, graph text, boundaries on a flow's path).
     Capnet(&'static str, &'static str, u8),
+    /// The same over an in-memory wire to a second capnet instance (always one
+    /// group) whose applications are the other side: the stacks' cost with no
+    /// device system call.
+    Wire(&'static str, &'static str, u8),
     /// Linux to Linux over a veth pair.
     Linux,
     /// smoltcp over the same kind of TAP, serving the same workloads
@@ -71,7 +75,7 @@ enum Comp {
 impl Comp {
     fn key(self) -> &'static str {
         match self {
-            Comp::Capnet(k, _, _) => k,
+            Comp::Capnet(k, _, _) | Comp::Wire(k, _, _) => k,
             Comp::Linux => "linux",
             Comp::Smoltcp => "smoltcp",
             Comp::Device => "device",
@@ -83,6 +87,9 @@ impl Comp {
             Comp::Capnet("mono", ..) => "capnet mono (1 process)".into(),
             Comp::Capnet("factored", ..) => "capnet factored (5 processes)".into(),
             Comp::Capnet(k, _, b) => format!("capnet {k} ({b} boundar{})", if b == 1 { "y" } else { "ies" }),
+            Comp::Wire("mono-wire", ..) => "capnet mono, in-memory wire".into(),
+            Comp::Wire("factored-wire", ..) => "capnet factored, in-memory wire".into(),
+            Comp::Wire(k, ..) => format!("capnet {k}"),
             Comp::Linux => "Linux ↔ Linux, veth".into(),
             Comp::Smoltcp => "smoltcp, TAP".into(),
             Comp::Device => "the TAP alone (ceiling)".into(),
@@ -90,11 +97,13 @@ impl Comp {
     }
 }
 
-const COMPS: [Comp; 7] = [
+const COMPS: [Comp; 9] = [
     Comp::Capnet("mono", capnet::graph::MONO, 0),
     Comp::Capnet("two-group", capnet::graph::TWO_GROUP, 1),
     Comp::Capnet("three-group", capnet::graph::THREE_GROUP, 2),
     Comp::Capnet("factored", capnet::graph::DEFAULT, 3),
+    Comp::Wire("mono-wire", capnet::graph::MONO, 0),
+    Comp::Wire("factored-wire", capnet::graph::DEFAULT, 3),
     Comp::Smoltcp,
     Comp::Linux,
     Comp::Device,
@@ -278,8 +287,10 @@ struct Report {
     sizes: Sizes,
     compositions: Vec<(&'static str, String)>,
     figures: Vec<Figure>,
-    /// Per workload, capnet factored over capnet mono.
+    /// Per workload, capnet factored over capnet mono (over the TAP).
     factored_over_mono: Vec<(String, f64)>,
+    /// The same over the in-memory wire.
+    factored_over_mono_wire: Vec<(String, f64)>,
     /// What waking a sleeping domain on the same core costs here, µs (measured
     /// in this run: [`wake_cost_us`]).
     wake_us: f64,
@@ -328,10 +339,11 @@ impl Report {
             })
             .collect();
         let fig = |w: &str, c: &str| figures.iter().find(|f| f.workload == w && f.composition == c).map(|f| f.median);
-        let factored_over_mono = WORKS
-            .iter()
-            .filter_map(|w| Some((w.name(), fig(&w.name(), "factored")? / fig(&w.name(), "mono")?)))
-            .collect();
+        let ratios = |f: &str, m: &str| -> Vec<(String, f64)> {
+            WORKS.iter().filter_map(|w| Some((w.name(), fig(&w.name(), f)? / fig(&w.name(), m)?))).collect()
+        };
+        let (factored_over_mono, factored_over_mono_wire) =
+            (ratios("factored", "mono"), ratios("factored-wire", "mono-wire"));
         Report {
             machine: capnet_testkit::bench::machine(),
             date: now_utc(),
@@ -346,6 +358,7 @@ impl Report {
                 .collect(),
             figures,
             factored_over_mono,
+            factored_over_mono_wire,
             wake_us,
         }
     }
@@ -367,8 +380,8 @@ impl Report {
         for c in COMPS {
             t += &format!(" {} |", c.label());
         }
-        t += " factored / mono |\n|---|---|";
-        t += &"---|".repeat(COMPS.len() + 1);
+        t += " factored / mono, TAP | factored / mono, wire |\n|---|---|";
+        t += &"---|".repeat(COMPS.len() + 2);
         t += "\n";
         for w in WORKS {
             let name = w.name();
@@ -379,8 +392,11 @@ impl Report {
                     None => " — |".into(),
                 };
             }
-            let ratio = self.factored_over_mono.iter().find(|(n, _)| *n == name).map(|(_, r)| *r);
-            t += &format!(" {} |\n", ratio.map_or("—".into(), |r| format!("**{r:.2}×**")));
+            for ratios in [&self.factored_over_mono, &self.factored_over_mono_wire] {
+                let ratio = ratios.iter().find(|(n, _)| *n == name).map(|(_, r)| *r);
+                t += &format!(" {} |", ratio.map_or("—".into(), |r| format!("**{r:.2}×**")));
+            }
+            t += "\n";
         }
         t += "\nRequest/response latency, µs (p50 / p99 / p99.9):\n\n| workload |";
         for c in COMPS.iter().filter(|c| **c != Comp::Device) {
@@ -639,15 +655,22 @@ impl Env {
             graphs,
         };
         for c in COMPS {
-            let Comp::Capnet(key, graph, _) = c else { continue };
+            let (Comp::Capnet(key, graph, _) | Comp::Wire(key, graph, _)) = c else { continue };
             let ns = format!("capb-{pid}-{key}");
             let file = env.graphs.join(format!("{key}.toml"));
             std::fs::write(&file, graph)?;
-            let out = Command::new(&env.exe).args(["up", "-d", "--netns", &ns]).arg(&file).output()?;
-            // Recorded before the check: dropping `env` takes down what came up, this one too.
-            env.stacks.push((key, ns));
-            if !out.status.success() {
-                bail!("capnet up ({key}): {}", String::from_utf8_lossy(&out.stderr).trim());
+            let mut ups = vec![(ns.clone(), vec![file.display().to_string()])];
+            if let Comp::Wire(..) = c {
+                ups[0].1 = vec!["--wire".into(), file.display().to_string()];
+                ups.push((format!("{ns}-peer"), vec!["--mono".into(), "--wire-to".into(), ns]));
+            }
+            for (ns, args) in ups {
+                let out = Command::new(&env.exe).args(["up", "-d", "--netns", &ns]).args(&args).output()?;
+                // Recorded before the check: dropping `env` takes down what came up, this one too.
+                env.stacks.push((key, ns));
+                if !out.status.success() {
+                    bail!("capnet up ({key}): {}", String::from_utf8_lossy(&out.stderr).trim());
+                }
             }
         }
         let (a, b) = env.veth.clone();
@@ -676,7 +699,9 @@ impl Env {
 
     fn netns(&self, c: Comp) -> &str {
         match c {
-            Comp::Capnet(k, ..) => self.stacks.iter().find(|(key, _)| *key == k).map_or("", |(_, n)| n.as_str()),
+            Comp::Capnet(k, ..) | Comp::Wire(k, ..) => {
+                self.stacks.iter().find(|(key, _)| *key == k).map_or("", |(_, n)| n.as_str())
+            }
             Comp::Linux => &self.veth.1,
             Comp::Smoltcp => &self.smoltcp,
             Comp::Device => &self.device.0,
@@ -713,11 +738,17 @@ impl Env {
             [server_addr.to_owned(), port.to_string()].into_iter().chain(client_args).collect();
         let before = self.status(c);
         let mut sample = match c {
-            Comp::Capnet(..) => {
-                let net = CapnetNet(self.netns(c).to_owned());
+            Comp::Capnet(..) | Comp::Wire(..) => {
+                let net = CapnetNet::server(self.netns(c));
                 let server = serve(&net, w, port, sizes)?;
                 let rings = RingWatch::start(self.netns(c));
-                let figures = self.client(self.netns(c), &client_args)?;
+                let figures = match c {
+                    Comp::Wire(..) => {
+                        let to = SocketAddrV4::new(server_addr.parse()?, port);
+                        client(&CapnetNet::client(&format!("{}-peer", self.netns(c)))?, to, &client_args[2..])?
+                    }
+                    _ => self.client(self.netns(c), &client_args)?,
+                };
                 let udp = server.join().map_err(|_| anyhow!("the server panicked"))??;
                 Sample { ring_max: Some(rings.finish()), ..sample_of(w, &figures, udp) }
             }
@@ -752,7 +783,7 @@ impl Env {
     }
 
     fn status(&self, c: Comp) -> Option<Status> {
-        let Comp::Capnet(..) = c else { return None };
+        let (Comp::Capnet(..) | Comp::Wire(..)) = c else { return None };
         match control::ask(self.netns(c), &Request::Status) {
             Ok(Reply::Status(s)) => serde_json::from_str(&s).ok(),
             _ => None,
@@ -893,7 +924,7 @@ fn count_frames(
     })
 }
 
-/// The sockets a workload's server needs, over capnet or std.
+/// The sockets a workload's server and client need, over capnet or std.
 trait Net: Sync {
     type Listener: Send + 'static;
     type Stream: Read + Write + Send + 'static;
@@ -904,6 +935,11 @@ trait Net: Sync {
     fn udp(&self, port: u16) -> io::Result<Self::Udp>;
     /// A datagram, or `None` after `idle` without one.
     fn recv(u: &mut Self::Udp, buf: &mut [u8], idle: Duration) -> io::Result<Option<usize>>;
+    fn connect(&self, to: SocketAddrV4) -> io::Result<Self::Stream>;
+    fn shutdown_write(s: &Self::Stream) -> io::Result<()>;
+    /// A UDP socket on any port, sending to `to`.
+    fn udp_to(&self, to: SocketAddrV4) -> io::Result<Self::Udp>;
+    fn send(u: &Self::Udp, d: &[u8]) -> io::Result<usize>;
 }
 
 /// A receive that timed out is `None`.
@@ -916,8 +952,28 @@ fn quiet(r: io::Result<usize>) -> io::Result<Option<usize>> {
 }
 
 /// capnet's sockets: every listener and UDP socket on an attachment of its own
-/// (a blocking call holds its attachment).
-struct CapnetNet(String);
+/// (a blocking call holds its attachment); a client's connections take turns
+/// on attachments made beforehand (attaching is no part of what a run times).
+struct CapnetNet(String, Vec<capnet::net::Stack>, std::sync::atomic::AtomicUsize);
+
+impl CapnetNet {
+    fn server(netns: &str) -> Self {
+        Self(netns.to_owned(), Vec::new(), Default::default())
+    }
+
+    /// With an attachment for each of up to 8 connections at once.
+    fn client(netns: &str) -> io::Result<Self> {
+        let stacks = (0..8).map(|_| capnet::net::Stack::attach(netns)).collect::<io::Result<_>>()?;
+        Ok(Self(netns.to_owned(), stacks, Default::default()))
+    }
+
+    fn next(&self) -> io::Result<capnet::net::Stack> {
+        match self.1.len() {
+            0 => capnet::net::Stack::attach(&self.0),
+            n => Ok(self.1[self.2.fetch_add(1, Ordering::Relaxed) % n].clone()),
+        }
+    }
+}
 
 impl Net for CapnetNet {
     type Listener = capnet::net::TcpListener;
@@ -938,6 +994,20 @@ impl Net for CapnetNet {
     fn recv(u: &mut Self::Udp, buf: &mut [u8], idle: Duration) -> io::Result<Option<usize>> {
         u.set_read_timeout(Some(idle))?;
         quiet(u.recv_from(buf).map(|(n, _)| n))
+    }
+    fn connect(&self, to: SocketAddrV4) -> io::Result<Self::Stream> {
+        capnet::net::TcpStream::connect_timeout(&self.next()?, to, Duration::from_secs(5))
+    }
+    fn shutdown_write(s: &Self::Stream) -> io::Result<()> {
+        s.shutdown(std::net::Shutdown::Write)
+    }
+    fn udp_to(&self, to: SocketAddrV4) -> io::Result<Self::Udp> {
+        let u = capnet::net::UdpSocket::bind(&self.next()?, 0)?;
+        u.connect(to)?;
+        Ok(u)
+    }
+    fn send(u: &Self::Udp, d: &[u8]) -> io::Result<usize> {
+        u.send(d)
     }
 }
 
@@ -963,6 +1033,20 @@ impl Net for StdNet {
     fn recv(u: &mut Self::Udp, buf: &mut [u8], idle: Duration) -> io::Result<Option<usize>> {
         u.set_read_timeout(Some(idle))?;
         quiet(u.recv(buf))
+    }
+    fn connect(&self, to: SocketAddrV4) -> io::Result<Self::Stream> {
+        std::net::TcpStream::connect_timeout(&to.into(), Duration::from_secs(5))
+    }
+    fn shutdown_write(s: &Self::Stream) -> io::Result<()> {
+        s.shutdown(std::net::Shutdown::Write)
+    }
+    fn udp_to(&self, to: SocketAddrV4) -> io::Result<Self::Udp> {
+        let u = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
+        u.connect(to)?;
+        Ok(u)
+    }
+    fn send(u: &Self::Udp, d: &[u8]) -> io::Result<usize> {
+        u.send(d)
     }
 }
 
@@ -1139,7 +1223,7 @@ pub fn peer(args: &[String]) -> Result<()> {
         }
         [role, addr, port, rest @ ..] if role == "client" => {
             let to = SocketAddrV4::new(addr.parse()?, port.parse()?);
-            let figures = client(to, rest)?;
+            let figures = client(&StdNet, to, rest)?;
             println!("{}", figures.iter().map(|f| format!("{f:.3}")).collect::<Vec<_>>().join(" "));
             Ok(())
         }
@@ -1158,10 +1242,10 @@ fn write_bytes(w: &mut impl Write, mut n: usize, buf: &[u8]) -> io::Result<()> {
 }
 
 /// Connects, retrying while the server is not up yet (a bench's own setup race).
-fn connect(to: SocketAddrV4) -> Result<std::net::TcpStream> {
+fn connect<N: Net>(net: &N, to: SocketAddrV4) -> Result<N::Stream> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        match std::net::TcpStream::connect_timeout(&to.into(), Duration::from_secs(5)) {
+        match net.connect(to) {
             Ok(s) => return Ok(s),
             Err(e) if Instant::now() > deadline => return Err(e).context(format!("connecting to {to}")),
             Err(_) => std::thread::sleep(Duration::from_millis(20)),
@@ -1169,49 +1253,54 @@ fn connect(to: SocketAddrV4) -> Result<std::net::TcpStream> {
     }
 }
 
-fn client(to: SocketAddrV4, args: &[String]) -> Result<Vec<f64>> {
+/// The client side of every run (the Linux side over a TAP or veth; the peer
+/// instance's applications over the in-memory wire): its figures.
+fn client<N: Net>(net: &N, to: SocketAddrV4, args: &[String]) -> Result<Vec<f64>> {
     const CHUNK: usize = 1 << 20;
     let num = |i: usize| -> Result<usize> { Ok(args.get(i).ok_or_else(|| anyhow!("missing argument"))?.parse()?) };
     match args.first().map(String::as_str) {
         Some(mode @ ("read" | "write")) => {
             let (streams, amount) = (num(1)?, num(2)?);
             let start = Instant::now();
-            let threads: Vec<_> = (0..streams)
-                .map(|i| {
-                    let to = SocketAddrV4::new(*to.ip(), to.port() + i as u16);
-                    let write = mode == "write";
-                    std::thread::spawn(move || -> Result<usize> {
-                        let mut s = connect(to)?;
-                        let mut buf = vec![0u8; CHUNK];
-                        let mut done = 0;
-                        if write {
-                            done = amount / streams;
-                            write_bytes(&mut s, done, &buf)?;
-                            s.shutdown(std::net::Shutdown::Write)?;
-                            // Timed to the server's end: it closes once it read everything.
-                            while s.read(&mut buf)? > 0 {}
-                        } else {
-                            loop {
-                                match s.read(&mut buf)? {
-                                    0 => break,
-                                    k => done += k,
+            let total = std::thread::scope(|scope| -> Result<usize> {
+                let threads: Vec<_> = (0..streams)
+                    .map(|i| {
+                        let to = SocketAddrV4::new(*to.ip(), to.port() + i as u16);
+                        let write = mode == "write";
+                        scope.spawn(move || -> Result<usize> {
+                            let mut s = connect(net, to)?;
+                            let mut buf = vec![0u8; CHUNK];
+                            let mut done = 0;
+                            if write {
+                                done = amount / streams;
+                                write_bytes(&mut s, done, &buf)?;
+                                N::shutdown_write(&s)?;
+                                // Timed to the server's end: it closes once it read everything.
+                                while s.read(&mut buf)? > 0 {}
+                            } else {
+                                loop {
+                                    match s.read(&mut buf)? {
+                                        0 => break,
+                                        k => done += k,
+                                    }
                                 }
                             }
-                        }
-                        Ok(done)
+                            Ok(done)
+                        })
                     })
-                })
-                .collect();
-            let mut total = 0;
-            for t in threads {
-                total += t.join().map_err(|_| anyhow!("a stream panicked"))??;
-            }
+                    .collect();
+                let mut total = 0;
+                for t in threads {
+                    total += t.join().map_err(|_| anyhow!("a stream panicked"))??;
+                }
+                Ok(total)
+            })?;
             Ok(vec![total as f64 * 8.0 / start.elapsed().as_secs_f64() / 1e9])
         }
         Some("rr") => {
             let (size, count) = (num(1)?, num(2)?);
-            let mut s = connect(to)?;
-            s.set_nodelay(true)?;
+            let mut s = connect(net, to)?;
+            N::nodelay(&s);
             let req = vec![b'r'; size];
             let mut buf = vec![0u8; size];
             let mut lat = Vec::with_capacity(count);
@@ -1231,26 +1320,25 @@ fn client(to: SocketAddrV4, args: &[String]) -> Result<Vec<f64>> {
             let count = num(1)?;
             let start = Instant::now();
             for _ in 0..count {
-                let mut s = connect(to)?;
+                let mut s = connect(net, to)?;
                 s.write_all(b"c")?;
                 let mut b = [0u8; 1];
                 s.read_exact(&mut b)?;
             }
             let rate = count as f64 / start.elapsed().as_secs_f64();
-            connect(to)?.write_all(b"q")?;
+            connect(net, to)?.write_all(b"q")?;
             Ok(vec![rate])
         }
         Some("udp") => {
             let size = num(1)?;
             let secs: f64 = args.get(2).ok_or_else(|| anyhow!("missing seconds"))?.parse()?;
-            let u = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
-            u.connect(to)?;
+            let u = net.udp_to(to)?;
             let d = vec![0u8; size];
             let (mut sent, until) = (0u64, Instant::now() + Duration::from_secs_f64(secs));
             while Instant::now() < until {
                 for _ in 0..64 {
                     // A full socket buffer is the device's pace: keep going.
-                    if u.send(&d).is_ok() {
+                    if N::send(&u, &d).is_ok() {
                         sent += 1;
                     }
                 }

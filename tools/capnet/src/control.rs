@@ -52,6 +52,15 @@ pub enum Request {
     Capture,
     /// Restart a domain (its group) now, as if it had died.
     Restart(String),
+    /// Another instance joins this one's in-memory wire (`capnet up --wire-to`):
+    /// its side follows as capabilities; answered `Ok`, then ours.
+    Wire {
+        /// The other instance's namespace (to join it again after a restart here).
+        from: String,
+    },
+    /// The instance owning the wire asks the one that joined it to join again
+    /// (its driver restarted, or dropped a peer that broke the wire).
+    WireAgain,
     /// Replace a domain with another program (`capnet swap DOMAIN --with BINARY`).
     Swap {
         /// The domain.

@@ -34,7 +34,7 @@ use capnet_ipc::End;
 use capnet_kernel_shim::cap::{recv_caps, send_caps, Cap, CapKind, Rights};
 use capnet_kernel_shim::sandbox::{self, StatsRegion};
 use capnet_runtime::link::Link;
-use capnet_runtime::two_group::{DriverHalf, HalfGrant, StackHalf};
+use capnet_runtime::two_group::{DriverHalf, HalfGrant, Peer, StackGroup, StackHalf};
 use capnet_runtime::{AppHost, Cores, DeviceStats, FrameTap, Kind, LinkImpairment, MonoStack, Plain, RuntimeError};
 use capnet_sockets::{AppId, SocketsCore};
 use rkyv::{Archive, Deserialize, Serialize};
@@ -81,6 +81,9 @@ pub struct GroupSpec {
     /// The device takes virtio-net headers (so TCP may use segmentation offload
     /// when the link is not impaired).
     pub vnet: bool,
+    /// The driver has no device: an in-memory wire to another capnet instance,
+    /// joined later (`Control::WireSide`, `Control::WirePeer`).
+    pub wire: bool,
 }
 
 /// What the supervisor asks a running group.
@@ -93,6 +96,12 @@ pub enum Control {
     AppGrant(u64),
     /// Application `app` left: close its sockets.
     Detach(u64),
+    /// Adopt the blank pool and areas that follow as this group's side of an
+    /// in-memory wire (answer: `Relinked("wire")`).
+    WireSide,
+    /// The wire's other instance's side follows: join it, in place of any
+    /// earlier peer (answer: `Joined("wire")`).
+    WirePeer,
     /// Copy every frame of the driver to the `SOCK_SEQPACKET` socket that follows
     /// as a capability (`capnet capture`).
     Capture,
@@ -115,6 +124,9 @@ pub enum Control {
     /// it held belonged to the old sockets domain's applications).
     Lost(String),
 }
+
+/// The name the wire goes by in `Relinked` and `Joined`.
+pub const WIRE: &str = "wire";
 
 /// What a group tells the supervisor.
 #[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
@@ -280,8 +292,10 @@ fn run(sock: &UnixStream, spec: &GroupSpec, tune_tcp: fn(&mut capnet_tcp::Config
     send_caps(sock.as_fd(), &made.caps()?.iter().map(|c| (c, Rights::READ | Rights::MAP)).collect::<Vec<_>>())?;
 
     // 3. Take the device and the other sides.
-    let mut got = recv_caps(sock.as_fd()).context("receiving the group's capabilities")?.into_iter();
-    let device = if has(Kind::Driver) {
+    let granted = (has(Kind::Driver) && !spec.wire) || !links.is_empty();
+    let got = if granted { recv_caps(sock.as_fd()).context("receiving the group's capabilities")? } else { Vec::new() };
+    let mut got = got.into_iter();
+    let device = if has(Kind::Driver) && !spec.wire {
         match got.next() {
             Some(c) if c.kind == CapKind::Device => {
                 let vnet = c.tag == 1;
@@ -310,6 +324,9 @@ fn run(sock: &UnixStream, spec: &GroupSpec, tune_tcp: fn(&mut capnet_tcp::Config
     let o = spec.addr;
     let mut cfg = Config::new(EthernetAddress(spec.mac), Ipv4Cidr::new(o.into(), spec.prefix));
     cfg.gateway = Some(spec.gateway.into());
+    if spec.wire {
+        cfg.mtu = capnet_runtime::two_group::WIRE_MTU;
+    }
     let mut cores = Cores::group(&kinds, cfg, UDP_QUEUE);
     if let Some(tcp) = cores.tcp.as_mut() {
         tcp.config_mut().congestion_control = spec.tcp_cc.parse().map_err(|e: String| anyhow!(e))?;
@@ -328,9 +345,17 @@ fn run(sock: &UnixStream, spec: &GroupSpec, tune_tcp: fn(&mut capnet_tcp::Config
     let mut driver = None;
     let tap = FrameTap::default();
     let mut engine = match (made.frames, frames_peer, device) {
-        (Some(Frames::Driver(half)), Some(peer), Some((fd, vnet))) => {
+        (Some(Frames::Driver(half)), Some(peer), device) if device.is_some() || spec.wire => {
+            let (fd, vnet) = device.map_or((None, false), |(fd, vnet)| (Some(fd), vnet));
             driver = Some(half.run(fd, vnet, peer, impair, tap.clone())?);
             Engine::Plain(Box::new(Plain::new(cores)))
+        }
+        // The whole stack on a wire: its stack half is the device.
+        (None, None, None) if has(Kind::Driver) => {
+            if !impair.inbound.is_none() || !impair.outbound.is_none() {
+                bail!("a one-group stack on an in-memory wire has no impairment stage: run the driver on its own");
+            }
+            Engine::Stack(Box::new(StackGroup::unplugged(cores)))
         }
         (Some(Frames::Stack(half)), Some(peer), None) => Engine::Stack(Box::new(half.join(peer, cores)?)),
         (None, None, Some((fd, vnet))) => {
@@ -355,7 +380,14 @@ fn run(sock: &UnixStream, spec: &GroupSpec, tune_tcp: fn(&mut capnet_tcp::Config
     let mut sockets = has(Kind::Sockets).then(SocketsHost::default);
     let mut last_report: Option<Instant> = None;
     let mut last_control = Instant::now();
-    let mut relinks = Relinks { links: links.clone(), pending: Vec::new(), reported: Vec::new() };
+    let mut relinks = Relinks {
+        wire: None,
+        wire_joined: false,
+        wire_refused: 0,
+        links: links.clone(),
+        pending: Vec::new(),
+        reported: Vec::new(),
+    };
     let mut drained = false;
     #[cfg(debug_assertions)]
     let (mut hostile, started) = (hostile_plan(&kinds), Instant::now());
@@ -367,6 +399,17 @@ fn run(sock: &UnixStream, spec: &GroupSpec, tune_tcp: fn(&mut capnet_tcp::Config
         }
         // A broken channel is reported once; its peer is cut off and restarted by
         // the supervisor, which then hands us a fresh channel.
+        // A wire's peer that broke the protocol was dropped: the supervisor
+        // joins the wire afresh (the peer's new side, ours new too).
+        let refused = driver.as_ref().map_or(0, |d| d.stats().wire_refused);
+        let stack_broke = matches!(&engine, Engine::Stack(s) if s.broken().is_some()) && relinks.wire_joined;
+        if refused > relinks.wire_refused || (spec.wire && stack_broke) {
+            relinks.wire_refused = refused;
+            relinks.wire_joined = false;
+            tracing::warn!("the in-memory wire's peer broke its protocol: reporting it");
+            let why = "the wire's peer broke the channel protocol".to_owned();
+            send_msg(sock, &Event::Broken { channel: WIRE.into(), why, old: false })?;
+        }
         for (channel, why, old) in broken_channels(&mut engine, &relinks.links) {
             if !relinks.reported.contains(&(channel.clone(), old)) {
                 tracing::warn!("{why}: reporting it");
@@ -458,7 +501,8 @@ fn broken_channels(engine: &mut Engine, links: &[(String, Kind, Kind)]) -> Vec<(
 /// code): `CAPNET_HOSTILE=KIND:ACTION:DELAY_MS` makes the group running KIND, in
 /// its first life, do ACTION once DELAY_MS after it started — `syscall` (one its
 /// policy forbids), `garbage` (write garbage over every channel area it owns),
-/// `loans` (return a loan it never had on every channel), `flood` (send ten
+/// `wire` (the same over its side of an in-memory wire only), `loans` (return
+/// a loan it never had on every channel), `flood` (send ten
 /// thousand activity notices on every channel) or `answers` (ten thousand
 /// answers to no call).
 #[cfg(debug_assertions)]
@@ -483,10 +527,15 @@ fn hostile_act(action: &str, engine: &mut Engine, driver: Option<&capnet_runtime
                 s.scribble(garbage);
             }
             if let Some(d) = driver {
-                d.scribble(garbage);
+                d.scribble(garbage, false);
             }
             for l in &mut engine.host().cores().links {
                 l.scribble(garbage);
+            }
+        }
+        "wire" => {
+            if let Some(d) = driver {
+                d.scribble(0xdead_beef, true);
             }
         }
         "loans" => {
@@ -509,6 +558,12 @@ fn hostile_act(action: &str, engine: &mut Engine, driver: Option<&capnet_runtime
 
 /// Channels being replaced because their peer restarts.
 struct Relinks {
+    /// This group's side of an in-memory wire, adopted, waiting for the peer's.
+    wire: Option<StackHalf>,
+    /// A wire's peer is joined (and has not broken it since).
+    wire_joined: bool,
+    /// The driver's count of wire peers refused, as last reported.
+    wire_refused: u64,
     /// This group's channels: (name, local kind, remote kind).
     links: Vec<(String, Kind, Kind)>,
     /// Sides adopted, waiting for the restarted peer's.
@@ -558,6 +613,26 @@ fn control(
                 }
                 _ => bail!("a capture without exactly its socket"),
             }
+            return Ok(());
+        }
+        if let Control::WireSide | Control::WirePeer = msg {
+            let mut caps = recv_caps(sock.as_fd())?.into_iter().map(Cap::into_fd);
+            let mut next = || caps.next().ok_or_else(|| anyhow!("too few capabilities for the wire"));
+            let grant = HalfGrant { pool: next()?, r_area: next()?, t_area: next()? };
+            if msg == Control::WireSide {
+                relinks.wire = Some(StackHalf::adopt(grant)?);
+                send_msg(sock, &Event::Relinked(WIRE.into()))?;
+                return Ok(());
+            }
+            let ours = relinks.wire.take().ok_or_else(|| anyhow!("a wire's peer before our side of it"))?;
+            match (driver, engine) {
+                (Some(d), _) => d.plug(ours, grant)?,
+                (None, Engine::Stack(s)) => s.plug(ours.attach(grant, Peer::Wire)?)?,
+                _ => bail!("a wire's peer for a group that does not run the driver"),
+            }
+            relinks.wire_joined = true;
+            send_msg(sock, &Event::Joined(WIRE.into()))?;
+            tracing::info!("the in-memory wire's peer joined");
             return Ok(());
         }
         if let Control::Retired(c) = &msg {
@@ -694,6 +769,8 @@ fn control(
                 tracing::info!("application {app} left: its sockets are closed");
             }
             Control::Capture
+            | Control::WireSide
+            | Control::WirePeer
             | Control::Relink(_)
             | Control::Peer(_)
             | Control::Beside(_)

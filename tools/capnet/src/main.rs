@@ -236,6 +236,14 @@ pub struct UpArgs {
     /// The TAP device inside the namespace [default: the graph's, else cap0].
     #[arg(long)]
     tap: Option<String>,
+    /// No TAP: the driver runs on an in-memory wire that another capnet
+    /// instance joins with `--wire-to` (two stacks with no device between them).
+    #[arg(long, conflicts_with_all = ["tap", "wire_to"])]
+    wire: bool,
+    /// No TAP: join the in-memory wire of the instance in namespace NETNS
+    /// (started with `--wire`); the addresses default to the other way round.
+    #[arg(long, value_name = "NETNS", conflicts_with = "tap")]
+    wire_to: Option<String>,
     /// The kernel's address on the TAP (the peer), with prefix length
     /// [default: the graph's, else 10.77.0.1/24].
     #[arg(long, value_parser = parse_cidr)]

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use capnet::graph::Graph;
-use capnet::group::{recv_msg, send_msg, Control, Event, GroupSpec};
+use capnet::group::{recv_msg, send_msg, Control, Event, GroupSpec, WIRE};
 use capnet::report::{Domain, GroupReport, Status};
 use capnet_ipc::msg::{MsgGrant, MsgHalf};
 use capnet_ipc::region::RegionRo;
@@ -33,6 +33,7 @@ use capnet_kernel_shim::device::Device;
 use capnet_kernel_shim::sandbox::{inspect_threads, StatsRegion};
 use capnet_kernel_shim::spawn::{sibling_binary, spawn, Child, Limits, SpawnConfig};
 use capnet_kernel_shim::{netns, userns};
+use capnet_runtime::two_group::{HalfGrant, StackHalf};
 use capnet_runtime::Kind;
 
 use crate::control::{self, recv, run_dir, send, socket_path, Reply, Request};
@@ -91,6 +92,12 @@ pub fn up(args: UpArgs) -> Result<()> {
         }
     }
     netns::path(&args.target.netns)?;
+    if let Some(peer) = &args.wire_to {
+        netns::path(peer)?;
+        if *peer == args.target.netns {
+            bail!("--wire-to {peer}: an instance cannot join its own wire");
+        }
+    }
     if control::ask(&args.target.netns, &Request::Status).is_ok() {
         bail!("capnet is already up in namespace {0}: `capnet status --netns {0}` shows it", args.target.netns);
     }
@@ -215,8 +222,13 @@ struct Running {
     /// The group running the driver.
     driver: usize,
     /// The supervisor's own handle on the TAP: it outlives a driver crash and is
-    /// granted again to a restarted driver.
-    device: Device,
+    /// granted again to a restarted driver. None: the driver runs on an
+    /// in-memory wire to another capnet instance.
+    device: Option<Device>,
+    /// On a wire: the namespace of the instance at its other end, once one joined.
+    wire_peer: Option<String>,
+    /// We joined the wire (`--wire-to`) rather than own it: we connect again.
+    wire_joiner: bool,
     vnet: bool,
     spec_base: GroupSpec,
     logs: std::path::PathBuf,
@@ -232,6 +244,28 @@ struct Draining {
     channels: Vec<(String, usize)>,
 }
 
+/// A wire side's fds as capabilities: its pool and two channel areas.
+fn wire_caps(side: HalfGrant) -> Result<[Cap; 3]> {
+    let all = Rights::READ | Rights::MAP | Rights::GRANT;
+    Ok([
+        Cap::new(CapKind::Pool, all, 0, side.pool)?,
+        Cap::new(CapKind::ChannelEnd, all, 1, side.r_area)?,
+        Cap::new(CapKind::ChannelEnd, all, 2, side.t_area)?,
+    ])
+}
+
+/// A wire side as [`wire_caps`] sends it.
+fn take_wire(conn: &UnixStream) -> Result<HalfGrant> {
+    let caps = recv_caps(conn.as_fd())?;
+    let kinds: Vec<CapKind> = caps.iter().map(|c| c.kind).collect();
+    if kinds != [CapKind::Pool, CapKind::ChannelEnd, CapKind::ChannelEnd] {
+        bail!("a wire side is a pool and two channel areas, not {kinds:?}");
+    }
+    let mut fds = caps.into_iter().map(Cap::into_fd);
+    let mut next = || fds.next().ok_or_else(|| anyhow::anyhow!("a wire side is three capabilities"));
+    Ok(HalfGrant { pool: next()?, r_area: next()?, t_area: next()? })
+}
+
 /// Whether a channel is the frame channel between driver and ip.
 fn is_frames(l: Kind, r: Kind) -> bool {
     matches!((l, r), (Kind::Driver, Kind::Ip) | (Kind::Ip, Kind::Driver))
@@ -241,14 +275,25 @@ impl Running {
     /// Starts every group of `graph`: spawns it sandboxed, exchanges the regions
     /// and channel sides the groups made, grants the device, and waits until each
     /// says it is ready and every one of its threads is confined.
-    fn start(graph: Graph, device: Device, spec_base: GroupSpec, logs: std::path::PathBuf) -> Result<Self> {
-        let vnet = matches!(device.kind(), capnet_kernel_shim::device::DeviceKind::Tap(o) if o.vnet_hdr);
+    fn start(graph: Graph, device: Option<Device>, spec_base: GroupSpec, logs: std::path::PathBuf) -> Result<Self> {
+        let vnet = matches!(device.as_ref().map(Device::kind), Some(capnet_kernel_shim::device::DeviceKind::Tap(o)) if o.vnet_hdr);
         let position =
             |k: Kind| graph.groups.iter().position(|g| g.domains.iter().any(|d| kind_in(&graph, d) == Some(k)));
         let sockets = position(Kind::Sockets).ok_or_else(|| anyhow::anyhow!("no group runs the sockets domain"))?;
         let driver = position(Kind::Driver).ok_or_else(|| anyhow::anyhow!("no group runs the driver"))?;
-        let mut r =
-            Running { graph, groups: Vec::new(), sockets, driver, device, vnet, spec_base, logs, draining: None };
+        let mut r = Running {
+            graph,
+            groups: Vec::new(),
+            sockets,
+            driver,
+            device,
+            wire_peer: None,
+            wire_joiner: false,
+            vnet,
+            spec_base,
+            logs,
+            draining: None,
+        };
         let mut sides = Sides::new();
         for gi in 0..r.graph.groups.len() {
             let p = r.spawn(gi, &mut sides, true)?;
@@ -379,9 +424,9 @@ impl Running {
     fn grant(&self, gi: usize, sides: &Sides) -> Result<()> {
         let (ro, all) = (Rights::READ | Rights::MAP, Rights::READ | Rights::MAP | Rights::GRANT);
         let mut caps = Vec::new();
-        if self.runs(gi, Kind::Driver) {
+        if let (true, Some(device)) = (self.runs(gi, Kind::Driver), &self.device) {
             let rw = Rights::READ | Rights::WRITE | Rights::GRANT;
-            let dev = self.device.fd().try_clone_to_owned()?;
+            let dev = device.fd().try_clone_to_owned()?;
             caps.push((Cap::new(CapKind::Device, rw, u32::from(self.vnet), dev)?, Rights::READ | Rights::WRITE));
         }
         let links = self.links_of(gi);
@@ -403,7 +448,87 @@ impl Running {
                 caps.push((Cap::new(*k, all, 0, fd.try_clone()?)?, ro));
             }
         }
-        send_caps(self.groups[gi].sock.as_fd(), &caps.iter().map(|(c, r)| (c, *r)).collect::<Vec<_>>())?;
+        // One group on a wire has nothing to be granted (and expects nothing).
+        if !caps.is_empty() {
+            send_caps(self.groups[gi].sock.as_fd(), &caps.iter().map(|(c, r)| (c, *r)).collect::<Vec<_>>())?;
+        }
+        Ok(())
+    }
+
+    /// A fresh side of the in-memory wire: blank regions the group running the
+    /// driver adopts (and seals). Returns their fds, to grant the peer read-only.
+    fn wire_side(&self) -> Result<HalfGrant> {
+        let mut fds = self.offer_blanks(self.driver, &Control::WireSide, true)?.into_iter();
+        let mut next = || fds.next().ok_or_else(|| anyhow::anyhow!("a wire side is three regions"));
+        Ok(HalfGrant { pool: next()?, r_area: next()?, t_area: next()? })
+    }
+
+    /// Grants the driver the wire's peer side (read-only) and waits until it joined it.
+    fn wire_join(&self, peer: HalfGrant) -> Result<()> {
+        let g = &self.groups[self.driver];
+        send_msg(&g.sock, &Control::WirePeer)?;
+        send_caps(
+            g.sock.as_fd(),
+            &wire_caps(peer)?.iter().map(|c| (c, Rights::READ | Rights::MAP)).collect::<Vec<_>>(),
+        )?;
+        g.expect(|e| matches!(e, Event::Joined(x) if x == WIRE)).context("the driver did not join the wire's peer")?;
+        Ok(())
+    }
+
+    /// Joins the wire of the instance in namespace `peer` (after `up --wire-to`,
+    /// or after our driver restarted): a fresh side of ours for it, a fresh side
+    /// of its for us.
+    fn wire_connect(&mut self, ours: &str, peer: &str) -> Result<()> {
+        let side = self.wire_side()?;
+        let path = socket_path(peer);
+        let conn = UnixStream::connect(&path)
+            .with_context(|| format!("no capnet instance is up in namespace {peer} to join its wire"))?;
+        conn.set_read_timeout(Some(Duration::from_secs(10)))?;
+        send(&conn, &Request::Wire { from: ours.to_owned() })?;
+        send_caps(conn.as_fd(), &wire_caps(side)?.iter().map(|c| (c, Rights::READ | Rights::MAP)).collect::<Vec<_>>())?;
+        match recv(&conn)? {
+            Reply::Ok => {}
+            Reply::Refused(why) => bail!("the instance in {peer} refused the wire: {why}"),
+            other => bail!("the instance in {peer} answered {other:?}"),
+        }
+        self.wire_join(take_wire(&conn)?)?;
+        self.wire_peer = Some(peer.to_owned());
+        self.wire_joiner = true;
+        Ok(())
+    }
+
+    /// Gives the wire fresh sides at both ends (our driver restarted, or one
+    /// dropped a peer that broke it). Only the instance that joined the wire
+    /// (`--wire-to`) connects: the one that owns it asks that one to, from a
+    /// thread of its own, so neither supervisor ever waits on the other's loop
+    /// while the other waits on its own.
+    fn rewire(&mut self, ours: &str) {
+        let Some(peer) = self.wire_peer.clone() else { return };
+        if self.wire_joiner {
+            if let Err(e) = self.wire_connect(ours, &peer) {
+                eprintln!("capnet: joining the wire to {peer} again failed: {e:#}; it stays down");
+            }
+        } else {
+            std::thread::spawn(move || {
+                if let Err(e) = control::ask(&peer, &Request::WireAgain) {
+                    eprintln!("capnet: asking {peer} to join the wire again failed: {e:#}");
+                }
+            });
+        }
+    }
+
+    /// Serves another instance joining our wire (`Request::Wire` on `conn`, its
+    /// side following): a fresh side of ours in exchange.
+    fn wire_accept(&mut self, from: &str, conn: &UnixStream) -> Result<()> {
+        if self.device.is_some() {
+            bail!("this instance runs on a TAP, not an in-memory wire (start it with --wire)");
+        }
+        let theirs = take_wire(conn)?;
+        let side = self.wire_side()?;
+        self.wire_join(theirs)?;
+        send(conn, &Reply::Ok)?;
+        send_caps(conn.as_fd(), &wire_caps(side)?.iter().map(|c| (c, Rights::READ | Rights::MAP)).collect::<Vec<_>>())?;
+        self.wire_peer = Some(from.to_owned());
         Ok(())
     }
 
@@ -512,13 +637,17 @@ impl Running {
     }
 
     /// Sends group `h` blank regions for its side of a fresh channel, with the
-    /// control message saying why (`Relink` or `Beside`), and waits until it has
+    /// control message saying why (`Relink`, `Beside` or `WireSide`), and waits until it has
     /// adopted them; returns them (the new peer is granted them read-only).
     fn offer_blanks(&self, h: usize, why: &Control, frames: bool) -> Result<Vec<OwnedFd>> {
         let rw = Rights::READ | Rights::WRITE | Rights::MAP | Rights::GRANT;
-        let (Control::Relink(c) | Control::Beside(c)) = why else { bail!("blank regions offered for {why:?}") };
+        let c = match why {
+            Control::Relink(c) | Control::Beside(c) => c.as_str(),
+            Control::WireSide => WIRE,
+            _ => bail!("blank regions offered for {why:?}"),
+        };
         let blanks: Vec<OwnedFd> = if frames {
-            let g = capnet_runtime::two_group::StackHalf::blank()?;
+            let g = StackHalf::blank()?;
             vec![g.pool, g.r_area, g.t_area]
         } else {
             let g = MsgHalf::blank(&format!("capnet-{c}"))?;
@@ -645,6 +774,10 @@ enum Change {
     Restart(String),
     /// `capnet swap DOMAIN --with BINARY`.
     Swap(String, String),
+    /// Another instance joins our in-memory wire (from its namespace).
+    Wire(String),
+    /// The instance that owns the wire asks us to join it again.
+    WireAgain,
 }
 
 impl Running {
@@ -655,6 +788,7 @@ impl Running {
         let (domain, binary) = match change {
             Change::Restart(d) => (d, None),
             Change::Swap(d, b) => (d, Some(b)),
+            Change::Wire(_) | Change::WireAgain => bail!("a wire is joined with its connection, not as a change"),
         };
         let gi = self
             .groups
@@ -759,13 +893,20 @@ fn load_graph(args: &UpArgs) -> Result<Graph> {
     Graph::parse(&text).map_err(|e| anyhow::anyhow!("{what}: {e}"))
 }
 
-/// The addresses `up` uses: the command line's, else the graph's, else the defaults.
+/// The addresses `up` uses: the command line's, else the graph's, else the
+/// defaults — the graph's or default pair the other way round for an instance
+/// joining a wire with `--wire-to` (it is the peer its `--wire` instance expects).
 fn addressing(args: &UpArgs, graph: &Graph) -> (String, (Ipv4Addr, u8), (Ipv4Addr, u8)) {
     let a = &graph.addressing;
+    let mut peer = a.host_addr.unwrap_or((Ipv4Addr::new(10, 77, 0, 1), 24));
+    let mut ours = a.addr.unwrap_or((Ipv4Addr::new(10, 77, 0, 2), 24));
+    if args.wire_to.is_some() {
+        std::mem::swap(&mut peer, &mut ours);
+    }
     (
         args.tap.clone().or_else(|| a.tap.clone()).unwrap_or_else(|| "cap0".into()),
-        args.host_addr.or(a.host_addr).unwrap_or((Ipv4Addr::new(10, 77, 0, 1), 24)),
-        args.addr.or(a.addr).unwrap_or((Ipv4Addr::new(10, 77, 0, 2), 24)),
+        args.host_addr.unwrap_or(peer),
+        args.addr.unwrap_or(ours),
     )
 }
 
@@ -783,17 +924,23 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
     // From here on, any error (and the end of the run) removes what was made.
     let made = Made { netns: name.clone(), named: named.is_some() };
     let dir = control::make_run_dir(&name)?;
-    // Offloads where the TAP allows them (the driver completes partial checksums).
-    let dev = Device::open_tap(&tap, named.as_deref(), true)?;
     let ns = named.is_some().then_some(name.as_str());
-    let sysctl = format!("net.ipv6.conf.{tap}.disable_ipv6=1");
-    let _ = match ns {
-        Some(n) => Command::new("ip").args(["netns", "exec", n, "sysctl", "-qw", &sysctl]).output(),
-        None => Command::new("sysctl").args(["-qw", &sysctl]).output(),
-    };
     ip_cmd(ns, &["link", "set", "lo", "up"])?;
-    ip_cmd(ns, &["link", "set", &tap, "up"])?;
-    ip_cmd(ns, &["addr", "add", &format!("{host}/{prefix}"), "dev", &tap])?;
+    let wired = args.wire || args.wire_to.is_some();
+    let dev = if wired {
+        None
+    } else {
+        // Offloads where the TAP allows them (the driver completes partial checksums).
+        let dev = Device::open_tap(&tap, named.as_deref(), true)?;
+        let sysctl = format!("net.ipv6.conf.{tap}.disable_ipv6=1");
+        let _ = match ns {
+            Some(n) => Command::new("ip").args(["netns", "exec", n, "sysctl", "-qw", &sysctl]).output(),
+            None => Command::new("sysctl").args(["-qw", &sysctl]).output(),
+        };
+        ip_cmd(ns, &["link", "set", &tap, "up"])?;
+        ip_cmd(ns, &["addr", "add", &format!("{host}/{prefix}"), "dev", &tap])?;
+        Some(dev)
+    };
 
     let o = addr.octets();
     let spec = GroupSpec {
@@ -810,12 +957,16 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
         reorder: args.reorder,
         seed: args.seed,
         vnet: false,
+        wire: wired,
     };
     let mode = if graph.groups.len() == 1 { "mono" } else { "factored" };
     let logs = dir.join("logs");
     std::fs::create_dir_all(&logs)?;
     std::fs::set_permissions(&logs, std::fs::Permissions::from_mode(0o700))?;
     let mut running = Running::start(graph, dev, spec, logs)?;
+    if let Some(peer) = &args.wire_to {
+        running.wire_connect(&name, peer)?;
+    }
 
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGINT, stop.clone())?;
@@ -823,7 +974,7 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
     let base = Status {
         mode: mode.into(),
         netns: name.clone(),
-        tap: tap.clone(),
+        tap: if wired { WIRE.into() } else { tap.clone() },
         host_addr: format!("{host}/{prefix}"),
         addr: format!("{addr}/{prefix}"),
         domains: Vec::new(),
@@ -841,11 +992,14 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
     std::fs::write(dir.join("pid"), format!("{}\n", std::process::id()))?;
     let (capture_tx, capture_rx) = std::sync::mpsc::channel::<UnixStream>();
     let (restart_tx, restart_rx) = std::sync::mpsc::channel::<(Change, UnixStream)>();
+    // The threads serving the sockets wake the loop when they hand it something
+    // (an application attaching waits for no tick).
+    let (wake_tx, wake_rx) = std::sync::mpsc::channel::<()>();
     {
-        let (snapshot, stop) = (snapshot.clone(), stop.clone());
+        let (snapshot, stop, wake) = (snapshot.clone(), stop.clone(), wake_tx.clone());
         std::thread::Builder::new()
             .name("control".into())
-            .spawn(move || serve(listener, snapshot, stop, capture_tx, restart_tx))?;
+            .spawn(move || serve(listener, snapshot, stop, capture_tx, restart_tx, wake))?;
     }
     let (app_tx, app_rx) = std::sync::mpsc::channel::<UnixStream>();
     {
@@ -853,13 +1007,26 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
         let _ = std::fs::remove_file(&path);
         let apps = UnixListener::bind(&path).with_context(|| format!("binding {}", path.display()))?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
-        std::thread::Builder::new().name("apps".into()).spawn(move || serve_apps(apps, app_tx))?;
+        let wake = wake_tx.clone();
+        std::thread::Builder::new().name("apps".into()).spawn(move || serve_apps(apps, app_tx, wake))?;
     }
     let groups: Vec<String> =
         running.groups.iter().map(|g| format!("{} (pid {})", g.domains.join("+"), g.child.pid())).collect();
-    println!("capnet up: {mode} stack at {addr}/{prefix} on {tap} in namespace {name}; the kernel is {host}");
+    match (&args.wire_to, wired) {
+        (Some(peer), _) => println!(
+            "capnet up: {mode} stack at {addr}/{prefix} in namespace {name}, on an in-memory wire to the instance in {peer} ({host})"
+        ),
+        (None, true) => println!(
+            "capnet up: {mode} stack at {addr}/{prefix} in namespace {name}, on an in-memory wire that `capnet up --wire-to {name}` joins"
+        ),
+        (None, false) => {
+            println!("capnet up: {mode} stack at {addr}/{prefix} on {tap} in namespace {name}; the kernel is {host}")
+        }
+    }
     println!("groups: {}", groups.join(" | "));
-    if made.named {
+    if wired {
+        println!("try: capnet status --netns {name}");
+    } else if made.named {
         println!("try: ip netns exec {name} ping {addr}");
     } else {
         println!("try: capnet exec --netns {name} -- ping {addr}   (unprivileged: a user namespace of its own)");
@@ -897,10 +1064,13 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
             running.groups.iter().enumerate().filter_map(|(i, g)| g.ended().map(|c| (i, c.to_string()))).collect();
         // A group that reports its peer broke a channel: the peer is cut off.
         let mut old_broke = None;
+        let mut wire_broke = None;
         for (i, g) in running.groups.iter().enumerate() {
             for e in g.events() {
                 if let Event::Broken { channel, why, old } = e {
-                    if old {
+                    if channel == WIRE {
+                        wire_broke = Some(why);
+                    } else if old {
                         old_broke = Some(format!("cut off: it broke channel {channel} ({why})"));
                     } else if let Some(p) = running.peer_of(i, &channel) {
                         eprintln!(
@@ -913,9 +1083,28 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
                 }
             }
         }
+        if let Some(why) = wire_broke {
+            eprintln!("capnet: the driver dropped the wire ({why}): it is joined afresh");
+            running.rewire(&name);
+        }
         due.sort_by_key(|(i, _)| *i);
         due.dedup_by_key(|(i, _)| *i);
         while let Ok((change, conn)) = restart_rx.try_recv() {
+            if let Change::WireAgain = &change {
+                let _ = send(&conn, &Reply::Ok);
+                running.rewire(&name);
+                continue;
+            }
+            if let Change::Wire(from) = &change {
+                match running.wire_accept(from, &conn) {
+                    Ok(()) => eprintln!("capnet: the instance in namespace {from} joined the wire"),
+                    Err(e) => {
+                        eprintln!("capnet: the instance in namespace {from} could not join the wire: {e:#}");
+                        let _ = send(&conn, &Reply::Refused(format!("{e:#}")));
+                    }
+                }
+                continue;
+            }
             match running.change(&change) {
                 Ok(restart) => {
                     due.extend(restart);
@@ -963,9 +1152,14 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
                 eprintln!("capnet: restarting {} failed: {e:#}; taking the stack down", names.join(", "));
                 stop.store(true, Ordering::Relaxed);
             }
+            // A new driver on a wire: both instances give it fresh sides.
+            if set.contains(&running.driver) {
+                running.rewire(&name);
+            }
         }
         *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = render(&base, &running)?;
-        std::thread::sleep(Duration::from_millis(100));
+        let _ = wake_rx.recv_timeout(Duration::from_millis(100));
+        while wake_rx.try_recv().is_ok() {}
     }
     drop(apps);
     for g in &running.groups {
@@ -1068,7 +1262,7 @@ fn process_usage(pid: i32) -> (f64, u64) {
 
 /// Accepts applications: checks the caller and hands the connection to the
 /// supervisor's loop, which gives it a channel to the sockets domain.
-fn serve_apps(listener: UnixListener, to_loop: std::sync::mpsc::Sender<UnixStream>) {
+fn serve_apps(listener: UnixListener, to_loop: std::sync::mpsc::Sender<UnixStream>, wake: std::sync::mpsc::Sender<()>) {
     let me = nix::unistd::geteuid().as_raw();
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
@@ -1078,7 +1272,7 @@ fn serve_apps(listener: UnixListener, to_loop: std::sync::mpsc::Sender<UnixStrea
             continue;
         }
         let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
-        if to_loop.send(conn).is_err() {
+        if to_loop.send(conn).is_err() || wake.send(()).is_err() {
             return;
         }
     }
@@ -1091,6 +1285,7 @@ fn serve(
     stop: Arc<AtomicBool>,
     captures: std::sync::mpsc::Sender<UnixStream>,
     restarts: std::sync::mpsc::Sender<(Change, UnixStream)>,
+    wake: std::sync::mpsc::Sender<()>,
 ) {
     let me = nix::unistd::geteuid().as_raw();
     for conn in listener.incoming() {
@@ -1111,10 +1306,22 @@ fn serve(
             Ok(Request::Capture) => {
                 // The loop that holds the groups' sockets answers it.
                 let _ = captures.send(conn);
+                let _ = wake.send(());
                 continue;
             }
             Ok(Request::Restart(domain)) => {
                 let _ = restarts.send((Change::Restart(domain), conn));
+                let _ = wake.send(());
+                continue;
+            }
+            Ok(Request::WireAgain) => {
+                let _ = restarts.send((Change::WireAgain, conn));
+                let _ = wake.send(());
+                continue;
+            }
+            Ok(Request::Wire { from }) => {
+                let _ = restarts.send((Change::Wire(from), conn));
+                let _ = wake.send(());
                 continue;
             }
             Ok(Request::Swap { domain, binary }) => {
@@ -1126,6 +1333,7 @@ fn serve(
                     continue;
                 }
                 let _ = restarts.send((Change::Swap(domain, binary), conn));
+                let _ = wake.send(());
                 continue;
             }
             Err(e) => Reply::Refused(format!("bad request: {e}")),

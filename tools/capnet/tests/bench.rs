@@ -1,6 +1,6 @@
 //! `capnet bench --quick` runs on this machine and its JSON parses: every
-//! workload measured on every composition it applies to, with the
-//! factored/monolithic ratio. That it runs, not how fast: figures are never
+//! workload measured on every composition it applies to (over the TAP and over
+//! the in-memory wire), with the factored/monolithic ratio of each path. That it runs, not how fast: figures are never
 //! asserted against a speed.
 
 use serde_json::Value;
@@ -17,7 +17,10 @@ fn capnet_bench_quick_measures_every_workload_on_every_composition() {
     // smoltcp's column is there when `make smoltcp-examples` has built its peer.
     let smoltcp = comps.contains(&"smoltcp");
     comps.retain(|c| *c != "smoltcp");
-    assert_eq!(comps, ["mono", "two-group", "three-group", "factored", "linux", "device"]);
+    assert_eq!(
+        comps,
+        ["mono", "two-group", "three-group", "factored", "mono-wire", "factored-wire", "linux", "device"]
+    );
     let figures = r["figures"].as_array().expect("figures");
     let workloads: std::collections::BTreeSet<&str> = figures.iter().filter_map(|f| f["workload"].as_str()).collect();
     assert_eq!(workloads.len(), 9, "{workloads:?}");
@@ -31,7 +34,7 @@ fn capnet_bench_quick_measures_every_workload_on_every_composition() {
             })
             .filter_map(|f| f["composition"].as_str())
             .collect();
-        let want = if w.starts_with("UDP") { 6 } else { 5 } + usize::from(smoltcp);
+        let want = if w.starts_with("UDP") { 8 } else { 7 } + usize::from(smoltcp);
         assert_eq!(on.len(), want, "{w} ran on {on:?}");
         if w.contains("request/response") {
             let f = figures.iter().find(|f| f["workload"] == *w && f["composition"] == "factored").expect("factored");
@@ -39,9 +42,11 @@ fn capnet_bench_quick_measures_every_workload_on_every_composition() {
             assert!(l.len() == 3 && l[0] <= l[1] && l[1] <= l[2], "p50 ≤ p99 ≤ p99.9: {l:?}");
         }
     }
-    let ratios = r["factored_over_mono"].as_array().expect("ratios");
-    assert_eq!(ratios.len(), 9);
-    assert!(ratios.iter().all(|x| x[1].as_f64().is_some_and(|v| v > 0.0)), "{ratios:?}");
+    for path in ["factored_over_mono", "factored_over_mono_wire"] {
+        let ratios = r[path].as_array().expect("ratios");
+        assert_eq!(ratios.len(), 9, "{path}");
+        assert!(ratios.iter().all(|x| x[1].as_f64().is_some_and(|v| v > 0.0)), "{path}: {ratios:?}");
+    }
     assert!(r["wake_us"].as_f64().is_some_and(|w| w > 0.0), "the same-core wake cost: {}", r["wake_us"]);
     // The factored stack's costs were read from its status.
     let f = figures.iter().find(|f| f["composition"] == "factored").expect("a factored figure");
