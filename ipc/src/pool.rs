@@ -30,6 +30,16 @@ const H_HEADROOM: usize = 20;
 /// Buffers start one page in, so each is cache-line aligned.
 const DATA: usize = 4096;
 
+/// Bytes this process copied into pool buffers and out of pools it views.
+static COPIED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Bytes this process has copied into its pools' buffers and out of the pools
+/// it views ([`BufferPool::write`], [`PoolView::read_into`]): every copy a
+/// message or frame takes between processes, on either side.
+pub fn bytes_copied() -> u64 {
+    COPIED.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Default buffer size (DESIGN: 2 KiB).
 pub const DEFAULT_BUF_SIZE: u32 = 2048;
 /// Default headroom: room for Ethernet + IPv4 + TCP headers with options, and the
@@ -286,6 +296,7 @@ impl BufferPool {
         self.expect_owned(index)?;
         self.check_range(offset, bytes.len())?;
         self.region.copy_in(self.layout.buf_offset(index) + offset as usize, bytes);
+        COPIED.fetch_add(bytes.len() as u64, std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
@@ -440,6 +451,7 @@ impl PoolView {
         let start = out.len();
         out.resize(start + d.len as usize, 0);
         self.region.copy_out(self.layout.buf_offset(d.index) + d.offset as usize, &mut out[start..]);
+        COPIED.fetch_add(u64::from(d.len), std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 

@@ -949,6 +949,9 @@ pub struct DeviceStats {
     pub frames_read: u64,
     /// Frames written to the device.
     pub frames_written: u64,
+    /// Bytes of frames read from and written to the device (each a copy the
+    /// kernel makes in the read or write system call).
+    pub device_bytes: u64,
     /// Writes the device refused (e.g. link down): the frame is dropped.
     pub write_errors: u64,
     /// Frames whose virtio-net header was malformed or asked for segmentation.
@@ -1012,7 +1015,10 @@ fn write_frame(fd: &OwnedFd, frame: &[u8], vnet: bool, tso: Option<u16>, stats: 
         rustix::io::write(fd, frame)
     };
     match r {
-        Ok(_) => stats.frames_written += 1,
+        Ok(n) => {
+            stats.frames_written += 1;
+            stats.device_bytes += n as u64;
+        }
         Err(_) => stats.write_errors += 1,
     }
 }
@@ -1228,6 +1234,7 @@ impl MonoStack {
         }
         while let Some(n) = read_frame(&self.fd, &mut self.buf)? {
             self.stats.frames_read += 1;
+            self.stats.device_bytes += n as u64;
             let Some(frame) = plain_frame(&mut self.buf[..n], self.vnet, &mut self.stats) else {
                 continue;
             };

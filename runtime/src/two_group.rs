@@ -145,6 +145,7 @@ fn combine(r: DeviceStats, w: DeviceStats) -> DeviceStats {
         write_errors: w.write_errors,
         outbound: w.outbound,
         wire_refused: r.wire_refused + w.wire_refused,
+        device_bytes: r.device_bytes + w.device_bytes,
         ..r
     }
 }
@@ -688,6 +689,7 @@ fn reader_loop(side: DeviceSide, pool: BufferPool, stack: ReaderId, end: ShmEnd)
                         while batch.len() + max_chain <= room {
                             let Some(n) = read_frame(fd, &mut buf)? else { break };
                             stats.frames_read += 1;
+                            stats.device_bytes += n as u64;
                             let Some(frame) = plain_frame(&mut buf[..n], vnet, &mut stats) else { continue };
                             tap.record(frame);
                             impair.passed();
@@ -698,6 +700,7 @@ fn reader_loop(side: DeviceSide, pool: BufferPool, stack: ReaderId, end: ShmEnd)
                     } else {
                         while let Some(n) = read_frame(fd, &mut buf)? {
                             stats.frames_read += 1;
+                            stats.device_bytes += n as u64;
                             if let Some(frame) = plain_frame(&mut buf[..n], vnet, &mut stats) {
                                 tap.record(frame);
                                 impair.push(frame.to_vec());

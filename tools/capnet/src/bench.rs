@@ -193,6 +193,10 @@ struct Sample {
     /// capnet: the most messages seen waiting in one ring between groups
     /// (sampled from the groups' reports during the run).
     ring_max: Option<f64>,
+    /// capnet: bytes the stack's processes copied per byte of payload — into
+    /// and out of pool buffers between processes (their applications' channels
+    /// included), and through the device's read and write calls.
+    copies_per_byte: Option<f64>,
 }
 
 /// `capnet bench`.
@@ -274,6 +278,7 @@ struct Figure {
     wakes_per_msg: Option<f64>,
     msgs: Option<f64>,
     ring_max: Option<f64>,
+    copies_per_byte: Option<f64>,
 }
 
 /// What `--json` prints and the table and chart are made from.
@@ -335,6 +340,7 @@ impl Report {
                     wakes_per_msg: opt(|x| x.wakes_per_msg),
                     msgs: opt(|x| x.msgs),
                     ring_max: opt(|x| x.ring_max),
+                    copies_per_byte: opt(|x| x.copies_per_byte),
                 }
             })
             .collect();
@@ -445,6 +451,25 @@ impl Report {
             }
             let opt = |v: Option<f64>, p: usize| v.map_or("—".into(), |v| format!("{v:.p$}"));
             t += &format!(" {} | {} | {} |\n", opt(f.msgs, 2), opt(f.wakes_per_msg, 3), opt(f.ring_max, 0));
+        }
+        t += "\nCopies per byte of payload the stack's processes made (medians): into and out of pool buffers \
+              between processes (the applications' channels included) and through the device's read and write \
+              calls; not the copies inside a protocol core.\n\n| workload |";
+        let capnets: Vec<Comp> =
+            COMPS.iter().copied().filter(|c| matches!(c, Comp::Capnet(..) | Comp::Wire(..))).collect();
+        for c in &capnets {
+            t += &format!(" {} |", c.label());
+        }
+        t += "\n|---|";
+        t += &"---|".repeat(capnets.len());
+        t += "\n";
+        for w in WORKS.iter().filter(|w| **w != Work::Connect) {
+            t += &format!("| {} |", w.name());
+            for c in &capnets {
+                let v = self.figure(&w.name(), c.key()).and_then(|f| f.copies_per_byte);
+                t += &format!(" {} |", v.map_or("—".into(), |v| format!("{v:.1}")));
+            }
+            t += "\n";
         }
         t += &format!(
             "\n{} round{}, alternating; per run {} bytes of bulk (split over the streams), {} transactions, {} connections, {} s of datagrams.\n",
@@ -860,14 +885,20 @@ impl RingWatch {
 
 /// The factored costs of a run, from the status before and after it.
 fn costs(s: &mut Sample, w: Work, sizes: &Sizes, before: &Status, after: &Status) {
-    let sum = |st: &Status, suffix: &str| -> u64 {
-        st.domains
-            .iter()
-            .flat_map(|d| d.counters.iter())
-            .filter(|(k, _)| k.starts_with("link_") && k.ends_with(suffix))
-            .map(|(_, v)| *v)
-            .sum()
+    let total = |st: &Status, want: &dyn Fn(&str) -> bool| -> u64 {
+        st.domains.iter().flat_map(|d| d.counters.iter()).filter(|(k, _)| want(k)).map(|(_, v)| *v).sum()
     };
+    let sum = |st: &Status, suffix: &str| total(st, &|k| k.starts_with("link_") && k.ends_with(suffix));
+    let copied = |st: &Status| total(st, &|k| k == "bytes_copied" || k == "device_bytes");
+    let payload = match w {
+        Work::BulkSend(_) | Work::BulkRecv(_) => sizes.bulk_bytes as f64,
+        Work::Rr(size) => (2 * size * sizes.rr_count) as f64,
+        Work::Connect => 0.0,
+        Work::Udp(size) => s.value * sizes.udp_secs * size as f64,
+    };
+    if payload > 0.0 {
+        s.copies_per_byte = Some(copied(after).saturating_sub(copied(before)) as f64 / payload);
+    }
     s.cpu_s = after
         .domains
         .iter()

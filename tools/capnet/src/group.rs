@@ -815,6 +815,11 @@ fn report(spec: &GroupSpec, cores: &mut Cores, device: Option<DeviceStats>) -> G
         }
         r.domains.push((name.clone(), counters));
     }
+    // The process's copies through pools, on its first domain (a group is one
+    // process: summing over domains counts them once).
+    if let Some((_, c)) = r.domains.first_mut() {
+        c.insert("bytes_copied".into(), capnet_ipc::pool::bytes_copied());
+    }
     if let Some(tcp) = cores.tcp.as_ref() {
         let (conns, listening) = tcp.sockets();
         r.tcp_connections_total = conns.len();
