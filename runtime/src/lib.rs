@@ -958,6 +958,8 @@ pub struct DeviceStats {
     pub vnet_refused: u64,
     /// Times an in-memory wire's peer broke the channel protocol and was dropped.
     pub wire_refused: u64,
+    /// Frames from a wire dropped because the stack held every buffer it may.
+    pub rx_dropped: u64,
     /// What the inbound impairment did.
     pub inbound: ImpairStats,
     /// What the outbound impairment did.

@@ -176,28 +176,40 @@ pub struct FramesIn {
     returns: Vec<Descriptor>,
     /// Pieces of a chain gather here until the one without MORE.
     frame: Vec<u8>,
+    /// How many pieces `frame` holds.
+    pieces: usize,
 }
 
 impl FramesIn {
     fn new(end: ShmEnd, view: PoolView) -> Self {
-        Self { end, view, inbox: Vec::with_capacity(256), returns: Vec::with_capacity(256), frame: Vec::new() }
+        Self {
+            end,
+            view,
+            inbox: Vec::with_capacity(256),
+            returns: Vec::with_capacity(256),
+            frame: Vec::new(),
+            pieces: 0,
+        }
     }
 
-    /// Takes up to `max` descriptors, hands each whole frame to `each` and returns
-    /// their loans; the number of descriptors taken (0: nothing had arrived).
+    /// Takes descriptors, hands each whole frame to `each` and returns their
+    /// loans — at most `max` pieces of frames handed over, counting those of a
+    /// chain begun in an earlier call; the number of descriptors taken (0:
+    /// nothing had arrived, or `max` leaves no room beyond that chain).
     fn recv(
         &mut self,
         max: usize,
         mut each: impl FnMut(&[u8]) -> Result<(), RuntimeError>,
     ) -> Result<usize, RuntimeError> {
         self.inbox.clear();
-        let k = self.end.recv(&mut self.inbox, max).map_err(peer_err)?;
+        let k = self.end.recv(&mut self.inbox, max.saturating_sub(self.pieces)).map_err(peer_err)?;
         self.returns.clear();
         for d in &self.inbox {
             if d.has(Descriptor::RETURN) {
                 return Err(RuntimeError::Peer(format!("a return {d:?} on a channel that only lends")));
             }
             self.view.read_into(d, &mut self.frame).map_err(peer_err)?;
+            self.pieces += 1;
             self.returns.push(returned(d));
             if self.frame.len() > MAX_FRAME {
                 return Err(RuntimeError::Peer(format!("a chain of over {MAX_FRAME} bytes")));
@@ -205,6 +217,7 @@ impl FramesIn {
             if !d.has(Descriptor::MORE) {
                 each(&self.frame)?;
                 self.frame.clear();
+                self.pieces = 0;
             }
         }
         let mut sent = 0;
@@ -232,7 +245,7 @@ impl FramesOut {
     }
 
     /// Lends the frames at the front of `backlog` and removes those sent.
-    fn send(&mut self, backlog: &mut VecDeque<(Vec<u8>, Option<u16>)>) -> Result<(), RuntimeError> {
+    pub fn send(&mut self, backlog: &mut VecDeque<(Vec<u8>, Option<u16>)>) -> Result<(), RuntimeError> {
         while !backlog.is_empty() {
             self.batch.clear();
             // Only whole chains, and only as many descriptors as the ring takes.
@@ -276,7 +289,7 @@ impl FramesOut {
     }
 
     /// Takes back every loan the peer returned; whether any came.
-    fn take_returns(&mut self) -> Result<bool, RuntimeError> {
+    pub fn take_returns(&mut self) -> Result<bool, RuntimeError> {
         let mut any = false;
         loop {
             self.inbox.clear();
@@ -657,7 +670,7 @@ fn reader_loop(side: DeviceSide, pool: BufferPool, stack: ReaderId, end: ShmEnd)
             // With offloads a frame may need a chain of buffers: read only when the
             // longest one fits.
             let room_bytes = (pool.layout().buf_size - pool.layout().headroom) as usize;
-            let max_chain = if vnet { (65536 + VNET_HDR_LEN).div_ceil(room_bytes) } else { 1 };
+            let max_chain = if vnet || fd.is_none() { (65536 + VNET_HDR_LEN).div_ceil(room_bytes) } else { 1 };
             let quota_left = (QUOTA - pool.held_by(stack).min(QUOTA)) as usize;
             let room = end.space_for(max_chain).map_err(peer_err)?.min(pool.free_count()).min(quota_left).min(RX_BATCH);
             if room < max_chain {
@@ -671,6 +684,9 @@ fn reader_loop(side: DeviceSide, pool: BufferPool, stack: ReaderId, end: ShmEnd)
             // read only when the whole chain fits the ring room left.
             let mut lend = |frame: &[u8], batch: &mut Vec<Descriptor>| -> Result<bool, RuntimeError> {
                 let start = batch.len();
+                if pool.held_by(stack) as usize + frame.len().div_ceil(room_bytes).max(1) > QUOTA as usize {
+                    return Ok(false);
+                }
                 if !pool.fill_chain(frame, batch).map_err(ipc_err)? {
                     return Ok(false);
                 }
@@ -718,7 +734,9 @@ fn reader_loop(side: DeviceSide, pool: BufferPool, stack: ReaderId, end: ShmEnd)
                         tap.record(frame);
                         if impair.passthrough {
                             impair.passed();
-                            lend(frame, &mut batch)?;
+                            if !lend(frame, &mut batch)? {
+                                stats.rx_dropped += 1;
+                            }
                         } else {
                             impair.push(frame.to_vec());
                         }

@@ -397,8 +397,6 @@ fn run(sock: &UnixStream, spec: &GroupSpec, tune_tcp: fn(&mut capnet_tcp::Config
             Some(s) => s.serve(host)?,
             None => host.poll_apps(CONTROL_TICK, &mut [])?,
         }
-        // A broken channel is reported once; its peer is cut off and restarted by
-        // the supervisor, which then hands us a fresh channel.
         // A wire's peer that broke the protocol was dropped: the supervisor
         // joins the wire afresh (the peer's new side, ours new too).
         let refused = driver.as_ref().map_or(0, |d| d.stats().wire_refused);
@@ -410,6 +408,8 @@ fn run(sock: &UnixStream, spec: &GroupSpec, tune_tcp: fn(&mut capnet_tcp::Config
             let why = "the wire's peer broke the channel protocol".to_owned();
             send_msg(sock, &Event::Broken { channel: WIRE.into(), why, old: false })?;
         }
+        // A broken channel is reported once; its peer is cut off and restarted by
+        // the supervisor, which then hands us a fresh channel.
         for (channel, why, old) in broken_channels(&mut engine, &relinks.links) {
             if !relinks.reported.contains(&(channel.clone(), old)) {
                 tracing::warn!("{why}: reporting it");

@@ -179,6 +179,7 @@ pub fn driver_counters(d: &capnet_runtime::DeviceStats) -> BTreeMap<String, u64>
     c.insert("frames_out".into(), d.frames_written);
     c.insert("write_errors".into(), d.write_errors);
     c.insert("wire_refused".into(), d.wire_refused);
+    c.insert("rx_dropped".into(), d.rx_dropped);
     c.insert("device_bytes".into(), d.device_bytes);
     for (dir, s) in [("in", d.inbound), ("out", d.outbound)] {
         c.insert(format!("impair_{dir}_dropped"), s.dropped);

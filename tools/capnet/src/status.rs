@@ -20,7 +20,9 @@ pub fn show(netns: &str, json: bool, sockets: bool) -> Result<()> {
         return Ok(());
     }
     let s: Status = serde_json::from_str(&text)?;
-    println!("mode {}  netns {}  tap {}  kernel {}  stack {}", s.mode, s.netns, s.tap, s.host_addr, s.addr);
+    // On an in-memory wire the other side is another capnet instance, not the kernel.
+    let other = if s.tap == capnet::group::WIRE { "peer" } else { "kernel" };
+    println!("mode {}  netns {}  tap {}  {other} {}  stack {}", s.mode, s.netns, s.tap, s.host_addr, s.addr);
     for r in &s.routes {
         println!("route {} {}", r.dest, r.via.as_deref().map_or("connected".to_owned(), |v| format!("via {v}")));
     }

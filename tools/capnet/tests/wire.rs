@@ -62,6 +62,20 @@ fn two_instances_talk_over_the_wire_and_a_restarted_driver_joins_again() {
     assert!(fetch(&b, "http://10.77.0.2:8080/f", &got, "ab") == data, "a → b is byte-exact");
     assert!(fetch(&a, "http://10.77.0.1:8081/f", &got, "ba") == data, "b → a is byte-exact");
     assert!(a.counter("driver", "frames_in") > 100, "a's driver carried the frames");
+    // Six at once into the factored instance: its driver lends the peer's
+    // chains on to ip as fast as they come, within its quota, and stays up.
+    std::thread::scope(|scope| {
+        for i in 0..6 {
+            let (a, got, data) = (&a, &got, &data);
+            scope.spawn(move || {
+                let name = format!("many{i}");
+                assert!(fetch(a, "http://10.77.0.1:8081/f", got, &name) == *data, "b → a, {name}");
+            });
+        }
+    });
+    let s = status(&a);
+    let driver = s["domains"].as_array().expect("domains").iter().find(|d| d["name"] == "driver").cloned();
+    assert_eq!(driver.expect("driver")["restarts"], 0, "a's driver kept running");
 
     // A's driver restarts: both instances give the new one fresh sides.
     let before = pids(&a);
