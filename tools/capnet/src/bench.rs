@@ -89,7 +89,11 @@ impl Comp {
             Comp::Capnet(k, _, b) => format!("capnet {k} ({b} boundar{})", if b == 1 { "y" } else { "ies" }),
             Comp::Wire("mono-wire", ..) => "capnet mono, in-memory wire".into(),
             Comp::Wire("factored-wire", ..) => "capnet factored, in-memory wire".into(),
-            Comp::Wire(k, ..) => format!("capnet {k}"),
+            Comp::Wire(k, _, b) => format!(
+                "capnet {}, in-memory wire ({b} boundar{})",
+                k.trim_end_matches("-wire"),
+                if b == 1 { "y" } else { "ies" }
+            ),
             Comp::Linux => "Linux ↔ Linux, veth".into(),
             Comp::Smoltcp => "smoltcp, TAP".into(),
             Comp::Device => "the TAP alone (ceiling)".into(),
@@ -97,12 +101,14 @@ impl Comp {
     }
 }
 
-const COMPS: [Comp; 9] = [
+const COMPS: [Comp; 11] = [
     Comp::Capnet("mono", capnet::graph::MONO, 0),
     Comp::Capnet("two-group", capnet::graph::TWO_GROUP, 1),
     Comp::Capnet("three-group", capnet::graph::THREE_GROUP, 2),
     Comp::Capnet("factored", capnet::graph::DEFAULT, 3),
     Comp::Wire("mono-wire", capnet::graph::MONO, 0),
+    Comp::Wire("two-group-wire", capnet::graph::TWO_GROUP, 1),
+    Comp::Wire("three-group-wire", capnet::graph::THREE_GROUP, 2),
     Comp::Wire("factored-wire", capnet::graph::DEFAULT, 3),
     Comp::Smoltcp,
     Comp::Linux,
@@ -203,7 +209,7 @@ struct Sample {
 pub fn run(args: &BenchArgs) -> Result<()> {
     let rounds = args.rounds.unwrap_or(if args.quick { 1 } else { 3 }).max(1);
     let sizes = if args.quick {
-        Sizes { bulk_bytes: 20_000_000, rr_count: 200, connects: 50, udp_secs: 0.2 }
+        Sizes { bulk_bytes: 20_000_000, rr_count: 150, connects: 40, udp_secs: 0.15 }
     } else {
         Sizes { bulk_bytes: 400_000_000, rr_count: 5000, connects: 1000, udp_secs: 1.0 }
     };
@@ -797,9 +803,9 @@ impl Env {
             }
         };
         if let Some(b) = before {
-            // Each group publishes its report every 200 ms: wait for one made
+            // Each group publishes its report every 100 ms: wait for one made
             // after the run.
-            std::thread::sleep(Duration::from_millis(300));
+            std::thread::sleep(Duration::from_millis(150));
             if let Some(a) = self.status(c) {
                 costs(&mut sample, w, sizes, &b, &a);
             }
@@ -850,7 +856,7 @@ fn sample_of(w: Work, figures: &[f64], udp: Option<(u64, f64)>) -> Sample {
 
 /// Samples a stack's status every 50 ms while a run lasts: the most messages
 /// waiting in any one ring between groups (each group publishes its report
-/// every 200 ms, so this sees a few snapshots per run, not every peak).
+/// every 100 ms, so this sees a few snapshots per run, not every peak).
 struct RingWatch {
     stop: Arc<AtomicBool>,
     thread: std::thread::JoinHandle<u64>,

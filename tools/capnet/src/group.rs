@@ -44,7 +44,7 @@ use crate::report::{GroupReport, RouteEntry};
 /// Bytes of a group's status region (its [`GroupReport`] as JSON).
 pub const STATUS_LEN: usize = 1 << 20;
 /// How often a group publishes its report.
-const REPORT_EVERY: Duration = Duration::from_millis(200);
+const REPORT_EVERY: Duration = Duration::from_millis(100);
 /// How long a group's loop may wait before it looks at its supervisor socket.
 const CONTROL_TICK: Duration = Duration::from_millis(20);
 /// UDP receive queue per socket.

@@ -19,7 +19,18 @@ fn capnet_bench_quick_measures_every_workload_on_every_composition() {
     comps.retain(|c| *c != "smoltcp");
     assert_eq!(
         comps,
-        ["mono", "two-group", "three-group", "factored", "mono-wire", "factored-wire", "linux", "device"]
+        [
+            "mono",
+            "two-group",
+            "three-group",
+            "factored",
+            "mono-wire",
+            "two-group-wire",
+            "three-group-wire",
+            "factored-wire",
+            "linux",
+            "device"
+        ]
     );
     let figures = r["figures"].as_array().expect("figures");
     let workloads: std::collections::BTreeSet<&str> = figures.iter().filter_map(|f| f["workload"].as_str()).collect();
@@ -34,7 +45,7 @@ fn capnet_bench_quick_measures_every_workload_on_every_composition() {
             })
             .filter_map(|f| f["composition"].as_str())
             .collect();
-        let want = if w.starts_with("UDP") { 8 } else { 7 } + usize::from(smoltcp);
+        let want = if w.starts_with("UDP") { 10 } else { 9 } + usize::from(smoltcp);
         assert_eq!(on.len(), want, "{w} ran on {on:?}");
         if w.contains("request/response") {
             let f = figures.iter().find(|f| f["workload"] == *w && f["composition"] == "factored").expect("factored");
