@@ -144,6 +144,14 @@ pub struct Cores {
     flows_named: Option<Vec<(u16, wire::Addr, u16)>>,
     /// tcp side: this domain is being swapped out (it was told to retire).
     pub retiring: bool,
+    /// tcp side: sockets whose last receive from the sockets domain found
+    /// nothing, with its `max`: what comes is pushed ([`wire::Msg::Pushed`]).
+    push_wanted: std::collections::BTreeMap<u64, u32>,
+    /// sockets side: what tcp pushed, by (tagged) socket, until a receive takes it.
+    pushed: std::collections::BTreeMap<u64, Result<Answer, SocketError>>,
+    /// sockets side: sockets whose receive found nothing (tcp will push), with
+    /// that receive's `max`; a push for any other is a protocol error.
+    expect_push: std::collections::BTreeMap<u64, u32>,
     epoch: StdInstant,
 }
 
@@ -178,6 +186,9 @@ impl Cores {
             held_since: StdInstant::now(),
             flows_named: None,
             retiring: false,
+            push_wanted: Default::default(),
+            pushed: Default::default(),
+            expect_push: Default::default(),
             epoch: StdInstant::now(),
         }
     }
@@ -252,6 +263,13 @@ impl Cores {
     /// Puts `link` in place of the link between the same two domains (a peer
     /// restarted with a fresh channel), or adds it.
     pub fn replace_link(&mut self, mut link: link::Link) {
+        match (link.local, link.remote) {
+            // A new sockets domain asked nothing of the old one's sockets.
+            (Kind::Tcp, Kind::Sockets) => self.push_wanted.clear(),
+            // A new tcp domain pushes nothing the old one owed.
+            (Kind::Sockets, Kind::Tcp) => self.forget_pushes(|_| true),
+            _ => {}
+        }
         match self.links.iter_mut().find(|l| l.local == link.local && l.remote == link.remote && !l.retiring) {
             Some(old) => {
                 link.tag = old.tag;
@@ -259,6 +277,37 @@ impl Cores {
             }
             None => self.links.push(link),
         }
+    }
+
+    /// sockets side: forgets what was pushed or expected for the sockets whose
+    /// tcp domain's tag `gone` picks.
+    fn forget_pushes(&mut self, gone: impl Fn(u8) -> bool) {
+        let tag_of = |k: &u64| (k >> TAG_SHIFT) as u8;
+        self.pushed.retain(|k, _| !gone(tag_of(k)));
+        self.expect_push.retain(|k, _| !gone(tag_of(k)));
+    }
+
+    /// tcp side: pushes to the sockets domain what its receives that found
+    /// nothing would find now; whether it pushed anything.
+    fn push_received(&mut self, now: Instant) -> bool {
+        let (Some(tcp), Some(l)) =
+            (self.tcp.as_mut(), self.links.iter_mut().find(|l| l.local == Kind::Tcp && l.remote == Kind::Sockets))
+        else {
+            return false;
+        };
+        let mut any = false;
+        self.push_wanted.retain(|&s, &mut max| {
+            let got = match tcp.recv(now, capnet_tcp::SocketId::from_raw(s), max as usize) {
+                Ok(capnet_tcp::Received::Nothing) => return true,
+                Ok(capnet_tcp::Received::Data(d)) => Ok(Answer::Data(d)),
+                Ok(capnet_tcp::Received::Eof) => Ok(Answer::Eof),
+                Err(e) => Err(e.into()),
+            };
+            l.send(&wire::Msg::Pushed { s, got });
+            any = true;
+            false
+        });
+        any
     }
 
     /// The first broken link's story, if any link broke.
@@ -334,6 +383,7 @@ impl Cores {
     /// to be cut into (only when the tcp core's `Config::tso` is on).
     pub fn pump(&mut self, mut emit: impl FnMut(Vec<u8>, Option<u16>)) {
         let now = self.now();
+        let pushed = !self.push_wanted.is_empty() && self.push_received(now);
         if self.held.is_some() && self.held_since.elapsed() > link::CALL_DEADLINE {
             self.release_held();
         }
@@ -414,9 +464,10 @@ impl Cores {
             }
         }
         // A sockets domain elsewhere hears once that readiness may have changed,
-        // and again only after it has called since.
+        // and again only after it has called since. A push this round tells it
+        // as much (it looks at every parked call on one).
         for (i, kind) in [Kind::Tcp, Kind::Udp].into_iter().enumerate() {
-            if std::mem::take(&mut self.touched[i]) {
+            if std::mem::take(&mut self.touched[i]) && !(kind == Kind::Tcp && pushed) {
                 if let Some(l) = self.link(kind, Kind::Sockets) {
                     if !l.activity_sent {
                         l.activity_sent = true;
@@ -572,6 +623,8 @@ impl Cores {
     /// The swapped-out tcp domain is gone (it finished its last connection, or
     /// died): its link goes, and on the ip side its flows with it.
     pub fn tcp_retired(&mut self) {
+        let old: Vec<u8> = self.links.iter().filter(|l| l.remote == Kind::Tcp && l.retiring).map(|l| l.tag).collect();
+        self.forget_pushes(|t| old.contains(&t));
         self.links.retain(|l| !(l.remote == Kind::Tcp && l.retiring));
         if let Some(ip) = self.ip.as_mut() {
             ip.demux.remove(TCP_OLD);
@@ -635,6 +688,30 @@ impl Cores {
                 let answer = self.answer(l.local, call);
                 l.send(&Msg::Answer { id, answer });
             }
+            (Kind::Tcp, Msg::WantPush { s, max }) if l.remote == Kind::Sockets && self.tcp.is_some() => {
+                l.activity_sent = false;
+                self.push_wanted.insert(s, max);
+            }
+            (Kind::Sockets, Msg::Pushed { s, got }) if l.remote == Kind::Tcp && s & TAG_MASK == 0 => {
+                let key = s | u64::from(l.tag) << TAG_SHIFT;
+                match (self.expect_push.remove(&key), &got) {
+                    // Closed here while the push was on its way (or never asked:
+                    // counted with the notices nobody asked for, which bound it).
+                    (None, _) => {
+                        l.unasked_activity += 1;
+                        if l.unasked_activity > link::MAX_UNASKED_ACTIVITY {
+                            l.protocol_error(format!("{} floods pushes nobody asked for", l.remote));
+                        }
+                    }
+                    (Some(max), Ok(Answer::Data(d))) if d.len() > max as usize => {
+                        l.protocol_error(format!("{} pushed {} bytes where {max} were asked", l.remote, d.len()))
+                    }
+                    (Some(_), _) => {
+                        self.pushed.insert(key, got);
+                        self.activity = true;
+                    }
+                }
+            }
             (Kind::Sockets, Msg::Activity) => {
                 l.unasked_activity += 1;
                 if l.unasked_activity > link::MAX_UNASKED_ACTIVITY {
@@ -683,6 +760,10 @@ impl Cores {
         if owner != kind {
             return Err(SocketError::Invalid(format!("the {kind} domain does not answer {owner} calls")));
         }
+        // A socket closed, or no longer read, gets nothing pushed.
+        if let Call::TcpClose { s } | Call::TcpAbort { s } | Call::TcpShutdown { s, read: true, .. } = &call {
+            self.push_wanted.remove(s);
+        }
         Ok(match call {
             Call::UdpBind { port } => Answer::Id(self.udp_bind(port)?.to_raw()),
             Call::UdpPort { s } => Answer::Port(self.udp_port(udp_id(s))?),
@@ -723,11 +804,6 @@ impl Cores {
             Call::TcpConnect { addr, port } => Answer::Id(self.tcp_connect(ip4(addr), port)?.to_raw()),
             Call::TcpConnected { s } => Answer::Bool(self.tcp_connected(tcp_id(s))?),
             Call::TcpSend { s, data } => Answer::Count(self.tcp_send(tcp_id(s), &data)? as u32),
-            Call::TcpRecv { s, max } => match self.tcp_recv(tcp_id(s), max as usize)? {
-                capnet_tcp::Received::Data(d) => Answer::Data(d),
-                capnet_tcp::Received::Eof => Answer::Eof,
-                capnet_tcp::Received::Nothing => Answer::Nothing,
-            },
             Call::TcpShutdown { s, read, write } => {
                 self.tcp_shutdown(tcp_id(s), read, write)?;
                 Answer::Done
@@ -1517,18 +1593,42 @@ impl capnet_sockets::Transports for Cores {
     }
     fn tcp_recv(&mut self, s: TcpId, max: usize) -> Result<capnet_tcp::Received, SocketError> {
         let now = self.now();
-        match self.tcp.as_mut() {
-            Some(t) => Ok(t.recv(now, s, max)?),
-            None => match self.tcp_remote(Some(s), |s| Call::TcpRecv { s, max: max as u32 })? {
-                Answer::Data(d) if d.len() <= max => Ok(capnet_tcp::Received::Data(d)),
-                Answer::Eof => Ok(capnet_tcp::Received::Eof),
-                Answer::Nothing => Ok(capnet_tcp::Received::Nothing),
-                a => Err(odd(a)),
-            },
+        if let Some(t) = self.tcp.as_mut() {
+            return Ok(t.recv(now, s, max)?);
         }
+        // What tcp pushed first.
+        let key = s.to_raw();
+        if max == 0 {
+            return Ok(capnet_tcp::Received::Nothing);
+        }
+        if let Some(got) = self.pushed.remove(&key) {
+            return match got? {
+                Answer::Data(mut d) => {
+                    if d.len() > max {
+                        self.pushed.insert(key, Ok(Answer::Data(d.split_off(max))));
+                    }
+                    Ok(capnet_tcp::Received::Data(d))
+                }
+                Answer::Eof => Ok(capnet_tcp::Received::Eof),
+                a => Err(odd(a)),
+            };
+        }
+        // Nothing here: tcp pushes what the receive gets, now or when it comes
+        // (and with it the activity that brings the caller back).
+        if !self.expect_push.contains_key(&key) {
+            let tag = (key >> TAG_SHIFT) as u8;
+            let l = self.links.iter_mut().find(|l| l.local == Kind::Sockets && l.remote == Kind::Tcp && l.tag == tag);
+            let Some(l) = l else { return Err(SocketError::Invalid("no tcp domain is reachable".into())) };
+            l.ask(&wire::Msg::WantPush { s: key & !TAG_MASK, max: max as u32 });
+            self.expect_push.insert(key, max as u32);
+        }
+        Ok(capnet_tcp::Received::Nothing)
     }
     fn tcp_shutdown(&mut self, s: TcpId, read: bool, write: bool) -> Result<(), SocketError> {
         let now = self.now();
+        if read {
+            self.forget_socket(s);
+        }
         match self.tcp.as_mut() {
             Some(t) => Ok(t.shutdown(now, s, read, write)?),
             None => done(self.tcp_remote(Some(s), |s| Call::TcpShutdown { s, read, write })?),
@@ -1536,12 +1636,14 @@ impl capnet_sockets::Transports for Cores {
     }
     fn tcp_close(&mut self, s: TcpId) -> Result<(), SocketError> {
         let now = self.now();
+        self.forget_socket(s);
         match self.tcp.as_mut() {
             Some(t) => Ok(t.close(now, s)?),
             None => done(self.tcp_remote(Some(s), |s| Call::TcpClose { s })?),
         }
     }
     fn tcp_abort(&mut self, s: TcpId) -> Result<(), SocketError> {
+        self.forget_socket(s);
         match self.tcp.as_mut() {
             Some(t) => Ok(t.abort(s)?),
             None => done(self.tcp_remote(Some(s), |s| Call::TcpAbort { s })?),
@@ -1558,10 +1660,23 @@ impl capnet_sockets::Transports for Cores {
         match self.tcp.as_mut() {
             Some(t) => Ok(t.ready(s)?),
             None => match self.tcp_remote(Some(s), |s| Call::TcpReady { s })? {
-                Answer::Ready(b) => Ok(wire::ready_from(b)),
+                Answer::Ready(b) => {
+                    let mut r = wire::ready_from(b);
+                    // What tcp pushed is ours to read now.
+                    r.readable |= self.pushed.contains_key(&s.to_raw());
+                    Ok(r)
+                }
                 a => Err(odd(a)),
             },
         }
+    }
+}
+
+impl Cores {
+    /// sockets side: a socket closed or no longer read keeps nothing pushed.
+    fn forget_socket(&mut self, s: TcpId) {
+        self.pushed.remove(&s.to_raw());
+        self.expect_push.remove(&s.to_raw());
     }
 }
 

@@ -158,13 +158,23 @@ impl Link {
         let _ = self.end.channel().send(&[d]);
     }
 
-    /// Sends `msg` `n` times as fast as the channel takes it: the hostile mode
-    /// of a test (a flood of activity notices, or of answers to no call).
+    /// Sends `msg` `n` times as fast as the channel takes it, for at most two
+    /// seconds, taking back its buffers (and dropping whatever the peer sends)
+    /// when the channel is full: the hostile mode of a test (a flood of
+    /// activity notices, of answers to no call, of pushes nobody asked for).
     pub fn flood(&mut self, msg: &Msg, n: usize) {
-        for _ in 0..n {
-            let _ = encode_with(msg, |bytes| {
-                let _ = self.end.send(bytes);
+        let until = Instant::now() + Duration::from_secs(2);
+        let mut sent = 0;
+        while sent < n && Instant::now() < until {
+            let mut full = false;
+            let _ = encode_with(msg, |bytes| match self.end.send(bytes) {
+                Ok(true) => sent += 1,
+                _ => full = true,
             });
+            if full {
+                let _ = self.end.recv(|_| {});
+                std::thread::yield_now();
+            }
         }
     }
 
@@ -254,6 +264,14 @@ impl Link {
             got.clear();
         }
         got
+    }
+
+    /// Sends a one-way request that the peer answers in its own time (sockets →
+    /// tcp: `WantPush`): like a call, it asks, so notices the peer sent before
+    /// it were asked for.
+    pub fn ask(&mut self, msg: &Msg) {
+        self.unasked_activity = 0;
+        self.send(msg);
     }
 
     /// Calls the remote domain and waits for its answer (sockets → transport).

@@ -8,7 +8,11 @@
 //! - sockets → a transport or ip: the [`Transports`](capnet_sockets::Transports)
 //!   calls, each a [`Call`] answered by one [`Answer`] with the same id; the
 //!   transport also sends [`Msg::Activity`] when readiness may have changed, so
-//!   the sockets domain re-examines its parked calls only then.
+//!   the sockets domain re-examines its parked calls only then;
+//! - sockets → tcp, a TCP receive: no call, but a one-way [`Msg::WantPush`] the
+//!   tcp domain answers with one [`Msg::Pushed`] when the socket has something
+//!   (at once if it has): a receive that waits costs two messages, and the
+//!   sockets domain never blocks on it.
 
 use rkyv::{Archive, Deserialize, Serialize};
 
@@ -92,6 +96,24 @@ pub enum Msg {
     /// transport → sockets: readiness may have changed (parked calls may now
     /// complete).
     Activity,
+    /// sockets → tcp: a receive of at most `max` bytes waits on socket `s`:
+    /// push what it gets ([`Msg::Pushed`]) as soon as there is something — at
+    /// once if there is already. One-way: nothing answers it but the push.
+    WantPush {
+        /// The socket (tcp's own id).
+        s: u64,
+        /// The most bytes to push.
+        max: u32,
+    },
+    /// tcp → sockets: what a receive on socket `s` gets (data, end of stream
+    /// or an error), taken from the socket for the sockets domain: the one
+    /// answer to a [`Msg::WantPush`].
+    Pushed {
+        /// The socket (tcp's own id).
+        s: u64,
+        /// `Answer::Data` (at most the waiting call's `max` bytes), `Answer::Eof`, or the error.
+        got: Result<Answer, SocketError>,
+    },
     /// ip → tcp, during a swap: a new tcp domain takes every new connection;
     /// name yours (answered by [`Msg::Flows`]) and finish them.
     Retire,
@@ -124,7 +146,6 @@ pub enum Call {
     TcpConnect { addr: Addr, port: u16 },
     TcpConnected { s: u64 },
     TcpSend { s: u64, data: Vec<u8> },
-    TcpRecv { s: u64, max: u32 },
     TcpShutdown { s: u64, read: bool, write: bool },
     TcpClose { s: u64 },
     TcpAbort { s: u64 },
@@ -164,8 +185,6 @@ pub enum Answer {
     Data(Vec<u8>),
     /// The peer finished.
     Eof,
-    /// Nothing yet.
-    Nothing,
     /// The datagrams that were queued: (from, port, payload) each.
     Datagrams(Vec<(Addr, u16, Vec<u8>)>),
     /// A connection's endpoints: (our port, peer, peer's port).
@@ -235,6 +254,8 @@ mod tests {
             Msg::Answer { id: 8, answer: Ok(Answer::Datagrams(vec![([1, 2, 3, 4], 53, vec![9; 10])])) },
             Msg::Send { dst: [10, 77, 0, 1], protocol: 6, segment: vec![2; 64_000], tso: Some(1448) },
             Msg::Activity,
+            Msg::Pushed { s: 5, got: Ok(Answer::Data(vec![1, 2, 3])) },
+            Msg::WantPush { s: 5, max: 4096 },
         ];
         for m in msgs {
             let bytes = encode(&m).expect("encode");

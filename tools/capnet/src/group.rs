@@ -503,8 +503,8 @@ fn broken_channels(engine: &mut Engine, links: &[(String, Kind, Kind)]) -> Vec<(
 /// policy forbids), `garbage` (write garbage over every channel area it owns),
 /// `wire` (the same over its side of an in-memory wire only), `loans` (return
 /// a loan it never had on every channel), `flood` (send ten
-/// thousand activity notices on every channel) or `answers` (ten thousand
-/// answers to no call).
+/// thousand activity notices on every channel), `answers` (ten thousand
+/// answers to no call) or `pushes` (ten thousand pushed receives nobody asked for).
 #[cfg(debug_assertions)]
 fn hostile_plan(kinds: &[Kind]) -> Option<(String, Duration)> {
     let v = std::env::var("CAPNET_HOSTILE").ok()?;
@@ -543,12 +543,16 @@ fn hostile_act(action: &str, engine: &mut Engine, driver: Option<&capnet_runtime
                 l.return_foreign_loan();
             }
         }
-        "flood" | "answers" => {
+        "flood" | "answers" | "pushes" => {
+            use capnet_runtime::wire::{Answer, Msg};
             let msg = match action {
-                "flood" => capnet_runtime::wire::Msg::Activity,
-                _ => capnet_runtime::wire::Msg::Answer { id: u64::MAX, answer: Ok(capnet_runtime::wire::Answer::Done) },
+                "flood" => Msg::Activity,
+                "pushes" => Msg::Pushed { s: 1, got: Ok(Answer::Data(vec![0; 64])) },
+                _ => Msg::Answer { id: u64::MAX, answer: Ok(Answer::Done) },
             };
-            for l in &mut engine.host().cores().links {
+            // Pushes only where they could be legitimate: to the sockets domain.
+            let links = engine.host().cores().links.iter_mut();
+            for l in links.filter(|l| action != "pushes" || l.remote == Kind::Sockets) {
                 l.flood(&msg, 10_000);
             }
         }

@@ -4,7 +4,7 @@
 //! detected by its neighbours, reported, cut off and restarted, while the
 //! neighbours keep running with their state — pings and an established TCP
 //! connection keep working; one that returns loans it never had, or floods its
-//! neighbours with notices nobody asked for, likewise; a domain that makes a
+//! neighbours with notices, answers or pushed data nobody asked for, likewise; a domain that makes a
 //! forbidden syscall is reported with the syscall's name and restarted.
 
 use std::io::{Read, Write};
@@ -105,17 +105,17 @@ fn a_forbidden_syscall_is_named_and_the_domain_restarted() {
 
 #[test]
 fn returning_foreign_loans_or_flooding_is_cut_off_too() {
-    for action in ["loans", "flood", "answers"] {
-        let up = hostile_up(&format!("ho-{action}"), &format!("udp:{action}:1500"));
+    for (kind, action) in [("udp", "loans"), ("udp", "flood"), ("udp", "answers"), ("tcp", "pushes")] {
+        let up = hostile_up(&format!("ho-{action}"), &format!("{kind}:{action}:1500"));
         let before = domains(&up);
-        let d = restarted(&up, "udp");
+        let d = restarted(&up, kind);
         let why = d["last_error"].as_str().unwrap_or_default().to_owned();
         assert!(why.contains("cut off") && why.contains("broke channel"), "{action}: {d}");
         let after = domains(&up);
-        for n in ["driver", "ip", "tcp", "sockets"] {
-            assert_eq!(pid_of(&after, n), pid_of(&before, n), "udp {action}: {n} kept its process");
+        for n in ["driver", "ip", "tcp", "udp", "sockets"].into_iter().filter(|n| *n != kind) {
+            assert_eq!(pid_of(&after, n), pid_of(&before, n), "{kind} {action}: {n} kept its process");
         }
         let ping = up.in_ns(&["ping", "-c", "2", "-i", "0.2", "-W", "2", "10.77.0.2"]);
-        assert!(capnet_testkit::ping_received(&ping) >= 1, "udp {action}: pings: {ping:?}");
+        assert!(capnet_testkit::ping_received(&ping) >= 1, "{kind} {action}: pings: {ping:?}");
     }
 }
