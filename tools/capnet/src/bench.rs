@@ -189,17 +189,25 @@ struct Sample {
     latency_us: Option<[f64; 3]>,
     /// capnet: CPU seconds each domain spent in the run.
     cpu_s: Vec<(String, f64)>,
-    /// capnet: futex wake calls per ring entry on the links between groups.
+    #[serde(flatten)]
+    costs: Costs,
+}
+
+/// What a capnet run cost beyond its time (a sample's, or the median of a
+/// figure's samples).
+#[derive(Debug, Clone, Default, Serialize)]
+struct Costs {
+    /// Futex wake calls per ring entry on the links between groups.
     wakes_per_msg: Option<f64>,
-    /// capnet: ring entries between groups per unit of work (per KB moved, per
+    /// Ring entries between groups per unit of work (per KB moved, per
     /// transaction, per connection, per datagram) — each message, and the
     /// return of the buffer it was lent in, is one (the frame channel between
     /// driver and ip is not counted).
     msgs: Option<f64>,
-    /// capnet: the most messages seen waiting in one ring between groups
-    /// (sampled from the groups' reports during the run).
+    /// The most messages seen waiting in one ring between groups (sampled
+    /// from the groups' reports during the run).
     ring_max: Option<f64>,
-    /// capnet: bytes the stack's processes copied per byte of payload — into
+    /// Bytes the stack's processes copied per byte of payload — into
     /// and out of pool buffers between processes (their applications' channels
     /// included), and through the device's read and write calls.
     copies_per_byte: Option<f64>,
@@ -281,10 +289,9 @@ struct Figure {
     latency_us: Option<[f64; 3]>,
     /// capnet: each domain's CPU seconds (median of the rounds).
     cpu_s: Vec<(String, f64)>,
-    wakes_per_msg: Option<f64>,
-    msgs: Option<f64>,
-    ring_max: Option<f64>,
-    copies_per_byte: Option<f64>,
+    /// capnet: the medians of the samples' costs.
+    #[serde(flatten)]
+    costs: Costs,
 }
 
 /// What `--json` prints and the table and chart are made from.
@@ -330,8 +337,8 @@ impl Report {
                         (d.clone(), med(v.collect()))
                     })
                     .collect();
-                let opt = |f: fn(&Sample) -> Option<f64>| {
-                    let v: Vec<f64> = s.iter().filter_map(f).collect();
+                let opt = |f: fn(&Costs) -> Option<f64>| {
+                    let v: Vec<f64> = s.iter().filter_map(|x| f(&x.costs)).collect();
                     (!v.is_empty()).then(|| med(v))
                 };
                 Figure {
@@ -343,10 +350,12 @@ impl Report {
                     samples: values,
                     latency_us,
                     cpu_s,
-                    wakes_per_msg: opt(|x| x.wakes_per_msg),
-                    msgs: opt(|x| x.msgs),
-                    ring_max: opt(|x| x.ring_max),
-                    copies_per_byte: opt(|x| x.copies_per_byte),
+                    costs: Costs {
+                        wakes_per_msg: opt(|x| x.wakes_per_msg),
+                        msgs: opt(|x| x.msgs),
+                        ring_max: opt(|x| x.ring_max),
+                        copies_per_byte: opt(|x| x.copies_per_byte),
+                    },
                 }
             })
             .collect();
@@ -456,7 +465,8 @@ impl Report {
                 t += &format!(" {} |", v.map_or("—".into(), |v| format!("{v:.2}")));
             }
             let opt = |v: Option<f64>, p: usize| v.map_or("—".into(), |v| format!("{v:.p$}"));
-            t += &format!(" {} | {} | {} |\n", opt(f.msgs, 2), opt(f.wakes_per_msg, 3), opt(f.ring_max, 0));
+            let c = &f.costs;
+            t += &format!(" {} | {} | {} |\n", opt(c.msgs, 2), opt(c.wakes_per_msg, 3), opt(c.ring_max, 0));
         }
         t += "\nCopies per byte of payload the stack's processes made (medians): into and out of pool buffers \
               between processes (the applications' channels included) and through the device's read and write \
@@ -472,7 +482,7 @@ impl Report {
         for w in WORKS.iter().filter(|w| **w != Work::Connect) {
             t += &format!("| {} |", w.name());
             for c in &capnets {
-                let v = self.figure(&w.name(), c.key()).and_then(|f| f.copies_per_byte);
+                let v = self.figure(&w.name(), c.key()).and_then(|f| f.costs.copies_per_byte);
                 t += &format!(" {} |", v.map_or("—".into(), |v| format!("{v:.1}")));
             }
             t += "\n";
@@ -781,7 +791,9 @@ impl Env {
                     _ => self.client(self.netns(c), &client_args)?,
                 };
                 let udp = server.join().map_err(|_| anyhow!("the server panicked"))??;
-                Sample { ring_max: Some(rings.finish()), ..sample_of(w, &figures, udp) }
+                let mut s = sample_of(w, &figures, udp);
+                s.costs.ring_max = Some(rings.finish());
+                s
             }
             Comp::Linux | Comp::Smoltcp => {
                 let exe = self.exe.display().to_string();
@@ -903,7 +915,7 @@ fn costs(s: &mut Sample, w: Work, sizes: &Sizes, before: &Status, after: &Status
         Work::Udp(size) => s.value * sizes.udp_secs * size as f64,
     };
     if payload > 0.0 {
-        s.copies_per_byte = Some(copied(after).saturating_sub(copied(before)) as f64 / payload);
+        s.costs.copies_per_byte = Some(copied(after).saturating_sub(copied(before)) as f64 / payload);
     }
     s.cpu_s = after
         .domains
@@ -916,14 +928,14 @@ fn costs(s: &mut Sample, w: Work, sizes: &Sizes, before: &Status, after: &Status
     let msgs = sum(after, "_sent").saturating_sub(sum(before, "_sent"));
     let wakes = sum(after, "_futex_wakes").saturating_sub(sum(before, "_futex_wakes"));
     if msgs > 0 {
-        s.wakes_per_msg = Some(wakes as f64 / msgs as f64);
+        s.costs.wakes_per_msg = Some(wakes as f64 / msgs as f64);
         let units = match w {
             Work::BulkSend(_) | Work::BulkRecv(_) => sizes.bulk_bytes as f64 / 1000.0,
             Work::Rr(_) => sizes.rr_count as f64,
             Work::Connect => sizes.connects as f64,
             Work::Udp(_) => (s.value * sizes.udp_secs).max(1.0),
         };
-        s.msgs = Some(msgs as f64 / units);
+        s.costs.msgs = Some(msgs as f64 / units);
     }
 }
 
