@@ -1,6 +1,9 @@
 //! `capnet status`: the one JSON shape scripts and tests rely on (DESIGN,
 //! "Supervisor and CLI"), and a table for people.
 
+use std::fmt::Write as _;
+use std::io::Write as _;
+
 use anyhow::{bail, Result};
 
 use crate::control::{ask, Reply, Request};
@@ -16,18 +19,19 @@ pub fn show(netns: &str, json: bool, sockets: bool) -> Result<()> {
         Reply::Ok => bail!("the supervisor answered without a status"),
     };
     if json {
-        println!("{text}");
-        return Ok(());
+        return print(&format!("{text}\n"));
     }
     let s: Status = serde_json::from_str(&text)?;
+    let mut out = String::new();
     // On an in-memory wire the other side is another capnet instance, not the kernel.
     let other = if s.tap == capnet::group::WIRE { "peer" } else { "kernel" };
-    println!("mode {}  netns {}  tap {}  {other} {}  stack {}", s.mode, s.netns, s.tap, s.host_addr, s.addr);
+    writeln!(out, "mode {}  netns {}  tap {}  {other} {}  stack {}", s.mode, s.netns, s.tap, s.host_addr, s.addr)?;
     for r in &s.routes {
-        println!("route {} {}", r.dest, r.via.as_deref().map_or("connected".to_owned(), |v| format!("via {v}")));
+        writeln!(out, "route {} {}", r.dest, r.via.as_deref().map_or("connected".to_owned(), |v| format!("via {v}")))?;
     }
     for d in &s.domains {
-        println!(
+        writeln!(
+            out,
             "{:<8} pid {:<7} {:<8} restarts {}  up {:.0}s  cpu {:.2}s  rss {} KiB{}",
             d.name,
             d.pid,
@@ -37,30 +41,40 @@ pub fn show(netns: &str, json: bool, sockets: bool) -> Result<()> {
             d.cpu_s,
             d.rss_bytes / 1024,
             d.last_error.as_deref().map(|e| format!("  last error: {e}")).unwrap_or_default()
-        );
+        )?;
         let nonzero: Vec<String> =
             d.counters.iter().filter(|(_, v)| **v > 0).map(|(k, v)| format!("{k}={v}")).collect();
         if !nonzero.is_empty() {
-            println!("         {}", nonzero.join(" "));
+            writeln!(out, "         {}", nonzero.join(" "))?;
         }
     }
     if sockets {
-        print_sockets(&s);
+        print_sockets(&s, &mut out)?;
     }
-    Ok(())
+    print(&out)
+}
+
+/// Writes `text` to standard output; a reader that went away (`capnet status |
+/// head`) is no error.
+fn print(text: &str) -> Result<()> {
+    match std::io::stdout().lock().write_all(text.as_bytes()) {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        r => Ok(r?),
+    }
 }
 
 /// The TCP table: one line per connection, like `ss -tin`.
-fn print_sockets(s: &Status) {
+fn print_sockets(s: &Status, out: &mut String) -> std::fmt::Result {
     let ports: Vec<String> = s.tcp_listening.iter().map(u16::to_string).collect();
-    println!("tcp listening: {}", if ports.is_empty() { "none".into() } else { ports.join(" ") });
+    writeln!(out, "tcp listening: {}", if ports.is_empty() { "none".into() } else { ports.join(" ") })?;
     if s.tcp_connections_total > s.tcp_connections.len() {
-        println!(
+        writeln!(
+            out,
             "tcp connections: {} ({} listed; each tcp domain lists at most {})",
             s.tcp_connections_total,
             s.tcp_connections.len(),
             capnet::report::MAX_LISTED
-        );
+        )?;
     }
     let ms = |us: u64| format!("{:.1}", us as f64 / 1000.0);
     for c in &s.tcp_connections {
@@ -72,7 +86,8 @@ fn print_sockets(s: &Status) {
             opts.push("ts".to_owned());
         }
         opts.push(format!("wscale:{},{}", c.wscale.0, c.wscale.1));
-        println!(
+        writeln!(
+            out,
             "{:<12} :{:<5} {:<21} {} cwnd:{} ssthresh:{} rtt:{}/{} rto:{} mss:{} retrans:{} sack_blocks:{} sacked:{}{} send-q:{} recv-q:{}",
             c.state,
             c.local_port,
@@ -90,8 +105,9 @@ fn print_sockets(s: &Status) {
             if c.recovery { " recovery" } else { "" },
             c.snd_queued,
             c.rcv_queued,
-        );
+        )?;
         opts.push(format!("tcp-pid:{}", c.pid));
-        println!("             {}", opts.join(" "));
+        writeln!(out, "             {}", opts.join(" "))?;
     }
+    Ok(())
 }

@@ -1167,7 +1167,7 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
     }
     drop(running);
     drop(made);
-    println!("capnet down: namespace {name} and its TAP removed");
+    println!("capnet down: namespace {name} and everything the stack made there removed");
     Ok(())
 }
 
@@ -1352,7 +1352,7 @@ pub fn down(name: &str) -> Result<()> {
         while Instant::now() < deadline {
             let left = dir.exists() || (userns::privileged() && netns::exists(name));
             if !left {
-                println!("capnet down: namespace {name} and its TAP removed");
+                println!("capnet down: namespace {name} and everything the stack made there removed");
                 return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
