@@ -105,10 +105,26 @@ impl std::fmt::Display for Kind {
     }
 }
 
-/// No spin tokens: this runtime's waits block once their own budget is spent.
-pub(crate) const NO_TOKENS: Option<
-    &'static capnet_ipc::notify::SpinTokens<std::sync::Arc<capnet_ipc::region::Region>>,
-> = None;
+/// The spin tokens every wait of this process takes (DESIGN, "Waking up"): a
+/// waiter spins through its budget only while it holds one, and at most the
+/// machine's cores − 1 domains hold one at once, so spinning never starves the
+/// domain it waits for. Shared by every group of a stack (a multi-writer region
+/// the supervisor grants); without them ([`use_spin_tokens`] not called: tests
+/// in one process) every wait blocks at once.
+static SPIN_TOKENS: std::sync::OnceLock<SpinTokens> = std::sync::OnceLock::new();
+
+/// Spin tokens over a region every group maps writable.
+pub type SpinTokens = capnet_ipc::notify::SpinTokens<std::sync::Arc<capnet_ipc::region::Region>>;
+
+/// Makes this process's waits spin with `tokens` (once, before any wait).
+pub fn use_spin_tokens(tokens: SpinTokens) {
+    let _ = SPIN_TOKENS.set(tokens);
+}
+
+/// The spin tokens waits take, if this process has them.
+pub(crate) fn tokens() -> Option<&'static SpinTokens> {
+    SPIN_TOKENS.get()
+}
 
 /// The protocol cores of one group (each present when its domain runs in this
 /// group), the links to the domains of other groups, and the clock.
@@ -1376,7 +1392,7 @@ pub(crate) fn wait_on(
         ends.truncate(capnet_ipc::channel::MAX_WAIT_ENDS);
         wait = wait.min(MONO_APP_TICK);
     }
-    waiter.wait(&mut ends, Some(wait), NO_TOKENS);
+    waiter.wait(&mut ends, Some(wait), tokens());
 }
 
 /// A group without the ip domain (transports and/or sockets): its cores, woken

@@ -313,7 +313,7 @@ impl Link {
             let want = if self.outbox.is_empty() { Interest::RX } else { Interest::BOTH };
             let ch = self.end.channel();
             ch.interest = want;
-            self.waiter.wait(&mut [ch], Some(deadline - now), crate::NO_TOKENS);
+            self.waiter.wait(&mut [ch], Some(deadline - now), crate::tokens());
         }
     }
 }

@@ -613,7 +613,7 @@ fn send_all(
         let k = end.send(&items[sent..]).map_err(peer_err)?;
         if k == 0 {
             end.interest = Interest::SPACE;
-            waiter.wait(&mut [&mut *end], Some(STOP_CHECK), crate::NO_TOKENS);
+            waiter.wait(&mut [&mut *end], Some(STOP_CHECK), crate::tokens());
             end.interest = Interest::RX;
         }
         sent += k;
@@ -675,7 +675,7 @@ fn reader_loop(side: DeviceSide, pool: BufferPool, stack: ReaderId, end: ShmEnd)
             let room = end.space_for(max_chain).map_err(peer_err)?.min(pool.free_count()).min(quota_left).min(RX_BATCH);
             if room < max_chain {
                 // Out of buffers or ring slots: wait for the stack to return some.
-                waiter.wait(&mut [&mut end], Some(STOP_CHECK), crate::NO_TOKENS);
+                waiter.wait(&mut [&mut end], Some(STOP_CHECK), crate::tokens());
                 return Ok(());
             }
             let due = impair.due_in().map_or(STOP_CHECK, |d| d.min(STOP_CHECK));
@@ -744,7 +744,7 @@ fn reader_loop(side: DeviceSide, pool: BufferPool, stack: ReaderId, end: ShmEnd)
                     });
                     match got {
                         Ok(0) if impair.due_in().is_none() => {
-                            waiter.wait(&mut [&mut w.end], Some(due), crate::NO_TOKENS);
+                            waiter.wait(&mut [&mut w.end], Some(due), crate::tokens());
                         }
                         Ok(_) => {}
                         // The peer broke the wire: it is dropped until the
@@ -833,9 +833,9 @@ fn writer_loop(side: DeviceSide, view: PoolView, end: ShmEnd) -> Result<DeviceSt
                 match wire.as_mut() {
                     // Returns from the peer make room for the backlog.
                     Some(w) if !backlog.is_empty() => {
-                        waiter.wait(&mut [&mut end, &mut w.end], Some(wait), crate::NO_TOKENS)
+                        waiter.wait(&mut [&mut end, &mut w.end], Some(wait), crate::tokens())
                     }
-                    _ => waiter.wait(&mut [&mut end], Some(wait), crate::NO_TOKENS),
+                    _ => waiter.wait(&mut [&mut end], Some(wait), crate::tokens()),
                 };
                 return Ok(());
             }

@@ -84,6 +84,9 @@ pub struct GroupSpec {
     /// The driver has no device: an in-memory wire to another capnet instance,
     /// joined later (`Control::WireSide`, `Control::WirePeer`).
     pub wire: bool,
+    /// Spin tokens at most held at once (the machine's cores − 1); the region
+    /// holding the count is the first capability granted.
+    pub spin_limit: u32,
 }
 
 /// What the supervisor asks a running group.
@@ -291,10 +294,19 @@ fn run(sock: &UnixStream, spec: &GroupSpec, tune_tcp: fn(&mut capnet_tcp::Config
     };
     send_caps(sock.as_fd(), &made.caps()?.iter().map(|c| (c, Rights::READ | Rights::MAP)).collect::<Vec<_>>())?;
 
-    // 3. Take the device and the other sides.
-    let granted = (has(Kind::Driver) && !spec.wire) || !links.is_empty();
-    let got = if granted { recv_caps(sock.as_fd()).context("receiving the group's capabilities")? } else { Vec::new() };
-    let mut got = got.into_iter();
+    // 3. Take the spin tokens, the device and the other sides.
+    let mut got = recv_caps(sock.as_fd()).context("receiving the group's capabilities")?.into_iter();
+    match got.next() {
+        Some(c) if c.kind == CapKind::Region && c.rights.contains(Rights::WRITE) => {
+            let region = capnet_ipc::region::Region::attach_multi_writer(c.into_fd(), 64)?;
+            capnet_runtime::use_spin_tokens(capnet_runtime::SpinTokens::new(
+                std::sync::Arc::new(region),
+                0,
+                spec.spin_limit,
+            ));
+        }
+        _ => bail!("the spin-token region is missing"),
+    }
     let device = if has(Kind::Driver) && !spec.wire {
         match got.next() {
             Some(c) if c.kind == CapKind::Device => {
