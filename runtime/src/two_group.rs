@@ -649,7 +649,9 @@ fn reader_loop(side: DeviceSide, pool: BufferPool, stack: ReaderId, end: ShmEnd)
         }
         let round = (|| -> Result<(), RuntimeError> {
             let garbage = scribble.load(Ordering::Relaxed);
-            if garbage != 0 && !std::mem::replace(&mut scribbled, true) {
+            // Wire-only garbage waits for a wire to write it over.
+            if garbage != 0 && !scribbled && (garbage & WIRE_ONLY == 0 || wire.is_some()) {
+                scribbled = true;
                 if garbage & WIRE_ONLY == 0 {
                     end.scribble(garbage);
                 }
@@ -810,7 +812,9 @@ fn writer_loop(side: DeviceSide, view: PoolView, end: ShmEnd) -> Result<DeviceSt
         }
         let round = (|| -> Result<(), RuntimeError> {
             let garbage = scribble.load(Ordering::Relaxed);
-            if garbage != 0 && !std::mem::replace(&mut scribbled, true) {
+            // Wire-only garbage waits for a wire to write it over.
+            if garbage != 0 && !scribbled && (garbage & WIRE_ONLY == 0 || wire.is_some()) {
+                scribbled = true;
                 if garbage & WIRE_ONLY == 0 {
                     end.scribble(garbage);
                 }
