@@ -601,6 +601,23 @@ struct DeviceSide {
     live: Arc<std::sync::Mutex<DeviceStats>>,
 }
 
+/// The hostile mode of a test: writes the requested garbage over this thread's
+/// channel indices once — its channel to ip unless the garbage is for the wire
+/// only, and its wire end if it has one (wire-only garbage waits for a wire).
+fn scribble_once(garbage: u32, scribbled: &mut bool, end: &mut ShmEnd, wire: Option<&mut ShmEnd>) {
+    let wire_only = garbage & WIRE_ONLY != 0;
+    if garbage == 0 || *scribbled || (wire_only && wire.is_none()) {
+        return;
+    }
+    *scribbled = true;
+    if !wire_only {
+        end.scribble(garbage);
+    }
+    if let Some(w) = wire {
+        w.scribble(garbage & !WIRE_ONLY);
+    }
+}
+
 /// Sends every descriptor of `items`, waiting for ring space as needed (until stopped).
 fn send_all(
     end: &mut ShmEnd,
@@ -649,16 +666,7 @@ fn reader_loop(side: DeviceSide, pool: BufferPool, stack: ReaderId, end: ShmEnd)
         }
         let round = (|| -> Result<(), RuntimeError> {
             let garbage = scribble.load(Ordering::Relaxed);
-            // Wire-only garbage waits for a wire to write it over.
-            if garbage != 0 && !scribbled && (garbage & WIRE_ONLY == 0 || wire.is_some()) {
-                scribbled = true;
-                if garbage & WIRE_ONLY == 0 {
-                    end.scribble(garbage);
-                }
-                if let Some(w) = wire.as_mut() {
-                    w.end.scribble(garbage & !WIRE_ONLY);
-                }
-            }
+            scribble_once(garbage, &mut scribbled, &mut end, wire.as_mut().map(|w| &mut w.end));
             stats.inbound = impair.stage.stats;
             *live.lock().unwrap_or_else(|e| e.into_inner()) = stats;
             inbox.clear();
@@ -812,16 +820,7 @@ fn writer_loop(side: DeviceSide, view: PoolView, end: ShmEnd) -> Result<DeviceSt
         }
         let round = (|| -> Result<(), RuntimeError> {
             let garbage = scribble.load(Ordering::Relaxed);
-            // Wire-only garbage waits for a wire to write it over.
-            if garbage != 0 && !scribbled && (garbage & WIRE_ONLY == 0 || wire.is_some()) {
-                scribbled = true;
-                if garbage & WIRE_ONLY == 0 {
-                    end.scribble(garbage);
-                }
-                if let Some(w) = wire.as_mut() {
-                    w.end.scribble(garbage & !WIRE_ONLY);
-                }
-            }
+            scribble_once(garbage, &mut scribbled, &mut end, wire.as_mut().map(|w| &mut w.end));
             stats.outbound = impair.stage.stats;
             *live.lock().unwrap_or_else(|e| e.into_inner()) = stats;
             while let Some(frame) = impair.pop() {
