@@ -107,8 +107,8 @@ impl std::fmt::Display for Kind {
 
 /// The spin tokens every wait of this process takes (DESIGN, "Waking up"): a
 /// waiter spins through its budget only while it holds one, and at most the
-/// machine's cores − 1 domains hold one at once, so spinning never starves the
-/// domain it waits for. Shared by every group of a stack (a multi-writer region
+/// supervisor's limit (the cores but one, or none when groups outnumber cores)
+/// hold one at once, so spinning never starves the domain it waits for. Shared by every group of a stack (a multi-writer region
 /// the supervisor grants); without them ([`use_spin_tokens`] not called: tests
 /// in one process) every wait blocks at once.
 static SPIN_TOKENS: std::sync::OnceLock<SpinTokens> = std::sync::OnceLock::new();
@@ -166,7 +166,7 @@ pub struct Cores {
     /// sockets side: what tcp pushed, by (tagged) socket, until a receive takes it.
     pushed: std::collections::BTreeMap<u64, Result<Answer, SocketError>>,
     /// sockets side: sockets whose receive found nothing (tcp will push), with
-    /// that receive's `max`; a push for any other is a protocol error.
+    /// that receive's `max`; a push for any other counts as an unasked notice.
     expect_push: std::collections::BTreeMap<u64, u32>,
     epoch: StdInstant,
 }
@@ -301,6 +301,12 @@ impl Cores {
         let tag_of = |k: &u64| (k >> TAG_SHIFT) as u8;
         self.pushed.retain(|k, _| !gone(tag_of(k)));
         self.expect_push.retain(|k, _| !gone(tag_of(k)));
+    }
+
+    /// sockets side: a socket closed or no longer read keeps nothing pushed.
+    fn forget_socket(&mut self, s: TcpId) {
+        self.pushed.remove(&s.to_raw());
+        self.expect_push.remove(&s.to_raw());
     }
 
     /// tcp side: pushes to the sockets domain what its receives that found
@@ -840,20 +846,28 @@ impl Cores {
         })
     }
 
+    /// The link to a tcp domain in another group: the one socket `raw` (tagged)
+    /// lives in, or for a new socket the one not retiring.
+    fn tcp_link(&mut self, raw: Option<u64>) -> Result<&mut link::Link, SocketError> {
+        self.links
+            .iter_mut()
+            .find(|l| {
+                l.local == Kind::Sockets
+                    && l.remote == Kind::Tcp
+                    && match raw {
+                        Some(r) => l.tag == (r >> TAG_SHIFT) as u8,
+                        None => !l.retiring,
+                    }
+            })
+            .ok_or_else(|| SocketError::Invalid("no tcp domain is reachable".into()))
+    }
+
     /// A call to a tcp domain in another group: the one socket `s` lives in (by
     /// its tag), or for a new socket the one not retiring. Socket ids in the
     /// answer come back tagged with that domain's link.
     fn tcp_remote(&mut self, s: Option<TcpId>, make: impl FnOnce(u64) -> Call) -> Result<Answer, SocketError> {
         let raw = s.map(TcpId::to_raw);
-        let link = self.links.iter_mut().find(|l| {
-            l.local == Kind::Sockets
-                && l.remote == Kind::Tcp
-                && match raw {
-                    Some(r) => l.tag == (r >> TAG_SHIFT) as u8,
-                    None => !l.retiring,
-                }
-        });
-        let Some(l) = link else { return Err(SocketError::Invalid("no tcp domain is reachable".into())) };
+        let l = self.tcp_link(raw)?;
         let tag = u64::from(l.tag) << TAG_SHIFT;
         let retag = |id: u64| {
             if id & TAG_MASK == 0 {
@@ -1612,11 +1626,11 @@ impl capnet_sockets::Transports for Cores {
         if let Some(t) = self.tcp.as_mut() {
             return Ok(t.recv(now, s, max)?);
         }
-        // What tcp pushed first.
         let key = s.to_raw();
         if max == 0 {
             return Ok(capnet_tcp::Received::Nothing);
         }
+        // What tcp pushed first.
         if let Some(got) = self.pushed.remove(&key) {
             return match got? {
                 Answer::Data(mut d) => {
@@ -1632,10 +1646,7 @@ impl capnet_sockets::Transports for Cores {
         // Nothing here: tcp pushes what the receive gets, now or when it comes
         // (and with it the activity that brings the caller back).
         if !self.expect_push.contains_key(&key) {
-            let tag = (key >> TAG_SHIFT) as u8;
-            let l = self.links.iter_mut().find(|l| l.local == Kind::Sockets && l.remote == Kind::Tcp && l.tag == tag);
-            let Some(l) = l else { return Err(SocketError::Invalid("no tcp domain is reachable".into())) };
-            l.ask(&wire::Msg::WantPush { s: key & !TAG_MASK, max: max as u32 });
+            self.tcp_link(Some(key))?.ask(&wire::Msg::WantPush { s: key & !TAG_MASK, max: max as u32 });
             self.expect_push.insert(key, max as u32);
         }
         Ok(capnet_tcp::Received::Nothing)
@@ -1685,14 +1696,6 @@ impl capnet_sockets::Transports for Cores {
                 a => Err(odd(a)),
             },
         }
-    }
-}
-
-impl Cores {
-    /// sockets side: a socket closed or no longer read keeps nothing pushed.
-    fn forget_socket(&mut self, s: TcpId) {
-        self.pushed.remove(&s.to_raw());
-        self.expect_push.remove(&s.to_raw());
     }
 }
 

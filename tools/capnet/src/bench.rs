@@ -1003,23 +1003,28 @@ fn quiet(r: io::Result<usize>) -> io::Result<Option<usize>> {
 /// capnet's sockets: every listener and UDP socket on an attachment of its own
 /// (a blocking call holds its attachment); a client's connections take turns
 /// on attachments made beforehand (attaching is no part of what a run times).
-struct CapnetNet(String, Vec<capnet::net::Stack>, std::sync::atomic::AtomicUsize);
+struct CapnetNet {
+    netns: String,
+    /// A client's attachments, taken in turn (none: attach per socket).
+    clients: Vec<capnet::net::Stack>,
+    turn: std::sync::atomic::AtomicUsize,
+}
 
 impl CapnetNet {
     fn server(netns: &str) -> Self {
-        Self(netns.to_owned(), Vec::new(), Default::default())
+        Self { netns: netns.to_owned(), clients: Vec::new(), turn: Default::default() }
     }
 
     /// With an attachment for each of up to 8 connections at once.
     fn client(netns: &str) -> io::Result<Self> {
-        let stacks = (0..8).map(|_| capnet::net::Stack::attach(netns)).collect::<io::Result<_>>()?;
-        Ok(Self(netns.to_owned(), stacks, Default::default()))
+        let clients = (0..8).map(|_| capnet::net::Stack::attach(netns)).collect::<io::Result<_>>()?;
+        Ok(Self { netns: netns.to_owned(), clients, turn: Default::default() })
     }
 
     fn next(&self) -> io::Result<capnet::net::Stack> {
-        match self.1.len() {
-            0 => capnet::net::Stack::attach(&self.0),
-            n => Ok(self.1[self.2.fetch_add(1, Ordering::Relaxed) % n].clone()),
+        match self.clients.len() {
+            0 => capnet::net::Stack::attach(&self.netns),
+            n => Ok(self.clients[self.turn.fetch_add(1, Ordering::Relaxed) % n].clone()),
         }
     }
 }
@@ -1029,7 +1034,7 @@ impl Net for CapnetNet {
     type Stream = capnet::net::TcpStream;
     type Udp = capnet::net::UdpSocket;
     fn listen(&self, port: u16) -> io::Result<Self::Listener> {
-        capnet::net::TcpListener::bind_with_backlog(&capnet::net::Stack::attach(&self.0)?, port, 64)
+        capnet::net::TcpListener::bind_with_backlog(&capnet::net::Stack::attach(&self.netns)?, port, 64)
     }
     fn accept(l: &Self::Listener) -> io::Result<Self::Stream> {
         l.accept().map(|(s, _)| s)
@@ -1038,7 +1043,7 @@ impl Net for CapnetNet {
         let _ = s.set_nodelay(true);
     }
     fn udp(&self, port: u16) -> io::Result<Self::Udp> {
-        capnet::net::UdpSocket::bind(&capnet::net::Stack::attach(&self.0)?, port)
+        capnet::net::UdpSocket::bind(&capnet::net::Stack::attach(&self.netns)?, port)
     }
     fn recv(u: &mut Self::Udp, buf: &mut [u8], idle: Duration) -> io::Result<Option<usize>> {
         u.set_read_timeout(Some(idle))?;

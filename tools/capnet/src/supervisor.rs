@@ -919,9 +919,9 @@ fn addressing(args: &UpArgs, graph: &Graph) -> (String, (Ipv4Addr, u8), (Ipv4Add
 /// needs (measured: factored request/response 20 % slower with a token, mono
 /// and two groups 30–50 % faster).
 fn spin_limit(groups: usize) -> u32 {
-    let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    if groups <= cores {
-        capnet_ipc::notify::SpinTokens::<capnet_ipc::region::Region>::limit_for_this_machine()
+    let limit = capnet_ipc::notify::SpinTokens::<capnet_ipc::region::Region>::limit_for_this_machine();
+    if groups <= limit as usize + 1 {
+        limit
     } else {
         0
     }
