@@ -604,10 +604,13 @@ struct DeviceSide {
 /// The hostile mode of a test: writes the requested garbage over this thread's
 /// channel indices once — its channel to ip unless the garbage is for the wire
 /// only, and its wire end if it has one (wire-only garbage waits for a wire).
-fn scribble_once(garbage: u32, scribbled: &mut bool, end: &mut ShmEnd, wire: Option<&mut ShmEnd>) {
+/// True when the wire alone was scribbled: the thread then leaves it as it is
+/// (its next send or receive would write sound indices over the garbage before
+/// the peer looked), so the peer finds it on its next look.
+fn scribble_once(garbage: u32, scribbled: &mut bool, end: &mut ShmEnd, wire: Option<&mut ShmEnd>) -> bool {
     let wire_only = garbage & WIRE_ONLY != 0;
     if garbage == 0 || *scribbled || (wire_only && wire.is_none()) {
-        return;
+        return false;
     }
     *scribbled = true;
     if !wire_only {
@@ -616,6 +619,7 @@ fn scribble_once(garbage: u32, scribbled: &mut bool, end: &mut ShmEnd, wire: Opt
     if let Some(w) = wire {
         w.scribble(garbage & !WIRE_ONLY);
     }
+    wire_only
 }
 
 /// Sends every descriptor of `items`, waiting for ring space as needed (until stopped).
@@ -666,7 +670,9 @@ fn reader_loop(side: DeviceSide, pool: BufferPool, stack: ReaderId, end: ShmEnd)
         }
         let round = (|| -> Result<(), RuntimeError> {
             let garbage = scribble.load(Ordering::Relaxed);
-            scribble_once(garbage, &mut scribbled, &mut end, wire.as_mut().map(|w| &mut w.end));
+            if scribble_once(garbage, &mut scribbled, &mut end, wire.as_mut().map(|w| &mut w.end)) {
+                wire = None;
+            }
             stats.inbound = impair.stage.stats;
             *live.lock().unwrap_or_else(|e| e.into_inner()) = stats;
             inbox.clear();
@@ -820,7 +826,9 @@ fn writer_loop(side: DeviceSide, view: PoolView, end: ShmEnd) -> Result<DeviceSt
         }
         let round = (|| -> Result<(), RuntimeError> {
             let garbage = scribble.load(Ordering::Relaxed);
-            scribble_once(garbage, &mut scribbled, &mut end, wire.as_mut().map(|w| &mut w.end));
+            if scribble_once(garbage, &mut scribbled, &mut end, wire.as_mut().map(|w| &mut w.end)) {
+                wire = None;
+            }
             stats.outbound = impair.stage.stats;
             *live.lock().unwrap_or_else(|e| e.into_inner()) = stats;
             while let Some(frame) = impair.pop() {

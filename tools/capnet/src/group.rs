@@ -513,7 +513,8 @@ fn broken_channels(engine: &mut Engine, links: &[(String, Kind, Kind)]) -> Vec<(
 /// code): `CAPNET_HOSTILE=KIND:ACTION:DELAY_MS` makes the group running KIND, in
 /// its first life, do ACTION once DELAY_MS after it started — `syscall` (one its
 /// policy forbids), `garbage` (write garbage over every channel area it owns),
-/// `wire` (the same over its side of an in-memory wire only), `loans` (return
+/// `wire` (the same over its side of an in-memory wire only, which it then
+/// leaves as it is), `loans` (return
 /// a loan it never had on every channel), `flood` (send ten
 /// thousand activity notices on every channel), `answers` (ten thousand
 /// answers to no call) or `pushes` (ten thousand pushed receives nobody asked for).
