@@ -154,9 +154,12 @@ impl MsgEnd {
                 if d.has(Descriptor::RETURN) {
                     self.pool.give_back(self.reader, d)?;
                 } else if d.has(Descriptor::CONTROL) {
-                    self.scratch.clear();
-                    self.view.read_into(d, &mut self.scratch)?;
-                    each(&self.scratch);
+                    let len = d.len as usize;
+                    if self.scratch.len() < len {
+                        self.scratch.resize(len, 0);
+                    }
+                    self.view.read_to(d, &mut self.scratch[..len])?;
+                    each(&self.scratch[..len]);
                     self.returns.push(Descriptor { flags: Descriptor::RETURN, ..*d });
                     n += 1;
                 } else {

@@ -447,10 +447,21 @@ impl PoolView {
 
     /// Checks `d` and appends its bytes to `out`.
     pub fn read_into(&self, d: &Descriptor, out: &mut Vec<u8>) -> Result<(), PoolError> {
-        self.check(d)?;
+        self.check(d)?; // before the buffer grows by a peer's length
         let start = out.len();
         out.resize(start + d.len as usize, 0);
-        self.region.copy_out(self.layout.buf_offset(d.index) + d.offset as usize, &mut out[start..]);
+        self.read_to(d, &mut out[start..])
+    }
+
+    /// Checks `d` and copies its bytes into `dst` (a buffer reused from message
+    /// to message, not zeroed again each time).
+    ///
+    /// # Panics
+    /// If `dst` is not `d.len` long (a caller bug: the caller sizes it).
+    pub fn read_to(&self, d: &Descriptor, dst: &mut [u8]) -> Result<(), PoolError> {
+        self.check(d)?;
+        assert_eq!(dst.len(), d.len as usize, "read_to: the destination is not the descriptor's length");
+        self.region.copy_out(self.layout.buf_offset(d.index) + d.offset as usize, dst);
         COPIED.fetch_add(u64::from(d.len), std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }

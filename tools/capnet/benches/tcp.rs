@@ -29,7 +29,11 @@ use capnet_tcp::Received;
 use capnet_testkit::bench::{median, write_section};
 use capnet_testkit::{Netns, Up};
 
-const CAPNET: &str = env!("CARGO_BIN_EXE_capnet");
+/// The capnet binary the TAP runs start: this build's, or `CAPNET_BIN` (to
+/// hold a saved build against this one, run after run).
+fn capnet_bin() -> String {
+    std::env::var("CAPNET_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_capnet").into())
+}
 /// What smoltcp's TAP benchmark moves per run.
 const AMOUNT: usize = 1_000_000_000;
 const CHUNK: usize = 1_000_000;
@@ -50,6 +54,8 @@ fn main() {
             let dir = if args[3] == "send" { Dir::CapnetSends } else { Dir::CapnetReceives };
             return println!("{:.2}", bench.capnet(up, dir, args[4].parse().expect("bytes")));
         }
+        // Linux to Linux over the veth pair, the figure the TAP runs are held to: `tcp veth BYTES`.
+        Some("veth") => return println!("{:.2}", Bench::new().veth(args[2].parse().expect("bytes"))),
         _ => {}
     }
     let quick = args.iter().any(|a| a == "--quick");
@@ -184,9 +190,9 @@ struct Bench {
 
 impl Bench {
     fn new() -> Self {
-        let mono = Up::new(CAPNET, "bench-mono", &["--mono"]);
-        let two = Up::new(CAPNET, "bench-fact", &[]); // the default graph: five processes
-                                                      // smoltcp's benchmark expects tap0 with the kernel at 192.168.69.100.
+        let mono = Up::new(&capnet_bin(), "bench-mono", &["--mono"]);
+        let two = Up::new(&capnet_bin(), "bench-fact", &[]); // the default graph: five processes
+                                                             // smoltcp's benchmark expects tap0 with the kernel at 192.168.69.100.
         let smol = Netns::new("bench-smol");
         smol.run_ok(&["ip", "tuntap", "add", "tap0", "mode", "tap"]);
         smol.run_ok(&["ip", "addr", "add", "192.168.69.100/24", "dev", "tap0"]);
