@@ -16,7 +16,7 @@ use rkyv::util::AlignedVec;
 use rkyv::{Archive, Deserialize, Serialize};
 
 /// The largest control message accepted.
-pub const MAX_CONTROL_LEN: usize = 272 * 1024;
+pub const MAX_CONTROL_LEN: usize = 1024 * 1024;
 
 /// Encoding or decoding a control message failed.
 #[derive(Debug, thiserror::Error)]

@@ -15,9 +15,11 @@ use crate::region::Region;
 use crate::shm_channel::{self, ShmChannelError, ShmEnd};
 use crate::{Descriptor, End, RingError};
 
-/// The largest message: a 256 KiB TCP read or write plus its call (fewer, larger
-/// calls: each costs a request, a reply and often a wake-up).
-pub const MAX_MESSAGE: u32 = 264 * 1024;
+/// The largest message: a TCP read or write of up to 1000 KiB plus its call
+/// (fewer, larger calls: each costs a request, a reply and often a wake-up). A
+/// buffer is at most 1 MiB, so this is as large as a message gets. Each side's
+/// pool is 16 of them, touched only as messages use them.
+pub const MAX_MESSAGE: u32 = 1016 * 1024;
 const BUFFERS: u32 = 16;
 
 /// What a message end needs from its side to be attached.

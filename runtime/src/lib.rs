@@ -171,9 +171,15 @@ pub struct Cores {
     epoch: StdInstant,
 }
 
+/// The receive buffer of the stack's TCP connections: twice the most an
+/// application takes in one call (`capnet_sockets::MAX_TCP_READ`), so the window
+/// stays open while a read's reply travels and is copied (docs/performance.md).
+pub const STACK_RECV_BUFFER: usize = 2 << 20;
+
 impl Cores {
     /// Every core, for `cfg`; UDP owns every UDP port and TCP every TCP port
-    /// (with the tcp core's default settings).
+    /// (with the tcp core's default settings but the receive buffer,
+    /// [`STACK_RECV_BUFFER`]).
     pub fn new(cfg: Config, udp_queue_bytes: usize) -> Self {
         Self::group(&[Kind::Ip, Kind::Tcp, Kind::Udp], cfg, udp_queue_bytes)
     }
@@ -183,6 +189,7 @@ impl Cores {
         let local = cfg.addr.address();
         let mut tcp_cfg = capnet_tcp::Config::new(local, random_secret());
         tcp_cfg.mtu = cfg.mtu;
+        tcp_cfg.recv_buffer = STACK_RECV_BUFFER;
         let ip = kinds.contains(&Kind::Ip).then(|| {
             let mut ip = IpCore::new(cfg, Instant::ZERO);
             ip.demux.insert(IpProtocol::Udp, 0..=65535, UDP);
@@ -339,12 +346,15 @@ impl Cores {
 
     /// Takes one frame from the device: an unfragmented datagram for udp or tcp
     /// goes to its core straight from the frame (no copy); everything else
-    /// through the ip core's outputs.
-    pub fn receive_frame(&mut self, frame: &[u8]) {
+    /// through the ip core's outputs. `vouched`: a TCP checksum the device left
+    /// partial on the kernel's word ([`capnet_driver::vnet::to_plain`]).
+    pub fn receive_frame(&mut self, frame: &[u8], vouched: bool) {
         let now = self.now();
         let Some(ip) = self.ip.as_mut() else { return };
         if let Some(d) = ip.receive_frame_local(now, frame) {
-            Self::deliver(&mut self.tcp, &mut self.udp, &mut self.links, &mut self.held, &mut self.touched, now, &d);
+            let (tcp, udp, links, held, touched) =
+                (&mut self.tcp, &mut self.udp, &mut self.links, &mut self.held, &mut self.touched);
+            Self::deliver(tcp, udp, links, held, touched, now, &d, vouched);
         }
     }
 
@@ -359,6 +369,7 @@ impl Cores {
         touched: &mut [bool; 2],
         now: Instant,
         d: &LocalDatagram,
+        vouched: bool,
     ) {
         let kind = match d.to {
             UDP => Kind::Udp,
@@ -368,17 +379,24 @@ impl Cores {
         match (kind, tcp, udp) {
             (Kind::Tcp, Some(tcp), _) => {
                 touched[0] = true;
-                tcp.receive(now, d.src, d.dst, d.payload)
+                match vouched {
+                    true => tcp.receive_vouched(now, d.src, d.dst, d.payload),
+                    false => tcp.receive(now, d.src, d.dst, d.payload),
+                }
             }
             (Kind::Udp, _, Some(udp)) => {
                 touched[1] = true;
                 udp.receive(d.src, d.dst, d.payload, d.ip_header)
             }
             _ => {
+                let mut payload = d.payload.to_vec();
+                if vouched {
+                    capnet_tcp::complete_checksum(d.src, d.dst, &mut payload);
+                }
                 let msg = wire::Msg::Deliver {
                     src: d.src.octets(),
                     dst: d.dst.octets(),
-                    payload: d.payload.to_vec(),
+                    payload,
                     ip_header: d.ip_header.to_vec(),
                 };
                 match held.as_mut() {
@@ -442,6 +460,7 @@ impl Cores {
                             &mut self.touched,
                             now,
                             &local,
+                            false,
                         )
                     }
                     Output::EchoReply(r) if r.to == SOCKETS => match self.link(Kind::Ip, Kind::Sockets) {
@@ -1062,6 +1081,9 @@ pub struct DeviceStats {
     pub write_errors: u64,
     /// Frames whose virtio-net header was malformed or asked for segmentation.
     pub vnet_refused: u64,
+    /// TCP frames whose partial checksum was taken on the kernel's word
+    /// (checksum offload into a TCP core in the same process).
+    pub checksums_vouched: u64,
     /// Times an in-memory wire's peer broke the channel protocol and was dropped.
     pub wire_refused: u64,
     /// Frames from a wire dropped because the stack held every buffer it may.
@@ -1080,14 +1102,19 @@ fn device_fd(dev: &Device) -> Result<(OwnedFd, bool), RuntimeError> {
 }
 
 /// The plain frame inside what the device handed over: as is, or with the
-/// virtio-net header stripped and a partial checksum completed (in place).
-/// `None` (counted) for a frame the header makes unusable.
-fn plain_frame<'a>(raw: &'a mut [u8], vnet: bool, stats: &mut DeviceStats) -> Option<&'a [u8]> {
+/// virtio-net header stripped and a partial checksum completed (in place) —
+/// or, with `vouch`, a partial TCP checksum left for the kernel's word (the
+/// `bool`: the frame must go to a TCP core told so). `None` (counted) for a
+/// frame the header makes unusable.
+fn plain_frame<'a>(raw: &'a mut [u8], vnet: bool, vouch: bool, stats: &mut DeviceStats) -> Option<(&'a [u8], bool)> {
     if !vnet {
-        return Some(raw);
+        return Some((raw, false));
     }
-    match capnet_driver::vnet::to_plain(raw) {
-        Ok(frame) => Some(frame),
+    match capnet_driver::vnet::to_plain(raw, vouch) {
+        Ok((frame, vouched)) => {
+            stats.checksums_vouched += u64::from(vouched);
+            Some((frame, vouched))
+        }
         Err(_) => {
             stats.vnet_refused += 1;
             None
@@ -1159,6 +1186,8 @@ pub struct MonoStack {
     /// Rings while the stack sleeps on channels and a frame arrives.
     watch: DeviceWatch,
     waiter: capnet_ipc::Waiter,
+    /// The last round stopped reading at its budget: the device may hold more.
+    backlog: bool,
 }
 
 /// How the mono stack sleeps on its applications' channels (futexes) and its
@@ -1283,6 +1312,7 @@ impl MonoStack {
             tap: FrameTap::default(),
             watch: DeviceWatch::start(&fd)?,
             waiter: capnet_ipc::Waiter::new(capnet_ipc::notify::SpinPolicy::DEFAULT),
+            backlog: false,
             fd,
         };
         s.flush();
@@ -1299,7 +1329,7 @@ impl MonoStack {
     fn flush(&mut self) {
         self.cores.receive_links();
         while let Some(f) = self.inbound.pop() {
-            self.cores.receive_frame(&f);
+            self.cores.receive_frame(&f, false);
         }
         let (out, fd, vnet, stats, tap) = (&mut self.outbound, &self.fd, self.vnet, &mut self.stats, &self.tap);
         self.cores.pump(|frame, tso| {
@@ -1316,6 +1346,10 @@ impl MonoStack {
     }
 }
 
+/// Frames the monolithic stack reads from its device in one round, before it
+/// serves its applications again.
+const MONO_READ_BUDGET: usize = 8;
+
 impl MonoStack {
     /// Sleeps until a frame, a message on a link or an application's channel,
     /// or the cores' next deadline; then takes every frame and runs the cores.
@@ -1329,7 +1363,9 @@ impl MonoStack {
         for due in [self.inbound.due_in(), self.outbound.due_in()].into_iter().flatten() {
             wait = wait.min(due);
         }
-        if apps.is_empty() && self.cores.links.is_empty() {
+        if self.backlog {
+            // Frames are waiting: no sleep (and no doorbell to ring at once).
+        } else if apps.is_empty() && self.cores.links.is_empty() {
             wait_readable(&self.fd, wait)?;
         } else if !wait.is_zero() {
             self.watch.arm();
@@ -1340,20 +1376,33 @@ impl MonoStack {
             wait_on(&mut self.waiter, ends, wait);
             self.watch.quiet();
         }
+        // At most a budget of frames a round: a sender the ACKs keep busy fills
+        // the device as fast as it is read, and the applications' calls (which
+        // drain the receive buffers and so open the windows) wait for the round.
+        let mut budget = MONO_READ_BUDGET;
+        self.backlog = false;
         while let Some(n) = read_frame(&self.fd, &mut self.buf)? {
+            budget -= 1;
+            self.backlog = budget == 0;
             self.stats.frames_read += 1;
             self.stats.device_bytes += n as u64;
-            let Some(frame) = plain_frame(&mut self.buf[..n], self.vnet, &mut self.stats) else {
+            // Checksums are vouched for only on frames that go straight to the
+            // cores: an impairment stage may corrupt what it holds.
+            let vouch = self.inbound.passthrough;
+            let Some((frame, vouched)) = plain_frame(&mut self.buf[..n], self.vnet, vouch, &mut self.stats) else {
                 continue;
             };
             self.tap.record(frame);
             if self.inbound.passthrough {
                 self.inbound.passed();
-                self.cores.receive_frame(frame);
+                self.cores.receive_frame(frame, vouched);
             } else {
                 self.inbound.push(frame.to_vec());
             }
             self.flush();
+            if self.backlog {
+                break;
+            }
         }
         self.flush();
         Ok(())

@@ -722,7 +722,9 @@ fn reader_loop(side: DeviceSide, pool: BufferPool, stack: ReaderId, end: ShmEnd)
                             let Some(n) = read_frame(fd, &mut buf)? else { break };
                             stats.frames_read += 1;
                             stats.device_bytes += n as u64;
-                            let Some(frame) = plain_frame(&mut buf[..n], vnet, &mut stats) else { continue };
+                            let Some((frame, _)) = plain_frame(&mut buf[..n], vnet, false, &mut stats) else {
+                                continue;
+                            };
                             tap.record(frame);
                             impair.passed();
                             if !lend(frame, &mut batch)? {
@@ -733,7 +735,7 @@ fn reader_loop(side: DeviceSide, pool: BufferPool, stack: ReaderId, end: ShmEnd)
                         while let Some(n) = read_frame(fd, &mut buf)? {
                             stats.frames_read += 1;
                             stats.device_bytes += n as u64;
-                            if let Some(frame) = plain_frame(&mut buf[..n], vnet, &mut stats) {
+                            if let Some((frame, _)) = plain_frame(&mut buf[..n], vnet, false, &mut stats) {
                                 tap.record(frame);
                                 impair.push(frame.to_vec());
                             }
@@ -943,7 +945,7 @@ impl StackGroup {
         loop {
             let cores = &mut self.cores;
             if input.recv(256, |f| {
-                cores.receive_frame(f);
+                cores.receive_frame(f, false);
                 Ok(())
             })? == 0
             {

@@ -5,7 +5,10 @@
 //! pseudo-header sum, the rest is ours to add), and takes ours without computing
 //! anything. The driver completes partial checksums at the device edge, so the
 //! protocol cores only ever see plain frames, and sends with a header that asks
-//! for nothing. A TCP segmentation-offload super-frame (GSO TCPv4, up to 64 KiB)
+//! for nothing — except where the frame goes straight to a TCP core in the same
+//! process, which can be told: there a partial TCP checksum is taken on the
+//! kernel's word (the frame never crossed a wire; Linux's own virtio-net guests
+//! treat it as `CHECKSUM_PARTIAL`, valid), and neither completed nor verified. A TCP segmentation-offload super-frame (GSO TCPv4, up to 64 KiB)
 //! is taken whole, as one large segment: the IP total length covers it and its
 //! checksum is completed like any other, so TCP receives it in one piece (what
 //! GRO would have made of its segments). Other GSO types were never negotiated
@@ -57,9 +60,12 @@ pub enum VnetError {
     Gso(u8),
 }
 
-/// The frame behind the header of `frame`, a partial checksum completed in
-/// place (no copy: a super-frame is 64 KiB).
-pub fn to_plain(frame: &mut [u8]) -> Result<&[u8], VnetError> {
+/// The frame behind the header of `frame`, and whether its TCP checksum was
+/// left partial for the kernel's word. With `vouch`, a TCP/IPv4 frame whose
+/// checksum the kernel left partial keeps it (the caller must tell its TCP core
+/// not to verify it); every other partial checksum is completed in place (no
+/// copy: a super-frame is 64 KiB).
+pub fn to_plain(frame: &mut [u8], vouch: bool) -> Result<(&[u8], bool), VnetError> {
     let (hdr, out) = frame.split_at_mut_checked(HEADER_LEN).ok_or(VnetError::Malformed)?;
     let (flags, gso_type) = (hdr[0], hdr[1]);
     if gso_type != 0 && gso_type & !GSO_ECN != GSO_TCPV4 {
@@ -71,6 +77,10 @@ pub fn to_plain(frame: &mut [u8]) -> Result<&[u8], VnetError> {
         if start > out.len() || field + 2 > out.len() {
             return Err(VnetError::Malformed);
         }
+        // Ethernet type IPv4, protocol TCP, the checksum at TCP's offset 16.
+        if vouch && out.get(12..14) == Some(&[8, 0]) && out.get(23) == Some(&6) && field - start == 16 {
+            return Ok((out, true));
+        }
         // RFC 1071 over everything from csum_start, the partial sum included
         // (smoltcp's sum: unrolled, vectorised; a super-frame is 64 KiB).
         let mut csum = !smoltcp::wire::checksum::data(&out[start..]);
@@ -79,7 +89,7 @@ pub fn to_plain(frame: &mut [u8]) -> Result<&[u8], VnetError> {
         }
         out[field..field + 2].copy_from_slice(&csum.to_be_bytes());
     }
-    Ok(out)
+    Ok((out, false))
 }
 
 #[cfg(test)]
@@ -102,7 +112,10 @@ mod tests {
         frame[0] = F_NEEDS_CSUM;
         frame[6..8].copy_from_slice(&((udp - HEADER_LEN) as u16).to_le_bytes());
         frame[8..10].copy_from_slice(&6u16.to_le_bytes());
-        let out = to_plain(&mut frame).expect("plain").to_vec();
+        // UDP is completed even where TCP would be vouched for.
+        let (out, vouched) = to_plain(&mut frame, true).expect("plain");
+        assert!(!vouched);
+        let out = out.to_vec();
         // Verify: the full checksum over pseudo-header + segment folds to all ones.
         let seg = &out[udp - HEADER_LEN..];
         let mut sum: u32 = 0x0a00 + 0x0001 + 0x0a00 + 0x0002 + 17 + 10;
@@ -135,13 +148,33 @@ mod tests {
     fn tcp_gso_is_taken_whole_other_gso_and_bad_offsets_are_refused() {
         let mut f = vec![0u8; 40];
         f[1] = GSO_TCPV4 | GSO_ECN;
-        assert_eq!(to_plain(&mut f).map(<[u8]>::len), Ok(40 - HEADER_LEN));
+        assert_eq!(to_plain(&mut f, false).map(|(p, _)| p.len()), Ok(40 - HEADER_LEN));
         f[1] = 3; // VIRTIO_NET_HDR_GSO_UDP: never negotiated
-        assert_eq!(to_plain(&mut f), Err(VnetError::Gso(3)));
+        assert_eq!(to_plain(&mut f, false), Err(VnetError::Gso(3)));
         f[1] = 0;
         f[0] = F_NEEDS_CSUM;
         f[6..8].copy_from_slice(&500u16.to_le_bytes());
-        assert_eq!(to_plain(&mut f), Err(VnetError::Malformed));
-        assert_eq!(to_plain(&mut f[..5]), Err(VnetError::Malformed));
+        assert_eq!(to_plain(&mut f, true), Err(VnetError::Malformed));
+        assert_eq!(to_plain(&mut f[..5], false), Err(VnetError::Malformed));
+    }
+
+    #[test]
+    fn a_partial_tcp_checksum_is_vouched_for_only_when_asked() {
+        // Ethernet (type IPv4), IPv4 (protocol TCP), a 20-byte TCP header, 10 bytes.
+        let mut frame = vec![0u8; HEADER_LEN + 14 + 20 + 20 + 10];
+        let eth = HEADER_LEN;
+        frame[eth + 12..eth + 14].copy_from_slice(&[8, 0]);
+        frame[eth + 14] = 0x45;
+        frame[eth + 14 + 9] = 6;
+        frame[0] = F_NEEDS_CSUM;
+        frame[6..8].copy_from_slice(&34u16.to_le_bytes());
+        frame[8..10].copy_from_slice(&16u16.to_le_bytes());
+        frame[eth + 34 + 16..eth + 34 + 18].copy_from_slice(&[0x12, 0x34]); // the partial sum
+        let (out, vouched) = to_plain(&mut frame.clone(), true).map(|(p, v)| (p.to_vec(), v)).expect("plain");
+        assert!(vouched, "left partial, on the kernel's word");
+        assert_eq!(out[34 + 16..34 + 18], [0x12, 0x34], "untouched");
+        let (out, vouched) = to_plain(&mut frame, false).map(|(p, v)| (p.to_vec(), v)).expect("plain");
+        assert!(!vouched);
+        assert_ne!(out[34 + 16..34 + 18], [0x12, 0x34], "completed");
     }
 }

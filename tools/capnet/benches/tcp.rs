@@ -10,6 +10,10 @@
 //!   pair. The Linux side is the same client everywhere: a std `TcpStream` moving
 //!   the data in 1 MB calls, timed from connect to its last call, as smoltcp's is.
 //!
+//! The Linux sender uses the machine's default congestion control (BBR here,
+//! which paces) and, in rows of their own, CUBIC (set on its socket): the ratio
+//! to Linux over veth differs a lot between the two.
+//!
 //! Runs alternate so drift hits every configuration alike; each figure is the
 //! median of the rounds. `cargo bench -p capnet --bench tcp [-- --quick]` (what
 //! `make bench` runs) rewrites the tcp-bench section of docs/results.md. The
@@ -52,16 +56,18 @@ fn main() {
             let bench = Bench::new();
             let up = if args[2] == "mono" { &bench.mono } else { &bench.two };
             let dir = if args[3] == "send" { Dir::CapnetSends } else { Dir::CapnetReceives };
-            return println!("{:.2}", bench.capnet(up, dir, args[4].parse().expect("bytes")));
+            return println!("{:.2}", bench.capnet(up, dir, args[4].parse().expect("bytes"), args.get(5)));
         }
-        // Linux to Linux over the veth pair, the figure the TAP runs are held to: `tcp veth BYTES`.
-        Some("veth") => return println!("{:.2}", Bench::new().veth(args[2].parse().expect("bytes"))),
+        // Linux to Linux over the veth pair, the figure the TAP runs are held to:
+        // `tcp veth BYTES [CC]`.
+        Some("veth") => return println!("{:.2}", Bench::new().veth(args[2].parse().expect("bytes"), args.get(3))),
         _ => {}
     }
     let quick = args.iter().any(|a| a == "--quick");
     let (rounds, amount) = if quick { (1, 100_000_000) } else { (3, AMOUNT) };
     let smol = smoltcp_examples();
     let bench = Bench::new();
+    let cubic = String::from("cubic");
     let mut runs: Vec<(&str, Vec<f64>)> = Vec::new();
     let mut add = |name: &'static str, v: Option<f64>| match runs.iter_mut().find(|r| r.0 == name) {
         Some(r) => r.1.extend(v),
@@ -72,20 +78,22 @@ fn main() {
         add("mem capnet", Some(memwire(amount / 4, 1500)));
         add("mem capnet 64k", Some(memwire(amount / 4, 65535)));
         add("mem smoltcp", smol.as_ref().and_then(smoltcp_loopback));
-        add("tap mono send", Some(bench.capnet(&bench.mono, Dir::CapnetSends, amount)));
-        add("tap mono recv", Some(bench.capnet(&bench.mono, Dir::CapnetReceives, amount)));
-        add("tap two send", Some(bench.capnet(&bench.two, Dir::CapnetSends, amount)));
-        add("tap two recv", Some(bench.capnet(&bench.two, Dir::CapnetReceives, amount)));
+        add("tap mono send", Some(bench.capnet(&bench.mono, Dir::CapnetSends, amount, None)));
+        add("tap mono recv", Some(bench.capnet(&bench.mono, Dir::CapnetReceives, amount, None)));
+        add("tap mono recv cubic", Some(bench.capnet(&bench.mono, Dir::CapnetReceives, amount, Some(&cubic))));
+        add("tap two send", Some(bench.capnet(&bench.two, Dir::CapnetSends, amount, None)));
+        add("tap two recv", Some(bench.capnet(&bench.two, Dir::CapnetReceives, amount, None)));
         add("tap smoltcp send", smol.as_ref().and_then(|s| bench.smoltcp(s, Dir::CapnetSends)));
         add("tap smoltcp recv", smol.as_ref().and_then(|s| bench.smoltcp(s, Dir::CapnetReceives)));
-        add("veth linux", Some(bench.veth(amount)));
+        add("veth linux", Some(bench.veth(amount, None)));
+        add("veth linux cubic", Some(bench.veth(amount, Some(&cubic))));
     }
     let fig = |name: &str| runs.iter().find(|r| r.0 == name).filter(|r| !r.1.is_empty()).map(|r| median(r.1.clone()));
     let ratio = |a: &str, b: &str| match (fig(a), fig(b)) {
         (Some((x, _)), Some((y, _))) => format!("{:.2}×", x / y),
         _ => "—".into(),
     };
-    let rows: [(&str, &str, &str, String, String); 10] = [
+    let rows: [(&str, &str, &str, String, String); 12] = [
         ("in memory, MTU 1500", "capnet mono → capnet mono", "mem capnet", "—".into(), "—".into()),
         (
             "in memory, MTU 65535",
@@ -144,6 +152,14 @@ fn main() {
             ratio("tap smoltcp recv", "veth linux"),
         ),
         ("veth", "Linux → Linux", "veth linux", "—".into(), "1.00×".into()),
+        (
+            "TAP",
+            "Linux, CUBIC → capnet mono",
+            "tap mono recv cubic",
+            "—".into(),
+            ratio("tap mono recv cubic", "veth linux cubic"),
+        ),
+        ("veth", "Linux, CUBIC → Linux", "veth linux cubic", "—".into(), "1.00× (CUBIC rows)".into()),
     ];
     let mut table = String::from(
         "| path | sender → receiver | Gbit/s (median) | spread | vs smoltcp, same path and direction | vs Linux over veth |\n|---|---|---|---|---|---|\n",
@@ -154,8 +170,9 @@ fn main() {
         table += &format!("| {path} | {what} | {g} | {s} | {vs_smol} | {vs_linux} |\n");
     }
     table += &format!(
-        "\n{rounds} rounds; {amount} bytes per capnet TAP and veth run, {} in memory (smoltcp's benchmarks move their own fixed 1 GB / 1 GiB).\n",
-        amount / 4
+        "\n{rounds} rounds; {amount} bytes per capnet TAP and veth run, {} in memory (smoltcp's benchmarks move their own fixed 1 GB / 1 GiB). The Linux sender's congestion control: the machine's default ({}) except in the CUBIC rows, which are held to Linux → Linux with CUBIC.\n",
+        amount / 4,
+        std::fs::read_to_string("/proc/sys/net/ipv4/tcp_congestion_control").unwrap_or_default().trim()
     );
     println!("\n{table}");
     if !quick {
@@ -209,19 +226,20 @@ impl Bench {
 
     /// The Linux-side client in namespace `ns`: Gbit/s as it timed itself, or
     /// `None` if it could not connect.
-    fn client(&self, ns: &str, mode: &str, addr: &str, port: u16, amount: usize) -> Option<f64> {
+    fn client(&self, ns: &str, mode: &str, addr: &str, port: u16, amount: usize, cc: Option<&String>) -> Option<f64> {
         let out = Command::new("ip")
             .args(["netns", "exec", ns])
             .arg(&self.exe)
             .args(["client", mode, addr, &port.to_string(), &amount.to_string()])
+            .args(cc)
             .output()
             .expect("run the client");
         String::from_utf8_lossy(&out.stdout).trim().parse().ok()
     }
 
     /// capnet serves through `capnet::net` (an attached application, as users
-    /// run it); the Linux kernel is the client.
-    fn capnet(&self, up: &Up, dir: Dir, amount: usize) -> f64 {
+    /// run it); the Linux kernel is the client (sending with `cc`, if given).
+    fn capnet(&self, up: &Up, dir: Dir, amount: usize, cc: Option<&String>) -> f64 {
         let stack = Stack::attach(up.name()).expect("attach");
         let port = match dir {
             Dir::CapnetSends => 1234,
@@ -245,7 +263,7 @@ impl Bench {
             drop(s);
             drop(stack);
         });
-        let g = self.client(up.name(), dir.client_mode(), "10.77.0.2", port, amount).expect("the client ran");
+        let g = self.client(up.name(), dir.client_mode(), "10.77.0.2", port, amount, cc).expect("the client ran");
         server.join().expect("server");
         g
     }
@@ -264,18 +282,20 @@ impl Bench {
         g
     }
 
-    /// Linux to Linux over the veth pair, with the same client.
-    fn veth(&self, amount: usize) -> f64 {
+    /// Linux to Linux over the veth pair, with the same client (the server
+    /// sends, with `cc` if given).
+    fn veth(&self, amount: usize, cc: Option<&String>) -> f64 {
         let (a, b) = &self.veth;
         let mut server = Command::new("ip")
             .args(["netns", "exec", a.name()])
             .arg(&self.exe)
             .args(["server", "10.99.0.1:1234", &amount.to_string()])
+            .args(cc)
             .spawn()
             .expect("server");
         // The server may not listen yet: the client retries.
         let g = (0..100).find_map(|_| {
-            let g = self.client(b.name(), "reader", "10.99.0.1", 1234, amount);
+            let g = self.client(b.name(), "reader", "10.99.0.1", 1234, amount, None);
             if g.is_none() {
                 std::thread::sleep(std::time::Duration::from_millis(50));
             }
@@ -286,14 +306,20 @@ impl Bench {
     }
 }
 
-/// `client reader|writer ADDR PORT AMOUNT`: connects, moves AMOUNT bytes in 1 MB
-/// calls and prints Gbit/s from connect to its last call (exit 2: no connection).
+/// `client reader|writer ADDR PORT AMOUNT [CC]`: connects, moves AMOUNT bytes in
+/// 1 MB calls and prints Gbit/s from connect to its last call (exit 2: no
+/// connection). CC: the congestion control its socket sends with.
 fn client(args: &[String]) {
-    let [mode, addr, port, amount] = args else { panic!("client MODE ADDR PORT AMOUNT") };
+    let (mode, addr, port, amount, cc) = match args {
+        [m, a, p, n] => (m, a, p, n, None),
+        [m, a, p, n, cc] => (m, a, p, n, Some(cc)),
+        _ => panic!("client MODE ADDR PORT AMOUNT [CC]"),
+    };
     let amount: usize = amount.parse().expect("amount");
     let Ok(mut s) = StdStream::connect((addr.as_str(), port.parse::<u16>().expect("port"))) else {
         std::process::exit(2);
     };
+    congestion_control(&s, cc);
     let mut buf = vec![0u8; CHUNK];
     let start = Instant::now();
     let mut done = 0;
@@ -310,18 +336,31 @@ fn client(args: &[String]) {
     println!("{:.3}", done as f64 * 8.0 / secs / 1e9);
 }
 
-/// `server ADDR:PORT AMOUNT`: accepts one connection and writes AMOUNT bytes.
+/// `server ADDR:PORT AMOUNT [CC]`: accepts one connection and writes AMOUNT
+/// bytes (with congestion control CC).
 fn server(args: &[String]) {
-    let [addr, amount] = args else { panic!("server ADDR:PORT AMOUNT") };
+    let (addr, amount, cc) = match args {
+        [a, n] => (a, n, None),
+        [a, n, cc] => (a, n, Some(cc)),
+        _ => panic!("server ADDR:PORT AMOUNT [CC]"),
+    };
     let amount: usize = amount.parse().expect("amount");
     let l = StdListener::bind(addr.as_str()).expect("bind");
     let (mut s, _) = l.accept().expect("accept");
+    congestion_control(&s, cc);
     let buf = vec![0u8; CHUNK];
     let mut left = amount;
     while left > 0 {
         let n = left.min(CHUNK);
         s.write_all(&buf[..n]).expect("write");
         left -= n;
+    }
+}
+
+/// Sets the socket's congestion control (Linux's `TCP_CONGESTION`), if asked.
+fn congestion_control(s: &StdStream, cc: Option<&String>) {
+    if let Some(cc) = cc {
+        rustix::net::sockopt::set_tcp_congestion(s, cc).expect("set the congestion control");
     }
 }
 
@@ -350,11 +389,11 @@ fn memwire(amount: usize, mtu: usize) -> f64 {
         }
         a.pump(|f, _| wire.push(f));
         for f in wire.drain(..) {
-            b.receive_frame(&f);
+            b.receive_frame(&f, false);
         }
         b.pump(|f, _| wire.push(f));
         for f in wire.drain(..) {
-            a.receive_frame(&f);
+            a.receive_frame(&f, false);
         }
         if conn.is_none() {
             conn = b.tcp().accept(l).expect("accept");

@@ -181,6 +181,7 @@ pub fn driver_counters(d: &capnet_runtime::DeviceStats) -> BTreeMap<String, u64>
     c.insert("wire_refused".into(), d.wire_refused);
     c.insert("rx_dropped".into(), d.rx_dropped);
     c.insert("device_bytes".into(), d.device_bytes);
+    c.insert("checksums_vouched".into(), d.checksums_vouched);
     for (dir, s) in [("in", d.inbound), ("out", d.outbound)] {
         c.insert(format!("impair_{dir}_dropped"), s.dropped);
         c.insert(format!("impair_{dir}_duplicated"), s.duplicated);

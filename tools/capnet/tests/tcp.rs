@@ -268,8 +268,8 @@ fn linux_agrees_to_our_mss_window_scale_sack_and_timestamps() {
         std::thread::sleep(Duration::from_millis(200));
         let out = up.in_ns(&["ss", "-tin", "dst", "10.77.0.2"]);
         let text = String::from_utf8_lossy(&out.stdout);
-        // `wscale:S,R`: S is what we offered (1 MiB receive buffer → 5).
-        assert!(text.contains("wscale:5,"), "{mode:?}: {text}");
+        // `wscale:S,R`: S is what we offered (2 MiB receive buffer → 6).
+        assert!(text.contains("wscale:6,"), "{mode:?}: {text}");
         // We offered MSS 1460 (MTU 1500); Linux sends 1448 of it: 12 bytes of every
         // segment carry the timestamps both sides agreed on.
         assert!(text.contains(" mss:1448"), "{mode:?}: {text}");
