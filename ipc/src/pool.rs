@@ -450,7 +450,8 @@ impl PoolView {
         self.check(d)?; // before the buffer grows by a peer's length
         let start = out.len();
         out.resize(start + d.len as usize, 0);
-        self.read_to(d, &mut out[start..])
+        self.copy_checked(d, &mut out[start..]);
+        Ok(())
     }
 
     /// Checks `d` and copies its bytes into `dst` (a buffer reused from message
@@ -461,9 +462,14 @@ impl PoolView {
     pub fn read_to(&self, d: &Descriptor, dst: &mut [u8]) -> Result<(), PoolError> {
         self.check(d)?;
         assert_eq!(dst.len(), d.len as usize, "read_to: the destination is not the descriptor's length");
+        self.copy_checked(d, dst);
+        Ok(())
+    }
+
+    /// Copies a checked descriptor's bytes into `dst` (its length), counted.
+    fn copy_checked(&self, d: &Descriptor, dst: &mut [u8]) {
         self.region.copy_out(self.layout.buf_offset(d.index) + d.offset as usize, dst);
         COPIED.fetch_add(u64::from(d.len), std::sync::atomic::Ordering::Relaxed);
-        Ok(())
     }
 
     /// Gathers a chain (every descriptor but the last has [`Descriptor::MORE`]) into

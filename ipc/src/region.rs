@@ -159,13 +159,12 @@ impl Region {
     pub fn copy_in(&self, off: usize, src: &[u8]) {
         let end = off.checked_add(src.len()).expect("offset overflow");
         assert!(end <= self.map.len(), "copy_in out of bounds: {off}+{} > {}", src.len(), self.map.len());
-        // SAFETY: [off, end) is inside our live writable mapping (checked above) and
-        // `src` is private memory, so the ranges do not overlap. Other processes map
-        // the region read-only (sealed FUTURE_WRITE) and load atomically; inside this
-        // process only the holder of a range writes or reads it (the pool's and the
-        // ring's ownership rules), so a plain copy races with nothing this process
-        // does — and a plain copy is a vectorised `memcpy`, several times faster than
-        // word-by-word atomic stores for the 256 KiB messages of a TCP stream.
+        // A plain copy (a vectorised `memcpy`), several times faster than word-by-word
+        // atomic stores for a TCP stream's large messages. Other processes map the
+        // region read-only (sealed FUTURE_WRITE) and load atomically.
+        // SAFETY: [off, end) is inside our live writable mapping (checked above), `src`
+        // is private memory (no overlap), and in this process only a range's holder
+        // touches it (the pool's and the ring's ownership rules): nothing races.
         unsafe { std::ptr::copy_nonoverlapping(src.as_ptr(), self.map.as_ptr().cast_mut().add(off), src.len()) }
     }
 
