@@ -455,3 +455,29 @@ fn capture_is_read_back_by_tcpdump_and_shows_the_handshake() {
         assert!(text.contains("HTTP") || lines.len() >= 6, "{mode:?}: the exchange follows:\n{text}");
     }
 }
+
+/// A group that holds the device and ip but not tcp: it takes the kernel's
+/// partial TCP checksums on its word (checksum offload, as the one-group stack
+/// does) and completes each before the segment leaves for the tcp domain in
+/// another process, which verifies it — nothing is dropped for its checksum.
+#[test]
+fn partial_checksums_are_completed_for_a_tcp_domain_in_another_process() {
+    let three = include_str!("../graphs/three-group.toml");
+    let groups = three.find("[groups.driver]").expect("the three-group graph's groups");
+    let stack = three.find("[groups.stack]").expect("its transports' group");
+    let edge = "[groups.edge]\ndomains = [\"driver\", \"ip\"]\nuid = 61100\n\
+                namespaces = [\"user\", \"pid\", \"mount\", \"net\", \"ipc\"]\nseccomp = [\"driver\", \"ip\"]\n\
+                rlimits = { nofile = 64, address_space_mib = 4096 }\n\n";
+    let scratch = Scratch::new("tcp-edge-graph");
+    let graph = scratch.path("edge.toml");
+    std::fs::write(&graph, format!("{}{edge}{}", &three[..groups], &three[stack..])).expect("write the graph");
+    let Served { up, dir, data, .. } = &serving("tcp-edge", &[&graph], "five", 5 << 20);
+    let _py = up.spawn_in_ns(&["python3", "-m", "http.server", "8000", "--bind", "10.77.0.1", "-d", &dir.path("")]);
+    linux_listening(up, 8000);
+    let got = dir.path("get-got");
+    let out = up.capnet(&["http-get", "http://10.77.0.1:8000/five", "-o", &got]);
+    assert!(out.status.success(), "http-get: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(std::fs::read(&got).expect("http-get output") == *data, "http-get's copy differs");
+    assert!(up.counter("driver", "checksums_vouched") > 10, "the device's group vouched for the kernel's checksums");
+    assert_eq!(up.counter("tcp", "drop_tcp_bad_checksum"), 0, "and completed every one on its way to tcp");
+}
