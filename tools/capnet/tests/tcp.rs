@@ -96,6 +96,7 @@ fn fifty_megabytes_each_way_with_curl_and_python_byte_exact() {
         // Receiving, a one-group stack takes the kernel's partial TCP checksums on
         // its word (checksum offload) — and the copy is still byte-exact; a driver
         // whose frames go on to another process completes every one.
+        std::thread::sleep(Duration::from_millis(500)); // status is refreshed every 200 ms
         let vouched = up.counter("driver", "checksums_vouched");
         match mode.contains(&"--mono") {
             true => assert!(vouched > 100, "{mode:?}: {vouched} checksums vouched for"),
@@ -478,6 +479,7 @@ fn partial_checksums_are_completed_for_a_tcp_domain_in_another_process() {
     let out = up.capnet(&["http-get", "http://10.77.0.1:8000/five", "-o", &got]);
     assert!(out.status.success(), "http-get: {}", String::from_utf8_lossy(&out.stderr));
     assert!(std::fs::read(&got).expect("http-get output") == *data, "http-get's copy differs");
+    std::thread::sleep(Duration::from_millis(500)); // status is refreshed every 200 ms
     assert!(up.counter("driver", "checksums_vouched") > 10, "the device's group vouched for the kernel's checksums");
     assert_eq!(up.counter("tcp", "drop_tcp_bad_checksum"), 0, "and completed every one on its way to tcp");
 }
