@@ -64,6 +64,21 @@ struct Served {
     up: Up,
 }
 
+impl Served {
+    /// capnet `http-get` fetches `name` from Python's http.server on the Linux
+    /// side (serving the same directory): it succeeds and its copy is
+    /// byte-exact. `what` names the case in a failure.
+    fn fetch_from_linux(&self, name: &str, what: &str) {
+        let dir = self.dir.path("");
+        let _py = self.up.spawn_in_ns(&["python3", "-m", "http.server", "8000", "--bind", "10.77.0.1", "-d", &dir]);
+        linux_listening(&self.up, 8000);
+        let got = self.dir.path("get-got");
+        let out = self.up.capnet(&["http-get", &format!("http://10.77.0.1:8000/{name}"), "-o", &got]);
+        assert!(out.status.success(), "{what}: http-get: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(std::fs::read(&got).expect("http-get output") == self.data, "{what}: http-get's copy differs");
+    }
+}
+
 fn serving(tag: &str, mode: &[&str], name: &str, len: usize) -> Served {
     let up = Up::new(CAPNET, tag, mode);
     let dir = Scratch::new(tag);
@@ -76,7 +91,8 @@ fn serving(tag: &str, mode: &[&str], name: &str, len: usize) -> Served {
 #[test]
 fn fifty_megabytes_each_way_with_curl_and_python_byte_exact() {
     for mode in MODES {
-        let Served { up, dir, data, .. } = &serving("tcp-bulk", mode, "big", 50 << 20);
+        let served = serving("tcp-bulk", mode, "big", 50 << 20);
+        let Served { up, dir, data, .. } = &served;
         // curl on the Linux side fetches from capnet.
         let got = dir.path("curl-got");
         let out = up.in_ns(&["curl", "-sS", "--max-time", "120", "-o", &got, "http://10.77.0.2/big"]);
@@ -87,12 +103,7 @@ fn fifty_megabytes_each_way_with_curl_and_python_byte_exact() {
         let segments = up.counter("tcp", "data_segments_out") as usize;
         assert!(segments * 1448 * 4 < data.len(), "{mode:?}: {segments} data segments for {} bytes", data.len());
         // capnet http-get fetches from Python's http.server on the Linux side.
-        let _py = up.spawn_in_ns(&["python3", "-m", "http.server", "8000", "--bind", "10.77.0.1", "-d", &dir.path("")]);
-        linux_listening(up, 8000);
-        let got = dir.path("get-got");
-        let out = up.capnet(&["http-get", "http://10.77.0.1:8000/big", "-o", &got]);
-        assert!(out.status.success(), "{mode:?}: http-get: {}", String::from_utf8_lossy(&out.stderr));
-        assert!(std::fs::read(&got).expect("http-get output") == *data, "{mode:?}: http-get's copy differs");
+        served.fetch_from_linux("big", &format!("{mode:?}"));
         // Receiving, a one-group stack takes the kernel's partial TCP checksums on
         // its word (checksum offload) — and the copy is still byte-exact; a driver
         // whose frames go on to another process completes every one.
@@ -343,20 +354,15 @@ fn five_megabytes_each_way_through_seeded_loss_and_reordering() {
     for (tag, impair) in impairments {
         for mode in MODES {
             let args = [mode, impair].concat();
-            let Served { up, dir, data, .. } = &serving(tag, &args, "five", 5 << 20);
+            let served = serving(tag, &args, "five", 5 << 20);
+            let Served { up, dir, data, .. } = &served;
             // capnet sends: curl fetches from http-serve (the hang guard is curl's).
             let got = dir.path("curl-got");
             let out = up.in_ns(&["curl", "-sS", "--max-time", "300", "-o", &got, "http://10.77.0.2/five"]);
             assert!(out.status.success(), "{tag} {mode:?}: curl: {}", String::from_utf8_lossy(&out.stderr));
             assert!(std::fs::read(&got).expect("curl output") == *data, "{tag} {mode:?}: curl's copy differs");
             // capnet receives: http-get from Python's http.server.
-            let _py =
-                up.spawn_in_ns(&["python3", "-m", "http.server", "8000", "--bind", "10.77.0.1", "-d", &dir.path("")]);
-            linux_listening(up, 8000);
-            let got = dir.path("get-got");
-            let out = up.capnet(&["http-get", "http://10.77.0.1:8000/five", "-o", &got]);
-            assert!(out.status.success(), "{tag} {mode:?}: http-get: {}", String::from_utf8_lossy(&out.stderr));
-            assert!(std::fs::read(&got).expect("http-get output") == *data, "{tag} {mode:?}: http-get's copy differs");
+            served.fetch_from_linux("five", &format!("{tag} {mode:?}"));
             // The link really lost frames, and capnet really repaired them.
             assert!(up.counter("driver", "impair_out_dropped") > 0, "{tag} {mode:?}: nothing was dropped");
             assert!(up.counter("tcp", "retransmits") > 0, "{tag} {mode:?}: nothing was retransmitted");
@@ -472,13 +478,9 @@ fn partial_checksums_are_completed_for_a_tcp_domain_in_another_process() {
     let scratch = Scratch::new("tcp-edge-graph");
     let graph = scratch.path("edge.toml");
     std::fs::write(&graph, format!("{}{edge}{}", &three[..groups], &three[stack..])).expect("write the graph");
-    let Served { up, dir, data, .. } = &serving("tcp-edge", &[&graph], "five", 5 << 20);
-    let _py = up.spawn_in_ns(&["python3", "-m", "http.server", "8000", "--bind", "10.77.0.1", "-d", &dir.path("")]);
-    linux_listening(up, 8000);
-    let got = dir.path("get-got");
-    let out = up.capnet(&["http-get", "http://10.77.0.1:8000/five", "-o", &got]);
-    assert!(out.status.success(), "http-get: {}", String::from_utf8_lossy(&out.stderr));
-    assert!(std::fs::read(&got).expect("http-get output") == *data, "http-get's copy differs");
+    let served = serving("tcp-edge", &[&graph], "five", 5 << 20);
+    served.fetch_from_linux("five", "device and ip in one group");
+    let up = &served.up;
     std::thread::sleep(Duration::from_millis(500)); // status is refreshed every 200 ms
     assert!(up.counter("driver", "checksums_vouched") > 10, "the device's group vouched for the kernel's checksums");
     assert_eq!(up.counter("tcp", "drop_tcp_bad_checksum"), 0, "and completed every one on its way to tcp");
