@@ -100,6 +100,9 @@ impl MsgHalf {
         let mut pool = self.pool;
         let reader = pool.add_reader(BUFFERS);
         let view = PoolView::attach(peer.pool, end.other() as u16 + 1)?;
+        if view.layout() != LAYOUT {
+            return Err(MsgError::Pool(PoolError::Header("a message pool of another shape")));
+        }
         Ok(MsgEnd { chan, pool, reader, view, returns: Vec::new(), inbox: Vec::new(), scratch: Vec::new() })
     }
 }
@@ -120,6 +123,11 @@ impl MsgEnd {
     /// The channel end (to wait on it).
     pub fn channel(&mut self) -> &mut ShmEnd {
         &mut self.chan
+    }
+
+    /// The id of this end's own pool (what its descriptors name).
+    pub fn pool_id(&self) -> u16 {
+        self.pool.id()
     }
 
     /// Sends one message. `Ok(false)`: no buffer or ring slot free now (retry after
@@ -156,12 +164,10 @@ impl MsgEnd {
                 if d.has(Descriptor::RETURN) {
                     self.pool.give_back(self.reader, d)?;
                 } else if d.has(Descriptor::CONTROL) {
-                    let len = d.len as usize;
-                    if self.scratch.len() < len {
-                        self.scratch.resize(len, 0);
+                    if d.len > MAX_MESSAGE {
+                        return Err(MsgError::TooLarge(d.len as usize));
                     }
-                    self.view.read_to(d, &mut self.scratch[..len])?;
-                    each(&self.scratch[..len]);
+                    each(self.view.read_reusing(d, &mut self.scratch)?);
                     self.returns.push(Descriptor { flags: Descriptor::RETURN, ..*d });
                     n += 1;
                 } else {

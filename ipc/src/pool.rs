@@ -454,16 +454,18 @@ impl PoolView {
         Ok(())
     }
 
-    /// Checks `d` and copies its bytes into `dst` (a buffer reused from message
-    /// to message, not zeroed again each time).
-    ///
-    /// # Panics
-    /// If `dst` is not `d.len` long (a caller bug: the caller sizes it).
-    pub fn read_to(&self, d: &Descriptor, dst: &mut [u8]) -> Result<(), PoolError> {
-        self.check(d)?;
-        assert_eq!(dst.len(), d.len as usize, "read_to: the destination is not the descriptor's length");
-        self.copy_checked(d, dst);
-        Ok(())
+    /// Checks `d`, then copies its bytes into `scratch` (a buffer reused from
+    /// message to message, grown only after the check and never zeroed again)
+    /// and returns them. The length is the peer's word: it is bounded by this
+    /// pool's buffer size before a byte is allocated.
+    pub fn read_reusing<'s>(&self, d: &Descriptor, scratch: &'s mut Vec<u8>) -> Result<&'s [u8], PoolError> {
+        self.check(d)?; // before the scratch grows by a peer's length
+        let len = d.len as usize;
+        if scratch.len() < len {
+            scratch.resize(len, 0);
+        }
+        self.copy_checked(d, &mut scratch[..len]);
+        Ok(&scratch[..len])
     }
 
     /// Copies a checked descriptor's bytes into `dst` (its length), counted.

@@ -155,6 +155,15 @@ pub enum Event {
         /// graph runs on this channel now).
         old: bool,
     },
+    /// The sockets domain cut application `app` off (it broke its channel's
+    /// protocol or its quotas): the supervisor closes its attachment, so the
+    /// application sees the stack go away instead of waiting on a dead channel.
+    CutOff {
+        /// The application.
+        app: u64,
+        /// What it did.
+        why: String,
+    },
     /// Something failed; the group goes on or exits, as it says.
     Failed(String),
 }
@@ -406,7 +415,12 @@ fn run(sock: &UnixStream, spec: &GroupSpec, tune_tcp: fn(&mut capnet_tcp::Config
     loop {
         let host = engine.host();
         match sockets.as_mut() {
-            Some(s) => s.serve(host)?,
+            Some(s) => {
+                s.serve(host)?;
+                for (app, why) in s.cut_off.drain(..) {
+                    send_msg(sock, &Event::CutOff { app, why })?;
+                }
+            }
             None => host.poll_apps(CONTROL_TICK, &mut [])?,
         }
         // A wire's peer that broke the protocol was dropped: the supervisor
@@ -868,11 +882,13 @@ struct SocketsHost {
     list: Vec<App>,
     /// Applications whose blank regions are adopted, waiting for their grant.
     pending: Vec<(u64, MsgHalf)>,
+    /// Applications cut off since the supervisor last heard: (id, why).
+    cut_off: Vec<(u64, String)>,
 }
 
 impl Default for SocketsHost {
     fn default() -> Self {
-        Self { core: SocketsCore::new(), list: Vec::new(), pending: Vec::new() }
+        Self { core: SocketsCore::new(), list: Vec::new(), pending: Vec::new(), cut_off: Vec::new() }
     }
 }
 
@@ -901,18 +917,18 @@ impl SocketsHost {
         let mut gone = Vec::new();
         let mut requests = false;
         for (i, app) in self.list.iter_mut().enumerate() {
-            let mut garbage = false;
+            let mut garbage = None;
             let core = &mut self.core;
             let r = app.msg.recv(|m| match decode::<capnet_sockets::Request>(m) {
-                Ok(req) if !garbage => {
+                Ok(req) if garbage.is_none() => {
                     requests = true;
                     core.request(app.core_id, req, host.cores());
                 }
                 Ok(_) => {}
-                Err(_) => garbage = true,
+                Err(e) => garbage = Some(format!("a message that is not a request: {e}")),
             });
-            if r.is_err() || garbage {
-                gone.push(i); // broke the channel protocol: cut off
+            if let Some(why) = r.err().map(|e| e.to_string()).or(garbage) {
+                gone.push((i, why)); // broke the channel protocol: cut off
             }
         }
         let cores = host.cores();
@@ -944,10 +960,11 @@ impl SocketsHost {
                 }
             }
         }
-        for i in gone.into_iter().rev() {
+        for (i, why) in gone.into_iter().rev() {
             let app = self.list.remove(i);
-            tracing::warn!("application {} broke its channel's protocol: cut off", app.id);
+            tracing::warn!("application {} broke its channel's protocol ({why}): cut off", app.id);
             self.core.detach(app.core_id, host.cores());
+            self.cut_off.push((app.id, format!("it broke its channel's protocol: {why}")));
         }
         host.push()
     }

@@ -182,6 +182,36 @@ impl Stack {
     }
 }
 
+/// What a hostile application does (the test-only hostile mode of the client
+/// library, in debug builds only: release builds have none of it). Each one
+/// breaks a rule the sockets domain must survive.
+#[cfg(debug_assertions)]
+#[doc(hidden)]
+#[derive(Debug, Clone, Copy)]
+pub enum Hostile {
+    /// Lends a message descriptor of this length (its buffer is only a message
+    /// buffer long).
+    Descriptor(u32),
+}
+
+#[cfg(debug_assertions)]
+impl Stack {
+    /// Breaks a rule of the channel protocol on purpose (see [`Hostile`]).
+    #[doc(hidden)]
+    pub fn hostile(&self, what: Hostile) -> io::Result<()> {
+        let mut c = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        match what {
+            Hostile::Descriptor(len) => {
+                let pool = c.msg.pool_id();
+                let flags = capnet_ipc::Descriptor::CONTROL;
+                let d = capnet_ipc::Descriptor { pool, flags, index: 0, offset: 0, len };
+                c.msg.channel().send(&[d]).map_err(broken)?;
+            }
+        }
+        Ok(())
+    }
+}
+
 impl Conn {
     fn pump(&mut self) -> io::Result<()> {
         let mut bad = None;

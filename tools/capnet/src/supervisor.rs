@@ -1085,6 +1085,10 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
         let mut wire_broke = None;
         for (i, g) in running.groups.iter().enumerate() {
             for e in g.events() {
+                if let Event::CutOff { app, why } = &e {
+                    eprintln!("capnet: the sockets domain cut application {app} off: {why}");
+                    apps.retain(|(id, _)| id != app); // closing its socket tells it
+                }
                 if let Event::Broken { channel, why, old } = e {
                     if channel == WIRE {
                         wire_broke = Some(why);

@@ -119,3 +119,53 @@ fn returning_foreign_loans_or_flooding_is_cut_off_too() {
         assert!(capnet_testkit::ping_received(&ping) >= 1, "{kind} {action}: pings: {ping:?}");
     }
 }
+
+/// Waits (hang guard 10 s) until the stack has let `stack` go.
+fn let_go(stack: &Stack) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !stack.is_gone() {
+        assert!(Instant::now() < deadline, "the hostile application was never cut off");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Every domain still runs in the process it ran in before, never restarted.
+fn nobody_restarted(up: &Up, before: &[Value], what: &str) {
+    for d in domains(up) {
+        let name = d["name"].as_str().expect("name");
+        assert_eq!(d["restarts"], 0, "{what}: {name} restarted: {d}");
+        assert_eq!(d["pid"].as_i64(), Some(pid_of(before, name)), "{what}: {name} kept its process");
+    }
+}
+
+/// Issue 18, finding 1: a descriptor whose length is `0xffffffff` made the
+/// sockets domain grow a 4 GiB buffer before its bounds check, abort and restart
+/// (under `--mono`, the whole stack). Now the application alone is cut off.
+#[test]
+fn an_application_lending_a_huge_descriptor_is_cut_off_alone() {
+    use capnet::net::Hostile;
+    for (tag, mode) in [("ho-len", &[][..]), ("ho-lenm", &["--mono"][..])] {
+        let up = Up::new(CAPNET, tag, mode);
+        let _echo = capnet_testkit::tcp_echo_server(&up, 7201);
+        let good = Stack::attach(up.name()).expect("attach");
+        let mut conn =
+            TcpStream::connect(&good, SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), 7201)).expect("connect");
+        conn.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let mut buf = [0u8; 6];
+        conn.write_all(b"before").expect("write");
+        conn.read_exact(&mut buf).expect("echo before");
+        let before = domains(&up);
+
+        let bad = Stack::attach(up.name()).expect("attach the hostile one");
+        bad.hostile(Hostile::Descriptor(u32::MAX)).expect("lend it");
+        let_go(&bad);
+        assert!(capnet::net::UdpSocket::bind(&bad, 0).is_err(), "{tag}: a cut-off application's calls fail");
+
+        nobody_restarted(&up, &before, tag);
+        conn.write_all(b"after!").expect("write after");
+        conn.read_exact(&mut buf).expect("echo after");
+        assert_eq!(&buf, b"after!", "{tag}: the other application's connection goes on");
+        let logs = String::from_utf8_lossy(&up.capnet(&["logs", "supervisor"]).stdout).into_owned();
+        assert!(logs.contains("cut application") && logs.contains("too large"), "{tag}: the log says why: {logs}");
+    }
+}
