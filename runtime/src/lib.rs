@@ -313,7 +313,12 @@ impl Cores {
     /// sockets side: a socket closed or no longer read keeps nothing pushed.
     fn forget_socket(&mut self, s: TcpId) {
         self.pushed.remove(&s.to_raw());
-        self.expect_push.remove(&s.to_raw());
+        if self.expect_push.remove(&s.to_raw()).is_some() {
+            // Its push may be on its way: one stray push more is no flood.
+            if let Ok(l) = self.tcp_link(Some(s.to_raw())) {
+                l.unasked.push_dropped();
+            }
+        }
     }
 
     /// tcp side: pushes to the sockets domain what its receives that found
@@ -739,8 +744,7 @@ impl Cores {
                     // Closed here while the push was on its way (or never asked:
                     // counted with the notices nobody asked for, which bound it).
                     (None, _) => {
-                        l.unasked_activity += 1;
-                        if l.unasked_activity > link::MAX_UNASKED_ACTIVITY {
+                        if !l.unasked.stray_push() {
                             l.protocol_error(format!("{} floods pushes nobody asked for", l.remote));
                         }
                     }
@@ -754,8 +758,7 @@ impl Cores {
                 }
             }
             (Kind::Sockets, Msg::Activity) => {
-                l.unasked_activity += 1;
-                if l.unasked_activity > link::MAX_UNASKED_ACTIVITY {
+                if !l.unasked.notice() {
                     l.protocol_error(format!("{} floods activity notices nobody asked for", l.remote));
                 }
                 self.activity = true

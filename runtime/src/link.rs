@@ -53,9 +53,8 @@ pub struct Link {
     /// The peer is being replaced (restart or swap): sends are dropped and
     /// calls fail at once until the new channel takes this one's place.
     pub replacing: bool,
-    /// `Activity` notices received since our last call (sockets side): the
-    /// protocol allows one; a flood of them breaks the link.
-    pub unasked_activity: u32,
+    /// What the peer may still send unasked (sockets side): see [`Unasked`].
+    pub unasked: Unasked,
     /// Which tcp domain this link reaches, when a swap runs two (the sockets
     /// domain tags the socket ids it holds with it).
     pub tag: u8,
@@ -64,9 +63,49 @@ pub struct Link {
     pub retiring: bool,
 }
 
-/// `Activity` notices a transport may send between two calls before the sockets
-/// domain counts it as flooding (the protocol sends one).
-pub const MAX_UNASKED_ACTIVITY: u32 = 64;
+/// What a transport may send the sockets domain without being asked, counted
+/// exactly (sockets side), so that no load a correct transport produces is
+/// taken for a flood, while a flood is still bounded by the sockets domain's own
+/// calls.
+///
+/// A transport sends one [`Msg::Activity`] and then no other until a call or an
+/// ask (`WantPush`) of ours has reached it: so it may send at most one notice
+/// more than we sent calls and asks. And it pushes once per `WantPush`; a push
+/// for a receive we no longer expect (the socket was closed while the push was
+/// on its way) is allowed once for every expected push we dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Unasked {
+    notices: u64,
+    stray_pushes: u64,
+}
+
+impl Default for Unasked {
+    fn default() -> Self {
+        Self { notices: 1, stray_pushes: 0 }
+    }
+}
+
+impl Unasked {
+    /// We sent a call or an ask: one more notice may come after it.
+    pub fn asked(&mut self) {
+        self.notices += 1;
+    }
+
+    /// A notice arrived: whether the protocol allowed it.
+    pub fn notice(&mut self) -> bool {
+        self.notices.checked_sub(1).map(|n| self.notices = n).is_some()
+    }
+
+    /// We stopped expecting a push we asked for: it may still arrive.
+    pub fn push_dropped(&mut self) {
+        self.stray_pushes += 1;
+    }
+
+    /// A push nobody expects arrived: whether it is one we dropped.
+    pub fn stray_push(&mut self) -> bool {
+        self.stray_pushes.checked_sub(1).map(|n| self.stray_pushes = n).is_some()
+    }
+}
 
 impl Link {
     /// A link over `end` from domain `local` to domain `remote`.
@@ -83,7 +122,7 @@ impl Link {
             activity_sent: false,
             dropped: 0,
             replacing: false,
-            unasked_activity: 0,
+            unasked: Unasked::default(),
             tag: 0,
             retiring: false,
         }
@@ -270,7 +309,7 @@ impl Link {
     /// tcp: `WantPush`): like a call, it asks, so notices the peer sent before
     /// it were asked for.
     pub fn ask(&mut self, msg: &Msg) {
-        self.unasked_activity = 0;
+        self.unasked.asked();
         self.send(msg);
     }
 
@@ -283,7 +322,7 @@ impl Link {
         }
         let id = self.next_id;
         self.next_id += 1;
-        self.unasked_activity = 0;
+        self.unasked.asked();
         self.send(&Msg::Call { id, call });
         let deadline = Instant::now() + CALL_DEADLINE;
         loop {
@@ -315,5 +354,34 @@ impl Link {
             ch.interest = want;
             self.waiter.wait(&mut [ch], Some(deadline - now), crate::tokens());
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Unasked;
+
+    #[test]
+    fn notices_are_bounded_by_calls_exactly() {
+        let mut u = Unasked::default();
+        assert!(u.notice(), "one notice before any call");
+        assert!(!u.notice(), "a second one unasked is a flood");
+        let mut u = Unasked::default();
+        // Many calls in a row, each answered by a notice that waits behind the
+        // next call: all of them are the protocol's.
+        for _ in 0..10_000 {
+            u.asked();
+        }
+        assert!((0..10_001).all(|_| u.notice()));
+        assert!(!u.notice(), "one more than the calls allow");
+    }
+
+    #[test]
+    fn a_stray_push_needs_a_dropped_expectation() {
+        let mut u = Unasked::default();
+        assert!(!u.stray_push(), "a push for a receive never asked");
+        u.push_dropped();
+        assert!(u.stray_push(), "the push of a receive closed while it travelled");
+        assert!(!u.stray_push());
     }
 }

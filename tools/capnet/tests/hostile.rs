@@ -169,3 +169,78 @@ fn an_application_lending_a_huge_descriptor_is_cut_off_alone() {
         assert!(logs.contains("cut application") && logs.contains("too large"), "{tag}: the log says why: {logs}");
     }
 }
+
+/// `capnet echo-serve --tcp` on `port`, once it says it is serving.
+fn echo_serve_tcp(up: &Up, port: u16) -> capnet_testkit::Killed {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(CAPNET)
+        .args(["echo-serve", "--tcp", "--port", &port.to_string(), "--netns", up.name()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("echo-serve");
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("its first line");
+    assert!(line.contains("echoing TCP"), "echo-serve: {line}");
+    capnet_testkit::Killed(child)
+}
+
+/// Runs `tests/py/slow_clients.py` in the namespace: `count` connections at
+/// once to the stack's `port`, a byte every `interval_ms` on each for
+/// `seconds`; its JSON summary.
+fn slow_clients(up: &Up, port: u16, count: u32, seconds: u32, interval_ms: u32) -> Value {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/slow_clients.py");
+    let args = [port.to_string(), count.to_string(), seconds.to_string(), interval_ms.to_string()];
+    let out = up.in_ns(&["python3", script, "10.77.0.2", &args[0], &args[1], &args[2], &args[3]]);
+    assert!(out.status.success(), "slow_clients.py: {}", String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("slow_clients.py prints JSON")
+}
+
+/// Issue 18, finding 2: while the sockets domain made many calls in a row, tcp's
+/// legitimate activity notices piled up past a fixed bound of 64 and tcp was cut
+/// off as a flood — by 150 connections sending a byte every 200 ms, by a burst of
+/// 450 connects, by an application closing thousands of connections as it left.
+/// The bound is now exact (one notice per call or ask), so none of it is a flood.
+#[test]
+fn thousands_of_slow_connections_and_bursts_are_no_flood() {
+    let up = Up::new(CAPNET, "ho-slow", &[]);
+    let _server = echo_serve_tcp(&up, 7300);
+    let before = domains(&up);
+    // 1500 connections at once, then 7500 one-byte echoes a second for 4 s.
+    let r = slow_clients(&up, 7300, 1500, 4, 200);
+    assert_eq!(r["established"], 1500, "every connect of the burst completes: {r}");
+    assert_eq!(r["failed"], 0, "no connection fails: {r}");
+    assert!(r["sent"].as_u64() >= Some(1500 * 15), "every connection kept sending: {r}");
+    assert_eq!(r["received"], r["sent"], "every byte came back: {r}");
+    nobody_restarted(&up, &before, "slow connections");
+
+    // An application with 2000 connections that exits without closing them: the
+    // sockets domain closes them all in a row on its detach.
+    let _sink = capnet_testkit::tcp_echo_server(&up, 7301);
+    let app = std::process::Command::new(std::env::current_exe().expect("this test binary"))
+        .args(["--exact", "an_application_that_exits_holding_connections", "--nocapture"])
+        .env("CAPT_HOLD", format!("{}:7301:2000", up.name()))
+        .output()
+        .expect("run the application");
+    assert!(app.status.success(), "the application: {}", String::from_utf8_lossy(&app.stderr));
+    assert!(String::from_utf8_lossy(&app.stdout).contains("holding 2000"), "it connected them all");
+    let r = slow_clients(&up, 7300, 50, 1, 100);
+    assert_eq!((r["failed"].as_u64(), r["received"] == r["sent"]), (Some(0), true), "served after the exit: {r}");
+    nobody_restarted(&up, &before, "an application leaving 2000 connections");
+}
+
+/// Not a test on its own: with `CAPT_HOLD=NETNS:PORT:COUNT` (set by the test
+/// above, which runs this binary again) it is an application that opens COUNT
+/// connections to the Linux side's PORT and exits without closing one.
+#[test]
+fn an_application_that_exits_holding_connections() {
+    let Ok(spec) = std::env::var("CAPT_HOLD") else { return };
+    let mut parts = spec.split(':');
+    let (ns, port, count) = (parts.next().expect("netns"), parts.next().expect("port"), parts.next().expect("count"));
+    let app = Stack::attach(ns).expect("attach");
+    let to = SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), port.parse().expect("port"));
+    let n: usize = count.parse().expect("count");
+    let conns: Vec<TcpStream> =
+        (0..n).map(|i| TcpStream::connect(&app, to).unwrap_or_else(|e| panic!("connect {i}: {e}"))).collect();
+    println!("holding {}", conns.len());
+    std::process::exit(0); // no destructor runs: the supervisor sees the attachment close
+}
