@@ -81,6 +81,9 @@ pub struct Refuse {
     pub errno: u32,
     /// Who makes the call and why failing is harmless.
     pub reason: String,
+    /// Optionally: refused only when argument `index` is one of `values` (and
+    /// trapped otherwise, as any syscall not listed).
+    pub arg: Option<ArgRule>,
 }
 
 /// One allowed syscall, as the policy file states it.
@@ -151,7 +154,7 @@ impl Policy {
         let mut programs = Vec::new();
         let mut by_errno: BTreeMap<u32, BTreeMap<i64, Vec<SeccompRule>>> = BTreeMap::new();
         for r in &self.refuse {
-            by_errno.entry(r.errno).or_default().insert(self.number(&r.syscall)?, Vec::new());
+            by_errno.entry(r.errno).or_default().insert(self.number(&r.syscall)?, arg_rules(r.arg.as_ref())?);
         }
         for (errno, rules) in by_errno {
             let filter =
@@ -161,24 +164,31 @@ impl Policy {
         }
         let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
         for r in &self.refuse {
-            rules.insert(self.number(&r.syscall)?, Vec::new());
+            rules.insert(self.number(&r.syscall)?, arg_rules(r.arg.as_ref())?);
         }
         for a in &self.allow {
-            let nr = self.number(&a.syscall)?;
-            let entry = rules.entry(nr).or_default();
-            if let Some(arg) = &a.arg {
-                for v in &arg.values {
-                    let cond = SeccompCondition::new(arg.index, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, *v)
-                        .map_err(|e| SandboxError::Seccomp(e.to_string()))?;
-                    entry.push(SeccompRule::new(vec![cond]).map_err(|e| SandboxError::Seccomp(e.to_string()))?);
-                }
-            }
+            rules.entry(self.number(&a.syscall)?).or_default().extend(arg_rules(a.arg.as_ref())?);
         }
         let filter = SeccompFilter::new(rules, SeccompAction::Trap, SeccompAction::Allow, TargetArch::x86_64)
             .map_err(|e| seccomp(&e))?;
         programs.push(filter.try_into().map_err(|e: seccompiler::BackendError| seccomp(&e))?);
         Ok(programs)
     }
+}
+
+/// The rules matching a syscall whose argument `arg.index` is one of
+/// `arg.values` (none: any call matches).
+fn arg_rules(arg: Option<&ArgRule>) -> Result<Vec<SeccompRule>, SandboxError> {
+    let seccomp = |e: &dyn std::fmt::Display| SandboxError::Seccomp(e.to_string());
+    let Some(arg) = arg else { return Ok(Vec::new()) };
+    arg.values
+        .iter()
+        .map(|v| {
+            let cond = SeccompCondition::new(arg.index, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, *v)
+                .map_err(|e| seccomp(&e))?;
+            SeccompRule::new(vec![cond]).map_err(|e| seccomp(&e))
+        })
+        .collect()
 }
 
 fn collect(

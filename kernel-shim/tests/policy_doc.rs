@@ -14,7 +14,11 @@ fn render() -> String {
         out.push_str(&format!("| `{}` | {} | {} |\n", a.syscall, restriction, a.reason));
     }
     for r in &base.refuse {
-        out.push_str(&format!("| `{}` | refused: errno {} | {} |\n", r.syscall, r.errno, r.reason));
+        let only = r.arg.as_ref().map_or(String::new(), |a| {
+            let hex: Vec<String> = a.values.iter().map(|v| format!("{v:#x}")).collect();
+            format!(" when arg {} ∈ [{}]", a.index, hex.join(", "))
+        });
+        out.push_str(&format!("| `{}` | refused: errno {}{only} | {} |\n", r.syscall, r.errno, r.reason));
     }
     for role in Policy::roles().filter(|r| *r != "base") {
         let p = Policy::for_role(role).expect("role");

@@ -531,7 +531,8 @@ fn broken_channels(engine: &mut Engine, links: &[(String, Kind, Kind)]) -> Vec<(
 /// leaves as it is), `loans` (return
 /// a loan it never had on every channel), `flood` (send ten
 /// thousand activity notices on every channel), `answers` (ten thousand
-/// answers to no call) or `pushes` (ten thousand pushed receives nobody asked for).
+/// answers to no call), `pushes` (ten thousand pushed receives nobody asked for)
+/// or `grow` (grow the heap past 1 GiB and give it back).
 #[cfg(debug_assertions)]
 fn hostile_plan(kinds: &[Kind]) -> Option<(String, Duration)> {
     let v = std::env::var("CAPNET_HOSTILE").ok()?;
@@ -582,6 +583,14 @@ fn hostile_act(action: &str, engine: &mut Engine, driver: Option<&capnet_runtime
             for l in links.filter(|l| action != "pushes" || l.remote == Kind::Sockets) {
                 l.flood(&msg, 10_000);
             }
+        }
+        "grow" => {
+            // Not hostile, only large: what a domain's heap does when peers make
+            // it buffer much (each of the allocator's fresh mappings inside the
+            // sandbox, past 1 GiB, touched so it is real), then given back.
+            let chunks: Vec<Vec<u8>> = (0..18).map(|_| vec![1u8; 64 << 20]).collect();
+            let mib = chunks.iter().map(|c| c.len()).sum::<usize>() >> 20;
+            tracing::warn!("hostile mode: grew the heap by {mib} MiB inside the sandbox");
         }
         other => tracing::warn!("hostile mode: unknown action {other}"),
     }

@@ -244,3 +244,29 @@ fn an_application_that_exits_holding_connections() {
     println!("holding {}", conns.len());
     std::process::exit(0); // no destructor runs: the supervisor sees the attachment close
 }
+
+/// Issue 18, finding 3: the allocator names each fresh mapping with
+/// `prctl(PR_SET_VMA, …)`, which no policy listed, so a domain whose heap grew
+/// (a peer making tcp buffer a few hundred MiB) died of "sandbox violation:
+/// syscall prctl". Each domain now grows its heap past 1 GiB inside its sandbox
+/// and stays up.
+#[test]
+fn every_domain_grows_its_heap_past_a_gibibyte_inside_its_sandbox() {
+    for kind in ["driver", "ip", "tcp", "udp", "sockets"] {
+        let up = hostile_up(&format!("ho-grow-{kind}"), &format!("{kind}:grow:300"));
+        let before = domains(&up);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let logs = String::from_utf8_lossy(&up.capnet(&["logs", kind]).stdout).into_owned();
+            if logs.contains("grew the heap by 1152 MiB") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{kind} never grew its heap: {logs}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        nobody_restarted(&up, &before, &format!("{kind} growing"));
+        let ping = up.in_ns(&["ping", "-c", "2", "-i", "0.2", "-W", "2", "10.77.0.2"]);
+        assert_eq!(capnet_testkit::ping_received(&ping), 2, "{kind} grown: pings: {ping:?}");
+    }
+}
