@@ -201,6 +201,12 @@ pub(crate) struct Conn {
     snd_buf: VecDeque<u8>,
     buf_seq: Seq,
     snd_cap: usize,
+    /// Bytes this connection may hold now (its share of the core's memory
+    /// budget: the budget less what the others hold), set by the core before
+    /// each call.
+    pub room: usize,
+    /// What it held at the end of its last call, as the core counted it.
+    pub charged: usize,
     /// The application shut down writing: a FIN follows the data.
     fin_queued: bool,
     /// The sequence number our FIN took, once sent.
@@ -340,6 +346,8 @@ impl Conn {
             snd_buf: VecDeque::new(),
             buf_seq: iss.plus(1),
             snd_cap: cfg.send_buffer,
+            room: cfg.memory,
+            charged: 0,
             fin_queued: false,
             fin_seq: None,
             mss_base: mss,
@@ -802,9 +810,48 @@ impl Conn {
         len + usize::from(fin)
     }
 
-    /// The window we can offer: buffer space not holding unread data.
+    /// The window we can offer: buffer space not holding unread data, within
+    /// what the memory budget leaves.
     fn rcv_space(&self) -> usize {
-        self.rcv_cap.saturating_sub(self.rcv_buf.len())
+        // At most half of what the budget leaves, so that a few connections'
+        // windows cannot take all of it; and the floor whatever the others hold.
+        let left = self.room.saturating_sub(self.snd_buf.len() + self.rcv_buf.len()) / 2;
+        let budget = left.max(crate::MEMORY_FLOOR.saturating_sub(self.rcv_buf.len()));
+        self.rcv_cap.saturating_sub(self.rcv_buf.len()).min(budget)
+    }
+
+    /// What a send may queue with `room` of budget: the send buffer's room,
+    /// within the budget left, and the floor whatever the others hold.
+    pub fn send_room(&self, room: usize) -> usize {
+        let budget = room.saturating_sub(self.held()).max(crate::MEMORY_FLOOR.saturating_sub(self.snd_buf.len()));
+        self.snd_cap.saturating_sub(self.snd_buf.len()).min(budget)
+    }
+
+    /// Whether the memory budget, not the receive buffer, holds this
+    /// connection's window shut (so it wants a window update when memory frees).
+    pub fn window_starved(&self) -> bool {
+        let buffer = self.rcv_cap.saturating_sub(self.rcv_buf.len());
+        self.synchronized() && self.rcv_space() < buffer && self.rcv_adv.since(self.rcv_nxt) < buffer / 2
+    }
+
+    /// Memory freed elsewhere: offer the window it allows now, if it opens by
+    /// the SWS step (RFC 9293 §3.8.6.2.2).
+    pub fn reopen(&mut self, cx: &mut Cx, now: Instant) {
+        let edge = self.rcv_nxt.plus(self.rcv_space());
+        if self.synchronized() && edge.since(self.rcv_adv) >= (self.rcv_cap / 2).min(self.mss) {
+            self.ack_now = true;
+            self.output(cx, now);
+        }
+    }
+
+    /// Bytes held against the memory budget: queued to send, received and
+    /// unread, and the window offered (what the peer may send us: data ahead of
+    /// a hole lies inside it). Counting the window, not only what arrived, keeps
+    /// the windows of all connections within the budget, so no data inside a
+    /// window offered is ever dropped for want of memory.
+    pub fn held(&self) -> usize {
+        let window = if self.rcv_adv.lt(self.rcv_nxt) { 0 } else { self.rcv_adv.since(self.rcv_nxt) };
+        self.snd_buf.len() + self.rcv_buf.len() + window
     }
 
     /// The window field for a non-SYN segment. RFC 9293 §3.8.6.2.2 (receiver SWS
@@ -1217,6 +1264,7 @@ impl Conn {
             data = &data[..room];
             fin = false;
         }
+
         if seq != self.rcv_nxt {
             // Ahead of a hole: hold it, and say at once what is missing.
             if self.ooo.insert(seq, data, fin, self.rcv_adv.since(self.rcv_nxt)) {
@@ -1392,7 +1440,7 @@ impl Conn {
             State::SynSent(_) | State::SynRcvd(_) | State::Established | State::CloseWait => {}
             _ => return Err(TcpError::BrokenPipe),
         }
-        let n = data.len().min(self.snd_cap.saturating_sub(self.snd_buf.len()));
+        let n = data.len().min(self.send_room(self.room));
         self.snd_buf.extend(&data[..n]);
         self.output(cx, now);
         Ok(n)

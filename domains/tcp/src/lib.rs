@@ -73,6 +73,12 @@ pub struct Config {
     pub send_buffer: usize,
     /// Receive buffer per connection, bytes (sets the window scale).
     pub recv_buffer: usize,
+    /// Bytes all connections together may hold: queued to send, received and
+    /// unread, and the receive windows offered (each connection may hold
+    /// [`MEMORY_FLOOR`] whatever the others hold). Past it, sends take nothing
+    /// (the application sees back-pressure) and windows open no further: what
+    /// the core buffers is bounded by this, not by what peers send or withhold.
+    pub memory: usize,
     /// How long an ACK may be delayed (RFC 9293 §3.8.6.3: under 500 ms); zero
     /// acknowledges every segment at once.
     pub delayed_ack: Duration,
@@ -108,6 +114,7 @@ impl Config {
             data_retries: 15,
             send_buffer: 1 << 20,
             recv_buffer: 1 << 20,
+            memory: 256 << 20,
             delayed_ack: Duration::from_millis(40),
             secret,
             ephemeral: (49152, 65535),
@@ -381,6 +388,8 @@ pub struct Stats {
     pub keepalive_probes: u64,
     /// Connections closed by unanswered keep-alive probes.
     pub keepalive_timeouts: u64,
+    /// Bytes all connections hold now (a gauge, against [`Config::memory`]).
+    pub memory_held: u64,
     drops: [u64; DropReason::ALL.len()],
 }
 
@@ -427,6 +436,19 @@ pub fn complete_checksum(src: Ipv4Address, dst: Ipv4Address, segment: &mut [u8])
     }
 }
 
+/// Bytes a connection may queue to send, and offer as its window, even when
+/// the memory budget is spent, so that a few peers filling it stall none of the
+/// others (Linux keeps the same kind of floor, `tcp_rmem`/`tcp_wmem`'s minimum,
+/// under `tcp_mem` pressure): what the core holds is at most
+/// [`Config::memory`] plus twice this per connection.
+pub const MEMORY_FLOOR: usize = 16 << 10;
+
+/// What `conn` may hold: the budget less what every other connection holds
+/// (`used` counts `conn`'s own charge too).
+fn room_for(cfg: &Config, used: usize, conn: &Conn) -> usize {
+    cfg.memory.saturating_sub(used - conn.charged)
+}
+
 /// The tcp domain's core.
 #[derive(Debug)]
 pub struct TcpCore {
@@ -443,6 +465,8 @@ pub struct TcpCore {
     next_timer: Option<Instant>,
     /// The latest time a call brought (for the calls that bring none).
     now: Instant,
+    /// Connections whose windows the memory budget holds shut.
+    starved: std::collections::BTreeSet<SocketId>,
 }
 
 impl TcpCore {
@@ -458,6 +482,7 @@ impl TcpCore {
             next_ephemeral: 0,
             next_timer: None,
             now: Instant::ZERO,
+            starved: Default::default(),
         }
     }
 
@@ -634,12 +659,56 @@ impl TcpCore {
         let Some(Sock::Conn { conn, .. }) = self.socks.get_mut(id) else {
             return Err(self.kind_error(id));
         };
+        // What it may hold: the budget less what every other connection holds.
+        let used = self.stats.memory_held as usize;
+        conn.room = room_for(&self.cfg, used, conn);
         let mut cx = Cx { cfg: &self.cfg, out: &mut self.out, stats: &mut self.stats, now: self.now };
         let (r, d) = f(conn, &mut cx);
+        let held = conn.held();
+        let freed = held < conn.charged;
+        self.stats.memory_held = (used - conn.charged + held) as u64;
+        conn.charged = held;
+        if conn.window_starved() {
+            self.starved.insert(id);
+        }
         let at = conn.poll_at();
         self.note_timer(at);
         self.settle(id, d);
+        if freed && !self.starved.is_empty() {
+            self.reopen_starved();
+        }
         Ok(r)
+    }
+
+    /// Memory was freed: connections whose windows the budget held shut offer
+    /// what it allows now (their peers would otherwise wait for a zero-window
+    /// probe, backed off up to minutes), oldest first, while there is room.
+    fn reopen_starved(&mut self) {
+        let now = self.now;
+        while self.memory_used() < self.cfg.memory {
+            let Some(id) = self.starved.pop_first() else { break };
+            // (Settling inside frees nothing: no reopening from within.)
+            let _ = self.with_conn(id, |c, cx| {
+                c.reopen(cx, now);
+                ((), Disposition::Keep)
+            });
+            if self.starved.first() == Some(&id) {
+                break; // still starved: nothing left to give
+            }
+        }
+    }
+
+    /// Frees a socket, and what its connection held of the memory budget.
+    fn remove_sock(&mut self, id: SocketId) {
+        if let Some(Sock::Conn { conn, .. }) = self.socks.remove(id) {
+            self.stats.memory_held -= conn.charged as u64;
+            self.starved.remove(&id);
+        }
+    }
+
+    /// Bytes all connections hold (against [`Config::memory`]).
+    pub fn memory_used(&self) -> usize {
+        self.stats.memory_held as usize
     }
 
     /// Time moves on (never back).
@@ -677,7 +746,7 @@ impl TcpCore {
                     }
                 }
                 if orphan || parent.is_some() {
-                    self.socks.remove(id);
+                    self.remove_sock(id);
                 }
             }
         }
@@ -722,7 +791,7 @@ impl TcpCore {
                 for c in children {
                     let _ = self.with_conn(c, |conn, cx| ((), conn.abort(cx)));
                 }
-                self.socks.remove(id);
+                self.remove_sock(id);
                 Ok(())
             }
             Some(Sock::Conn { .. }) => self.with_conn(id, |c, cx| ((), c.close(cx, now))),
@@ -776,7 +845,14 @@ impl TcpCore {
             Some(Sock::Listener(l)) => {
                 Ok(Ready { readable: l.accept.iter().any(|c| self.socks.contains_key(*c)), ..Ready::default() })
             }
-            Some(Sock::Conn { conn, .. }) => Ok(conn.ready()),
+            Some(Sock::Conn { conn, .. }) => {
+                let mut r = conn.ready();
+                // Past the budget a send takes nothing: not writable (a parked
+                // write comes back when an acknowledgment frees memory).
+                let room = room_for(&self.cfg, self.memory_used(), conn);
+                r.writable &= conn.is_closed() || conn.send_room(room) > 0;
+                Ok(r)
+            }
             None => Err(TcpError::BadSocket),
         }
     }
@@ -848,7 +924,7 @@ impl TcpCore {
             self.conns.remove(&ends);
             if let Some(Sock::Conn { conn, .. }) = self.socks.get(id) {
                 if conn.orphan {
-                    self.socks.remove(id);
+                    self.remove_sock(id);
                 }
             }
         }

@@ -661,3 +661,65 @@ fn goodput_falls_as_loss_rises_and_matches_the_snapshot() {
         path.display()
     );
 }
+
+/// Issue 18 (findings 3 and 8): a peer that never reads pins at most the core's
+/// memory budget in all, not a send buffer per connection: with eight
+/// connections and a 1 MiB budget, B's application writes until sends take
+/// nothing and the sockets stop being writable; B never holds more than the
+/// budget (and each connection's floor), sent or received, and once A reads,
+/// every byte arrives in order.
+#[test]
+fn peers_that_never_read_pin_at_most_the_memory_budget() {
+    let budget = 1 << 20;
+    let mut net = Net::with_config(0.0, 0.0, 7, |c| {
+        c.memory = budget;
+        c.recv_buffer = 256 << 10;
+    });
+    let l = net.b.listen(80, 16).unwrap();
+    let cs: Vec<SocketId> = (0..8).map(|_| net.a.connect(net.now, B, 80).unwrap()).collect();
+    let mut accepted = Vec::new();
+    net.run_until(Duration::from_secs(5), |n| {
+        while let Some(s) = n.b.accept(l).unwrap() {
+            accepted.push(s);
+        }
+        accepted.len() == 8
+    });
+    let data = pattern(1 << 20);
+    let mut sent = [0usize; 8];
+    // B writes to every connection while A reads nothing, until nothing moves.
+    for _ in 0..2000 {
+        for (i, s) in accepted.iter().enumerate() {
+            sent[i] += net.b.send(net.now, *s, &data[sent[i]..]).unwrap();
+        }
+        let most = budget + 16 * capnet_tcp::MEMORY_FLOOR;
+        assert!(net.b.memory_used() <= most, "B holds {} of a {budget} budget", net.b.memory_used());
+        if !net.step() {
+            break;
+        }
+    }
+    let total: usize = sent.iter().sum();
+    assert!(total < 8 * data.len(), "the budget stopped the writes ({total} taken)");
+    assert!(net.b.memory_used() > budget / 2, "B's queues fill its budget: {}", net.b.memory_used());
+    assert!(
+        accepted.iter().all(|s| !net.b.ready(*s).unwrap().writable),
+        "no socket is writable while the budget is spent"
+    );
+    assert_eq!(net.b.send(net.now, accepted[0], b"more").unwrap(), 0, "a send takes nothing");
+    // A reads everything: the budget frees and every byte arrives, in order.
+    let mut got = vec![Vec::new(); 8];
+    net.run_until(Duration::from_secs(120), |n| {
+        let now = n.now;
+        for (i, s) in accepted.iter().enumerate() {
+            sent[i] += n.b.send(now, *s, &data[sent[i]..]).unwrap();
+        }
+        for (i, c) in cs.iter().enumerate() {
+            while let Received::Data(d) = n.a.recv(now, *c, 65536).unwrap() {
+                got[i].extend(d);
+            }
+        }
+        let most = budget + 16 * capnet_tcp::MEMORY_FLOOR;
+        assert!(n.b.memory_used() <= most && n.a.memory_used() <= most);
+        got.iter().all(|g| g.len() == data.len())
+    });
+    assert!(got.iter().all(|g| g[..] == data[..]), "byte-exact on every connection");
+}

@@ -72,6 +72,8 @@ pub struct GroupSpec {
     pub gateway: [u8; 4],
     /// The tcp domain's congestion control for new connections.
     pub tcp_cc: String,
+    /// MiB the tcp domain may buffer for all connections together.
+    pub tcp_memory_mib: u32,
     /// Seeded loss each way (driver).
     pub loss: f64,
     /// Seeded reordering each way (driver).
@@ -351,6 +353,7 @@ fn run(sock: &UnixStream, spec: &GroupSpec, tune_tcp: fn(&mut capnet_tcp::Config
     let mut cores = Cores::group(&kinds, cfg, UDP_QUEUE);
     if let Some(tcp) = cores.tcp.as_mut() {
         tcp.config_mut().congestion_control = spec.tcp_cc.parse().map_err(|e: String| anyhow!(e))?;
+        tcp.config_mut().memory = spec.tcp_memory_mib as usize * (1 << 20);
         tune_tcp(tcp.config_mut());
     }
     let msg_links =

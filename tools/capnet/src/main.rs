@@ -270,6 +270,10 @@ pub struct UpArgs {
     /// a socket may choose its own.
     #[arg(long, default_value = "newreno")]
     tcp_cc: capnet_tcp::cc::Algorithm,
+    /// MiB the tcp domain may buffer for all its connections together (queued
+    /// to send, received and unread): past it, sends wait and windows close.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    tcp_memory_mib: u32,
     /// Seed of the impairment.
     #[arg(long, default_value_t = 1)]
     seed: u64,

@@ -235,6 +235,7 @@ pub fn tcp_counters(s: &capnet_tcp::Stats) -> BTreeMap<String, u64> {
         ("challenge_acks", s.challenge_acks),
         ("keepalive_probes", s.keepalive_probes),
         ("keepalive_timeouts", s.keepalive_timeouts),
+        ("memory_held", s.memory_held),
     ] {
         c.insert(k.into(), v);
     }

@@ -970,6 +970,7 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
         prefix,
         gateway: host.octets(),
         tcp_cc: args.tcp_cc.name().into(),
+        tcp_memory_mib: args.tcp_memory_mib,
         loss: args.loss,
         reorder: args.reorder,
         seed: args.seed,

@@ -270,3 +270,42 @@ fn every_domain_grows_its_heap_past_a_gibibyte_inside_its_sandbox() {
         assert_eq!(capnet_testkit::ping_received(&ping), 2, "{kind} grown: pings: {ping:?}");
     }
 }
+
+/// Issue 18, finding 3's other half: a peer that opens connections to an echo
+/// service and never reads its echoes made tcp buffer without end (100 of them:
+/// 257 MiB). With `--tcp-memory-mib 16` what tcp holds stays within the budget
+/// (and each connection's floor), and new clients are still served.
+#[test]
+fn peers_that_never_read_pin_at_most_the_configured_memory() {
+    let up = Up::new(CAPNET, "ho-mem", &["--tcp-memory-mib", "16"]);
+    let _server = echo_serve_tcp(&up, 7302);
+    let before = domains(&up);
+    let hog = "
+import socket, time
+conns = []
+for i in range(40):
+    s = socket.create_connection(('10.77.0.2', 7302))
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.setblocking(False)
+    conns.append(s)
+chunk = b'x' * 65536
+end = time.time() + 6
+while time.time() < end:
+    for s in conns:
+        try:
+            s.send(chunk)
+        except BlockingIOError:
+            pass
+    time.sleep(0.01)
+time.sleep(30)
+";
+    let _hog = up.spawn_in_ns(&["python3", "-c", hog]);
+    std::thread::sleep(Duration::from_secs(7));
+    let held = up.counter("tcp", "memory_held");
+    let most = (16u64 << 20) + (40 * 2 * capnet_tcp::MEMORY_FLOOR) as u64;
+    assert!(held > 8 << 20, "the hogs filled tcp's budget: {held}");
+    assert!(held <= most, "tcp holds {held} bytes against a 16 MiB budget");
+    let r = slow_clients(&up, 7302, 20, 1, 100);
+    assert_eq!((r["failed"].as_u64(), r["received"] == r["sent"]), (Some(0), true), "new clients are served: {r}");
+    nobody_restarted(&up, &before, "peers that never read");
+}
