@@ -38,6 +38,53 @@ pub fn run_dir(netns: &str) -> PathBuf {
     base.join(netns)
 }
 
+/// Connects to a supervisor's socket (`app.sock`, `control.sock`) at `path`,
+/// trusting nothing in a shared `/tmp`: first the run directory and its base
+/// (`/tmp/capnet-UID` or `/run/capnet`) and the socket itself must be no
+/// symlinks, belong to this user or root, and be writable by nobody else — so
+/// another user cannot have put a socket of theirs there; then the process
+/// serving it (`SO_PEERCRED`) must run as this user or root. Nothing is sent
+/// before both checks pass.
+pub fn connect_trusted(path: &std::path::Path) -> std::io::Result<UnixStream> {
+    use std::io::{Error, ErrorKind};
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    let me = nix::unistd::geteuid().as_raw();
+    let refuse = |what: String| {
+        Error::new(ErrorKind::PermissionDenied, format!("refusing to talk to {}: {what}", path.display()))
+    };
+    let (dir, base) = match (path.parent(), path.parent().and_then(|d| d.parent())) {
+        (Some(d), Some(b)) => (d, b),
+        _ => return Err(refuse("it is not inside a run directory".into())),
+    };
+    for d in [base, dir] {
+        let m = match std::fs::symlink_metadata(d) {
+            Ok(m) => m,
+            Err(e) if e.kind() == ErrorKind::NotFound => return Err(e),
+            Err(e) => return Err(refuse(format!("{}: {e}", d.display()))),
+        };
+        if !m.file_type().is_dir() {
+            return Err(refuse(format!("{} is not a directory (a symlink?)", d.display())));
+        }
+        if m.uid() != me && m.uid() != 0 {
+            return Err(refuse(format!("{} belongs to uid {}, not to us (uid {me}) or root", d.display(), m.uid())));
+        }
+        if m.mode() & 0o022 != 0 {
+            return Err(refuse(format!("{} may be written by others (mode {:o})", d.display(), m.mode() & 0o777)));
+        }
+    }
+    let m = std::fs::symlink_metadata(path)?;
+    if !m.file_type().is_socket() || (m.uid() != me && m.uid() != 0) {
+        return Err(refuse(format!("it is not a socket of ours (uid {}, {:?})", m.uid(), m.file_type())));
+    }
+    let sock = UnixStream::connect(path)?;
+    let peer = nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::PeerCredentials)
+        .map_err(|e| refuse(format!("no peer credentials: {e}")))?;
+    if peer.uid() != me && peer.uid() != 0 {
+        return Err(refuse(format!("it is served by uid {}, not by us (uid {me}) or root", peer.uid())));
+    }
+    Ok(sock)
+}
+
 /// The application socket of the stack in `netns`.
 pub fn app_socket(netns: &str) -> PathBuf {
     run_dir(netns).join("app.sock")

@@ -94,9 +94,14 @@ pub fn ask(netns: &str, req: &Request) -> Result<Reply> {
 /// supervisor sends after its reply).
 pub fn ask_keep(netns: &str, req: &Request) -> Result<(Reply, UnixStream)> {
     let path = socket_path(netns);
-    let s = UnixStream::connect(&path).with_context(|| {
-        format!("capnet is not up in namespace {netns} (no answer on {}): start it with `capnet up`", path.display())
-    })?;
+    let s = match capnet::attach::connect_trusted(&path) {
+        Ok(s) => s,
+        Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => bail!(e),
+        Err(e) => {
+            let why = format!("capnet is not up in namespace {netns} (no answer on {})", path.display());
+            bail!("{why}: start it with `capnet up` ({e})")
+        }
+    };
     s.set_read_timeout(Some(std::time::Duration::from_secs(10)))?;
     send(&s, req)?;
     let reply = recv(&s).map_err(|e| anyhow!("the supervisor did not answer: {e}"))?;

@@ -100,9 +100,12 @@ impl Stack {
     /// Attaches to the stack `capnet up` started in namespace `netns`.
     pub fn attach(netns: &str) -> io::Result<Self> {
         let path = crate::attach::app_socket(netns);
-        let sock = UnixStream::connect(&path).map_err(|e| {
-            let why = format!("capnet is not up in namespace {netns}: start it with `capnet up`");
-            io::Error::new(e.kind(), format!("{why} ({}: {e})", path.display()))
+        let sock = crate::attach::connect_trusted(&path).map_err(|e| match e.kind() {
+            io::ErrorKind::PermissionDenied => e,
+            kind => {
+                let why = format!("capnet is not up in namespace {netns}: start it with `capnet up`");
+                io::Error::new(kind, format!("{why} ({}: {e})", path.display()))
+            }
         })?;
         sock.set_read_timeout(Some(Duration::from_secs(10)))?;
         let msg =

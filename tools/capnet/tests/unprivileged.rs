@@ -172,3 +172,69 @@ fn capnet_up_as_nobody_runs_the_factored_stack_in_user_namespaces_of_its_own() {
     assert!(!std::path::Path::new(&format!("/tmp/capnet-{NOBODY}/{name}")).exists());
     drop(up);
 }
+
+/// Issue 18, finding 5: another local user who made `/tmp/capnet-UID/NETNS`
+/// first, with sockets of their own in it, answered the victim's `capnet
+/// http-get` and `capnet status`. Clients now check the directories (owner,
+/// mode, no symlink) and the server's `SO_PEERCRED` before they send anything.
+#[test]
+fn another_user_cannot_impersonate_the_stack() {
+    const OTHER: &str = "65533";
+    let bin = programs();
+    let name = format!("{PREFIX}{}-imp", std::process::id());
+    let base = format!("/tmp/capnet-{NOBODY}");
+    // The victim has no stack up: the other user got there first.
+    let _ = std::fs::remove_dir_all(&base);
+    let squatter = format!(
+        "
+import os, socket, sys, threading
+base, name = '{base}', '{name}'
+os.makedirs(base + '/' + name, 0o755)
+os.chmod(base, 0o755)
+got = [0, 0]
+def serve(path):
+    s = socket.socket(socket.AF_UNIX)
+    s.bind(path)
+    os.chmod(path, 0o777)
+    s.listen(8)
+    while True:
+        c, _ = s.accept()
+        got[0] += 1
+        c.settimeout(2)
+        try:
+            got[1] += len(c.recv(65536))
+        except OSError:
+            pass
+        open(base + '/' + name + '/got', 'w').write('%d %d' % tuple(got))
+        c.close()
+for p in ('app.sock', 'control.sock'):
+    threading.Thread(target=serve, args=(base + '/' + name + '/' + p,), daemon=True).start()
+print('ready', flush=True)
+threading.Event().wait()
+"
+    );
+    let mut child = Command::new("setpriv")
+        .args(["--reuid", OTHER, "--regid", OTHER, "--clear-groups", "/usr/bin/python3", "-c", &squatter])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("the other user's squatter");
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.take().expect("stdout")), &mut line)
+        .expect("ready");
+    let squatter = Killed(child);
+    assert_eq!(line.trim(), "ready");
+
+    for args in [&["http-get", "--netns", &name, "http://10.77.0.1/"][..], &["status", "--netns", &name][..]] {
+        let out = run(as_nobody(&bin, args));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?} refuses: {err}");
+        assert!(
+            err.contains("refusing to talk to") && err.contains(&format!("belongs to uid {OTHER}")),
+            "{args:?} says why: {err}"
+        );
+    }
+    drop(squatter);
+    let got = std::fs::read_to_string(format!("{base}/{name}/got")).unwrap_or_default();
+    let _ = std::fs::remove_dir_all(&base);
+    assert_eq!(got, "", "nothing reached the other user's sockets");
+}
