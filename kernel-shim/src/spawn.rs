@@ -63,8 +63,12 @@ impl Default for Limits {
 /// What to spawn and how to confine it.
 #[derive(Debug)]
 pub struct SpawnConfig {
-    /// The domain binary.
+    /// The domain binary (its name, as the domain's `argv[0]`).
     pub program: PathBuf,
+    /// The binary itself, opened and checked by the caller: when given, the
+    /// child starts it through this fd (`execveat(…, AT_EMPTY_PATH)`), so what
+    /// runs is the file that was checked, whatever `program` names by then.
+    pub image: Option<OwnedFd>,
     /// Arguments after the program name.
     pub args: Vec<String>,
     /// The whole environment the domain gets (nothing is inherited).
@@ -220,6 +224,8 @@ struct Prepared {
     fds: Vec<RawFd>,
     /// The log fd, or -1.
     log: RawFd,
+    /// The binary's fd to start it through, or -1 (by `path`).
+    image: RawFd,
     last_cap: libc::c_int,
     /// setgroups(2) is denied in this user namespace (and so in the domain's):
     /// an unprivileged supervisor's, which keeps only its user's own groups.
@@ -261,6 +267,7 @@ fn prepare(cfg: &SpawnConfig) -> Result<Prepared, SpawnError> {
         envp,
         fds: cfg.fds.iter().map(|f| f.as_raw_fd()).collect(),
         log: cfg.log.as_ref().map_or(-1, |f| f.as_raw_fd()),
+        image: cfg.image.as_ref().map_or(-1, |f| f.as_raw_fd()),
         last_cap,
         setgroups_denied: std::fs::read_to_string("/proc/self/setgroups").is_ok_and(|s| s.trim() == "deny"),
         open_files: cfg.limits.open_files,
@@ -447,7 +454,17 @@ unsafe fn child_main(p: &Prepared, sync_r: RawFd, err_w: RawFd, uid: u32, user_n
         if log_tmp >= 0 && (libc::dup3(log_tmp, 1, 0) < 0 || libc::dup3(log_tmp, 2, 0) < 0) {
             die(err_fd, 2);
         }
-        if libc::close_range((err_fd + 1) as libc::c_uint, libc::c_uint::MAX, 0) != 0 {
+        // The binary's fd, if any, right after the error pipe (close-on-exec:
+        // the domain never holds it).
+        let image_fd = err_fd + 1;
+        if p.image >= 0 {
+            let t = libc::fcntl(p.image, libc::F_DUPFD_CLOEXEC, floor);
+            if t < 0 || libc::dup3(t, image_fd, libc::O_CLOEXEC) < 0 {
+                die(err_fd, 2);
+            }
+        }
+        let keep = if p.image >= 0 { image_fd } else { err_fd };
+        if libc::close_range((keep + 1) as libc::c_uint, libc::c_uint::MAX, 0) != 0 {
             die(err_fd, 3);
         }
         let nofile = libc::rlimit { rlim_cur: p.open_files, rlim_max: p.open_files };
@@ -490,7 +507,12 @@ unsafe fn child_main(p: &Prepared, sync_r: RawFd, err_w: RawFd, uid: u32, user_n
         if libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) != 0 {
             die(err_fd, 10);
         }
-        libc::execve(p.path.as_ptr(), p.argv.as_ptr(), p.envp.as_ptr());
+        if p.image >= 0 {
+            let empty = c"".as_ptr();
+            libc::syscall(libc::SYS_execveat, image_fd, empty, p.argv.as_ptr(), p.envp.as_ptr(), libc::AT_EMPTY_PATH);
+        } else {
+            libc::execve(p.path.as_ptr(), p.argv.as_ptr(), p.envp.as_ptr());
+        }
         die(err_fd, 11)
     }
 }

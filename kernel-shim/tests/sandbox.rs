@@ -39,6 +39,7 @@ impl Probe {
             limits: Limits::default(),
             fds,
             log: None,
+            image: None,
         };
         let child = spawn(&cfg).expect("spawn probe");
         drop(cfg);
@@ -170,9 +171,35 @@ fn root_uid_and_missing_binaries_are_refused() {
         limits: Limits::default(),
         fds: vec![],
         log: None,
+        image: None,
     };
     let err = spawn(&SpawnConfig { uid: 0, ..base() }).expect_err("uid 0");
     assert!(err.to_string().contains("uid 0"), "{err}");
     let err = spawn(&SpawnConfig { program: "/nonexistent/domain".into(), ..base() }).expect_err("missing");
     assert!(err.to_string().contains("execve"), "{err}");
+}
+
+/// A binary given as an fd is what runs, whatever its path names by then (the
+/// supervisor checks a swapped-in binary once, keeps the fd, and starts every
+/// restart through it): here the path names nothing at all.
+#[test]
+fn a_binary_given_as_an_fd_runs_whatever_its_path_names() {
+    let (ours, theirs) = UnixStream::pair().expect("socketpair");
+    let image = std::fs::File::open(env!("CARGO_BIN_EXE_capnet-probe")).expect("open the probe");
+    let cfg = SpawnConfig {
+        program: "/nonexistent/probe".into(),
+        args: vec![],
+        env: vec![("RUST_BACKTRACE".into(), "0".into())],
+        namespaces: Namespaces::ALL,
+        uid: PROBE_UID,
+        limits: Limits::default(),
+        fds: vec![theirs.into()],
+        log: None,
+        image: Some(image.into()),
+    };
+    let child = spawn(&cfg).expect("spawn the probe through its fd");
+    ours.set_read_timeout(Some(Duration::from_secs(20))).expect("timeout");
+    let caps = recv_caps(ours.as_fd()).expect("the probe runs and sends its stats region");
+    assert_eq!(caps.len(), 1);
+    drop(child);
 }

@@ -236,6 +236,10 @@ struct Running {
     logs: std::path::PathBuf,
     /// A tcp domain swapped out, finishing the connections it had.
     draining: Option<Draining>,
+    /// The programs swapped in, each opened and checked once
+    /// ([`check_binary`]): every start of a domain whose graph entry names one
+    /// goes through its fd, never its path again.
+    programs: std::collections::BTreeMap<String, OwnedFd>,
 }
 
 /// A tcp domain swapped out (`capnet swap tcp`): it keeps its process and its
@@ -296,6 +300,7 @@ impl Running {
             spec_base,
             logs,
             draining: None,
+            programs: Default::default(),
         };
         let mut sides = Sides::new();
         for gi in 0..r.graph.groups.len() {
@@ -365,6 +370,12 @@ impl Running {
         } else {
             sibling_binary(&binary).with_context(|| format!("{binary} is not installed next to capnet"))?
         };
+        // A swapped-in program runs from the fd checked at the swap; the graph's
+        // own (its file, or beside capnet) is opened now.
+        let image = match self.programs.get(&binary) {
+            Some(fd) => fd.try_clone()?,
+            None => std::fs::File::open(&program).with_context(|| format!("opening {}", program.display()))?.into(),
+        };
         let (ours, theirs) = UnixStream::pair()?;
         let sb = &group.sandbox;
         // Its log: standard output and error, kept by the supervisor (`capnet logs`).
@@ -391,6 +402,7 @@ impl Running {
             limits: Limits { address_space: sb.address_space_mib.map(|m| m << 20), open_files: sb.nofile },
             fds: vec![theirs.into()],
             log: Some(log.into()),
+            image: Some(image),
         };
         let child = spawn(&cfg).with_context(|| format!("starting group {}", group.name))?;
         ours.set_read_timeout(Some(Duration::from_secs(10)))?;
@@ -484,8 +496,8 @@ impl Running {
     fn wire_connect(&mut self, ours: &str, peer: &str) -> Result<()> {
         let side = self.wire_side()?;
         let path = socket_path(peer);
-        let conn = UnixStream::connect(&path)
-            .with_context(|| format!("no capnet instance is up in namespace {peer} to join its wire"))?;
+        let conn = capnet::attach::connect_trusted(&path)
+            .with_context(|| format!("no capnet instance of ours is up in namespace {peer} to join its wire"))?;
         conn.set_read_timeout(Some(Duration::from_secs(10)))?;
         send(&conn, &Request::Wire { from: ours.to_owned() })?;
         send_caps(conn.as_fd(), &wire_caps(side)?.iter().map(|c| (c, Rights::READ | Rights::MAP)).collect::<Vec<_>>())?;
@@ -811,7 +823,8 @@ impl Running {
                 self.groups[gi].domains.join(", ")
             );
         }
-        check_binary(binary)?;
+        let image = check_binary(binary)?;
+        self.programs.insert(binary.clone(), image);
         if kind == Some(Kind::Tcp) {
             self.swap_tcp(gi, binary)?;
             return Ok(None);
@@ -823,35 +836,81 @@ impl Running {
     }
 }
 
-/// A program the supervisor may start as a domain: an absolute path to an
+/// Opens a program the supervisor may start as a domain, once, and checks what
+/// it opened: an absolute path, walked one component at a time from `/` without
+/// following a symlink (`O_NOFOLLOW` at every step), through directories that
+/// belong to root or the supervisor's user and that nobody else may write
+/// (unless sticky, as `/tmp`: then nobody else may replace what is ours), to an
 /// executable regular file that only root or the supervisor's user owns and
-/// nobody else may write (it runs with the authority the graph grants).
-fn check_binary(path: &str) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
+/// nobody else may write (it runs with the authority the graph grants). The fd
+/// is what the domain is started through, at the swap and at every restart
+/// after it: what the path names later does not matter.
+fn check_binary(path: &str) -> Result<OwnedFd> {
+    use rustix::fs::{fstat, openat, FileType, Mode, OFlags, CWD};
     let p = std::path::Path::new(path);
     if !p.is_absolute() {
         bail!("{path}: give the binary's absolute path");
     }
-    let m = std::fs::metadata(p).with_context(|| format!("{path}: cannot read it"))?;
-    if !m.is_file() {
+    let me = nix::unistd::geteuid().as_raw();
+    // In its own user namespace an unprivileged supervisor sees root's and every
+    // other user's files as the overflow uid: directories can then only be
+    // checked for their mode (the file itself must be the user's own).
+    let overflow = (!userns::privileged())
+        .then(|| std::fs::read_to_string("/proc/sys/kernel/overflowuid").ok()?.trim().parse::<u32>().ok())
+        .flatten();
+    let owner_ok = |uid: u32| uid == 0 || uid == me || Some(uid) == overflow;
+    let mut names = Vec::new();
+    for c in p.components() {
+        match c {
+            std::path::Component::RootDir => {}
+            std::path::Component::Normal(n) => names.push(n),
+            _ => bail!("{path}: give the binary's path without . or .. in it"),
+        }
+    }
+    let Some((file, dirs)) = names.split_last() else { bail!("{path} is not a file") };
+    let mut dir = openat(CWD, "/", OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())?;
+    let mut at = std::path::PathBuf::from("/");
+    for name in dirs.iter().copied().map(Some).chain([None]) {
+        let st = fstat(&dir)?;
+        if !owner_ok(st.st_uid) {
+            bail!("{path}: {} belongs to uid {}, neither root nor the supervisor's user", at.display(), st.st_uid);
+        }
+        if st.st_mode & 0o022 != 0 && st.st_mode & 0o1000 == 0 {
+            bail!(
+                "{path}: {} may be written by others (mode {:o}): refusing to run a domain from it",
+                at.display(),
+                st.st_mode & 0o7777
+            );
+        }
+        let Some(name) = name else { break };
+        at.push(name);
+        dir = openat(&dir, name, OFlags::PATH | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty())
+            .map_err(|e| anyhow::anyhow!("{path}: {} is not a directory of its own (a symlink?): {e}", at.display()))?;
+    }
+    let fd = openat(&dir, *file, OFlags::RDONLY | OFlags::NOFOLLOW | OFlags::CLOEXEC, Mode::empty()).map_err(|e| {
+        if e == rustix::io::Errno::LOOP {
+            anyhow::anyhow!("{path} is a symlink: give the path of the file itself")
+        } else {
+            anyhow::anyhow!("{path}: cannot open it: {e}")
+        }
+    })?;
+    let st = fstat(&fd)?;
+    if FileType::from_raw_mode(st.st_mode) != FileType::RegularFile {
         bail!("{path} is not a regular file");
     }
-    if m.mode() & 0o111 == 0 {
+    if st.st_mode & 0o111 == 0 {
         bail!("{path} is not executable");
     }
-    if m.mode() & 0o022 != 0 {
-        bail!("{path} is writable by others (mode {:o}): refusing to run it as a domain", m.mode() & 0o777);
+    if st.st_mode & 0o022 != 0 {
+        bail!("{path} is writable by others (mode {:o}): refusing to run it as a domain", st.st_mode & 0o777);
     }
-    let me = nix::unistd::geteuid().as_raw();
-    if !userns::privileged() && m.uid() != me {
-        // In its own user namespace the supervisor sees only its user's files
-        // as anyone's: root's and others' show as the overflow uid.
+    if !userns::privileged() && st.st_uid != me {
         bail!("{path} is not the user's own file (an unprivileged supervisor runs only those): copy it to a file of yours");
     }
-    if m.uid() != 0 && m.uid() != me {
-        bail!("{path} belongs to uid {}, neither root nor the supervisor's user", m.uid());
+    if st.st_uid != 0 && st.st_uid != me {
+        bail!("{path} belongs to uid {}, neither root nor the supervisor's user", st.st_uid);
     }
-    Ok(())
+    Ok(fd)
 }
 
 /// The kind of domain `d` in `graph`.

@@ -315,3 +315,56 @@ fn swap_tcp_sends_new_connections_to_the_new_domain_while_the_old_finishes_its_o
         assert_eq!(domain(&up, n)["restarts"], 0, "{n} kept its process");
     }
 }
+
+/// Issue 18, finding 6: `swap --with` followed symlinks, checked only the final
+/// file, once, and every later restart ran whatever the path named then — a
+/// symlink in another user's directory, repointed after the swap, ran their
+/// script as the udp domain. Now the binary is opened once without following a
+/// symlink, checked with every directory above it, and every restart starts
+/// the file that was checked, through its fd.
+#[test]
+fn swap_runs_the_binary_it_checked_at_every_restart() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let up = Up::new(CAPNET, "rs-swapfd", &[]);
+    let domain_bin = std::path::Path::new(CAPNET).with_file_name("capnet-domain");
+    let swap = |bin: &std::path::Path| up.capnet(&["swap", "udp", "--with", bin.to_str().expect("utf-8")]);
+    // Another user's directory, with a symlink to the real program: refused.
+    let theirs = Scratch::new("rs-swapfd-theirs");
+    std::os::unix::fs::symlink(&domain_bin, theirs.0.join("udp")).expect("symlink");
+    std::os::unix::fs::chown(&theirs.0, Some(65533), Some(65533)).expect("chown");
+    let out = swap(&theirs.0.join("udp"));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success() && err.contains("belongs to uid 65533"), "another user's directory: {err}");
+    // A symlink in a directory of ours: refused too.
+    let ours = Scratch::new("rs-swapfd");
+    std::os::unix::fs::symlink(&domain_bin, ours.0.join("link")).expect("symlink");
+    let out = swap(&ours.0.join("link"));
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(!out.status.success() && err.contains("is a symlink"), "a symlink: {err}");
+    // A real copy is swapped in.
+    let next = ours.0.join("udp-next");
+    std::fs::copy(&domain_bin, &next).expect("copy capnet-domain");
+    std::fs::set_permissions(&next, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    let checked = std::fs::metadata(&next).expect("stat").ino();
+    let old = domain(&up, "udp")["pid"].as_i64().expect("pid");
+    let out = swap(&next);
+    assert!(out.status.success(), "swap: {}", String::from_utf8_lossy(&out.stderr));
+    let d = restarted(&up, "udp", old);
+    let pid = d["pid"].as_i64().expect("pid");
+    // Then its path names a script; a restart still starts the checked file.
+    let marker = ours.0.join("ran");
+    let evil = ours.0.join("evil");
+    std::fs::write(&evil, format!("#!/bin/sh\ntouch {}\nsleep 30\n", marker.display())).expect("script");
+    std::fs::set_permissions(&evil, std::fs::Permissions::from_mode(0o755)).expect("chmod");
+    std::fs::rename(&evil, &next).expect("replace the swapped-in path");
+    let out = up.capnet(&["restart", "udp"]);
+    assert!(out.status.success(), "restart: {}", String::from_utf8_lossy(&out.stderr));
+    let d = restarted(&up, "udp", pid);
+    let exe = std::fs::metadata(format!("/proc/{}/exe", d["pid"])).expect("the restarted domain's program");
+    assert_eq!(exe.ino(), checked, "the restart runs the file checked at the swap, not what the path names now");
+    assert_eq!(d["state"], "running", "{d}");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!marker.exists(), "the script never ran");
+    let ping = up.in_ns(&["ping", "-c", "2", "-i", "0.2", "-W", "2", "10.77.0.2"]);
+    assert_eq!(capnet_testkit::ping_received(&ping), 2, "the stack still answers");
+}
