@@ -92,13 +92,36 @@ pub struct ArpCache {
     retry: Duration,
     tries: u8,
     queue: usize,
+    /// Entries, and resolutions in progress, held at most.
+    max: usize,
+    /// Entries evicted to make room (the ip core takes them into its stats).
+    pub(crate) evicted: u64,
     entries: BTreeMap<Ipv4Address, Entry>,
     pending: BTreeMap<Ipv4Address, Pending>,
 }
 
 impl ArpCache {
-    pub(crate) fn new(expiry: Duration, retry: Duration, tries: u8, queue: usize) -> Self {
-        Self { expiry, retry, tries, queue, entries: BTreeMap::new(), pending: BTreeMap::new() }
+    pub(crate) fn new(expiry: Duration, retry: Duration, tries: u8, queue: usize, max: usize) -> Self {
+        Self {
+            expiry,
+            retry,
+            tries,
+            queue,
+            max: max.max(1),
+            evicted: 0,
+            entries: BTreeMap::new(),
+            pending: BTreeMap::new(),
+        }
+    }
+
+    /// Entries held (live or not yet swept).
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 
     /// The MAC of `ip`, if known and not expired at `now`.
@@ -116,6 +139,14 @@ impl ArpCache {
     pub(crate) fn learn(&mut self, now: Instant, ip: Ipv4Address, mac: EthernetAddress, create: bool) -> Vec<Vec<u8>> {
         let waiting = self.pending.remove(&ip);
         if create || waiting.is_some() || self.entries.contains_key(&ip) {
+            if !self.entries.contains_key(&ip) && self.entries.len() >= self.max {
+                // Full: the entry nearest its expiry (the least recently
+                // confirmed) makes room; the cache never grows past its size.
+                if let Some(old) = self.entries.iter().min_by_key(|(_, e)| e.expires).map(|(ip, _)| *ip) {
+                    self.entries.remove(&old);
+                    self.evicted += 1;
+                }
+            }
             self.entries.insert(ip, Entry { mac, expires: now + self.expiry });
         }
         waiting.map(|p| p.packets).unwrap_or_default()
@@ -132,7 +163,7 @@ impl ArpCache {
                 (false, true)
             }
             None => {
-                if packets.len() > self.queue {
+                if packets.len() > self.queue || self.pending.len() >= self.max {
                     return (false, false);
                 }
                 self.pending.insert(ip, Pending { packets, tries: 1, next: now + self.retry });

@@ -55,6 +55,9 @@ pub struct Config {
     pub arp_tries: u8,
     /// Datagrams queued per unresolved address (more are dropped and counted).
     pub arp_queue: usize,
+    /// Neighbours the cache holds, and addresses it resolves at once: past it,
+    /// the entry nearest its expiry makes room (a new resolution waits).
+    pub arp_entries: usize,
     /// Reassembly limits.
     pub reasm: ReasmLimits,
 }
@@ -72,6 +75,7 @@ impl Config {
             arp_retry: Duration::from_secs(1),
             arp_tries: 3,
             arp_queue: 16,
+            arp_entries: 1024,
             reasm: ReasmLimits::default(),
         }
     }
@@ -103,7 +107,9 @@ pub enum DropReason {
     FragOverlap,
     /// Fragments that would make a datagram larger than 65535 bytes.
     FragTooLarge,
-    /// Reassembly memory or datagram limit reached.
+    /// A datagram evicted from reassembly to make room (the oldest, at a limit
+    /// of datagrams, bytes or datagrams from one source), or one fragment larger
+    /// than all reassembly memory.
     FragMemory,
     /// A non-final fragment whose length is not a multiple of 8, or empty.
     FragMalformed,
@@ -190,6 +196,8 @@ pub struct Stats {
     pub echo_replies: u64,
     /// ARP requests sent (the gratuitous one at start included).
     pub arp_requests: u64,
+    /// Neighbour entries evicted to make room (`Config::arp_entries`).
+    pub arp_evicted: u64,
     /// Drops by reason, indexed by `DropReason as usize`.
     pub drops: [u64; 20],
 }
@@ -427,7 +435,7 @@ impl IpCore {
     /// A core with `cfg`, announcing itself with a gratuitous ARP.
     pub fn new(cfg: Config, now: Instant) -> Self {
         let routes = RouteTable::connected(cfg.addr, cfg.gateway);
-        let arp = ArpCache::new(cfg.arp_expiry, cfg.arp_retry, cfg.arp_tries, cfg.arp_queue);
+        let arp = ArpCache::new(cfg.arp_expiry, cfg.arp_retry, cfg.arp_tries, cfg.arp_queue, cfg.arp_entries);
         let reasm = Reassembler::new(cfg.reasm);
         let mut core = Self {
             cfg,
@@ -543,10 +551,12 @@ impl IpCore {
     fn receive_arp(&mut self, now: Instant, bytes: &[u8]) {
         let Some(a) = arp::parse(bytes) else { return self.drop(DropReason::ArpMalformed) };
         let ours = self.cfg.addr.address();
-        // RFC 826: update an entry we have; add one if the packet is for us.
+        // RFC 826: update an entry we have; add one if the packet is for us —
+        // only for a sender on our link (we never send to another directly).
         let for_us = a.target_ip == ours;
-        if a.sender_ip != ours && !a.sender_ip.is_unspecified() {
+        if a.sender_ip != ours && !a.sender_ip.is_unspecified() && self.cfg.addr.contains_addr(&a.sender_ip) {
             let released = self.arp.learn(now, a.sender_ip, a.sender_mac, for_us);
+            self.stats.arp_evicted += std::mem::take(&mut self.arp.evicted);
             for packet in released {
                 self.emit_ip_frame(a.sender_mac, &packet);
             }
@@ -588,6 +598,9 @@ impl IpCore {
                     }
                 }
                 reasm::Added::Dropped(r) => self.drop(r),
+            }
+            for _ in 0..self.reasm.take_evicted() {
+                self.drop(DropReason::FragMemory);
             }
             return None;
         }

@@ -23,11 +23,13 @@ pub struct ReasmLimits {
     pub max_bytes: usize,
     /// Datagrams in progress.
     pub max_datagrams: usize,
+    /// Datagrams in progress from one source address.
+    pub max_per_source: usize,
 }
 
 impl Default for ReasmLimits {
     fn default() -> Self {
-        Self { timeout: Duration::from_secs(30), max_bytes: 1 << 20, max_datagrams: 64 }
+        Self { timeout: Duration::from_secs(30), max_bytes: 1 << 20, max_datagrams: 64, max_per_source: 8 }
     }
 }
 
@@ -53,17 +55,37 @@ pub(crate) enum Added {
     Dropped(DropReason),
 }
 
-/// Datagrams being reassembled.
+/// Datagrams being reassembled. At a limit (datagrams, bytes, datagrams from
+/// one source) the oldest datagram in the way is evicted, not the new one
+/// refused: a peer that keeps first fragments coming cannot hold reassembly
+/// shut for everyone else (a datagram's fragments arrive together, so the
+/// newest are the ones worth finishing, as Linux's `ipfrag` eviction judges).
 #[derive(Debug)]
 pub struct Reassembler {
     limits: ReasmLimits,
     partial: BTreeMap<Key, Partial>,
     bytes: usize,
+    evicted: u64,
 }
 
 impl Reassembler {
     pub(crate) fn new(limits: ReasmLimits) -> Self {
-        Self { limits, partial: BTreeMap::new(), bytes: 0 }
+        Self { limits, partial: BTreeMap::new(), bytes: 0, evicted: 0 }
+    }
+
+    /// Datagrams evicted since the last call.
+    pub(crate) fn take_evicted(&mut self) -> u64 {
+        std::mem::take(&mut self.evicted)
+    }
+
+    /// Evicts the oldest datagram that `pick` chooses (other than `keep`);
+    /// whether there was one.
+    fn evict_oldest(&mut self, keep: &Key, pick: impl Fn(&Key) -> bool) -> bool {
+        let oldest = self.partial.iter().filter(|(k, _)| *k != keep && pick(k)).min_by_key(|(_, p)| p.deadline);
+        let Some((&k, _)) = oldest else { return false };
+        self.discard(&k);
+        self.evicted += 1;
+        true
     }
 
     /// Bytes held now.
@@ -87,16 +109,26 @@ impl Reassembler {
             self.discard(&key);
             return Added::Dropped(DropReason::FragMalformed);
         }
+        if data.len() > self.limits.max_bytes {
+            self.discard(&key);
+            return Added::Dropped(DropReason::FragMemory);
+        }
         if !self.partial.contains_key(&key) {
+            let from_source = self.partial.keys().filter(|k| k.src == key.src).count();
+            if from_source >= self.limits.max_per_source {
+                self.evict_oldest(&key, |k| k.src == key.src);
+            }
             if self.partial.len() >= self.limits.max_datagrams {
-                return Added::Dropped(DropReason::FragMemory);
+                self.evict_oldest(&key, |_| true);
             }
             self.partial
                 .insert(key, Partial { frags: Vec::new(), total: None, bytes: 0, deadline: now + self.limits.timeout });
         }
-        if self.bytes + data.len() > self.limits.max_bytes {
-            self.discard(&key);
-            return Added::Dropped(DropReason::FragMemory);
+        while self.bytes + data.len() > self.limits.max_bytes {
+            if !self.evict_oldest(&key, |_| true) {
+                self.discard(&key);
+                return Added::Dropped(DropReason::FragMemory);
+            }
         }
         let Some(p) = self.partial.get_mut(&key) else { return Added::Dropped(DropReason::FragMemory) };
         for (s, d) in &p.frags {

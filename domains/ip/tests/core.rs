@@ -21,7 +21,8 @@ fn t(ms: u64) -> Instant {
 fn core() -> IpCore {
     let mut cfg = Config::new(OUR_MAC, Ipv4Cidr::new(OUR_IP, 24));
     cfg.arp_expiry = Duration::from_secs(2);
-    cfg.reasm = ReasmLimits { timeout: Duration::from_secs(5), max_bytes: 64 * 1024, max_datagrams: 4 };
+    cfg.reasm =
+        ReasmLimits { timeout: Duration::from_secs(5), max_bytes: 64 * 1024, max_datagrams: 4, max_per_source: 4 };
     let mut c = IpCore::new(cfg, t(0));
     drain(&mut c);
     c
@@ -66,6 +67,11 @@ fn arp(op: ArpOperation, sender: (EthernetAddress, Ipv4Address), target: (Ethern
 
 /// An IPv4 packet from the peer (optionally a fragment).
 fn ip(proto: IpProtocol, ident: u16, off: usize, more: bool, payload: &[u8]) -> Vec<u8> {
+    ip_from(PEER_IP, proto, ident, off, more, payload)
+}
+
+/// The same from another source address.
+fn ip_from(src: Ipv4Address, proto: IpProtocol, ident: u16, off: usize, more: bool, payload: &[u8]) -> Vec<u8> {
     let total = 20 + payload.len();
     let mut b = vec![0u8; total];
     let mut p = Ipv4Packet::new_unchecked(&mut b[..]);
@@ -77,7 +83,7 @@ fn ip(proto: IpProtocol, ident: u16, off: usize, more: bool, payload: &[u8]) -> 
     p.set_frag_offset(off as u16);
     p.set_hop_limit(64);
     p.set_next_header(proto);
-    p.set_src_addr(PEER_IP);
+    p.set_src_addr(src);
     p.set_dst_addr(OUR_IP);
     p.payload_mut().copy_from_slice(payload);
     p.fill_checksum();
@@ -341,7 +347,8 @@ fn reassembly_is_bounded_in_time_and_memory() {
     c.poll(t(5000));
     assert_eq!(c.stats().dropped(DropReason::FragTimeout), 1);
     assert_eq!(c.reassembly_bytes(), 0);
-    // A flood of first fragments: at most 4 datagrams in progress.
+    // A flood of first fragments: at most 4 datagrams in progress (each new one
+    // evicts the oldest).
     for id in 0..100u16 {
         c.receive_frame(t(6000), &to_us(&ip(IpProtocol::Icmp, 1000 + id, 0, true, &[0u8; 1024])));
     }
@@ -482,4 +489,66 @@ fn a_flow_set_apart_reaches_its_own_transport_and_the_rest_follow_the_port() {
     c.demux.insert_flow(IpProtocol::Tcp, 80, PEER_IP, 40000, TransportId(9));
     c.demux.remove(TransportId(9));
     assert_eq!(to(&mut c, 40000), TransportId(3));
+}
+
+/// Issue 18, finding 8: 64 first fragments that never complete, and 3 more a
+/// second, kept every fragmented ping from being answered: reassembly refused
+/// new datagrams while full. Now the oldest is evicted, and one source holds at
+/// most its share, so a ping split in two is answered through any such flood.
+#[test]
+fn a_flood_of_first_fragments_cannot_hold_reassembly_shut() {
+    let mut c = core();
+    learn_peer(&mut c);
+    let flooders = [Ipv4Address::new(10, 77, 0, 9), Ipv4Address::new(10, 77, 0, 10)];
+    let ping = echo_request(7, 1, &[0x5a; 3000]);
+    for round in 0..50u16 {
+        let now = t(100 + u64::from(round) * 300);
+        // Three new first fragments a round, from two sources, none completed.
+        for k in 0..3u16 {
+            let src = flooders[usize::from(k % 2)];
+            c.receive_frame(now, &to_us(&ip_from(src, IpProtocol::Icmp, round * 3 + k, 0, true, &[0u8; 1480])));
+        }
+        assert!(c.reassembly_bytes() <= 64 * 1024);
+        if round % 10 == 9 {
+            // The peer's ping in two fragments, between flood rounds (its MAC
+            // learned afresh: entries expire after 2 s here).
+            c.receive_frame(now, &arp(ArpOperation::Request, (PEER_MAC, PEER_IP), (EthernetAddress([0; 6]), OUR_IP)));
+            drain(&mut c);
+            c.receive_frame(now, &to_us(&ip(IpProtocol::Icmp, 9000 + round, 0, true, &ping[..1480])));
+            c.receive_frame(now, &to_us(&ip(IpProtocol::Icmp, 9000 + round, 1480, false, &ping[1480..])));
+            let replies =
+                frames(&mut c).into_iter().filter(|f| parse_ip(f).0.next_header() == IpProtocol::Icmp).count();
+            assert!(replies >= 1, "round {round}: the fragmented ping is answered through the flood");
+        }
+        drain(&mut c);
+    }
+    assert!(c.stats().dropped(DropReason::FragMemory) > 0, "the flood's datagrams were the ones evicted");
+}
+
+/// Issue 18, finding 8: the neighbour cache took an entry for any sender, without
+/// bound (600k requests made ip burn half a core for a minute). Now it holds at
+/// most `arp_entries`, learns only senders on its link, and still resolves
+/// the neighbours it talks to.
+#[test]
+fn the_neighbour_cache_is_bounded_and_learns_only_its_link() {
+    let mut cfg = Config::new(OUR_MAC, Ipv4Cidr::new(OUR_IP, 16));
+    cfg.arp_entries = 64;
+    let mut c = IpCore::new(cfg, t(0));
+    drain(&mut c);
+    for i in 0..5000u32 {
+        let sender = Ipv4Address::from(u32::from(Ipv4Address::new(10, 77, 1, 0)) + i);
+        let mac = EthernetAddress([0x02, 0, 0, (i >> 16) as u8, (i >> 8) as u8, i as u8]);
+        c.receive_frame(t(1), &arp(ArpOperation::Request, (mac, sender), (EthernetAddress([0; 6]), OUR_IP)));
+    }
+    assert_eq!(c.arp().entries(t(1)).count(), 64, "at most arp_entries neighbours");
+    assert_eq!(c.stats().arp_evicted, 5000 - 64);
+    // Off our link: answered (it asked for us) but not learned.
+    let far = Ipv4Address::new(192, 0, 2, 7);
+    c.receive_frame(t(2), &arp(ArpOperation::Request, (PEER_MAC, far), (EthernetAddress([0; 6]), OUR_IP)));
+    assert_eq!(c.arp().lookup(t(2), far), None, "an off-link sender is not learned");
+    drain(&mut c);
+    // The peer we talk to is still resolved and reached.
+    learn_peer(&mut c);
+    c.send(t(3), PEER_IP, IpProtocol::Udp, &[0u8; 8], false).expect("send");
+    assert_eq!(frames(&mut c).len(), 1, "resolved: sent at once");
 }

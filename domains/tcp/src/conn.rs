@@ -669,7 +669,9 @@ impl Conn {
             self.persist_at = Some(now + self.persist_interval());
         } else if !waiting || self.snd_nxt != self.snd_una {
             self.persist_at = None;
-            self.persist_backoff = 0;
+            if !self.orphan {
+                self.persist_backoff = 0;
+            }
         }
     }
 
@@ -1214,7 +1216,9 @@ impl Conn {
                 self.retransmit(cx, self.snd_una, self.seg_cap() + 1);
             }
         }
-        if self.snd_wnd > old_wnd {
+        // A window that opened ends the backoff — for a closed connection only
+        // one that opened by a segment (a dripping window is no progress).
+        if self.snd_wnd > old_wnd && (!self.orphan || self.snd_wnd >= self.mss) {
             self.persist_backoff = 0;
         }
         true
@@ -1335,6 +1339,10 @@ impl Conn {
         if self.persist_at.is_some_and(|t| now >= t) {
             self.persist_at = None;
             self.persist_backoff += 1;
+            if self.orphan && self.persist_backoff > cx.cfg.orphan_retries {
+                cx.stats.orphans_given_up += 1;
+                return self.abort(cx);
+            }
             if self.snd_wnd == 0 {
                 self.send_probe(cx);
             } else {

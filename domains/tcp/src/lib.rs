@@ -69,6 +69,11 @@ pub struct Config {
     pub syn_retries: u32,
     /// Data retransmissions before giving up.
     pub data_retries: u32,
+    /// Zero-window probes a connection its application has closed sends
+    /// without the window opening by a segment before it gives up and resets
+    /// (Linux's `tcp_orphan_retries`, 8 by default): a peer holding a closed
+    /// connection's data behind a zero (or dripping) window pins it only so long.
+    pub orphan_retries: u32,
     /// Send buffer per connection, bytes.
     pub send_buffer: usize,
     /// Receive buffer per connection, bytes (sets the window scale).
@@ -112,6 +117,7 @@ impl Config {
             initial_rto: Duration::from_secs(1),
             syn_retries: 6,
             data_retries: 15,
+            orphan_retries: 8,
             send_buffer: 1 << 20,
             recv_buffer: 1 << 20,
             memory: 256 << 20,
@@ -388,6 +394,9 @@ pub struct Stats {
     pub keepalive_probes: u64,
     /// Connections closed by unanswered keep-alive probes.
     pub keepalive_timeouts: u64,
+    /// Closed connections given up on: their peer held the window shut past
+    /// [`Config::orphan_retries`] probes.
+    pub orphans_given_up: u64,
     /// Bytes all connections hold now (a gauge, against [`Config::memory`]).
     pub memory_held: u64,
     drops: [u64; DropReason::ALL.len()],

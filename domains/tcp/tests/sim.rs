@@ -723,3 +723,44 @@ fn peers_that_never_read_pin_at_most_the_memory_budget() {
     });
     assert!(got.iter().all(|g| g[..] == data[..]), "byte-exact on every connection");
 }
+
+/// Issue 18, finding 8: a peer that holds its window shut kept a connection its
+/// application had closed, and the data queued on it, for ever. A closed
+/// connection now gives up after `orphan_retries` probes (Linux's
+/// `tcp_orphan_retries`) and resets, freeing what it held; one still open keeps
+/// probing, as RFC 9293 §3.8.6.1 wants.
+#[test]
+fn a_closed_connection_behind_a_shut_window_gives_up() {
+    let mut net = Net::with_config(0.0, 0.0, 3, |c| {
+        c.recv_buffer = 16 << 10;
+        c.orphan_retries = 4;
+    });
+    let (a1, l, b1) = connected(&mut net);
+    let a2 = net.a.connect(net.now, B, 80).unwrap();
+    let mut b2 = None;
+    net.run_until(Duration::from_secs(5), |n| {
+        b2 = b2.or_else(|| n.b.accept(l).unwrap());
+        b2.is_some() && n.a.connected(a2) == Ok(true)
+    });
+    // A fills both windows; B never reads.
+    let data = pattern(256 << 10);
+    for c in [a1, a2] {
+        let mut sent = 0;
+        net.run_until(Duration::from_secs(30), |n| {
+            sent += n.a.send(n.now, c, &data[sent..]).unwrap();
+            n.a.ready(c).is_ok_and(|r| !r.writable) || sent == data.len()
+        });
+    }
+    let held = net.a.memory_used();
+    assert!(held > 0);
+    // A's application closes the first; the second stays open.
+    net.a.close(net.now, a1).unwrap();
+    net.run_until(Duration::from_secs(3600), |n| n.a.stats().orphans_given_up == 1);
+    assert!(net.a.memory_used() < held, "what the given-up connection held is freed");
+    assert!(net.a.ready(a2).is_ok_and(|r| !r.error), "the open one still probes");
+    // B hears the reset on the first and still holds the second.
+    net.run_until(Duration::from_secs(5), |n| {
+        n.b.recv(n.now, b1, 1 << 20).is_err() || n.b.ready(b1).is_ok_and(|r| r.error)
+    });
+    assert!(net.b.ready(b2.unwrap()).is_ok_and(|r| !r.error));
+}

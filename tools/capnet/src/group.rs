@@ -74,6 +74,8 @@ pub struct GroupSpec {
     pub tcp_cc: String,
     /// MiB the tcp domain may buffer for all connections together.
     pub tcp_memory_mib: u32,
+    /// Zero-window probes of a closed connection before it resets.
+    pub tcp_orphan_retries: u32,
     /// Seeded loss each way (driver).
     pub loss: f64,
     /// Seeded reordering each way (driver).
@@ -354,6 +356,7 @@ fn run(sock: &UnixStream, spec: &GroupSpec, tune_tcp: fn(&mut capnet_tcp::Config
     if let Some(tcp) = cores.tcp.as_mut() {
         tcp.config_mut().congestion_control = spec.tcp_cc.parse().map_err(|e: String| anyhow!(e))?;
         tcp.config_mut().memory = spec.tcp_memory_mib as usize * (1 << 20);
+        tcp.config_mut().orphan_retries = spec.tcp_orphan_retries;
         tune_tcp(tcp.config_mut());
     }
     let msg_links =
@@ -845,7 +848,7 @@ fn report(spec: &GroupSpec, cores: &mut Cores, device: Option<DeviceStats>) -> G
     for (name, k) in &spec.domains {
         let counters = match Kind::parse(k) {
             Some(Kind::Driver) => device.map(|d| crate::report::driver_counters(&d)).unwrap_or_default(),
-            Some(Kind::Ip) => cores.ip.as_ref().map(|c| crate::report::ip_counters(c.stats())).unwrap_or_default(),
+            Some(Kind::Ip) => cores.ip.as_ref().map(crate::report::ip_counters).unwrap_or_default(),
             Some(Kind::Udp) => cores.udp.as_ref().map(|c| crate::report::udp_counters(c.stats())).unwrap_or_default(),
             Some(Kind::Tcp) => cores.tcp.as_ref().map(|c| crate::report::tcp_counters(c.stats())).unwrap_or_default(),
             _ => BTreeMap::new(),

@@ -274,6 +274,11 @@ pub struct UpArgs {
     /// to send, received and unread): past it, sends wait and windows close.
     #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
     tcp_memory_mib: u32,
+    /// Zero-window probes a connection its application closed sends, without
+    /// the window opening by a segment, before it resets (Linux's
+    /// tcp_orphan_retries).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=30))]
+    tcp_orphan_retries: u32,
     /// Seed of the impairment.
     #[arg(long, default_value_t = 1)]
     seed: u64,

@@ -191,15 +191,19 @@ pub fn driver_counters(d: &capnet_runtime::DeviceStats) -> BTreeMap<String, u64>
     c
 }
 
-/// The ip domain's counters by name.
-pub fn ip_counters(s: &capnet_ip::Stats) -> BTreeMap<String, u64> {
+/// The ip domain's counters by name, with the gauges of what it holds.
+pub fn ip_counters(ip: &capnet_ip::IpCore) -> BTreeMap<String, u64> {
+    let s = ip.stats();
     let mut c = BTreeMap::new();
+    c.insert("arp_entries".into(), ip.arp().len() as u64);
+    c.insert("reassembly_bytes".into(), ip.reassembly_bytes() as u64);
     c.insert("frames_in".into(), s.frames_in);
     c.insert("frames_out".into(), s.frames_out);
     c.insert("packets_in".into(), s.packets_in);
     c.insert("packets_out".into(), s.packets_out);
     c.insert("echo_replies".into(), s.echo_replies);
     c.insert("arp_requests".into(), s.arp_requests);
+    c.insert("arp_evicted".into(), s.arp_evicted);
     for r in capnet_ip::DropReason::ALL {
         c.insert(format!("drop_{}", r.name()), s.dropped(r));
     }
@@ -235,6 +239,7 @@ pub fn tcp_counters(s: &capnet_tcp::Stats) -> BTreeMap<String, u64> {
         ("challenge_acks", s.challenge_acks),
         ("keepalive_probes", s.keepalive_probes),
         ("keepalive_timeouts", s.keepalive_timeouts),
+        ("orphans_given_up", s.orphans_given_up),
         ("memory_held", s.memory_held),
     ] {
         c.insert(k.into(), v);

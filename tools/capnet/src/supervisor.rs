@@ -1030,6 +1030,7 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
         gateway: host.octets(),
         tcp_cc: args.tcp_cc.name().into(),
         tcp_memory_mib: args.tcp_memory_mib,
+        tcp_orphan_retries: args.tcp_orphan_retries,
         loss: args.loss,
         reorder: args.reorder,
         seed: args.seed,

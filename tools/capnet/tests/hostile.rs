@@ -309,3 +309,74 @@ time.sleep(30)
     assert_eq!((r["failed"].as_u64(), r["received"] == r["sent"]), (Some(0), true), "new clients are served: {r}");
     nobody_restarted(&up, &before, "peers that never read");
 }
+
+/// The Linux side's hostile peers (`tests/py/peer_floods.py`).
+const PEER_FLOODS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/peer_floods.py");
+
+/// Issue 18, finding 8, against the real stack: a Linux-side peer sending first
+/// fragments that never complete (64, then 3 a second) kept every 4000-byte ping
+/// from being answered for as long as it went on; the ARP cache took an entry
+/// for every one of 600k senders. Now pings are answered through the fragment
+/// flood, the cache holds only on-link senders within its bound, and a closed
+/// connection behind a zero window gives up and resets.
+#[test]
+fn peers_cannot_hold_reassembly_arp_or_a_closed_connection() {
+    let up = Up::new(CAPNET, "ho-peer", &["--tcp-orphan-retries", "2"]);
+    let before = domains(&up);
+    let _frags = up.spawn_in_ns(&["python3", PEER_FLOODS, "frags", "10.77.0.2", "8"]);
+    std::thread::sleep(Duration::from_millis(1500));
+    let ping = up.in_ns(&["ping", "-c", "4", "-i", "0.5", "-W", "2", "-s", "4000", "10.77.0.2"]);
+    assert!(capnet_testkit::ping_received(&ping) >= 3, "4000-byte pings through the flood: {ping:?}");
+    assert!(up.counter("ip", "drop_frag_memory") > 0, "the flood's datagrams were evicted");
+
+    let out = up.in_ns(&["python3", PEER_FLOODS, "arp", "capt9", "10.77.0.2", "20000"]);
+    assert!(out.status.success(), "arp flood: {}", String::from_utf8_lossy(&out.stderr));
+    std::thread::sleep(Duration::from_millis(500));
+    let entries = up.counter("ip", "arp_entries");
+    assert!(entries <= 254, "only on-link senders are learned: {entries} entries");
+    let ping = up.in_ns(&["ping", "-c", "2", "-i", "0.2", "-W", "2", "10.77.0.2"]);
+    assert_eq!(capnet_testkit::ping_received(&ping), 2, "after the ARP flood: {ping:?}");
+
+    // A Linux peer that accepts and never reads; the application writes, closes.
+    let holder = "
+import socket, time
+l = socket.socket()
+l.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+l.bind(('10.77.0.1', 7303)); l.listen(1)
+c, _ = l.accept()
+time.sleep(12)
+try:
+    c.recv(1 << 20); c.recv(1 << 20)
+    print('no reset')
+except ConnectionResetError:
+    print('reset')
+";
+    let held = std::process::Command::new("ip")
+        .args(["netns", "exec", up.name(), "python3", "-c", holder])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("holder");
+    std::thread::sleep(Duration::from_millis(500));
+    {
+        let app = Stack::attach(up.name()).expect("attach");
+        let mut conn = TcpStream::connect(&app, SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), 7303)).expect("connect");
+        conn.set_nonblocking(true).expect("nonblocking");
+        let chunk = vec![7u8; 65536];
+        for _ in 0..64 {
+            let _ = conn.write(&chunk);
+        }
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while up.counter("tcp", "memory_held") == 0 {
+            assert!(Instant::now() < deadline, "tcp holds what the peer does not take");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    } // closed: the connection is an orphan behind a zero window
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while up.counter("tcp", "orphans_given_up") == 0 {
+        assert!(Instant::now() < deadline, "the closed connection never gave up");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let said = held.wait_with_output().expect("holder");
+    assert_eq!(String::from_utf8_lossy(&said.stdout).trim(), "reset", "the peer was told");
+    nobody_restarted(&up, &before, "hostile peers");
+}
