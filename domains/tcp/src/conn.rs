@@ -243,6 +243,9 @@ pub(crate) struct Conn {
     /// Added to our millisecond clock: a TSval that says nothing about uptime
     /// (RFC 7323 §7.1).
     ts_offset: u32,
+    /// A SYN cookie's SYN-ACK: the low 6 bits its TSval carries (the peer's
+    /// window scale and SACK-permitted, read back from the TSecr of its ACK).
+    pub syn_ts_bits: Option<u32>,
     /// Last.ACK.sent of RFC 7323 §4.3.
     last_ack_sent: Seq,
 
@@ -368,6 +371,7 @@ impl Conn {
             ts_recent: 0,
             ts_recent_at: now,
             ts_offset: iss.0.rotate_left(16) ^ 0x5bd1_e995,
+            syn_ts_bits: None,
             last_ack_sent: Seq(0),
             rtt: RttEstimator::new(cfg.initial_rto, cfg.min_rto, cfg.max_rto),
             rtt_timing: None,
@@ -412,10 +416,34 @@ impl Conn {
     /// A passive open: a listener got `seg` (a SYN); SYN-RECEIVED with our
     /// SYN-ACK out.
     pub fn accept_syn(cx: &mut Cx, now: Instant, ends: Endpoints, iss: Seq, seg: &Segment, cc: Algorithm) -> Self {
+        Self::accept_syn_with(cx, now, ends, iss, seg, cc, None)
+    }
+
+    /// As [`Conn::accept_syn`], the SYN-ACK's TSval carrying `ts_bits` in its
+    /// low 6 bits (a SYN cookie's).
+    pub fn accept_syn_with(
+        cx: &mut Cx,
+        now: Instant,
+        ends: Endpoints,
+        iss: Seq,
+        seg: &Segment,
+        cc: Algorithm,
+        ts_bits: Option<u32>,
+    ) -> Self {
         let mut c = Conn::new(cx.cfg, now, ends, iss, State::SynRcvd(SynRcvd { passive: true }), cc);
+        c.syn_ts_bits = ts_bits;
         c.take_syn(seg, now);
         c.send_syn(cx, now);
         c
+    }
+
+    /// What a SYN cookie keeps of the SYN it answers: the peer's window scale
+    /// and SACK-permitted as 6 bits (RFC 4987 §3.6 leaves the encoding to the
+    /// implementation; this is Linux's: `wscale | sack << 4`, 0xf for none),
+    /// meaningful only when both sides use timestamps (else they are lost, as
+    /// on Linux).
+    pub fn cookie_bits(seg: &Segment) -> u32 {
+        u32::from(seg.wscale.map_or(0xf, |w| w.min(14))) | u32::from(seg.sack_permitted) << 4
     }
 
     /// Records the peer's SYN: its ISN and options (RFC 9293 §3.7.1 MSS; RFC 7323
@@ -513,7 +541,10 @@ impl Conn {
         // RFC 7323 §3.2: TSecr echoes TS.Recent once the peer's TSval is known (a
         // SYN of an active open has none yet).
         let timestamp = self.ts_ok.then(|| TcpTimestampRepr {
-            tsval: self.ts_now(cx.now),
+            tsval: match self.syn_ts_bits {
+                Some(bits) if syn => (self.ts_now(cx.now) & !0x3f) | bits,
+                _ => self.ts_now(cx.now),
+            },
             tsecr: if matches!(self.state, State::SynSent(_)) { 0 } else { self.ts_recent },
         });
         let sack_ranges = if flags.ack && !syn && !flags.rst { self.sack_blocks() } else { [None; 3] };

@@ -356,13 +356,26 @@ fn the_backlog_bounds_pending_connections() {
     let l = net.b.listen(80, 2).unwrap();
     let cs: Vec<_> = (0..3).map(|_| net.a.connect(net.now, B, 80).unwrap()).collect();
     net.run_until(Duration::from_millis(500), |n| n.b.ready(l).unwrap().readable && n.now.total_millis() > 1100);
-    assert_eq!(net.a.connected(cs[2]), Ok(false), "the third SYN waits for room");
-    let dropped = net.b.stats().dropped(capnet_tcp::DropReason::AcceptQueueFull)
-        + net.b.stats().dropped(capnet_tcp::DropReason::SynQueueFull);
-    assert!(dropped >= 1);
-    // Accepting makes room; the retransmitted SYN gets in.
-    assert!(net.b.accept(l).unwrap().is_some());
-    net.run_until(Duration::from_secs(10), |n| n.a.connected(cs[2]) == Ok(true));
+    // The third SYN found the SYN queue full: answered with a cookie, nothing
+    // kept; its ACK found the accept queue full and was dropped.
+    assert!(net.b.stats().syn_cookies_sent >= 1, "the third SYN is answered with a cookie");
+    assert!(net.b.stats().dropped(capnet_tcp::DropReason::AcceptQueueFull) >= 1);
+    assert!(net.b.accept(l).unwrap().is_some() && net.b.accept(l).unwrap().is_some());
+    assert_eq!(net.b.accept(l).unwrap(), None, "the backlog held two");
+    // Room now: the third's first data acknowledges the cookie again and gets in.
+    net.a.send(net.now, cs[2], b"hello").unwrap();
+    let mut third = None;
+    net.run_until(Duration::from_secs(10), |n| {
+        third = third.or_else(|| n.b.accept(l).unwrap());
+        third.is_some()
+    });
+    let mut got = Vec::new();
+    net.run_until(Duration::from_secs(5), |n| {
+        if let Received::Data(d) = n.b.recv(n.now, third.unwrap(), 64).unwrap() {
+            got.extend(d);
+        }
+        got == b"hello"
+    });
 }
 
 #[test]
@@ -763,4 +776,52 @@ fn a_closed_connection_behind_a_shut_window_gives_up() {
         n.b.recv(n.now, b1, 1 << 20).is_err() || n.b.ready(b1).is_ok_and(|r| r.error)
     });
     assert!(net.b.ready(b2.unwrap()).is_ok_and(|r| !r.error));
+}
+
+/// Issue 18, finding 4: a full SYN queue dropped new SYNs, so half-open
+/// connections that never complete (a SYN flood) shut everyone out. Now a full
+/// queue answers with a SYN cookie (RFC 4987 §3.6) and keeps nothing: the
+/// connection is built from the cookie's ACK, with the MSS, window scale, SACK
+/// and timestamps the SYN asked for, and carries data like any other.
+#[test]
+fn a_full_syn_queue_answers_with_cookies_and_the_connection_works() {
+    let mut net = Net::new(0.0, 0.0, 11);
+    let l = net.b.listen(80, 4).unwrap();
+    // Four half-open connections whose SYN-ACKs never arrive: the queue is full.
+    net.silence_b = true;
+    let stuck: Vec<SocketId> = (0..4).map(|_| net.a.connect(net.now, B, 80).unwrap()).collect();
+    for _ in 0..20 {
+        net.step();
+    }
+    assert_eq!(net.b.stats().syn_cookies_sent, 0, "the queue took the first four");
+    net.silence_b = false;
+    // A new connection now: answered with a cookie.
+    let c = net.a.connect(net.now, B, 80).unwrap();
+    let mut accepted = Vec::new();
+    net.run_until(Duration::from_secs(5), |n| {
+        while let Some(s) = n.b.accept(l).unwrap() {
+            accepted.push(s);
+        }
+        n.a.connected(c) == Ok(true) && n.b.stats().syn_cookies_accepted >= 1
+    });
+    assert!(net.b.stats().syn_cookies_sent >= 1);
+    net.run_until(Duration::from_secs(5), |n| {
+        while let Some(s) = n.b.accept(l).unwrap() {
+            accepted.push(s);
+        }
+        accepted.iter().any(|s| n.b.info(*s).is_ok_and(|i| i.remote_port == n.a.info(c).unwrap().local_port))
+    });
+    let cookie_conn = *accepted
+        .iter()
+        .find(|s| net.b.info(**s).is_ok_and(|i| i.remote_port == net.a.info(c).unwrap().local_port))
+        .expect("the cookie's connection is accepted");
+    let info = net.b.info(cookie_conn).unwrap();
+    assert!(info.sack && info.timestamps, "SACK and timestamps survive the cookie: {info:?}");
+    let theirs = net.a.info(c).unwrap();
+    assert_eq!((info.snd_wscale, info.rcv_wscale), (theirs.rcv_wscale, theirs.snd_wscale), "window scales agree");
+    assert_eq!(info.mss, 1460 - 12, "the MSS rounded down to the cookie's table, less the timestamp option");
+    // Window scaling too: a megabyte each way, byte-exact.
+    let data = pattern(1 << 20);
+    assert_eq!(transfer(&mut net, true, c, cookie_conn, &data), data);
+    let _ = stuck;
 }

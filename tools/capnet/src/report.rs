@@ -239,6 +239,8 @@ pub fn tcp_counters(s: &capnet_tcp::Stats) -> BTreeMap<String, u64> {
         ("challenge_acks", s.challenge_acks),
         ("keepalive_probes", s.keepalive_probes),
         ("keepalive_timeouts", s.keepalive_timeouts),
+        ("syn_cookies_sent", s.syn_cookies_sent),
+        ("syn_cookies_accepted", s.syn_cookies_accepted),
         ("orphans_given_up", s.orphans_given_up),
         ("memory_held", s.memory_held),
     ] {

@@ -5,6 +5,8 @@ usage:
                                            spoofed on-link sources: 64 at once, then 3/s
   peer_floods.py arp IFACE DST COUNT       COUNT ARP requests for DST, each from
                                            another sender address and MAC
+  peer_floods.py syn DST PORT SECONDS      spoofed SYNs from on-link sources that never
+                                           answer: 300 at once, then 5/s
 Raw sockets: run as root in the test's own namespace.
 """
 import os
@@ -54,6 +56,36 @@ def frags(dst, seconds):
     print(sent)
 
 
+def syn(dst, port, seconds):
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    s.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
+    net = dst.rsplit(".", 1)[0]
+    sent = 0
+
+    def one():
+        nonlocal sent
+        src = "%s.%d" % (net, random.randint(100, 250))
+        sport, seq = random.randint(1024, 65535), random.getrandbits(32)
+        # SYN with MSS 1460: data offset 6 words.
+        tcp = struct.pack("!HHIIBBHHH", sport, port, seq, 0, 6 << 4, 0x02, 64240, 0, 0) + b"\x02\x04\x05\xb4"
+        pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(tcp))
+        tcp = tcp[:16] + struct.pack("!H", checksum(pseudo + tcp)) + tcp[18:]
+        hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), random.randint(0, 65535), 0, 64, 6, 0,
+                          socket.inet_aton(src), socket.inet_aton(dst))
+        hdr = hdr[:10] + struct.pack("!H", checksum(hdr)) + hdr[12:]
+        s.sendto(hdr + tcp, (dst, 0))
+        sent += 1
+
+    for _ in range(300):
+        one()
+    end = time.time() + seconds
+    while time.time() < end:
+        for _ in range(5):
+            one()
+        time.sleep(1)
+    print(sent)
+
+
 def arp(iface, dst, count):
     s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
     s.bind((iface, 0))
@@ -70,5 +102,7 @@ def arp(iface, dst, count):
 if __name__ == "__main__":
     if sys.argv[1] == "frags":
         frags(sys.argv[2], float(sys.argv[3]))
+    elif sys.argv[1] == "syn":
+        syn(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
     else:
         arp(sys.argv[2], sys.argv[3], int(sys.argv[4]))
