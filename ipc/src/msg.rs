@@ -179,6 +179,22 @@ impl MsgEnd {
         Ok(n)
     }
 
+    /// Test-only hostile behaviour (debug builds only): takes back this end's
+    /// own buffers the peer returned, but holds every message the peer lent
+    /// and reads none — a reader that never reads, yet keeps sending.
+    #[cfg(debug_assertions)]
+    #[doc(hidden)]
+    pub fn hostile_hold_messages(&mut self) -> Result<(), MsgError> {
+        self.inbox.clear();
+        self.chan.recv(&mut self.inbox, 64)?;
+        for d in &self.inbox {
+            if d.has(Descriptor::RETURN) {
+                self.pool.give_back(self.reader, d)?;
+            }
+        }
+        Ok(())
+    }
+
     fn flush_returns(&mut self) -> Result<(), MsgError> {
         while !self.returns.is_empty() {
             let k = self.chan.send(&self.returns)?;

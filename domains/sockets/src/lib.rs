@@ -171,6 +171,34 @@ struct Slot {
 struct App {
     secret: u64,
     live: bool,
+    /// What it holds, against the [`Quotas`].
+    sockets: u32,
+    echo: u32,
+    parked: u32,
+    polled: u32,
+}
+
+/// What one application may hold, so that none can exhaust the domain (or the
+/// transports' ports and identifiers) for the others: past a quota a call is
+/// refused with [`SocketError::Quota`]; the application keeps what it has.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Quotas {
+    /// Sockets of every kind (each UDP or TCP socket holds a port or a
+    /// connection's four-tuple: 4096 of the 16,384 ephemeral ports at most).
+    pub sockets: u32,
+    /// Echo sockets (each holds one of the 16,384 echo identifiers).
+    pub echo: u32,
+    /// Calls parked at once (blocked receives, accepts, connects, polls).
+    pub parked: u32,
+    /// Items of all its parked polls together, and of any one poll (each is
+    /// looked at again whenever something may have changed).
+    pub polled: u32,
+}
+
+impl Default for Quotas {
+    fn default() -> Self {
+        Self { sockets: 4096, echo: 64, parked: 256, polled: 4096 }
+    }
 }
 
 /// The sockets domain's core.
@@ -181,19 +209,44 @@ pub struct SocketsCore {
     out: VecDeque<(AppId, Response)>,
     parked: Vec<Parked>,
     next_ident: u16,
+    quotas: Quotas,
 }
 
 impl SocketsCore {
-    /// An empty table.
+    /// An empty table, with the default [`Quotas`].
     pub fn new() -> Self {
-        Self { next_ident: 0x4000, ..Self::default() }
+        Self::with_quotas(Quotas::default())
+    }
+
+    /// An empty table whose applications each hold at most `quotas`.
+    pub fn with_quotas(quotas: Quotas) -> Self {
+        Self { next_ident: 0x4000, quotas, ..Self::default() }
+    }
+
+    /// The quotas every application has.
+    pub fn quotas(&self) -> Quotas {
+        self.quotas
     }
 
     /// Registers an application with a secret the runtime drew from the system's
     /// random source; every handle it gets carries it.
     pub fn attach(&mut self, secret: u64) -> AppId {
-        self.apps.push(App { secret, live: true });
+        self.apps.push(App { secret, live: true, sockets: 0, echo: 0, parked: 0, polled: 0 });
         AppId((self.apps.len() - 1) as u32)
+    }
+
+    /// Refuses a call past one of `app`'s quotas: `need` more sockets (`echo`:
+    /// echo sockets) than it may hold.
+    fn room_for(&self, app: AppId, need: u32, echo: bool) -> Result<(), SocketError> {
+        let a = &self.apps[app.0 as usize];
+        let q = self.quotas;
+        if a.sockets + need > q.sockets {
+            return Err(SocketError::Quota { what: "sockets".into(), limit: q.sockets });
+        }
+        if echo && a.echo + need > q.echo {
+            return Err(SocketError::Quota { what: "echo sockets".into(), limit: q.echo });
+        }
+        Ok(())
     }
 
     /// An application went away: close all its sockets.
@@ -201,7 +254,14 @@ impl SocketsCore {
         if let Some(a) = self.apps.get_mut(app.0 as usize) {
             a.live = false;
         }
-        self.parked.retain(|p| p.app != app);
+        let mut k = 0;
+        while k < self.parked.len() {
+            if self.parked[k].app == app {
+                self.unpark(k);
+            } else {
+                k += 1;
+            }
+        }
         for i in 0..self.slots.len() {
             if self.slots[i].entry.as_ref().is_some_and(|e| e.app == app) {
                 self.free_slot(i, t);
@@ -228,20 +288,24 @@ impl SocketsCore {
             }
         }
         // A poll over a lost socket reports it at once.
-        let parked = std::mem::take(&mut self.parked);
-        for p in parked {
-            match &p.wait {
-                Wait::Poll { items } if items.iter().any(|(h, _)| self.lost(p.app, *h)) => {
-                    let events = items
-                        .iter()
-                        .enumerate()
-                        .filter(|(_, (h, _))| self.lost(p.app, *h))
-                        .map(|(k, _)| (k as u32, ERROR | HANGUP))
-                        .collect();
-                    self.out.push_back((p.app, Response { id: p.id, reply: Reply::Ready { events } }));
-                }
-                _ => self.parked.push(p),
+        let mut k = 0;
+        while k < self.parked.len() {
+            let p = &self.parked[k];
+            let events: Vec<(u32, u8)> = match &p.wait {
+                Wait::Poll { items } => items
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (h, _))| self.lost(p.app, *h))
+                    .map(|(k, _)| (k as u32, ERROR | HANGUP))
+                    .collect(),
+                _ => Vec::new(),
+            };
+            if events.is_empty() {
+                k += 1;
+                continue;
             }
+            let p = self.unpark(k);
+            self.out.push_back((p.app, Response { id: p.id, reply: Reply::Ready { events } }));
         }
     }
 
@@ -337,7 +401,7 @@ impl SocketsCore {
         let mut k = 0;
         while k < self.parked.len() {
             if self.parked[k].wait.slot() == Some(i) {
-                let p = self.parked.remove(k);
+                let p = self.unpark(k);
                 self.out.push_back((p.app, Response { id: p.id, reply: Reply::Err(err.clone()) }));
             } else {
                 k += 1;
@@ -345,8 +409,33 @@ impl SocketsCore {
         }
     }
 
+    /// Takes parked call `k` off the list, and off its application's quota.
+    fn unpark(&mut self, k: usize) -> Parked {
+        let p = self.parked.remove(k);
+        if let Some(a) = self.apps.get_mut(p.app.0 as usize) {
+            a.parked -= 1;
+            if let Wait::Poll { items } = &p.wait {
+                a.polled -= items.len() as u32;
+            }
+        }
+        p
+    }
+
+    /// Empties slot `i`, and takes its socket off its application's quota.
+    fn remove_entry(&mut self, i: usize) -> Option<Entry> {
+        let e = self.slots[i].entry.take()?;
+        if let Some(a) = self.apps.get_mut(e.app.0 as usize) {
+            a.sockets -= 1;
+            a.echo -= u32::from(matches!(e.kind, Kind::Echo { .. }));
+        }
+        Some(e)
+    }
+
     fn insert(&mut self, app: AppId, kind: Kind) -> Handle {
-        let secret = self.apps[app.0 as usize].secret;
+        let a = &mut self.apps[app.0 as usize];
+        a.sockets += 1;
+        a.echo += u32::from(matches!(kind, Kind::Echo { .. }));
+        let secret = a.secret;
         let i = match self.slots.iter().position(|s| s.entry.is_none()) {
             Some(i) => i,
             None => {
@@ -362,7 +451,7 @@ impl SocketsCore {
 
     fn free_slot<T: Transports>(&mut self, i: usize, t: &mut T) {
         self.unpark_slot(i, SocketError::StaleHandle);
-        if let Some(e) = self.slots[i].entry.take() {
+        if let Some(e) = self.remove_entry(i) {
             match e.kind {
                 Kind::Udp(s, _) => {
                     let _ = t.udp_close(s);
@@ -383,7 +472,23 @@ impl SocketsCore {
         }
     }
 
+    /// Parks a call, within `app`'s quotas of parked calls and polled items
+    /// (else it is answered with the refusal at once).
     fn park(&mut self, app: AppId, id: u64, wait: Wait) -> Option<Reply> {
+        let q = self.quotas;
+        let a = &mut self.apps[app.0 as usize];
+        let items = match &wait {
+            Wait::Poll { items } => items.len() as u32,
+            _ => 0,
+        };
+        if a.parked >= q.parked {
+            return Some(Reply::Err(SocketError::Quota { what: "parked calls".into(), limit: q.parked }));
+        }
+        if a.polled + items > q.polled {
+            return Some(Reply::Err(SocketError::Quota { what: "polled items".into(), limit: q.polled }));
+        }
+        a.parked += 1;
+        a.polled += items;
         self.parked.push(Parked { app, id, wait });
         None
     }
@@ -403,7 +508,7 @@ impl SocketsCore {
             return Some(Reply::Err(SocketError::BadHandle));
         }
         let r = match call {
-            Call::UdpBind { port } => t.udp_bind(port).and_then(|s| {
+            Call::UdpBind { port } => self.room_for(app, 1, false).and_then(|()| t.udp_bind(port)).and_then(|s| {
                 let local = t.udp_port(s)?;
                 Ok(Reply::Bound {
                     handle: self.insert(app, Kind::Udp(s, UdpMeta { port: local, peer: None, queue: VecDeque::new() })),
@@ -434,7 +539,7 @@ impl SocketsCore {
             },
             Call::Cancel { id: which } => {
                 if let Some(k) = self.parked.iter().position(|p| p.app == app && p.id == which) {
-                    let p = self.parked.remove(k);
+                    let p = self.unpark(k);
                     self.out.push_back((app, Response { id: p.id, reply: Reply::Err(SocketError::TimedOut) }));
                 }
                 Ok(Reply::Done)
@@ -443,7 +548,8 @@ impl SocketsCore {
                 self.free_slot(i, t);
                 Reply::Done
             }),
-            Call::TcpListen { port, backlog } => t.tcp_listen(port, backlog as usize).and_then(|id| {
+            Call::TcpListen { port, backlog } => self.room_for(app, 1, false).and_then(|()| {
+                let id = t.tcp_listen(port, backlog as usize)?;
                 let port = t.tcp_local_port(id)?;
                 Ok(Reply::Bound { handle: self.insert(app, Kind::TcpListener { id, old: None, port, backlog }), port })
             }),
@@ -456,7 +562,8 @@ impl SocketsCore {
                     Err(e) => Err(e),
                 },
             },
-            Call::TcpConnect { addr, port } => t.tcp_connect(Ipv4Address::from(addr), port).and_then(|s| {
+            Call::TcpConnect { addr, port } => self.room_for(app, 1, false).and_then(|()| {
+                let s = t.tcp_connect(Ipv4Address::from(addr), port)?;
                 let port = t.tcp_local_port(s)?;
                 Ok(Reply::Bound { handle: self.insert(app, Kind::Tcp(s)), port })
             }),
@@ -478,7 +585,7 @@ impl SocketsCore {
             Call::TcpAbort { handle } => self.tcp(app, handle).map(|(i, s)| {
                 let _ = t.tcp_abort(s);
                 self.unpark_slot(i, SocketError::StaleHandle);
-                self.slots[i].entry = None;
+                self.remove_entry(i);
                 Reply::Done
             }),
             Call::TcpSetOption { handle, option } => self.tcp(app, handle).and_then(|(_, s)| {
@@ -496,6 +603,9 @@ impl SocketsCore {
                 };
                 t.tcp_set_option(s, opt).map(|_| Reply::Done)
             }),
+            Call::Poll { items, .. } if items.len() > self.quotas.polled as usize => {
+                Err(SocketError::Quota { what: "polled items".into(), limit: self.quotas.polled })
+            }
             Call::Poll { items, wait } => {
                 let events = self.readiness(app, &items, t);
                 if events.is_empty() && wait {
@@ -504,8 +614,8 @@ impl SocketsCore {
                 Ok(Reply::Ready { events })
             }
             Call::EchoOpen => {
-                let mut found = Ok(None);
-                for _ in 0..0x4000 {
+                let mut found = self.room_for(app, 1, true).map(|()| None);
+                for _ in 0..if found.is_ok() { 0x4000 } else { 0 } {
                     let ident = self.next_ident;
                     self.next_ident = if self.next_ident == 0x7fff { 0x4000 } else { self.next_ident + 1 };
                     match t.echo_claim(ident) {
@@ -563,6 +673,7 @@ impl SocketsCore {
             return Err(SocketError::StaleHandle);
         };
         let (id, old) = (*id, *old);
+        self.room_for(app, 1, false)?;
         // The old domain's listener failing is its end, not this listener's.
         let c = match old.map(|o| t.tcp_accept(o)) {
             Some(Ok(Some(c))) => c,
@@ -690,7 +801,7 @@ impl SocketsCore {
                 Ok(Some(r)) => r,
                 Err(e) => Reply::Err(e),
             };
-            self.parked.remove(k);
+            self.unpark(k);
             self.out.push_back((app, Response { id, reply }));
         }
     }

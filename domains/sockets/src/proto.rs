@@ -287,6 +287,14 @@ pub enum SocketError {
     /// An argument the domain does not accept.
     #[error("invalid argument: {0}")]
     Invalid(String),
+    /// The application holds all it may of something (see `Quotas`).
+    #[error("application quota reached: {what} (at most {limit})")]
+    Quota {
+        /// What: sockets, echo identifiers, parked calls, polled items.
+        what: String,
+        /// The quota.
+        limit: u32,
+    },
 }
 
 impl From<capnet_tcp::TcpError> for SocketError {

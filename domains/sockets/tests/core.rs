@@ -349,3 +349,57 @@ fn a_replaced_udp_domain_gets_every_socket_bound_again() {
         o => panic!("no datagram: {o:?}"),
     }
 }
+
+/// Issue 18, finding 7: one application claimed all 16,384 echo identifiers in
+/// 0.9 s, or every ephemeral port with binds, and one poll of 40,000 copies of
+/// a handle, parked and looked at again every round, slowed everyone else.
+/// Every application now has quotas: past one a call is refused with a clear
+/// error, the application keeps what it has, the others are untouched, and
+/// closing gives the quota back.
+#[test]
+fn every_application_has_quotas_and_the_others_keep_theirs() {
+    use capnet_sockets::Quotas;
+    let q = Quotas { sockets: 8, echo: 2, parked: 3, polled: 6 };
+    let (_, mut t, _, _) = setup();
+    let mut core = SocketsCore::with_quotas(q);
+    let (a, b) = (core.attach(1), core.attach(2));
+    let quota = |r: Option<Reply>, what: &str| match r {
+        Some(Reply::Err(SocketError::Quota { what: w, .. })) => assert_eq!(w, what),
+        other => panic!("{what}: refused by quota, not {other:?}"),
+    };
+    // Echo identifiers: two, then refused; b still gets its own.
+    for i in 0..2 {
+        assert!(matches!(call(&mut core, &mut t, a, 10 + i, Call::EchoOpen), Some(Reply::Bound { .. })));
+    }
+    quota(call(&mut core, &mut t, a, 12, Call::EchoOpen), "echo sockets");
+    assert_eq!(t.claimed.len(), 2, "the refused open claimed no identifier");
+    assert!(matches!(call(&mut core, &mut t, b, 13, Call::EchoOpen), Some(Reply::Bound { .. })));
+    // Sockets of every kind: eight in all for a.
+    let mut held = Vec::new();
+    for i in 0..6 {
+        held.push(bind(&mut core, &mut t, a, 0));
+        let _ = i;
+    }
+    quota(call(&mut core, &mut t, a, 20, Call::UdpBind { port: 0 }), "sockets");
+    quota(call(&mut core, &mut t, a, 21, Call::TcpListen { port: 0, backlog: 4 }), "sockets");
+    quota(call(&mut core, &mut t, a, 22, Call::TcpConnect { addr: PEER.octets(), port: 80 }), "sockets");
+    assert!(matches!(call(&mut core, &mut t, b, 23, Call::UdpBind { port: 0 }), Some(Reply::Bound { .. })));
+    // Closing gives the quota back.
+    assert!(matches!(call(&mut core, &mut t, a, 24, Call::Close { handle: held.pop().unwrap() }), Some(Reply::Done)));
+    held.push(bind(&mut core, &mut t, a, 0));
+    // Parked calls: three blocked receives, the fourth refused at once.
+    for (k, h) in held.iter().take(3).enumerate() {
+        assert_eq!(call(&mut core, &mut t, a, 30 + k as u64, Call::Recv { handle: *h, max: 0, wait: true }), None);
+    }
+    quota(call(&mut core, &mut t, a, 33, Call::Recv { handle: held[3], max: 0, wait: true }), "parked calls");
+    // A poll larger than the quota is refused before anything is looked at.
+    let many = vec![(held[0], capnet_sockets::READABLE); 7];
+    quota(call(&mut core, &mut t, b, 34, Call::Poll { items: many, wait: true }), "polled items");
+    // Detaching frees everything: a new application starts with its full quotas.
+    core.detach(a, &mut t);
+    assert!(t.claimed.len() == 1, "a's identifiers were released");
+    let c = core.attach(3);
+    for i in 0..2 {
+        assert!(matches!(call(&mut core, &mut t, c, 40 + i, Call::EchoOpen), Some(Reply::Bound { .. })));
+    }
+}

@@ -2,11 +2,18 @@
 //!
 //! The application connects to the supervisor's application socket
 //! (`app.sock` in the [`run_dir`], mode 0600 in an owner-only directory; the caller's
-//! uid is checked with `SO_PEERCRED`). The supervisor sends its end's channel area
-//! and pool as capabilities (`SCM_RIGHTS`, read and map only); the application
-//! answers with its own; each side maps the other's read-only. The Unix socket stays
-//! open for the life of the attachment: its closing is how the supervisor learns the
-//! application is gone.
+//! uid is checked with `SO_PEERCRED`, and the application checks the
+//! supervisor's, [`connect_trusted`]). The application sends its channel area and
+//! pool first (`SCM_RIGHTS`, read and map only); the supervisor takes them off
+//! its main loop with a short deadline, so a handshake that never finishes
+//! delays nobody and leaves nothing behind. Only then does it give the sockets
+//! domain the new channel (nothing of an aborted handshake ever reached it) and
+//! answer [`AttachReply`]: `Accepted`, then the sockets domain's area and pool,
+//! or `Refused` with the reason (the stack serves as many applications as the
+//! sockets domain has fds for). Each side maps the other's regions read-only. The
+//! Unix socket stays open for the life of the attachment: its closing is how the
+//! supervisor learns the application is gone (and how the application learns
+//! that it was cut off).
 
 use std::os::fd::AsFd;
 use std::os::unix::net::UnixStream;
@@ -102,6 +109,9 @@ pub enum AttachError {
     /// The peer sent the wrong capabilities.
     #[error("the peer sent {0} capabilities, not a channel area and a pool")]
     Shape(usize),
+    /// The supervisor did not attach the application.
+    #[error("the stack refused the attachment: {0}")]
+    Refused(String),
 }
 
 fn grant(sock: &UnixStream, half: &MsgHalf) -> Result<(), AttachError> {
@@ -127,22 +137,43 @@ fn take(sock: &UnixStream) -> Result<MsgGrant, AttachError> {
     }
 }
 
-/// The supervisor's side: grants the sockets domain's area and pool (made by
-/// the supervisor, adopted and sealed by the sockets domain) read-only, then
-/// takes the application's.
-pub fn grant_and_take(sock: &UnixStream, sockets_side: MsgGrant) -> Result<MsgGrant, AttachError> {
+/// What the supervisor answers an application that sent its side.
+#[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
+pub enum AttachReply {
+    /// The sockets domain's area and pool follow as capabilities.
+    Accepted,
+    /// Not attached, and why.
+    Refused(String),
+}
+
+/// The supervisor's first step, off its main loop: the application's area and
+/// pool (checked as capabilities: kinds and seals).
+pub fn take_app_side(sock: &UnixStream) -> Result<MsgGrant, AttachError> {
+    take(sock)
+}
+
+/// The supervisor's last step: `Accepted`, then the sockets domain's area and
+/// pool (made by the supervisor, adopted and sealed by the sockets domain),
+/// read-only.
+pub fn accept(sock: &UnixStream, sockets_side: MsgGrant) -> Result<(), AttachError> {
+    crate::group::send_msg(sock, &AttachReply::Accepted).map_err(|e| AttachError::Refused(e.to_string()))?;
     let all = Rights::READ | Rights::MAP | Rights::GRANT;
     let area = Cap::new(CapKind::ChannelEnd, all, 0, sockets_side.area)?;
     let pool = Cap::new(CapKind::Pool, all, 1, sockets_side.pool)?;
     let ro = Rights::READ | Rights::MAP;
     send_caps(sock.as_fd(), &[(&area, ro), (&pool, ro)])?;
-    take(sock)
+    Ok(())
 }
 
-/// The application's side: take first, then grant.
+/// The application's side: grant first, then take (or hear why not).
 pub fn join(sock: &UnixStream, name: &str) -> Result<MsgEnd, AttachError> {
-    let peer = take(sock)?;
     let half = MsgHalf::new(name, End::B)?;
     grant(sock, &half)?;
+    match crate::group::recv_msg::<AttachReply>(sock) {
+        Ok(AttachReply::Accepted) => {}
+        Ok(AttachReply::Refused(why)) => return Err(AttachError::Refused(why)),
+        Err(e) => return Err(AttachError::Refused(format!("the supervisor closed the attachment ({e})"))),
+    }
+    let peer = take(sock)?;
     Ok(half.attach(End::B, peer)?)
 }

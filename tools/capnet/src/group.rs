@@ -807,8 +807,18 @@ fn control(
                     .position(|(a, _)| *a == app)
                     .ok_or_else(|| anyhow!("no pending application {app}"))?;
                 let (_, half) = sockets.pending.remove(k);
-                sockets.add(app, half.attach(End::A, theirs)?);
-                tracing::info!("application {app} attached");
+                // The application made its regions: a bad one is its failure alone.
+                match half.attach(End::A, theirs) {
+                    Ok(end) => {
+                        sockets.add(app, end);
+                        tracing::info!("application {app} attached");
+                    }
+                    Err(e) => {
+                        tracing::warn!("application {app} granted a channel that is not one ({e}): refused");
+                        let why = format!("its channel is not one: {e}");
+                        send_msg(sock, &Event::CutOff { app, why })?;
+                    }
+                }
             }
             Control::Detach(app) => {
                 sockets.detach(app, host.cores());
@@ -888,8 +898,16 @@ struct App {
     id: u64,
     core_id: AppId,
     msg: MsgEnd,
+    /// Replies the channel had no room for, in order, and their bytes.
     outbox: std::collections::VecDeque<Vec<u8>>,
+    outbox_bytes: usize,
 }
+
+/// Reply bytes waiting for an application that does not read them (beyond the
+/// channel's own sixteen message buffers): past this it is cut off, so one that
+/// never reads cannot grow the sockets domain without end (one reply is at most
+/// a message, about 1 MiB).
+pub const MAX_APP_OUTBOX: usize = 16 << 20;
 
 /// The sockets domain and the applications it serves.
 struct SocketsHost {
@@ -912,7 +930,7 @@ impl SocketsHost {
         let mut secret = [0u8; 8];
         let _ = rustix::rand::getrandom(&mut secret, rustix::rand::GetRandomFlags::empty());
         let core_id = self.core.attach(u64::from_ne_bytes(secret));
-        self.list.push(App { id, core_id, msg, outbox: Default::default() });
+        self.list.push(App { id, core_id, msg, outbox: Default::default(), outbox_bytes: 0 });
     }
 
     fn detach(&mut self, id: u64, cores: &mut Cores) {
@@ -943,7 +961,7 @@ impl SocketsHost {
                 Err(e) => garbage = Some(format!("a message that is not a request: {e}")),
             });
             if let Some(why) = r.err().map(|e| e.to_string()).or(garbage) {
-                gone.push((i, why)); // broke the channel protocol: cut off
+                gone.push((i, format!("it broke its channel's protocol: {why}")));
             }
         }
         let cores = host.cores();
@@ -957,29 +975,37 @@ impl SocketsHost {
             self.core.poll_ready(cores);
         }
         while let Some((id, resp)) = self.core.pop_response() {
-            let Some(app) = self.list.iter_mut().find(|a| a.core_id == id) else { continue };
+            let Some(k) = self.list.iter().position(|a| a.core_id == id) else { continue };
+            let app = &mut self.list[k];
             // Straight into the channel when nothing waits before it; else queued.
             let _ = encode_with(&resp, |bytes| {
                 if !app.outbox.is_empty() || !matches!(app.msg.send(bytes), Ok(true)) {
+                    app.outbox_bytes += bytes.len();
                     app.outbox.push_back(bytes.to_vec());
                 }
             });
+            if app.outbox_bytes > MAX_APP_OUTBOX && !gone.iter().any(|(i, _)| *i == k) {
+                gone.push((k, format!("it leaves its replies unread (over {} MiB waiting)", MAX_APP_OUTBOX >> 20)));
+            }
         }
         for app in &mut self.list {
             while let Some(m) = app.outbox.front() {
                 match app.msg.send(m) {
                     Ok(true) => {
+                        app.outbox_bytes -= m.len();
                         app.outbox.pop_front();
                     }
                     _ => break,
                 }
             }
         }
+        gone.sort_by_key(|(i, _)| *i);
+        gone.dedup_by_key(|(i, _)| *i);
         for (i, why) in gone.into_iter().rev() {
             let app = self.list.remove(i);
-            tracing::warn!("application {} broke its channel's protocol ({why}): cut off", app.id);
+            tracing::warn!("application {} cut off: {why}", app.id);
             self.core.detach(app.core_id, host.cores());
-            self.cut_off.push((app.id, format!("it broke its channel's protocol: {why}")));
+            self.cut_off.push((app.id, why));
         }
         host.push()
     }

@@ -64,6 +64,7 @@ fn io_err(e: SocketError) -> io::Error {
         SocketError::NotConnected => K::NotConnected,
         SocketError::BrokenPipe => K::BrokenPipe,
         SocketError::Invalid(_) => K::InvalidInput,
+        SocketError::Quota { .. } => K::QuotaExceeded,
     };
     io::Error::new(kind, e)
 }
@@ -108,8 +109,10 @@ impl Stack {
             }
         })?;
         sock.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let msg =
-            crate::attach::join(&sock, &format!("capnet-app-{}", std::process::id())).map_err(io::Error::other)?;
+        let msg = crate::attach::join(&sock, &format!("capnet-app-{}", std::process::id())).map_err(|e| match e {
+            crate::attach::AttachError::Refused(_) => io::Error::new(io::ErrorKind::ConnectionRefused, e),
+            e => io::Error::other(e),
+        })?;
         let conn = Conn {
             msg,
             sock,
@@ -195,6 +198,9 @@ pub enum Hostile {
     /// Lends a message descriptor of this length (its buffer is only a message
     /// buffer long).
     Descriptor(u32),
+    /// Asks to receive up to 1000 KiB on this TCP socket this many times and
+    /// never reads the replies.
+    RecvUnread(Handle, u32),
 }
 
 #[cfg(debug_assertions)]
@@ -209,6 +215,23 @@ impl Stack {
                 let flags = capnet_ipc::Descriptor::CONTROL;
                 let d = capnet_ipc::Descriptor { pool, flags, index: 0, offset: 0, len };
                 c.msg.channel().send(&[d]).map_err(broken)?;
+            }
+            Hostile::RecvUnread(handle, count) => {
+                let max = MAX_READ_BYTES as u32;
+                for id in 0..u64::from(count) {
+                    let b = encode(&Request { id: 1 << 40 | id, call: Call::Recv { handle, max, wait: true } })
+                        .map_err(io::Error::other)?;
+                    // Sent as room allows (the domain takes each request at once);
+                    // replies are never taken, so the domain's outbox grows.
+                    let deadline = Instant::now() + Duration::from_secs(10);
+                    while !c.msg.send(&b).map_err(broken)? {
+                        if Instant::now() > deadline || c.peer_gone() {
+                            return Ok(());
+                        }
+                        c.msg.hostile_hold_messages().map_err(broken)?;
+                        std::thread::sleep(Duration::from_millis(1));
+                    }
+                }
             }
         }
         Ok(())
@@ -495,6 +518,15 @@ pub struct TcpStream {
     write_timeout: Cell<Option<Duration>>,
     nonblocking: Cell<bool>,
     nodelay: Cell<bool>,
+}
+
+#[cfg(debug_assertions)]
+impl TcpStream {
+    /// Its handle, for the test-only hostile mode ([`Hostile`]).
+    #[doc(hidden)]
+    pub fn hostile_handle(&self) -> Handle {
+        self.sock.handle
+    }
 }
 
 impl TcpStream {

@@ -1080,7 +1080,7 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
             .name("control".into())
             .spawn(move || serve(listener, snapshot, stop, capture_tx, restart_tx, wake))?;
     }
-    let (app_tx, app_rx) = std::sync::mpsc::channel::<UnixStream>();
+    let (app_tx, app_rx) = std::sync::mpsc::channel::<(UnixStream, MsgGrant)>();
     {
         let path = capnet::attach::app_socket(&name);
         let _ = std::fs::remove_file(&path);
@@ -1114,10 +1114,29 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
 
     let mut apps: Vec<(u64, UnixStream)> = Vec::new();
     let mut next_app = 0u64;
+    let max_apps = max_applications(&running.graph.groups[running.sockets]);
     while !stop.load(Ordering::Relaxed) {
-        while let Ok(conn) = app_rx.try_recv() {
+        // Applications that closed their attach socket are gone (first: their
+        // places are free for those attaching now).
+        let sockets = &running.groups[running.sockets];
+        apps.retain(|(id, conn)| {
+            let gone = capnet::attach::closed_by_peer(conn);
+            if gone {
+                let _ = send_msg(&sockets.sock, &Control::Detach(*id));
+            }
+            !gone
+        });
+        while let Ok((conn, theirs)) = app_rx.try_recv() {
+            if apps.len() >= max_apps {
+                let why = format!(
+                    "the stack serves at most {max_apps} applications at once (the sockets group's rlimits.nofile in the graph bounds them)"
+                );
+                let _ = send(&conn, &capnet::attach::AttachReply::Refused(why));
+                continue;
+            }
             next_app += 1;
-            match attach_app(&running.groups[running.sockets], next_app, &conn) {
+            match attach_app(&running.groups[running.sockets], next_app, &conn, theirs) {
+                // One that left meanwhile is found closed and detached below.
                 Ok(()) => apps.push((next_app, conn)),
                 Err(e) => eprintln!("capnet: an application failed to attach: {e:#}"),
             }
@@ -1127,15 +1146,6 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
                 let _ = send(&conn, &Reply::Refused(format!("{e:#}")));
             }
         }
-        // Applications that closed their attach socket are gone.
-        let sockets = &running.groups[running.sockets];
-        apps.retain(|(id, conn)| {
-            let gone = capnet::attach::closed_by_peer(conn);
-            if gone {
-                let _ = send_msg(&sockets.sock, &Control::Detach(*id));
-            }
-            !gone
-        });
         // A group that ended (or was asked to restart) comes back with fresh
         // channels; one that keeps dying waits longer each time (100 ms, doubling,
         // at most 5 s), counted from its last start.
@@ -1254,10 +1264,13 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
     Ok(())
 }
 
-/// Gives application `id` its channel to the sockets domain: blank regions the
-/// sockets group adopts (it may not create memory), sealed by it, granted to the
-/// application read-only; the application's own regions granted to the group.
-fn attach_app(sockets: &GroupProcess, id: u64, conn: &UnixStream) -> Result<()> {
+/// Gives application `id` its channel to the sockets domain, once the
+/// application's own area and pool (`theirs`) arrived: blank regions the
+/// sockets group adopts (it may not create memory) and seals, the
+/// application's regions granted to the group, then the group's granted to the
+/// application read-only. Only the group is waited on (trusted, and quick); the
+/// application was done with before.
+fn attach_app(sockets: &GroupProcess, id: u64, conn: &UnixStream, theirs: MsgGrant) -> Result<()> {
     let blank = MsgHalf::blank(&format!("capnet-app-{id}"))?;
     let rw = Rights::READ | Rights::WRITE | Rights::MAP;
     send_msg(&sockets.sock, &Control::AdoptApp(id))?;
@@ -1269,15 +1282,30 @@ fn attach_app(sockets: &GroupProcess, id: u64, conn: &UnixStream) -> Result<()> 
     sockets
         .expect(|e| matches!(e, Event::Adopted(a) if *a == id))
         .context("the sockets domain did not adopt the application's channel")?;
-    // Sealed by the sockets domain now (recv_caps on the application's side checks).
-    let theirs = capnet::attach::grant_and_take(conn, MsgGrant { area: blank.area, pool: blank.pool })?;
     send_msg(&sockets.sock, &Control::AppGrant(id))?;
     let all = Rights::READ | Rights::MAP | Rights::GRANT;
     let ro = Rights::READ | Rights::MAP;
     let caps = [Cap::new(CapKind::ChannelEnd, all, 0, theirs.area)?, Cap::new(CapKind::Pool, all, 1, theirs.pool)?];
     send_caps(sockets.sock.as_fd(), &caps.iter().map(|c| (c, ro)).collect::<Vec<_>>())?;
+    // Sealed by the sockets domain now (recv_caps on the application's side checks).
+    capnet::attach::accept(conn, MsgGrant { area: blank.area, pool: blank.pool })?;
     Ok(())
 }
+
+/// How many applications the sockets group has fds for: each holds four (its
+/// channel area and pool, and the group's own two), beside the forty or so the
+/// group keeps for its channels and itself. One more would truncate a
+/// capability message (`MSG_CTRUNC`) and end the group.
+fn max_applications(group: &capnet::graph::Group) -> usize {
+    (group.sandbox.nofile.saturating_sub(40) / 4).max(1) as usize
+}
+
+/// Handshakes with applications under way at once: the next waits for one of
+/// them to end (each within [`HANDSHAKE_DEADLINE`]), so a flood of connects
+/// ties up a bounded number of threads and delays others by one deadline.
+const MAX_HANDSHAKES: usize = 16;
+/// How long an application may take to send its side.
+const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(2);
 
 /// `capnet capture`: a `SOCK_SEQPACKET` pair, one end to the group running the
 /// driver (it copies each frame there), the other to the asking CLI.
@@ -1343,19 +1371,46 @@ fn process_usage(pid: i32) -> (f64, u64) {
     (ticks / tick, rss * page)
 }
 
-/// Accepts applications: checks the caller and hands the connection to the
-/// supervisor's loop, which gives it a channel to the sockets domain.
-fn serve_apps(listener: UnixListener, to_loop: std::sync::mpsc::Sender<UnixStream>, wake: std::sync::mpsc::Sender<()>) {
+/// Accepts applications: checks the caller, then takes its side of the channel
+/// on a thread of its own with a short deadline (at most [`MAX_HANDSHAKES`]
+/// at once), and hands the connection and that side to the supervisor's loop,
+/// which attaches it. A handshake that fails or never finishes leaves nothing.
+fn serve_apps(
+    listener: UnixListener,
+    to_loop: std::sync::mpsc::Sender<(UnixStream, MsgGrant)>,
+    wake: std::sync::mpsc::Sender<()>,
+) {
     let me = nix::unistd::geteuid().as_raw();
+    let under_way = Arc::new((Mutex::new(0usize), std::sync::Condvar::new()));
     for conn in listener.incoming() {
         let Ok(conn) = conn else { continue };
         let allowed = nix::sys::socket::getsockopt(&conn, nix::sys::socket::sockopt::PeerCredentials)
             .is_ok_and(|c| c.uid() == me || c.uid() == 0);
         if !allowed {
-            continue;
+            continue; // closed: the application's join fails at once
         }
-        let _ = conn.set_read_timeout(Some(Duration::from_secs(10)));
-        if to_loop.send(conn).is_err() || wake.send(()).is_err() {
+        let _ = conn.set_read_timeout(Some(HANDSHAKE_DEADLINE));
+        let _ = conn.set_write_timeout(Some(HANDSHAKE_DEADLINE));
+        {
+            let (n, freed) = &*under_way;
+            let mut n = n.lock().unwrap_or_else(|e| e.into_inner());
+            while *n >= MAX_HANDSHAKES {
+                n = freed.wait(n).unwrap_or_else(|e| e.into_inner());
+            }
+            *n += 1;
+        }
+        let (to_loop, wake, under_way) = (to_loop.clone(), wake.clone(), under_way.clone());
+        let started = std::thread::Builder::new().name("app-handshake".into()).spawn(move || {
+            if let Ok(theirs) = capnet::attach::take_app_side(&conn) {
+                if to_loop.send((conn, theirs)).is_ok() {
+                    let _ = wake.send(());
+                }
+            }
+            let (n, freed) = &*under_way;
+            *n.lock().unwrap_or_else(|e| e.into_inner()) -= 1;
+            freed.notify_one();
+        });
+        if started.is_err() {
             return;
         }
     }

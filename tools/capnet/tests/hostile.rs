@@ -404,3 +404,88 @@ fn legitimate_clients_are_served_through_a_syn_flood() {
     assert!(up.counter("tcp", "syn_cookies_accepted") >= 1, "and some fetch came in on one");
     nobody_restarted(&up, &before, "a SYN flood");
 }
+
+/// Issue 18, finding 7: applications could exhaust or stall the sockets domain
+/// for everyone — the 58th attachment truncated a capability message and
+/// restarted it; connects that closed at once leaked its fds; handshakes that
+/// never finished held up the supervisor's loop for 10 s each; an application
+/// that never read its replies grew it to 510 MiB; one poll of 40,000 handles
+/// slowed every call; one application took every echo identifier. Now
+/// attachments are bounded with a clear refusal, handshakes happen off the loop
+/// with short deadlines and leave nothing, every application has quotas, and
+/// one that leaves its replies unread is cut off — no domain restarts.
+#[test]
+fn applications_cannot_exhaust_or_stall_the_sockets_domain() {
+    use capnet::net::{Hostile, PingSocket, TcpListener};
+    use std::os::unix::net::UnixStream;
+    let up = Up::new(CAPNET, "ho-apps", &[]);
+    let before = domains(&up);
+    let app_sock = capnet::attach::app_socket(up.name());
+    // Connects that close at once, and three that never finish their handshake.
+    for _ in 0..300 {
+        drop(UnixStream::connect(&app_sock).expect("connect"));
+    }
+    let stalled: Vec<UnixStream> = (0..3).map(|_| UnixStream::connect(&app_sock).expect("connect")).collect();
+    // Meanwhile a real application attaches and works, and `capnet restart` answers.
+    let good = Stack::attach(up.name()).expect("an application attaches past them");
+    let ping = PingSocket::open(&good).expect("echo socket");
+    let out = up.capnet(&["restart", "udp"]);
+    assert!(out.status.success(), "restart: {}", String::from_utf8_lossy(&out.stderr));
+    drop(stalled);
+
+    // As many attachments as the sockets domain has fds for, then a clear refusal.
+    let mut many = Vec::new();
+    let refused = loop {
+        match Stack::attach(up.name()) {
+            Ok(s) => many.push(s),
+            Err(e) => break e,
+        }
+        assert!(many.len() < 1000, "attachments are bounded");
+    };
+    assert_eq!(refused.kind(), std::io::ErrorKind::ConnectionRefused, "{refused}");
+    assert!(refused.to_string().contains("at most"), "the refusal says why: {refused}");
+    many.pop();
+    std::thread::sleep(Duration::from_millis(300)); // the supervisor sees it leave
+    many.push(Stack::attach(up.name()).expect("room again once one left"));
+    drop(many);
+    std::thread::sleep(Duration::from_millis(300));
+
+    // Quotas: echo identifiers, and a poll of 40,000 copies of one handle.
+    let greedy = Stack::attach(up.name()).expect("attach");
+    let echoes: Vec<_> = (0..64).map(|_| PingSocket::open(&greedy).expect("within its quota")).collect();
+    let e = PingSocket::open(&greedy).expect_err("past its echo quota");
+    assert_eq!(e.kind(), std::io::ErrorKind::QuotaExceeded, "{e}");
+    assert!(PingSocket::open(&good).is_ok(), "the others still get identifiers");
+    let l = TcpListener::bind(&greedy, 7310).expect("listen");
+    let items: Vec<(&dyn capnet::net::AsSocket, u8)> = vec![(&l, capnet::net::READABLE); 40_000];
+    let e = greedy.poll(&items, Some(Duration::from_secs(5))).expect_err("a poll past its quota");
+    assert_eq!(e.kind(), std::io::ErrorKind::QuotaExceeded, "{e}");
+    drop(echoes);
+
+    // An application that never reads its replies while asking for more.
+    let _sender = up.spawn_in_ns(&[
+        "python3",
+        "-c",
+        "import socket\ns = socket.create_connection(('10.77.0.2', 7311))\ns.sendall(b'x' * (96 << 20))\n",
+    ]);
+    let hog = Stack::attach(up.name()).expect("attach");
+    let listener = TcpListener::bind(&hog, 7311).expect("listen");
+    let (conn, _) = listener.accept().expect("accept");
+    hog.hostile(Hostile::RecvUnread(conn.hostile_handle(), 200)).expect("ask and never read");
+    let_go(&hog);
+    let logs = String::from_utf8_lossy(&up.capnet(&["logs", "supervisor"]).stdout).into_owned();
+    assert!(logs.contains("leaves its replies unread"), "the log says why: {logs}");
+
+    // Everyone else: unaffected, and no domain restarted but the udp asked for.
+    ping.send(Ipv4Addr::new(10, 77, 0, 1), 1, b"still here").expect("send");
+    let (_, seq, _) = ping.recv(Duration::from_secs(3)).expect("echo reply");
+    assert_eq!(seq, 1);
+    for d in domains(&up) {
+        let name = d["name"].as_str().expect("name");
+        let restarts = if name == "udp" { 1 } else { 0 };
+        assert_eq!(d["restarts"], restarts, "{name}: {d}");
+        if name != "udp" {
+            assert_eq!(d["pid"].as_i64(), Some(pid_of(&before, name)), "{name} kept its process");
+        }
+    }
+}
