@@ -441,6 +441,10 @@ unsafe fn child_main(p: &Prepared, sync_r: RawFd, err_w: RawFd, uid: u32, user_n
         if p.log >= 0 && log_tmp < 0 {
             die(err_w, 2);
         }
+        let image_tmp = if p.image >= 0 { libc::fcntl(p.image, libc::F_DUPFD_CLOEXEC, floor) } else { -1 };
+        if p.image >= 0 && image_tmp < 0 {
+            die(err_w, 2);
+        }
         let err_tmp = libc::fcntl(err_w, libc::F_DUPFD_CLOEXEC, floor);
         if err_tmp < 0 || libc::dup3(err_tmp, err_fd, libc::O_CLOEXEC) < 0 {
             die(err_w, 2);
@@ -457,11 +461,8 @@ unsafe fn child_main(p: &Prepared, sync_r: RawFd, err_w: RawFd, uid: u32, user_n
         // The binary's fd, if any, right after the error pipe (close-on-exec:
         // the domain never holds it).
         let image_fd = err_fd + 1;
-        if p.image >= 0 {
-            let t = libc::fcntl(p.image, libc::F_DUPFD_CLOEXEC, floor);
-            if t < 0 || libc::dup3(t, image_fd, libc::O_CLOEXEC) < 0 {
-                die(err_fd, 2);
-            }
+        if image_tmp >= 0 && libc::dup3(image_tmp, image_fd, libc::O_CLOEXEC) < 0 {
+            die(err_fd, 2);
         }
         let keep = if p.image >= 0 { image_fd } else { err_fd };
         if libc::close_range((keep + 1) as libc::c_uint, libc::c_uint::MAX, 0) != 0 {

