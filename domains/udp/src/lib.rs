@@ -112,7 +112,8 @@ pub enum DropReason {
     NoSocket,
     /// A connected socket got a datagram from another peer.
     NotFromPeer,
-    /// The socket's receive queue was full.
+    /// The socket's receive queue was full (or every socket's together, past
+    /// the socket's floor).
     QueueFull,
 }
 
@@ -140,6 +141,9 @@ pub struct Stats {
     pub datagrams_in: u64,
     /// Datagrams sent.
     pub datagrams_out: u64,
+    /// Payload bytes queued on every socket now (a gauge, against the total
+    /// limit: [`UdpCore::set_total_limit`]).
+    pub queued_bytes: u64,
     /// Drops by reason.
     pub drops: [u64; 5],
 }
@@ -167,11 +171,20 @@ struct Slot {
     socket: Option<Socket>,
 }
 
+/// Payload bytes a socket may queue even when the total is spent, so that a
+/// peer flooding some sockets silences none of the others: what the core queues
+/// is at most the total limit plus this per socket.
+pub const QUEUE_FLOOR: usize = 64 << 10;
+
+/// The total limit a core starts with: [`UdpCore::set_total_limit`].
+pub const DEFAULT_TOTAL_LIMIT: usize = 64 << 20;
+
 /// The udp domain's core.
 #[derive(Debug)]
 pub struct UdpCore {
     local: Ipv4Address,
     rx_limit: usize,
+    rx_total_limit: usize,
     slots: Vec<Slot>,
     ports: BTreeMap<u16, u32>,
     ephemeral: (u16, u16),
@@ -187,6 +200,7 @@ impl UdpCore {
         Self {
             local,
             rx_limit,
+            rx_total_limit: DEFAULT_TOTAL_LIMIT,
             slots: Vec::new(),
             ports: BTreeMap::new(),
             ephemeral: (49152, 65535),
@@ -194,6 +208,12 @@ impl UdpCore {
             out: VecDeque::new(),
             stats: Stats::default(),
         }
+    }
+
+    /// Bounds what all sockets together queue (each may still queue
+    /// [`QUEUE_FLOOR`]): memory follows configuration, not what peers send.
+    pub fn set_total_limit(&mut self, bytes: usize) {
+        self.rx_total_limit = bytes;
     }
 
     /// Counters.
@@ -273,7 +293,9 @@ impl UdpCore {
     /// Closes a socket; its port is free again and its handle is stale.
     pub fn close(&mut self, id: SocketId) -> Result<(), UdpError> {
         let port = self.socket(id)?.port;
-        self.slots[id.slot as usize].socket = None;
+        if let Some(s) = self.slots[id.slot as usize].socket.take() {
+            self.stats.queued_bytes -= s.rx_bytes as u64;
+        }
         self.ports.remove(&port);
         Ok(())
     }
@@ -285,6 +307,7 @@ impl UdpCore {
             slot.socket = None;
         }
         self.ports.clear();
+        self.stats.queued_bytes = 0;
     }
 
     /// Sends `data` to `dst:port` (or to the connected peer if `to` is `None`).
@@ -321,6 +344,7 @@ impl UdpCore {
         let d = s.rx.pop_front();
         if let Some(d) = &d {
             s.rx_bytes -= d.data.len();
+            self.stats.queued_bytes -= d.data.len() as u64;
         }
         Ok(d)
     }
@@ -378,18 +402,20 @@ impl UdpCore {
             }
             return;
         };
-        let limit = self.rx_limit;
+        let (limit, total_left) = (self.rx_limit, self.rx_total_limit.saturating_sub(self.stats.queued_bytes as usize));
         let Some(s) = self.slots[slot as usize].socket.as_mut() else { return };
         if s.peer.is_some_and(|peer| peer != (src, sport)) {
             return self.drop(DropReason::NotFromPeer);
         }
-        let data = segment[HEADER..len].to_vec();
-        if s.rx_bytes + data.len() > limit {
+        let n = len - HEADER;
+        // Within the socket's own limit, and the total's (or the floor).
+        if s.rx_bytes + n > limit || (n > total_left && s.rx_bytes + n > QUEUE_FLOOR) {
             s.dropped += 1;
             return self.drop(DropReason::QueueFull);
         }
-        s.rx_bytes += data.len();
-        s.rx.push_back(Datagram { src, src_port: sport, data });
+        s.rx_bytes += n;
+        s.rx.push_back(Datagram { src, src_port: sport, data: segment[HEADER..len].to_vec() });
+        self.stats.queued_bytes += n as u64;
         self.stats.datagrams_in += 1;
     }
 

@@ -108,6 +108,33 @@ fn receive_queues_are_bounded_and_count_their_drops() {
     assert_eq!(c.socket_drops(s), Ok(2), "room again after a read");
 }
 
+/// Issue 18, finding 3: what all sockets queue is bounded by configuration too
+/// (the total limit), not by how many sockets a peer floods; each socket keeps
+/// a floor, so flooded sockets silence none of the others.
+#[test]
+fn all_sockets_together_queue_at_most_the_total_and_each_keeps_its_floor() {
+    use capnet_udp::QUEUE_FLOOR;
+    let mut c = UdpCore::new(US, 1 << 20);
+    c.set_total_limit(4 * QUEUE_FLOOR);
+    let flooded: Vec<_> = (0..16).map(|p| c.bind(7000 + p).expect("bind")).collect();
+    for round in 0..200 {
+        for p in 0..16 {
+            c.receive(PEER, US, &segment(9, 7000 + p, &[round as u8; 1000], true), &IP_HDR);
+        }
+        let most = 4 * QUEUE_FLOOR + 16 * QUEUE_FLOOR;
+        assert!(c.stats().queued_bytes as usize <= most, "{} queued", c.stats().queued_bytes);
+    }
+    assert!(c.stats().dropped(DropReason::QueueFull) > 0, "the flood met the total");
+    // A quiet socket still gets its datagrams.
+    let quiet = c.bind(8000).expect("bind");
+    c.receive(PEER, US, &segment(9, 8000, b"still heard", true), &IP_HDR);
+    assert_eq!(c.recv_from(quiet).expect("ok").map(|d| d.data), Some(b"still heard".to_vec()));
+    // Closing a flooded socket gives its bytes back.
+    let before = c.stats().queued_bytes;
+    c.close(flooded[0]).expect("close");
+    assert!(c.stats().queued_bytes < before);
+}
+
 #[test]
 fn connected_sockets_filter_and_see_icmp_errors_once() {
     let mut c = UdpCore::new(US, 1 << 20);

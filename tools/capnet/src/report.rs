@@ -213,6 +213,7 @@ pub fn ip_counters(ip: &capnet_ip::IpCore) -> BTreeMap<String, u64> {
 /// The udp domain's counters by name.
 pub fn udp_counters(s: &capnet_udp::Stats) -> BTreeMap<String, u64> {
     let mut c = BTreeMap::new();
+    c.insert("queued_bytes".into(), s.queued_bytes);
     c.insert("datagrams_in".into(), s.datagrams_in);
     c.insert("datagrams_out".into(), s.datagrams_out);
     for r in capnet_udp::DropReason::ALL {
