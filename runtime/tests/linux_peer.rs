@@ -310,7 +310,7 @@ fn the_stack_resolves_before_its_first_send_and_again_after_expiry() {
             .arg("import socket\ns=socket.socket(2,2)\ns.bind(('10.77.0.1',7777))\nfor _ in range(2):\n    d,a=s.recvfrom(65535); s.sendto(d,a)\n")
             .spawn()
             .expect("python echo");
-        std::thread::sleep(Duration::from_millis(300));
+        capnet_testkit::wait_bound(run.ns.name(), true, 7777);
         let requests = |run: &Running| run.on_stack(|c| c.ip().stats().arp_requests);
         let at_start = requests(&run);
         let sock = run.on_stack(|c| c.udp().bind(40000).expect("bind"));

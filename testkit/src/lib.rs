@@ -208,13 +208,22 @@ socketserver.ThreadingTCPServer(('10.77.0.1', {port}), Echo).serve_forever()
 "
     );
     let server = up.spawn_in_ns(&["python3", "-c", &script]);
-    for _ in 0..50 {
-        if !up.in_ns(&["ss", "-Htln", &format!("sport = :{port}")]).stdout.is_empty() {
-            break;
+    wait_bound(up.name(), false, port);
+    server
+}
+
+/// Waits (hang guard 5 s) until a socket in namespace `ns` listens on TCP
+/// `port` (`udp`: is bound to UDP `port`), so a test does not send before a
+/// Linux-side service it started is there.
+pub fn wait_bound(ns: &str, udp: bool, port: u16) {
+    let flags = if udp { "-Huln" } else { "-Htln" };
+    for _ in 0..100 {
+        let out = Command::new("ip").args(["netns", "exec", ns, "ss", flags, &format!("sport = :{port}")]).output();
+        if out.is_ok_and(|o| !o.stdout.is_empty()) {
+            return;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    server
 }
 
 /// A child process that gets SIGTERM (then is waited for) when dropped.

@@ -98,7 +98,7 @@ fn library_case(mode: &[&str]) {
         .arg("import socket\ns=socket.socket(2,2)\ns.bind(('10.77.0.1',7777))\nd,a=s.recvfrom(65535)\ns.sendto(d.upper(),a)\n")
         .spawn()
         .expect("python");
-    std::thread::sleep(Duration::from_millis(300));
+    capnet_testkit::wait_bound(up.name(), true, 7777);
     sock.send_to(b"shout", SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), 7777)).expect("send");
     let (n, from) = sock.recv_from(&mut buf).expect("reply");
     assert_eq!((&buf[..n], from), (&b"SHOUT"[..], SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), 7777)));
@@ -141,7 +141,7 @@ fn the_stack_to_a_linux_socat_echo_is_byte_exact_up_to_the_maximum() {
                 .spawn()
                 .expect("socat echo"),
         );
-        std::thread::sleep(Duration::from_millis(300));
+        capnet_testkit::wait_bound(up.name(), true, 7777);
         let stack = Stack::attach(up.name()).expect("attach");
         let mut sock = UdpSocket::bind(&stack, 0).expect("bind");
         sock.set_read_timeout(Some(Duration::from_secs(5))).expect("timeout");
