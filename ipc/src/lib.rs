@@ -18,7 +18,6 @@
 //! --test loom`).
 #![deny(unsafe_op_in_unsafe_fn)]
 
-#[cfg(not(loom))]
 pub mod blob;
 pub mod channel;
 #[cfg(not(loom))]

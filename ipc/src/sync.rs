@@ -6,7 +6,11 @@
 
 #[cfg(loom)]
 pub(crate) use loom::sync::atomic::{fence, AtomicU32, AtomicU64};
+#[cfg(loom)]
+pub(crate) use loom::thread::yield_now;
 #[cfg(not(loom))]
 pub(crate) use std::sync::atomic::{fence, AtomicU32, AtomicU64};
+#[cfg(not(loom))]
+pub(crate) use std::thread::yield_now;
 
 pub use std::sync::atomic::Ordering;

@@ -119,3 +119,26 @@ fn consumer_sleeps_producer_yields() {
         h.join().unwrap();
     });
 }
+
+/// The one seqlock (`blob`): a writer publishes twice while a reader copies the
+/// blob out; the reader sees nothing yet, the first, the second, or a busy
+/// refusal — never a mix of the two.
+#[test]
+fn a_blob_is_read_whole_or_not_at_all() {
+    use capnet_ipc::blob::{self, BlobError};
+    model(|| {
+        let region = Arc::new(HeapWords::new(blob::region_len(16)));
+        let w = region.clone();
+        let writer = loom::thread::spawn(move || {
+            blob::publish(&*w, &[1u8; 16]);
+            blob::publish(&*w, &[2u8; 9]);
+        });
+        match blob::read(&*region) {
+            Ok(b) => assert!(b == [1u8; 16] || b == [2u8; 9], "a torn blob: {b:?}"),
+            Err(BlobError::Magic | BlobError::Busy) => {}
+            Err(e) => panic!("{e}"),
+        }
+        writer.join().unwrap();
+        assert_eq!(blob::read(&*region), Ok(vec![2u8; 9]));
+    });
+}
