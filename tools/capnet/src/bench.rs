@@ -182,20 +182,19 @@ struct Sizes {
 }
 
 /// One run's result.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default)]
 struct Sample {
     value: f64,
     /// Request/response latencies, µs: p50, p99, p99.9.
     latency_us: Option<[f64; 3]>,
     /// capnet: CPU seconds each domain spent in the run.
     cpu_s: Vec<(String, f64)>,
-    #[serde(flatten)]
     costs: Costs,
 }
 
 /// What a capnet run cost beyond its time (a sample's, or the median of a
 /// figure's samples).
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default)]
 struct Costs {
     /// Futex wake calls per ring entry on the links between groups.
     wakes_per_msg: Option<f64>,
@@ -266,7 +265,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let wake_us = wake_cost_us(if args.quick { 500 } else { 5000 })?;
     let report = Report::new(rounds, args.quick, sizes, &results, wake_us);
     if args.json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+        println!("{}", serde_json::to_string_pretty(&report.json())?);
     } else {
         println!("{}", report.table());
     }
@@ -277,7 +276,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
 }
 
 /// A figure: the median of the rounds and the spread, (max − min) / median.
-#[derive(Debug, Serialize)]
+#[derive(Debug)]
 struct Figure {
     workload: String,
     unit: &'static str,
@@ -290,12 +289,12 @@ struct Figure {
     /// capnet: each domain's CPU seconds (median of the rounds).
     cpu_s: Vec<(String, f64)>,
     /// capnet: the medians of the samples' costs.
-    #[serde(flatten)]
     costs: Costs,
 }
 
-/// What `--json` prints and the table and chart are made from.
-#[derive(Debug, Serialize)]
+/// What the table and chart are made from (and `--json`, in the design's
+/// shape: [`Report::json`]).
+#[derive(Debug)]
 struct Report {
     machine: String,
     date: String,
@@ -382,6 +381,48 @@ impl Report {
             factored_over_mono_wire,
             wake_us,
         }
+    }
+
+    /// `capnet bench --json`, in the shape DESIGN.md names: `runs` (workload,
+    /// path, composition, value, unit, spread — the median and (max − min) /
+    /// median in percent — and what else a run measured), `ratios` (workload,
+    /// path, factored_over_mono). Paths: `tap` and `wire` (a composition's
+    /// `-wire` twin), `veth` for Linux ↔ Linux.
+    fn json(&self) -> serde_json::Value {
+        use serde_json::json;
+        let split = |key: &str| match key.strip_suffix("-wire") {
+            Some(k) => (k.to_owned(), "wire"),
+            None if key == "linux" => (key.to_owned(), "veth"),
+            None => (key.to_owned(), "tap"),
+        };
+        let runs: Vec<_> = self
+            .figures
+            .iter()
+            .map(|f| {
+                let (composition, path) = split(f.composition);
+                let cpu: serde_json::Map<String, serde_json::Value> =
+                    f.cpu_s.iter().map(|(d, v)| (d.clone(), json!(v))).collect();
+                json!({
+                    "workload": f.workload, "path": path, "composition": composition,
+                    "value": f.median, "unit": f.unit, "spread": f.spread_pct,
+                    "samples": f.samples, "latency_us": f.latency_us, "cpu_s": cpu,
+                    "wakes_per_msg": f.costs.wakes_per_msg, "msgs": f.costs.msgs,
+                    "ring_max": f.costs.ring_max, "copies_per_byte": f.costs.copies_per_byte,
+                })
+            })
+            .collect();
+        let ratios: Vec<_> = [("tap", &self.factored_over_mono), ("wire", &self.factored_over_mono_wire)]
+            .into_iter()
+            .flat_map(|(path, rs)| {
+                rs.iter().map(move |(w, r)| json!({ "workload": w, "path": path, "factored_over_mono": r }))
+            })
+            .collect();
+        let compositions: Vec<_> = self.compositions.iter().map(|(k, l)| json!({ "key": k, "label": l })).collect();
+        json!({
+            "machine": self.machine, "date": self.date, "command": self.command, "rounds": self.rounds,
+            "quick": self.quick, "sizes": self.sizes, "wake_us": self.wake_us,
+            "compositions": compositions, "runs": runs, "ratios": ratios,
+        })
     }
 
     fn figure(&self, w: &str, c: &str) -> Option<&Figure> {

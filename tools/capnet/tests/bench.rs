@@ -13,7 +13,7 @@ fn capnet_bench_quick_measures_every_workload_on_every_composition() {
     assert!(out.status.success(), "capnet bench failed: {}", String::from_utf8_lossy(&out.stderr));
     let r: Value = serde_json::from_slice(&out.stdout).expect("the JSON parses");
     let mut comps: Vec<&str> =
-        r["compositions"].as_array().expect("compositions").iter().filter_map(|c| c[0].as_str()).collect();
+        r["compositions"].as_array().expect("compositions").iter().filter_map(|c| c["key"].as_str()).collect();
     // smoltcp's column is there when `make smoltcp-examples` has built its peer.
     let smoltcp = comps.contains(&"smoltcp");
     comps.retain(|c| *c != "smoltcp");
@@ -32,34 +32,41 @@ fn capnet_bench_quick_measures_every_workload_on_every_composition() {
             "device"
         ]
     );
-    let figures = r["figures"].as_array().expect("figures");
+    // Runs in the design's shape: the composition and the path apart.
+    let figures = r["runs"].as_array().expect("runs");
+    let key = |f: &Value| match f["path"].as_str() {
+        Some("wire") => format!("{}-wire", f["composition"].as_str().unwrap_or_default()),
+        _ => f["composition"].as_str().unwrap_or_default().to_owned(),
+    };
     let workloads: std::collections::BTreeSet<&str> = figures.iter().filter_map(|f| f["workload"].as_str()).collect();
     assert_eq!(workloads.len(), 9, "{workloads:?}");
     for w in &workloads {
-        let on: Vec<&str> = figures
+        let on: Vec<String> = figures
             .iter()
             .filter(|f| f["workload"] == *w)
             .inspect(|f| {
-                assert!(f["median"].as_f64().is_some_and(|m| m > 0.0), "{w}: a figure of nothing: {f}");
+                assert!(f["value"].as_f64().is_some_and(|m| m > 0.0), "{w}: a figure of nothing: {f}");
                 assert_eq!(f["samples"].as_array().map(Vec::len), Some(1), "one round: {f}");
+                assert!(f["unit"].is_string() && f["spread"].is_number(), "{f}");
             })
-            .filter_map(|f| f["composition"].as_str())
+            .map(key)
             .collect();
         let want = if w.starts_with("UDP") { 10 } else { 9 } + usize::from(smoltcp);
         assert_eq!(on.len(), want, "{w} ran on {on:?}");
         if w.contains("request/response") {
-            let f = figures.iter().find(|f| f["workload"] == *w && f["composition"] == "factored").expect("factored");
+            let f = figures.iter().find(|f| f["workload"] == *w && key(f) == "factored").expect("factored");
             let l: Vec<f64> = f["latency_us"].as_array().expect("latency").iter().filter_map(Value::as_f64).collect();
             assert!(l.len() == 3 && l[0] <= l[1] && l[1] <= l[2], "p50 ≤ p99 ≤ p99.9: {l:?}");
         }
     }
-    for path in ["factored_over_mono", "factored_over_mono_wire"] {
-        let ratios = r[path].as_array().expect("ratios");
+    for path in ["tap", "wire"] {
+        let ratios: Vec<&Value> =
+            r["ratios"].as_array().expect("ratios").iter().filter(|x| x["path"] == path).collect();
         assert_eq!(ratios.len(), 9, "{path}");
-        assert!(ratios.iter().all(|x| x[1].as_f64().is_some_and(|v| v > 0.0)), "{path}: {ratios:?}");
+        assert!(ratios.iter().all(|x| x["factored_over_mono"].as_f64().is_some_and(|v| v > 0.0)), "{path}: {ratios:?}");
     }
     assert!(r["wake_us"].as_f64().is_some_and(|w| w > 0.0), "the same-core wake cost: {}", r["wake_us"]);
     // The factored stack's costs were read from its status.
-    let f = figures.iter().find(|f| f["composition"] == "factored").expect("a factored figure");
-    assert!(f["cpu_s"].as_array().is_some_and(|c| c.len() == 5), "{f}");
+    let f = figures.iter().find(|f| key(f) == "factored").expect("a factored figure");
+    assert!(f["cpu_s"].as_object().is_some_and(|c| c.len() == 5), "{f}");
 }
