@@ -741,8 +741,8 @@ impl Cores {
             (Kind::Sockets, Msg::Pushed { s, got }) if l.remote == Kind::Tcp && s & TAG_MASK == 0 => {
                 let key = s | u64::from(l.tag) << TAG_SHIFT;
                 match (self.expect_push.remove(&key), &got) {
-                    // Closed here while the push was on its way (or never asked:
-                    // counted with the notices nobody asked for, which bound it).
+                    // Closed here while the push was on its way: allowed once for
+                    // each expected push dropped (`link::Unasked`); any other is a flood.
                     (None, _) => {
                         if !l.unasked.stray_push() {
                             l.protocol_error(format!("{} floods pushes nobody asked for", l.remote));

@@ -160,7 +160,8 @@ pub enum Event {
         old: bool,
     },
     /// The sockets domain cut application `app` off (it broke its channel's
-    /// protocol or its quotas): the supervisor closes its attachment, so the
+    /// protocol, or left too many replies unread): the supervisor closes its
+    /// attachment, so the
     /// application sees the stack go away instead of waiting on a dead channel.
     CutOff {
         /// The application.
