@@ -870,11 +870,13 @@ impl Conn {
         self.synchronized() && self.rcv_space() < buffer && self.rcv_adv.since(self.rcv_nxt) < buffer / 2
     }
 
-    /// Memory freed elsewhere: offer the window it allows now, if it opens by
-    /// the SWS step (RFC 9293 §3.8.6.2.2).
+    /// Room to receive came free (the application read, or memory freed
+    /// elsewhere): a window update once the advertised window fell below half
+    /// the buffer and its edge can move by the SWS step (RFC 9293 §3.8.6.2.2).
     pub fn reopen(&mut self, cx: &mut Cx, now: Instant) {
         let edge = self.rcv_nxt.plus(self.rcv_space());
-        if self.synchronized() && edge.since(self.rcv_adv) >= (self.rcv_cap / 2).min(self.mss) {
+        let (step, open) = ((self.rcv_cap / 2).min(self.mss), self.rcv_adv.since(self.rcv_nxt));
+        if self.synchronized() && open < self.rcv_cap / 2 && edge.since(self.rcv_adv) >= step {
             self.ack_now = true;
             self.output(cx, now);
         }
@@ -1495,15 +1497,7 @@ impl Conn {
             let [a, b] = deque_range(&self.rcv_buf, 0, n);
             let data = [a, b].concat();
             self.rcv_buf.drain(..n);
-            // A window update once the advertised window fell below half the
-            // buffer and its edge can move by the SWS step (RFC 9293 §3.8.6.2.2).
-            let edge = self.rcv_nxt.plus(self.rcv_space());
-            let step = (self.rcv_cap / 2).min(self.mss);
-            let open = self.rcv_adv.since(self.rcv_nxt);
-            if self.synchronized() && open < self.rcv_cap / 2 && edge.since(self.rcv_adv) >= step {
-                self.ack_now = true;
-                self.output(cx, now);
-            }
+            self.reopen(cx, now);
             return Ok(crate::Received::Data(data));
         }
         if self.fin_rcvd || self.rd_shut {
