@@ -45,29 +45,32 @@ clippy:
 
 ci: fmt-check clippy test
 
+# The programs: capnet (the CLI and supervisor) and the group processes next to it.
+BINARIES := -p capnet-cli -p capnet-group
+
 bench: deps smoltcp-examples
-	$(CARGO) build --release -p capnet
+	$(CARGO) build --release $(BINARIES)
 	target/release/capnet bench --write-docs .
 	$(CARGO) bench -p capnet-ipc --bench ipc
-	$(CARGO) bench -p capnet --bench tcp
+	$(CARGO) bench -p capnet-cli --bench tcp
 
 # smoltcp's own benchmarks (examples/benchmark.rs over a TAP, loopback_benchmark.rs
 # in memory), built unmodified from the crate's source as cargo fetched it, for
 # the TCP benchmark to run beside capnet; and capnet bench's smoltcp peer
-# (tools/capnet/smoltcp/capnet_bench_peer.rs), built there as one more example.
+# (bench/smoltcp/capnet_bench_peer.rs), built there as one more example.
 SMOLTCP_BUILD := target/smoltcp
 smoltcp-examples: $(SMOLTCP_BUILD)/release/examples/capnet_bench_peer
-$(SMOLTCP_BUILD)/release/examples/capnet_bench_peer: tools/capnet/smoltcp/capnet_bench_peer.rs
+$(SMOLTCP_BUILD)/release/examples/capnet_bench_peer: bench/smoltcp/capnet_bench_peer.rs
 	@src=$$($(CARGO) metadata --format-version 1 | python3 -c 'import json,sys; print(next(p["manifest_path"] for p in json.load(sys.stdin)["packages"] if p["name"]=="smoltcp").rsplit("/",1)[0])'); \
 	rm -rf target/smoltcp-src && cp -r "$$src" target/smoltcp-src && printf '\n[workspace]\n' >> target/smoltcp-src/Cargo.toml
-	cp tools/capnet/smoltcp/capnet_bench_peer.rs target/smoltcp-src/examples/
+	cp bench/smoltcp/capnet_bench_peer.rs target/smoltcp-src/examples/
 	printf '\n[[example]]\nname = "capnet_bench_peer"\npath = "examples/capnet_bench_peer.rs"\n' >> target/smoltcp-src/Cargo.toml
 	cd target/smoltcp-src && CARGO_TARGET_DIR=../smoltcp $(CARGO) build --release --example benchmark --example loopback_benchmark --example capnet_bench_peer
 
 # The main job: capnet up in a private namespace, Linux traffic through it, status,
 # down — narrated (scripts/demo.sh).
 demo: deps
-	$(CARGO) build --release -p capnet
+	$(CARGO) build --release $(BINARIES)
 	bash scripts/demo.sh
 
 # Coverage-guided fuzzing of the ring consumer on stable Rust (no cargo-fuzz or

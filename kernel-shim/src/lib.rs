@@ -9,8 +9,12 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod cap;
+#[cfg(feature = "process")]
 pub mod device;
+#[cfg(feature = "process")]
 pub mod netns;
+#[cfg(feature = "process")]
 pub mod sandbox;
+#[cfg(feature = "process")]
 pub mod spawn;
 pub mod userns;

@@ -13,9 +13,12 @@
 
 #![forbid(unsafe_code)]
 
+pub mod edge;
 pub mod link;
 pub mod two_group;
-pub mod wire;
+
+use capnet_proto::edge as wire;
+use capnet_proto::Kind;
 
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant as StdInstant};
@@ -61,48 +64,6 @@ pub enum RuntimeError {
     /// A peer group broke the channel protocol.
     #[error("peer group broke the channel protocol: {0}")]
     Peer(String),
-}
-
-/// What a domain is: which core it runs (graph files name them the same).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Kind {
-    /// Frame I/O on a device.
-    Driver,
-    /// Ethernet, ARP, IPv4, ICMP, the demux.
-    Ip,
-    /// TCP connections.
-    Tcp,
-    /// UDP endpoints.
-    Udp,
-    /// The socket table applications call.
-    Sockets,
-}
-
-impl Kind {
-    /// Every kind, in the order a stack is built.
-    pub const ALL: [Kind; 5] = [Kind::Driver, Kind::Ip, Kind::Tcp, Kind::Udp, Kind::Sockets];
-
-    /// Its name (in graph files, and its seccomp policy's role).
-    pub fn name(self) -> &'static str {
-        match self {
-            Kind::Driver => "driver",
-            Kind::Ip => "ip",
-            Kind::Tcp => "tcp",
-            Kind::Udp => "udp",
-            Kind::Sockets => "sockets",
-        }
-    }
-
-    /// The kind with this name.
-    pub fn parse(s: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|k| k.name() == s)
-    }
-}
-
-impl std::fmt::Display for Kind {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(self.name())
-    }
 }
 
 /// The spin tokens every wait of this process takes (DESIGN, "Waking up"): a
@@ -335,7 +296,7 @@ impl Cores {
                 Ok(capnet_tcp::Received::Nothing) => return true,
                 Ok(capnet_tcp::Received::Data(d)) => Ok(Answer::Data(d)),
                 Ok(capnet_tcp::Received::Eof) => Ok(Answer::Eof),
-                Err(e) => Err(e.into()),
+                Err(e) => Err(capnet_sockets::tcp_error(e)),
             };
             l.send(&wire::Msg::Pushed { s, got });
             any = true;
@@ -861,10 +822,10 @@ impl Cores {
                 Answer::Done
             }
             Call::TcpSetOption { s, option } => {
-                self.tcp_set_option(tcp_id(s), option.to_core()?)?;
+                self.tcp_set_option(tcp_id(s), edge::sock_opt(&option)?)?;
                 Answer::Done
             }
-            Call::TcpReady { s } => Answer::Ready(wire::ready_bits(self.tcp_ready(tcp_id(s))?)),
+            Call::TcpReady { s } => Answer::Ready(edge::ready_bits(self.tcp_ready(tcp_id(s))?)),
         })
     }
 
@@ -1522,7 +1483,7 @@ impl AppHost for Plain {
 impl capnet_sockets::Transports for Cores {
     fn udp_bind(&mut self, port: u16) -> Result<capnet_udp::SocketId, SocketError> {
         match self.udp.as_mut() {
-            Some(u) => Ok(u.bind(port)?),
+            Some(u) => u.bind(port).map_err(capnet_sockets::udp_error),
             None => match self.remote(Kind::Udp, Call::UdpBind { port })? {
                 Answer::Id(s) => Ok(capnet_udp::SocketId::from_raw(s)),
                 a => Err(odd(a)),
@@ -1531,7 +1492,7 @@ impl capnet_sockets::Transports for Cores {
     }
     fn udp_port(&mut self, s: capnet_udp::SocketId) -> Result<u16, SocketError> {
         match self.udp.as_mut() {
-            Some(u) => Ok(u.local_port(s)?),
+            Some(u) => u.local_port(s).map_err(capnet_sockets::udp_error),
             None => match self.remote(Kind::Udp, Call::UdpPort { s: s.to_raw() })? {
                 Answer::Port(p) => Ok(p),
                 a => Err(odd(a)),
@@ -1540,7 +1501,7 @@ impl capnet_sockets::Transports for Cores {
     }
     fn udp_connect(&mut self, s: capnet_udp::SocketId, addr: Ipv4Address, port: u16) -> Result<(), SocketError> {
         match self.udp.as_mut() {
-            Some(u) => Ok(u.connect(s, addr, port)?),
+            Some(u) => u.connect(s, addr, port).map_err(capnet_sockets::udp_error),
             None => done(self.remote(Kind::Udp, Call::UdpConnect { s: s.to_raw(), addr: addr.octets(), port })?),
         }
     }
@@ -1551,7 +1512,7 @@ impl capnet_sockets::Transports for Cores {
         data: &[u8],
     ) -> Result<(), SocketError> {
         match self.udp.as_mut() {
-            Some(u) => Ok(u.send_to(s, to, data)?),
+            Some(u) => u.send_to(s, to, data).map_err(capnet_sockets::udp_error),
             None => {
                 let to = to.map(|(a, p)| (a.octets(), p));
                 done(self.remote(Kind::Udp, Call::UdpSend { s: s.to_raw(), to, data: data.to_vec() })?)
@@ -1560,7 +1521,7 @@ impl capnet_sockets::Transports for Cores {
     }
     fn udp_recv(&mut self, s: capnet_udp::SocketId, max: usize) -> Result<Vec<capnet_udp::Datagram>, SocketError> {
         match self.udp.as_mut() {
-            Some(u) => Ok(u.recv_many(s, max, capnet_sockets::UDP_BATCH_BYTES)?),
+            Some(u) => u.recv_many(s, max, capnet_sockets::UDP_BATCH_BYTES).map_err(capnet_sockets::udp_error),
             None => match self.remote(Kind::Udp, Call::UdpRecv { s: s.to_raw(), max: max as u32 })? {
                 // More than asked for, or a datagram over the IP limit: the udp
                 // domain broke the protocol.
@@ -1574,7 +1535,7 @@ impl capnet_sockets::Transports for Cores {
     }
     fn udp_close(&mut self, s: capnet_udp::SocketId) -> Result<(), SocketError> {
         match self.udp.as_mut() {
-            Some(u) => Ok(u.close(s)?),
+            Some(u) => u.close(s).map_err(capnet_sockets::udp_error),
             None => done(self.remote(Kind::Udp, Call::UdpClose { s: s.to_raw() })?),
         }
     }
@@ -1614,13 +1575,13 @@ impl capnet_sockets::Transports for Cores {
     }
     fn tcp_listen(&mut self, port: u16, backlog: usize) -> Result<TcpId, SocketError> {
         match self.tcp.as_mut() {
-            Some(t) => Ok(t.listen(port, backlog)?),
+            Some(t) => t.listen(port, backlog).map_err(capnet_sockets::tcp_error),
             None => tcp_id(self.tcp_remote(None, |_| Call::TcpListen { port, backlog: backlog as u32 })?),
         }
     }
     fn tcp_local_port(&mut self, s: TcpId) -> Result<u16, SocketError> {
         match self.tcp.as_mut() {
-            Some(t) => Ok(t.local_port(s)?),
+            Some(t) => t.local_port(s).map_err(capnet_sockets::tcp_error),
             None => match self.tcp_remote(Some(s), |s| Call::TcpLocalPort { s })? {
                 Answer::Port(p) => Ok(p),
                 a => Err(odd(a)),
@@ -1629,7 +1590,7 @@ impl capnet_sockets::Transports for Cores {
     }
     fn tcp_accept(&mut self, l: TcpId) -> Result<Option<TcpId>, SocketError> {
         match self.tcp.as_mut() {
-            Some(t) => Ok(t.accept(l)?),
+            Some(t) => t.accept(l).map_err(capnet_sockets::tcp_error),
             None => match self.tcp_remote(Some(l), |l| Call::TcpAccept { l })? {
                 Answer::Accepted(c) => Ok(c.map(TcpId::from_raw)),
                 a => Err(odd(a)),
@@ -1638,7 +1599,7 @@ impl capnet_sockets::Transports for Cores {
     }
     fn tcp_endpoints(&mut self, s: TcpId) -> Result<capnet_tcp::Endpoints, SocketError> {
         match self.tcp.as_mut() {
-            Some(t) => Ok(t.endpoints(s)?),
+            Some(t) => t.endpoints(s).map_err(capnet_sockets::tcp_error),
             None => match self.tcp_remote(Some(s), |s| Call::TcpEndpoints { s })? {
                 Answer::Endpoints(local_port, remote, remote_port) => {
                     Ok(capnet_tcp::Endpoints { local_port, remote: Ipv4Address::from(remote), remote_port })
@@ -1650,13 +1611,13 @@ impl capnet_sockets::Transports for Cores {
     fn tcp_connect(&mut self, addr: Ipv4Address, port: u16) -> Result<TcpId, SocketError> {
         let now = self.now();
         match self.tcp.as_mut() {
-            Some(t) => Ok(t.connect(now, addr, port)?),
+            Some(t) => t.connect(now, addr, port).map_err(capnet_sockets::tcp_error),
             None => tcp_id(self.tcp_remote(None, |_| Call::TcpConnect { addr: addr.octets(), port })?),
         }
     }
     fn tcp_connected(&mut self, s: TcpId) -> Result<bool, SocketError> {
         match self.tcp.as_mut() {
-            Some(t) => Ok(t.connected(s)?),
+            Some(t) => t.connected(s).map_err(capnet_sockets::tcp_error),
             None => match self.tcp_remote(Some(s), |s| Call::TcpConnected { s })? {
                 Answer::Bool(b) => Ok(b),
                 a => Err(odd(a)),
@@ -1666,7 +1627,7 @@ impl capnet_sockets::Transports for Cores {
     fn tcp_send(&mut self, s: TcpId, data: &[u8]) -> Result<usize, SocketError> {
         let now = self.now();
         match self.tcp.as_mut() {
-            Some(t) => Ok(t.send(now, s, data)?),
+            Some(t) => t.send(now, s, data).map_err(capnet_sockets::tcp_error),
             None => match self.tcp_remote(Some(s), |s| Call::TcpSend { s, data: data.to_vec() })? {
                 Answer::Count(n) => Ok(n as usize),
                 a => Err(odd(a)),
@@ -1676,7 +1637,7 @@ impl capnet_sockets::Transports for Cores {
     fn tcp_recv(&mut self, s: TcpId, max: usize) -> Result<capnet_tcp::Received, SocketError> {
         let now = self.now();
         if let Some(t) = self.tcp.as_mut() {
-            return Ok(t.recv(now, s, max)?);
+            return t.recv(now, s, max).map_err(capnet_sockets::tcp_error);
         }
         let key = s.to_raw();
         if max == 0 {
@@ -1709,7 +1670,7 @@ impl capnet_sockets::Transports for Cores {
             self.forget_socket(s);
         }
         match self.tcp.as_mut() {
-            Some(t) => Ok(t.shutdown(now, s, read, write)?),
+            Some(t) => t.shutdown(now, s, read, write).map_err(capnet_sockets::tcp_error),
             None => done(self.tcp_remote(Some(s), |s| Call::TcpShutdown { s, read, write })?),
         }
     }
@@ -1717,30 +1678,30 @@ impl capnet_sockets::Transports for Cores {
         let now = self.now();
         self.forget_socket(s);
         match self.tcp.as_mut() {
-            Some(t) => Ok(t.close(now, s)?),
+            Some(t) => t.close(now, s).map_err(capnet_sockets::tcp_error),
             None => done(self.tcp_remote(Some(s), |s| Call::TcpClose { s })?),
         }
     }
     fn tcp_abort(&mut self, s: TcpId) -> Result<(), SocketError> {
         self.forget_socket(s);
         match self.tcp.as_mut() {
-            Some(t) => Ok(t.abort(s)?),
+            Some(t) => t.abort(s).map_err(capnet_sockets::tcp_error),
             None => done(self.tcp_remote(Some(s), |s| Call::TcpAbort { s })?),
         }
     }
     fn tcp_set_option(&mut self, s: TcpId, opt: capnet_tcp::SockOpt) -> Result<(), SocketError> {
         let now = self.now();
         match self.tcp.as_mut() {
-            Some(t) => Ok(t.set_option(now, s, opt)?),
-            None => done(self.tcp_remote(Some(s), |s| Call::TcpSetOption { s, option: wire::Opt::from_core(opt) })?),
+            Some(t) => t.set_option(now, s, opt).map_err(capnet_sockets::tcp_error),
+            None => done(self.tcp_remote(Some(s), |s| Call::TcpSetOption { s, option: edge::opt(opt) })?),
         }
     }
     fn tcp_ready(&mut self, s: TcpId) -> Result<capnet_tcp::Ready, SocketError> {
         match self.tcp.as_mut() {
-            Some(t) => Ok(t.ready(s)?),
+            Some(t) => t.ready(s).map_err(capnet_sockets::tcp_error),
             None => match self.tcp_remote(Some(s), |s| Call::TcpReady { s })? {
                 Answer::Ready(b) => {
-                    let mut r = wire::ready_from(b);
+                    let mut r = edge::ready_from(b);
                     // What tcp pushed is ours to read now.
                     r.readable |= self.pushed.contains_key(&s.to_raw());
                     Ok(r)

@@ -18,8 +18,8 @@ use capnet_ipc::shm_channel::ShmEnd;
 use capnet_ipc::{Interest, Waiter};
 use capnet_sockets::SocketError;
 
-use crate::wire::{Answer, Call, Msg};
-use crate::Kind;
+use capnet_proto::edge::{Answer, Call, Msg};
+use capnet_proto::Kind;
 
 /// How long a call waits for its answer before the link counts as broken: a
 /// transport answers in microseconds, so this is only ever spent on a dead one

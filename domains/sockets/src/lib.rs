@@ -16,15 +16,15 @@
 
 #![forbid(unsafe_code)]
 
-pub mod proto;
+pub use std::collections::VecDeque;
 
-use std::collections::VecDeque;
-
+pub use capnet_proto::app::{
+    Call, Handle, Reply, Request, Response, SocketError, TcpOption, ERROR, HANGUP, MAX_TCP_READ, READABLE, WRITABLE,
+};
 pub use capnet_tcp::{Endpoints, Ready, SocketId as TcpId};
 use capnet_tcp::{Keepalive, Received, SockOpt};
 pub use capnet_udp::Ipv4Address;
 use capnet_udp::SocketId;
-pub use proto::{Call, Handle, Reply, Request, Response, SocketError, TcpOption, ERROR, HANGUP, READABLE, WRITABLE};
 
 /// Which application (a per-attachment index the runtime assigns).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -807,11 +807,32 @@ impl SocketsCore {
     }
 }
 
-/// The most bytes one TCP receive returns (a message must stay under the
-/// channel's message size). About 1 MiB rather than 256 KiB: an application
-/// has one call outstanding, and while its reply travels and is copied the
-/// connection's buffer fills — with 256 KiB calls Linux sending to a one-group
-/// stack over a TAP was held by our receive window half of the time (`ss -ti`:
-/// `rwnd_limited` 44–52 %); with 1000 KiB calls and 2 MiB buffers the stack
-/// receives twice as fast (docs/performance.md).
-pub const MAX_TCP_READ: usize = 1000 * 1024;
+/// What an application hears for a tcp core's error.
+pub fn tcp_error(e: capnet_tcp::TcpError) -> SocketError {
+    use capnet_tcp::TcpError as T;
+    match e {
+        T::AddrInUse(_) | T::NoEphemeral => SocketError::AddrInUse,
+        T::BadSocket => SocketError::StaleHandle,
+        T::WrongKind => SocketError::WrongKind,
+        T::NotConnected => SocketError::NotConnected,
+        T::ConnectionRefused => SocketError::Refused,
+        T::ConnectionReset => SocketError::Reset,
+        T::TimedOut => SocketError::TimedOut,
+        T::BrokenPipe => SocketError::BrokenPipe,
+        T::Unreachable { icmp_type: 3, icmp_code: 0 | 1 } => SocketError::NoRoute,
+        T::Unreachable { icmp_type, icmp_code } => SocketError::Icmp(icmp_type, icmp_code),
+    }
+}
+
+/// What an application hears for a udp core's error.
+pub fn udp_error(e: capnet_udp::UdpError) -> SocketError {
+    use capnet_udp::UdpError as U;
+    match e {
+        U::AddrInUse(_) | U::NoEphemeral => SocketError::AddrInUse,
+        U::BadSocket => SocketError::StaleHandle,
+        U::NoDestination => SocketError::NoDestination,
+        U::TooLarge(_) => SocketError::TooLarge,
+        U::Icmp { icmp_type: 3, icmp_code: 3, .. } => SocketError::Refused,
+        U::Icmp { icmp_type, icmp_code, .. } => SocketError::Icmp(icmp_type, icmp_code),
+    }
+}

@@ -25,23 +25,23 @@ struct Fake {
 
 impl Transports for Fake {
     fn udp_bind(&mut self, port: u16) -> Result<SocketId, SocketError> {
-        self.udp.bind(port).map_err(SocketError::from)
+        self.udp.bind(port).map_err(capnet_sockets::udp_error)
     }
     fn udp_port(&mut self, s: SocketId) -> Result<u16, SocketError> {
-        self.udp.local_port(s).map_err(SocketError::from)
+        self.udp.local_port(s).map_err(capnet_sockets::udp_error)
     }
     fn udp_connect(&mut self, s: SocketId, addr: Ipv4Address, port: u16) -> Result<(), SocketError> {
-        self.udp.connect(s, addr, port).map_err(SocketError::from)
+        self.udp.connect(s, addr, port).map_err(capnet_sockets::udp_error)
     }
     fn udp_send(&mut self, s: SocketId, to: Option<(Ipv4Address, u16)>, data: &[u8]) -> Result<(), SocketError> {
-        self.udp.send_to(s, to, data).map_err(SocketError::from)
+        self.udp.send_to(s, to, data).map_err(capnet_sockets::udp_error)
     }
     fn udp_recv(&mut self, s: SocketId, max: usize) -> Result<Vec<Datagram>, SocketError> {
         self.udp_recvs += 1;
-        self.udp.recv_many(s, max, capnet_sockets::UDP_BATCH_BYTES).map_err(SocketError::from)
+        self.udp.recv_many(s, max, capnet_sockets::UDP_BATCH_BYTES).map_err(capnet_sockets::udp_error)
     }
     fn udp_close(&mut self, s: SocketId) -> Result<(), SocketError> {
-        self.udp.close(s).map_err(SocketError::from)
+        self.udp.close(s).map_err(capnet_sockets::udp_error)
     }
     fn echo_claim(&mut self, ident: u16) -> Result<bool, SocketError> {
         Ok(!self.claimed.contains(&ident) && {
@@ -58,43 +58,43 @@ impl Transports for Fake {
         Ok(())
     }
     fn tcp_listen(&mut self, port: u16, backlog: usize) -> Result<TcpId, SocketError> {
-        self.tcp.listen(port, backlog).map_err(SocketError::from)
+        self.tcp.listen(port, backlog).map_err(capnet_sockets::tcp_error)
     }
     fn tcp_local_port(&mut self, s: TcpId) -> Result<u16, SocketError> {
-        self.tcp.local_port(s).map_err(SocketError::from)
+        self.tcp.local_port(s).map_err(capnet_sockets::tcp_error)
     }
     fn tcp_accept(&mut self, l: TcpId) -> Result<Option<TcpId>, SocketError> {
-        self.tcp.accept(l).map_err(SocketError::from)
+        self.tcp.accept(l).map_err(capnet_sockets::tcp_error)
     }
     fn tcp_endpoints(&mut self, s: TcpId) -> Result<Endpoints, SocketError> {
-        self.tcp.endpoints(s).map_err(SocketError::from)
+        self.tcp.endpoints(s).map_err(capnet_sockets::tcp_error)
     }
     fn tcp_connect(&mut self, addr: Ipv4Address, port: u16) -> Result<TcpId, SocketError> {
-        self.tcp.connect(NOW, addr, port).map_err(SocketError::from)
+        self.tcp.connect(NOW, addr, port).map_err(capnet_sockets::tcp_error)
     }
     fn tcp_connected(&mut self, s: TcpId) -> Result<bool, SocketError> {
-        self.tcp.connected(s).map_err(SocketError::from)
+        self.tcp.connected(s).map_err(capnet_sockets::tcp_error)
     }
     fn tcp_send(&mut self, s: TcpId, data: &[u8]) -> Result<usize, SocketError> {
-        self.tcp.send(NOW, s, data).map_err(SocketError::from)
+        self.tcp.send(NOW, s, data).map_err(capnet_sockets::tcp_error)
     }
     fn tcp_recv(&mut self, s: TcpId, max: usize) -> Result<Received, SocketError> {
-        self.tcp.recv(NOW, s, max).map_err(SocketError::from)
+        self.tcp.recv(NOW, s, max).map_err(capnet_sockets::tcp_error)
     }
     fn tcp_shutdown(&mut self, s: TcpId, read: bool, write: bool) -> Result<(), SocketError> {
-        self.tcp.shutdown(NOW, s, read, write).map_err(SocketError::from)
+        self.tcp.shutdown(NOW, s, read, write).map_err(capnet_sockets::tcp_error)
     }
     fn tcp_close(&mut self, s: TcpId) -> Result<(), SocketError> {
-        self.tcp.close(NOW, s).map_err(SocketError::from)
+        self.tcp.close(NOW, s).map_err(capnet_sockets::tcp_error)
     }
     fn tcp_abort(&mut self, s: TcpId) -> Result<(), SocketError> {
-        self.tcp.abort(s).map_err(SocketError::from)
+        self.tcp.abort(s).map_err(capnet_sockets::tcp_error)
     }
     fn tcp_set_option(&mut self, s: TcpId, opt: SockOpt) -> Result<(), SocketError> {
-        self.tcp.set_option(NOW, s, opt).map_err(SocketError::from)
+        self.tcp.set_option(NOW, s, opt).map_err(capnet_sockets::tcp_error)
     }
     fn tcp_ready(&mut self, s: TcpId) -> Result<Ready, SocketError> {
-        self.tcp.ready(s).map_err(SocketError::from)
+        self.tcp.ready(s).map_err(capnet_sockets::tcp_error)
     }
 }
 

@@ -16,7 +16,7 @@ use anyhow::{bail, Context, Result};
 use capnet_driver::capture::Capture;
 use capnet_kernel_shim::cap::{recv_caps, CapKind};
 
-use crate::control::{ask_keep, Reply, Request};
+use capnet_supervisor::control::{ask_keep, Reply, Request};
 
 /// Keeps whole frames: a TSO super-frame is up to 64 KiB of IP plus Ethernet.
 const SNAPLEN: u32 = 65_536 + 14;

@@ -14,8 +14,8 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 
-use crate::control::run_dir;
-use crate::supervisor::LOG_HEADER;
+use capnet_supervisor::control::run_dir;
+use capnet_supervisor::LOG_HEADER;
 
 /// One log: who wrote it, and where it is.
 struct Log {

@@ -8,13 +8,13 @@
 #![forbid(unsafe_code)]
 
 mod apps;
-mod bench;
 mod capture;
-mod control;
 mod http;
 mod logs;
 mod status;
-mod supervisor;
+
+use capnet_bench as bench;
+use capnet_supervisor::{self as supervisor, control, Target, UpArgs};
 
 use std::net::Ipv4Addr;
 use std::process::ExitCode;
@@ -203,14 +203,6 @@ struct EchoArgs {
     port: u16,
 }
 
-/// Which running stack.
-#[derive(Debug, Args, Clone)]
-struct Target {
-    /// The network namespace the stack runs in.
-    #[arg(long, default_value = "capnet")]
-    netns: String,
-}
-
 #[derive(Debug, Args)]
 struct StatusArgs {
     #[command(flatten)]
@@ -223,68 +215,6 @@ struct StatusArgs {
     #[arg(long)]
     sockets: bool,
 }
-
-/// `up`'s options.
-#[derive(Debug, Args, Clone)]
-pub struct UpArgs {
-    #[command(flatten)]
-    target: Target,
-    /// The domain graph to run (docs/graph.md); the built-in default graph —
-    /// every domain its own sandboxed process — when none is given.
-    #[arg(conflicts_with_all = ["mono", "two_group"])]
-    graph: Option<std::path::PathBuf>,
-    /// The TAP device inside the namespace [default: the graph's, else cap0].
-    #[arg(long)]
-    tap: Option<String>,
-    /// No TAP: the driver runs on an in-memory wire that another capnet
-    /// instance joins with `--wire-to` (two stacks with no device between them).
-    #[arg(long, conflicts_with_all = ["tap", "wire_to"])]
-    wire: bool,
-    /// No TAP: join the in-memory wire of the instance in namespace NETNS
-    /// (started with `--wire`); the addresses default to the other way round.
-    #[arg(long, value_name = "NETNS", conflicts_with = "tap")]
-    wire_to: Option<String>,
-    /// The kernel's address on the TAP (the peer), with prefix length
-    /// [default: the graph's, else 10.77.0.1/24].
-    #[arg(long, value_parser = parse_cidr)]
-    host_addr: Option<(Ipv4Addr, u8)>,
-    /// The stack's address, with prefix length [default: the graph's, else 10.77.0.2/24].
-    #[arg(long, value_parser = parse_cidr)]
-    addr: Option<(Ipv4Addr, u8)>,
-    /// The one-group graph: every domain in one sandboxed process.
-    #[arg(long, conflicts_with = "two_group")]
-    mono: bool,
-    /// The two-group graph: the driver | ip + tcp + udp + sockets.
-    #[arg(long)]
-    two_group: bool,
-    /// Detach: return once the stack is up, leaving it running.
-    #[arg(short = 'd', long)]
-    detach: bool,
-    /// Seeded loss on the link, each way (0 to 1).
-    #[arg(long, default_value_t = 0.0)]
-    loss: f64,
-    /// Seeded reordering on the link, each way (0 to 1): a frame held back 1 ms.
-    #[arg(long, default_value_t = 0.0)]
-    reorder: f64,
-    /// The tcp domain's congestion control for new connections (newreno, cubic);
-    /// a socket may choose its own.
-    #[arg(long, default_value = "newreno")]
-    tcp_cc: capnet_tcp::cc::Algorithm,
-    /// MiB the tcp domain may buffer for all its connections together (queued
-    /// to send, received and unread): past it, sends wait and windows close.
-    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
-    tcp_memory_mib: u32,
-    /// Zero-window probes a connection its application closed sends, without
-    /// the window opening by a segment, before it resets (Linux's
-    /// tcp_orphan_retries).
-    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=30))]
-    tcp_orphan_retries: u32,
-    /// Seed of the impairment.
-    #[arg(long, default_value_t = 1)]
-    seed: u64,
-}
-
-use capnet::graph::parse_cidr;
 
 /// `capnet restart DOMAIN`.
 fn restart(netns: &str, domain: &str) -> anyhow::Result<()> {
@@ -314,7 +244,7 @@ fn swap(netns: &str, domain: &str, binary: &std::path::Path) -> anyhow::Result<(
 
 /// `capnet graph`.
 fn graph(args: GraphArgs) -> anyhow::Result<()> {
-    use capnet::graph::{Graph, DEFAULT, MONO, TWO_GROUP};
+    use capnet_supervisor::graph::{Graph, DEFAULT, MONO, TWO_GROUP};
     match args.file {
         Some(path) => {
             let text = std::fs::read_to_string(&path)

@@ -6,9 +6,9 @@ use std::io::Write as _;
 
 use anyhow::{bail, Result};
 
-use crate::control::{ask, Reply, Request};
+use capnet_supervisor::control::{ask, Reply, Request};
 
-use capnet::report::Status;
+use capnet_proto::report::Status;
 
 /// Prints the status of the stack in `netns`; `sockets` adds the TCP
 /// connections (the JSON always holds them).
@@ -24,7 +24,7 @@ pub fn show(netns: &str, json: bool, sockets: bool) -> Result<()> {
     let s: Status = serde_json::from_str(&text)?;
     let mut out = String::new();
     // On an in-memory wire the other side is another capnet instance, not the kernel.
-    let other = if s.tap == capnet::group::WIRE { "peer" } else { "kernel" };
+    let other = if s.tap == capnet_proto::group::WIRE { "peer" } else { "kernel" };
     writeln!(out, "mode {}  netns {}  tap {}  {other} {}  stack {}", s.mode, s.netns, s.tap, s.host_addr, s.addr)?;
     for r in &s.routes {
         writeln!(out, "route {} {}", r.dest, r.via.as_deref().map_or("connected".to_owned(), |v| format!("via {v}")))?;
@@ -73,7 +73,7 @@ fn print_sockets(s: &Status, out: &mut String) -> std::fmt::Result {
             "tcp connections: {} ({} listed; each tcp domain lists at most {})",
             s.tcp_connections_total,
             s.tcp_connections.len(),
-            capnet::report::MAX_LISTED
+            capnet_proto::report::MAX_LISTED
         )?;
     }
     let ms = |us: u64| format!("{:.1}", us as f64 / 1000.0);

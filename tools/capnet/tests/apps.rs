@@ -169,7 +169,7 @@ fn an_application_sending_garbage_is_cut_off_and_the_others_keep_working() {
     assert!(rogue.send(b"\xde\xad\xbe\xef not an rkyv archive").expect("send"), "the message went out");
     std::thread::sleep(Duration::from_millis(300));
     // Cut off: even a well-formed call gets no answer any more.
-    let call = capnet_sockets::Request { id: 1, call: capnet_sockets::Call::EchoOpen };
+    let call = capnet_proto::app::Request { id: 1, call: capnet_proto::app::Call::EchoOpen };
     let _ = rogue.send(&capnet_ipc::control::encode(&call).expect("encode"));
     std::thread::sleep(Duration::from_millis(300));
     let mut replies = 0;

@@ -305,3 +305,38 @@ fn without_dev_net_tun_up_says_what_to_do_and_leaves_nothing() {
     assert_eq!(err.trim().lines().count(), 1, "one line: {err}");
     assert!(gone(&up.0), "nothing left behind");
 }
+
+/// What an application links stays small: the client library's dependency
+/// closure holds no CLI, chart, sandbox, packet parser, core or supervisor
+/// (issue 19; net/Cargo.toml says why).
+#[test]
+fn the_client_library_links_no_cli_sandbox_core_or_supervisor() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let out = Command::new(cargo)
+        .args(["tree", "--offline", "-p", "capnet", "-e", "normal", "--prefix", "none", "--format", "{p}"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .expect("run cargo tree");
+    assert!(out.status.success(), "cargo tree failed: {}", String::from_utf8_lossy(&out.stderr));
+    let tree = String::from_utf8_lossy(&out.stdout);
+    let names: Vec<&str> = tree.lines().filter_map(|l| l.split_whitespace().next()).collect();
+    assert!(names.contains(&"capnet-ipc") && names.contains(&"capnet-proto"), "unexpected tree:\n{tree}");
+    for banned in [
+        "clap",
+        "plotters",
+        "seccompiler",
+        "caps",
+        "smoltcp",
+        "capnet-tcp",
+        "capnet-udp",
+        "capnet-ip",
+        "capnet-sockets",
+        "capnet-runtime",
+        "capnet-supervisor",
+        "capnet-group",
+        "mimalloc",
+        "tracing-subscriber",
+    ] {
+        assert!(!names.contains(&banned), "capnet (the client library) depends on {banned}:\n{tree}");
+    }
+}

@@ -8,7 +8,7 @@
 use std::collections::BTreeSet;
 use std::os::unix::fs::MetadataExt;
 
-use capnet::graph::{Graph, DEFAULT};
+use capnet_supervisor::graph::{Graph, DEFAULT};
 use capnet_testkit::Up;
 use serde_json::Value;
 

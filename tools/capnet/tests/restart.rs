@@ -262,7 +262,8 @@ fn swap_tcp_sends_new_connections_to_the_new_domain_while_the_old_finishes_its_o
     let (_server, mut curl) = slow_fetch(&up, &dir, &got);
     let old = domain(&up, "tcp")["pid"].as_i64().expect("pid");
     // The experimental tcp domain shipped with capnet (CUBIC, other defaults).
-    let next = std::path::Path::new(env!("CARGO_BIN_EXE_capnet-tcp-cubic"));
+    // Built with the workspace, next to `capnet` (it is capnet-group's binary).
+    let next = std::path::Path::new(CAPNET).with_file_name("capnet-tcp-cubic");
     let out = up.capnet(&["swap", "tcp", "--with", next.to_str().expect("utf-8")]);
     assert!(out.status.success(), "swap: {}", String::from_utf8_lossy(&out.stderr));
     let tcps = |s: &Value| -> Vec<Value> {

@@ -142,7 +142,7 @@ fn two_hundred_concurrent_curls_each_get_a_byte_exact_megabyte() {
         assert!(out.status.success(), "{mode:?}: status: {}", String::from_utf8_lossy(&out.stderr));
         let st: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
         let listed = st["tcp_connections"].as_array().map_or(0, Vec::len);
-        assert!(listed <= capnet::report::MAX_LISTED, "{mode:?}: {listed} listed");
+        assert!(listed <= capnet_proto::report::MAX_LISTED, "{mode:?}: {listed} listed");
         assert!(
             st["tcp_connections_total"].as_u64() >= Some(listed as u64),
             "{mode:?}: {}",
@@ -469,7 +469,7 @@ fn capture_is_read_back_by_tcpdump_and_shows_the_handshake() {
 /// another process, which verifies it — nothing is dropped for its checksum.
 #[test]
 fn partial_checksums_are_completed_for_a_tcp_domain_in_another_process() {
-    let three = include_str!("../graphs/three-group.toml");
+    let three = capnet_supervisor::graph::THREE_GROUP;
     let groups = three.find("[groups.driver]").expect("the three-group graph's groups");
     let stack = three.find("[groups.stack]").expect("its transports' group");
     let edge = "[groups.edge]\ndomains = [\"driver\", \"ip\"]\nuid = 61100\n\

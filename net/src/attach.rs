@@ -156,7 +156,7 @@ pub fn take_app_side(sock: &UnixStream) -> Result<MsgGrant, AttachError> {
 /// pool (made by the supervisor, adopted and sealed by the sockets domain),
 /// read-only.
 pub fn accept(sock: &UnixStream, sockets_side: MsgGrant) -> Result<(), AttachError> {
-    crate::group::send_msg(sock, &AttachReply::Accepted).map_err(|e| AttachError::Refused(e.to_string()))?;
+    capnet_proto::group::send_msg(sock, &AttachReply::Accepted).map_err(|e| AttachError::Refused(e.to_string()))?;
     let all = Rights::READ | Rights::MAP | Rights::GRANT;
     let area = Cap::new(CapKind::ChannelEnd, all, 0, sockets_side.area)?;
     let pool = Cap::new(CapKind::Pool, all, 1, sockets_side.pool)?;
@@ -169,7 +169,7 @@ pub fn accept(sock: &UnixStream, sockets_side: MsgGrant) -> Result<(), AttachErr
 pub fn join(sock: &UnixStream, name: &str) -> Result<MsgEnd, AttachError> {
     let half = MsgHalf::new(name, End::B)?;
     grant(sock, &half)?;
-    match crate::group::recv_msg::<AttachReply>(sock) {
+    match capnet_proto::group::recv_msg::<AttachReply>(sock) {
         Ok(AttachReply::Accepted) => {}
         Ok(AttachReply::Refused(why)) => return Err(AttachError::Refused(why)),
         Err(e) => return Err(AttachError::Refused(format!("the supervisor closed the attachment ({e})"))),

@@ -5,7 +5,7 @@
 //! - ip ⇄ a transport (tcp, udp, and the sockets domain's echo sockets): the
 //!   datagrams ip delivers and the ones the transport sends, ICMP errors and
 //!   echo replies — one-way messages, never waited for;
-//! - sockets → a transport or ip: the [`Transports`](capnet_sockets::Transports)
+//! - sockets → a transport or ip: the transport call (the sockets core's `Transports`)
 //!   calls, each a [`Call`] answered by one [`Answer`] with the same id; the
 //!   transport also sends [`Msg::Activity`] when readiness may have changed, so
 //!   the sockets domain re-examines its parked calls only then;
@@ -16,7 +16,7 @@
 
 use rkyv::{Archive, Deserialize, Serialize};
 
-use capnet_sockets::SocketError;
+use crate::app::SocketError;
 
 /// An IPv4 address on the wire.
 pub type Addr = [u8; 4];
@@ -125,7 +125,7 @@ pub enum Msg {
     },
 }
 
-/// A [`Transports`](capnet_sockets::Transports) call. Socket ids are the
+/// A transport call (the sockets core's `Transports`) call. Socket ids are the
 /// transport cores' own, as raw numbers (the core checks their generation).
 #[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
 #[allow(missing_docs)]
@@ -193,48 +193,6 @@ pub enum Answer {
     Ready(u8),
 }
 
-impl Opt {
-    /// From the tcp core's option.
-    pub fn from_core(o: capnet_tcp::SockOpt) -> Self {
-        match o {
-            capnet_tcp::SockOpt::NoDelay(on) => Opt::NoDelay(on),
-            capnet_tcp::SockOpt::DelayedAck(on) => Opt::DelayedAck(on),
-            capnet_tcp::SockOpt::KeepAlive(k) => {
-                Opt::KeepAlive(k.map(|k| (k.idle.total_millis(), k.interval.total_millis(), k.count)))
-            }
-            capnet_tcp::SockOpt::CongestionControl(a) => Opt::CongestionControl(a.name().into()),
-        }
-    }
-
-    /// To the tcp core's option (an unknown algorithm name is `Invalid`).
-    pub fn to_core(&self) -> Result<capnet_tcp::SockOpt, SocketError> {
-        Ok(match self {
-            Opt::NoDelay(on) => capnet_tcp::SockOpt::NoDelay(*on),
-            Opt::DelayedAck(on) => capnet_tcp::SockOpt::DelayedAck(*on),
-            Opt::KeepAlive(k) => {
-                capnet_tcp::SockOpt::KeepAlive(k.map(|(idle, interval, count)| capnet_tcp::Keepalive {
-                    idle: capnet_tcp::Duration::from_millis(idle),
-                    interval: capnet_tcp::Duration::from_millis(interval),
-                    count,
-                }))
-            }
-            Opt::CongestionControl(name) => {
-                capnet_tcp::SockOpt::CongestionControl(name.parse().map_err(SocketError::Invalid)?)
-            }
-        })
-    }
-}
-
-/// Readiness as bits.
-pub fn ready_bits(r: capnet_tcp::Ready) -> u8 {
-    u8::from(r.readable) | u8::from(r.writable) << 1 | u8::from(r.error) << 2 | u8::from(r.hup) << 3
-}
-
-/// Readiness from bits.
-pub fn ready_from(b: u8) -> capnet_tcp::Ready {
-    capnet_tcp::Ready { readable: b & 1 != 0, writable: b & 2 != 0, error: b & 4 != 0, hup: b & 8 != 0 }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -265,22 +223,5 @@ mod tests {
         for garbage in [vec![0xffu8; 64], vec![0u8; 3], vec![0x41; 4096]] {
             assert!(decode::<Msg>(&garbage).is_err(), "{} bytes of garbage accepted", garbage.len());
         }
-        for b in 0..16 {
-            assert_eq!(ready_bits(ready_from(b)), b);
-        }
-    }
-
-    #[test]
-    fn options_convert_both_ways() {
-        let opts = [
-            capnet_tcp::SockOpt::NoDelay(true),
-            capnet_tcp::SockOpt::DelayedAck(false),
-            capnet_tcp::SockOpt::KeepAlive(None),
-            capnet_tcp::SockOpt::CongestionControl(capnet_tcp::cc::Algorithm::Cubic),
-        ];
-        for o in opts {
-            assert_eq!(Opt::from_core(o).to_core(), Ok(o));
-        }
-        assert!(matches!(Opt::CongestionControl("vegas".into()).to_core(), Err(SocketError::Invalid(_))));
     }
 }

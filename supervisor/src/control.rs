@@ -83,7 +83,7 @@ pub enum Reply {
 
 /// One length-prefixed rkyv message each way: the same framing the supervisor
 /// uses with its groups.
-pub use capnet::group::{recv_msg as recv, send_msg as send};
+pub use capnet_proto::group::{recv_msg as recv, send_msg as send};
 
 /// Asks the stack in `netns` one thing.
 pub fn ask(netns: &str, req: &Request) -> Result<Reply> {

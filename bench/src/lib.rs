@@ -24,10 +24,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
-use capnet::report::Status;
+use capnet_proto::report::Status;
+use capnet_supervisor::control::{self, Reply, Request};
 use serde::Serialize;
-
-use crate::control::{self, Reply, Request};
 
 /// `capnet bench`'s options.
 #[derive(Debug, clap::Args)]
@@ -66,7 +65,7 @@ enum Comp {
     /// Linux to Linux over a veth pair.
     Linux,
     /// smoltcp over the same kind of TAP, serving the same workloads
-    /// (`tools/capnet/smoltcp/capnet_bench_peer.rs`, built by `make smoltcp-examples`).
+    /// (`bench/smoltcp/capnet_bench_peer.rs`, built by `make smoltcp-examples`).
     Smoltcp,
     /// The TAP read by a loop that only counts frames.
     Device,
@@ -102,22 +101,21 @@ impl Comp {
 }
 
 const COMPS: [Comp; 11] = [
-    Comp::Capnet("mono", capnet::graph::MONO, 0),
-    Comp::Capnet("two-group", capnet::graph::TWO_GROUP, 1),
-    Comp::Capnet("three-group", capnet::graph::THREE_GROUP, 2),
-    Comp::Capnet("factored", capnet::graph::DEFAULT, 3),
-    Comp::Wire("mono-wire", capnet::graph::MONO, 0),
-    Comp::Wire("two-group-wire", capnet::graph::TWO_GROUP, 1),
-    Comp::Wire("three-group-wire", capnet::graph::THREE_GROUP, 2),
-    Comp::Wire("factored-wire", capnet::graph::DEFAULT, 3),
+    Comp::Capnet("mono", capnet_supervisor::graph::MONO, 0),
+    Comp::Capnet("two-group", capnet_supervisor::graph::TWO_GROUP, 1),
+    Comp::Capnet("three-group", capnet_supervisor::graph::THREE_GROUP, 2),
+    Comp::Capnet("factored", capnet_supervisor::graph::DEFAULT, 3),
+    Comp::Wire("mono-wire", capnet_supervisor::graph::MONO, 0),
+    Comp::Wire("two-group-wire", capnet_supervisor::graph::TWO_GROUP, 1),
+    Comp::Wire("three-group-wire", capnet_supervisor::graph::THREE_GROUP, 2),
+    Comp::Wire("factored-wire", capnet_supervisor::graph::DEFAULT, 3),
     Comp::Smoltcp,
     Comp::Linux,
     Comp::Device,
 ];
 
 /// smoltcp's side of the runs, as `make smoltcp-examples` builds it.
-const SMOLTCP_PEER: &str =
-    concat!(env!("CARGO_MANIFEST_DIR"), "/../../target/smoltcp/release/examples/capnet_bench_peer");
+const SMOLTCP_PEER: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../target/smoltcp/release/examples/capnet_bench_peer");
 
 /// A workload.
 #[derive(Debug, Clone, Copy, PartialEq)]

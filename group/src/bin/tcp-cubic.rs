@@ -22,7 +22,7 @@ fn experimental(cfg: &mut capnet_tcp::Config) {
 }
 
 fn main() {
-    if let Err(e) = capnet::group::main_with(experimental) {
+    if let Err(e) = capnet_group::main_with(experimental) {
         eprintln!("capnet-tcp-cubic: {e:#}");
         std::process::exit(1);
     }

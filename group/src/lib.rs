@@ -20,14 +20,15 @@
 //! when its supervisor socket closes: a dead supervisor leaves no domain behind.
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::time::{Duration, Instant};
 
+mod counters;
+
 use anyhow::{anyhow, bail, Context, Result};
 use capnet_ip::{Config, EthernetAddress, Ipv4Cidr};
-use capnet_ipc::control::{decode, encode, encode_with, MAX_CONTROL_LEN};
+use capnet_ipc::control::{decode, encode_with};
 use capnet_ipc::msg::{MsgEnd, MsgGrant, MsgHalf};
 use capnet_ipc::region::Region;
 use capnet_ipc::End;
@@ -35,188 +36,19 @@ use capnet_kernel_shim::cap::{recv_caps, send_caps, Cap, CapKind, Rights};
 use capnet_kernel_shim::sandbox::{self, StatsRegion};
 use capnet_runtime::link::Link;
 use capnet_runtime::two_group::{DriverHalf, HalfGrant, Peer, StackGroup, StackHalf};
-use capnet_runtime::{AppHost, Cores, DeviceStats, FrameTap, Kind, LinkImpairment, MonoStack, Plain, RuntimeError};
+use capnet_runtime::{AppHost, Cores, DeviceStats, FrameTap, LinkImpairment, MonoStack, Plain, RuntimeError};
 use capnet_sockets::{AppId, SocketsCore};
-use rkyv::{Archive, Deserialize, Serialize};
 
-use crate::report::{GroupReport, RouteEntry};
+use capnet_proto::group::{recv_msg, send_msg, Control, Event, GroupSpec, STATUS_LEN, WIRE};
+use capnet_proto::report::{GroupReport, RouteEntry};
+use capnet_proto::{end_of, Kind};
 
-/// Bytes of a group's status region (its [`GroupReport`] as JSON).
-pub const STATUS_LEN: usize = 1 << 20;
 /// How often a group publishes its report.
 const REPORT_EVERY: Duration = Duration::from_millis(100);
 /// How long a group's loop may wait before it looks at its supervisor socket.
 const CONTROL_TICK: Duration = Duration::from_millis(20);
 /// UDP receive queue per socket.
 const UDP_QUEUE: usize = 4 << 20;
-
-/// What the supervisor tells a group it starts.
-#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
-pub struct GroupSpec {
-    /// The group's name.
-    pub name: String,
-    /// Its domains: (name, kind).
-    pub domains: Vec<(String, String)>,
-    /// The channels that leave the group, in the order their capabilities are
-    /// exchanged: (channel, local domain kind, remote domain kind).
-    pub links: Vec<(String, String, String)>,
-    /// The seccomp roles whose union it runs under.
-    pub seccomp: Vec<String>,
-    /// The stack's MAC address.
-    pub mac: [u8; 6],
-    /// The stack's address.
-    pub addr: [u8; 4],
-    /// Its prefix length.
-    pub prefix: u8,
-    /// The gateway (the kernel's side of the TAP).
-    pub gateway: [u8; 4],
-    /// The tcp domain's congestion control for new connections.
-    pub tcp_cc: String,
-    /// MiB the tcp domain may buffer for all connections together.
-    pub tcp_memory_mib: u32,
-    /// Zero-window probes of a closed connection before it resets.
-    pub tcp_orphan_retries: u32,
-    /// Seeded loss each way (driver).
-    pub loss: f64,
-    /// Seeded reordering each way (driver).
-    pub reorder: f64,
-    /// The impairment's seed.
-    pub seed: u64,
-    /// The device takes virtio-net headers (so TCP may use segmentation offload
-    /// when the link is not impaired).
-    pub vnet: bool,
-    /// The driver has no device: an in-memory wire to another capnet instance,
-    /// joined later (`Control::WireSide`, `Control::WirePeer`).
-    pub wire: bool,
-    /// Spin tokens at most held at once (the machine's cores − 1); the region
-    /// holding the count is the first capability granted.
-    pub spin_limit: u32,
-}
-
-/// What the supervisor asks a running group.
-#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
-pub enum Control {
-    /// Adopt the blank channel area and pool that follow as capabilities, as the
-    /// sockets domain's side of application `app`'s channel (answer: `Adopted`).
-    AdoptApp(u64),
-    /// Application `app`'s own area and pool follow: attach them.
-    AppGrant(u64),
-    /// Application `app` left: close its sockets.
-    Detach(u64),
-    /// Adopt the blank pool and areas that follow as this group's side of an
-    /// in-memory wire (answer: `Relinked("wire")`).
-    WireSide,
-    /// The wire's other instance's side follows: join it, in place of any
-    /// earlier peer (answer: `Joined("wire")`).
-    WirePeer,
-    /// Copy every frame of the driver to the `SOCK_SEQPACKET` socket that follows
-    /// as a capability (`capnet capture`).
-    Capture,
-    /// The group at the other end of this channel is being restarted: adopt the
-    /// blank regions that follow as this side of a fresh channel (answer:
-    /// `Relinked`).
-    Relink(String),
-    /// The restarted peer's side of this channel follows: join it in place of
-    /// the old channel (answer: `Joined`) — or, after `Beside`, next to it.
-    Peer(String),
-    /// A second tcp domain joins at the other end of this channel (`capnet swap
-    /// tcp`): adopt the blank regions that follow as this side of a channel to
-    /// it, keeping the present one for the old domain (answer: `Relinked`).
-    Beside(String),
-    /// The tcp domain swapped out on this channel is gone: drop its channel
-    /// (and on the ip side its flows).
-    Retired(String),
-    /// A domain restarted without state: `tcp`, `udp` or `echo` (ip's echo
-    /// claims) for the sockets domain; `sockets` for a transport (every socket
-    /// it held belonged to the old sockets domain's applications).
-    Lost(String),
-}
-
-/// The name the wire goes by in `Relinked` and `Joined`.
-pub const WIRE: &str = "wire";
-
-/// What a group tells the supervisor.
-#[derive(Debug, Clone, PartialEq, Archive, Serialize, Deserialize)]
-pub enum Event {
-    /// Setup is done and the sandbox is entered.
-    Ready,
-    /// The blank regions for application `app` are ours now (mapped and sealed).
-    Adopted(u64),
-    /// This side of the fresh channel is ours now.
-    Relinked(String),
-    /// The new peer on this channel is joined (after `Peer`).
-    Joined(String),
-    /// This tcp domain, told to retire, has finished its last connection.
-    Drained,
-    /// The peer on this channel broke its protocol (garbage, a loan it never
-    /// had, a message it may not send): the supervisor cuts it off.
-    Broken {
-        /// The channel.
-        channel: String,
-        /// What the peer did.
-        why: String,
-        /// The peer is the tcp domain being swapped out (not the one the
-        /// graph runs on this channel now).
-        old: bool,
-    },
-    /// The sockets domain cut application `app` off (it broke its channel's
-    /// protocol, or left too many replies unread): the supervisor closes its
-    /// attachment, so the
-    /// application sees the stack go away instead of waiting on a dead channel.
-    CutOff {
-        /// The application.
-        app: u64,
-        /// What it did.
-        why: String,
-    },
-    /// Something failed; the group goes on or exits, as it says.
-    Failed(String),
-}
-
-/// Sends one length-prefixed rkyv message on a supervisor socket.
-pub fn send_msg<T>(mut sock: &UnixStream, msg: &T) -> Result<()>
-where
-    T: for<'a> Serialize<
-        rkyv::api::high::HighSerializer<
-            rkyv::util::AlignedVec,
-            rkyv::ser::allocator::ArenaHandle<'a>,
-            rkyv::rancor::Error,
-        >,
-    >,
-{
-    let bytes = encode(msg)?;
-    let mut frame = (bytes.len() as u32).to_le_bytes().to_vec();
-    frame.extend_from_slice(&bytes);
-    sock.write_all(&frame)?;
-    Ok(())
-}
-
-/// Receives one length-prefixed rkyv message, validated on a private copy.
-pub fn recv_msg<T>(mut sock: &UnixStream) -> Result<T>
-where
-    T: Archive,
-    T::Archived: for<'a> rkyv::bytecheck::CheckBytes<rkyv::api::high::HighValidator<'a, rkyv::rancor::Error>>
-        + rkyv::Deserialize<T, rkyv::api::high::HighDeserializer<rkyv::rancor::Error>>,
-{
-    let mut len = [0u8; 4];
-    sock.read_exact(&mut len)?;
-    let len = u32::from_le_bytes(len) as usize;
-    if len > MAX_CONTROL_LEN {
-        bail!("a message of {len} bytes is over the limit");
-    }
-    let mut buf = vec![0u8; len];
-    sock.read_exact(&mut buf)?;
-    Ok(decode(&buf)?)
-}
-
-/// Which end of a channel a kind is: the lower kind (in [`Kind::ALL`] order) is A.
-pub fn end_of(local: Kind, remote: Kind) -> End {
-    if local < remote {
-        End::A
-    } else {
-        End::B
-    }
-}
 
 fn kind(name: &str) -> Result<Kind> {
     Kind::parse(name).ok_or_else(|| anyhow!("unknown domain kind {name:?}"))
@@ -579,7 +411,7 @@ fn hostile_act(action: &str, engine: &mut Engine, driver: Option<&capnet_runtime
             }
         }
         "flood" | "answers" | "pushes" => {
-            use capnet_runtime::wire::{Answer, Msg};
+            use capnet_proto::edge::{Answer, Msg};
             let msg = match action {
                 "flood" => Msg::Activity,
                 "pushes" => Msg::Pushed { s: 1, got: Ok(Answer::Data(vec![0; 64])) },
@@ -858,10 +690,10 @@ fn report(spec: &GroupSpec, cores: &mut Cores, device: Option<DeviceStats>) -> G
     let mut r = GroupReport::default();
     for (name, k) in &spec.domains {
         let counters = match Kind::parse(k) {
-            Some(Kind::Driver) => device.map(|d| crate::report::driver_counters(&d)).unwrap_or_default(),
-            Some(Kind::Ip) => cores.ip.as_ref().map(crate::report::ip_counters).unwrap_or_default(),
-            Some(Kind::Udp) => cores.udp.as_ref().map(|c| crate::report::udp_counters(c.stats())).unwrap_or_default(),
-            Some(Kind::Tcp) => cores.tcp.as_ref().map(|c| crate::report::tcp_counters(c.stats())).unwrap_or_default(),
+            Some(Kind::Driver) => device.map(|d| counters::driver_counters(&d)).unwrap_or_default(),
+            Some(Kind::Ip) => cores.ip.as_ref().map(counters::ip_counters).unwrap_or_default(),
+            Some(Kind::Udp) => cores.udp.as_ref().map(|c| counters::udp_counters(c.stats())).unwrap_or_default(),
+            Some(Kind::Tcp) => cores.tcp.as_ref().map(|c| counters::tcp_counters(c.stats())).unwrap_or_default(),
             _ => BTreeMap::new(),
         };
         let mut counters = counters;
@@ -880,7 +712,8 @@ fn report(spec: &GroupSpec, cores: &mut Cores, device: Option<DeviceStats>) -> G
     if let Some(tcp) = cores.tcp.as_ref() {
         let (conns, listening) = tcp.sockets();
         r.tcp_connections_total = conns.len();
-        r.tcp_connections = conns.into_iter().take(crate::report::MAX_LISTED).map(Into::into).collect();
+        r.tcp_connections =
+            conns.into_iter().take(capnet_proto::report::MAX_LISTED).map(counters::tcp_connection).collect();
         r.tcp_listening = listening;
     }
     if let Some(ip) = cores.ip.as_ref() {

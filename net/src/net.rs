@@ -45,8 +45,8 @@ use capnet_ipc::msg::MsgEnd;
 use capnet_ipc::notify::{SpinPolicy, SpinTokens};
 use capnet_ipc::region::Region;
 use capnet_ipc::{Interest, Waiter};
-use capnet_sockets::{Call, Handle, Reply, Request, Response, SocketError, TcpOption};
-pub use capnet_sockets::{ERROR, HANGUP, READABLE, WRITABLE};
+use capnet_proto::app::{Call, Handle, Reply, Request, Response, SocketError, TcpOption};
+pub use capnet_proto::app::{ERROR, HANGUP, READABLE, WRITABLE};
 
 fn io_err(e: SocketError) -> io::Error {
     use io::ErrorKind as K;
@@ -441,7 +441,7 @@ impl Stack {
 pub const DEFAULT_BACKLOG: u32 = 256;
 
 /// The most bytes one read asks for (messages stay under the channel's size).
-const MAX_READ_BYTES: usize = capnet_sockets::MAX_TCP_READ;
+const MAX_READ_BYTES: usize = capnet_proto::app::MAX_TCP_READ;
 
 /// The most bytes one write carries: a quarter of a connection's send buffer. A
 /// larger write is only partly taken while the buffer holds data, and the part

@@ -2,7 +2,7 @@
 //!
 //! `up` reads the domain graph (a file, or a built-in one), makes the private
 //! namespace with the TAP, starts every group as a sandboxed `capnet-domain`
-//! process (`capnet::group`), passes each the capabilities the graph grants it,
+//! process (`capnet_group`), passes each the capabilities the graph grants it,
 //! and reports the stack up only once every thread of every group is confined.
 //! It then serves the control socket (status, down) and the application socket
 //! (each application gets its own channel to the sockets domain), and gathers
@@ -10,6 +10,9 @@
 //! namespace (and with it the TAP), the run directory with the sockets, pid file
 //! and log, the group processes — `down` removes, also after a crash or a
 //! `kill -9` of the supervisor.
+
+pub mod control;
+pub mod graph;
 
 use std::io::Write;
 use std::net::Ipv4Addr;
@@ -23,9 +26,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use capnet::graph::Graph;
-use capnet::group::{recv_msg, send_msg, Control, Event, GroupSpec, WIRE};
-use capnet::report::{Domain, GroupReport, Status};
 use capnet_ipc::msg::{MsgGrant, MsgHalf};
 use capnet_ipc::region::RegionRo;
 use capnet_kernel_shim::cap::{recv_caps, send_caps, Cap, CapKind, Rights};
@@ -33,11 +33,83 @@ use capnet_kernel_shim::device::Device;
 use capnet_kernel_shim::sandbox::{inspect_threads, StatsRegion};
 use capnet_kernel_shim::spawn::{sibling_binary, spawn, Child, Limits, SpawnConfig};
 use capnet_kernel_shim::{netns, userns};
+use capnet_proto::group::{recv_msg, send_msg, Control, Event, GroupSpec, WIRE};
+use capnet_proto::report::{Domain, GroupReport, Status};
+use capnet_proto::Kind;
 use capnet_runtime::two_group::{HalfGrant, StackHalf};
-use capnet_runtime::Kind;
+use graph::Graph;
 
-use crate::control::{self, recv, run_dir, send, socket_path, Reply, Request};
-use crate::UpArgs;
+use clap::Args;
+use control::{recv, run_dir, send, socket_path, Reply, Request};
+use graph::parse_cidr;
+
+/// Which running stack.
+#[derive(Debug, Args, Clone)]
+pub struct Target {
+    /// The network namespace the stack runs in.
+    #[arg(long, default_value = "capnet")]
+    pub netns: String,
+}
+
+/// `up`'s options.
+#[derive(Debug, Args, Clone)]
+pub struct UpArgs {
+    #[command(flatten)]
+    pub target: Target,
+    /// The domain graph to run (docs/graph.md); the built-in default graph —
+    /// every domain its own sandboxed process — when none is given.
+    #[arg(conflicts_with_all = ["mono", "two_group"])]
+    pub graph: Option<std::path::PathBuf>,
+    /// The TAP device inside the namespace [default: the graph's, else cap0].
+    #[arg(long)]
+    pub tap: Option<String>,
+    /// No TAP: the driver runs on an in-memory wire that another capnet
+    /// instance joins with `--wire-to` (two stacks with no device between them).
+    #[arg(long, conflicts_with_all = ["tap", "wire_to"])]
+    pub wire: bool,
+    /// No TAP: join the in-memory wire of the instance in namespace NETNS
+    /// (started with `--wire`); the addresses default to the other way round.
+    #[arg(long, value_name = "NETNS", conflicts_with = "tap")]
+    pub wire_to: Option<String>,
+    /// The kernel's address on the TAP (the peer), with prefix length
+    /// [default: the graph's, else 10.77.0.1/24].
+    #[arg(long, value_parser = parse_cidr)]
+    pub host_addr: Option<(Ipv4Addr, u8)>,
+    /// The stack's address, with prefix length [default: the graph's, else 10.77.0.2/24].
+    #[arg(long, value_parser = parse_cidr)]
+    pub addr: Option<(Ipv4Addr, u8)>,
+    /// The one-group graph: every domain in one sandboxed process.
+    #[arg(long, conflicts_with = "two_group")]
+    pub mono: bool,
+    /// The two-group graph: the driver | ip + tcp + udp + sockets.
+    #[arg(long)]
+    pub two_group: bool,
+    /// Detach: return once the stack is up, leaving it running.
+    #[arg(short = 'd', long)]
+    pub detach: bool,
+    /// Seeded loss on the link, each way (0 to 1).
+    #[arg(long, default_value_t = 0.0)]
+    pub loss: f64,
+    /// Seeded reordering on the link, each way (0 to 1): a frame held back 1 ms.
+    #[arg(long, default_value_t = 0.0)]
+    pub reorder: f64,
+    /// The tcp domain's congestion control for new connections (newreno, cubic);
+    /// a socket may choose its own.
+    #[arg(long, default_value = "newreno")]
+    pub tcp_cc: capnet_tcp::cc::Algorithm,
+    /// MiB the tcp domain may buffer for all its connections together (queued
+    /// to send, received and unread): past it, sends wait and windows close.
+    #[arg(long, default_value_t = 256, value_parser = clap::value_parser!(u32).range(1..=65536))]
+    pub tcp_memory_mib: u32,
+    /// Zero-window probes a connection its application closed sends, without
+    /// the window opening by a segment, before it resets (Linux's
+    /// tcp_orphan_retries).
+    #[arg(long, default_value_t = 8, value_parser = clap::value_parser!(u32).range(1..=30))]
+    pub tcp_orphan_retries: u32,
+    /// Seed of the impairment.
+    #[arg(long, default_value_t = 1)]
+    pub seed: u64,
+}
 
 /// Removes what `up` made when dropped.
 struct Made {
@@ -425,7 +497,7 @@ impl Running {
             domains: group.domains.clone(),
             child,
             stats: StatsRegion::attach(stats)?,
-            status: RegionRo::attach(status, capnet::group::STATUS_LEN)?,
+            status: RegionRo::attach(status, capnet_proto::group::STATUS_LEN)?,
             sock: ours,
             started: Instant::now(),
             restarts: 0,
@@ -948,9 +1020,9 @@ fn load_graph(args: &UpArgs) -> Result<Graph> {
             path.display().to_string(),
             std::fs::read_to_string(path).with_context(|| format!("cannot read graph file {}", path.display()))?,
         ),
-        (None, true, _) => ("the mono graph".into(), capnet::graph::MONO.to_owned()),
-        (None, _, true) => ("the two-group graph".into(), capnet::graph::TWO_GROUP.to_owned()),
-        (None, false, false) => ("the default graph".into(), capnet::graph::DEFAULT.to_owned()),
+        (None, true, _) => ("the mono graph".into(), graph::MONO.to_owned()),
+        (None, _, true) => ("the two-group graph".into(), graph::TWO_GROUP.to_owned()),
+        (None, false, false) => ("the default graph".into(), graph::DEFAULT.to_owned()),
     };
     Graph::parse(&text).map_err(|e| anyhow::anyhow!("{what}: {e}"))
 }
@@ -1296,7 +1368,7 @@ fn attach_app(sockets: &GroupProcess, id: u64, conn: &UnixStream, theirs: MsgGra
 /// channel area and pool, and the group's own two), beside the forty or so the
 /// group keeps for its channels and itself. One more would truncate a
 /// capability message (`MSG_CTRUNC`) and end the group.
-fn max_applications(group: &capnet::graph::Group) -> usize {
+fn max_applications(group: &graph::Group) -> usize {
     (group.sandbox.nofile.saturating_sub(40) / 4).max(1) as usize
 }
 
@@ -1345,7 +1417,7 @@ fn render(base: &Status, running: &Running) -> Result<String> {
             });
         }
         status.tcp_connections.extend(
-            report.tcp_connections.into_iter().map(|c| capnet::report::TcpConnection { pid: g.child.pid(), ..c }),
+            report.tcp_connections.into_iter().map(|c| capnet_proto::report::TcpConnection { pid: g.child.pid(), ..c }),
         );
         status.tcp_connections_total += report.tcp_connections_total;
         status.tcp_listening.extend(report.tcp_listening);

@@ -2,7 +2,7 @@
 //!
 //! Spawned by the supervisor (kernel-shim `spawn`: namespaces, uid and limits of
 //! its group, no capabilities) with its supervisor socket as granted fd 3; see
-//! `capnet::group` for what it does with it.
+//! `capnet_group` for what it does with it.
 #![forbid(unsafe_code)]
 
 /// Segments of up to 64 KiB pass through freshly allocated buffers; glibc's
@@ -12,7 +12,7 @@
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() {
-    if let Err(e) = capnet::group::main() {
+    if let Err(e) = capnet_group::main() {
         eprintln!("capnet-domain: {e:#}");
         std::process::exit(1);
     }

@@ -27,7 +27,7 @@ pub const TWO_GROUP: &str = include_str!("../graphs/two-group.toml");
 /// Three groups: the driver | ip | the transports with the sockets domain.
 pub const THREE_GROUP: &str = include_str!("../graphs/three-group.toml");
 
-pub use capnet_runtime::Kind;
+pub use capnet_proto::Kind;
 
 /// The pairs of kinds that have a protocol between them, each with what the
 /// stack cannot do without it.

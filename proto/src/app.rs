@@ -297,34 +297,11 @@ pub enum SocketError {
     },
 }
 
-impl From<capnet_tcp::TcpError> for SocketError {
-    fn from(e: capnet_tcp::TcpError) -> Self {
-        use capnet_tcp::TcpError as T;
-        match e {
-            T::AddrInUse(_) | T::NoEphemeral => Self::AddrInUse,
-            T::BadSocket => Self::StaleHandle,
-            T::WrongKind => Self::WrongKind,
-            T::NotConnected => Self::NotConnected,
-            T::ConnectionRefused => Self::Refused,
-            T::ConnectionReset => Self::Reset,
-            T::TimedOut => Self::TimedOut,
-            T::BrokenPipe => Self::BrokenPipe,
-            T::Unreachable { icmp_type: 3, icmp_code: 0 | 1 } => Self::NoRoute,
-            T::Unreachable { icmp_type, icmp_code } => Self::Icmp(icmp_type, icmp_code),
-        }
-    }
-}
-
-impl From<capnet_udp::UdpError> for SocketError {
-    fn from(e: capnet_udp::UdpError) -> Self {
-        use capnet_udp::UdpError as U;
-        match e {
-            U::AddrInUse(_) | U::NoEphemeral => Self::AddrInUse,
-            U::BadSocket => Self::StaleHandle,
-            U::NoDestination => Self::NoDestination,
-            U::TooLarge(_) => Self::TooLarge,
-            U::Icmp { icmp_type: 3, icmp_code: 3, .. } => Self::Refused,
-            U::Icmp { icmp_type, icmp_code, .. } => Self::Icmp(icmp_type, icmp_code),
-        }
-    }
-}
+/// The most bytes one TCP receive returns (a message must stay under the
+/// channel's message size). About 1 MiB rather than 256 KiB: an application
+/// has one call outstanding, and while its reply travels and is copied the
+/// connection's buffer fills — with 256 KiB calls Linux sending to a one-group
+/// stack over a TAP was held by our receive window half of the time (`ss -ti`:
+/// `rwnd_limited` 44–52 %); with 1000 KiB calls and 2 MiB buffers the stack
+/// receives twice as fast (docs/performance.md).
+pub const MAX_TCP_READ: usize = 1000 * 1024;
