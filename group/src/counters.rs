@@ -89,7 +89,7 @@ pub fn tcp_counters(s: &capnet_tcp::Stats) -> BTreeMap<String, u64> {
 /// A tcp connection as the report shows it.
 pub fn tcp_connection(i: capnet_tcp::ConnInfo) -> TcpConnection {
     TcpConnection {
-        state: i.state.into(),
+        state: i.state.name().into(),
         local_port: i.local_port,
         remote: format!("{}:{}", i.remote, i.remote_port),
         cc: i.congestion_control.into(),

@@ -613,8 +613,7 @@ impl Cores {
         let Some(held) = self.held.take() else { return };
         for m in held {
             let wire::Msg::Deliver { src, payload, .. } = &m else { continue };
-            let (Some(sp), Some(dp)) = (payload.get(0..2), payload.get(2..4)) else { continue };
-            let (src_port, dst_port) = (u16::from_be_bytes([sp[0], sp[1]]), u16::from_be_bytes([dp[0], dp[1]]));
+            let Some((src_port, dst_port)) = capnet_tcp::segment_ports(payload) else { continue };
             let old = self
                 .ip
                 .as_ref()
@@ -649,7 +648,11 @@ impl Cores {
     /// tcp side: told to retire, it holds only connections in TIME-WAIT (which
     /// need no more than their peer's silence) or none.
     pub fn drained(&self) -> bool {
-        self.retiring && self.tcp.as_ref().is_some_and(|t| t.sockets().0.iter().all(|c| c.state == "TIME-WAIT"))
+        self.retiring
+            && self
+                .tcp
+                .as_ref()
+                .is_some_and(|t| t.sockets().0.iter().all(|c| c.state == capnet_tcp::ConnState::TimeWait))
     }
 
     /// One message from the domain at the other end of `l`.

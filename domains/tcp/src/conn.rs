@@ -138,19 +138,20 @@ pub(crate) enum State {
 }
 
 impl State {
-    /// The RFC's name for it.
-    pub fn name(&self) -> &'static str {
+    /// Its public name, without what the core keeps inside it.
+    pub fn kind(&self) -> crate::ConnState {
+        use crate::ConnState as K;
         match self {
-            State::SynSent(_) => "SYN-SENT",
-            State::SynRcvd(_) => "SYN-RECEIVED",
-            State::Established => "ESTABLISHED",
-            State::FinWait1 => "FIN-WAIT-1",
-            State::FinWait2 => "FIN-WAIT-2",
-            State::Closing => "CLOSING",
-            State::TimeWait(_) => "TIME-WAIT",
-            State::CloseWait => "CLOSE-WAIT",
-            State::LastAck => "LAST-ACK",
-            State::Closed(_) => "CLOSED",
+            State::SynSent(_) => K::SynSent,
+            State::SynRcvd(_) => K::SynReceived,
+            State::Established => K::Established,
+            State::FinWait1 => K::FinWait1,
+            State::FinWait2 => K::FinWait2,
+            State::Closing => K::Closing,
+            State::TimeWait(_) => K::TimeWait,
+            State::CloseWait => K::CloseWait,
+            State::LastAck => K::LastAck,
+            State::Closed(_) => K::Closed,
         }
     }
 }
@@ -1595,7 +1596,7 @@ impl Conn {
     /// What `capnet status --sockets` shows.
     pub fn info(&self) -> crate::ConnInfo {
         crate::ConnInfo {
-            state: self.state.name(),
+            state: self.state.kind(),
             local_port: self.ends.local_port,
             remote: self.ends.remote,
             remote_port: self.ends.remote_port,

@@ -233,11 +233,61 @@ pub enum SockOpt {
     CongestionControl(cc::Algorithm),
 }
 
+/// A connection's RFC 9293 state (§3.3.2; LISTEN is a listener, not a
+/// connection). Compares equal to its RFC name (`"TIME-WAIT"`), as reports print it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnState {
+    /// SYN-SENT.
+    SynSent,
+    /// SYN-RECEIVED.
+    SynReceived,
+    /// ESTABLISHED.
+    Established,
+    /// FIN-WAIT-1.
+    FinWait1,
+    /// FIN-WAIT-2.
+    FinWait2,
+    /// CLOSING.
+    Closing,
+    /// TIME-WAIT.
+    TimeWait,
+    /// CLOSE-WAIT.
+    CloseWait,
+    /// LAST-ACK.
+    LastAck,
+    /// CLOSED.
+    Closed,
+}
+
+impl ConnState {
+    /// The RFC's name for it.
+    pub fn name(self) -> &'static str {
+        match self {
+            ConnState::SynSent => "SYN-SENT",
+            ConnState::SynReceived => "SYN-RECEIVED",
+            ConnState::Established => "ESTABLISHED",
+            ConnState::FinWait1 => "FIN-WAIT-1",
+            ConnState::FinWait2 => "FIN-WAIT-2",
+            ConnState::Closing => "CLOSING",
+            ConnState::TimeWait => "TIME-WAIT",
+            ConnState::CloseWait => "CLOSE-WAIT",
+            ConnState::LastAck => "LAST-ACK",
+            ConnState::Closed => "CLOSED",
+        }
+    }
+}
+
+impl PartialEq<&str> for ConnState {
+    fn eq(&self, name: &&str) -> bool {
+        self.name() == *name
+    }
+}
+
 /// One connection as `capnet status --sockets` shows it.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ConnInfo {
-    /// RFC 9293 state name.
-    pub state: &'static str,
+    /// Its RFC 9293 state.
+    pub state: ConnState,
     /// Our port.
     pub local_port: u16,
     /// Peer address.
@@ -437,6 +487,13 @@ enum Sock {
         /// The listener of a passive connection not yet accepted.
         parent: Option<SocketId>,
     },
+}
+
+/// A segment's (source port, destination port), if it is long enough to have
+/// them: for a runtime that routes a segment it holds without parsing TCP itself.
+pub fn segment_ports(segment: &[u8]) -> Option<(u16, u16)> {
+    let p = smoltcp::wire::TcpPacket::new_checked(segment).ok()?;
+    Some((p.src_port(), p.dst_port()))
 }
 
 /// Completes the checksum of a segment the device vouched for (its checksum
