@@ -42,6 +42,8 @@ fmt-check:
 
 clippy:
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	# and as released: without dev-dependencies, so without the hostile feature
+	$(CARGO) clippy --workspace -- -D warnings
 
 ci: fmt-check clippy test
 

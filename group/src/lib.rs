@@ -249,7 +249,7 @@ fn run(sock: &UnixStream, spec: &GroupSpec, tune_tcp: fn(&mut capnet_tcp::Config
         reported: Vec::new(),
     };
     let mut drained = false;
-    #[cfg(debug_assertions)]
+    #[cfg(feature = "hostile")]
     let (mut hostile, started) = (hostile_plan(&kinds), Instant::now());
     loop {
         let host = engine.host();
@@ -282,7 +282,7 @@ fn run(sock: &UnixStream, spec: &GroupSpec, tune_tcp: fn(&mut capnet_tcp::Config
                 relinks.reported.push((channel, old));
             }
         }
-        #[cfg(debug_assertions)]
+        #[cfg(feature = "hostile")]
         if let Some((action, at)) = hostile.as_ref() {
             if started.elapsed() >= *at {
                 hostile_act(action, &mut engine, driver.as_ref());
@@ -372,7 +372,7 @@ fn broken_channels(engine: &mut Engine, links: &[(String, Kind, Kind)]) -> Vec<(
 /// thousand activity notices on every channel), `answers` (ten thousand
 /// answers to no call), `pushes` (ten thousand pushed receives nobody asked for)
 /// or `grow` (grow the heap past 1 GiB and give it back).
-#[cfg(debug_assertions)]
+#[cfg(feature = "hostile")]
 fn hostile_plan(kinds: &[Kind]) -> Option<(String, Duration)> {
     let v = std::env::var("CAPNET_HOSTILE").ok()?;
     let mut parts = v.split(':');
@@ -380,7 +380,7 @@ fn hostile_plan(kinds: &[Kind]) -> Option<(String, Duration)> {
     kinds.contains(&Kind::parse(kind)?).then(|| (action.to_owned(), Duration::from_millis(delay)))
 }
 
-#[cfg(debug_assertions)]
+#[cfg(feature = "hostile")]
 fn hostile_act(action: &str, engine: &mut Engine, driver: Option<&capnet_runtime::two_group::Driver>) {
     tracing::warn!("hostile mode: {action}");
     match action {

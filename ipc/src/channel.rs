@@ -297,6 +297,7 @@ where
     /// and inbound head): what a compromised domain can do to the area it owns.
     /// Only for tests of the neighbours' defences (the hostile mode); the peer
     /// detects it on its next call and its ring reports `RingError` for good.
+    #[cfg(feature = "hostile")]
     pub fn scribble(&mut self, garbage: u32) {
         self.tx.mine().store32(TAIL, garbage, Ordering::Release);
         self.tx.mine().store32(HEAD, garbage.wrapping_mul(7), Ordering::Release);

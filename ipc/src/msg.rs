@@ -182,7 +182,7 @@ impl MsgEnd {
     /// Test-only hostile behaviour (debug builds only): takes back this end's
     /// own buffers the peer returned, but holds every message the peer lent
     /// and reads none — a reader that never reads, yet keeps sending.
-    #[cfg(debug_assertions)]
+    #[cfg(feature = "hostile")]
     #[doc(hidden)]
     pub fn hostile_hold_messages(&mut self) -> Result<(), MsgError> {
         self.inbox.clear();

@@ -191,7 +191,7 @@ impl Stack {
 /// What a hostile application does (the test-only hostile mode of the client
 /// library, in debug builds only: release builds have none of it). Each one
 /// breaks a rule the sockets domain must survive.
-#[cfg(debug_assertions)]
+#[cfg(feature = "hostile")]
 #[doc(hidden)]
 #[derive(Debug, Clone, Copy)]
 pub enum Hostile {
@@ -203,7 +203,7 @@ pub enum Hostile {
     RecvUnread(Handle, u32),
 }
 
-#[cfg(debug_assertions)]
+#[cfg(feature = "hostile")]
 impl Stack {
     /// Breaks a rule of the channel protocol on purpose (see [`Hostile`]).
     #[doc(hidden)]
@@ -520,7 +520,7 @@ pub struct TcpStream {
     nodelay: Cell<bool>,
 }
 
-#[cfg(debug_assertions)]
+#[cfg(feature = "hostile")]
 impl TcpStream {
     /// Its handle, for the test-only hostile mode ([`Hostile`]).
     #[doc(hidden)]

@@ -178,12 +178,14 @@ impl Link {
 
     /// Writes garbage over this end's channel indices: the hostile mode of a
     /// test (what a compromised domain could do to the area it owns).
+    #[cfg(feature = "hostile")]
     pub fn scribble(&mut self, garbage: u32) {
         self.end.channel().scribble(garbage);
     }
 
     /// Sends the peer a return of a loan it never made: the hostile mode of a
     /// test (the peer's pool refuses it and the peer breaks the link).
+    #[cfg(feature = "hostile")]
     pub fn return_foreign_loan(&mut self) {
         // Our end is A when our kind comes first; the peer's pool is its end's + 1.
         let peer_pool = if self.local < self.remote { 2 } else { 1 };
@@ -201,6 +203,7 @@ impl Link {
     /// seconds, taking back its buffers (and dropping whatever the peer sends)
     /// when the channel is full: the hostile mode of a test (a flood of
     /// activity notices, of answers to no call, of pushes nobody asked for).
+    #[cfg(feature = "hostile")]
     pub fn flood(&mut self, msg: &Msg, n: usize) {
         let until = Instant::now() + Duration::from_secs(2);
         let mut sent = 0;

@@ -52,6 +52,7 @@ pub const WIRE_MTU: usize = 65535;
 /// Frames the stack group holds for a driver that does not take them.
 const MAX_BACKLOG: usize = 4096;
 /// The bit of a scribble request that spares the channels to ip.
+#[cfg(feature = "hostile")]
 const WIRE_ONLY: u32 = 1 << 31;
 /// How often a blocked driver thread looks at its stop flag.
 const STOP_CHECK: Duration = Duration::from_millis(100);
@@ -74,6 +75,7 @@ pub struct Driver {
     stop: Arc<AtomicBool>,
     /// Garbage for each thread to write over its channel indices (the hostile
     /// mode of a test); 0: none.
+    #[cfg(feature = "hostile")]
     scribble: Arc<std::sync::atomic::AtomicU32>,
     rejoin: Arc<Rejoin>,
     live: [Arc<std::sync::Mutex<DeviceStats>>; 2],
@@ -97,6 +99,7 @@ impl Driver {
     /// Has both threads write `garbage` over their channel indices — only the
     /// wire's, with `wire_only`: the hostile mode of a test (what a compromised
     /// driver could do to areas it owns).
+    #[cfg(feature = "hostile")]
     pub fn scribble(&self, garbage: u32, wire_only: bool) {
         let g = (garbage & !WIRE_ONLY).max(1) | if wire_only { WIRE_ONLY } else { 0 };
         self.scribble.store(g, Ordering::Release);
@@ -442,7 +445,15 @@ impl DriverHalf {
             })?
         };
         started.wait();
-        Ok(Driver { stop, scribble, rejoin, live, reader, writer })
+        Ok(Driver {
+            stop,
+            #[cfg(feature = "hostile")]
+            scribble,
+            rejoin,
+            live,
+            reader,
+            writer,
+        })
     }
 }
 
@@ -607,6 +618,7 @@ struct DeviceSide {
 /// True when the wire alone was scribbled: the thread then leaves it as it is
 /// (its next send or receive would write sound indices over the garbage before
 /// the peer looked), so the peer finds it on its next look.
+#[cfg(feature = "hostile")]
 fn scribble_once(garbage: u32, scribbled: &mut bool, end: &mut ShmEnd, wire: Option<&mut ShmEnd>) -> bool {
     let wire_only = garbage & WIRE_ONLY != 0;
     if garbage == 0 || *scribbled || (wire_only && wire.is_none()) {
@@ -620,6 +632,12 @@ fn scribble_once(garbage: u32, scribbled: &mut bool, end: &mut ShmEnd, wire: Opt
         w.scribble(garbage & !WIRE_ONLY);
     }
     wire_only
+}
+
+/// Without the `hostile` feature nothing can ask for garbage: never scribbles.
+#[cfg(not(feature = "hostile"))]
+fn scribble_once(_: u32, _: &mut bool, _: &mut ShmEnd, _: Option<&mut ShmEnd>) -> bool {
+    false
 }
 
 /// Sends every descriptor of `items`, waiting for ring space as needed (until stopped).
@@ -995,6 +1013,7 @@ impl StackGroup {
 
     /// Writes garbage over this side's frame channel indices: the hostile mode
     /// of a test (what a compromised ip domain could do to the area it owns).
+    #[cfg(feature = "hostile")]
     pub fn scribble(&mut self, garbage: u32) {
         if let Some((input, out)) = self.port.as_mut() {
             input.end.scribble(garbage);

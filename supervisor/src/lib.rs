@@ -458,9 +458,9 @@ impl Running {
             writeln!(log, "{LOG_HEADER}{}: {}", group.name, group.domains.join(" "))?;
         }
         let mut env = vec![("RUST_BACKTRACE".to_owned(), "1".to_owned())];
-        // The test-only hostile mode exists in debug builds alone, and acts in a
+        // The test-only hostile mode exists in builds with the `hostile` feature alone, and acts in a
         // domain's first life only (its restart is the cure).
-        if cfg!(debug_assertions) && first {
+        if cfg!(feature = "hostile") && first {
             if let Ok(v) = std::env::var("CAPNET_HOSTILE") {
                 env.push(("CAPNET_HOSTILE".into(), v));
             }

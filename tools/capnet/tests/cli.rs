@@ -340,3 +340,32 @@ fn the_client_library_links_no_cli_sandbox_core_or_supervisor() {
         assert!(!names.contains(&banned), "capnet (the client library) depends on {banned}:\n{tree}");
     }
 }
+
+/// The test-only hostile mode is a cargo feature the programs as released do
+/// not have: resolved without dev-dependencies (what `cargo build --release -p
+/// capnet-cli -p capnet-group` builds), no crate has `hostile` on; with them
+/// (what the tests build), the groups and the library do.
+#[test]
+fn release_programs_lack_the_hostile_feature_that_tests_build() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let tree = |edges: &str| {
+        let out = Command::new(&cargo)
+            .args(["tree", "--offline", "-p", "capnet-cli", "-p", "capnet-group", "-e", edges])
+            .args(["--prefix", "none", "--format", "{p} [{f}]"])
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .expect("run cargo tree");
+        assert!(out.status.success(), "cargo tree failed: {}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let released = tree("normal");
+    assert!(released.contains("capnet-group v"), "unexpected tree:\n{released}");
+    assert!(!released.contains("hostile"), "a released program has the hostile feature:\n{released}");
+    let tested = tree("normal,dev");
+    for krate in ["capnet-group v", "capnet v", "capnet-ipc v"] {
+        assert!(
+            tested.lines().any(|l| l.starts_with(krate) && l.contains("hostile")),
+            "the tests' build lacks {krate}'s hostile feature:\n{tested}"
+        );
+    }
+}
