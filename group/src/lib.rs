@@ -34,8 +34,8 @@ use capnet_ipc::region::Region;
 use capnet_ipc::End;
 use capnet_kernel_shim::cap::{recv_caps, send_caps, Cap, CapKind, Rights};
 use capnet_kernel_shim::sandbox::{self, StatsRegion};
-use capnet_runtime::link::Link;
-use capnet_runtime::two_group::{DriverHalf, HalfGrant, Peer, StackGroup, StackHalf};
+use capnet_runtime::frames::{DriverHalf, HalfGrant, Peer, StackHalf};
+use capnet_runtime::StackGroup;
 use capnet_runtime::{AppHost, Cores, DeviceStats, FrameTap, LinkImpairment, MonoStack, Plain, RuntimeError};
 use capnet_sockets::{AppId, SocketsCore};
 
@@ -44,7 +44,7 @@ use capnet_proto::report::{GroupReport, RouteEntry};
 use capnet_proto::{end_of, Kind};
 
 /// How often a group publishes its report.
-const REPORT_EVERY: Duration = Duration::from_millis(100);
+pub const REPORT_EVERY: Duration = Duration::from_millis(100);
 /// How long a group's loop may wait before it looks at its supervisor socket.
 const CONTROL_TICK: Duration = Duration::from_millis(20);
 /// UDP receive queue per socket.
@@ -73,7 +73,7 @@ enum Frames {
 /// with the cores of this group.
 enum Engine {
     Mono(Box<MonoStack>),
-    Stack(Box<capnet_runtime::two_group::StackGroup>),
+    Stack(Box<capnet_runtime::StackGroup>),
     Plain(Box<Plain>),
 }
 
@@ -183,19 +183,19 @@ fn run(sock: &UnixStream, spec: &GroupSpec, tune_tcp: fn(&mut capnet_tcp::Config
     let mut cfg = Config::new(EthernetAddress(spec.mac), Ipv4Cidr::new(o.into(), spec.prefix));
     cfg.gateway = Some(spec.gateway.into());
     if spec.wire {
-        cfg.mtu = capnet_runtime::two_group::WIRE_MTU;
+        cfg.mtu = capnet_runtime::frames::WIRE_MTU;
     }
     let mut cores = Cores::group(&kinds, cfg, UDP_QUEUE);
     if let Some(tcp) = cores.tcp.as_mut() {
-        tcp.config_mut().congestion_control = spec.tcp_cc.parse().map_err(|e: String| anyhow!(e))?;
-        tcp.config_mut().memory = spec.tcp_memory_mib as usize * (1 << 20);
-        tcp.config_mut().orphan_retries = spec.tcp_orphan_retries;
-        tune_tcp(tcp.config_mut());
+        tcp.core.config_mut().congestion_control = spec.tcp_cc.parse().map_err(|e: String| anyhow!(e))?;
+        tcp.core.config_mut().memory = spec.tcp_memory_mib as usize * (1 << 20);
+        tcp.core.config_mut().orphan_retries = spec.tcp_orphan_retries;
+        tune_tcp(tcp.core.config_mut());
     }
     let msg_links =
         links.iter().filter(|(_, l, r)| !matches!((l, r), (Kind::Driver, Kind::Ip) | (Kind::Ip, Kind::Driver)));
     for ((name, l, r), (half, peer)) in msg_links.zip(made.halves.into_iter().zip(peers)) {
-        cores.links.push(Link::new(*l, *r, half.attach(end_of(*l, *r), peer)?));
+        cores.replace_link(*l, *r, half.attach(end_of(*l, *r), peer)?)?;
         tracing::info!("channel {name} joined: {l} here, {r} in another group");
     }
     let impair = LinkImpairment::symmetric(spec.loss, spec.reorder, spec.seed);
@@ -354,9 +354,9 @@ fn broken_channels(engine: &mut Engine, links: &[(String, Kind, Kind)]) -> Vec<(
             out.push((n, format!("the driver broke the frame channel: {why}"), false));
         }
     }
-    for l in &engine.host().cores().links {
-        if let (Some(why), Some(n)) = (l.broken(), name(l.local, l.remote)) {
-            out.push((n, why.to_owned(), l.retiring));
+    for l in engine.host().cores().links() {
+        if let (Some(why), Some(n)) = (l.broken(), name(l.local(), l.remote())) {
+            out.push((n, why.to_owned(), l.retiring()));
         }
     }
     out
@@ -381,7 +381,7 @@ fn hostile_plan(kinds: &[Kind]) -> Option<(String, Duration)> {
 }
 
 #[cfg(feature = "hostile")]
-fn hostile_act(action: &str, engine: &mut Engine, driver: Option<&capnet_runtime::two_group::Driver>) {
+fn hostile_act(action: &str, engine: &mut Engine, driver: Option<&capnet_runtime::domain::driver::Driver>) {
     tracing::warn!("hostile mode: {action}");
     match action {
         "syscall" => {
@@ -396,7 +396,7 @@ fn hostile_act(action: &str, engine: &mut Engine, driver: Option<&capnet_runtime
             if let Some(d) = driver {
                 d.scribble(garbage, false);
             }
-            for l in &mut engine.host().cores().links {
+            for l in engine.host().cores().links() {
                 l.scribble(garbage);
             }
         }
@@ -406,22 +406,12 @@ fn hostile_act(action: &str, engine: &mut Engine, driver: Option<&capnet_runtime
             }
         }
         "loans" => {
-            for l in &mut engine.host().cores().links {
+            for l in engine.host().cores().links() {
                 l.return_foreign_loan();
             }
         }
         "flood" | "answers" | "pushes" => {
-            use capnet_proto::edge::{Answer, Msg};
-            let msg = match action {
-                "flood" => Msg::Activity,
-                "pushes" => Msg::Pushed { s: 1, got: Ok(Answer::Data(vec![0; 64])) },
-                _ => Msg::Answer { id: u64::MAX, answer: Ok(Answer::Done) },
-            };
-            // Pushes only where they could be legitimate: to the sockets domain.
-            let links = engine.host().cores().links.iter_mut();
-            for l in links.filter(|l| action != "pushes" || l.remote == Kind::Sockets) {
-                l.flood(&msg, 10_000);
-            }
+            engine.host().cores().hostile_flood(action, 10_000);
         }
         "grow" => {
             // Not hostile, only large: what a domain's heap does when peers make
@@ -467,7 +457,7 @@ fn control(
     sock: &UnixStream,
     mut sockets: Option<&mut SocketsHost>,
     engine: &mut Engine,
-    driver: Option<&capnet_runtime::two_group::Driver>,
+    driver: Option<&capnet_runtime::domain::driver::Driver>,
     tap: &FrameTap,
     relinks: &mut Relinks,
 ) -> Result<bool> {
@@ -518,7 +508,7 @@ fn control(
             let cores = engine.host().cores();
             cores.tcp_retired();
             if let Some(s) = sockets {
-                let is_old = |id| cores.tcp_socket_retiring(id);
+                let is_old = |id| cores.sockets.tcp_socket_retiring(id);
                 s.core.tcp_retired(is_old);
             }
             relinks.reported.retain(|(x, old)| x != c || !*old);
@@ -555,8 +545,10 @@ fn control(
                 relinks.pending.retain(|(n, _)| n != c);
                 relinks.pending.push((c.clone(), side));
                 // Until the new peer is joined, nothing waits on the old one.
-                if let Some(link) = engine.host().cores().links.iter_mut().find(|x| (x.local, x.remote) == (l, r)) {
-                    link.replacing = true;
+                if let Some(link) =
+                    engine.host().cores().links().into_iter().find(|x| (x.local(), x.remote()) == (l, r))
+                {
+                    link.set_replacing(true);
                 }
                 send_msg(sock, &Event::Relinked(c.clone()))?;
                 return Ok(());
@@ -565,7 +557,7 @@ fn control(
             match (relinks.pending.remove(k).1, engine) {
                 (Side::Msg(half), engine) => {
                     let end = half.attach(end_of(l, r), MsgGrant { area: next()?, pool: next()? })?;
-                    engine.host().cores().replace_link(Link::new(l, r, end));
+                    engine.host().cores().replace_link(l, r, end)?;
                     if (l, r) == (Kind::Sockets, Kind::Udp) {
                         // A new udp domain: every UDP socket bound again there,
                         // before any application call can reach it.
@@ -578,7 +570,7 @@ fn control(
                 (Side::Beside(half), engine) => {
                     let end = half.attach(end_of(l, r), MsgGrant { area: next()?, pool: next()? })?;
                     let cores = engine.host().cores();
-                    cores.tcp_beside(Link::new(l, r, end));
+                    cores.tcp_beside(l, end)?;
                     if let Some(s) = sockets.as_mut() {
                         s.core.tcp_added(cores);
                         tracing::info!("every TCP listener listens on the new tcp domain too");
@@ -612,10 +604,10 @@ fn control(
                 ("echo", Some(s)) => s.core.transport_lost(capnet_sockets::Lost::Echo),
                 ("sockets", _) => {
                     if let Some(tcp) = cores.tcp.as_mut() {
-                        tcp.abort_all(now);
+                        tcp.core.abort_all(now);
                     }
                     if let Some(udp) = cores.udp.as_mut() {
-                        udp.close_all();
+                        udp.core.close_all();
                     }
                 }
                 (other, _) => bail!("told that {other} was lost, which means nothing here"),
@@ -691,14 +683,14 @@ fn report(spec: &GroupSpec, cores: &mut Cores, device: Option<DeviceStats>) -> G
     for (name, k) in &spec.domains {
         let counters = match Kind::parse(k) {
             Some(Kind::Driver) => device.map(|d| counters::driver_counters(&d)).unwrap_or_default(),
-            Some(Kind::Ip) => cores.ip.as_ref().map(counters::ip_counters).unwrap_or_default(),
-            Some(Kind::Udp) => cores.udp.as_ref().map(|c| counters::udp_counters(c.stats())).unwrap_or_default(),
-            Some(Kind::Tcp) => cores.tcp.as_ref().map(|c| counters::tcp_counters(c.stats())).unwrap_or_default(),
+            Some(Kind::Ip) => cores.ip.as_ref().map(|d| counters::ip_counters(&d.core)).unwrap_or_default(),
+            Some(Kind::Udp) => cores.udp.as_ref().map(|d| counters::udp_counters(d.core.stats())).unwrap_or_default(),
+            Some(Kind::Tcp) => cores.tcp.as_ref().map(|d| counters::tcp_counters(d.core.stats())).unwrap_or_default(),
             _ => BTreeMap::new(),
         };
         let mut counters = counters;
         if let Some(k) = Kind::parse(k) {
-            for l in cores.links.iter_mut().filter(|l| l.local == k) {
+            for l in cores.links().into_iter().filter(|l| l.local() == k) {
                 counters.extend(l.counters());
             }
         }
@@ -710,7 +702,7 @@ fn report(spec: &GroupSpec, cores: &mut Cores, device: Option<DeviceStats>) -> G
         c.insert("bytes_copied".into(), capnet_ipc::pool::bytes_copied());
     }
     if let Some(tcp) = cores.tcp.as_ref() {
-        let (conns, listening) = tcp.sockets();
+        let (conns, listening) = tcp.core.sockets();
         r.tcp_connections_total = conns.len();
         r.tcp_connections =
             conns.into_iter().take(capnet_proto::report::MAX_LISTED).map(counters::tcp_connection).collect();
@@ -718,6 +710,7 @@ fn report(spec: &GroupSpec, cores: &mut Cores, device: Option<DeviceStats>) -> G
     }
     if let Some(ip) = cores.ip.as_ref() {
         r.routes = ip
+            .core
             .routes()
             .routes()
             .iter()
@@ -799,13 +792,13 @@ impl SocketsHost {
             }
         }
         let cores = host.cores();
-        for (ident, from, seq, data) in std::mem::take(&mut cores.echo_replies) {
+        for (ident, from, seq, data) in std::mem::take(&mut cores.sockets.echo_replies) {
             self.core.echo_reply(ident, from, seq, data);
         }
         // Parked calls are looked at when something may have changed: always when
         // the transports run here, else when one said so or a call came in.
         let local = cores.tcp.is_some() || cores.udp.is_some();
-        if local || requests || std::mem::take(&mut cores.activity) {
+        if local || requests || std::mem::take(&mut cores.sockets.activity) {
             self.core.poll_ready(cores);
         }
         while let Some((id, resp)) = self.core.pop_response() {

@@ -32,6 +32,26 @@ pub enum ControlError {
     Invalid(String),
 }
 
+/// What [`encode`] and [`encode_with`] take: any rkyv-serialisable message (a
+/// bound to name in generic code).
+pub trait Encode: for<'a> Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, RancorError>> {}
+impl<T: for<'a> Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, RancorError>>> Encode for T {}
+
+/// What [`decode`] makes: any message whose archive can be validated and
+/// deserialised (a bound to name in generic code).
+pub trait Decode:
+    Archive<
+        Archived: for<'a> CheckBytes<HighValidator<'a, RancorError>> + Deserialize<Self, HighDeserializer<RancorError>>,
+    > + Sized
+{
+}
+impl<T> Decode for T
+where
+    T: Archive,
+    T::Archived: for<'a> CheckBytes<HighValidator<'a, RancorError>> + Deserialize<T, HighDeserializer<RancorError>>,
+{
+}
+
 /// Serialises `msg` into an archive.
 pub fn encode<T>(msg: &T) -> Result<AlignedVec, ControlError>
 where

@@ -1,56 +1,257 @@
 //! What crosses a channel between two groups, when the domains at its ends are
-//! not in one process: rkyv messages, validated by the receiver on a private copy
-//! (`capnet_ipc::control`), carried by `capnet_ipc::msg`.
+//! not in one process: one message type per direction of each edge of the
+//! graph, so a message that may not travel an edge does not compile (and one
+//! that arrives on the wrong edge does not decode: the receiver validates every
+//! message as its edge's type, on a private copy, `capnet_ipc::control`).
 //!
-//! - ip ⇄ a transport (tcp, udp, and the sockets domain's echo sockets): the
-//!   datagrams ip delivers and the ones the transport sends, ICMP errors and
-//!   echo replies — one-way messages, never waited for;
-//! - sockets → a transport or ip: the transport call (the sockets core's `Transports`)
-//!   calls, each a [`Call`] answered by one [`Answer`] with the same id; the
-//!   transport also sends [`Msg::Activity`] when readiness may have changed, so
-//!   the sockets domain re-examines its parked calls only then;
-//! - sockets → tcp, a TCP receive: no call, but a one-way [`Msg::WantPush`] the
-//!   tcp domain answers with one [`Msg::Pushed`] when the socket has something
-//!   (at once if it has): a receive that waits costs two messages, and the
-//!   sockets domain never blocks on it.
+//! | edge | this way | the other way |
+//! |---|---|---|
+//! | ip ⇄ tcp | [`IpToTcp`]: datagrams, ICMP errors, retire | [`TcpToIp`]: segments, the flows a retiring domain keeps |
+//! | ip ⇄ udp | [`IpToUdp`]: datagrams, ICMP errors | [`UdpToIp`]: datagrams, port unreachables |
+//! | sockets ⇄ tcp | [`SocketsToTcp`]: calls, push requests | [`TcpToSockets`]: answers, pushes, activity |
+//! | sockets ⇄ udp | [`SocketsToUdp`]: calls | [`UdpToSockets`]: answers, activity |
+//! | sockets ⇄ ip | [`SocketsToIp`]: echo-socket calls | [`IpToSockets`]: answers, echo replies |
+//!
+//! The calls are the transport API ([`TcpCall`], [`UdpCall`], [`EchoCall`]),
+//! each answered by one [`Answer`] with the same id; a transport also sends
+//! `Activity` when readiness may have changed, so the sockets domain re-examines
+//! its parked calls only then. A TCP receive is no call but a one-way
+//! `WantPush` the tcp domain answers with one `Pushed` when the socket has
+//! something (at once if it has): a receive that waits costs two messages, and
+//! the sockets domain never blocks on it.
+//!
+//! Payload travels as a [`Payload`]: its bytes inline today; the next step lends
+//! them (a pool descriptor) in the same place.
 
 use rkyv::{Archive, Deserialize, Serialize};
 
 use crate::app::SocketError;
+use crate::Kind;
 
 /// An IPv4 address on the wire.
 pub type Addr = [u8; 4];
 
-/// One message between domains of different groups.
+/// A flow: (our port, the peer's address, the peer's port).
+pub type Flow = (u16, Addr, u16);
+
+/// Payload bytes on an edge.
 #[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
-pub enum Msg {
-    /// ip → transport: a datagram for it.
-    Deliver {
-        /// Source address.
-        src: Addr,
-        /// Destination address (ours).
-        dst: Addr,
-        /// The transport's bytes (header and payload).
-        payload: Vec<u8>,
-        /// The IPv4 header it came with (for ICMP quotes).
-        ip_header: Vec<u8>,
+pub enum Payload {
+    /// Carried in the message itself.
+    Inline(Vec<u8>),
+}
+
+impl Payload {
+    /// The bytes.
+    pub fn bytes(&self) -> &[u8] {
+        match self {
+            Payload::Inline(b) => b,
+        }
+    }
+
+    /// The bytes, owned.
+    pub fn into_bytes(self) -> Vec<u8> {
+        match self {
+            Payload::Inline(b) => b,
+        }
+    }
+
+    /// How many bytes.
+    pub fn len(&self) -> usize {
+        self.bytes().len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+impl From<Vec<u8>> for Payload {
+    fn from(b: Vec<u8>) -> Self {
+        Payload::Inline(b)
+    }
+}
+
+/// ip → a transport: a datagram for it.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub struct Datagram {
+    /// Source address.
+    pub src: Addr,
+    /// Destination address (ours).
+    pub dst: Addr,
+    /// The transport's bytes (header and payload).
+    pub payload: Payload,
+    /// The IPv4 header it came with (for ICMP quotes).
+    pub ip_header: Vec<u8>,
+}
+
+/// ip → a transport: an ICMP error about one of its flows.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub struct IcmpError {
+    /// Our port of the flow.
+    pub local_port: u16,
+    /// The peer.
+    pub remote: Addr,
+    /// The peer's port.
+    pub remote_port: u16,
+    /// ICMP type.
+    pub icmp_type: u8,
+    /// ICMP code.
+    pub icmp_code: u8,
+    /// Who sent the error.
+    pub reporter: Addr,
+}
+
+/// A transport → ip: a segment to send.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub struct Segment {
+    /// Destination.
+    pub dst: Addr,
+    /// The transport's bytes.
+    pub segment: Payload,
+    /// For a TCP segment to be cut by the device: its segment size.
+    pub tso: Option<u16>,
+}
+
+/// ip → tcp.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub enum IpToTcp {
+    /// A segment for it.
+    Deliver(Datagram),
+    /// An ICMP error about one of its connections.
+    Icmp(IcmpError),
+    /// During a swap: a new tcp domain takes every new connection; name yours
+    /// (answered by [`TcpToIp::Flows`]) and finish them.
+    Retire,
+}
+
+/// tcp → ip.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub enum TcpToIp {
+    /// Send a segment (with a segment size for TSO).
+    Send(Segment),
+    /// The flows a retiring tcp domain keeps — every connection it holds at
+    /// [`IpToTcp::Retire`].
+    Flows(Vec<Flow>),
+}
+
+/// ip → udp.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub enum IpToUdp {
+    /// A datagram for it.
+    Deliver(Datagram),
+    /// An ICMP error about one of its flows.
+    Icmp(IcmpError),
+}
+
+/// udp → ip.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub enum UdpToIp {
+    /// Send a datagram (`tso` is always `None`).
+    Send(Segment),
+    /// A port unreachable for a datagram to a closed port.
+    Unreachable {
+        /// Whom to tell.
+        to: Addr,
+        /// The IP header and first bytes of the offending datagram.
+        quote: Vec<u8>,
     },
-    /// ip → transport: an ICMP error about one of its flows.
-    Icmp {
-        /// Our port of the flow.
-        local_port: u16,
-        /// The peer.
-        remote: Addr,
-        /// The peer's port.
-        remote_port: u16,
-        /// ICMP type.
-        icmp_type: u8,
-        /// ICMP code.
-        icmp_code: u8,
-        /// Who sent the error.
-        reporter: Addr,
+}
+
+/// sockets → tcp.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub enum SocketsToTcp {
+    /// A call, answered by a [`TcpToSockets::Answer`] with its id.
+    Call {
+        /// Matches the answer.
+        id: u64,
+        /// What.
+        call: TcpCall,
     },
-    /// ip → sockets: an echo reply for an echo socket.
+    /// A receive of at most `max` bytes waits on socket `s`: push what it gets
+    /// ([`TcpToSockets::Pushed`]) as soon as there is something — at once if
+    /// there is already. One-way: nothing answers it but the push.
+    WantPush {
+        /// The socket (tcp's own id).
+        s: u64,
+        /// The most bytes to push.
+        max: u32,
+    },
+}
+
+/// tcp → sockets.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub enum TcpToSockets {
+    /// The answer to a [`SocketsToTcp::Call`].
+    Answer {
+        /// The call's id.
+        id: u64,
+        /// The result.
+        answer: Result<Answer, SocketError>,
+    },
+    /// What a receive on socket `s` gets (data, end of stream or an error),
+    /// taken from the socket for the sockets domain: the one answer to a
+    /// [`SocketsToTcp::WantPush`].
+    Pushed {
+        /// The socket (tcp's own id).
+        s: u64,
+        /// `Answer::Data` (at most the waiting call's `max` bytes), `Answer::Eof`, or the error.
+        got: Result<Answer, SocketError>,
+    },
+    /// Readiness may have changed (parked calls may now complete).
+    Activity,
+}
+
+/// sockets → udp.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub enum SocketsToUdp {
+    /// A call, answered by a [`UdpToSockets::Answer`] with its id.
+    Call {
+        /// Matches the answer.
+        id: u64,
+        /// What.
+        call: UdpCall,
+    },
+}
+
+/// udp → sockets.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub enum UdpToSockets {
+    /// The answer to a [`SocketsToUdp::Call`].
+    Answer {
+        /// The call's id.
+        id: u64,
+        /// The result.
+        answer: Result<Answer, SocketError>,
+    },
+    /// Readiness may have changed (parked calls may now complete).
+    Activity,
+}
+
+/// sockets → ip (its echo sockets).
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub enum SocketsToIp {
+    /// A call, answered by an [`IpToSockets::Answer`] with its id.
+    Call {
+        /// Matches the answer.
+        id: u64,
+        /// What.
+        call: EchoCall,
+    },
+}
+
+/// ip → sockets.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub enum IpToSockets {
+    /// The answer to a [`SocketsToIp::Call`].
+    Answer {
+        /// The call's id.
+        id: u64,
+        /// The result.
+        answer: Result<Answer, SocketError>,
+    },
+    /// An echo reply for an echo socket.
     EchoReply {
         /// Identifier.
         ident: u16,
@@ -59,98 +260,48 @@ pub enum Msg {
         /// Sequence number.
         seq: u16,
         /// Payload.
-        data: Vec<u8>,
-    },
-    /// transport → ip: send a segment (TCP: with a segment size for TSO).
-    Send {
-        /// Destination.
-        dst: Addr,
-        /// IP protocol number (6 or 17).
-        protocol: u8,
-        /// The transport's bytes.
-        segment: Vec<u8>,
-        /// For a TCP segment to be cut by the device: its segment size.
-        tso: Option<u16>,
-    },
-    /// udp → ip: a port unreachable for a datagram to a closed port.
-    Unreachable {
-        /// Whom to tell.
-        to: Addr,
-        /// The IP header and first bytes of the offending datagram.
-        quote: Vec<u8>,
-    },
-    /// sockets → transport or ip: a call, answered by an [`Msg::Answer`].
-    Call {
-        /// Matches the answer.
-        id: u64,
-        /// What.
-        call: Call,
-    },
-    /// The answer to a [`Msg::Call`].
-    Answer {
-        /// The call's id.
-        id: u64,
-        /// The result.
-        answer: Result<Answer, SocketError>,
-    },
-    /// transport → sockets: readiness may have changed (parked calls may now
-    /// complete).
-    Activity,
-    /// sockets → tcp: a receive of at most `max` bytes waits on socket `s`:
-    /// push what it gets ([`Msg::Pushed`]) as soon as there is something — at
-    /// once if there is already. One-way: nothing answers it but the push.
-    WantPush {
-        /// The socket (tcp's own id).
-        s: u64,
-        /// The most bytes to push.
-        max: u32,
-    },
-    /// tcp → sockets: what a receive on socket `s` gets (data, end of stream
-    /// or an error), taken from the socket for the sockets domain: the one
-    /// answer to a [`Msg::WantPush`].
-    Pushed {
-        /// The socket (tcp's own id).
-        s: u64,
-        /// `Answer::Data` (at most the waiting call's `max` bytes), `Answer::Eof`, or the error.
-        got: Result<Answer, SocketError>,
-    },
-    /// ip → tcp, during a swap: a new tcp domain takes every new connection;
-    /// name yours (answered by [`Msg::Flows`]) and finish them.
-    Retire,
-    /// tcp → ip: the flows a retiring tcp domain keeps, as (local port, remote
-    /// address, remote port) — every connection it holds at [`Msg::Retire`].
-    Flows {
-        /// The flows.
-        flows: Vec<(u16, Addr, u16)>,
+        data: Payload,
     },
 }
 
-/// A transport call (the sockets core's `Transports`) call. Socket ids are the
-/// transport cores' own, as raw numbers (the core checks their generation).
+/// A call of the sockets domain on a tcp domain. Socket ids are the core's own,
+/// as raw numbers (the core checks their generation).
 #[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
 #[allow(missing_docs)]
-pub enum Call {
-    UdpBind { port: u16 },
-    UdpPort { s: u64 },
-    UdpConnect { s: u64, addr: Addr, port: u16 },
-    UdpSend { s: u64, to: Option<(Addr, u16)>, data: Vec<u8> },
-    UdpRecv { s: u64, max: u32 },
-    UdpClose { s: u64 },
-    EchoClaim { ident: u16 },
-    EchoRelease { ident: u16 },
-    EchoSend { dst: Addr, ident: u16, seq: u16, data: Vec<u8> },
-    TcpListen { port: u16, backlog: u32 },
-    TcpLocalPort { s: u64 },
-    TcpAccept { l: u64 },
-    TcpEndpoints { s: u64 },
-    TcpConnect { addr: Addr, port: u16 },
-    TcpConnected { s: u64 },
-    TcpSend { s: u64, data: Vec<u8> },
-    TcpShutdown { s: u64, read: bool, write: bool },
-    TcpClose { s: u64 },
-    TcpAbort { s: u64 },
-    TcpSetOption { s: u64, option: Opt },
-    TcpReady { s: u64 },
+pub enum TcpCall {
+    Listen { port: u16, backlog: u32 },
+    LocalPort { s: u64 },
+    Accept { l: u64 },
+    Endpoints { s: u64 },
+    Connect { addr: Addr, port: u16 },
+    Connected { s: u64 },
+    Send { s: u64, data: Payload },
+    Shutdown { s: u64, read: bool, write: bool },
+    Close { s: u64 },
+    Abort { s: u64 },
+    SetOption { s: u64, option: Opt },
+    Ready { s: u64 },
+}
+
+/// A call of the sockets domain on a udp domain.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub enum UdpCall {
+    Bind { port: u16 },
+    Port { s: u64 },
+    Connect { s: u64, addr: Addr, port: u16 },
+    Send { s: u64, to: Option<(Addr, u16)>, data: Payload },
+    Recv { s: u64, max: u32 },
+    Close { s: u64 },
+}
+
+/// A call of the sockets domain on the ip domain, for its echo sockets.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+#[allow(missing_docs)]
+pub enum EchoCall {
+    Claim { ident: u16 },
+    Release { ident: u16 },
+    Send { dst: Addr, ident: u16, seq: u16, data: Payload },
 }
 
 /// A TCP socket option on the wire.
@@ -166,7 +317,7 @@ pub enum Opt {
     CongestionControl(String),
 }
 
-/// A successful [`Call`]'s result.
+/// A successful call's result.
 #[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
 pub enum Answer {
     /// Nothing to return.
@@ -182,15 +333,89 @@ pub enum Answer {
     /// Bytes taken.
     Count(u32),
     /// Bytes received.
-    Data(Vec<u8>),
+    Data(Payload),
     /// The peer finished.
     Eof,
     /// The datagrams that were queued: (from, port, payload) each.
-    Datagrams(Vec<(Addr, u16, Vec<u8>)>),
+    Datagrams(Vec<(Addr, u16, Payload)>),
     /// A connection's endpoints: (our port, peer, peer's port).
     Endpoints(u16, Addr, u16),
     /// Readiness bits: readable 1, writable 2, error 4, hup 8.
     Ready(u8),
+}
+
+/// A message type of one direction of an edge: who sends it to whom.
+pub trait EdgeMsg: capnet_ipc::control::Encode + capnet_ipc::control::Decode + std::fmt::Debug {
+    /// The sending domain.
+    const FROM: Kind;
+    /// The receiving domain.
+    const TO: Kind;
+}
+
+/// The messages of a caller's direction (sockets → a transport) carry calls
+/// of type `C`.
+pub trait Calls<C>: EdgeMsg {
+    /// Call `c`, numbered `id`.
+    fn call(id: u64, c: C) -> Self;
+}
+
+/// The messages of a callee's direction (a transport → sockets) carry answers.
+pub trait Answers: EdgeMsg {
+    /// The answer to call `id`.
+    fn answer(id: u64, answer: Result<Answer, SocketError>) -> Self;
+    /// This message as an answer (its call's id and result), or itself if it
+    /// is something else.
+    fn into_answer(self) -> Result<(u64, Result<Answer, SocketError>), Self>;
+}
+
+macro_rules! edges {
+    ($($t:ident: $from:ident => $to:ident),* $(,)?) => {
+        $(impl EdgeMsg for $t {
+            const FROM: Kind = Kind::$from;
+            const TO: Kind = Kind::$to;
+        })*
+    };
+}
+
+edges! {
+    IpToTcp: Ip => Tcp,
+    TcpToIp: Tcp => Ip,
+    IpToUdp: Ip => Udp,
+    UdpToIp: Udp => Ip,
+    SocketsToTcp: Sockets => Tcp,
+    TcpToSockets: Tcp => Sockets,
+    SocketsToUdp: Sockets => Udp,
+    UdpToSockets: Udp => Sockets,
+    SocketsToIp: Sockets => Ip,
+    IpToSockets: Ip => Sockets,
+}
+
+macro_rules! calls {
+    ($($out:ident($call:ident) <=> $back:ident),* $(,)?) => {
+        $(impl Calls<$call> for $out {
+            fn call(id: u64, call: $call) -> Self {
+                $out::Call { id, call }
+            }
+        }
+
+        impl Answers for $back {
+            fn answer(id: u64, answer: Result<Answer, SocketError>) -> Self {
+                $back::Answer { id, answer }
+            }
+            fn into_answer(self) -> Result<(u64, Result<Answer, SocketError>), Self> {
+                match self {
+                    $back::Answer { id, answer } => Ok((id, answer)),
+                    other => Err(other),
+                }
+            }
+        })*
+    };
+}
+
+calls! {
+    SocketsToTcp(TcpCall) <=> TcpToSockets,
+    SocketsToUdp(UdpCall) <=> UdpToSockets,
+    SocketsToIp(EchoCall) <=> IpToSockets,
 }
 
 #[cfg(test)]
@@ -198,30 +423,56 @@ mod tests {
     use super::*;
     use capnet_ipc::control::{decode, encode};
 
-    #[test]
-    fn messages_round_trip_and_garbage_is_refused() {
-        let msgs = [
-            Msg::Deliver {
-                src: [10, 77, 0, 1],
-                dst: [10, 77, 0, 2],
-                payload: vec![1; 1500],
-                ip_header: vec![0x45; 20],
-            },
-            Msg::Call { id: 7, call: Call::TcpSetOption { s: 1 << 33, option: Opt::KeepAlive(Some((1000, 500, 3))) } },
-            Msg::Answer { id: 7, answer: Err(SocketError::Invalid("no such cc".into())) },
-            Msg::Answer { id: 8, answer: Ok(Answer::Datagrams(vec![([1, 2, 3, 4], 53, vec![9; 10])])) },
-            Msg::Send { dst: [10, 77, 0, 1], protocol: 6, segment: vec![2; 64_000], tso: Some(1448) },
-            Msg::Activity,
-            Msg::Pushed { s: 5, got: Ok(Answer::Data(vec![1, 2, 3])) },
-            Msg::WantPush { s: 5, max: 4096 },
-        ];
+    fn round_trip<M: EdgeMsg + PartialEq>(msgs: Vec<M>) {
         for m in msgs {
             let bytes = encode(&m).expect("encode");
-            assert_eq!(decode::<Msg>(&bytes).expect("decode"), m);
+            assert_eq!(decode::<M>(&bytes).expect("decode"), m);
         }
         // Whatever a hostile peer writes is refused, never trusted.
         for garbage in [vec![0xffu8; 64], vec![0u8; 3], vec![0x41; 4096]] {
-            assert!(decode::<Msg>(&garbage).is_err(), "{} bytes of garbage accepted", garbage.len());
+            assert!(decode::<M>(&garbage).is_err(), "{} bytes of garbage accepted as {}", garbage.len(), M::FROM);
         }
+    }
+
+    #[test]
+    fn messages_round_trip_and_garbage_is_refused() {
+        let datagram = Datagram {
+            src: [10, 77, 0, 1],
+            dst: [10, 77, 0, 2],
+            payload: vec![1; 1500].into(),
+            ip_header: vec![0x45; 20],
+        };
+        round_trip(vec![IpToTcp::Deliver(datagram.clone()), IpToTcp::Retire]);
+        round_trip(vec![IpToUdp::Deliver(datagram)]);
+        round_trip(vec![
+            TcpToIp::Send(Segment { dst: [10, 77, 0, 1], segment: vec![2; 64_000].into(), tso: Some(1448) }),
+            TcpToIp::Flows(vec![(80, [10, 77, 0, 1], 40000)]),
+        ]);
+        round_trip(vec![
+            SocketsToTcp::Call {
+                id: 7,
+                call: TcpCall::SetOption { s: 1 << 33, option: Opt::KeepAlive(Some((1000, 500, 3))) },
+            },
+            SocketsToTcp::WantPush { s: 5, max: 4096 },
+        ]);
+        round_trip(vec![
+            TcpToSockets::Answer { id: 7, answer: Err(SocketError::Invalid("no such cc".into())) },
+            TcpToSockets::Activity,
+            TcpToSockets::Pushed { s: 5, got: Ok(Answer::Data(vec![1, 2, 3].into())) },
+        ]);
+        round_trip(vec![UdpToSockets::Answer {
+            id: 8,
+            answer: Ok(Answer::Datagrams(vec![([1, 2, 3, 4], 53, vec![9; 10].into())])),
+        }]);
+    }
+
+    /// A message of one edge does not decode as another edge's: what arrives on
+    /// the wrong channel is garbage there, not a message it may not send.
+    #[test]
+    fn a_message_of_one_edge_is_not_one_of_another() {
+        let bytes = encode(&IpToTcp::Retire).expect("encode");
+        assert!(decode::<IpToUdp>(&bytes).is_err(), "ip → tcp's Retire decoded as ip → udp");
+        let bytes = encode(&TcpToSockets::Activity).expect("encode");
+        assert!(decode::<SocketsToTcp>(&bytes).is_err(), "tcp → sockets decoded as sockets → tcp");
     }
 }

@@ -1,4 +1,6 @@
-//! A link: one domain's message channel to a domain of another group.
+//! A link: one domain's message channel to a domain of another group, typed
+//! by the edge's two message types ([`capnet_proto::edge`]): a `Link<O, I>`
+//! sends only `O` and hands on only what validates as `I`.
 //!
 //! Sends never block the group: a message the channel cannot take now waits in
 //! the link's outbox, in order. A [`Link::call`] (the sockets domain calling a
@@ -11,14 +13,16 @@
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
+use std::marker::PhantomData;
+
 use capnet_ipc::control::{decode, encode_with};
 use capnet_ipc::msg::MsgEnd;
 use capnet_ipc::notify::SpinPolicy;
 use capnet_ipc::shm_channel::ShmEnd;
 use capnet_ipc::{Interest, Waiter};
-use capnet_sockets::SocketError;
+use capnet_proto::app::SocketError;
 
-use capnet_proto::edge::{Answer, Call, Msg};
+use capnet_proto::edge::{Answer, Answers, Calls, EdgeMsg};
 use capnet_proto::Kind;
 
 /// How long a call waits for its answer before the link counts as broken: a
@@ -31,9 +35,9 @@ pub const CALL_DEADLINE: Duration = Duration::from_secs(1);
 /// TCP's retransmission covers what was in flight.
 pub const MAX_OUTBOX: usize = 4096;
 
-/// One end of a channel to another group's domain.
+/// One end of a channel to another group's domain: it sends `O` and receives `I`.
 #[derive(Debug)]
-pub struct Link {
+pub struct Link<O, I> {
     /// The local domain this end belongs to.
     pub local: Kind,
     /// The domain at the other end.
@@ -41,15 +45,18 @@ pub struct Link {
     end: MsgEnd,
     outbox: VecDeque<Vec<u8>>,
     /// Messages that arrived while a call waited for its answer.
-    deferred: VecDeque<Msg>,
+    deferred: VecDeque<I>,
+    sends: PhantomData<fn(O)>,
     waiter: Waiter,
     next_id: u64,
     /// Why the link is broken, once it is.
     broken: Option<String>,
-    /// An [`Msg::Activity`] went out and no call has come since (transport side).
+    /// An activity notice went out and no call has come since (transport side).
     pub activity_sent: bool,
     /// Messages dropped because the outbox was full.
     dropped: u64,
+    /// Calls and asks (`WantPush`) sent: what the peer answers.
+    asks: u64,
     /// The peer is being replaced (restart or swap): sends are dropped and
     /// calls fail at once until the new channel takes this one's place.
     pub replacing: bool,
@@ -61,6 +68,19 @@ pub struct Link {
     /// The peer is a tcp domain being swapped out: it finishes the connections
     /// it has and gets no new ones.
     pub retiring: bool,
+    /// What a call does instead of sleeping while it waits for its answer: run
+    /// the peer's group, when it lives in this thread ([`crate::fake`]).
+    pub(crate) idle: Option<Idle>,
+}
+
+/// A fake graph's other groups, run one round while a call waits.
+#[derive(Clone)]
+pub(crate) struct Idle(pub std::sync::Arc<dyn Fn() + Send + Sync>);
+
+impl std::fmt::Debug for Idle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Idle")
+    }
 }
 
 /// What a transport may send the sockets domain without being asked, counted
@@ -68,7 +88,7 @@ pub struct Link {
 /// taken for a flood, while a flood is still bounded by the sockets domain's own
 /// calls.
 ///
-/// A transport sends one [`Msg::Activity`] and then no other until a call or an
+/// A transport sends one activity notice and then no other until a call or an
 /// ask (`WantPush`) of ours has reached it: so it may send at most one notice
 /// more than we sent calls and asks. And it pushes once per `WantPush`; a push
 /// for a receive we no longer expect (the socket was closed while the push was
@@ -107,24 +127,27 @@ impl Unasked {
     }
 }
 
-impl Link {
-    /// A link over `end` from domain `local` to domain `remote`.
-    pub fn new(local: Kind, remote: Kind, end: MsgEnd) -> Self {
+impl<O: EdgeMsg, I: EdgeMsg> Link<O, I> {
+    /// A link over `end` from `O`'s sender to its receiver.
+    pub fn new(end: MsgEnd) -> Self {
         Self {
-            local,
-            remote,
+            local: O::FROM,
+            remote: O::TO,
             end,
             outbox: VecDeque::new(),
             deferred: VecDeque::new(),
+            sends: PhantomData,
             waiter: Waiter::new(SpinPolicy::DEFAULT),
             next_id: 1,
             broken: None,
             activity_sent: false,
             dropped: 0,
+            asks: 0,
             replacing: false,
             unasked: Unasked::default(),
             tag: 0,
             retiring: false,
+            idle: None,
         }
     }
 
@@ -156,7 +179,8 @@ impl Link {
 
     /// Its counters for `capnet status`, named `link_REMOTE_…`: messages sent and
     /// received, futex wakes made for the peer, messages waiting in the ring for
-    /// us and in our outbox for room, and our sleeps while a call waited.
+    /// us and in our outbox for room, our sleeps while a call waited, and the
+    /// calls and asks we sent.
     pub fn counters(&mut self) -> Vec<(String, u64)> {
         let outbox = self.outbox.len() as u64;
         let sleeps = self.waiter.stats.sleeps;
@@ -173,6 +197,7 @@ impl Link {
             (format!("link_{r}_call_sleeps"), sleeps),
             (format!("link_{r}_violations"), st.violations),
             (format!("link_{r}_dropped"), self.dropped),
+            (format!("link_{r}_calls"), self.asks),
         ]
     }
 
@@ -204,7 +229,7 @@ impl Link {
     /// when the channel is full: the hostile mode of a test (a flood of
     /// activity notices, of answers to no call, of pushes nobody asked for).
     #[cfg(feature = "hostile")]
-    pub fn flood(&mut self, msg: &Msg, n: usize) {
+    pub fn flood(&mut self, msg: &O, n: usize) {
         let until = Instant::now() + Duration::from_secs(2);
         let mut sent = 0;
         while sent < n && Instant::now() < until {
@@ -227,7 +252,7 @@ impl Link {
 
     /// Sends `msg`: straight into the channel when nothing waits before it, else
     /// after what waits.
-    pub fn send(&mut self, msg: &Msg) {
+    pub fn send(&mut self, msg: &O) {
         if self.broken.is_some() || self.replacing {
             self.dropped += u64::from(self.replacing);
             return;
@@ -279,7 +304,7 @@ impl Link {
 
     /// Takes every message waiting (those kept during a call first), handing each
     /// to `each`. A message that fails validation breaks the link.
-    pub fn recv(&mut self, mut each: impl FnMut(&mut Self, Msg)) {
+    pub fn recv(&mut self, mut each: impl FnMut(&mut Self, I)) {
         while let Some(m) = self.deferred.pop_front() {
             each(self, m);
         }
@@ -289,20 +314,20 @@ impl Link {
     }
 
     /// Copies out and validates every message in the channel (none once broken).
-    fn take(&mut self) -> Vec<Msg> {
+    fn take(&mut self) -> Vec<I> {
         let mut got = Vec::new();
         if self.broken.is_some() {
             return got;
         }
         let mut garbage = None;
-        if let Err(e) = self.end.recv(|bytes| match decode::<Msg>(bytes) {
+        if let Err(e) = self.end.recv(|bytes| match decode::<I>(bytes) {
             Ok(m) => got.push(m),
             Err(e) => garbage = Some(e.to_string()),
         }) {
             self.breaks(e.to_string());
         }
         if let Some(why) = garbage {
-            self.breaks(format!("a message that is not one: {why}"));
+            self.breaks(format!("a message that is not one of {} → {}: {why}", I::FROM, I::TO));
             got.clear();
         }
         got
@@ -311,7 +336,8 @@ impl Link {
     /// Sends a one-way request that the peer answers in its own time (sockets →
     /// tcp: `WantPush`): like a call, it asks, so notices the peer sent before
     /// it were asked for.
-    pub fn ask(&mut self, msg: &Msg) {
+    pub fn ask(&mut self, msg: &O) {
+        self.asks += 1;
         self.unasked.asked();
         self.send(msg);
     }
@@ -319,14 +345,19 @@ impl Link {
     /// Calls the remote domain and waits for its answer (sockets → transport).
     /// A broken link, or one whose peer does not answer in time, is `Reset`:
     /// to the application the connection is gone.
-    pub fn call(&mut self, call: Call) -> Result<Answer, SocketError> {
+    pub fn call<C>(&mut self, call: C) -> Result<Answer, SocketError>
+    where
+        O: Calls<C>,
+        I: Answers,
+    {
         if self.replacing {
             return Err(SocketError::Reset);
         }
         let id = self.next_id;
         self.next_id += 1;
+        self.asks += 1;
         self.unasked.asked();
-        self.send(&Msg::Call { id, call });
+        self.send(&O::call(id, call));
         let deadline = Instant::now() + CALL_DEADLINE;
         loop {
             self.flush();
@@ -336,9 +367,10 @@ impl Link {
             let mut answer = None;
             let got = self.take();
             for m in got {
-                match m {
-                    Msg::Answer { id: i, answer: a } if i == id => answer = Some(a),
-                    other => self.deferred.push_back(other),
+                match m.into_answer() {
+                    Ok((i, a)) if i == id => answer = Some(a),
+                    Ok((i, a)) => self.deferred.push_back(I::answer(i, a)),
+                    Err(other) => self.deferred.push_back(other),
                 }
             }
             if let Some(a) = answer {
@@ -352,11 +384,77 @@ impl Link {
                 self.breaks(format!("{} did not answer a call within {CALL_DEADLINE:?}", self.remote));
                 return Err(SocketError::Reset);
             }
+            if let Some(idle) = &self.idle {
+                (idle.0)();
+                continue;
+            }
             let want = if self.outbox.is_empty() { Interest::RX } else { Interest::BOTH };
             let ch = self.end.channel();
             ch.interest = want;
             self.waiter.wait(&mut [ch], Some(deadline - now), crate::tokens());
         }
+    }
+}
+
+/// What every link does whatever its edge: for the group's loop (waiting,
+/// flushing, reporting) and the supervisor's relinking.
+pub trait AnyLink: std::fmt::Debug {
+    /// The local domain.
+    fn local(&self) -> Kind;
+    /// The domain at the other end.
+    fn remote(&self) -> Kind;
+    /// The peer is a tcp domain being swapped out.
+    fn retiring(&self) -> bool;
+    /// Why the link broke, if it did.
+    fn broken(&self) -> Option<&str>;
+    /// The channel end, to wait on.
+    fn channel(&mut self) -> &mut ShmEnd;
+    /// Its counters for `capnet status`.
+    fn counters(&mut self) -> Vec<(String, u64)>;
+    /// Pushes what waits in the outbox.
+    fn flush(&mut self);
+    /// The peer is being replaced: drop sends and fail calls until it is.
+    fn set_replacing(&mut self, on: bool);
+    /// Hostile mode: garbage over this end's indices.
+    #[cfg(feature = "hostile")]
+    fn scribble(&mut self, garbage: u32);
+    /// Hostile mode: a return of a loan the peer never made.
+    #[cfg(feature = "hostile")]
+    fn return_foreign_loan(&mut self);
+}
+
+impl<O: EdgeMsg, I: EdgeMsg> AnyLink for Link<O, I> {
+    fn local(&self) -> Kind {
+        self.local
+    }
+    fn remote(&self) -> Kind {
+        self.remote
+    }
+    fn retiring(&self) -> bool {
+        self.retiring
+    }
+    fn broken(&self) -> Option<&str> {
+        Link::broken(self)
+    }
+    fn channel(&mut self) -> &mut ShmEnd {
+        Link::channel(self)
+    }
+    fn counters(&mut self) -> Vec<(String, u64)> {
+        Link::counters(self)
+    }
+    fn flush(&mut self) {
+        Link::flush(self)
+    }
+    fn set_replacing(&mut self, on: bool) {
+        self.replacing = on;
+    }
+    #[cfg(feature = "hostile")]
+    fn scribble(&mut self, garbage: u32) {
+        Link::scribble(self, garbage)
+    }
+    #[cfg(feature = "hostile")]
+    fn return_foreign_loan(&mut self) {
+        Link::return_foreign_loan(self)
     }
 }
 

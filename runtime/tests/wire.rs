@@ -7,7 +7,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use capnet_ip::{Config, EthernetAddress, Ipv4Address, Ipv4Cidr};
-use capnet_runtime::two_group::{DriverHalf, Peer, StackHalf};
+use capnet_runtime::frames::{DriverHalf, Peer, StackHalf};
 use capnet_runtime::{Cores, FrameTap, LinkImpairment};
 
 #[test]

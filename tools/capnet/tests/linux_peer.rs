@@ -1,4 +1,5 @@
-//! The one-group packet path against the Linux kernel: a TAP inside a namespace the
+//! The runtime's packet path against the Linux kernel (root: a namespace and
+//! a TAP; the runtime's own tests need neither): a TAP inside a namespace the
 //! test makes, the kernel at 10.77.0.1 on one side, the mono stack at 10.77.0.2 on
 //! the other. Linux's ping gets replies (also 4000-byte ones, fragmented both
 //! ways), socat's UDP datagrams come back byte-exact from an echo service on the
@@ -12,7 +13,8 @@ use std::time::Duration;
 use capnet_driver::impair::Impairment;
 use capnet_ip::{Config, EthernetAddress, Ipv4Address, Ipv4Cidr};
 use capnet_kernel_shim::device::Device;
-use capnet_runtime::two_group::{self, Driver};
+use capnet_runtime::domain::driver::Driver;
+use capnet_runtime::engine::start as start_two_groups;
 use capnet_runtime::{Cores, DeviceStats, LinkImpairment, MonoStack, Stack};
 use capnet_testkit::Netns;
 
@@ -97,7 +99,7 @@ fn stack_cfg(tag: &str, comp: Composition, link: LinkImpairment, tweak: impl FnO
     let (mut s, driver): (Box<dyn Stack + Send>, Option<Driver>) = match comp {
         Composition::Mono => (Box::new(MonoStack::new(dev, cfg, 1 << 20, link).expect("stack")), None),
         Composition::TwoGroup => {
-            let (s, d) = two_group::start(dev, cfg, 1 << 20, link).expect("two groups");
+            let (s, d) = start_two_groups(dev, cfg, 1 << 20, link).expect("two groups");
             (Box::new(s), Some(d))
         }
     };
@@ -363,7 +365,7 @@ fn an_af_packet_device_on_a_veth_carries_the_stack_in_both_compositions() {
                 (Box::new(MonoStack::new(dev, cfg, 1 << 20, LinkImpairment::NONE).expect("stack")), None)
             }
             Composition::TwoGroup => {
-                let (s, d) = two_group::start(dev, cfg, 1 << 20, LinkImpairment::NONE).expect("two groups");
+                let (s, d) = start_two_groups(dev, cfg, 1 << 20, LinkImpairment::NONE).expect("two groups");
                 (Box::new(s), Some(d))
             }
         };

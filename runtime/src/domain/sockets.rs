@@ -1,0 +1,465 @@
+//! The sockets domain's runtime side: how the sockets core reaches each
+//! transport (and ip, for echo sockets) — a direct call on the core when it
+//! runs in this group, a call over the link otherwise — and what the tcp
+//! domain pushed for receives that found nothing.
+//!
+//! The application channels and the socket table itself are the group's
+//! (`capnet-group`'s `SocketsHost`, over `capnet_sockets::SocketsCore`).
+
+use std::collections::BTreeMap;
+
+use capnet_ip::Ipv4Address;
+use capnet_proto::app::SocketError;
+use capnet_proto::edge::{
+    Answer, EchoCall, IpToSockets, SocketsToIp, SocketsToTcp, SocketsToUdp, TcpCall, TcpToSockets, UdpCall,
+    UdpToSockets,
+};
+use capnet_sockets::Transports;
+use capnet_tcp::SocketId as TcpId;
+
+use crate::link::Link;
+use crate::{edge, Cores, EchoReply};
+
+/// Socket ids of a tcp domain in another group carry its link's tag in these
+/// bits, so that during a swap each call reaches the domain its socket lives in.
+const TAG_SHIFT: u32 = 24;
+const TAG_MASK: u64 = 0xff << TAG_SHIFT;
+
+/// The sockets domain's side of a group's runtime.
+#[derive(Debug, Default)]
+pub struct SocketsSide {
+    /// To tcp: the present domain, and during a swap the retiring one.
+    pub(crate) tcp: Vec<Link<SocketsToTcp, TcpToSockets>>,
+    /// To udp.
+    pub(crate) udp: Vec<Link<SocketsToUdp, UdpToSockets>>,
+    /// To ip (echo sockets).
+    pub(crate) ip: Vec<Link<SocketsToIp, IpToSockets>>,
+    /// Echo replies for echo sockets, waiting for the sockets core.
+    pub echo_replies: Vec<EchoReply>,
+    /// A transport of another group said readiness may have changed: the
+    /// sockets core should look at its parked calls.
+    pub activity: bool,
+    /// What tcp pushed, by (tagged) socket, until a receive takes it.
+    pushed: BTreeMap<u64, Result<Answer, SocketError>>,
+    /// Sockets whose receive found nothing (tcp will push), with that receive's
+    /// `max`; a push for any other counts as an unasked notice.
+    expect_push: BTreeMap<u64, u32>,
+}
+
+impl SocketsSide {
+    /// Forgets what was pushed or expected for the sockets whose tcp domain's
+    /// tag `gone` picks.
+    pub(crate) fn forget_pushes(&mut self, gone: impl Fn(u8) -> bool) {
+        let tag_of = |k: &u64| (k >> TAG_SHIFT) as u8;
+        self.pushed.retain(|k, _| !gone(tag_of(k)));
+        self.expect_push.retain(|k, _| !gone(tag_of(k)));
+    }
+
+    /// A new tcp domain joins beside the present one (`capnet swap tcp`): new
+    /// listeners and connections go to it from now on.
+    pub(crate) fn tcp_beside(&mut self, mut link: Link<SocketsToTcp, TcpToSockets>) {
+        let mut tag = 0;
+        for l in &mut self.tcp {
+            l.retiring = true;
+            tag = l.tag.wrapping_add(1);
+        }
+        link.tag = tag;
+        self.tcp.push(link);
+    }
+
+    /// The swapped-out tcp domain is gone: its link and what it pushed go.
+    pub(crate) fn tcp_retired(&mut self) {
+        let old: Vec<u8> = self.tcp.iter().filter(|l| l.retiring).map(|l| l.tag).collect();
+        self.forget_pushes(|t| old.contains(&t));
+        self.tcp.retain(|l| !l.retiring);
+    }
+
+    /// Whether tcp socket `s` lives in a retiring tcp domain (or one no link
+    /// reaches any more).
+    pub fn tcp_socket_retiring(&self, s: TcpId) -> bool {
+        let tag = (s.to_raw() >> TAG_SHIFT) as u8;
+        !self.tcp.iter().any(|l| l.tag == tag && !l.retiring)
+    }
+
+    /// A socket closed or no longer read keeps nothing pushed.
+    fn forget_socket(&mut self, s: TcpId) {
+        self.pushed.remove(&s.to_raw());
+        if self.expect_push.remove(&s.to_raw()).is_some() {
+            // Its push may be on its way: one stray push more is no flood.
+            if let Ok(l) = self.tcp_link(Some(s.to_raw())) {
+                l.unasked.push_dropped();
+            }
+        }
+    }
+
+    /// The link to the tcp domain socket `raw` (tagged) lives in, or for a new
+    /// socket the one not retiring.
+    fn tcp_link(&mut self, raw: Option<u64>) -> Result<&mut Link<SocketsToTcp, TcpToSockets>, SocketError> {
+        self.tcp
+            .iter_mut()
+            .find(|l| match raw {
+                Some(r) => l.tag == (r >> TAG_SHIFT) as u8,
+                None => !l.retiring,
+            })
+            .ok_or_else(|| SocketError::Invalid("no tcp domain is reachable".into()))
+    }
+
+    /// A call to a tcp domain in another group: the one socket `s` lives in (by
+    /// its tag), or for a new socket the one not retiring. Socket ids in the
+    /// answer come back tagged with that domain's link.
+    fn tcp_call(&mut self, s: Option<TcpId>, make: impl FnOnce(u64) -> TcpCall) -> Result<Answer, SocketError> {
+        let raw = s.map(TcpId::to_raw);
+        let l = self.tcp_link(raw)?;
+        let tag = u64::from(l.tag) << TAG_SHIFT;
+        let retag = |id: u64| {
+            if id & TAG_MASK == 0 {
+                Ok(id | tag)
+            } else {
+                Err(SocketError::Invalid(format!("the tcp domain named socket {id:#x}, beyond any table")))
+            }
+        };
+        Ok(match l.call(make(raw.map_or(0, |r| r & !TAG_MASK)))? {
+            Answer::Id(id) => Answer::Id(retag(id)?),
+            Answer::Accepted(Some(id)) => Answer::Accepted(Some(retag(id)?)),
+            a => a,
+        })
+    }
+
+    fn udp_call(&mut self, call: UdpCall) -> Result<Answer, SocketError> {
+        match self.udp.first_mut() {
+            Some(l) => l.call(call),
+            None => Err(SocketError::Invalid("no udp domain is reachable".into())),
+        }
+    }
+
+    fn echo_call(&mut self, call: EchoCall) -> Result<Answer, SocketError> {
+        match self.ip.first_mut() {
+            Some(l) => l.call(call),
+            None => Err(SocketError::Invalid("no ip domain is reachable".into())),
+        }
+    }
+
+    /// Takes what the transports and ip sent; whether anything arrived.
+    pub(crate) fn receive_links(&mut self) -> bool {
+        let mut any = false;
+        let Self { tcp, udp, ip, echo_replies, activity, pushed, expect_push } = self;
+        // A call waits for its answer (one at a time per link) and breaks the
+        // link when it gives up, so an answer outside a call answers nothing.
+        let no_call = |who: &str, id: u64| format!("{who} sent an answer to no call ({id})");
+        for l in tcp.iter_mut() {
+            l.recv(|l, m| {
+                any = true;
+                match m {
+                    TcpToSockets::Pushed { s, got } if s & TAG_MASK == 0 => {
+                        let key = s | u64::from(l.tag) << TAG_SHIFT;
+                        match (expect_push.remove(&key), &got) {
+                            // Closed here while the push was on its way: allowed once for
+                            // each expected push dropped (`link::Unasked`); any other is a flood.
+                            (None, _) => {
+                                if !l.unasked.stray_push() {
+                                    l.protocol_error("tcp floods pushes nobody asked for".into());
+                                }
+                            }
+                            (Some(max), Ok(Answer::Data(d))) if d.len() > max as usize => {
+                                l.protocol_error(format!("tcp pushed {} bytes where {max} were asked", d.len()))
+                            }
+                            (Some(_), _) => {
+                                pushed.insert(key, got);
+                                *activity = true;
+                            }
+                        }
+                    }
+                    TcpToSockets::Pushed { s, .. } => {
+                        l.protocol_error(format!("tcp pushed for socket {s:#x}, beyond any table"))
+                    }
+                    TcpToSockets::Activity => notice(l, activity),
+                    TcpToSockets::Answer { id, .. } => l.protocol_error(no_call("tcp", id)),
+                }
+            });
+        }
+        for l in udp.iter_mut() {
+            l.recv(|l, m| {
+                any = true;
+                match m {
+                    UdpToSockets::Activity => notice(l, activity),
+                    UdpToSockets::Answer { id, .. } => l.protocol_error(no_call("udp", id)),
+                }
+            });
+        }
+        for l in ip.iter_mut() {
+            l.recv(|l, m| {
+                any = true;
+                match m {
+                    IpToSockets::EchoReply { ident, from, seq, data } => {
+                        *activity = true; // a parked receive on an echo socket may complete
+                        echo_replies.push((ident, Ipv4Address::from(from), seq, data.into_bytes()))
+                    }
+                    IpToSockets::Answer { id, .. } => l.protocol_error(no_call("ip", id)),
+                }
+            });
+        }
+        any
+    }
+}
+
+/// An activity notice arrived on `l`: allowed only as often as we asked.
+fn notice<O: capnet_proto::edge::EdgeMsg, I: capnet_proto::edge::EdgeMsg>(l: &mut Link<O, I>, activity: &mut bool) {
+    if !l.unasked.notice() {
+        l.protocol_error(format!("{} floods activity notices nobody asked for", l.remote));
+    }
+    *activity = true
+}
+
+fn odd(a: Answer) -> SocketError {
+    SocketError::Invalid(format!("unexpected answer {a:?}"))
+}
+
+fn done(a: Answer) -> Result<(), SocketError> {
+    match a {
+        Answer::Done => Ok(()),
+        a => Err(odd(a)),
+    }
+}
+
+fn tcp_id(a: Answer) -> Result<TcpId, SocketError> {
+    match a {
+        Answer::Id(s) => Ok(TcpId::from_raw(s)),
+        a => Err(odd(a)),
+    }
+}
+
+/// The sockets core reaches each transport (and ip, for echo sockets) by a
+/// direct call when it runs in this group, and by a call over the link otherwise.
+impl Transports for Cores {
+    fn udp_bind(&mut self, port: u16) -> Result<capnet_udp::SocketId, SocketError> {
+        match self.udp.as_mut() {
+            Some(u) => u.core.bind(port).map_err(capnet_sockets::udp_error),
+            None => match self.sockets.udp_call(UdpCall::Bind { port })? {
+                Answer::Id(s) => Ok(capnet_udp::SocketId::from_raw(s)),
+                a => Err(odd(a)),
+            },
+        }
+    }
+    fn udp_port(&mut self, s: capnet_udp::SocketId) -> Result<u16, SocketError> {
+        match self.udp.as_mut() {
+            Some(u) => u.core.local_port(s).map_err(capnet_sockets::udp_error),
+            None => match self.sockets.udp_call(UdpCall::Port { s: s.to_raw() })? {
+                Answer::Port(p) => Ok(p),
+                a => Err(odd(a)),
+            },
+        }
+    }
+    fn udp_connect(&mut self, s: capnet_udp::SocketId, addr: Ipv4Address, port: u16) -> Result<(), SocketError> {
+        match self.udp.as_mut() {
+            Some(u) => u.core.connect(s, addr, port).map_err(capnet_sockets::udp_error),
+            None => done(self.sockets.udp_call(UdpCall::Connect { s: s.to_raw(), addr: addr.octets(), port })?),
+        }
+    }
+    fn udp_send(
+        &mut self,
+        s: capnet_udp::SocketId,
+        to: Option<(Ipv4Address, u16)>,
+        data: &[u8],
+    ) -> Result<(), SocketError> {
+        match self.udp.as_mut() {
+            Some(u) => u.core.send_to(s, to, data).map_err(capnet_sockets::udp_error),
+            None => {
+                let to = to.map(|(a, p)| (a.octets(), p));
+                done(self.sockets.udp_call(UdpCall::Send { s: s.to_raw(), to, data: data.to_vec().into() })?)
+            }
+        }
+    }
+    fn udp_recv(&mut self, s: capnet_udp::SocketId, max: usize) -> Result<Vec<capnet_udp::Datagram>, SocketError> {
+        match self.udp.as_mut() {
+            Some(u) => u.core.recv_many(s, max, capnet_sockets::UDP_BATCH_BYTES).map_err(capnet_sockets::udp_error),
+            None => match self.sockets.udp_call(UdpCall::Recv { s: s.to_raw(), max: max as u32 })? {
+                // More than asked for, or a datagram over the IP limit: the udp
+                // domain broke the protocol.
+                Answer::Datagrams(d) if d.len() <= max && d.iter().all(|x| x.2.len() <= 65_535) => Ok(d
+                    .into_iter()
+                    .map(|(src, src_port, data)| capnet_udp::Datagram {
+                        src: Ipv4Address::from(src),
+                        src_port,
+                        data: data.into_bytes(),
+                    })
+                    .collect()),
+                a => Err(odd(a)),
+            },
+        }
+    }
+    fn udp_close(&mut self, s: capnet_udp::SocketId) -> Result<(), SocketError> {
+        match self.udp.as_mut() {
+            Some(u) => u.core.close(s).map_err(capnet_sockets::udp_error),
+            None => done(self.sockets.udp_call(UdpCall::Close { s: s.to_raw() })?),
+        }
+    }
+    fn echo_claim(&mut self, ident: u16) -> Result<bool, SocketError> {
+        match self.ip.as_mut() {
+            Some(ip) => Ok(super::ip::echo_claim(&mut ip.core, ident)),
+            None => match self.sockets.echo_call(EchoCall::Claim { ident })? {
+                Answer::Bool(b) => Ok(b),
+                a => Err(odd(a)),
+            },
+        }
+    }
+    fn echo_release(&mut self, ident: u16) -> Result<(), SocketError> {
+        match self.ip.as_mut() {
+            Some(ip) => {
+                super::ip::echo_release(&mut ip.core, ident);
+                Ok(())
+            }
+            None => done(self.sockets.echo_call(EchoCall::Release { ident })?),
+        }
+    }
+    fn echo_send(&mut self, dst: Ipv4Address, ident: u16, seq: u16, data: &[u8]) -> Result<(), SocketError> {
+        let now = self.now();
+        match self.ip.as_mut() {
+            Some(ip) => super::ip::echo_send(&mut ip.core, now, dst, ident, seq, data),
+            None => done(self.sockets.echo_call(EchoCall::Send {
+                dst: dst.octets(),
+                ident,
+                seq,
+                data: data.to_vec().into(),
+            })?),
+        }
+    }
+    fn tcp_listen(&mut self, port: u16, backlog: usize) -> Result<TcpId, SocketError> {
+        match self.tcp.as_mut() {
+            Some(t) => t.core.listen(port, backlog).map_err(capnet_sockets::tcp_error),
+            None => tcp_id(self.sockets.tcp_call(None, |_| TcpCall::Listen { port, backlog: backlog as u32 })?),
+        }
+    }
+    fn tcp_local_port(&mut self, s: TcpId) -> Result<u16, SocketError> {
+        match self.tcp.as_mut() {
+            Some(t) => t.core.local_port(s).map_err(capnet_sockets::tcp_error),
+            None => match self.sockets.tcp_call(Some(s), |s| TcpCall::LocalPort { s })? {
+                Answer::Port(p) => Ok(p),
+                a => Err(odd(a)),
+            },
+        }
+    }
+    fn tcp_accept(&mut self, l: TcpId) -> Result<Option<TcpId>, SocketError> {
+        match self.tcp.as_mut() {
+            Some(t) => t.core.accept(l).map_err(capnet_sockets::tcp_error),
+            None => match self.sockets.tcp_call(Some(l), |l| TcpCall::Accept { l })? {
+                Answer::Accepted(s) => Ok(s.map(TcpId::from_raw)),
+                a => Err(odd(a)),
+            },
+        }
+    }
+    fn tcp_endpoints(&mut self, s: TcpId) -> Result<capnet_tcp::Endpoints, SocketError> {
+        match self.tcp.as_mut() {
+            Some(t) => t.core.endpoints(s).map_err(capnet_sockets::tcp_error),
+            None => match self.sockets.tcp_call(Some(s), |s| TcpCall::Endpoints { s })? {
+                Answer::Endpoints(local_port, remote, remote_port) => {
+                    Ok(capnet_tcp::Endpoints { local_port, remote: Ipv4Address::from(remote), remote_port })
+                }
+                a => Err(odd(a)),
+            },
+        }
+    }
+    fn tcp_connect(&mut self, addr: Ipv4Address, port: u16) -> Result<TcpId, SocketError> {
+        let now = self.now();
+        match self.tcp.as_mut() {
+            Some(t) => t.core.connect(now, addr, port).map_err(capnet_sockets::tcp_error),
+            None => tcp_id(self.sockets.tcp_call(None, |_| TcpCall::Connect { addr: addr.octets(), port })?),
+        }
+    }
+    fn tcp_connected(&mut self, s: TcpId) -> Result<bool, SocketError> {
+        match self.tcp.as_mut() {
+            Some(t) => t.core.connected(s).map_err(capnet_sockets::tcp_error),
+            None => match self.sockets.tcp_call(Some(s), |s| TcpCall::Connected { s })? {
+                Answer::Bool(b) => Ok(b),
+                a => Err(odd(a)),
+            },
+        }
+    }
+    fn tcp_send(&mut self, s: TcpId, data: &[u8]) -> Result<usize, SocketError> {
+        let now = self.now();
+        match self.tcp.as_mut() {
+            Some(t) => t.core.send(now, s, data).map_err(capnet_sockets::tcp_error),
+            None => match self.sockets.tcp_call(Some(s), |s| TcpCall::Send { s, data: data.to_vec().into() })? {
+                Answer::Count(n) => Ok(n as usize),
+                a => Err(odd(a)),
+            },
+        }
+    }
+    fn tcp_recv(&mut self, s: TcpId, max: usize) -> Result<capnet_tcp::Received, SocketError> {
+        let now = self.now();
+        if let Some(t) = self.tcp.as_mut() {
+            return t.core.recv(now, s, max).map_err(capnet_sockets::tcp_error);
+        }
+        let side = &mut self.sockets;
+        let key = s.to_raw();
+        if max == 0 {
+            return Ok(capnet_tcp::Received::Nothing);
+        }
+        // What tcp pushed first.
+        if let Some(got) = side.pushed.remove(&key) {
+            return match got? {
+                Answer::Data(d) => {
+                    let mut d = d.into_bytes();
+                    if d.len() > max {
+                        side.pushed.insert(key, Ok(Answer::Data(d.split_off(max).into())));
+                    }
+                    Ok(capnet_tcp::Received::Data(d))
+                }
+                Answer::Eof => Ok(capnet_tcp::Received::Eof),
+                a => Err(odd(a)),
+            };
+        }
+        // Nothing here: tcp pushes what the receive gets, now or when it comes
+        // (and with it the activity that brings the caller back).
+        if !side.expect_push.contains_key(&key) {
+            side.tcp_link(Some(key))?.ask(&SocketsToTcp::WantPush { s: key & !TAG_MASK, max: max as u32 });
+            side.expect_push.insert(key, max as u32);
+        }
+        Ok(capnet_tcp::Received::Nothing)
+    }
+    fn tcp_shutdown(&mut self, s: TcpId, read: bool, write: bool) -> Result<(), SocketError> {
+        let now = self.now();
+        if read {
+            self.sockets.forget_socket(s);
+        }
+        match self.tcp.as_mut() {
+            Some(t) => t.core.shutdown(now, s, read, write).map_err(capnet_sockets::tcp_error),
+            None => done(self.sockets.tcp_call(Some(s), |s| TcpCall::Shutdown { s, read, write })?),
+        }
+    }
+    fn tcp_close(&mut self, s: TcpId) -> Result<(), SocketError> {
+        let now = self.now();
+        self.sockets.forget_socket(s);
+        match self.tcp.as_mut() {
+            Some(t) => t.core.close(now, s).map_err(capnet_sockets::tcp_error),
+            None => done(self.sockets.tcp_call(Some(s), |s| TcpCall::Close { s })?),
+        }
+    }
+    fn tcp_abort(&mut self, s: TcpId) -> Result<(), SocketError> {
+        self.sockets.forget_socket(s);
+        match self.tcp.as_mut() {
+            Some(t) => t.core.abort(s).map_err(capnet_sockets::tcp_error),
+            None => done(self.sockets.tcp_call(Some(s), |s| TcpCall::Abort { s })?),
+        }
+    }
+    fn tcp_set_option(&mut self, s: TcpId, opt: capnet_tcp::SockOpt) -> Result<(), SocketError> {
+        let now = self.now();
+        match self.tcp.as_mut() {
+            Some(t) => t.core.set_option(now, s, opt).map_err(capnet_sockets::tcp_error),
+            None => done(self.sockets.tcp_call(Some(s), |s| TcpCall::SetOption { s, option: edge::opt(opt) })?),
+        }
+    }
+    fn tcp_ready(&mut self, s: TcpId) -> Result<capnet_tcp::Ready, SocketError> {
+        match self.tcp.as_mut() {
+            Some(t) => t.core.ready(s).map_err(capnet_sockets::tcp_error),
+            None => match self.sockets.tcp_call(Some(s), |s| TcpCall::Ready { s })? {
+                Answer::Ready(b) => {
+                    let mut r = edge::ready_from(b);
+                    // What tcp pushed is ours to read now.
+                    r.readable |= self.sockets.pushed.contains_key(&s.to_raw());
+                    Ok(r)
+                }
+                a => Err(odd(a)),
+            },
+        }
+    }
+}

@@ -1,0 +1,318 @@
+//! The frame channel between the driver and ip: two descriptor channels (one
+//! per direction of frames) over the driver's rx pool and ip's tx pool, and the
+//! halves each side makes, grants and joins.
+//!
+//! The driver group owns the device. Its reader thread copies each frame the device
+//! hands it into a buffer of the rx pool (the one copy at the device edge) and lends
+//! it to the stack over channel R; its writer thread takes the stack's frames from
+//! the tx pool over channel T, copies each out to the device, and returns the loan.
+//! The stack group owns the tx pool and the ip + udp cores; it copies each received
+//! frame out of the driver's pool before parsing (DESIGN, "Distrust") and returns
+//! the loan at once.
+//!
+//! Two channels, one per direction of frames, so each driver thread owns one
+//! channel end outright: the reader blocks in the device, the writer on its
+//! channel's futex, and neither ever waits on the other. Here the groups are
+//! threads; as processes (the factored issue) the same code runs on the other side
+//! of `SCM_RIGHTS`.
+
+use std::collections::VecDeque;
+use std::os::fd::OwnedFd;
+
+use capnet_ipc::channel::ChannelParams;
+use capnet_ipc::pool::{BufferPool, PoolLayout, PoolView, ReaderId};
+use capnet_ipc::region::Region;
+use capnet_ipc::shm_channel::{self, ShmEnd};
+use capnet_ipc::{Descriptor, End};
+
+use crate::{Cores, RuntimeError, StackGroup};
+
+/// The driver's receive pool.
+pub const RX_POOL: u16 = 1;
+/// The stack's transmit pool.
+pub const TX_POOL: u16 = 2;
+pub(crate) const POOL_BUFFERS: u32 = 1024;
+pub(crate) const QUOTA: u32 = 768;
+pub(crate) const BATCH: usize = 64;
+/// Descriptors the reader lends per batch: room for a few 64 KiB chains.
+pub(crate) const RX_BATCH: usize = 160;
+/// The largest frame a chain may carry: 64 KiB of IP datagram plus Ethernet.
+pub(crate) const MAX_FRAME: usize = 65536 + 14;
+/// The MTU of an in-memory wire: the largest IPv4 datagram, as on Linux's
+/// loopback (a frame is a chain of pool buffers; no device limits it).
+pub const WIRE_MTU: usize = 65535;
+/// Frames the stack group holds for a driver that does not take them.
+pub(crate) const MAX_BACKLOG: usize = 4096;
+/// The bit of a scribble request that spares the channels to ip.
+pub(crate) fn ipc_err(e: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError::Ipc(e.to_string())
+}
+
+pub(crate) fn peer_err(e: impl std::fmt::Display) -> RuntimeError {
+    RuntimeError::Peer(e.to_string())
+}
+
+pub(crate) fn returned(d: &Descriptor) -> Descriptor {
+    Descriptor { flags: Descriptor::RETURN, ..*d }
+}
+
+/// The driver group's threads.
+#[derive(Debug)]
+pub struct FramesIn {
+    pub(crate) end: ShmEnd,
+    pub(crate) view: PoolView,
+    pub(crate) inbox: Vec<Descriptor>,
+    pub(crate) returns: Vec<Descriptor>,
+    /// Pieces of a chain gather here until the one without MORE.
+    pub(crate) frame: Vec<u8>,
+    /// How many pieces `frame` holds.
+    pub(crate) pieces: usize,
+}
+
+impl FramesIn {
+    pub(crate) fn new(end: ShmEnd, view: PoolView) -> Self {
+        Self {
+            end,
+            view,
+            inbox: Vec::with_capacity(256),
+            returns: Vec::with_capacity(256),
+            frame: Vec::new(),
+            pieces: 0,
+        }
+    }
+
+    /// Takes descriptors, hands each whole frame to `each` and returns their
+    /// loans — at most `max` pieces of frames handed over, counting those of a
+    /// chain begun in an earlier call; the number of descriptors taken (0:
+    /// nothing had arrived, or `max` leaves no room beyond that chain).
+    pub(crate) fn recv(
+        &mut self,
+        max: usize,
+        mut each: impl FnMut(&[u8]) -> Result<(), RuntimeError>,
+    ) -> Result<usize, RuntimeError> {
+        self.inbox.clear();
+        let k = self.end.recv(&mut self.inbox, max.saturating_sub(self.pieces)).map_err(peer_err)?;
+        self.returns.clear();
+        for d in &self.inbox {
+            if d.has(Descriptor::RETURN) {
+                return Err(RuntimeError::Peer(format!("a return {d:?} on a channel that only lends")));
+            }
+            self.view.read_into(d, &mut self.frame).map_err(peer_err)?;
+            self.pieces += 1;
+            self.returns.push(returned(d));
+            if self.frame.len() > MAX_FRAME {
+                return Err(RuntimeError::Peer(format!("a chain of over {MAX_FRAME} bytes")));
+            }
+            if !d.has(Descriptor::MORE) {
+                each(&self.frame)?;
+                self.frame.clear();
+                self.pieces = 0;
+            }
+        }
+        let mut sent = 0;
+        while sent < self.returns.len() {
+            sent += self.end.send(&self.returns[sent..]).map_err(peer_err)?;
+        }
+        Ok(k)
+    }
+}
+
+/// Frames lent to a peer from a pool of our own (the stack's tx pool, or a wire
+/// side's), as far as buffers, the peer's quota and ring slots allow.
+#[derive(Debug)]
+pub struct FramesOut {
+    pub(crate) end: ShmEnd,
+    pub(crate) pool: BufferPool,
+    pub(crate) peer: ReaderId,
+    pub(crate) batch: Vec<Descriptor>,
+    pub(crate) inbox: Vec<Descriptor>,
+}
+
+impl FramesOut {
+    pub(crate) fn new(end: ShmEnd, pool: BufferPool, peer: ReaderId) -> Self {
+        Self { end, pool, peer, batch: Vec::with_capacity(BATCH), inbox: Vec::with_capacity(1024) }
+    }
+
+    /// Lends the frames at the front of `backlog` and removes those sent.
+    pub fn send(&mut self, backlog: &mut VecDeque<(Vec<u8>, Option<u16>)>) -> Result<(), RuntimeError> {
+        while !backlog.is_empty() {
+            self.batch.clear();
+            // Only whole chains, and only as many descriptors as the ring takes.
+            let room = self.end.space_for(BATCH).map_err(peer_err)?.min(BATCH);
+            let mut frames = 0;
+            for (f, tso) in backlog.iter() {
+                let start = self.batch.len();
+                let layout = self.pool.layout();
+                let pieces = f.len().div_ceil((layout.buf_size - layout.headroom) as usize).max(1);
+                let pieces = pieces + usize::from(tso.is_some());
+                if start + pieces > room || self.pool.held_by(self.peer) as usize + pieces > QUOTA as usize {
+                    break; // the ring or the peer's quota is full: wait for returns
+                }
+                // A TSO frame's chain is led by a piece holding its segment size.
+                if let Some(mss) = tso {
+                    let Some(mut d) = self.pool.fill(&mss.to_le_bytes()).map_err(ipc_err)? else { break };
+                    d.flags |= Descriptor::TSO | Descriptor::MORE;
+                    self.batch.push(d);
+                }
+                if !self.pool.fill_chain(f, &mut self.batch).map_err(ipc_err)? {
+                    for d in self.batch.drain(start..) {
+                        self.pool.release(d.index).map_err(ipc_err)?;
+                    }
+                    break; // every buffer is out: wait for returns
+                }
+                for d in &self.batch[start..] {
+                    self.pool.lend(self.peer, d).map_err(ipc_err)?;
+                }
+                frames += 1;
+            }
+            if self.batch.is_empty() {
+                return Ok(());
+            }
+            let sent = self.end.send(&self.batch).map_err(peer_err)?;
+            if sent < self.batch.len() {
+                return Err(RuntimeError::Peer("the peer's ring shrank under us".into()));
+            }
+            backlog.drain(..frames);
+        }
+        Ok(())
+    }
+
+    /// Takes back every loan the peer returned; whether any came.
+    pub fn take_returns(&mut self) -> Result<bool, RuntimeError> {
+        let mut any = false;
+        loop {
+            self.inbox.clear();
+            if self.end.recv(&mut self.inbox, 1024).map_err(peer_err)? == 0 {
+                return Ok(any);
+            }
+            any = true;
+            for d in &self.inbox {
+                if !d.has(Descriptor::RETURN) {
+                    return Err(RuntimeError::Peer(format!("peer sent {d:?} on the channel it only returns on")));
+                }
+                self.pool.give_back(self.peer, d).map_err(peer_err)?;
+            }
+        }
+    }
+}
+
+/// The fds one group grants the other: its pool and its areas of channels R and T.
+#[derive(Debug)]
+pub struct HalfGrant {
+    /// The granting group's pool (the driver's rx pool, or the stack's tx pool).
+    pub pool: OwnedFd,
+    /// Its area of channel R (frames in).
+    pub r_area: OwnedFd,
+    /// Its area of channel T (frames out).
+    pub t_area: OwnedFd,
+}
+
+/// What one group owns before the two are joined: its pool and its two areas.
+#[derive(Debug)]
+pub(crate) struct Half {
+    pub(crate) pool: BufferPool,
+    pub(crate) r_area: Region,
+    pub(crate) t_area: Region,
+}
+
+impl Half {
+    pub(crate) fn new(tag: &str, pool_id: u16, r_end: End, t_end: End) -> Result<Self, RuntimeError> {
+        let params = ChannelParams::default();
+        Ok(Self {
+            pool: BufferPool::create(&format!("capnet-{tag}-pool"), pool_id, PoolLayout::with_count(POOL_BUFFERS))
+                .map_err(ipc_err)?,
+            r_area: shm_channel::create_area::<Descriptor>(&format!("capnet-{tag}-frames-in"), r_end, params)
+                .map_err(ipc_err)?,
+            t_area: shm_channel::create_area::<Descriptor>(&format!("capnet-{tag}-frames-out"), t_end, params)
+                .map_err(ipc_err)?,
+        })
+    }
+
+    pub(crate) fn grant(&self) -> Result<HalfGrant, RuntimeError> {
+        let dup = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned().map_err(ipc_err);
+        Ok(HalfGrant {
+            pool: dup(self.pool.region().fd())?,
+            r_area: dup(self.r_area.fd())?,
+            t_area: dup(self.t_area.fd())?,
+        })
+    }
+}
+
+/// The driver group's half: the rx pool, end A of channel R, end B of channel T.
+#[derive(Debug)]
+pub struct DriverHalf(pub(crate) Half);
+
+/// The stack group's half: the tx pool, end B of channel R, end A of channel T.
+#[derive(Debug)]
+pub struct StackHalf(pub(crate) Half);
+
+impl StackHalf {
+    /// Creates (and seals) the stack's pool and areas.
+    pub fn new() -> Result<Self, RuntimeError> {
+        Ok(Self(Half::new("stack", TX_POOL, End::B, End::A)?))
+    }
+
+    /// The fds to grant the driver group.
+    pub fn grant(&self) -> Result<HalfGrant, RuntimeError> {
+        self.0.grant()
+    }
+
+    /// Blank regions of the sizes a stack half needs: what the supervisor grants
+    /// a sandboxed ip domain (which may not create memory) to rejoin a restarted
+    /// driver with.
+    pub fn blank() -> Result<HalfGrant, RuntimeError> {
+        let area = capnet_ipc::channel::area_len::<Descriptor>(ChannelParams::default().capacity);
+        Ok(HalfGrant {
+            pool: Region::blank("capnet-stack-pool", PoolLayout::with_count(POOL_BUFFERS).region_len())
+                .map_err(ipc_err)?,
+            r_area: Region::blank("capnet-stack-frames-in", area).map_err(ipc_err)?,
+            t_area: Region::blank("capnet-stack-frames-out", area).map_err(ipc_err)?,
+        })
+    }
+
+    /// The stack half in blank regions from [`StackHalf::blank`]: mapped, sealed
+    /// and laid out here, so this process is their one writer.
+    pub fn adopt(blank: HalfGrant) -> Result<Self, RuntimeError> {
+        let params = ChannelParams::default();
+        Ok(Self(Half {
+            pool: BufferPool::adopt(blank.pool, TX_POOL, PoolLayout::with_count(POOL_BUFFERS)).map_err(ipc_err)?,
+            r_area: shm_channel::adopt_area::<Descriptor>(blank.r_area, End::B, params).map_err(ipc_err)?,
+            t_area: shm_channel::adopt_area::<Descriptor>(blank.t_area, End::A, params).map_err(ipc_err)?,
+        }))
+    }
+
+    /// Joins the driver group's grant: the stack group, ready to poll.
+    pub fn join(self, driver: HalfGrant, cores: Cores) -> Result<StackGroup, RuntimeError> {
+        let mut stack = StackGroup::unplugged(cores);
+        stack.plug(self.attach(driver, Peer::Driver)?)?;
+        Ok(stack)
+    }
+
+    /// This half attached to the peer's: the frames it lends us, the frames we
+    /// lend it.
+    pub fn attach(self, peer: HalfGrant, kind: Peer) -> Result<(FramesIn, FramesOut), RuntimeError> {
+        let params = ChannelParams::default();
+        let Half { pool: mut tx_pool, r_area, t_area } = self.0;
+        let peer_reader = tx_pool.add_reader(QUOTA);
+        // A wire's peer is a stack half too: its T channel is our R, and the
+        // other way round.
+        let (view_id, their_r, their_t) = match kind {
+            Peer::Driver => (RX_POOL, peer.r_area, peer.t_area),
+            Peer::Wire => (TX_POOL, peer.t_area, peer.r_area),
+        };
+        let view = PoolView::attach(peer.pool, view_id).map_err(peer_err)?;
+        let rx = shm_channel::attach::<Descriptor>(r_area, their_r, End::B, params).map_err(peer_err)?;
+        let tx = shm_channel::attach::<Descriptor>(t_area, their_t, End::A, params).map_err(peer_err)?;
+        Ok((FramesIn::new(rx, view), FramesOut::new(tx, tx_pool, peer_reader)))
+    }
+}
+
+/// What is at the other end of a stack half's frame channels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Peer {
+    /// The driver's half: it lends frames from its rx pool.
+    Driver,
+    /// Another capnet instance's stack half (the in-memory wire): the two lend
+    /// each other frames from their tx pools.
+    Wire,
+}
