@@ -16,19 +16,23 @@
 
 pub mod cc;
 mod conn;
+mod cookie;
 pub mod rtt;
 pub mod rx;
 pub mod sack;
 pub mod seq;
+mod stats;
 
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 
 pub use conn::Endpoints;
 use conn::{Conn, Cx, Disposition, Segment};
+pub use cookie::COOKIE_MSS;
 use slotmap::SlotMap;
 pub use smoltcp::time::{Duration, Instant};
 pub use smoltcp::wire::Ipv4Address;
+pub use stats::{DropReason, Stats};
 
 slotmap::new_key_type! {
     /// A listener or connection of the tcp core. Generational: the id of a
@@ -351,122 +355,6 @@ pub enum Output {
     },
 }
 
-/// Why a received segment was dropped (or only answered with a reset).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(usize)]
-pub enum DropReason {
-    /// Too short or a header that does not parse.
-    Malformed,
-    /// Checksum mismatch.
-    BadChecksum,
-    /// Not addressed to us (e.g. a broadcast).
-    NotForUs,
-    /// No connection or listener: reset sent.
-    NoSocket,
-    /// Outside the receive window (or a bad ACK in SYN-SENT): ACKed or dropped.
-    Unacceptable,
-    /// A synchronized-state segment without ACK.
-    NoAck,
-    /// It acknowledged data never sent.
-    AckUnsent,
-    /// The out-of-order queue was full.
-    OutOfOrderFull,
-    /// A SYN beyond the listener's SYN queue.
-    SynQueueFull,
-    /// A SYN while the listener's accept queue was full.
-    AcceptQueueFull,
-    /// An old duplicate by its timestamp (RFC 7323 PAWS): ACKed and dropped.
-    Paws,
-}
-
-impl DropReason {
-    /// Every reason, in counter order.
-    pub const ALL: [DropReason; 11] = [
-        Self::Malformed,
-        Self::BadChecksum,
-        Self::NotForUs,
-        Self::NoSocket,
-        Self::Unacceptable,
-        Self::NoAck,
-        Self::AckUnsent,
-        Self::OutOfOrderFull,
-        Self::SynQueueFull,
-        Self::AcceptQueueFull,
-        Self::Paws,
-    ];
-
-    /// The counter name in `capnet status --json`.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::Malformed => "tcp_malformed",
-            Self::BadChecksum => "tcp_bad_checksum",
-            Self::NotForUs => "tcp_not_for_us",
-            Self::NoSocket => "tcp_no_socket",
-            Self::Unacceptable => "tcp_unacceptable",
-            Self::NoAck => "tcp_no_ack",
-            Self::AckUnsent => "tcp_ack_unsent",
-            Self::OutOfOrderFull => "tcp_ooo_full",
-            Self::SynQueueFull => "tcp_syn_queue_full",
-            Self::AcceptQueueFull => "tcp_accept_queue_full",
-            Self::Paws => "tcp_paws",
-        }
-    }
-}
-
-/// The core's counters.
-#[derive(Debug, Clone, Default)]
-pub struct Stats {
-    /// Segments received.
-    pub segments_in: u64,
-    /// Segments sent.
-    pub segments_out: u64,
-    /// Segments sent carrying data.
-    pub data_segments_out: u64,
-    /// Payload bytes received in order.
-    pub bytes_in: u64,
-    /// Segments retransmitted (timeouts, fast retransmits, go-back-N).
-    pub retransmits: u64,
-    /// Fast retransmits (three duplicate ACKs).
-    pub fast_retransmits: u64,
-    /// Retransmission timer expirations.
-    pub timeouts: u64,
-    /// Connections we opened that completed the handshake.
-    pub active_opens: u64,
-    /// Connections accepted from listeners that completed the handshake.
-    pub passive_opens: u64,
-    /// Resets received that closed a connection.
-    pub resets_in: u64,
-    /// Resets sent.
-    pub resets_out: u64,
-    /// Challenge ACKs sent (RFC 5961).
-    pub challenge_acks: u64,
-    /// Keep-alive probes sent.
-    pub keepalive_probes: u64,
-    /// Connections closed by unanswered keep-alive probes.
-    pub keepalive_timeouts: u64,
-    /// SYN-ACKs sent with a SYN cookie (the SYN queue was full).
-    pub syn_cookies_sent: u64,
-    /// Connections built from a valid SYN cookie's ACK.
-    pub syn_cookies_accepted: u64,
-    /// Closed connections given up on: their peer held the window shut past
-    /// [`Config::orphan_retries`] probes.
-    pub orphans_given_up: u64,
-    /// Bytes all connections hold now (a gauge, against [`Config::memory`]).
-    pub memory_held: u64,
-    drops: [u64; DropReason::ALL.len()],
-}
-
-impl Stats {
-    /// Drops for one reason.
-    pub fn dropped(&self, r: DropReason) -> u64 {
-        self.drops[r as usize]
-    }
-
-    pub(crate) fn drop(&mut self, r: DropReason) {
-        self.drops[r as usize] += 1;
-    }
-}
-
 #[derive(Debug)]
 struct Listener {
     port: u16,
@@ -517,40 +405,6 @@ pub const MEMORY_FLOOR: usize = 16 << 10;
 /// (`used` counts `conn`'s own charge too).
 fn room_for(cfg: &Config, used: usize, conn: &Conn) -> usize {
     cfg.memory.saturating_sub(used - conn.charged)
-}
-
-/// The MSS values a SYN cookie can say (its index, in 2 bits): Linux's table,
-/// the common MSSs of IPv4 paths, rounded down to.
-pub const COOKIE_MSS: [u16; 4] = [536, 1300, 1440, 1460];
-
-/// SYN cookie time: 64-second steps.
-fn cookie_time(now: Instant) -> u32 {
-    (now.total_millis() / 64_000) as u32
-}
-
-/// The SYN a cookie stands for, as the core answers or rebuilds it: the
-/// peer's ISN, its MSS rounded down to the table, and — only with timestamps —
-/// its window scale and SACK-permitted (`options`).
-fn cookie_syn<'a>(
-    seg: &Segment<'a>,
-    peer_isn: seq::Seq,
-    mss_idx: usize,
-    options: Option<(Option<u8>, bool)>,
-) -> Segment<'a> {
-    Segment {
-        seq: peer_isn,
-        ack: None,
-        syn: true,
-        fin: false,
-        rst: false,
-        mss: Some(COOKIE_MSS[mss_idx]),
-        wscale: options.and_then(|o| o.0),
-        sack_permitted: options.is_some_and(|o| o.1),
-        sack: [None; 3],
-        timestamp: if options.is_some() { seg.timestamp.map(|(tsval, _)| (tsval, 0)) } else { None },
-        payload: &[],
-        ..*seg
-    }
 }
 
 /// The tcp domain's core.
@@ -1071,92 +925,6 @@ impl TcpCore {
         if let Some(Sock::Listener(l)) = self.socks.get_mut(lid) {
             l.syn_pending += 1;
         }
-    }
-
-    /// The two keyed hashes of a SYN cookie for `ends`: the flow's, and the
-    /// flow's at cookie time `t`.
-    fn cookie_hashes(&self, ends: Endpoints, t: u32) -> (u32, u32) {
-        let flow = (self.cfg.local.octets(), ends.local_port, ends.remote.octets(), ends.remote_port);
-        (self.keyed_hash(("syn cookie", flow)) as u32, self.keyed_hash(("syn cookie", flow, t)) as u32)
-    }
-
-    /// Answers a SYN with a SYN cookie and keeps no state (RFC 4987 §3.6, laid
-    /// out as Linux's): our ISN is a keyed hash of the flow, plus the peer's ISN,
-    /// plus the time in 64 s steps in the top 8 bits, plus (another keyed hash
-    /// of the flow and the time, plus the index of the peer's MSS in
-    /// [`COOKIE_MSS`] in bits 22–23) in the low 24 — unlike Linux, whose index
-    /// sits in the lowest bits, so a segment one byte later than the first
-    /// passed there for it with the next index down. With timestamps the peer's
-    /// window scale and SACK-permitted ride in our TSval's low 6 bits; without,
-    /// the SYN-ACK offers neither (they could not be recovered).
-    fn send_cookie(&mut self, now: Instant, ends: Endpoints, seg: &Segment, cc: cc::Algorithm) {
-        let peer_mss = seg.mss.unwrap_or(536);
-        let idx = COOKIE_MSS.iter().rposition(|m| *m <= peer_mss).unwrap_or(0);
-        let t = cookie_time(now);
-        let (h1, h2) = self.cookie_hashes(ends, t);
-        let low = h2.wrapping_add((idx as u32) << 22) & 0x00ff_ffff;
-        let iss = seq::Seq(h1.wrapping_add(seg.seq.0).wrapping_add(t << 24).wrapping_add(low));
-        let ts = seg.timestamp.is_some() && self.cfg.timestamps;
-        let bits = ts.then(|| Conn::cookie_bits(seg));
-        let syn = cookie_syn(seg, seg.seq, idx, ts.then_some((seg.wscale, seg.sack_permitted)));
-        let mut cx = Cx { cfg: &self.cfg, out: &mut self.out, stats: &mut self.stats, now: self.now };
-        // A connection built only to say its SYN-ACK, then forgotten.
-        drop(Conn::accept_syn_with(&mut cx, now, ends, iss, &syn, cc, bits));
-        self.stats.syn_cookies_sent += 1;
-    }
-
-    /// An ACK for a listener with no connection: if it acknowledges a SYN
-    /// cookie of the last two minutes, the connection it stands for is built
-    /// (established by this ACK, which may carry data) and queued for accept.
-    /// Whether it was one (false: reset as any stray ACK).
-    fn accept_cookie(&mut self, now: Instant, ends: Endpoints, seg: &Segment, lid: SocketId) -> bool {
-        let Some(ack) = seg.ack else { return false };
-        let (iss, peer_isn) = (ack.minus(1), seg.seq.minus(1));
-        let t = cookie_time(now);
-        let (h1, _) = self.cookie_hashes(ends, t);
-        let diff = iss.0.wrapping_sub(h1).wrapping_sub(peer_isn.0);
-        let age = (t.wrapping_sub(diff >> 24)) & 0xff;
-        if age > 2 {
-            return false;
-        }
-        let (_, h2) = self.cookie_hashes(ends, t.wrapping_sub(age));
-        let v = (diff & 0x00ff_ffff).wrapping_sub(h2) & 0x00ff_ffff;
-        // The low 22 bits check the peer's ISN exactly: a later segment of the
-        // connection (its first data lost, say) must not pass for its first, or
-        // the connection would start past bytes it never received.
-        if v & 0x003f_ffff != 0 {
-            return false;
-        }
-        let idx = (v >> 22) as usize;
-        let Some(Sock::Listener(l)) = self.socks.get(lid) else { return false };
-        // The peer holds the connection established already: dropping its ACK
-        // would leave it sending into nothing we could match again. So it is
-        // queued for accept even past the backlog, while the memory budget has
-        // room for it (that, not the backlog, bounds what cookies admit).
-        if self.memory_used() + 2 * MEMORY_FLOOR > self.cfg.memory {
-            self.stats.drop(DropReason::AcceptQueueFull);
-            return true;
-        }
-        let cc = l.cc;
-        let options = match seg.timestamp {
-            Some((_, tsecr)) if self.cfg.timestamps => {
-                let w = (tsecr & 0xf) as u8;
-                Some(((w != 0xf).then_some(w), tsecr & 0x10 != 0))
-            }
-            _ => None,
-        };
-        let syn = cookie_syn(seg, peer_isn, idx, options);
-        let mut scratch = VecDeque::new();
-        let mut cx = Cx { cfg: &self.cfg, out: &mut scratch, stats: &mut self.stats, now: self.now };
-        let conn = Conn::accept_syn_with(&mut cx, now, ends, iss, &syn, cc, None);
-        let id = self.socks.insert(Sock::Conn { conn: Box::new(conn), parent: Some(lid) });
-        self.conns.insert(ends, id);
-        if let Some(Sock::Listener(l)) = self.socks.get_mut(lid) {
-            l.syn_pending += 1;
-        }
-        self.stats.syn_cookies_accepted += 1;
-        let _ = self.with_conn(id, |c, cx| ((), c.on_segment(cx, now, seg)));
-        true
     }
 
     /// An ICMP error about a flow of ours (RFC 1122 §4.2.3.9): protocol and port
