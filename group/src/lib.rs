@@ -362,7 +362,7 @@ fn broken_channels(engine: &mut Engine, links: &[(String, Kind, Kind)]) -> Vec<(
     out
 }
 
-/// The test-only hostile mode (debug builds only; release builds have no such
+/// The test-only hostile mode (the `hostile` feature only; release builds have no such
 /// code): `CAPNET_HOSTILE=KIND:ACTION:DELAY_MS` makes the group running KIND, in
 /// its first life, do ACTION once DELAY_MS after it started — `syscall` (one its
 /// policy forbids), `garbage` (write garbage over every channel area it owns),

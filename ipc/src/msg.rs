@@ -179,7 +179,7 @@ impl MsgEnd {
         Ok(n)
     }
 
-    /// Test-only hostile behaviour (debug builds only): takes back this end's
+    /// Test-only hostile behaviour (the `hostile` feature only): takes back this end's
     /// own buffers the peer returned, but holds every message the peer lent
     /// and reads none — a reader that never reads, yet keeps sending.
     #[cfg(feature = "hostile")]

@@ -189,7 +189,7 @@ impl Stack {
 }
 
 /// What a hostile application does (the test-only hostile mode of the client
-/// library, in debug builds only: release builds have none of it). Each one
+/// library, with the `hostile` feature only: release builds have none of it). Each one
 /// breaks a rule the sockets domain must survive.
 #[cfg(feature = "hostile")]
 #[doc(hidden)]

@@ -1,6 +1,6 @@
 //! Hostile domains, on the default (fully factored) graph, driven by the
-//! test-only hostile mode (`CAPNET_HOSTILE=KIND:ACTION:DELAY_MS`, compiled into
-//! debug builds only): a domain that writes garbage over its channel areas is
+//! test-only hostile mode (`CAPNET_HOSTILE=KIND:ACTION:DELAY_MS`, compiled in
+//! with the `hostile` feature only, which these tests' dev-dependencies turn on): a domain that writes garbage over its channel areas is
 //! detected by its neighbours, reported, cut off and restarted, while the
 //! neighbours keep running with their state — pings and an established TCP
 //! connection keep working; one that returns loans it never had, or floods its

@@ -98,7 +98,7 @@ fn a_peer_scribbling_over_the_wire_is_refused_and_loses_nothing_else() {
     let a = Up::start(CAPNET, "wire-c", &["--wire"]);
     let name_a = a.name().to_owned();
     // The joining instance's driver writes garbage over the ring indices it
-    // owns on the wire, 1.5 s after it starts (debug builds only).
+    // owns on the wire, 1.5 s after it starts (the `hostile` feature).
     std::env::set_var("CAPNET_HOSTILE", "driver:wire:1500");
     let b = Up::start(CAPNET, "wire-d", &["--wire-to", &name_a]);
     std::env::remove_var("CAPNET_HOSTILE");
