@@ -67,6 +67,12 @@ impl Payload {
     }
 }
 
+impl AsRef<[u8]> for Payload {
+    fn as_ref(&self) -> &[u8] {
+        self.bytes()
+    }
+}
+
 impl From<Vec<u8>> for Payload {
     fn from(b: Vec<u8>) -> Self {
         Payload::Inline(b)
@@ -265,17 +271,18 @@ pub enum IpToSockets {
 }
 
 /// A call of the sockets domain on a tcp domain. Socket ids are the core's own,
-/// as raw numbers (the core checks their generation).
+/// as raw numbers (the core checks their generation). Generic over its payload:
+/// `Payload` on a link, `&[u8]` for a core in the same group (no copy).
 #[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
 #[allow(missing_docs)]
-pub enum TcpCall {
+pub enum TcpCall<P = Payload> {
     Listen { port: u16, backlog: u32 },
     LocalPort { s: u64 },
     Accept { l: u64 },
     Endpoints { s: u64 },
     Connect { addr: Addr, port: u16 },
     Connected { s: u64 },
-    Send { s: u64, data: Payload },
+    Send { s: u64, data: P },
     Shutdown { s: u64, read: bool, write: bool },
     Close { s: u64 },
     Abort { s: u64 },
@@ -283,25 +290,72 @@ pub enum TcpCall {
     Ready { s: u64 },
 }
 
-/// A call of the sockets domain on a udp domain.
+/// A call of the sockets domain on a udp domain (generic over its payload as
+/// [`TcpCall`]).
 #[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
 #[allow(missing_docs)]
-pub enum UdpCall {
+pub enum UdpCall<P = Payload> {
     Bind { port: u16 },
     Port { s: u64 },
     Connect { s: u64, addr: Addr, port: u16 },
-    Send { s: u64, to: Option<(Addr, u16)>, data: Payload },
+    Send { s: u64, to: Option<(Addr, u16)>, data: P },
     Recv { s: u64, max: u32 },
     Close { s: u64 },
 }
 
-/// A call of the sockets domain on the ip domain, for its echo sockets.
+/// A call of the sockets domain on the ip domain, for its echo sockets (generic
+/// over its payload as [`TcpCall`]).
 #[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
 #[allow(missing_docs)]
-pub enum EchoCall {
+pub enum EchoCall<P = Payload> {
     Claim { ident: u16 },
     Release { ident: u16 },
-    Send { dst: Addr, ident: u16, seq: u16, data: Payload },
+    Send { dst: Addr, ident: u16, seq: u16, data: P },
+}
+
+impl TcpCall<&[u8]> {
+    /// The call with its payload copied out, to travel a link.
+    pub fn owned(self) -> TcpCall {
+        match self {
+            TcpCall::Listen { port, backlog } => TcpCall::Listen { port, backlog },
+            TcpCall::LocalPort { s } => TcpCall::LocalPort { s },
+            TcpCall::Accept { l } => TcpCall::Accept { l },
+            TcpCall::Endpoints { s } => TcpCall::Endpoints { s },
+            TcpCall::Connect { addr, port } => TcpCall::Connect { addr, port },
+            TcpCall::Connected { s } => TcpCall::Connected { s },
+            TcpCall::Send { s, data } => TcpCall::Send { s, data: data.to_vec().into() },
+            TcpCall::Shutdown { s, read, write } => TcpCall::Shutdown { s, read, write },
+            TcpCall::Close { s } => TcpCall::Close { s },
+            TcpCall::Abort { s } => TcpCall::Abort { s },
+            TcpCall::SetOption { s, option } => TcpCall::SetOption { s, option },
+            TcpCall::Ready { s } => TcpCall::Ready { s },
+        }
+    }
+}
+
+impl UdpCall<&[u8]> {
+    /// The call with its payload copied out, to travel a link.
+    pub fn owned(self) -> UdpCall {
+        match self {
+            UdpCall::Bind { port } => UdpCall::Bind { port },
+            UdpCall::Port { s } => UdpCall::Port { s },
+            UdpCall::Connect { s, addr, port } => UdpCall::Connect { s, addr, port },
+            UdpCall::Send { s, to, data } => UdpCall::Send { s, to, data: data.to_vec().into() },
+            UdpCall::Recv { s, max } => UdpCall::Recv { s, max },
+            UdpCall::Close { s } => UdpCall::Close { s },
+        }
+    }
+}
+
+impl EchoCall<&[u8]> {
+    /// The call with its payload copied out, to travel a link.
+    pub fn owned(self) -> EchoCall {
+        match self {
+            EchoCall::Claim { ident } => EchoCall::Claim { ident },
+            EchoCall::Release { ident } => EchoCall::Release { ident },
+            EchoCall::Send { dst, ident, seq, data } => EchoCall::Send { dst, ident, seq, data: data.to_vec().into() },
+        }
+    }
 }
 
 /// A TCP socket option on the wire.

@@ -227,8 +227,9 @@ fn datagram(d: &LocalDatagram, payload: Vec<u8>) -> Datagram {
     Datagram { src: d.src.octets(), dst: d.dst.octets(), payload: payload.into(), ip_header: d.ip_header.to_vec() }
 }
 
-/// Answers an echo-socket call of the sockets domain with the ip core.
-pub fn serve_echo(core: &mut IpCore, now: Instant, call: EchoCall) -> Result<Answer, SocketError> {
+/// Answers an echo-socket call of the sockets domain with the ip core (here or
+/// from another group): the one place an `EchoCall` becomes the core's method.
+pub fn serve_echo<P: AsRef<[u8]>>(core: &mut IpCore, now: Instant, call: EchoCall<P>) -> Result<Answer, SocketError> {
     Ok(match call {
         EchoCall::Claim { ident } => Answer::Bool(echo_claim(core, ident)),
         EchoCall::Release { ident } => {
@@ -236,7 +237,7 @@ pub fn serve_echo(core: &mut IpCore, now: Instant, call: EchoCall) -> Result<Ans
             Answer::Done
         }
         EchoCall::Send { dst, ident, seq, data } => {
-            echo_send(core, now, dst.into(), ident, seq, data.bytes())?;
+            echo_send(core, now, dst.into(), ident, seq, data.as_ref())?;
             Answer::Done
         }
     })
@@ -244,7 +245,7 @@ pub fn serve_echo(core: &mut IpCore, now: Instant, call: EchoCall) -> Result<Ans
 
 /// Claims echo identifier `ident` for the sockets domain's echo sockets (false
 /// if taken).
-pub(crate) fn echo_claim(core: &mut IpCore, ident: u16) -> bool {
+fn echo_claim(core: &mut IpCore, ident: u16) -> bool {
     if core.demux.lookup(IpProtocol::Icmp, ident).is_some() {
         return false;
     }
@@ -253,12 +254,12 @@ pub(crate) fn echo_claim(core: &mut IpCore, ident: u16) -> bool {
 }
 
 /// Releases an echo identifier.
-pub(crate) fn echo_release(core: &mut IpCore, ident: u16) {
+fn echo_release(core: &mut IpCore, ident: u16) {
     core.demux.remove_range(IpProtocol::Icmp, ident..=ident);
 }
 
 /// Sends an echo request.
-pub(crate) fn echo_send(
+fn echo_send(
     core: &mut IpCore,
     now: Instant,
     dst: Ipv4Address,

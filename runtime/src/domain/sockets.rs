@@ -125,20 +125,6 @@ impl SocketsSide {
         })
     }
 
-    fn udp_call(&mut self, call: UdpCall) -> Result<Answer, SocketError> {
-        match self.udp.first_mut() {
-            Some(l) => l.call(call),
-            None => Err(SocketError::Invalid("no udp domain is reachable".into())),
-        }
-    }
-
-    fn echo_call(&mut self, call: EchoCall) -> Result<Answer, SocketError> {
-        match self.ip.first_mut() {
-            Some(l) => l.call(call),
-            None => Err(SocketError::Invalid("no ip domain is reachable".into())),
-        }
-    }
-
     /// Takes what the transports and ip sent; whether anything arrived.
     pub(crate) fn receive_links(&mut self) -> bool {
         let mut any = false;
@@ -228,32 +214,43 @@ fn tcp_id(a: Answer) -> Result<TcpId, SocketError> {
     }
 }
 
-/// The sockets core reaches each transport (and ip, for echo sockets) by a
-/// direct call when it runs in this group, and by a call over the link otherwise.
+fn udp_id(a: Answer) -> Result<capnet_udp::SocketId, SocketError> {
+    match a {
+        Answer::Id(s) => Ok(capnet_udp::SocketId::from_raw(s)),
+        a => Err(odd(a)),
+    }
+}
+
+fn port(a: Answer) -> Result<u16, SocketError> {
+    match a {
+        Answer::Port(p) => Ok(p),
+        a => Err(odd(a)),
+    }
+}
+
+fn boolean(a: Answer) -> Result<bool, SocketError> {
+    match a {
+        Answer::Bool(b) => Ok(b),
+        a => Err(odd(a)),
+    }
+}
+
+/// The sockets core reaches each transport (and ip, for echo sockets) through
+/// one call per operation: [`Cores::tcp_call`], [`Cores::udp_call`] and
+/// [`Cores::echo_call`] hand it to the core here (`domain::{tcp, udp, ip}::serve`,
+/// the one place a call becomes a core's method) or over the link to the
+/// domain's group, where the same `serve` answers it. Payload stays borrowed on
+/// the local path: a call is generic over its payload, `&[u8]` here and
+/// `Payload` on a link.
 impl Transports for Cores {
     fn udp_bind(&mut self, port: u16) -> Result<capnet_udp::SocketId, SocketError> {
-        match self.udp.as_mut() {
-            Some(u) => u.core.bind(port).map_err(capnet_sockets::udp_error),
-            None => match self.sockets.udp_call(UdpCall::Bind { port })? {
-                Answer::Id(s) => Ok(capnet_udp::SocketId::from_raw(s)),
-                a => Err(odd(a)),
-            },
-        }
+        self.udp_call(UdpCall::Bind { port }).and_then(udp_id)
     }
     fn udp_port(&mut self, s: capnet_udp::SocketId) -> Result<u16, SocketError> {
-        match self.udp.as_mut() {
-            Some(u) => u.core.local_port(s).map_err(capnet_sockets::udp_error),
-            None => match self.sockets.udp_call(UdpCall::Port { s: s.to_raw() })? {
-                Answer::Port(p) => Ok(p),
-                a => Err(odd(a)),
-            },
-        }
+        self.udp_call(UdpCall::Port { s: s.to_raw() }).and_then(port)
     }
     fn udp_connect(&mut self, s: capnet_udp::SocketId, addr: Ipv4Address, port: u16) -> Result<(), SocketError> {
-        match self.udp.as_mut() {
-            Some(u) => u.core.connect(s, addr, port).map_err(capnet_sockets::udp_error),
-            None => done(self.sockets.udp_call(UdpCall::Connect { s: s.to_raw(), addr: addr.octets(), port })?),
-        }
+        self.udp_call(UdpCall::Connect { s: s.to_raw(), addr: addr.octets(), port }).and_then(done)
     }
     fn udp_send(
         &mut self,
@@ -261,129 +258,70 @@ impl Transports for Cores {
         to: Option<(Ipv4Address, u16)>,
         data: &[u8],
     ) -> Result<(), SocketError> {
-        match self.udp.as_mut() {
-            Some(u) => u.core.send_to(s, to, data).map_err(capnet_sockets::udp_error),
-            None => {
-                let to = to.map(|(a, p)| (a.octets(), p));
-                done(self.sockets.udp_call(UdpCall::Send { s: s.to_raw(), to, data: data.to_vec().into() })?)
-            }
-        }
+        let to = to.map(|(a, p)| (a.octets(), p));
+        self.udp_call(UdpCall::Send { s: s.to_raw(), to, data }).and_then(done)
     }
     fn udp_recv(&mut self, s: capnet_udp::SocketId, max: usize) -> Result<Vec<capnet_udp::Datagram>, SocketError> {
-        match self.udp.as_mut() {
-            Some(u) => u.core.recv_many(s, max, capnet_sockets::UDP_BATCH_BYTES).map_err(capnet_sockets::udp_error),
-            None => match self.sockets.udp_call(UdpCall::Recv { s: s.to_raw(), max: max as u32 })? {
-                // More than asked for, or a datagram over the IP limit: the udp
-                // domain broke the protocol.
-                Answer::Datagrams(d) if d.len() <= max && d.iter().all(|x| x.2.len() <= 65_535) => Ok(d
-                    .into_iter()
-                    .map(|(src, src_port, data)| capnet_udp::Datagram {
-                        src: Ipv4Address::from(src),
-                        src_port,
-                        data: data.into_bytes(),
-                    })
-                    .collect()),
-                a => Err(odd(a)),
-            },
+        match self.udp_call(UdpCall::Recv { s: s.to_raw(), max: max as u32 })? {
+            // More than asked for, or a datagram over the IP limit: the udp
+            // domain broke the protocol.
+            Answer::Datagrams(d) if d.len() <= max && d.iter().all(|x| x.2.len() <= 65_535) => Ok(d
+                .into_iter()
+                .map(|(src, src_port, data)| capnet_udp::Datagram {
+                    src: Ipv4Address::from(src),
+                    src_port,
+                    data: data.into_bytes(),
+                })
+                .collect()),
+            a => Err(odd(a)),
         }
     }
     fn udp_close(&mut self, s: capnet_udp::SocketId) -> Result<(), SocketError> {
-        match self.udp.as_mut() {
-            Some(u) => u.core.close(s).map_err(capnet_sockets::udp_error),
-            None => done(self.sockets.udp_call(UdpCall::Close { s: s.to_raw() })?),
-        }
+        self.udp_call(UdpCall::Close { s: s.to_raw() }).and_then(done)
     }
     fn echo_claim(&mut self, ident: u16) -> Result<bool, SocketError> {
-        match self.ip.as_mut() {
-            Some(ip) => Ok(super::ip::echo_claim(&mut ip.core, ident)),
-            None => match self.sockets.echo_call(EchoCall::Claim { ident })? {
-                Answer::Bool(b) => Ok(b),
-                a => Err(odd(a)),
-            },
-        }
+        self.echo_call(EchoCall::Claim { ident }).and_then(boolean)
     }
     fn echo_release(&mut self, ident: u16) -> Result<(), SocketError> {
-        match self.ip.as_mut() {
-            Some(ip) => {
-                super::ip::echo_release(&mut ip.core, ident);
-                Ok(())
-            }
-            None => done(self.sockets.echo_call(EchoCall::Release { ident })?),
-        }
+        self.echo_call(EchoCall::Release { ident }).and_then(done)
     }
     fn echo_send(&mut self, dst: Ipv4Address, ident: u16, seq: u16, data: &[u8]) -> Result<(), SocketError> {
-        let now = self.now();
-        match self.ip.as_mut() {
-            Some(ip) => super::ip::echo_send(&mut ip.core, now, dst, ident, seq, data),
-            None => done(self.sockets.echo_call(EchoCall::Send {
-                dst: dst.octets(),
-                ident,
-                seq,
-                data: data.to_vec().into(),
-            })?),
-        }
+        self.echo_call(EchoCall::Send { dst: dst.octets(), ident, seq, data }).and_then(done)
     }
     fn tcp_listen(&mut self, port: u16, backlog: usize) -> Result<TcpId, SocketError> {
-        match self.tcp.as_mut() {
-            Some(t) => t.core.listen(port, backlog).map_err(capnet_sockets::tcp_error),
-            None => tcp_id(self.sockets.tcp_call(None, |_| TcpCall::Listen { port, backlog: backlog as u32 })?),
-        }
+        self.tcp_call(None, |_| TcpCall::Listen { port, backlog: backlog as u32 }).and_then(tcp_id)
     }
     fn tcp_local_port(&mut self, s: TcpId) -> Result<u16, SocketError> {
-        match self.tcp.as_mut() {
-            Some(t) => t.core.local_port(s).map_err(capnet_sockets::tcp_error),
-            None => match self.sockets.tcp_call(Some(s), |s| TcpCall::LocalPort { s })? {
-                Answer::Port(p) => Ok(p),
-                a => Err(odd(a)),
-            },
-        }
+        self.tcp_call(Some(s), |s| TcpCall::LocalPort { s }).and_then(port)
     }
     fn tcp_accept(&mut self, l: TcpId) -> Result<Option<TcpId>, SocketError> {
-        match self.tcp.as_mut() {
-            Some(t) => t.core.accept(l).map_err(capnet_sockets::tcp_error),
-            None => match self.sockets.tcp_call(Some(l), |l| TcpCall::Accept { l })? {
-                Answer::Accepted(s) => Ok(s.map(TcpId::from_raw)),
-                a => Err(odd(a)),
-            },
+        match self.tcp_call(Some(l), |l| TcpCall::Accept { l })? {
+            Answer::Accepted(s) => Ok(s.map(TcpId::from_raw)),
+            a => Err(odd(a)),
         }
     }
     fn tcp_endpoints(&mut self, s: TcpId) -> Result<capnet_tcp::Endpoints, SocketError> {
-        match self.tcp.as_mut() {
-            Some(t) => t.core.endpoints(s).map_err(capnet_sockets::tcp_error),
-            None => match self.sockets.tcp_call(Some(s), |s| TcpCall::Endpoints { s })? {
-                Answer::Endpoints(local_port, remote, remote_port) => {
-                    Ok(capnet_tcp::Endpoints { local_port, remote: Ipv4Address::from(remote), remote_port })
-                }
-                a => Err(odd(a)),
-            },
+        match self.tcp_call(Some(s), |s| TcpCall::Endpoints { s })? {
+            Answer::Endpoints(local_port, remote, remote_port) => {
+                Ok(capnet_tcp::Endpoints { local_port, remote: Ipv4Address::from(remote), remote_port })
+            }
+            a => Err(odd(a)),
         }
     }
     fn tcp_connect(&mut self, addr: Ipv4Address, port: u16) -> Result<TcpId, SocketError> {
-        let now = self.now();
-        match self.tcp.as_mut() {
-            Some(t) => t.core.connect(now, addr, port).map_err(capnet_sockets::tcp_error),
-            None => tcp_id(self.sockets.tcp_call(None, |_| TcpCall::Connect { addr: addr.octets(), port })?),
-        }
+        self.tcp_call(None, |_| TcpCall::Connect { addr: addr.octets(), port }).and_then(tcp_id)
     }
     fn tcp_connected(&mut self, s: TcpId) -> Result<bool, SocketError> {
-        match self.tcp.as_mut() {
-            Some(t) => t.core.connected(s).map_err(capnet_sockets::tcp_error),
-            None => match self.sockets.tcp_call(Some(s), |s| TcpCall::Connected { s })? {
-                Answer::Bool(b) => Ok(b),
-                a => Err(odd(a)),
-            },
-        }
+        self.tcp_call(Some(s), |s| TcpCall::Connected { s }).and_then(boolean)
     }
     fn tcp_send(&mut self, s: TcpId, data: &[u8]) -> Result<usize, SocketError> {
-        let now = self.now();
-        match self.tcp.as_mut() {
-            Some(t) => t.core.send(now, s, data).map_err(capnet_sockets::tcp_error),
-            None => match self.sockets.tcp_call(Some(s), |s| TcpCall::Send { s, data: data.to_vec().into() })? {
-                Answer::Count(n) => Ok(n as usize),
-                a => Err(odd(a)),
-            },
+        match self.tcp_call(Some(s), |s| TcpCall::Send { s, data })? {
+            Answer::Count(n) => Ok(n as usize),
+            a => Err(odd(a)),
         }
     }
+    /// A receive is no call between groups: the sockets domain answers it from
+    /// what tcp pushed, and otherwise asks for a push (`WantPush`) once.
     fn tcp_recv(&mut self, s: TcpId, max: usize) -> Result<capnet_tcp::Received, SocketError> {
         let now = self.now();
         if let Some(t) = self.tcp.as_mut() {
@@ -417,49 +355,67 @@ impl Transports for Cores {
         Ok(capnet_tcp::Received::Nothing)
     }
     fn tcp_shutdown(&mut self, s: TcpId, read: bool, write: bool) -> Result<(), SocketError> {
-        let now = self.now();
         if read {
             self.sockets.forget_socket(s);
         }
-        match self.tcp.as_mut() {
-            Some(t) => t.core.shutdown(now, s, read, write).map_err(capnet_sockets::tcp_error),
-            None => done(self.sockets.tcp_call(Some(s), |s| TcpCall::Shutdown { s, read, write })?),
-        }
+        self.tcp_call(Some(s), |s| TcpCall::Shutdown { s, read, write }).and_then(done)
     }
     fn tcp_close(&mut self, s: TcpId) -> Result<(), SocketError> {
-        let now = self.now();
         self.sockets.forget_socket(s);
-        match self.tcp.as_mut() {
-            Some(t) => t.core.close(now, s).map_err(capnet_sockets::tcp_error),
-            None => done(self.sockets.tcp_call(Some(s), |s| TcpCall::Close { s })?),
-        }
+        self.tcp_call(Some(s), |s| TcpCall::Close { s }).and_then(done)
     }
     fn tcp_abort(&mut self, s: TcpId) -> Result<(), SocketError> {
         self.sockets.forget_socket(s);
-        match self.tcp.as_mut() {
-            Some(t) => t.core.abort(s).map_err(capnet_sockets::tcp_error),
-            None => done(self.sockets.tcp_call(Some(s), |s| TcpCall::Abort { s })?),
-        }
+        self.tcp_call(Some(s), |s| TcpCall::Abort { s }).and_then(done)
     }
     fn tcp_set_option(&mut self, s: TcpId, opt: capnet_tcp::SockOpt) -> Result<(), SocketError> {
-        let now = self.now();
-        match self.tcp.as_mut() {
-            Some(t) => t.core.set_option(now, s, opt).map_err(capnet_sockets::tcp_error),
-            None => done(self.sockets.tcp_call(Some(s), |s| TcpCall::SetOption { s, option: edge::opt(opt) })?),
-        }
+        self.tcp_call(Some(s), |s| TcpCall::SetOption { s, option: edge::opt(opt) }).and_then(done)
     }
     fn tcp_ready(&mut self, s: TcpId) -> Result<capnet_tcp::Ready, SocketError> {
+        match self.tcp_call(Some(s), |s| TcpCall::Ready { s })? {
+            Answer::Ready(b) => {
+                let mut r = edge::ready_from(b);
+                // What tcp pushed (from another group) is ours to read now.
+                r.readable |= self.sockets.pushed.contains_key(&s.to_raw());
+                Ok(r)
+            }
+            a => Err(odd(a)),
+        }
+    }
+}
+
+impl Cores {
+    /// A call on the tcp domain: its core here, or over the link to the tcp
+    /// domain socket `s` lives in (for a new socket, the one not retiring).
+    /// `make` gets the socket's id as that domain knows it.
+    fn tcp_call<'a>(
+        &mut self,
+        s: Option<TcpId>,
+        make: impl FnOnce(u64) -> TcpCall<&'a [u8]>,
+    ) -> Result<Answer, SocketError> {
+        let now = self.now();
         match self.tcp.as_mut() {
-            Some(t) => t.core.ready(s).map_err(capnet_sockets::tcp_error),
-            None => match self.sockets.tcp_call(Some(s), |s| TcpCall::Ready { s })? {
-                Answer::Ready(b) => {
-                    let mut r = edge::ready_from(b);
-                    // What tcp pushed is ours to read now.
-                    r.readable |= self.sockets.pushed.contains_key(&s.to_raw());
-                    Ok(r)
-                }
-                a => Err(odd(a)),
-            },
+            Some(t) => super::tcp::serve(&mut t.core, now, make(s.map_or(0, TcpId::to_raw))),
+            None => self.sockets.tcp_call(s, |raw| make(raw).owned()),
+        }
+    }
+
+    /// A call on the udp domain: its core here, or over the link.
+    fn udp_call(&mut self, call: UdpCall<&[u8]>) -> Result<Answer, SocketError> {
+        match (self.udp.as_mut(), self.sockets.udp.first_mut()) {
+            (Some(u), _) => super::udp::serve(&mut u.core, call),
+            (None, Some(l)) => l.call(call.owned()),
+            (None, None) => Err(SocketError::Invalid("no udp domain is reachable".into())),
+        }
+    }
+
+    /// A call on the ip domain's echo sockets: its core here, or over the link.
+    fn echo_call(&mut self, call: EchoCall<&[u8]>) -> Result<Answer, SocketError> {
+        let now = self.now();
+        match (self.ip.as_mut(), self.sockets.ip.first_mut()) {
+            (Some(ip), _) => super::ip::serve_echo(&mut ip.core, now, call),
+            (None, Some(l)) => l.call(call.owned()),
+            (None, None) => Err(SocketError::Invalid("no ip domain is reachable".into())),
         }
     }
 }

@@ -119,8 +119,10 @@ impl TcpDomain {
     }
 }
 
-/// Answers a call of the sockets domain in another group with the tcp core.
-pub fn serve(core: &mut TcpCore, now: Instant, call: TcpCall) -> Result<Answer, SocketError> {
+/// Answers a call of the sockets domain with the tcp core: the one place a
+/// `TcpCall` becomes the core's method, for a sockets domain here or in another
+/// group.
+pub fn serve<P: AsRef<[u8]>>(core: &mut TcpCore, now: Instant, call: TcpCall<P>) -> Result<Answer, SocketError> {
     let e = capnet_sockets::tcp_error;
     let id = SocketId::from_raw;
     Ok(match call {
@@ -133,7 +135,7 @@ pub fn serve(core: &mut TcpCore, now: Instant, call: TcpCall) -> Result<Answer, 
         }
         TcpCall::Connect { addr, port } => Answer::Id(core.connect(now, addr.into(), port).map_err(e)?.to_raw()),
         TcpCall::Connected { s } => Answer::Bool(core.connected(id(s)).map_err(e)?),
-        TcpCall::Send { s, data } => Answer::Count(core.send(now, id(s), data.bytes()).map_err(e)? as u32),
+        TcpCall::Send { s, data } => Answer::Count(core.send(now, id(s), data.as_ref()).map_err(e)? as u32),
         TcpCall::Shutdown { s, read, write } => {
             core.shutdown(now, id(s), read, write).map_err(e)?;
             Answer::Done

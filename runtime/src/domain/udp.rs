@@ -60,8 +60,9 @@ impl UdpDomain {
     }
 }
 
-/// Answers a call of the sockets domain in another group with the udp core.
-pub fn serve(core: &mut UdpCore, call: UdpCall) -> Result<Answer, SocketError> {
+/// Answers a call of the sockets domain with the udp core (here or from another
+/// group): the one place a `UdpCall` becomes the core's method.
+pub fn serve<P: AsRef<[u8]>>(core: &mut UdpCore, call: UdpCall<P>) -> Result<Answer, SocketError> {
     let e = capnet_sockets::udp_error;
     let id = SocketId::from_raw;
     Ok(match call {
@@ -72,7 +73,7 @@ pub fn serve(core: &mut UdpCore, call: UdpCall) -> Result<Answer, SocketError> {
             Answer::Done
         }
         UdpCall::Send { s, to, data } => {
-            core.send_to(id(s), to.map(|(a, p)| (a.into(), p)), data.bytes()).map_err(e)?;
+            core.send_to(id(s), to.map(|(a, p)| (a.into(), p)), data.as_ref()).map_err(e)?;
             Answer::Done
         }
         UdpCall::Recv { s, max } => Answer::Datagrams(
