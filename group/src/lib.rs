@@ -219,9 +219,7 @@ fn run(sock: &UnixStream, spec: &GroupSpec, tune_tcp: fn(&mut capnet_tcp::Config
         }
         (Some(Frames::Stack(half)), Some(peer), None) => Engine::Stack(Box::new(half.join(peer, cores)?)),
         (None, None, Some((fd, vnet))) => {
-            let mut stack = MonoStack::on_fd(fd, vnet, cores, impair)?;
-            stack.tap = tap.clone();
-            Engine::Mono(Box::new(stack))
+            Engine::Mono(Box::new(MonoStack::on_fd(fd, vnet, cores, impair, tap.clone())?))
         }
         (None, None, None) => Engine::Plain(Box::new(Plain::new(cores))),
         _ => bail!("the group's frame channel and device do not fit together"),

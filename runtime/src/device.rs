@@ -6,7 +6,7 @@ use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant as StdInstant};
 
 use capnet_driver::impair::{ImpairStats, Impairer, Impairment};
-use capnet_kernel_shim::device::{Device, DeviceKind};
+use capnet_kernel_shim::device::{Device as NetDevice, DeviceKind, VNET_HDR_LEN};
 
 use crate::RuntimeError;
 
@@ -150,7 +150,7 @@ pub struct DeviceStats {
 
 /// A non-blocking copy of a device's fd, and whether its frames carry the
 /// virtio-net header.
-pub(crate) fn device_fd(dev: &Device) -> Result<(OwnedFd, bool), RuntimeError> {
+pub(crate) fn device_fd(dev: &NetDevice) -> Result<(OwnedFd, bool), RuntimeError> {
     let vnet = matches!(dev.kind(), DeviceKind::Tap(o) if o.vnet_hdr);
     Ok((set_nonblocking(dev.fd().try_clone_to_owned()?)?, vnet))
 }
@@ -200,15 +200,7 @@ pub(crate) fn wait_readable(fd: &OwnedFd, wait: Duration) -> Result<(), RuntimeE
 
 /// Writes one frame to the device (behind a virtio-net header that asks for
 /// nothing, if the device wants one), counting the outcome.
-pub(crate) fn write_frame(
-    fd: &OwnedFd,
-    frame: &[u8],
-    vnet: bool,
-    tso: Option<u16>,
-    stats: &mut DeviceStats,
-    tap: &FrameTap,
-) {
-    tap.record(frame);
+pub(crate) fn write_frame(fd: &OwnedFd, frame: &[u8], vnet: bool, tso: Option<u16>, stats: &mut DeviceStats) {
     let r = if vnet {
         let hdr = tso.and_then(|mss| capnet_driver::vnet::tso_header(frame, mss)).unwrap_or(capnet_driver::vnet::PLAIN);
         rustix::io::writev(fd, &[std::io::IoSlice::new(&hdr), std::io::IoSlice::new(frame)])
@@ -233,5 +225,222 @@ pub(crate) fn read_frame(fd: &OwnedFd, buf: &mut [u8]) -> Result<Option<usize>, 
             Err(rustix::io::Errno::INTR) => continue,
             Err(e) => Err(std::io::Error::from(e).into()),
         };
+    }
+}
+
+/// A network device as a runtime sees it: frames in, frames out. [`FdDevice`]
+/// is the device itself (a TAP or AF_PACKET fd); [`Captured`] and [`Impaired`]
+/// wrap a device, as smoltcp's `phy::Device` is wrapped by `PcapWriter` and
+/// `FaultInjector`. A runtime composes `Impaired<Captured<FdDevice>>`: the
+/// capture sits nearest the device (it sees what the device read, and what the
+/// device is asked to write), the impairment between it and the stack.
+pub trait Device {
+    /// One frame, if one is ready, handed to `take` plain (no virtio-net
+    /// header) with whether its TCP checksum was left partial on the kernel's
+    /// word (only when `vouch` allows that: the frame goes straight to a TCP
+    /// core of this process).
+    fn receive<R>(&mut self, vouch: bool, take: impl FnOnce(&[u8], bool) -> R) -> Result<Option<R>, RuntimeError>;
+    /// Sends `frame` (`tso`: the segment size the device is to cut it into).
+    fn transmit(&mut self, frame: &[u8], tso: Option<u16>);
+    /// Sends what a wrapper held back and is due now.
+    fn transmit_due(&mut self) {}
+    /// How long until a frame a wrapper holds is due (zero: one is), either way.
+    fn due_in(&self) -> Option<Duration> {
+        None
+    }
+    /// Whether frames pass both ways untouched (no stage holds or copies them).
+    fn passthrough(&self) -> bool {
+        true
+    }
+    /// Waits until a frame may be ready, or `wait` passes.
+    fn wait(&self, wait: Duration) -> Result<(), RuntimeError>;
+    /// The device's fd (to watch from another thread).
+    fn fd(&self) -> &OwnedFd;
+    /// Its counters, its wrappers' included.
+    fn stats(&self) -> DeviceStats;
+}
+
+/// The device itself: a non-blocking fd of frames, with or without the
+/// virtio-net header.
+#[derive(Debug)]
+pub struct FdDevice {
+    fd: OwnedFd,
+    vnet: bool,
+    buf: Vec<u8>,
+    stats: DeviceStats,
+}
+
+impl FdDevice {
+    /// The device on `fd` (made non-blocking); `vnet`: its frames carry the
+    /// virtio-net header.
+    pub fn new(fd: OwnedFd, vnet: bool) -> Result<Self, RuntimeError> {
+        Ok(Self { fd: set_nonblocking(fd)?, vnet, buf: vec![0u8; 65536 + VNET_HDR_LEN], stats: DeviceStats::default() })
+    }
+
+    /// The device `dev` (a copy of its fd).
+    pub fn of(dev: &NetDevice) -> Result<Self, RuntimeError> {
+        let (fd, vnet) = device_fd(dev)?;
+        Self::new(fd, vnet)
+    }
+
+    /// Whether its frames carry the virtio-net header.
+    pub fn vnet(&self) -> bool {
+        self.vnet
+    }
+}
+
+impl Device for FdDevice {
+    fn receive<R>(&mut self, vouch: bool, take: impl FnOnce(&[u8], bool) -> R) -> Result<Option<R>, RuntimeError> {
+        loop {
+            let Some(n) = read_frame(&self.fd, &mut self.buf)? else { return Ok(None) };
+            self.stats.frames_read += 1;
+            self.stats.device_bytes += n as u64;
+            // A frame its header makes unusable is counted and skipped.
+            if let Some((frame, vouched)) = plain_frame(&mut self.buf[..n], self.vnet, vouch, &mut self.stats) {
+                return Ok(Some(take(frame, vouched)));
+            }
+        }
+    }
+
+    fn transmit(&mut self, frame: &[u8], tso: Option<u16>) {
+        write_frame(&self.fd, frame, self.vnet, tso, &mut self.stats);
+    }
+
+    fn wait(&self, wait: Duration) -> Result<(), RuntimeError> {
+        wait_readable(&self.fd, wait)
+    }
+
+    fn fd(&self) -> &OwnedFd {
+        &self.fd
+    }
+
+    fn stats(&self) -> DeviceStats {
+        self.stats
+    }
+}
+
+/// A device whose frames, both ways, are copied to a capture while one runs.
+#[derive(Debug)]
+pub struct Captured<D> {
+    inner: D,
+    tap: FrameTap,
+}
+
+impl<D: Device> Captured<D> {
+    /// `inner`, its frames copied to `tap`'s capture.
+    pub fn new(inner: D, tap: FrameTap) -> Self {
+        Self { inner, tap }
+    }
+}
+
+impl<D: Device> Device for Captured<D> {
+    fn receive<R>(&mut self, vouch: bool, take: impl FnOnce(&[u8], bool) -> R) -> Result<Option<R>, RuntimeError> {
+        let tap = &self.tap;
+        self.inner.receive(vouch, |frame, vouched| {
+            tap.record(frame);
+            take(frame, vouched)
+        })
+    }
+
+    fn transmit(&mut self, frame: &[u8], tso: Option<u16>) {
+        self.tap.record(frame);
+        self.inner.transmit(frame, tso);
+    }
+
+    fn transmit_due(&mut self) {
+        self.inner.transmit_due()
+    }
+
+    fn due_in(&self) -> Option<Duration> {
+        self.inner.due_in()
+    }
+
+    fn passthrough(&self) -> bool {
+        self.inner.passthrough()
+    }
+
+    fn wait(&self, wait: Duration) -> Result<(), RuntimeError> {
+        self.inner.wait(wait)
+    }
+
+    fn fd(&self) -> &OwnedFd {
+        self.inner.fd()
+    }
+
+    fn stats(&self) -> DeviceStats {
+        self.inner.stats()
+    }
+}
+
+/// A device behind the link's impairment, one stage each way: with none
+/// configured a frame passes untouched (no copy); otherwise the stage holds a
+/// copy, and what it lets through comes out when due (and never with a
+/// vouched checksum: a stage may corrupt what it holds).
+#[derive(Debug)]
+pub struct Impaired<D> {
+    inner: D,
+    inbound: Stage,
+    outbound: Stage,
+}
+
+impl<D: Device> Impaired<D> {
+    /// `inner`, impaired as `link` says.
+    pub fn new(inner: D, link: LinkImpairment) -> Result<Self, RuntimeError> {
+        Ok(Self { inner, inbound: Stage::new(link.inbound)?, outbound: Stage::new(link.outbound)? })
+    }
+
+    /// The wrapped device.
+    pub fn inner(&self) -> &D {
+        &self.inner
+    }
+}
+
+impl<D: Device> Device for Impaired<D> {
+    fn receive<R>(&mut self, vouch: bool, take: impl FnOnce(&[u8], bool) -> R) -> Result<Option<R>, RuntimeError> {
+        let stage = &mut self.inbound;
+        if stage.passthrough {
+            return self.inner.receive(vouch, |frame, vouched| {
+                stage.passed();
+                take(frame, vouched)
+            });
+        }
+        while self.inner.receive(false, |frame, _| stage.push(frame.to_vec()))?.is_some() {}
+        Ok(stage.pop().map(|frame| take(&frame, false)))
+    }
+
+    fn transmit(&mut self, frame: &[u8], tso: Option<u16>) {
+        if self.outbound.passthrough {
+            self.outbound.passed();
+            self.inner.transmit(frame, tso);
+        } else {
+            self.outbound.push(frame.to_vec());
+        }
+    }
+
+    fn transmit_due(&mut self) {
+        while let Some(frame) = self.outbound.pop() {
+            self.inner.transmit(&frame, None);
+        }
+        self.inner.transmit_due();
+    }
+
+    fn due_in(&self) -> Option<Duration> {
+        [self.inbound.due_in(), self.outbound.due_in(), self.inner.due_in()].into_iter().flatten().min()
+    }
+
+    fn passthrough(&self) -> bool {
+        self.inbound.passthrough && self.outbound.passthrough && self.inner.passthrough()
+    }
+
+    fn wait(&self, wait: Duration) -> Result<(), RuntimeError> {
+        self.inner.wait(wait)
+    }
+
+    fn fd(&self) -> &OwnedFd {
+        self.inner.fd()
+    }
+
+    fn stats(&self) -> DeviceStats {
+        DeviceStats { inbound: self.inbound.stage.stats, outbound: self.outbound.stage.stats, ..self.inner.stats() }
     }
 }

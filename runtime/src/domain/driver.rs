@@ -15,7 +15,7 @@ use capnet_ipc::shm_channel::{self, ShmEnd};
 use capnet_ipc::{Descriptor, End, Interest, Waiter};
 use capnet_kernel_shim::device::VNET_HDR_LEN;
 
-use crate::device::{plain_frame, read_frame, set_nonblocking, wait_readable, write_frame, Stage};
+use crate::device::{set_nonblocking, Captured, Device, FdDevice, Impaired, Stage};
 use crate::{DeviceStats, LinkImpairment, RuntimeError};
 
 use crate::frames::*;
@@ -156,21 +156,14 @@ impl DriverHalf {
         let scribble = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let rejoin = Arc::new(Rejoin::default());
         let wfd = fd.as_ref().map(OwnedFd::try_clone).transpose()?;
-        let (inbound, outbound) = (Stage::new(link.inbound)?, Stage::new(link.outbound)?);
+        let none = capnet_driver::impair::Impairment::NONE;
+        let rx = Edge::new(fd, vnet, &tap, LinkImpairment { inbound: link.inbound, outbound: none })?;
+        let tx = Edge::new(wfd, vnet, &tap, LinkImpairment { inbound: none, outbound: link.outbound })?;
         let live: [Arc<std::sync::Mutex<DeviceStats>>; 2] = [Arc::default(), Arc::default()];
         let started = Arc::new(std::sync::Barrier::new(3));
         let reader = {
             let (stop, live, started) = (stop.clone(), live[0].clone(), started.clone());
-            let side = DeviceSide {
-                fd,
-                vnet,
-                tap: tap.clone(),
-                scribble: scribble.clone(),
-                rejoin: rejoin.clone(),
-                impair: inbound,
-                stop,
-                live,
-            };
+            let side = DeviceSide { edge: rx, vnet, scribble: scribble.clone(), rejoin: rejoin.clone(), stop, live };
             std::thread::Builder::new().name("driver-rx".into()).spawn(move || {
                 started.wait();
                 reader_loop(side, rx_pool, stack_reader, r_driver)
@@ -178,16 +171,7 @@ impl DriverHalf {
         };
         let writer = {
             let (stop, live, started) = (stop.clone(), live[1].clone(), started.clone());
-            let side = DeviceSide {
-                fd: wfd,
-                vnet,
-                tap,
-                scribble: scribble.clone(),
-                rejoin: rejoin.clone(),
-                impair: outbound,
-                stop,
-                live,
-            };
+            let side = DeviceSide { edge: tx, vnet, scribble: scribble.clone(), rejoin: rejoin.clone(), stop, live };
             std::thread::Builder::new().name("driver-tx".into()).spawn(move || {
                 started.wait();
                 writer_loop(side, tx_view, t_driver)
@@ -222,18 +206,61 @@ impl std::fmt::Debug for Rejoin {
     }
 }
 
-/// What a driver thread needs of the device: its fd (none: an in-memory wire,
-/// joined by [`Driver::plug`]), whether frames carry the virtio-net header, its
-/// direction's impairment stage, the stop flag, and where to publish its counters.
+/// What a driver thread moves its frames to or from, the stop flag, and where
+/// to publish its counters.
 struct DeviceSide {
-    fd: Option<OwnedFd>,
+    edge: Edge,
+    /// Whether the device's frames carry the virtio-net header (then a frame
+    /// may be a 64 KiB chain).
     vnet: bool,
-    tap: crate::FrameTap,
     scribble: Arc<std::sync::atomic::AtomicU32>,
     rejoin: Arc<Rejoin>,
-    impair: Stage,
     stop: Arc<AtomicBool>,
     live: Arc<std::sync::Mutex<DeviceStats>>,
+}
+
+/// A driver thread's outer side: the device behind its capture and its
+/// direction's impairment, or, with no device, an in-memory wire (joined by
+/// [`Driver::plug`]) — a channel, not a device: its frames pass the capture
+/// and the stage here, between the wire's batches and the pool.
+enum Edge {
+    Device(Box<Impaired<Captured<FdDevice>>>),
+    Wire { tap: crate::FrameTap, impair: Stage },
+}
+
+impl Edge {
+    fn new(fd: Option<OwnedFd>, vnet: bool, tap: &crate::FrameTap, link: LinkImpairment) -> Result<Self, RuntimeError> {
+        Ok(match fd {
+            Some(fd) => {
+                Edge::Device(Box::new(Impaired::new(Captured::new(FdDevice::new(fd, vnet)?, tap.clone()), link)?))
+            }
+            None => {
+                let impair = if link.inbound.is_none() { link.outbound } else { link.inbound };
+                Edge::Wire { tap: tap.clone(), impair: Stage::new(impair)? }
+            }
+        })
+    }
+
+    /// How long until a frame the stage holds is due.
+    fn due_in(&self) -> Option<Duration> {
+        match self {
+            Edge::Device(d) => d.due_in(),
+            Edge::Wire { impair, .. } => impair.due_in(),
+        }
+    }
+
+    /// This thread's counters: the device's (with its stage's), or the wire's
+    /// with the stage's, and `own` (what the thread counts itself).
+    fn stats(&self, own: DeviceStats, inbound: bool) -> DeviceStats {
+        match self {
+            Edge::Device(d) => {
+                let dev = d.stats();
+                DeviceStats { rx_dropped: own.rx_dropped, wire_refused: own.wire_refused, ..dev }
+            }
+            Edge::Wire { impair, .. } if inbound => DeviceStats { inbound: impair.stage.stats, ..own },
+            Edge::Wire { impair, .. } => DeviceStats { outbound: impair.stage.stats, ..own },
+        }
+    }
 }
 
 /// The hostile mode of a test: writes the requested garbage over this thread's
@@ -286,13 +313,12 @@ fn send_all(
 
 /// Device → rx pool → channel R; takes back returned loans.
 fn reader_loop(side: DeviceSide, pool: BufferPool, stack: ReaderId, end: ShmEnd) -> Result<DeviceStats, RuntimeError> {
-    let DeviceSide { fd, vnet, tap, scribble, rejoin, mut impair, stop, live } = side;
+    let DeviceSide { mut edge, vnet, scribble, rejoin, stop, live } = side;
     let (mut pool, mut stack, mut end) = (pool, stack, end);
     let mut scribbled = false;
     let mut broken = false;
     let mut stats = DeviceStats::default();
     let mut waiter = Waiter::new(SpinPolicy::NEVER);
-    let mut buf = vec![0u8; 65536 + VNET_HDR_LEN];
     let (mut inbox, mut batch) = (Vec::with_capacity(1024), Vec::with_capacity(BATCH));
     let mut wire: Option<FramesIn> = None;
     while !stop.load(Ordering::Relaxed) {
@@ -315,8 +341,7 @@ fn reader_loop(side: DeviceSide, pool: BufferPool, stack: ReaderId, end: ShmEnd)
             if scribble_once(garbage, &mut scribbled, &mut end, wire.as_mut().map(|w| &mut w.end)) {
                 wire = None;
             }
-            stats.inbound = impair.stage.stats;
-            *live.lock().unwrap_or_else(|e| e.into_inner()) = stats;
+            *live.lock().unwrap_or_else(|e| e.into_inner()) = edge.stats(stats, true);
             inbox.clear();
             end.recv(&mut inbox, 1024).map_err(peer_err)?;
             for d in &inbox {
@@ -328,7 +353,8 @@ fn reader_loop(side: DeviceSide, pool: BufferPool, stack: ReaderId, end: ShmEnd)
             // With offloads a frame may need a chain of buffers: read only when the
             // longest one fits.
             let room_bytes = (pool.layout().buf_size - pool.layout().headroom) as usize;
-            let max_chain = if vnet || fd.is_none() { (65536 + VNET_HDR_LEN).div_ceil(room_bytes) } else { 1 };
+            let device = matches!(edge, Edge::Device(_));
+            let max_chain = if vnet || !device { (65536 + VNET_HDR_LEN).div_ceil(room_bytes) } else { 1 };
             let quota_left = (QUOTA - pool.held_by(stack).min(QUOTA)) as usize;
             let room = end.space_for(max_chain).map_err(peer_err)?.min(pool.free_count()).min(quota_left).min(RX_BATCH);
             if room < max_chain {
@@ -336,7 +362,7 @@ fn reader_loop(side: DeviceSide, pool: BufferPool, stack: ReaderId, end: ShmEnd)
                 waiter.wait(&mut [&mut end], Some(STOP_CHECK), crate::tokens());
                 return Ok(());
             }
-            let due = impair.due_in().map_or(STOP_CHECK, |d| d.min(STOP_CHECK));
+            let due = edge.due_in().map_or(STOP_CHECK, |d| d.min(STOP_CHECK));
             batch.clear();
             // A frame larger than a buffer (a TSO super-frame) goes as a chain; it is
             // read only when the whole chain fits the ring room left.
@@ -353,40 +379,23 @@ fn reader_loop(side: DeviceSide, pool: BufferPool, stack: ReaderId, end: ShmEnd)
                 }
                 Ok(true)
             };
-            match (&fd, wire.as_mut()) {
-                (Some(fd), _) => {
-                    wait_readable(fd, due)?;
-                    if impair.passthrough {
-                        // Straight from the device into the pool: one copy, no
-                        // allocation, and never more than fits (the rest waits in
-                        // the device's queue).
-                        while batch.len() + max_chain <= room {
-                            let Some(n) = read_frame(fd, &mut buf)? else { break };
-                            stats.frames_read += 1;
-                            stats.device_bytes += n as u64;
-                            let Some((frame, _)) = plain_frame(&mut buf[..n], vnet, false, &mut stats) else {
-                                continue;
-                            };
-                            tap.record(frame);
-                            impair.passed();
-                            if !lend(frame, &mut batch)? {
-                                break;
-                            }
-                        }
-                    } else {
-                        while let Some(n) = read_frame(fd, &mut buf)? {
-                            stats.frames_read += 1;
-                            stats.device_bytes += n as u64;
-                            if let Some((frame, _)) = plain_frame(&mut buf[..n], vnet, false, &mut stats) {
-                                tap.record(frame);
-                                impair.push(frame.to_vec());
-                            }
+            match (&mut edge, wire.as_mut()) {
+                (Edge::Device(dev), _) => {
+                    dev.wait(due)?;
+                    // Straight from the device into the pool (through the
+                    // impairment's copy when it holds frames), never more than
+                    // fits: the rest waits in the device's queue.
+                    while batch.len() + max_chain <= room {
+                        match dev.receive(false, |frame, _| lend(frame, &mut batch))? {
+                            Some(Ok(true)) => {}
+                            Some(Ok(false)) | None => break,
+                            Some(Err(e)) => return Err(e),
                         }
                     }
                 }
                 // A wire whose peer has not joined: nothing comes.
-                (None, None) => std::thread::sleep(due.min(Duration::from_millis(5))),
-                (None, Some(w)) => {
+                (Edge::Wire { .. }, None) => std::thread::sleep(due.min(Duration::from_millis(5))),
+                (Edge::Wire { tap, impair }, Some(w)) => {
                     // From the peer's pool straight into ours (what is left waits
                     // in the wire's ring).
                     let got = w.recv(room - batch.len(), |frame| {
@@ -417,8 +426,8 @@ fn reader_loop(side: DeviceSide, pool: BufferPool, stack: ReaderId, end: ShmEnd)
                     }
                 }
             }
-            if !impair.passthrough {
-                while batch.len() + max_chain <= room {
+            if let Edge::Wire { impair, .. } = &mut edge {
+                while !impair.passthrough && batch.len() + max_chain <= room {
                     let Some(frame) = impair.pop() else { break };
                     if !lend(&frame, &mut batch)? {
                         break;
@@ -434,13 +443,12 @@ fn reader_loop(side: DeviceSide, pool: BufferPool, stack: ReaderId, end: ShmEnd)
             Err(e) => return Err(e),
         }
     }
-    stats.inbound = impair.stage.stats;
-    Ok(stats)
+    Ok(edge.stats(stats, true))
 }
 
 /// Channel T → device; returns each loan once written.
 fn writer_loop(side: DeviceSide, view: PoolView, end: ShmEnd) -> Result<DeviceStats, RuntimeError> {
-    let DeviceSide { fd, vnet, tap, scribble, rejoin, mut impair, stop, live } = side;
+    let DeviceSide { mut edge, scribble, rejoin, stop, live, .. } = side;
     let (mut view, mut end) = (view, end);
     let mut scribbled = false;
     let mut broken = false;
@@ -473,17 +481,18 @@ fn writer_loop(side: DeviceSide, view: PoolView, end: ShmEnd) -> Result<DeviceSt
             if scribble_once(garbage, &mut scribbled, &mut end, wire.as_mut().map(|w| &mut w.end)) {
                 wire = None;
             }
-            stats.outbound = impair.stage.stats;
-            *live.lock().unwrap_or_else(|e| e.into_inner()) = stats;
-            while let Some(frame) = impair.pop() {
-                match &fd {
-                    Some(fd) => write_frame(fd, &frame, vnet, None, &mut stats, &tap),
-                    None => to_wire(&mut backlog, wire.is_some(), frame, &mut stats, &tap),
+            *live.lock().unwrap_or_else(|e| e.into_inner()) = edge.stats(stats, false);
+            match &mut edge {
+                Edge::Device(dev) => dev.transmit_due(),
+                Edge::Wire { tap, impair } => {
+                    while let Some(frame) = impair.pop() {
+                        to_wire(&mut backlog, wire.is_some(), frame, &mut stats, tap);
+                    }
                 }
             }
             inbox.clear();
             if end.recv(&mut inbox, 256).map_err(peer_err)? == 0 {
-                let wait = impair.due_in().map_or(STOP_CHECK, |d| d.min(STOP_CHECK));
+                let wait = edge.due_in().map_or(STOP_CHECK, |d| d.min(STOP_CHECK));
                 wire_round(&mut wire, &mut backlog, &mut stats);
                 match wire.as_mut() {
                     // Returns from the peer make room for the backlog.
@@ -511,15 +520,14 @@ fn writer_loop(side: DeviceSide, view: PoolView, end: ShmEnd) -> Result<DeviceSt
                     Some(()) if frame.len() > 2 => (&frame[2..], Some(u16::from_le_bytes([frame[0], frame[1]]))),
                     _ => (&frame[..], None),
                 };
-                if impair.passthrough {
-                    impair.passed();
-                    match &fd {
-                        Some(fd) => write_frame(fd, body, vnet, mss, &mut stats, &tap),
+                match &mut edge {
+                    Edge::Device(dev) => dev.transmit(body, mss),
+                    Edge::Wire { tap, impair } if impair.passthrough => {
+                        impair.passed();
                         // No TSO on a wire: the frame goes whole, without a copy.
-                        None => to_wire(&mut backlog, wire.is_some(), std::mem::take(&mut frame), &mut stats, &tap),
+                        to_wire(&mut backlog, wire.is_some(), std::mem::take(&mut frame), &mut stats, tap)
                     }
-                } else {
-                    impair.push(body.to_vec());
+                    Edge::Wire { impair, .. } => impair.push(body.to_vec()),
                 }
                 frame.clear();
             }
@@ -533,8 +541,7 @@ fn writer_loop(side: DeviceSide, view: PoolView, end: ShmEnd) -> Result<DeviceSt
             Err(e) => return Err(e),
         }
     }
-    stats.outbound = impair.stage.stats;
-    Ok(stats)
+    Ok(edge.stats(stats, false))
 }
 
 /// Queues a frame for the wire's peer; without a peer it is dropped (no

@@ -4,24 +4,17 @@ use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 use capnet_ip::Config;
-use capnet_kernel_shim::device::{Device, VNET_HDR_LEN};
+use capnet_kernel_shim::device::Device as NetDevice;
 
-use crate::device::{device_fd, plain_frame, read_frame, set_nonblocking, wait_readable, write_frame, Stage};
+use crate::device::{Captured, Device, FdDevice, Impaired};
 use crate::{wait_on, AppHost, Cores, DeviceStats, FrameTap, LinkImpairment, RuntimeError, Stack};
 
-/// The ip and udp cores in one thread over one device.
+/// Every core of the group in one thread over one device.
 #[derive(Debug)]
 pub struct MonoStack {
-    fd: OwnedFd,
-    vnet: bool,
+    /// The device, behind the capture and the link's impairment.
+    dev: Impaired<Captured<FdDevice>>,
     cores: Cores,
-    buf: Vec<u8>,
-    inbound: Stage,
-    outbound: Stage,
-    /// The device side's counters.
-    pub stats: DeviceStats,
-    /// Copies of the device's frames for `capnet capture`.
-    pub tap: FrameTap,
     /// Rings while the stack sleeps on channels and a frame arrives.
     watch: DeviceWatch,
     waiter: capnet_ipc::Waiter,
@@ -122,37 +115,42 @@ impl Drop for DeviceWatch {
 }
 
 impl MonoStack {
-    /// A stack on `dev` (plain frames) with ip configuration `cfg`, its link
-    /// impaired as `link` says.
-    pub fn new(dev: Device, cfg: Config, udp_queue_bytes: usize, link: LinkImpairment) -> Result<Self, RuntimeError> {
-        Self::with_cores(dev, Cores::new(cfg, udp_queue_bytes), link)
-    }
-
-    /// A stack on `dev` running `cores` (which must include ip).
-    pub fn with_cores(dev: Device, cores: Cores, link: LinkImpairment) -> Result<Self, RuntimeError> {
-        let (fd, vnet) = device_fd(&dev)?;
-        Self::on_fd(fd, vnet, cores, link)
+    /// A stack on `dev` with ip configuration `cfg`, its link impaired as
+    /// `link` says.
+    pub fn new(
+        dev: NetDevice,
+        cfg: Config,
+        udp_queue_bytes: usize,
+        link: LinkImpairment,
+    ) -> Result<Self, RuntimeError> {
+        let dev = FdDevice::of(&dev)?;
+        Self::on(dev, Cores::new(cfg, udp_queue_bytes), link, FrameTap::default())
     }
 
     /// A stack on a device fd granted as a capability (`vnet`: its frames carry
-    /// the virtio-net header), running `cores` (which must include ip).
-    pub fn on_fd(fd: OwnedFd, vnet: bool, mut cores: Cores, link: LinkImpairment) -> Result<Self, RuntimeError> {
-        let fd = set_nonblocking(fd)?;
-        if vnet && link.outbound.is_none() {
+    /// the virtio-net header), running `cores` (which must include ip), its
+    /// frames copied to `tap`'s capture while one runs.
+    pub fn on_fd(
+        fd: OwnedFd,
+        vnet: bool,
+        cores: Cores,
+        link: LinkImpairment,
+        tap: FrameTap,
+    ) -> Result<Self, RuntimeError> {
+        Self::on(FdDevice::new(fd, vnet)?, cores, link, tap)
+    }
+
+    fn on(dev: FdDevice, mut cores: Cores, link: LinkImpairment, tap: FrameTap) -> Result<Self, RuntimeError> {
+        if dev.vnet() && link.outbound.is_none() {
             cores.use_tso();
         }
+        let dev = Impaired::new(Captured::new(dev, tap), link)?;
         let mut s = Self {
-            vnet,
+            watch: DeviceWatch::start(dev.fd())?,
+            dev,
             cores,
-            buf: vec![0u8; 65536 + VNET_HDR_LEN],
-            inbound: Stage::new(link.inbound)?,
-            outbound: Stage::new(link.outbound)?,
-            stats: DeviceStats::default(),
-            tap: FrameTap::default(),
-            watch: DeviceWatch::start(&fd)?,
             waiter: capnet_ipc::Waiter::new(capnet_ipc::notify::SpinPolicy::DEFAULT),
             backlog: false,
-            fd,
         };
         s.flush();
         Ok(s)
@@ -160,28 +158,16 @@ impl MonoStack {
 
     /// The device side's counters, with the impairment stages'.
     pub fn device_stats(&self) -> DeviceStats {
-        DeviceStats { inbound: self.inbound.stage.stats, outbound: self.outbound.stage.stats, ..self.stats }
+        self.dev.stats()
     }
 
-    /// Delivers inbound frames that are due, runs the cores, and writes outbound
-    /// frames that are due.
+    /// Runs the cores and hands the device what they send (and what the
+    /// impairment holds that is due).
     fn flush(&mut self) {
         self.cores.receive_links();
-        while let Some(f) = self.inbound.pop() {
-            self.cores.receive_frame(&f, false);
-        }
-        let (out, fd, vnet, stats, tap) = (&mut self.outbound, &self.fd, self.vnet, &mut self.stats, &self.tap);
-        self.cores.pump(|frame, tso| {
-            if out.passthrough {
-                out.passed();
-                write_frame(fd, &frame, vnet, tso, stats, tap);
-            } else {
-                out.push(frame);
-            }
-        });
-        while let Some(frame) = self.outbound.pop() {
-            write_frame(&self.fd, &frame, self.vnet, None, &mut self.stats, &self.tap);
-        }
+        let dev = &mut self.dev;
+        self.cores.pump(|frame, tso| dev.transmit(&frame, tso));
+        self.dev.transmit_due();
     }
 }
 
@@ -199,13 +185,13 @@ impl MonoStack {
     ) -> Result<(), RuntimeError> {
         self.flush();
         let mut wait = self.cores.wait_bound(max_wait);
-        for due in [self.inbound.due_in(), self.outbound.due_in()].into_iter().flatten() {
+        if let Some(due) = self.dev.due_in() {
             wait = wait.min(due);
         }
         if self.backlog {
             // Frames are waiting: no sleep (and no doorbell to ring at once).
         } else if apps.is_empty() && self.cores.links().is_empty() {
-            wait_readable(&self.fd, wait)?;
+            self.dev.wait(wait)?;
         } else if !wait.is_zero() {
             self.watch.arm();
             let mut ends: Vec<&mut capnet_ipc::shm_channel::ShmEnd> = self.cores.link_ends();
@@ -219,24 +205,15 @@ impl MonoStack {
         // drain the receive buffers and so open the windows) wait for the round.
         let mut budget = MONO_READ_BUDGET;
         self.backlog = false;
-        while let Some(n) = read_frame(&self.fd, &mut self.buf)? {
+        // Checksums are vouched for on frames that go straight to the cores
+        // (the impairment takes that back for what it holds).
+        loop {
+            let cores = &mut self.cores;
+            if self.dev.receive(true, |frame, vouched| cores.receive_frame(frame, vouched))?.is_none() {
+                break;
+            }
             budget -= 1;
             self.backlog = budget == 0;
-            self.stats.frames_read += 1;
-            self.stats.device_bytes += n as u64;
-            // Checksums are vouched for only on frames that go straight to the
-            // cores: an impairment stage may corrupt what it holds.
-            let vouch = self.inbound.passthrough;
-            let Some((frame, vouched)) = plain_frame(&mut self.buf[..n], self.vnet, vouch, &mut self.stats) else {
-                continue;
-            };
-            self.tap.record(frame);
-            if self.inbound.passthrough {
-                self.inbound.passed();
-                self.cores.receive_frame(frame, vouched);
-            } else {
-                self.inbound.push(frame.to_vec());
-            }
             self.flush();
             if self.backlog {
                 break;
