@@ -47,8 +47,9 @@ clippy:
 
 ci: fmt-check clippy test
 
-# The programs: capnet (the CLI and supervisor) and the group processes next to it.
-BINARIES := -p capnet-cli -p capnet-group
+# The programs: capnet (the CLI and supervisor) and the group processes next to
+# it (built by the same package: see tools/capnet/Cargo.toml).
+BINARIES := -p capnet-cli
 
 bench: deps smoltcp-examples
 	$(CARGO) build --release $(BINARIES)

@@ -3,10 +3,15 @@
 //! runs in this group, a call over the link otherwise — and what the tcp
 //! domain pushed for receives that found nothing.
 //!
-//! The application channels and the socket table itself are the group's
-//! (`capnet-group`'s `SocketsHost`, over `capnet_sockets::SocketsCore`).
+//! [`SocketsHost`] is the rest of the sockets domain's runtime: the socket table
+//! (`capnet_sockets::SocketsCore`) and the applications' channels it serves.
 
 use std::collections::BTreeMap;
+use std::time::Duration;
+
+use capnet_ipc::control::{decode, encode_with};
+use capnet_ipc::msg::{MsgEnd, MsgHalf};
+use capnet_sockets::{AppId, SocketsCore};
 
 use capnet_ip::Ipv4Address;
 use capnet_proto::app::SocketError;
@@ -18,7 +23,7 @@ use capnet_sockets::Transports;
 use capnet_tcp::SocketId as TcpId;
 
 use crate::link::Link;
-use crate::{edge, Cores, EchoReply};
+use crate::{edge, AppHost, Cores, EchoReply, RuntimeError};
 
 /// Socket ids of a tcp domain in another group carry its link's tag in these
 /// bits, so that during a swap each call reaches the domain its socket lives in.
@@ -417,5 +422,128 @@ impl Cores {
             (None, Some(l)) => l.call(call.owned()),
             (None, None) => Err(SocketError::Invalid("no ip domain is reachable".into())),
         }
+    }
+}
+
+/// One attached application.
+#[derive(Debug)]
+struct App {
+    id: u64,
+    core_id: AppId,
+    msg: MsgEnd,
+    /// Replies the channel had no room for, in order, and their bytes.
+    outbox: std::collections::VecDeque<Vec<u8>>,
+    outbox_bytes: usize,
+}
+
+/// Reply bytes waiting for an application that does not read them (beyond the
+/// channel's own sixteen message buffers): past this it is cut off, so one that
+/// never reads cannot grow the sockets domain without end (one reply is at most
+/// a message, about 1 MiB).
+pub const MAX_APP_OUTBOX: usize = 16 << 20;
+
+/// The sockets domain and the applications it serves.
+#[derive(Debug)]
+pub struct SocketsHost {
+    /// The socket table.
+    pub core: SocketsCore,
+    list: Vec<App>,
+    /// Applications whose blank regions are adopted, waiting for their grant.
+    pub pending: Vec<(u64, MsgHalf)>,
+    /// Applications cut off since the supervisor last heard: (id, why).
+    pub cut_off: Vec<(u64, String)>,
+}
+
+impl Default for SocketsHost {
+    fn default() -> Self {
+        Self { core: SocketsCore::new(), list: Vec::new(), pending: Vec::new(), cut_off: Vec::new() }
+    }
+}
+
+impl SocketsHost {
+    /// Attaches application `id` over its channel `msg`.
+    pub fn add(&mut self, id: u64, msg: MsgEnd) {
+        let mut secret = [0u8; 8];
+        let _ = rustix::rand::getrandom(&mut secret, rustix::rand::GetRandomFlags::empty());
+        let core_id = self.core.attach(u64::from_ne_bytes(secret));
+        self.list.push(App { id, core_id, msg, outbox: Default::default(), outbox_bytes: 0 });
+    }
+
+    /// Application `id` left: its sockets close.
+    pub fn detach(&mut self, id: u64, cores: &mut Cores) {
+        if let Some(k) = self.list.iter().position(|a| a.id == id) {
+            let app = self.list.remove(k);
+            self.core.detach(app.core_id, cores);
+        }
+    }
+
+    /// One round: wait (at most `tick`) for the group's channels or an
+    /// application, run calls, answer.
+    pub fn serve(&mut self, host: &mut dyn AppHost, tick: Duration) -> Result<(), RuntimeError> {
+        {
+            let mut ends: Vec<_> = self.list.iter_mut().map(|a| a.msg.channel()).collect();
+            host.poll_apps(tick, &mut ends)?;
+        }
+        let mut gone = Vec::new();
+        let mut requests = false;
+        for (i, app) in self.list.iter_mut().enumerate() {
+            let mut garbage = None;
+            let core = &mut self.core;
+            let r = app.msg.recv(|m| match decode::<capnet_sockets::Request>(m) {
+                Ok(req) if garbage.is_none() => {
+                    requests = true;
+                    core.request(app.core_id, req, host.cores());
+                }
+                Ok(_) => {}
+                Err(e) => garbage = Some(format!("a message that is not a request: {e}")),
+            });
+            if let Some(why) = r.err().map(|e| e.to_string()).or(garbage) {
+                gone.push((i, format!("it broke its channel's protocol: {why}")));
+            }
+        }
+        let cores = host.cores();
+        for (ident, from, seq, data) in std::mem::take(&mut cores.sockets.echo_replies) {
+            self.core.echo_reply(ident, from, seq, data);
+        }
+        // Parked calls are looked at when something may have changed: always when
+        // the transports run here, else when one said so or a call came in.
+        let local = cores.tcp.is_some() || cores.udp.is_some();
+        if local || requests || std::mem::take(&mut cores.sockets.activity) {
+            self.core.poll_ready(cores);
+        }
+        while let Some((id, resp)) = self.core.pop_response() {
+            let Some(k) = self.list.iter().position(|a| a.core_id == id) else { continue };
+            let app = &mut self.list[k];
+            // Straight into the channel when nothing waits before it; else queued.
+            let _ = encode_with(&resp, |bytes| {
+                if !app.outbox.is_empty() || !matches!(app.msg.send(bytes), Ok(true)) {
+                    app.outbox_bytes += bytes.len();
+                    app.outbox.push_back(bytes.to_vec());
+                }
+            });
+            if app.outbox_bytes > MAX_APP_OUTBOX && !gone.iter().any(|(i, _)| *i == k) {
+                gone.push((k, format!("it leaves its replies unread (over {} MiB waiting)", MAX_APP_OUTBOX >> 20)));
+            }
+        }
+        for app in &mut self.list {
+            while let Some(m) = app.outbox.front() {
+                match app.msg.send(m) {
+                    Ok(true) => {
+                        app.outbox_bytes -= m.len();
+                        app.outbox.pop_front();
+                    }
+                    _ => break,
+                }
+            }
+        }
+        gone.sort_by_key(|(i, _)| *i);
+        gone.dedup_by_key(|(i, _)| *i);
+        for (i, why) in gone.into_iter().rev() {
+            let app = self.list.remove(i);
+            tracing::warn!("application {} cut off: {why}", app.id);
+            self.core.detach(app.core_id, host.cores());
+            self.cut_off.push((app.id, why));
+        }
+        host.push()
     }
 }

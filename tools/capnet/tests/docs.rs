@@ -31,7 +31,7 @@ fn table() -> String {
         ("`proto::app::MAX_TCP_READ`", bytes(capnet_proto::app::MAX_TCP_READ), "the most one TCP receive returns to an application"),
         ("`proto::group::STATUS_LEN`", bytes(capnet_proto::group::STATUS_LEN), "a group's status region (its report as JSON)"),
         ("`group::REPORT_EVERY`", time(capnet_group::REPORT_EVERY), "how often a group publishes its report"),
-        ("`group::MAX_APP_OUTBOX`", bytes(capnet_group::MAX_APP_OUTBOX), "replies the sockets domain holds for an application that does not read before it cuts it off"),
+        ("`runtime::domain::sockets::MAX_APP_OUTBOX`", bytes(capnet_runtime::domain::sockets::MAX_APP_OUTBOX), "replies the sockets domain holds for an application that does not read before it cuts it off"),
         ("`ipc::control::MAX_CONTROL_LEN`", bytes(capnet_ipc::control::MAX_CONTROL_LEN), "the largest control message (rkyv archive) accepted"),
         ("`ipc::msg::MAX_MESSAGE`", bytes(capnet_ipc::msg::MAX_MESSAGE as usize), "the largest message a message channel carries"),
         ("`sockets::Quotas::default()`", format!("{} sockets, {} echo sockets, {} parked calls, {} polled items", q.sockets, q.echo, q.parked, q.polled), "what one application may hold in the sockets domain"),
