@@ -24,7 +24,7 @@ use capnet_ipc::msg::{MsgEnd, MsgHalf};
 use capnet_proto::{end_of, Kind};
 
 use crate::link::Idle;
-use crate::{Clock, Cores, RuntimeError};
+use crate::{Clock, Cores, RuntimeError, Stack};
 
 /// The stack's address on the fake wire.
 pub const STACK: Ipv4Address = Ipv4Address::new(10, 77, 0, 2);
@@ -363,5 +363,19 @@ impl FakeGraph {
     /// open, nobody reads them).
     pub fn mute(&mut self, name: &str) {
         self.lock().muted.push(name.to_owned());
+    }
+}
+
+/// A fake graph is a composition like the others: polling it runs it for that
+/// long in simulated time, and its cores are the sockets group's (whose
+/// `Transports` reach every transport, wherever it runs).
+impl Stack for FakeGraph {
+    fn poll(&mut self, max_wait: Duration) -> Result<(), RuntimeError> {
+        self.run(max_wait);
+        Ok(())
+    }
+
+    fn cores(&mut self) -> &mut Cores {
+        &mut self.sockets
     }
 }

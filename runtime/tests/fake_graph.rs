@@ -3,8 +3,9 @@
 //! simulated clock, with a peer stack on an in-memory wire
 //! (`capnet_runtime::fake`).
 //!
-//! The stack's behaviour is written once (`udp_round_trip`, `tcp_transfer`,
-//! `echo`) and runs on the mono composition and on the fully factored graph;
+//! The stack's behaviour is written once against the `Stack` trait (`cores()`,
+//! the sockets domain's `Transports`; `udp_round_trip`, `tcp_transfer`, `echo`)
+//! and runs on the mono composition and on the fully factored graph;
 //! the rest is what only exists between groups: the push protocol, a swap's
 //! hold and release, relinking after a restart, and a hostile peer on each edge.
 
@@ -14,6 +15,7 @@ use capnet_ipc::control::encode;
 use capnet_proto::edge::{Answer, IpToSockets, IpToUdp, TcpToIp, TcpToSockets, UdpToSockets};
 use capnet_proto::Kind;
 use capnet_runtime::fake::{FakeGraph, EDGES, PEER, STACK};
+use capnet_runtime::Stack;
 use capnet_sockets::Transports;
 use capnet_tcp::{Received, SocketId as TcpId};
 
@@ -25,19 +27,19 @@ fn graphs() -> Vec<(&'static str, FakeGraph)> {
 
 /// A datagram from the peer to the stack's port 7 and back.
 fn udp_round_trip(name: &str, g: &mut FakeGraph) {
-    let s = g.sockets.udp_bind(7).expect("bind 7");
+    let s = g.cores().udp_bind(7).expect("bind 7");
     let p = g.peer(|c| c.udp().bind(40000).expect("peer binds"));
     g.peer(|c| c.udp().send_to(p, Some((STACK, 7)), b"ping over the fake wire").expect("peer sends"));
     let mut got = Vec::new();
     assert!(
         g.run_until(SECOND, |g| {
-            got.extend(g.sockets.udp_recv(s, 16).expect("recv"));
+            got.extend(g.cores().udp_recv(s, 16).expect("recv"));
             !got.is_empty()
         }),
         "{name}: the stack got the peer's datagram"
     );
     assert_eq!((got[0].src, got[0].src_port, &got[0].data[..]), (PEER, 40000, &b"ping over the fake wire"[..]));
-    g.sockets.udp_send(s, Some((PEER, 40000)), b"pong").expect("send back");
+    g.cores().udp_send(s, Some((PEER, 40000)), b"pong").expect("send back");
     let mut back = None;
     assert!(
         g.run_until(SECOND, |g| {
@@ -57,7 +59,7 @@ fn accepted(name: &str, g: &mut FakeGraph, l: TcpId) -> (TcpId, TcpId) {
     let mut conn = None;
     assert!(
         g.run_until(SECOND, |g| {
-            conn = g.sockets.tcp_accept(l).expect("accept");
+            conn = g.cores().tcp_accept(l).expect("accept");
             conn.is_some()
         }),
         "{name}: the connection was accepted"
@@ -67,7 +69,7 @@ fn accepted(name: &str, g: &mut FakeGraph, l: TcpId) -> (TcpId, TcpId) {
 
 /// 300 KB from the peer to the stack and back, byte-exact.
 fn tcp_transfer(name: &str, g: &mut FakeGraph) {
-    let l = g.sockets.tcp_listen(80, 8).expect("listen");
+    let l = g.cores().tcp_listen(80, 8).expect("listen");
     let (s, c) = accepted(name, g, l);
     let data: Vec<u8> = (0..300_000u32).map(|i| (i * 7 % 251) as u8).collect();
     let (mut sent, mut got) = (0, Vec::new());
@@ -75,7 +77,7 @@ fn tcp_transfer(name: &str, g: &mut FakeGraph) {
         g.run_until(10 * SECOND, |g| {
             let now = g.clock.now();
             sent += g.peer(|p| p.tcp().send(now, c, &data[sent..]).unwrap_or(0));
-            if let Received::Data(d) = g.sockets.tcp_recv(s, 1 << 20).expect("recv") {
+            if let Received::Data(d) = g.cores().tcp_recv(s, 1 << 20).expect("recv") {
                 got.extend(d);
             }
             got.len() == data.len()
@@ -89,7 +91,7 @@ fn tcp_transfer(name: &str, g: &mut FakeGraph) {
     let mut echoed = Vec::new();
     assert!(
         g.run_until(10 * SECOND, |g| {
-            back += g.sockets.tcp_send(s, &got[back..]).expect("send");
+            back += g.cores().tcp_send(s, &got[back..]).expect("send");
             let now = g.clock.now();
             if let Ok(Received::Data(d)) = g.peer(|p| p.tcp().recv(now, c, 1 << 20)) {
                 echoed.extend(d);
@@ -100,13 +102,13 @@ fn tcp_transfer(name: &str, g: &mut FakeGraph) {
         echoed.len()
     );
     assert!(echoed == data, "{name}: and byte-exact");
-    g.sockets.tcp_close(s).expect("close");
+    g.cores().tcp_close(s).expect("close");
 }
 
 /// An echo request from the stack's echo socket, answered by the peer.
 fn echo(name: &str, g: &mut FakeGraph) {
-    assert!(g.sockets.echo_claim(0x4242).expect("claim"), "{name}: the identifier is free");
-    g.sockets.echo_send(PEER, 0x4242, 1, b"are you there").expect("echo request");
+    assert!(g.cores().echo_claim(0x4242).expect("claim"), "{name}: the identifier is free");
+    g.cores().echo_send(PEER, 0x4242, 1, b"are you there").expect("echo request");
     assert!(
         g.run_until(SECOND, |g| g
             .sockets
@@ -116,7 +118,7 @@ fn echo(name: &str, g: &mut FakeGraph) {
             .any(|r| r.0 == 0x4242 && r.3 == b"are you there")),
         "{name}: the echo reply came back to the echo socket"
     );
-    assert!(!g.sockets.echo_claim(0x4242).expect("claim again"), "{name}: a claimed identifier is taken");
+    assert!(!g.cores().echo_claim(0x4242).expect("claim again"), "{name}: a claimed identifier is taken");
 }
 
 #[test]
