@@ -8,12 +8,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::workload::{client, serve, CapnetNet, PeerServer};
+use crate::{costs, sample_of, Comp, Sample, Sizes, Work, COMPS, SMOLTCP_PEER};
 use anyhow::{anyhow, bail, Result};
 use capnet_proto::report::Status;
 use capnet_supervisor::control::{self, Reply, Request};
-
-/// `capnet bench`'s options.
-use crate::*;
 
 /// What the bench set up: a capnet stack per graph, the veth pair, the bare TAP.
 pub(crate) struct Env {

@@ -19,9 +19,8 @@ mod env;
 mod report;
 mod workload;
 
-use env::*;
-use report::*;
-use workload::*;
+use env::Env;
+use report::{med, Report};
 
 pub use workload::peer;
 

@@ -3,10 +3,8 @@
 
 use std::path::Path;
 
+use crate::{now_utc, Comp, Costs, Sample, Sizes, Work, COMPS, WORKS};
 use anyhow::{anyhow, Result};
-
-/// `capnet bench`'s options.
-use crate::*;
 
 /// A figure: the median of the rounds and the spread, (max − min) / median.
 #[derive(Debug)]

@@ -7,10 +7,8 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use crate::{Sizes, Work};
 use anyhow::{anyhow, bail, Context, Result};
-
-/// `capnet bench`'s options.
-use crate::*;
 
 /// The sockets a workload's server and client need, over capnet or std.
 pub(crate) trait Net: Sync {
