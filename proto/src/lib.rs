@@ -4,6 +4,7 @@
 //! - [`edge`]: one domain ⇄ another across a group boundary (datagrams, transport
 //!   calls, pushes);
 //! - [`group`]: the supervisor ⇄ a group process (its spec, control, events);
+//! - [`frames`]: the driver | ip frame channel's halves as capabilities;
 //! - [`report`]: what a group publishes about itself and `capnet status` prints.
 //!
 //! Types only, with their codecs: no core, no runtime. An application's client
@@ -13,6 +14,7 @@
 
 pub mod app;
 pub mod edge;
+pub mod frames;
 pub mod group;
 pub mod report;
 

@@ -17,7 +17,6 @@
 //! of `SCM_RIGHTS`.
 
 use std::collections::VecDeque;
-use std::os::fd::OwnedFd;
 
 use capnet_ipc::channel::ChannelParams;
 use capnet_ipc::pool::{BufferPool, PoolLayout, PoolView, ReaderId};
@@ -31,7 +30,8 @@ use crate::{Cores, RuntimeError, StackGroup};
 pub const RX_POOL: u16 = 1;
 /// The stack's transmit pool.
 pub const TX_POOL: u16 = 2;
-pub(crate) const POOL_BUFFERS: u32 = 1024;
+pub use capnet_proto::frames::HalfGrant;
+pub(crate) use capnet_proto::frames::POOL_BUFFERS;
 pub(crate) const QUOTA: u32 = 768;
 pub(crate) const BATCH: usize = 64;
 /// Descriptors the reader lends per batch: room for a few 64 KiB chains.
@@ -196,17 +196,6 @@ impl FramesOut {
     }
 }
 
-/// The fds one group grants the other: its pool and its areas of channels R and T.
-#[derive(Debug)]
-pub struct HalfGrant {
-    /// The granting group's pool (the driver's rx pool, or the stack's tx pool).
-    pub pool: OwnedFd,
-    /// Its area of channel R (frames in).
-    pub r_area: OwnedFd,
-    /// Its area of channel T (frames out).
-    pub t_area: OwnedFd,
-}
-
 /// What one group owns before the two are joined: its pool and its two areas.
 #[derive(Debug)]
 pub(crate) struct Half {
@@ -261,13 +250,7 @@ impl StackHalf {
     /// a sandboxed ip domain (which may not create memory) to rejoin a restarted
     /// driver with.
     pub fn blank() -> Result<HalfGrant, RuntimeError> {
-        let area = capnet_ipc::channel::area_len::<Descriptor>(ChannelParams::default().capacity);
-        Ok(HalfGrant {
-            pool: Region::blank("capnet-stack-pool", PoolLayout::with_count(POOL_BUFFERS).region_len())
-                .map_err(ipc_err)?,
-            r_area: Region::blank("capnet-stack-frames-in", area).map_err(ipc_err)?,
-            t_area: Region::blank("capnet-stack-frames-out", area).map_err(ipc_err)?,
-        })
+        HalfGrant::blank("stack").map_err(ipc_err)
     }
 
     /// The stack half in blank regions from [`StackHalf::blank`]: mapped, sealed

@@ -15,10 +15,10 @@ use capnet_kernel_shim::cap::{recv_caps, send_caps, Cap, CapKind, Rights};
 use capnet_kernel_shim::device::Device;
 use capnet_kernel_shim::sandbox::{inspect_threads, StatsRegion};
 use capnet_kernel_shim::spawn::{sibling_binary, spawn, Child, Limits, SpawnConfig};
+use capnet_proto::frames::HalfGrant;
 use capnet_proto::group::{recv_msg, send_msg, Control, Event, GroupSpec, WIRE};
 use capnet_proto::report::GroupReport;
 use capnet_proto::Kind;
-use capnet_runtime::frames::{HalfGrant, StackHalf};
 
 use crate::control::{recv, send, socket_path, Reply, Request};
 use crate::trust::check_binary;
@@ -542,7 +542,7 @@ impl Running {
             _ => bail!("blank regions offered for {why:?}"),
         };
         let blanks: Vec<OwnedFd> = if frames {
-            let g = StackHalf::blank()?;
+            let g = HalfGrant::blank("stack")?;
             vec![g.pool, g.r_area, g.t_area]
         } else {
             let g = MsgHalf::blank(&format!("capnet-{c}"))?;

@@ -1,0 +1,40 @@
+//! The frame channel between the driver and ip as capabilities: what one
+//! group grants the other (its pool and its areas of the two descriptor
+//! channels), and the blank regions of those sizes the supervisor makes for a
+//! sandboxed group that may not create memory (a restarted peer's rejoin).
+//! The channels themselves are the runtime's (`capnet_runtime::frames`).
+
+use std::os::fd::OwnedFd;
+
+use capnet_ipc::channel::{area_len, ChannelParams};
+use capnet_ipc::pool::PoolLayout;
+use capnet_ipc::region::{Region, RegionError};
+use capnet_ipc::Descriptor;
+
+/// Buffers in each side's frame pool.
+pub const POOL_BUFFERS: u32 = 1024;
+
+/// The fds one group grants the other: its pool and its areas of channels R
+/// (frames in) and T (frames out).
+#[derive(Debug)]
+pub struct HalfGrant {
+    /// The granting group's pool (the driver's rx pool, or the stack's tx pool).
+    pub pool: OwnedFd,
+    /// Its area of channel R (frames in).
+    pub r_area: OwnedFd,
+    /// Its area of channel T (frames out).
+    pub t_area: OwnedFd,
+}
+
+impl HalfGrant {
+    /// Blank regions of the sizes a frame-channel half needs, named for `side`
+    /// ("stack" or "driver").
+    pub fn blank(side: &str) -> Result<Self, RegionError> {
+        let area = area_len::<Descriptor>(ChannelParams::default().capacity);
+        Ok(HalfGrant {
+            pool: Region::blank(&format!("capnet-{side}-pool"), PoolLayout::with_count(POOL_BUFFERS).region_len())?,
+            r_area: Region::blank(&format!("capnet-{side}-frames-in"), area)?,
+            t_area: Region::blank(&format!("capnet-{side}-frames-out"), area)?,
+        })
+    }
+}
