@@ -542,9 +542,7 @@ fn control(
                 relinks.pending.retain(|(n, _)| n != c);
                 relinks.pending.push((c.clone(), side));
                 // Until the new peer is joined, nothing waits on the old one.
-                if let Some(link) =
-                    engine.host().cores().links().into_iter().find(|x| (x.local(), x.remote()) == (l, r))
-                {
+                if let Some(link) = engine.host().cores().links().find(|x| (x.local(), x.remote()) == (l, r)) {
                     link.set_replacing(true);
                 }
                 send_msg(sock, &Event::Relinked(c.clone()))?;
@@ -687,7 +685,7 @@ fn report(spec: &GroupSpec, cores: &mut Cores, device: Option<DeviceStats>) -> G
         };
         let mut counters = counters;
         if let Some(k) = Kind::parse(k) {
-            for l in cores.links().into_iter().filter(|l| l.local() == k) {
+            for l in cores.links().filter(|l| l.local() == k) {
                 counters.extend(l.counters());
             }
         }

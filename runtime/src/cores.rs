@@ -6,7 +6,7 @@ use std::time::{Duration, Instant as StdInstant};
 
 use capnet_ip::{Config, Instant, IpCore, IpProtocol, LocalDatagram, Output};
 use capnet_ipc::msg::MsgEnd;
-use capnet_proto::edge::{IcmpError, IpToSockets, Segment, TcpToIp, TcpToSockets, UdpToIp, UdpToSockets};
+use capnet_proto::edge::{EdgeMsg, IcmpError, IpToSockets, Segment, TcpToIp, TcpToSockets, UdpToIp, UdpToSockets};
 use capnet_proto::Kind;
 use capnet_tcp::TcpCore;
 use capnet_udp::UdpCore;
@@ -158,36 +158,30 @@ impl Cores {
         self.tcp.as_ref().is_some_and(TcpDomain::drained)
     }
 
-    /// Every link of the group, whatever its edge.
-    pub fn links(&mut self) -> Vec<&mut dyn AnyLink> {
-        let mut all: Vec<&mut dyn AnyLink> = Vec::new();
-        if let Some(ip) = self.ip.as_mut() {
-            all.extend(ip.out.tcp.iter_mut().map(|l| l as &mut dyn AnyLink));
-            all.extend(ip.out.udp.iter_mut().map(|l| l as &mut dyn AnyLink));
-            all.extend(ip.out.sockets.iter_mut().map(|l| l as &mut dyn AnyLink));
+    /// Every link of the group, whatever its edge (no allocation: `pump` walks
+    /// them every round).
+    pub fn links(&mut self) -> impl Iterator<Item = &mut dyn AnyLink> + '_ {
+        fn any<O: EdgeMsg, I: EdgeMsg>(l: &mut Link<O, I>) -> &mut dyn AnyLink {
+            l
         }
-        if let Some(tcp) = self.tcp.as_mut() {
-            all.extend(tcp.ip.iter_mut().map(|l| l as &mut dyn AnyLink));
-            all.extend(tcp.sockets.iter_mut().map(|l| l as &mut dyn AnyLink));
-        }
-        if let Some(udp) = self.udp.as_mut() {
-            all.extend(udp.ip.iter_mut().map(|l| l as &mut dyn AnyLink));
-            all.extend(udp.sockets.iter_mut().map(|l| l as &mut dyn AnyLink));
-        }
-        all.extend(self.sockets.tcp.iter_mut().map(|l| l as &mut dyn AnyLink));
-        all.extend(self.sockets.udp.iter_mut().map(|l| l as &mut dyn AnyLink));
-        all.extend(self.sockets.ip.iter_mut().map(|l| l as &mut dyn AnyLink));
-        all
+        let ip = self.ip.iter_mut().flat_map(|d| {
+            d.out.tcp.iter_mut().map(any).chain(d.out.udp.iter_mut().map(any)).chain(d.out.sockets.iter_mut().map(any))
+        });
+        let tcp = self.tcp.iter_mut().flat_map(|d| d.ip.iter_mut().map(any).chain(d.sockets.iter_mut().map(any)));
+        let udp = self.udp.iter_mut().flat_map(|d| d.ip.iter_mut().map(any).chain(d.sockets.iter_mut().map(any)));
+        let s = &mut self.sockets;
+        let sockets = s.tcp.iter_mut().map(any).chain(s.udp.iter_mut().map(any)).chain(s.ip.iter_mut().map(any));
+        ip.chain(tcp).chain(udp).chain(sockets)
     }
 
     /// The channel ends of every link not broken, to wait on.
     pub fn link_ends(&mut self) -> Vec<&mut capnet_ipc::shm_channel::ShmEnd> {
-        self.links().into_iter().filter(|l| l.broken().is_none()).map(|l| l.channel()).collect()
+        self.links().filter(|l| l.broken().is_none()).map(|l| l.channel()).collect()
     }
 
     /// The first broken link's story, if any link broke.
     pub fn broken_link(&mut self) -> Option<String> {
-        self.links().into_iter().find_map(|l| l.broken().map(str::to_owned))
+        self.links().find_map(|l| l.broken().map(str::to_owned))
     }
 
     /// Joins `end` as the link from domain `local` (of this group) to `remote`,
@@ -320,7 +314,7 @@ impl Cores {
                 progressed = true;
                 match out {
                     capnet_udp::Output::Send { dst, segment } => match (self.ip.as_mut(), self.udp.as_mut()) {
-                        (Some(ip), _) => ip.send(now, dst, false, &segment, None),
+                        (Some(ip), _) => crate::domain::ip::send(&mut ip.core, now, dst, false, &segment, None),
                         (None, Some(u)) => {
                             if let Some(l) = u.ip.first_mut() {
                                 l.send(&UdpToIp::Send(Segment {
@@ -348,7 +342,7 @@ impl Cores {
             {
                 progressed = true;
                 match (self.ip.as_mut(), self.tcp.as_mut()) {
-                    (Some(ip), _) => ip.send(now, dst, true, &segment, tso),
+                    (Some(ip), _) => crate::domain::ip::send(&mut ip.core, now, dst, true, &segment, tso),
                     (None, Some(t)) => {
                         if let Some(l) = t.ip.first_mut() {
                             l.send(&TcpToIp::Send(Segment { dst: dst.octets(), segment: segment.into(), tso }));

@@ -62,7 +62,7 @@ struct World {
 }
 
 fn broken_links(c: &mut Cores) -> impl Iterator<Item = String> + '_ {
-    c.links().into_iter().filter_map(|l| l.broken().map(str::to_owned)).collect::<Vec<_>>().into_iter()
+    c.links().filter_map(|l| l.broken().map(str::to_owned))
 }
 
 fn lock(world: &Mutex<World>) -> MutexGuard<'_, World> {

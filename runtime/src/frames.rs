@@ -246,14 +246,7 @@ impl StackHalf {
         self.0.grant()
     }
 
-    /// Blank regions of the sizes a stack half needs: what the supervisor grants
-    /// a sandboxed ip domain (which may not create memory) to rejoin a restarted
-    /// driver with.
-    pub fn blank() -> Result<HalfGrant, RuntimeError> {
-        HalfGrant::blank("stack").map_err(ipc_err)
-    }
-
-    /// The stack half in blank regions from [`StackHalf::blank`]: mapped, sealed
+    /// The stack half in blank regions from [`HalfGrant::blank`]: mapped, sealed
     /// and laid out here, so this process is their one writer.
     pub fn adopt(blank: HalfGrant) -> Result<Self, RuntimeError> {
         let params = ChannelParams::default();

@@ -133,7 +133,7 @@ fn the_stack_behaves_the_same_on_every_composition() {
 
 /// Calls and asks the sockets group sent its tcp domain so far.
 fn sent_to_tcp(g: &mut FakeGraph) -> u64 {
-    let links = g.sockets.links().into_iter().filter(|l| l.remote() == Kind::Tcp);
+    let links = g.sockets.links().filter(|l| l.remote() == Kind::Tcp);
     links.flat_map(|l| l.counters()).filter(|(k, _)| k == "link_tcp_calls").map(|(_, v)| v).sum()
 }
 

@@ -120,7 +120,7 @@ impl DriverHalf {
         self.0.grant()
     }
 
-    /// The driver's half in blank regions (the sizes [`StackHalf::blank`] makes):
+    /// The driver's half in blank regions (the sizes [`HalfGrant::blank`] makes):
     /// mapped, sealed and laid out here, for a sandboxed driver to rejoin a
     /// restarted stack group with.
     pub fn adopt(blank: HalfGrant) -> Result<Self, RuntimeError> {

@@ -64,17 +64,6 @@ impl IpDomain {
         Ok(region)
     }
 
-    /// A transport's segment, to send (TCP without DF: the ip core's ICMP errors
-    /// do not carry the next-hop MTU yet, so path MTU discovery is not done,
-    /// docs/tcp.md).
-    pub(crate) fn send(&mut self, now: Instant, dst: Ipv4Address, tcp: bool, segment: &[u8], tso: Option<u16>) {
-        let _ = match (tcp, tso) {
-            (true, Some(mss)) => self.core.send_tso(now, dst, segment, mss),
-            (true, None) => self.core.send(now, dst, IpProtocol::Tcp, segment, false),
-            (false, _) => self.core.send(now, dst, IpProtocol::Udp, segment, false),
-        };
-    }
-
     /// A new tcp domain joins beside the present one (`capnet swap tcp`): the
     /// old one is asked to name the flows it keeps, and segments of new
     /// connections wait until it has.
@@ -132,12 +121,7 @@ impl IpDomain {
             l.recv(|l, m| {
                 any = true;
                 match m {
-                    TcpToIp::Send(s) => {
-                        let _ = match s.tso {
-                            Some(mss) => core.send_tso(now, ip4(s.dst), s.segment.bytes(), mss),
-                            None => core.send(now, ip4(s.dst), IpProtocol::Tcp, s.segment.bytes(), false),
-                        };
-                    }
+                    TcpToIp::Send(s) => send(core, now, ip4(s.dst), true, s.segment.bytes(), s.tso),
                     // Named too late (the switch went ahead without them): nothing to keep.
                     TcpToIp::Flows(flows) if l.retiring => {
                         if held.is_some() {
@@ -152,9 +136,7 @@ impl IpDomain {
             l.recv(|_, m| {
                 any = true;
                 match m {
-                    UdpToIp::Send(s) => {
-                        let _ = core.send(now, ip4(s.dst), IpProtocol::Udp, s.segment.bytes(), false);
-                    }
+                    UdpToIp::Send(s) => send(core, now, ip4(s.dst), false, s.segment.bytes(), None),
                     UdpToIp::Unreachable { to, quote } => core.send_unreachable(now, ip4(to), 3, &quote),
                 }
             });
@@ -221,6 +203,17 @@ impl IpLinks {
             l.send(&IpToUdp::Icmp(e));
         }
     }
+}
+
+/// A transport's segment, to send (TCP without DF: the ip core's ICMP errors
+/// do not carry the next-hop MTU yet, so path MTU discovery is not done,
+/// docs/tcp.md).
+pub(crate) fn send(core: &mut IpCore, now: Instant, dst: Ipv4Address, tcp: bool, segment: &[u8], tso: Option<u16>) {
+    let _ = match (tcp, tso) {
+        (true, Some(mss)) => core.send_tso(now, dst, segment, mss),
+        (true, None) => core.send(now, dst, IpProtocol::Tcp, segment, false),
+        (false, _) => core.send(now, dst, IpProtocol::Udp, segment, false),
+    };
 }
 
 fn datagram(d: &LocalDatagram, payload: Vec<u8>) -> Datagram {

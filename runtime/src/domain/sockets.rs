@@ -241,8 +241,8 @@ fn boolean(a: Answer) -> Result<bool, SocketError> {
 }
 
 /// The sockets core reaches each transport (and ip, for echo sockets) through
-/// one call per operation: [`Cores::tcp_call`], [`Cores::udp_call`] and
-/// [`Cores::echo_call`] hand it to the core here (`domain::{tcp, udp, ip}::serve`,
+/// one call per operation: `Cores::tcp_call`, `Cores::udp_call` and
+/// `Cores::echo_call` hand it to the core here (`domain::{tcp, udp, ip}::serve`,
 /// the one place a call becomes a core's method) or over the link to the
 /// domain's group, where the same `serve` answers it. Payload stays borrowed on
 /// the local path: a call is generic over its payload, `&[u8]` here and

@@ -190,7 +190,7 @@ impl MonoStack {
         }
         if self.backlog {
             // Frames are waiting: no sleep (and no doorbell to ring at once).
-        } else if apps.is_empty() && self.cores.links().is_empty() {
+        } else if apps.is_empty() && self.cores.links().next().is_none() {
             self.dev.wait(wait)?;
         } else if !wait.is_zero() {
             self.watch.arm();
