@@ -77,6 +77,8 @@ pub fn tcp_counters(s: &capnet_tcp::Stats) -> BTreeMap<String, u64> {
         ("syn_cookies_accepted", s.syn_cookies_accepted),
         ("orphans_given_up", s.orphans_given_up),
         ("memory_held", s.memory_held),
+        ("loans_held", s.loans_held),
+        ("loans_copied", s.loans_copied),
     ] {
         c.insert(k.into(), v);
     }

@@ -5,6 +5,7 @@
 //!
 //! - [`region`]: memfd regions, sealed by their one writer, mapped read-only by others;
 //! - [`pool`]: fixed-size buffer pools with headroom, lent out as [`Descriptor`]s;
+//! - [`lent`]: handles on lent payload ([`lent::Lent`], [`lent::Chain`]), returned when the last drops;
 //! - [`ring`]: SPSC rings split over two single-writer areas, distrusting the peer;
 //! - [`channel`]: two rings plus the competitive spin-then-block wake protocol;
 //! - [`notify`]: futexes, adaptive spin budgets, spin tokens;
@@ -32,6 +33,8 @@ pub mod ring;
 pub mod shm;
 mod sync;
 
+#[cfg(not(loom))]
+pub mod lent;
 #[cfg(not(loom))]
 pub mod msg;
 #[cfg(not(loom))]

@@ -40,6 +40,12 @@ pub fn bytes_copied() -> u64 {
     COPIED.load(std::sync::atomic::Ordering::Relaxed)
 }
 
+/// Counts `n` bytes of payload copied (every copy of payload bytes in this
+/// process goes through here or through a function that calls it).
+pub fn count_copy(n: usize) {
+    COPIED.fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+}
+
 /// Default buffer size (DESIGN: 2 KiB).
 pub const DEFAULT_BUF_SIZE: u32 = 2048;
 /// Default headroom: room for Ethernet + IPv4 + TCP headers with options, and the
@@ -84,7 +90,7 @@ impl PoolLayout {
         }
     }
 
-    fn buf_offset(&self, index: u32) -> usize {
+    pub(crate) fn buf_offset(&self, index: u32) -> usize {
         DATA + index as usize * self.buf_size as usize
     }
 }
@@ -239,6 +245,16 @@ impl BufferPool {
     /// The region, to grant to readers.
     pub fn region(&self) -> &Region {
         &self.region
+    }
+
+    /// The region, shared (handles on its buffers keep it mapped).
+    pub(crate) fn region_arc(&self) -> Arc<Region> {
+        self.region.clone()
+    }
+
+    /// Region offset of buffer `index`.
+    pub(crate) fn buf_offset(&self, index: u32) -> usize {
+        self.layout.buf_offset(index)
     }
 
     /// Buffers not in use.
@@ -422,6 +438,11 @@ impl PoolView {
     /// The pool's shape, as its header says (checked sane at attach).
     pub fn layout(&self) -> PoolLayout {
         self.layout
+    }
+
+    /// The mapping, for handles on its buffers ([`crate::lent::Views`]).
+    pub(crate) fn into_region(self) -> RegionRo {
+        self.region
     }
 
     /// Bounds-checks a descriptor from a peer against this pool.

@@ -14,6 +14,15 @@ use capnet_ipc::Descriptor;
 /// Buffers in each side's frame pool.
 pub const POOL_BUFFERS: u32 = 1024;
 
+/// Bytes of a frame buffer: the largest frame a device hands over (a 64 KiB
+/// TSO or GRO super-frame, its Ethernet header and the virtio-net header),
+/// rounded up to a multiple of 64. A device reads a frame straight into one
+/// buffer; a buffer's pages are touched only as far as frames fill them.
+pub const FRAME_BUF: u32 = 65600;
+
+/// The shape of a frame pool (each side's, and the monolithic stack's).
+pub const FRAME_LAYOUT: PoolLayout = PoolLayout { buf_size: FRAME_BUF, count: POOL_BUFFERS, headroom: 0 };
+
 /// The fds one group grants the other: its pool and its areas of channels R
 /// (frames in) and T (frames out).
 #[derive(Debug)]
@@ -32,7 +41,7 @@ impl HalfGrant {
     pub fn blank(side: &str) -> Result<Self, RegionError> {
         let area = area_len::<Descriptor>(ChannelParams::default().capacity);
         Ok(HalfGrant {
-            pool: Region::blank(&format!("capnet-{side}-pool"), PoolLayout::with_count(POOL_BUFFERS).region_len())?,
+            pool: Region::blank(&format!("capnet-{side}-pool"), FRAME_LAYOUT.region_len())?,
             r_area: Region::blank(&format!("capnet-{side}-frames-in"), area)?,
             t_area: Region::blank(&format!("capnet-{side}-frames-out"), area)?,
         })

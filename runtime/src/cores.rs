@@ -4,7 +4,8 @@
 
 use std::time::{Duration, Instant as StdInstant};
 
-use capnet_ip::{Config, Instant, IpCore, IpProtocol, LocalDatagram, Output};
+use capnet_ip::{Config, Delivery, Instant, IpCore, IpProtocol, Output};
+use capnet_ipc::lent::Chain;
 use capnet_ipc::msg::MsgEnd;
 use capnet_proto::edge::{EdgeMsg, IcmpError, IpToSockets, Segment, TcpToIp, TcpToSockets, UdpToIp, UdpToSockets};
 use capnet_proto::Kind;
@@ -238,10 +239,10 @@ impl Cores {
     }
 
     /// Takes one frame from the device: an unfragmented datagram for udp or tcp
-    /// goes to its core straight from the frame (no copy); everything else
-    /// through the ip core's outputs. `vouched`: a TCP checksum the device left
-    /// partial on the kernel's word ([`capnet_driver::vnet::to_plain`]).
-    pub fn receive_frame(&mut self, frame: &[u8], vouched: bool) {
+    /// goes to its core as a handle on the frame's buffer (no copy); everything
+    /// else through the ip core's outputs. `vouched`: a TCP checksum the device
+    /// left partial on the kernel's word ([`capnet_driver::vnet::to_plain`]).
+    pub fn receive_frame(&mut self, frame: &Chain, vouched: bool) {
         let now = self.now();
         let Some(ip) = self.ip.as_mut() else { return };
         if let Some(d) = ip.core.receive_frame_local(now, frame) {
@@ -273,16 +274,8 @@ impl Cores {
                     Output::Frame(f) => emit(f, None),
                     Output::TsoFrame { frame, mss } => emit(frame, Some(mss)),
                     Output::Deliver(d) => {
-                        let local = LocalDatagram {
-                            to: d.to,
-                            src: d.src,
-                            dst: d.dst,
-                            protocol: d.protocol,
-                            payload: &d.payload,
-                            ip_header: &d.ip_header,
-                        };
                         if let Some(ip) = self.ip.as_mut() {
-                            deliver(&mut ip.out, &mut self.tcp, &mut self.udp, now, &local, false)
+                            deliver(&mut ip.out, &mut self.tcp, &mut self.udp, now, &d, false)
                         }
                     }
                     Output::EchoReply(r) if r.to == SOCKETS => {
@@ -472,21 +465,21 @@ fn deliver(
     tcp: &mut Option<TcpDomain>,
     udp: &mut Option<UdpDomain>,
     now: Instant,
-    d: &LocalDatagram,
+    d: &Delivery,
     vouched: bool,
 ) {
     match (d.to, tcp, udp) {
         (TCP | TCP_OLD, Some(t), _) => {
             t.touched = true;
             match vouched {
-                true => t.core.receive_vouched(now, d.src, d.dst, d.payload),
-                false => t.core.receive(now, d.src, d.dst, d.payload),
+                true => t.core.receive_vouched(now, d.src, d.dst, &d.payload),
+                false => t.core.receive(now, d.src, d.dst, &d.payload),
             }
         }
         (TCP | TCP_OLD, None, _) => out.deliver_tcp(d, vouched),
         (UDP, _, Some(u)) => {
             u.touched = true;
-            u.core.receive(d.src, d.dst, d.payload, d.ip_header)
+            u.core.receive(d.src, d.dst, &d.payload.to_vec(), &d.ip_header)
         }
         (UDP, _, None) => out.deliver_udp(d),
         _ => {}

@@ -6,6 +6,7 @@ use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant as StdInstant};
 
 use capnet_driver::impair::{ImpairStats, Impairer, Impairment};
+use capnet_ipc::lent::{Chain, Filled, Lent, LoanPool};
 use capnet_kernel_shim::device::{Device as NetDevice, DeviceKind, VNET_HDR_LEN};
 
 use crate::RuntimeError;
@@ -94,6 +95,11 @@ impl FrameTap {
         self.0.dropped.load(std::sync::atomic::Ordering::Relaxed)
     }
 
+    /// Whether a capture runs (a frame held in a pool is copied out only then).
+    pub fn active(&self) -> bool {
+        self.0.on.load(std::sync::atomic::Ordering::Acquire)
+    }
+
     /// Copies `frame` to the capture, if one runs.
     pub fn record(&self, frame: &[u8]) {
         use std::sync::atomic::Ordering::{Acquire, Relaxed, Release};
@@ -155,24 +161,26 @@ pub(crate) fn device_fd(dev: &NetDevice) -> Result<(OwnedFd, bool), RuntimeError
     Ok((set_nonblocking(dev.fd().try_clone_to_owned()?)?, vnet))
 }
 
-/// The plain frame inside what the device handed over: as is, or with the
-/// virtio-net header stripped and a partial checksum completed (in place) —
+/// Where the plain frame lies in what the device handed over: all of it, or
+/// past the virtio-net header with a partial checksum completed (in place) —
 /// or, with `vouch`, a partial TCP checksum left for the kernel's word (the
 /// `bool`: the frame must go to a TCP core told so). `None` (counted) for a
 /// frame the header makes unusable.
-pub(crate) fn plain_frame<'a>(
-    raw: &'a mut [u8],
+pub(crate) fn plain_range(
+    raw: &mut [u8],
     vnet: bool,
     vouch: bool,
     stats: &mut DeviceStats,
-) -> Option<(&'a [u8], bool)> {
+) -> Option<(std::ops::Range<usize>, bool)> {
     if !vnet {
-        return Some((raw, false));
+        return Some((0..raw.len(), false));
     }
+    let base = raw.as_ptr() as usize;
     match capnet_driver::vnet::to_plain(raw, vouch) {
         Ok((frame, vouched)) => {
             stats.checksums_vouched += u64::from(vouched);
-            Some((frame, vouched))
+            let start = frame.as_ptr() as usize - base;
+            Some((start..start + frame.len(), vouched))
         }
         Err(_) => {
             stats.vnet_refused += 1;
@@ -235,11 +243,12 @@ pub(crate) fn read_frame(fd: &OwnedFd, buf: &mut [u8]) -> Result<Option<usize>, 
 /// capture sits nearest the device (it sees what the device read, and what the
 /// device is asked to write), the impairment between it and the stack.
 pub trait Device {
-    /// One frame, if one is ready, handed to `take` plain (no virtio-net
-    /// header) with whether its TCP checksum was left partial on the kernel's
-    /// word (only when `vouch` allows that: the frame goes straight to a TCP
-    /// core of this process).
-    fn receive<R>(&mut self, vouch: bool, take: impl FnOnce(&[u8], bool) -> R) -> Result<Option<R>, RuntimeError>;
+    /// One frame, if one is ready and `pool` has a buffer free: read straight
+    /// into a buffer of `pool` and handed back plain (no virtio-net header, a
+    /// handle on the buffer), with whether its TCP checksum was left partial on
+    /// the kernel's word (only when `vouch` allows that: the frame goes
+    /// straight to a TCP core of this process).
+    fn receive(&mut self, pool: &mut LoanPool, vouch: bool) -> Result<Option<(Chain, bool)>, RuntimeError>;
     /// Sends `frame` (`tso`: the segment size the device is to cut it into).
     fn transmit(&mut self, frame: &[u8], tso: Option<u16>);
     /// Sends what a wrapper held back and is due now.
@@ -266,7 +275,6 @@ pub trait Device {
 pub struct FdDevice {
     fd: OwnedFd,
     vnet: bool,
-    buf: Vec<u8>,
     stats: DeviceStats,
 }
 
@@ -274,7 +282,7 @@ impl FdDevice {
     /// The device on `fd` (made non-blocking); `vnet`: its frames carry the
     /// virtio-net header.
     pub fn new(fd: OwnedFd, vnet: bool) -> Result<Self, RuntimeError> {
-        Ok(Self { fd: set_nonblocking(fd)?, vnet, buf: vec![0u8; 65536 + VNET_HDR_LEN], stats: DeviceStats::default() })
+        Ok(Self { fd: set_nonblocking(fd)?, vnet, stats: DeviceStats::default() })
     }
 
     /// The device `dev` (a copy of its fd).
@@ -290,14 +298,30 @@ impl FdDevice {
 }
 
 impl Device for FdDevice {
-    fn receive<R>(&mut self, vouch: bool, take: impl FnOnce(&[u8], bool) -> R) -> Result<Option<R>, RuntimeError> {
+    fn receive(&mut self, pool: &mut LoanPool, vouch: bool) -> Result<Option<(Chain, bool)>, RuntimeError> {
+        if pool.room() < 65536 + VNET_HDR_LEN {
+            return Err(RuntimeError::Ipc(format!(
+                "a frame pool of {}-byte buffers cannot hold every frame",
+                pool.room()
+            )));
+        }
+        let (fd, vnet, stats) = (&self.fd, self.vnet, &mut self.stats);
         loop {
-            let Some(n) = read_frame(&self.fd, &mut self.buf)? else { return Ok(None) };
-            self.stats.frames_read += 1;
-            self.stats.device_bytes += n as u64;
-            // A frame its header makes unusable is counted and skipped.
-            if let Some((frame, vouched)) = plain_frame(&mut self.buf[..n], self.vnet, vouch, &mut self.stats) {
-                return Ok(Some(take(frame, vouched)));
+            // Read in place: the kernel's copy is the only one.
+            let got = pool.fill_with(|buf| -> Result<Filled<Option<bool>>, RuntimeError> {
+                let Some(n) = read_frame(fd, buf)? else { return Ok(None) };
+                stats.frames_read += 1;
+                stats.device_bytes += n as u64;
+                // A frame its header makes unusable is counted and skipped.
+                Ok(Some(match plain_range(&mut buf[..n], vnet, vouch, stats) {
+                    Some((range, vouched)) => (range, Some(vouched)),
+                    None => (0..0, None),
+                }))
+            })?;
+            match got {
+                None => return Ok(None),
+                Some((_, None)) => continue,
+                Some((frame, Some(vouched))) => return Ok(Some((Chain::from(frame), vouched))),
             }
         }
     }
@@ -334,12 +358,14 @@ impl<D: Device> Captured<D> {
 }
 
 impl<D: Device> Device for Captured<D> {
-    fn receive<R>(&mut self, vouch: bool, take: impl FnOnce(&[u8], bool) -> R) -> Result<Option<R>, RuntimeError> {
-        let tap = &self.tap;
-        self.inner.receive(vouch, |frame, vouched| {
-            tap.record(frame);
-            take(frame, vouched)
-        })
+    fn receive(&mut self, pool: &mut LoanPool, vouch: bool) -> Result<Option<(Chain, bool)>, RuntimeError> {
+        let got = self.inner.receive(pool, vouch)?;
+        if let Some((frame, _)) = &got {
+            if self.tap.active() {
+                self.tap.record(&frame.to_vec());
+            }
+        }
+        Ok(got)
     }
 
     fn transmit(&mut self, frame: &[u8], tso: Option<u16>) {
@@ -396,16 +422,20 @@ impl<D: Device> Impaired<D> {
 }
 
 impl<D: Device> Device for Impaired<D> {
-    fn receive<R>(&mut self, vouch: bool, take: impl FnOnce(&[u8], bool) -> R) -> Result<Option<R>, RuntimeError> {
+    fn receive(&mut self, pool: &mut LoanPool, vouch: bool) -> Result<Option<(Chain, bool)>, RuntimeError> {
         let stage = &mut self.inbound;
         if stage.passthrough {
-            return self.inner.receive(vouch, |frame, vouched| {
+            let got = self.inner.receive(pool, vouch)?;
+            if got.is_some() {
                 stage.passed();
-                take(frame, vouched)
-            });
+            }
+            return Ok(got);
         }
-        while self.inner.receive(false, |frame, _| stage.push(frame.to_vec()))?.is_some() {}
-        Ok(stage.pop().map(|frame| take(&frame, false)))
+        // What the stage holds is copied (and the buffer goes back at once).
+        while let Some((frame, _)) = self.inner.receive(pool, false)? {
+            stage.push(frame.to_vec());
+        }
+        Ok(stage.pop().map(|frame| (Chain::from(Lent::from_vec(frame)), false)))
     }
 
     fn transmit(&mut self, frame: &[u8], tso: Option<u16>) {

@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use capnet_ip::{Config, EthernetAddress, Ipv4Address, Ipv4Cidr};
+use capnet_ipc::lent::{Chain, Lent};
 use capnet_ipc::msg::{MsgEnd, MsgHalf};
 use capnet_proto::{end_of, Kind};
 
@@ -110,14 +111,14 @@ impl World {
             if g.ip.is_some() {
                 for f in to_stack.drain(..) {
                     any = true;
-                    g.receive_frame(&f, false);
+                    g.receive_frame(&Chain::from(Lent::from_vec(f)), false);
                 }
             }
             g.pump(|f, _| to_peer.push(f));
         }
         for f in to_peer.drain(..) {
             any = true;
-            peer.receive_frame(&f, false);
+            peer.receive_frame(&Chain::from(Lent::from_vec(f)), false);
         }
         peer.pump(|f, _| to_stack.push(f));
         any |= !to_stack.is_empty();
@@ -300,7 +301,7 @@ impl FakeGraph {
         if self.sockets.ip.is_some() {
             for f in w.to_stack.drain(..).collect::<Vec<_>>() {
                 any = true;
-                self.sockets.receive_frame(&f, false);
+                self.sockets.receive_frame(&Chain::from(Lent::from_vec(f)), false);
             }
         }
         let mut out = Vec::new();

@@ -2,13 +2,15 @@
 //! per direction of frames) over the driver's rx pool and ip's tx pool, and the
 //! halves each side makes, grants and joins.
 //!
-//! The driver group owns the device. Its reader thread copies each frame the device
-//! hands it into a buffer of the rx pool (the one copy at the device edge) and lends
-//! it to the stack over channel R; its writer thread takes the stack's frames from
-//! the tx pool over channel T, copies each out to the device, and returns the loan.
-//! The stack group owns the tx pool and the ip + udp cores; it copies each received
-//! frame out of the driver's pool before parsing (DESIGN, "Distrust") and returns
-//! the loan at once.
+//! The driver group owns the device. Its reader thread reads each frame straight
+//! into a buffer of the rx pool (the kernel's copy is the only one at the device
+//! edge) and lends it to the stack over channel R; its writer thread takes the
+//! stack's frames from the tx pool over channel T, copies each out to the device,
+//! and returns the loan. The stack group owns the tx pool and the cores; it keeps
+//! each received frame as a handle on the driver's buffer ([`capnet_ipc::lent`]):
+//! ip copies the headers out to parse them (DESIGN, "Distrust") and the payload
+//! stays where it is until the last handle on it drops — then the buffer goes
+//! back on channel R.
 //!
 //! Two channels, one per direction of frames, so each driver thread owns one
 //! channel end outright: the reader blocks in the device, the writer on its
@@ -18,8 +20,11 @@
 
 use std::collections::VecDeque;
 
+use std::sync::Arc;
+
 use capnet_ipc::channel::ChannelParams;
-use capnet_ipc::pool::{BufferPool, PoolLayout, PoolView, ReaderId};
+use capnet_ipc::lent::{Chain, Loan, LoanPool, PoolKey, Returns, Views};
+use capnet_ipc::pool::{BufferPool, ReaderId};
 use capnet_ipc::region::Region;
 use capnet_ipc::shm_channel::{self, ShmEnd};
 use capnet_ipc::{Descriptor, End};
@@ -31,7 +36,7 @@ pub const RX_POOL: u16 = 1;
 /// The stack's transmit pool.
 pub const TX_POOL: u16 = 2;
 pub use capnet_proto::frames::HalfGrant;
-pub(crate) use capnet_proto::frames::POOL_BUFFERS;
+pub(crate) use capnet_proto::frames::FRAME_LAYOUT;
 pub(crate) const QUOTA: u32 = 768;
 pub(crate) const BATCH: usize = 64;
 /// Descriptors the reader lends per batch: room for a few 64 KiB chains.
@@ -56,63 +61,92 @@ pub(crate) fn returned(d: &Descriptor) -> Descriptor {
     Descriptor { flags: Descriptor::RETURN, ..*d }
 }
 
-/// The driver group's threads.
+/// Frames lent to us on a channel: each a chain of handles on the lender's
+/// buffers, given back on the same channel when the last handle drops.
 #[derive(Debug)]
 pub struct FramesIn {
     pub(crate) end: ShmEnd,
-    pub(crate) view: PoolView,
-    pub(crate) inbox: Vec<Descriptor>,
-    pub(crate) returns: Vec<Descriptor>,
+    pool: u16,
+    views: Views,
+    returns: Arc<Returns>,
+    tickets: Vec<u64>,
+    inbox: Vec<Descriptor>,
+    back: Vec<Descriptor>,
     /// Pieces of a chain gather here until the one without MORE.
-    pub(crate) frame: Vec<u8>,
-    /// How many pieces `frame` holds.
-    pub(crate) pieces: usize,
+    frame: Chain,
 }
 
 impl FramesIn {
-    pub(crate) fn new(end: ShmEnd, view: PoolView) -> Self {
-        Self {
+    /// Frames lent on `end` from the pool `view` (numbered `pool`).
+    pub(crate) fn new(end: ShmEnd, pool: u16, view: std::os::fd::OwnedFd) -> Result<Self, RuntimeError> {
+        let mut views = Views::new();
+        views.add(PoolKey { id: pool, gen: 0 }, view).map_err(peer_err)?;
+        Ok(Self {
             end,
-            view,
+            pool,
+            views,
+            returns: Returns::new(),
+            tickets: Vec::new(),
             inbox: Vec::with_capacity(256),
-            returns: Vec::with_capacity(256),
-            frame: Vec::new(),
-            pieces: 0,
-        }
+            back: Vec::with_capacity(256),
+            frame: Chain::new(),
+        })
     }
 
-    /// Takes descriptors, hands each whole frame to `each` and returns their
-    /// loans — at most `max` pieces of frames handed over, counting those of a
-    /// chain begun in an earlier call; the number of descriptors taken (0:
-    /// nothing had arrived, or `max` leaves no room beyond that chain).
+    /// Gives back every buffer whose last handle dropped (as far as the ring
+    /// takes them; the rest next time).
+    pub(crate) fn flush_returns(&mut self) -> Result<(), RuntimeError> {
+        self.returns.take(&mut self.tickets);
+        for t in self.tickets.drain(..) {
+            let d = Descriptor { pool: self.pool, flags: Descriptor::RETURN, index: t as u32, offset: 0, len: 0 };
+            self.back.push(d);
+        }
+        while !self.back.is_empty() {
+            let k = self.end.send(&self.back).map_err(peer_err)?;
+            if k == 0 {
+                break;
+            }
+            self.back.drain(..k);
+        }
+        Ok(())
+    }
+
+    /// Takes descriptors and hands each whole frame to `each` — at most `max`
+    /// pieces of frames handed over, counting those of a chain begun in an
+    /// earlier call; the number of descriptors taken (0: nothing had arrived,
+    /// or `max` leaves no room beyond that chain).
     pub(crate) fn recv(
         &mut self,
         max: usize,
-        mut each: impl FnMut(&[u8]) -> Result<(), RuntimeError>,
+        mut each: impl FnMut(&Chain) -> Result<(), RuntimeError>,
     ) -> Result<usize, RuntimeError> {
+        self.flush_returns()?;
         self.inbox.clear();
-        let k = self.end.recv(&mut self.inbox, max.saturating_sub(self.pieces)).map_err(peer_err)?;
-        self.returns.clear();
+        let k = self.end.recv(&mut self.inbox, max.saturating_sub(self.frame.pieces())).map_err(peer_err)?;
         for d in &self.inbox {
-            if d.has(Descriptor::RETURN) {
-                return Err(RuntimeError::Peer(format!("a return {d:?} on a channel that only lends")));
+            if d.has(Descriptor::RETURN) || d.flags & !Descriptor::MORE != 0 {
+                return Err(RuntimeError::Peer(format!("{d:?} on a channel that only lends frames")));
             }
-            self.view.read_into(d, &mut self.frame).map_err(peer_err)?;
-            self.pieces += 1;
-            self.returns.push(returned(d));
+            let loan = Loan {
+                ticket: u64::from(d.index),
+                pool: PoolKey { id: d.pool, gen: 0 },
+                index: d.index,
+                offset: d.offset,
+                len: d.len,
+            };
+            if d.pool != self.pool {
+                return Err(RuntimeError::Peer(format!("{d:?} names another pool than {}", self.pool)));
+            }
+            self.frame.push(self.views.borrow(&loan, &self.returns).map_err(peer_err)?);
             if self.frame.len() > MAX_FRAME {
                 return Err(RuntimeError::Peer(format!("a chain of over {MAX_FRAME} bytes")));
             }
             if !d.has(Descriptor::MORE) {
-                each(&self.frame)?;
-                self.frame.clear();
-                self.pieces = 0;
+                let frame = std::mem::take(&mut self.frame);
+                each(&frame)?;
             }
         }
-        let mut sent = 0;
-        while sent < self.returns.len() {
-            sent += self.end.send(&self.returns[sent..]).map_err(peer_err)?;
-        }
+        self.flush_returns()?;
         Ok(k)
     }
 }
@@ -196,65 +230,99 @@ impl FramesOut {
     }
 }
 
-/// What one group owns before the two are joined: its pool and its two areas.
+/// What one group owns before the two are joined: its pool (a
+/// [`LoanPool`] on the driver's side, a [`BufferPool`] on the stack's) and its
+/// two areas.
 #[derive(Debug)]
-pub(crate) struct Half {
-    pub(crate) pool: BufferPool,
+pub(crate) struct Half<P> {
+    pub(crate) pool: P,
     pub(crate) r_area: Region,
     pub(crate) t_area: Region,
 }
 
-impl Half {
-    pub(crate) fn new(tag: &str, pool_id: u16, r_end: End, t_end: End) -> Result<Self, RuntimeError> {
-        let params = ChannelParams::default();
-        Ok(Self {
-            pool: BufferPool::create(&format!("capnet-{tag}-pool"), pool_id, PoolLayout::with_count(POOL_BUFFERS))
-                .map_err(ipc_err)?,
-            r_area: shm_channel::create_area::<Descriptor>(&format!("capnet-{tag}-frames-in"), r_end, params)
-                .map_err(ipc_err)?,
-            t_area: shm_channel::create_area::<Descriptor>(&format!("capnet-{tag}-frames-out"), t_end, params)
-                .map_err(ipc_err)?,
-        })
-    }
+/// A side's two channel areas, made and sealed here.
+fn areas(tag: &str, r_end: End, t_end: End) -> Result<(Region, Region), RuntimeError> {
+    let params = ChannelParams::default();
+    Ok((
+        shm_channel::create_area::<Descriptor>(&format!("capnet-{tag}-frames-in"), r_end, params).map_err(ipc_err)?,
+        shm_channel::create_area::<Descriptor>(&format!("capnet-{tag}-frames-out"), t_end, params).map_err(ipc_err)?,
+    ))
+}
 
-    pub(crate) fn grant(&self) -> Result<HalfGrant, RuntimeError> {
+/// A side's two channel areas adopted from blanks.
+fn adopt_areas(
+    r_area: std::os::fd::OwnedFd,
+    t_area: std::os::fd::OwnedFd,
+    r_end: End,
+    t_end: End,
+) -> Result<(Region, Region), RuntimeError> {
+    let params = ChannelParams::default();
+    Ok((
+        shm_channel::adopt_area::<Descriptor>(r_area, r_end, params).map_err(ipc_err)?,
+        shm_channel::adopt_area::<Descriptor>(t_area, t_end, params).map_err(ipc_err)?,
+    ))
+}
+
+impl<P> Half<P> {
+    /// The fds to grant the peer: `pool` (this half's) and the areas.
+    pub(crate) fn grant(&self, pool: &Region) -> Result<HalfGrant, RuntimeError> {
         let dup = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned().map_err(ipc_err);
-        Ok(HalfGrant {
-            pool: dup(self.pool.region().fd())?,
-            r_area: dup(self.r_area.fd())?,
-            t_area: dup(self.t_area.fd())?,
-        })
+        Ok(HalfGrant { pool: dup(pool.fd())?, r_area: dup(self.r_area.fd())?, t_area: dup(self.t_area.fd())? })
     }
 }
 
 /// The driver group's half: the rx pool, end A of channel R, end B of channel T.
 #[derive(Debug)]
-pub struct DriverHalf(pub(crate) Half);
+pub struct DriverHalf(pub(crate) Half<LoanPool>);
 
 /// The stack group's half: the tx pool, end B of channel R, end A of channel T.
 #[derive(Debug)]
-pub struct StackHalf(pub(crate) Half);
+pub struct StackHalf(pub(crate) Half<BufferPool>);
+
+impl DriverHalf {
+    /// Creates (and seals) the driver's pool and areas.
+    pub fn new() -> Result<Self, RuntimeError> {
+        let key = PoolKey { id: RX_POOL, gen: 0 };
+        let pool = LoanPool::create("capnet-driver-pool", key, FRAME_LAYOUT).map_err(ipc_err)?;
+        let (r_area, t_area) = areas("driver", End::A, End::B)?;
+        Ok(Self(Half { pool, r_area, t_area }))
+    }
+
+    /// The fds to grant the stack group.
+    pub fn grant(&self) -> Result<HalfGrant, RuntimeError> {
+        self.0.grant(self.0.pool.region())
+    }
+
+    /// The driver's half in blank regions (the sizes [`HalfGrant::blank`] makes):
+    /// mapped, sealed and laid out here, for a sandboxed driver to rejoin a
+    /// restarted stack group with.
+    pub fn adopt(blank: HalfGrant) -> Result<Self, RuntimeError> {
+        let (r_area, t_area) = adopt_areas(blank.r_area, blank.t_area, End::A, End::B)?;
+        let key = PoolKey { id: RX_POOL, gen: 0 };
+        let pool = LoanPool::adopt(blank.pool, key, FRAME_LAYOUT).map_err(ipc_err)?;
+        Ok(Self(Half { pool, r_area, t_area }))
+    }
+}
 
 impl StackHalf {
     /// Creates (and seals) the stack's pool and areas.
     pub fn new() -> Result<Self, RuntimeError> {
-        Ok(Self(Half::new("stack", TX_POOL, End::B, End::A)?))
+        let pool = BufferPool::create("capnet-stack-pool", TX_POOL, FRAME_LAYOUT).map_err(ipc_err)?;
+        let (r_area, t_area) = areas("stack", End::B, End::A)?;
+        Ok(Self(Half { pool, r_area, t_area }))
     }
 
     /// The fds to grant the driver group.
     pub fn grant(&self) -> Result<HalfGrant, RuntimeError> {
-        self.0.grant()
+        self.0.grant(self.0.pool.region())
     }
 
     /// The stack half in blank regions from [`HalfGrant::blank`]: mapped, sealed
     /// and laid out here, so this process is their one writer.
     pub fn adopt(blank: HalfGrant) -> Result<Self, RuntimeError> {
-        let params = ChannelParams::default();
-        Ok(Self(Half {
-            pool: BufferPool::adopt(blank.pool, TX_POOL, PoolLayout::with_count(POOL_BUFFERS)).map_err(ipc_err)?,
-            r_area: shm_channel::adopt_area::<Descriptor>(blank.r_area, End::B, params).map_err(ipc_err)?,
-            t_area: shm_channel::adopt_area::<Descriptor>(blank.t_area, End::A, params).map_err(ipc_err)?,
-        }))
+        let (r_area, t_area) = adopt_areas(blank.r_area, blank.t_area, End::B, End::A)?;
+        let pool = BufferPool::adopt(blank.pool, TX_POOL, FRAME_LAYOUT).map_err(ipc_err)?;
+        Ok(Self(Half { pool, r_area, t_area }))
     }
 
     /// Joins the driver group's grant: the stack group, ready to poll.
@@ -276,10 +344,9 @@ impl StackHalf {
             Peer::Driver => (RX_POOL, peer.r_area, peer.t_area),
             Peer::Wire => (TX_POOL, peer.t_area, peer.r_area),
         };
-        let view = PoolView::attach(peer.pool, view_id).map_err(peer_err)?;
         let rx = shm_channel::attach::<Descriptor>(r_area, their_r, End::B, params).map_err(peer_err)?;
         let tx = shm_channel::attach::<Descriptor>(t_area, their_t, End::A, params).map_err(peer_err)?;
-        Ok((FramesIn::new(rx, view), FramesOut::new(tx, tx_pool, peer_reader)))
+        Ok((FramesIn::new(rx, view_id, peer.pool)?, FramesOut::new(tx, tx_pool, peer_reader)))
     }
 }
 

@@ -78,7 +78,7 @@ fn tcp_transfer(name: &str, g: &mut FakeGraph) {
             let now = g.clock.now();
             sent += g.peer(|p| p.tcp().send(now, c, &data[sent..]).unwrap_or(0));
             if let Received::Data(d) = g.cores().tcp_recv(s, 1 << 20).expect("recv") {
-                got.extend(d);
+                got.extend(d.to_vec());
             }
             got.len() == data.len()
         }),
@@ -94,7 +94,7 @@ fn tcp_transfer(name: &str, g: &mut FakeGraph) {
             back += g.cores().tcp_send(s, &got[back..]).expect("send");
             let now = g.clock.now();
             if let Ok(Received::Data(d)) = g.peer(|p| p.tcp().recv(now, c, 1 << 20)) {
-                echoed.extend(d);
+                echoed.extend(d.to_vec());
             }
             echoed.len() == got.len()
         }),
@@ -156,7 +156,7 @@ fn a_waiting_receive_is_pushed_what_arrives_without_another_call() {
     g.peer(|p| p.tcp().send(now, c, b"pushed, not fetched").expect("peer sends"));
     g.run(Duration::from_millis(50));
     assert!(g.sockets.sockets.activity, "the push told the sockets domain to look again");
-    assert_eq!(g.sockets.tcp_recv(s, 4096), Ok(Received::Data(b"pushed, not fetched".to_vec())));
+    assert_eq!(g.sockets.tcp_recv(s, 4096), Ok(Received::Data(b"pushed, not fetched"[..].into())));
     assert_eq!(sent_to_tcp(&mut g), asked, "the data came without a call");
     assert!(g.broken().is_empty(), "{:?}", g.broken());
 }
@@ -188,10 +188,10 @@ fn a_swap_holds_new_connections_until_the_old_domain_names_its_flows() {
     let (mut a, mut b) = (Vec::new(), Vec::new());
     assert!(g.run_until(SECOND, |g| {
         if let Ok(Received::Data(d)) = g.sockets.tcp_recv(s_old, 100) {
-            a.extend(d);
+            a.extend(d.to_vec());
         }
         if let Ok(Received::Data(d)) = g.sockets.tcp_recv(s_new, 100) {
-            b.extend(d);
+            b.extend(d.to_vec());
         }
         a == b"old" && b == b"new"
     }));

@@ -1,5 +1,6 @@
 //! The driver's side of an in-memory wire, in one process: a peer that lends
-//! frames faster than the stack returns them — 50 KB chains, while the ip side
+//! frames faster than the stack returns them — 2000 frames of 50 KB, more
+//! than the driver may lend ip and the wire's ring holds, while the ip side
 //! never takes a frame — fills the driver's quota toward ip; the driver holds
 //! back, stays up, and passes what fits.
 
@@ -22,7 +23,7 @@ fn a_peer_faster_than_the_stack_never_stops_the_driver() {
     let (ours_grant, peer_grant) = (ours.grant().expect("grant"), peer.grant().expect("grant"));
     d.plug(ours, peer_grant).expect("plug the wire");
     let (_from_driver, mut to_driver) = peer.attach(ours_grant, Peer::Wire).expect("peer attaches");
-    let mut backlog: VecDeque<(Vec<u8>, Option<u16>)> = (0..400).map(|i| (vec![i as u8; 50_000], None)).collect();
+    let mut backlog: VecDeque<(Vec<u8>, Option<u16>)> = (0..2000).map(|i| (vec![i as u8; 50_000], None)).collect();
     for _ in 0..400 {
         to_driver.take_returns().expect("returns");
         to_driver.send(&mut backlog).expect("send");
@@ -31,6 +32,6 @@ fn a_peer_faster_than_the_stack_never_stops_the_driver() {
     assert!(!d.ended(), "the driver's threads are running");
     let s = d.stats();
     assert!(s.frames_read >= 20, "frames came over the wire: {s:?}");
-    assert!(!backlog.is_empty(), "the driver held back what the stack could not take");
+    assert!(!backlog.is_empty(), "the driver held back what the stack could not take: {s:?}");
     d.stop().expect("the driver stops cleanly");
 }

@@ -4,10 +4,12 @@
 //! It is sans-IO (DESIGN, "Protocol code is sans-IO"): inputs are frames from the
 //! driver, datagrams from transport domains, and `now`; outputs are frames for the
 //! driver, deliveries and ICMP errors for transport domains, and the next deadline
-//! ([`IpCore::poll_at`]). It never reads a clock, touches a device or logs. Every
-//! frame it is given is a private copy (the runtime copies headers out of shared
-//! memory before parsing), parsed with smoltcp's `wire` views after a length check.
-//! Every frame it refuses is counted by [`DropReason`].
+//! ([`IpCore::poll_at`]). It never reads a clock, touches a device or logs. A
+//! frame comes as a handle on the buffer it was read into ([`Lent`]): the core
+//! copies its headers out (at most [`HEAD`] bytes) and parses only that copy,
+//! with smoltcp's `wire` views after a length check; a datagram for a
+//! transport goes on as a handle on the same buffer, past its headers. Every
+//! frame it refuses is counted by [`DropReason`].
 
 #![forbid(unsafe_code)]
 
@@ -17,6 +19,8 @@ mod reasm;
 mod route;
 
 use std::collections::VecDeque;
+
+pub use capnet_ipc::lent::{Chain, Lent};
 
 pub use arp::ArpCache;
 pub use reasm::{ReasmLimits, Reassembler};
@@ -29,6 +33,9 @@ use smoltcp::wire::{EthernetFrame, EthernetProtocol, Icmpv4Message, Icmpv4Packet
 pub const ETH_HDR: usize = 14;
 /// IPv4 header length without options (we never emit options).
 pub const IP_HDR: usize = 20;
+/// Bytes of a frame copied out to parse it: Ethernet, the longest IPv4 header
+/// and a transport header's first 8 bytes (its ports; ICMP's quote).
+pub const HEAD: usize = ETH_HDR + 60 + 8;
 
 /// Which transport domain a packet belongs to (an index the graph assigns).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -209,8 +216,9 @@ impl Stats {
     }
 }
 
-/// A datagram for a transport domain.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A datagram for a transport domain: its payload a handle on the buffer the
+/// frame arrived in (a reassembled one: on private memory).
+#[derive(Debug, Clone)]
 pub struct Delivery {
     /// The transport domain it belongs to.
     pub to: TransportId,
@@ -220,42 +228,40 @@ pub struct Delivery {
     pub dst: Ipv4Address,
     /// Transport protocol.
     pub protocol: IpProtocol,
-    /// The transport header and payload (reassembled).
-    pub payload: Vec<u8>,
+    /// The transport header and payload.
+    pub payload: Chain,
     /// The IPv4 header it arrived with (first fragment's), for the transport to
     /// quote in an ICMP error (e.g. UDP's port unreachable).
-    pub ip_header: Vec<u8>,
+    pub ip_header: IpHeader,
 }
 
-/// A datagram for a transport, borrowed from the frame it arrived in (an
-/// unfragmented datagram: nothing copied).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct LocalDatagram<'a> {
-    /// The transport domain it belongs to.
-    pub to: TransportId,
-    /// Source address.
-    pub src: Ipv4Address,
-    /// Destination address (ours, or a broadcast).
-    pub dst: Ipv4Address,
-    /// Transport protocol.
-    pub protocol: IpProtocol,
-    /// The transport header and payload.
-    pub payload: &'a [u8],
-    /// The IPv4 header it arrived with.
-    pub ip_header: &'a [u8],
+/// An IPv4 header copied out of a frame (at most 60 bytes, no allocation).
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct IpHeader {
+    bytes: [u8; 60],
+    len: u8,
 }
 
-impl LocalDatagram<'_> {
-    /// An owned copy, as [`Output::Deliver`] carries it.
-    pub fn to_delivery(&self) -> Delivery {
-        Delivery {
-            to: self.to,
-            src: self.src,
-            dst: self.dst,
-            protocol: self.protocol,
-            payload: self.payload.to_vec(),
-            ip_header: self.ip_header.to_vec(),
-        }
+impl IpHeader {
+    /// The first (at most) 60 bytes of `b`.
+    pub fn new(b: &[u8]) -> Self {
+        let mut bytes = [0; 60];
+        let len = b.len().min(60);
+        bytes[..len].copy_from_slice(&b[..len]);
+        Self { bytes, len: len as u8 }
+    }
+}
+
+impl std::ops::Deref for IpHeader {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        &self.bytes[..usize::from(self.len)]
+    }
+}
+
+impl std::fmt::Debug for IpHeader {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "IpHeader({:02x?})", &**self)
     }
 }
 
@@ -281,7 +287,7 @@ pub struct IcmpError {
 }
 
 /// What the core produced.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone)]
 pub enum Output {
     /// A frame for the driver.
     Frame(Vec<u8>),
@@ -518,20 +524,21 @@ impl IpCore {
 
     /// Takes one frame from the driver; a datagram for a transport comes out as
     /// [`Output::Deliver`].
-    pub fn receive_frame(&mut self, now: Instant, frame: &[u8]) {
+    pub fn receive_frame(&mut self, now: Instant, frame: &Chain) {
         if let Some(d) = self.receive_frame_local(now, frame) {
-            self.out.push_back(Output::Deliver(d.to_delivery()));
+            self.out.push_back(Output::Deliver(d));
         }
     }
 
     /// Takes one frame from the driver, like [`IpCore::receive_frame`], but
-    /// returns an unfragmented datagram for a transport borrowed from the frame
-    /// instead of queueing a copy: for a composition that hands it to a core in
-    /// the same thread.
+    /// returns an unfragmented datagram for a transport instead of queueing it:
+    /// for a composition that hands it to a core in the same thread.
     #[must_use = "the datagram is not queued: hand it to its transport"]
-    pub fn receive_frame_local<'a>(&mut self, now: Instant, frame: &'a [u8]) -> Option<LocalDatagram<'a>> {
+    pub fn receive_frame_local(&mut self, now: Instant, frame: &Chain) -> Option<Delivery> {
         self.stats.frames_in += 1;
-        let Ok(eth) = EthernetFrame::new_checked(frame) else {
+        let mut head = [0u8; HEAD];
+        let n = frame.peek(0, &mut head);
+        let Ok(eth) = EthernetFrame::new_checked(&head[..n]) else {
             self.drop(DropReason::EthTruncated);
             return None;
         };
@@ -541,8 +548,10 @@ impl IpCore {
             return None;
         }
         match eth.ethertype() {
-            EthernetProtocol::Arp => self.receive_arp(now, &frame[14..]),
-            EthernetProtocol::Ipv4 => return self.receive_ipv4(now, &frame[14..]),
+            EthernetProtocol::Arp => self.receive_arp(now, &head[ETH_HDR..n]),
+            EthernetProtocol::Ipv4 => {
+                return self.receive_ipv4(now, frame.range(ETH_HDR, frame.len() - ETH_HDR), &head[ETH_HDR..n])
+            }
             _ => self.drop(DropReason::EthUnknownType),
         }
         None
@@ -566,17 +575,18 @@ impl IpCore {
         }
     }
 
-    fn receive_ipv4<'a>(&mut self, now: Instant, bytes: &'a [u8]) -> Option<LocalDatagram<'a>> {
-        let r = self.check_ipv4(bytes);
-        let (ihl, total) = match r {
+    /// An IPv4 datagram: `bytes` the whole of it (and what follows in the
+    /// frame), `head` its first bytes copied out.
+    fn receive_ipv4(&mut self, now: Instant, bytes: Chain, head: &[u8]) -> Option<Delivery> {
+        let (ihl, total) = match self.check_ipv4(head, bytes.len()) {
             Ok(v) => v,
             Err(reason) => {
                 self.drop(reason);
                 return None;
             }
         };
-        // Lengths were checked, so the view's accessors cannot panic.
-        let ip = Ipv4Packet::new_unchecked(&bytes[..total]);
+        // The header was checked, so the view's accessors cannot panic.
+        let ip = Ipv4Packet::new_unchecked(&head[..ihl]);
         let dst = ip.dst_addr();
         let ours = self.cfg.addr.address();
         if dst != ours && !dst.is_broadcast() && Some(dst) != self.cfg.addr.broadcast() {
@@ -585,15 +595,21 @@ impl IpCore {
         }
         let (src, protocol) = (ip.src_addr(), ip.next_header());
         // Options (IHL > 5) are skipped: the payload starts after the full header.
-        let (payload, ip_header) = (&bytes[ihl..total], &bytes[..ihl]);
+        let payload = bytes.range(ihl, total - ihl);
+        let ip_header = IpHeader::new(&head[..ihl]);
+        // The transport header's first bytes, as far as the datagram has them.
+        let thead = &head[ihl..head.len().min(total)];
         if ip.more_frags() || ip.frag_offset() != 0 {
             let key = reasm::Key { src, dst, protocol, ident: ip.ident() };
-            match self.reasm.add(now, key, usize::from(ip.frag_offset()), ip.more_frags(), payload) {
+            // Held past this frame: copied (DESIGN: a reassembly queue copies).
+            let piece = payload.to_vec();
+            match self.reasm.add(now, key, usize::from(ip.frag_offset()), ip.more_frags(), &piece) {
                 reasm::Added::Incomplete => {}
                 reasm::Added::Complete(d) => {
                     self.stats.packets_in += 1;
-                    if let Some(to) = self.demux_or_answer(now, src, dst, protocol, &d, ip_header) {
-                        let (payload, ip_header) = (d, ip_header.to_vec());
+                    let thead = d[..d.len().min(8)].to_vec();
+                    let payload = Chain::from(Lent::from_vec(d));
+                    if let Some(to) = self.demux_or_answer(now, src, dst, protocol, &payload, &thead, &ip_header) {
                         self.out.push_back(Output::Deliver(Delivery { to, src, dst, protocol, payload, ip_header }));
                     }
                 }
@@ -605,28 +621,28 @@ impl IpCore {
             return None;
         }
         self.stats.packets_in += 1;
-        let to = self.demux_or_answer(now, src, dst, protocol, payload, ip_header)?;
-        Some(LocalDatagram { to, src, dst, protocol, payload, ip_header })
+        let to = self.demux_or_answer(now, src, dst, protocol, &payload, thead, &ip_header)?;
+        Some(Delivery { to, src, dst, protocol, payload, ip_header })
     }
 
-    /// The header checks of an IPv4 datagram: (header length, total length).
-    fn check_ipv4(&self, bytes: &[u8]) -> Result<(usize, usize), DropReason> {
-        if bytes.len() < IP_HDR {
+    /// The header checks of an IPv4 datagram of `len` bytes (and what follows
+    /// in the frame) whose first bytes are `head`: (header length, total length).
+    fn check_ipv4(&self, head: &[u8], len: usize) -> Result<(usize, usize), DropReason> {
+        if head.len() < IP_HDR {
             return Err(DropReason::IpTruncated);
         }
-        if bytes[0] >> 4 != 4 {
+        if head[0] >> 4 != 4 {
             return Err(DropReason::IpBadVersion);
         }
-        let ihl = usize::from(bytes[0] & 0x0f) * 4;
-        if ihl < IP_HDR || ihl > bytes.len() {
+        let ihl = usize::from(head[0] & 0x0f) * 4;
+        if ihl < IP_HDR || ihl > head.len() {
             return Err(DropReason::IpBadHeaderLen);
         }
-        let total = usize::from(u16::from_be_bytes([bytes[2], bytes[3]]));
-        if total < ihl || total > bytes.len() {
+        let total = usize::from(u16::from_be_bytes([head[2], head[3]]));
+        if total < ihl || total > len {
             return Err(DropReason::IpTruncated);
         }
-        let ip = Ipv4Packet::new_checked(&bytes[..total]).map_err(|_| DropReason::IpTruncated)?;
-        if !ip.verify_checksum() {
+        if smoltcp::wire::checksum::data(&head[..ihl]) != !0 {
             return Err(DropReason::IpBadChecksum);
         }
         Ok((ihl, total))
@@ -634,24 +650,27 @@ impl IpCore {
 
     /// The transport a datagram for us goes to; ICMP is answered here, and a
     /// datagram nobody takes is dropped (with a port or protocol unreachable).
+    /// `thead` is the transport header's first (up to 8) bytes.
+    #[allow(clippy::too_many_arguments)]
     fn demux_or_answer(
         &mut self,
         now: Instant,
         src: Ipv4Address,
         dst: Ipv4Address,
         protocol: IpProtocol,
-        payload: &[u8],
+        payload: &Chain,
+        thead: &[u8],
         ip_header: &[u8],
     ) -> Option<TransportId> {
         match protocol {
             IpProtocol::Icmp => self.receive_icmp(now, src, dst, payload.to_vec()),
             IpProtocol::Udp | IpProtocol::Tcp => {
-                if payload.len() < 4 {
+                if thead.len() < 4 {
                     self.drop(DropReason::NoTransport);
                     return None;
                 }
                 let (remote_port, port) =
-                    (u16::from_be_bytes([payload[0], payload[1]]), u16::from_be_bytes([payload[2], payload[3]]));
+                    (u16::from_be_bytes([thead[0], thead[1]]), u16::from_be_bytes([thead[2], thead[3]]));
                 if let Some(to) = self.demux.lookup_flow(protocol, port, src, remote_port) {
                     return Some(to);
                 }
@@ -659,14 +678,14 @@ impl IpCore {
                 // RFC 1122 §3.2.2.1: a host SHOULD send port unreachable for a UDP
                 // port nobody listens on (TCP answers with RST itself).
                 if protocol == IpProtocol::Udp && dst == self.cfg.addr.address() {
-                    let q = quote(ip_header, payload);
+                    let q = quote(ip_header, thead);
                     self.send_unreachable(now, src, 3, &q);
                 }
             }
             _ => {
                 self.drop(DropReason::NoTransport);
                 if dst == self.cfg.addr.address() {
-                    let q = quote(ip_header, payload);
+                    let q = quote(ip_header, thead);
                     self.send_unreachable(now, src, 2, &q);
                 }
             }

@@ -748,7 +748,7 @@ impl SocketsCore {
                 Ok(replies.pop_front().map(|(from, seq, data)| Reply::EchoReply { from: from.octets(), seq, data }))
             }
             Kind::Tcp(s) => match t.tcp_recv(*s, (max as usize).clamp(1, MAX_TCP_READ))? {
-                Received::Data(data) => Ok(Some(Reply::Data { data })),
+                Received::Data(data) => Ok(Some(Reply::Data { data: data.to_vec() })),
                 Received::Eof => Ok(Some(Reply::Data { data: Vec::new() })),
                 Received::Nothing => Ok(None),
             },

@@ -104,7 +104,7 @@ impl Fake {
     /// Loops the tcp core's segments back into it (it talks to itself).
     fn loop_tcp(&mut self) {
         while let Some(capnet_tcp::Output::Send { segment, .. }) = self.tcp.pop_output() {
-            self.tcp.receive(NOW, US, US, &segment);
+            self.tcp.receive(NOW, US, US, &capnet_ipc::lent::Lent::from_vec(segment).into());
         }
     }
 }

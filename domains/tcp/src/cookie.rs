@@ -16,12 +16,7 @@ fn cookie_time(now: Instant) -> u32 {
 /// The SYN a cookie stands for, as the core answers or rebuilds it: the
 /// peer's ISN, its MSS rounded down to the table, and — only with timestamps —
 /// its window scale and SACK-permitted (`options`).
-fn cookie_syn<'a>(
-    seg: &Segment<'a>,
-    peer_isn: seq::Seq,
-    mss_idx: usize,
-    options: Option<(Option<u8>, bool)>,
-) -> Segment<'a> {
+fn cookie_syn(seg: &Segment, peer_isn: seq::Seq, mss_idx: usize, options: Option<(Option<u8>, bool)>) -> Segment {
     Segment {
         seq: peer_isn,
         ack: None,
@@ -33,8 +28,8 @@ fn cookie_syn<'a>(
         sack_permitted: options.is_some_and(|o| o.1),
         sack: [None; 3],
         timestamp: if options.is_some() { seg.timestamp.map(|(tsval, _)| (tsval, 0)) } else { None },
-        payload: &[],
-        ..*seg
+        payload: capnet_ipc::lent::Chain::new(),
+        ..seg.clone()
     }
 }
 

@@ -26,6 +26,7 @@ mod stats;
 use std::collections::{HashMap, VecDeque};
 use std::hash::{Hash, Hasher};
 
+use capnet_ipc::lent::Chain;
 pub use conn::Endpoints;
 use conn::{Conn, Cx, Disposition, Segment};
 pub use cookie::COOKIE_MSS;
@@ -107,6 +108,11 @@ pub struct Config {
     /// The congestion control new connections start with (the domain's
     /// default; a socket may choose another).
     pub congestion_control: cc::Algorithm,
+    /// Handles on lenders' buffers (received data still in the lender's pool)
+    /// all connections may hold at once; past it, arriving data is copied and
+    /// the buffer goes back, so a reader that does not read cannot hold a
+    /// lender's pool shut.
+    pub max_loans: usize,
 }
 
 impl Config {
@@ -132,6 +138,7 @@ impl Config {
             sack: true,
             timestamps: true,
             congestion_control: cc::Algorithm::default(),
+            max_loans: 256,
         }
     }
 
@@ -202,8 +209,8 @@ pub enum TcpError {
 /// What a receive found.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Received {
-    /// Bytes, in order.
-    Data(Vec<u8>),
+    /// Bytes, in order: handles on the buffers they arrived in.
+    Data(capnet_ipc::lent::Chain),
     /// The peer finished sending (or reading was shut down).
     Eof,
     /// Nothing yet.
@@ -620,12 +627,17 @@ impl TcpCore {
         // What it may hold: the budget less what every other connection holds.
         let used = self.stats.memory_held as usize;
         conn.room = room_for(&self.cfg, used, conn);
+        let loans = self.stats.loans_held as usize;
+        conn.loan_room = self.cfg.max_loans.saturating_sub(loans - conn.loans_charged);
         let mut cx = Cx { cfg: &self.cfg, out: &mut self.out, stats: &mut self.stats, now: self.now };
         let (r, d) = f(conn, &mut cx);
         let held = conn.held();
         let freed = held < conn.charged;
         self.stats.memory_held = (used - conn.charged + held) as u64;
         conn.charged = held;
+        let lent = conn.loans();
+        self.stats.loans_held = (loans - conn.loans_charged + lent) as u64;
+        conn.loans_charged = lent;
         if conn.window_starved() {
             self.starved.insert(id);
         }
@@ -660,6 +672,7 @@ impl TcpCore {
     fn remove_sock(&mut self, id: SocketId) {
         if let Some(Sock::Conn { conn, .. }) = self.socks.remove(id) {
             self.stats.memory_held -= conn.charged as u64;
+            self.stats.loans_held -= conn.loans_charged as u64;
             self.starved.remove(&id);
         }
     }
@@ -850,18 +863,19 @@ impl TcpCore {
         (conns, listening)
     }
 
-    /// A segment from the ip domain (`src` → `dst`, TCP header and payload).
-    pub fn receive(&mut self, now: Instant, src: Ipv4Address, dst: Ipv4Address, bytes: &[u8]) {
-        self.receive_segment(now, src, dst, bytes, false)
+    /// A segment from the ip domain (`src` → `dst`, TCP header and payload):
+    /// its payload is kept as a handle on the buffer it arrived in.
+    pub fn receive(&mut self, now: Instant, src: Ipv4Address, dst: Ipv4Address, segment: &Chain) {
+        self.receive_segment(now, src, dst, segment, false)
     }
 
     /// A segment whose checksum the device vouched for and left partial (a TAP
     /// with checksum offload, read in this process): taken without verifying it.
-    pub fn receive_vouched(&mut self, now: Instant, src: Ipv4Address, dst: Ipv4Address, bytes: &[u8]) {
-        self.receive_segment(now, src, dst, bytes, true)
+    pub fn receive_vouched(&mut self, now: Instant, src: Ipv4Address, dst: Ipv4Address, segment: &Chain) {
+        self.receive_segment(now, src, dst, segment, true)
     }
 
-    fn receive_segment(&mut self, now: Instant, src: Ipv4Address, dst: Ipv4Address, bytes: &[u8], vouched: bool) {
+    fn receive_segment(&mut self, now: Instant, src: Ipv4Address, dst: Ipv4Address, bytes: &Chain, vouched: bool) {
         self.tick(now);
         self.stats.segments_in += 1;
         let seg = match Segment::parse(src, dst, bytes, vouched) {

@@ -1,7 +1,8 @@
-//! The receive side's byte queues: data in order for the application, and a
-//! bounded queue of segments that arrived ahead of a hole.
+//! The receive side's queues: data in order for the application, and a
+//! bounded queue of segments that arrived ahead of a hole — both chains of
+//! handles on the buffers the segments arrived in (nothing is copied here).
 
-use std::collections::VecDeque;
+use capnet_ipc::lent::Chain;
 
 use crate::seq::Seq;
 
@@ -10,7 +11,7 @@ use crate::seq::Seq;
 #[derive(Debug, Default)]
 pub struct OutOfOrder {
     /// (start, data, FIN after the data); no two touch.
-    segs: Vec<(Seq, Vec<u8>, bool)>,
+    segs: Vec<(Seq, Chain, bool)>,
     bytes: usize,
 }
 
@@ -21,6 +22,11 @@ impl OutOfOrder {
     /// Bytes held.
     pub fn bytes(&self) -> usize {
         self.bytes
+    }
+
+    /// Handles held on a lender's pool (against the loan quota).
+    pub fn loans(&self) -> usize {
+        self.segs.iter().map(|(_, d, _)| d.loans()).sum()
     }
 
     /// Is nothing held?
@@ -38,12 +44,12 @@ impl OutOfOrder {
     /// `rcv_nxt`). Overlaps with what is held keep the older bytes. Returns false
     /// when the bytes would overflow the window, or a piece would be one range
     /// too many (what was held is kept).
-    pub fn insert(&mut self, seq: Seq, data: &[u8], fin: bool, max_bytes: usize) -> bool {
+    pub fn insert(&mut self, seq: Seq, data: &Chain, fin: bool, max_bytes: usize) -> bool {
         if self.bytes + data.len() > max_bytes {
             return false;
         }
         // Cut `data` into the pieces not covered yet.
-        let mut pieces: Vec<(Seq, Vec<u8>, bool)> = Vec::new();
+        let mut pieces: Vec<(Seq, Chain, bool)> = Vec::new();
         let (mut start, end) = (seq, seq.plus(data.len()));
         for (s, d, _) in &self.segs {
             let e = s.plus(d.len());
@@ -52,12 +58,12 @@ impl OutOfOrder {
             }
             if s.gt(start) {
                 let from = start.since(seq);
-                pieces.push((start, data[from..s.since(seq)].to_vec(), false));
+                pieces.push((start, data.range(from, s.since(seq) - from), false));
             }
             start = start.max(e);
         }
         if start.lt(end) {
-            pieces.push((start, data[start.since(seq)..].to_vec(), fin));
+            pieces.push((start, data.range(start.since(seq), end.since(start)), fin));
         } else if fin {
             // Only the FIN is new: remember it on the segment that ends there.
             if let Some(last) = self.segs.iter_mut().find(|(s, d, _)| s.plus(d.len()) == end) {
@@ -65,22 +71,22 @@ impl OutOfOrder {
             }
         }
         let mut held = true;
-        for p in pieces {
-            if p.1.is_empty() && !p.2 {
+        for (at_seq, piece, piece_fin) in pieces {
+            if piece.is_empty() && !piece_fin {
                 continue;
             }
-            let at = self.segs.iter().position(|(s, _, _)| s.gt(p.0)).unwrap_or(self.segs.len());
-            let end = p.0.plus(p.1.len());
+            let at = self.segs.iter().position(|(s, _, _)| s.gt(at_seq)).unwrap_or(self.segs.len());
+            let end = at_seq.plus(piece.len());
             let touches = self.segs.get(at).is_some_and(|n| n.0 == end)
                 || at
                     .checked_sub(1)
-                    .is_some_and(|i| !self.segs[i].2 && self.segs[i].0.plus(self.segs[i].1.len()) == p.0);
+                    .is_some_and(|i| !self.segs[i].2 && self.segs[i].0.plus(self.segs[i].1.len()) == at_seq);
             if !touches && self.segs.len() >= MAX_OOO_SEGMENTS {
                 held = false;
                 continue;
             }
-            self.bytes += p.1.len();
-            self.segs.insert(at, p);
+            self.bytes += piece.len();
+            self.segs.insert(at, (at_seq, piece, piece_fin));
             // Join it to the neighbours it touches: one entry per range.
             if at + 1 < self.segs.len() {
                 self.join(at);
@@ -99,27 +105,28 @@ impl OutOfOrder {
             return;
         }
         let (_, next, fin) = self.segs.remove(i + 1);
-        self.segs[i].1.extend_from_slice(&next);
+        self.segs[i].1.append(next);
         self.segs[i].2 = fin;
     }
 
-    /// Moves what now continues at `nxt` into `buf`; returns the new `rcv_nxt`
+    /// Moves what now continues at `nxt` onto `buf`; returns the new `rcv_nxt`
     /// and whether a FIN was reached.
-    pub fn drain_into(&mut self, mut nxt: Seq, buf: &mut VecDeque<u8>) -> (Seq, bool) {
+    pub fn drain_into(&mut self, mut nxt: Seq, buf: &mut Chain) -> (Seq, bool) {
         let mut fin = false;
         while let Some((s, d, f)) = self.segs.first() {
             if s.gt(nxt) {
                 break;
             }
             let end = s.plus(d.len());
+            let (s, f) = (*s, *f);
+            let (_, mut d, _) = self.segs.remove(0);
+            self.bytes -= d.len();
             if end.gt(nxt) {
-                buf.extend(&d[nxt.since(*s)..]);
+                d.advance(nxt.since(s));
+                buf.append(d);
                 nxt = end;
             }
-            let f = *f && nxt == end;
-            self.bytes -= d.len();
-            self.segs.remove(0);
-            if f {
+            if f && nxt == end {
                 fin = true;
                 break;
             }
@@ -136,20 +143,24 @@ impl OutOfOrder {
 mod tests {
     use super::*;
 
+    fn l(b: &[u8]) -> Chain {
+        Chain::from(b)
+    }
+
     #[test]
     fn holes_fill_in_order_and_overlaps_keep_old_bytes() {
         let mut q = OutOfOrder::default();
-        assert!(q.insert(Seq(10), b"klmno", false, 1000));
-        assert!(q.insert(Seq(5), b"FGHIJKL", false, 1000)); // overlaps the head of 10..15
+        assert!(q.insert(Seq(10), &l(b"klmno"), false, 1000));
+        assert!(q.insert(Seq(5), &l(b"FGHIJKL"), false, 1000)); // overlaps the head of 10..15
         assert_eq!(q.bytes(), 10);
-        assert!(q.insert(Seq(15), b"pq", true, 1000));
+        assert!(q.insert(Seq(15), &l(b"pq"), true, 1000));
         assert_eq!(q.ranges().collect::<Vec<_>>(), vec![(Seq(5), Seq(17))], "touching pieces are one range");
-        let mut buf = VecDeque::new();
+        let mut buf = Chain::new();
         let (nxt, fin) = q.drain_into(Seq(3), &mut buf);
         assert_eq!((nxt, fin), (Seq(3), false), "a hole at 3..5 holds everything back");
-        buf.extend(b"de");
+        buf.append(l(b"de"));
         let (nxt, fin) = q.drain_into(Seq(5), &mut buf);
-        assert_eq!(buf.iter().copied().collect::<Vec<u8>>(), b"deFGHIJklmnopq");
+        assert_eq!(buf.to_vec(), b"deFGHIJklmnopq");
         assert_eq!((nxt, fin), (Seq(17), true));
         assert!(q.is_empty() && q.bytes() == 0);
     }
@@ -157,11 +168,11 @@ mod tests {
     #[test]
     fn bounded() {
         let mut q = OutOfOrder::default();
-        assert!(!q.insert(Seq(0), &[0; 100], false, 50));
+        assert!(!q.insert(Seq(0), &l(&[0; 100]), false, 50));
         for i in 0..MAX_OOO_SEGMENTS {
-            assert!(q.insert(Seq(i as u32 * 10), b"x", false, 1 << 20));
+            assert!(q.insert(Seq(i as u32 * 10), &l(b"x"), false, 1 << 20));
         }
-        assert!(q.insert(Seq(1), b"y", false, 1 << 20), "touching an existing range costs no entry");
-        assert!(!q.insert(Seq(100_000), b"x", false, 1 << 20));
+        assert!(q.insert(Seq(1), &l(b"y"), false, 1 << 20), "touching an existing range costs no entry");
+        assert!(!q.insert(Seq(100_000), &l(b"x"), false, 1 << 20));
     }
 }

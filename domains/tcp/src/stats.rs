@@ -102,6 +102,12 @@ pub struct Stats {
     pub orphans_given_up: u64,
     /// Bytes all connections hold now (a gauge, against [`Config::memory`]).
     pub memory_held: u64,
+    /// Handles on lenders' buffers all connections hold now (a gauge, against
+    /// [`Config::max_loans`]).
+    pub loans_held: u64,
+    /// Segments whose payload was copied off its lender's buffer because the
+    /// connection held its share of the loan quota.
+    pub loans_copied: u64,
     drops: [u64; DropReason::ALL.len()],
 }
 

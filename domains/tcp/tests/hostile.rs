@@ -3,6 +3,7 @@
 //! so they reach the state machine), interleaved with time. The core must never panic, and the
 //! connection's bookkeeping must stay consistent.
 
+use capnet_ipc::lent::Chain;
 use capnet_tcp::{Config, Duration, Instant, Ipv4Address, Output, Received, TcpCore};
 use proptest::prelude::*;
 use smoltcp::wire::{IpAddress, TcpPacket};
@@ -103,10 +104,10 @@ proptest! {
         let (isn, port) = (1000u32, 40000u16);
         // The SYN offers SACK and timestamps, so both are agreed.
         let syn_opts = option_bytes(&Opts { sack: vec![], ts: Some((1, 0)) }, 0, true);
-        b.receive(now, A, B, &segment(port, isn, 0, 2, 65535, &syn_opts, &[]));
+        b.receive(now, A, B, &Chain::from(&segment(port, isn, 0, 2, 65535, &syn_opts, &[])[..]));
         let Some(Output::Send { segment: synack, .. }) = b.pop_output() else { panic!("no SYN-ACK") };
         let our = TcpPacket::new_checked(&synack[..]).unwrap().seq_number().0 as u32;
-        b.receive(now, A, B, &segment(port, isn + 1, our.wrapping_add(1), 16, 65535, &[], &[]));
+        b.receive(now, A, B, &Chain::from(&segment(port, isn + 1, our.wrapping_add(1), 16, 65535, &[], &[])[..]));
         let conn = b.accept(l).unwrap().expect("established");
         let agreed = b.info(conn).unwrap();
         prop_assert!(agreed.sack && agreed.timestamps, "SACK and timestamps agreed: {agreed:?}");
@@ -116,7 +117,7 @@ proptest! {
                     let seq = (isn + 1).wrapping_add(seq_off as u32);
                     let ack = our.wrapping_add(1).wrapping_add(ack_off as u32);
                     let options = option_bytes(&opts, our.wrapping_add(1), false);
-                    b.receive(now, A, B, &segment(port, seq, ack, flags, window, &options, &payload));
+                    b.receive(now, A, B, &Chain::from(&segment(port, seq, ack, flags, window, &options, &payload)[..]));
                 }
                 Action::Advance(us) => {
                     now += Duration::from_micros(u64::from(us));

@@ -1,6 +1,7 @@
 //! Two TCP cores over a simulated link, in simulated time, with seeded loss and
 //! reordering: the whole connection life cycle without a kernel or a clock.
 
+use capnet_ipc::lent::Chain;
 use capnet_tcp::cc::{cubic, Algorithm};
 use capnet_tcp::{
     Config, DropReason, Duration, Instant, Ipv4Address, Keepalive, Output, Received, SockOpt, SocketId, TcpCore,
@@ -141,9 +142,9 @@ impl Net {
         for (_, to_b, src, dst, seg) in due {
             self.delivered += 1;
             if to_b {
-                self.b.receive(now, src, dst, &seg);
+                self.b.receive(now, src, dst, &Chain::from(&seg[..]));
             } else {
-                self.a.receive(now, src, dst, &seg);
+                self.a.receive(now, src, dst, &Chain::from(&seg[..]));
             }
         }
         self.a.poll(now);
@@ -198,7 +199,7 @@ fn transfer(net: &mut Net, a_sends: bool, tx: SocketId, rx: SocketId, data: &[u8
         }
         loop {
             match r.recv(now, rx, 65536).unwrap() {
-                Received::Data(d) => got.extend(d),
+                Received::Data(d) => got.extend(d.to_vec()),
                 Received::Eof => {
                     eof = true;
                     break;
@@ -375,7 +376,7 @@ fn the_backlog_bounds_pending_connections() {
     let mut got = Vec::new();
     net.run_until(Duration::from_secs(5), |n| {
         if let Received::Data(d) = n.b.recv(n.now, third, 64).unwrap() {
-            got.extend(d);
+            got.extend(d.to_vec());
         }
         got == b"hello"
     });
@@ -416,7 +417,7 @@ fn a_zero_window_stalls_the_sender_until_the_reader_reads() {
     net.run_until(Duration::from_secs(60), |n| {
         sent += n.a.send(n.now, c, &data[sent..]).unwrap();
         while let Ok(Received::Data(d)) = n.b.recv(n.now, s, 65536) {
-            got.extend(d);
+            got.extend(d.to_vec());
         }
         got.len() == data.len()
     });
@@ -430,7 +431,7 @@ fn an_in_window_rst_draws_a_challenge_ack_and_the_connection_survives() {
     let before = net.b.stats().challenge_acks;
     // A blind RST a little inside B's window, from "A".
     let info = net.a.info(c).unwrap();
-    let mut seg = vec![0u8; 20];
+    let mut seg = [0u8; 20];
     let mut p = smoltcp::wire::TcpPacket::new_unchecked(&mut seg[..]);
     p.set_src_port(info.local_port);
     p.set_dst_port(80);
@@ -444,7 +445,7 @@ fn an_in_window_rst_draws_a_challenge_ack_and_the_connection_survives() {
     };
     p.set_seq_number(probe_seq + 1000);
     p.fill_checksum(&A.into(), &B.into());
-    net.b.receive(net.now, A, B, &seg);
+    net.b.receive(net.now, A, B, &Chain::from(&seg[..]));
     assert_eq!(net.b.stats().challenge_acks, before + 1);
     assert_eq!(net.b.connected(s), Ok(true));
 }
@@ -509,7 +510,7 @@ fn paws_drops_an_old_duplicate_by_its_timestamp() {
     let old = net.record_a.as_ref().unwrap()[0].clone();
     let before = net.b.stats().dropped(DropReason::Paws);
     let now = net.now;
-    net.b.receive(now, A, B, &old);
+    net.b.receive(now, A, B, &Chain::from(&old[..]));
     assert_eq!(net.b.stats().dropped(DropReason::Paws), before + 1);
     assert_eq!(net.b.recv(now, s, 100).unwrap(), Received::Nothing, "nothing from the old segment was taken");
 }
@@ -524,7 +525,7 @@ fn transfer_some(net: &mut Net, tx: SocketId, rx: SocketId, data: &[u8]) -> Vec<
             sent += n.a.send(now, tx, &data[sent..]).unwrap();
         }
         while let Received::Data(d) = n.b.recv(now, rx, 65536).unwrap() {
-            got.extend(d);
+            got.extend(d.to_vec());
         }
         got.len() == data.len()
     });
@@ -615,7 +616,7 @@ fn goodput_run(loss: f64, seed: u64, sack: bool, algorithm: Algorithm, bytes: us
         }
         let before = got.len();
         while let Received::Data(d) = n.b.recv(now, s, 1 << 20).unwrap() {
-            got.extend(d);
+            got.extend(d.to_vec());
         }
         if got.len() > before {
             longest_gap = longest_gap.max(now - last_progress);
@@ -730,7 +731,7 @@ fn peers_that_never_read_pin_at_most_the_memory_budget() {
         }
         for (i, c) in cs.iter().enumerate() {
             while let Received::Data(d) = n.a.recv(now, *c, 65536).unwrap() {
-                got[i].extend(d);
+                got[i].extend(d.to_vec());
             }
         }
         let most = budget + 16 * capnet_tcp::MEMORY_FLOOR;
@@ -846,17 +847,17 @@ fn a_cookie_checks_the_peers_isn_exactly() {
     // One half-open connection fills the SYN queue (its SYN-ACK goes nowhere).
     let _half = a.connect(now, B, 80).unwrap();
     for seg in outs(&mut a) {
-        b.receive(now, A, B, &seg);
+        b.receive(now, A, B, &Chain::from(&seg[..]));
     }
     outs(&mut b);
     // The next is answered with a cookie.
     let c = a.connect(now, B, 80).unwrap();
     for seg in outs(&mut a) {
-        b.receive(now, A, B, &seg);
+        b.receive(now, A, B, &Chain::from(&seg[..]));
     }
     assert_eq!(b.stats().syn_cookies_sent, 1);
     for seg in outs(&mut b) {
-        a.receive(now, B, A, &seg);
+        a.receive(now, B, A, &Chain::from(&seg[..]));
     }
     assert_eq!(a.connected(c), Ok(true));
     a.set_option(now, c, SockOpt::NoDelay(true)).unwrap();
@@ -867,18 +868,18 @@ fn a_cookie_checks_the_peers_isn_exactly() {
     let second = outs(&mut a);
     assert_eq!((ack.len(), first.len(), second.len()), (1, 1, 1));
     // The handshake's ACK and the first byte are lost; the second arrives.
-    b.receive(now, A, B, &second[0]);
+    b.receive(now, A, B, &Chain::from(&second[0][..]));
     assert_eq!(b.stats().syn_cookies_accepted, 0, "a segment one byte late is not the first");
     assert_eq!(b.stats().resets_out, 1, "it is reset");
     // The first byte's retransmission is the first: the connection is built.
-    b.receive(now, A, B, &first[0]);
+    b.receive(now, A, B, &Chain::from(&first[0][..]));
     assert_eq!(b.stats().syn_cookies_accepted, 1);
-    b.receive(now, A, B, &second[0]);
+    b.receive(now, A, B, &Chain::from(&second[0][..]));
     let mut s = None;
     while let Some(x) = b.accept(l).unwrap() {
         if b.info(x).unwrap().remote_port == a.info(c).unwrap().local_port {
             s = Some(x);
         }
     }
-    assert_eq!(b.recv(now, s.expect("accepted"), 16).unwrap(), Received::Data(b"AB".to_vec()));
+    assert_eq!(b.recv(now, s.expect("accepted"), 16).unwrap(), Received::Data(b"AB"[..].into()));
 }

@@ -9,11 +9,11 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use capnet_ipc::channel::ChannelParams;
+use capnet_ipc::lent::{Chain, Ledger, LoanPool};
 use capnet_ipc::notify::SpinPolicy;
-use capnet_ipc::pool::{BufferPool, PoolLayout, PoolView, ReaderId};
+use capnet_ipc::pool::PoolView;
 use capnet_ipc::shm_channel::{self, ShmEnd};
 use capnet_ipc::{Descriptor, End, Interest, Waiter};
-use capnet_kernel_shim::device::VNET_HDR_LEN;
 
 use crate::device::{set_nonblocking, Captured, Device, FdDevice, Impaired, Stage};
 use crate::{DeviceStats, LinkImpairment, RuntimeError};
@@ -64,8 +64,8 @@ impl Driver {
     /// whatever the old ip domain held of the rx pool) and carry on with the new.
     pub fn rejoin(&self, half: DriverHalf, stack: HalfGrant) -> Result<(), RuntimeError> {
         let params = ChannelParams::default();
-        let Half { pool: mut rx_pool, r_area, t_area } = half.0;
-        let stack_reader = rx_pool.add_reader(QUOTA);
+        let Half { pool: rx_pool, r_area, t_area } = half.0;
+        let stack_reader = Ledger::by_buffer(FRAME_LAYOUT.count, QUOTA as usize);
         let tx_view = PoolView::attach(stack.pool, TX_POOL).map_err(peer_err)?;
         let r = shm_channel::attach::<Descriptor>(r_area, stack.r_area, End::A, params).map_err(peer_err)?;
         let t = shm_channel::attach::<Descriptor>(t_area, stack.t_area, End::B, params).map_err(peer_err)?;
@@ -108,30 +108,7 @@ fn combine(r: DeviceStats, w: DeviceStats) -> DeviceStats {
     }
 }
 
-/// The stack group: the ip and udp cores, fed by the driver over channels.
 impl DriverHalf {
-    /// Creates (and seals) the driver's pool and areas.
-    pub fn new() -> Result<Self, RuntimeError> {
-        Ok(Self(Half::new("driver", RX_POOL, End::A, End::B)?))
-    }
-
-    /// The fds to grant the stack group.
-    pub fn grant(&self) -> Result<HalfGrant, RuntimeError> {
-        self.0.grant()
-    }
-
-    /// The driver's half in blank regions (the sizes [`HalfGrant::blank`] makes):
-    /// mapped, sealed and laid out here, for a sandboxed driver to rejoin a
-    /// restarted stack group with.
-    pub fn adopt(blank: HalfGrant) -> Result<Self, RuntimeError> {
-        let params = ChannelParams::default();
-        Ok(Self(Half {
-            pool: BufferPool::adopt(blank.pool, RX_POOL, PoolLayout::with_count(POOL_BUFFERS)).map_err(ipc_err)?,
-            r_area: shm_channel::adopt_area::<Descriptor>(blank.r_area, End::A, params).map_err(ipc_err)?,
-            t_area: shm_channel::adopt_area::<Descriptor>(blank.t_area, End::B, params).map_err(ipc_err)?,
-        }))
-    }
-
     /// Joins the stack group's grant and starts the reader and writer threads on
     /// the device fd (`vnet`: its frames carry the virtio-net header) — or, with
     /// no fd, on an in-memory wire to another capnet instance, which
@@ -147,8 +124,8 @@ impl DriverHalf {
     ) -> Result<Driver, RuntimeError> {
         let fd = device.map(set_nonblocking).transpose()?;
         let params = ChannelParams::default();
-        let Half { pool: mut rx_pool, r_area, t_area } = self.0;
-        let stack_reader = rx_pool.add_reader(QUOTA);
+        let Half { pool: rx_pool, r_area, t_area } = self.0;
+        let stack_reader = Ledger::by_buffer(FRAME_LAYOUT.count, QUOTA as usize);
         let tx_view = PoolView::attach(stack.pool, TX_POOL).map_err(peer_err)?;
         let r_driver = shm_channel::attach::<Descriptor>(r_area, stack.r_area, End::A, params).map_err(peer_err)?;
         let t_driver = shm_channel::attach::<Descriptor>(t_area, stack.t_area, End::B, params).map_err(peer_err)?;
@@ -163,7 +140,7 @@ impl DriverHalf {
         let started = Arc::new(std::sync::Barrier::new(3));
         let reader = {
             let (stop, live, started) = (stop.clone(), live[0].clone(), started.clone());
-            let side = DeviceSide { edge: rx, vnet, scribble: scribble.clone(), rejoin: rejoin.clone(), stop, live };
+            let side = DeviceSide { edge: rx, scribble: scribble.clone(), rejoin: rejoin.clone(), stop, live };
             std::thread::Builder::new().name("driver-rx".into()).spawn(move || {
                 started.wait();
                 reader_loop(side, rx_pool, stack_reader, r_driver)
@@ -171,7 +148,7 @@ impl DriverHalf {
         };
         let writer = {
             let (stop, live, started) = (stop.clone(), live[1].clone(), started.clone());
-            let side = DeviceSide { edge: tx, vnet, scribble: scribble.clone(), rejoin: rejoin.clone(), stop, live };
+            let side = DeviceSide { edge: tx, scribble: scribble.clone(), rejoin: rejoin.clone(), stop, live };
             std::thread::Builder::new().name("driver-tx".into()).spawn(move || {
                 started.wait();
                 writer_loop(side, tx_view, t_driver)
@@ -192,7 +169,7 @@ impl DriverHalf {
 
 #[derive(Default)]
 struct Rejoin {
-    reader: std::sync::Mutex<Option<(BufferPool, ReaderId, ShmEnd)>>,
+    reader: std::sync::Mutex<Option<(LoanPool, Ledger, ShmEnd)>>,
     writer: std::sync::Mutex<Option<(PoolView, ShmEnd)>>,
     /// A wire's new peer: the reader's part and the writer's.
     wire: std::sync::Mutex<(Option<FramesIn>, Option<FramesOut>)>,
@@ -210,9 +187,6 @@ impl std::fmt::Debug for Rejoin {
 /// to publish its counters.
 struct DeviceSide {
     edge: Edge,
-    /// Whether the device's frames carry the virtio-net header (then a frame
-    /// may be a 64 KiB chain).
-    vnet: bool,
     scribble: Arc<std::sync::atomic::AtomicU32>,
     rejoin: Arc<Rejoin>,
     stop: Arc<AtomicBool>,
@@ -312,8 +286,8 @@ fn send_all(
 }
 
 /// Device → rx pool → channel R; takes back returned loans.
-fn reader_loop(side: DeviceSide, pool: BufferPool, stack: ReaderId, end: ShmEnd) -> Result<DeviceStats, RuntimeError> {
-    let DeviceSide { mut edge, vnet, scribble, rejoin, stop, live } = side;
+fn reader_loop(side: DeviceSide, pool: LoanPool, stack: Ledger, end: ShmEnd) -> Result<DeviceStats, RuntimeError> {
+    let DeviceSide { mut edge, scribble, rejoin, stop, live, .. } = side;
     let (mut pool, mut stack, mut end) = (pool, stack, end);
     let mut scribbled = false;
     let mut broken = false;
@@ -345,39 +319,42 @@ fn reader_loop(side: DeviceSide, pool: BufferPool, stack: ReaderId, end: ShmEnd)
             inbox.clear();
             end.recv(&mut inbox, 1024).map_err(peer_err)?;
             for d in &inbox {
-                if !d.has(Descriptor::RETURN) {
+                if !d.has(Descriptor::RETURN) || d.pool != RX_POOL {
                     return Err(RuntimeError::Peer(format!("stack sent {d:?} on the receive channel")));
                 }
-                pool.give_back(stack, d).map_err(peer_err)?;
+                stack.returned(u64::from(d.index)).map_err(peer_err)?;
             }
-            // With offloads a frame may need a chain of buffers: read only when the
-            // longest one fits.
-            let room_bytes = (pool.layout().buf_size - pool.layout().headroom) as usize;
-            let device = matches!(edge, Edge::Device(_));
-            let max_chain = if vnet || !device { (65536 + VNET_HDR_LEN).div_ceil(room_bytes) } else { 1 };
-            let quota_left = (QUOTA - pool.held_by(stack).min(QUOTA)) as usize;
-            let room = end.space_for(max_chain).map_err(peer_err)?.min(pool.free_count()).min(quota_left).min(RX_BATCH);
-            if room < max_chain {
+            // A frame is one buffer (the pool's are as large as the largest
+            // frame), read only when one is free and the stack may hold it.
+            let quota_left = (QUOTA as usize).saturating_sub(stack.out());
+            let room = end.space_for(1).map_err(peer_err)?.min(pool.free()).min(quota_left).min(RX_BATCH);
+            if room == 0 {
                 // Out of buffers or ring slots: wait for the stack to return some.
                 waiter.wait(&mut [&mut end], Some(STOP_CHECK), crate::tokens());
                 return Ok(());
             }
             let due = edge.due_in().map_or(STOP_CHECK, |d| d.min(STOP_CHECK));
             batch.clear();
-            // A frame larger than a buffer (a TSO super-frame) goes as a chain; it is
-            // read only when the whole chain fits the ring room left.
-            let mut lend = |frame: &[u8], batch: &mut Vec<Descriptor>| -> Result<bool, RuntimeError> {
-                let start = batch.len();
-                if pool.held_by(stack) as usize + frame.len().div_ceil(room_bytes).max(1) > QUOTA as usize {
-                    return Ok(false);
+            // Lends a frame (a chain of handles on our buffers) to the stack.
+            let lend = |frame: &Chain, stack: &mut Ledger, batch: &mut Vec<Descriptor>| -> Result<(), RuntimeError> {
+                let pieces = frame.pieces();
+                for (i, l) in frame.iter().enumerate() {
+                    let loan = stack.lend(l).map_err(ipc_err)?;
+                    let flags = if i + 1 < pieces { Descriptor::MORE } else { 0 };
+                    batch.push(Descriptor {
+                        pool: RX_POOL,
+                        flags,
+                        index: loan.index,
+                        offset: loan.offset,
+                        len: loan.len,
+                    });
                 }
-                if !pool.fill_chain(frame, batch).map_err(ipc_err)? {
-                    return Ok(false);
-                }
-                for d in &batch[start..] {
-                    pool.lend(stack, d).map_err(ipc_err)?;
-                }
-                Ok(true)
+                Ok(())
+            };
+            // A frame from a wire or the impairment is copied into our pool.
+            let copy_in = |pool: &mut LoanPool, bytes: &[u8]| -> Option<Chain> {
+                let mut c = Chain::new();
+                pool.fill_chain(bytes, &mut c).then_some(c)
             };
             match (&mut edge, wire.as_mut()) {
                 (Edge::Device(dev), _) => {
@@ -385,12 +362,17 @@ fn reader_loop(side: DeviceSide, pool: BufferPool, stack: ReaderId, end: ShmEnd)
                     // Straight from the device into the pool (through the
                     // impairment's copy when it holds frames), never more than
                     // fits: the rest waits in the device's queue.
-                    while batch.len() + max_chain <= room {
-                        match dev.receive(false, |frame, _| lend(frame, &mut batch))? {
-                            Some(Ok(true)) => {}
-                            Some(Ok(false)) | None => break,
-                            Some(Err(e)) => return Err(e),
-                        }
+                    while batch.len() < room {
+                        let Some((frame, _)) = dev.receive(&mut pool, false)? else { break };
+                        // What the impairment held comes as a private copy.
+                        let frame = match frame.loans() == frame.pieces() {
+                            true => frame,
+                            false => match copy_in(&mut pool, &frame.to_vec()) {
+                                Some(c) => c,
+                                None => break,
+                            },
+                        };
+                        lend(&frame, &mut stack, &mut batch)?;
                     }
                 }
                 // A wire whose peer has not joined: nothing comes.
@@ -400,14 +382,16 @@ fn reader_loop(side: DeviceSide, pool: BufferPool, stack: ReaderId, end: ShmEnd)
                     // in the wire's ring).
                     let got = w.recv(room - batch.len(), |frame| {
                         stats.frames_read += 1;
-                        tap.record(frame);
+                        let bytes = frame.to_vec();
+                        tap.record(&bytes);
                         if impair.passthrough {
                             impair.passed();
-                            if !lend(frame, &mut batch)? {
-                                stats.rx_dropped += 1;
+                            match copy_in(&mut pool, &bytes) {
+                                Some(c) => lend(&c, &mut stack, &mut batch)?,
+                                None => stats.rx_dropped += 1,
                             }
                         } else {
-                            impair.push(frame.to_vec());
+                            impair.push(bytes);
                         }
                         Ok(())
                     });
@@ -427,11 +411,10 @@ fn reader_loop(side: DeviceSide, pool: BufferPool, stack: ReaderId, end: ShmEnd)
                 }
             }
             if let Edge::Wire { impair, .. } = &mut edge {
-                while !impair.passthrough && batch.len() + max_chain <= room {
+                while !impair.passthrough && batch.len() < room {
                     let Some(frame) = impair.pop() else { break };
-                    if !lend(&frame, &mut batch)? {
-                        break;
-                    }
+                    let Some(c) = copy_in(&mut pool, &frame) else { break };
+                    lend(&c, &mut stack, &mut batch)?;
                 }
             }
             send_all(&mut end, &batch, &mut waiter, &stop)?;

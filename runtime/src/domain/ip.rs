@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 
-use capnet_ip::{Instant, IpCore, IpProtocol, Ipv4Address, LocalDatagram};
+use capnet_ip::{Delivery, Instant, IpCore, IpProtocol, Ipv4Address};
 use capnet_proto::app::SocketError;
 use capnet_proto::edge::{
     Answer, Datagram, EchoCall, Flow, IcmpError, IpToSockets, IpToTcp, IpToUdp, SocketsToIp, TcpToIp, UdpToIp,
@@ -164,7 +164,7 @@ impl IpLinks {
     /// retiring one for the flows it keeps), or held during a swap's switch.
     /// `vouched`: its checksum is still partial, on the kernel's word — it is
     /// completed first, as the tcp domain there will verify it.
-    pub(crate) fn deliver_tcp(&mut self, d: &LocalDatagram, vouched: bool) {
+    pub(crate) fn deliver_tcp(&mut self, d: &Delivery, vouched: bool) {
         let mut payload = d.payload.to_vec();
         if vouched {
             capnet_tcp::complete_checksum(d.src, d.dst, &mut payload);
@@ -186,7 +186,7 @@ impl IpLinks {
     }
 
     /// A datagram for udp in another group.
-    pub(crate) fn deliver_udp(&mut self, d: &LocalDatagram) {
+    pub(crate) fn deliver_udp(&mut self, d: &Delivery) {
         if let Some(l) = self.udp.first_mut() {
             l.send(&IpToUdp::Deliver(datagram(d, d.payload.to_vec())));
         }
@@ -216,7 +216,7 @@ pub(crate) fn send(core: &mut IpCore, now: Instant, dst: Ipv4Address, tcp: bool,
     };
 }
 
-fn datagram(d: &LocalDatagram, payload: Vec<u8>) -> Datagram {
+fn datagram(d: &Delivery, payload: Vec<u8>) -> Datagram {
     Datagram { src: d.src.octets(), dst: d.dst.octets(), payload: payload.into(), ip_header: d.ip_header.to_vec() }
 }
 

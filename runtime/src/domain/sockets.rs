@@ -10,6 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use capnet_ipc::control::{decode, encode_with};
+use capnet_ipc::lent::Lent;
 use capnet_ipc::msg::{MsgEnd, MsgHalf};
 use capnet_sockets::{AppId, SocketsCore};
 
@@ -345,7 +346,7 @@ impl Transports for Cores {
                     if d.len() > max {
                         side.pushed.insert(key, Ok(Answer::Data(d.split_off(max).into())));
                     }
-                    Ok(capnet_tcp::Received::Data(d))
+                    Ok(capnet_tcp::Received::Data(Lent::from_vec(d).into()))
                 }
                 Answer::Eof => Ok(capnet_tcp::Received::Eof),
                 a => Err(odd(a)),

@@ -8,6 +8,8 @@ use capnet_proto::app::SocketError;
 use capnet_proto::edge::{Answer, IpToTcp, SocketsToTcp, TcpCall, TcpToIp, TcpToSockets};
 use capnet_tcp::{ConnState, Instant, Received, SocketId, TcpCore};
 
+use capnet_ipc::lent::{Chain, Lent};
+
 use crate::edge;
 use crate::link::Link;
 
@@ -57,7 +59,7 @@ impl TcpDomain {
         self.push_wanted.retain(|&s, &mut max| {
             let got = match core.recv(now, SocketId::from_raw(s), max as usize) {
                 Ok(Received::Nothing) => return true,
-                Ok(Received::Data(d)) => Ok(Answer::Data(d.into())),
+                Ok(Received::Data(d)) => Ok(Answer::Data(d.to_vec().into())),
                 Ok(Received::Eof) => Ok(Answer::Eof),
                 Err(e) => Err(capnet_sockets::tcp_error(e)),
             };
@@ -79,7 +81,7 @@ impl TcpDomain {
                 match m {
                     IpToTcp::Deliver(d) => {
                         *touched = true;
-                        core.receive(now, ip4(d.src), ip4(d.dst), d.payload.bytes());
+                        core.receive(now, ip4(d.src), ip4(d.dst), &Chain::from(Lent::from_vec(d.payload.into_bytes())));
                     }
                     IpToTcp::Icmp(e) => {
                         *touched = true;

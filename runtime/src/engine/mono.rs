@@ -4,7 +4,9 @@ use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 use capnet_ip::Config;
+use capnet_ipc::lent::{LoanPool, PoolKey};
 use capnet_kernel_shim::device::Device as NetDevice;
+use capnet_proto::frames::FRAME_LAYOUT;
 
 use crate::device::{Captured, Device, FdDevice, Impaired};
 use crate::{wait_on, AppHost, Cores, DeviceStats, FrameTap, LinkImpairment, RuntimeError, Stack};
@@ -14,6 +16,8 @@ use crate::{wait_on, AppHost, Cores, DeviceStats, FrameTap, LinkImpairment, Runt
 pub struct MonoStack {
     /// The device, behind the capture and the link's impairment.
     dev: Impaired<Captured<FdDevice>>,
+    /// The pool frames are read into: the cores keep handles on its buffers.
+    frames: LoanPool,
     cores: Cores,
     /// Rings while the stack sleeps on channels and a frame arrives.
     watch: DeviceWatch,
@@ -145,9 +149,12 @@ impl MonoStack {
             cores.use_tso();
         }
         let dev = Impaired::new(Captured::new(dev, tap), link)?;
+        let key = PoolKey { id: crate::frames::RX_POOL, gen: 0 };
+        let frames = LoanPool::create("capnet-mono-frames", key, FRAME_LAYOUT).map_err(crate::frames::ipc_err)?;
         let mut s = Self {
             watch: DeviceWatch::start(dev.fd())?,
             dev,
+            frames,
             cores,
             waiter: capnet_ipc::Waiter::new(capnet_ipc::notify::SpinPolicy::DEFAULT),
             backlog: false,
@@ -208,10 +215,9 @@ impl MonoStack {
         // Checksums are vouched for on frames that go straight to the cores
         // (the impairment takes that back for what it holds).
         loop {
-            let cores = &mut self.cores;
-            if self.dev.receive(true, |frame, vouched| cores.receive_frame(frame, vouched))?.is_none() {
-                break;
-            }
+            let Some((frame, vouched)) = self.dev.receive(&mut self.frames, true)? else { break };
+            self.cores.receive_frame(&frame, vouched);
+            drop(frame);
             budget -= 1;
             self.backlog = budget == 0;
             self.flush();

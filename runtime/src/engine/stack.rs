@@ -89,11 +89,15 @@ pub fn start(
 /// next round.
 impl StackGroup {
     /// Runs the cores' outputs and sends queued frames to the driver, as far as
-    /// pool buffers and ring slots allow; the rest waits in the backlog.
+    /// pool buffers and ring slots allow (the rest waits in the backlog), and
+    /// gives back the driver's buffers whose last handle dropped.
     fn flush(&mut self) -> Result<(), RuntimeError> {
         self.pump_to_backlog();
         match self.port.as_mut() {
-            Some((_, out)) => out.send(&mut self.backlog),
+            Some((input, out)) => {
+                input.flush_returns()?;
+                out.send(&mut self.backlog)
+            }
             None => Ok(()),
         }
     }

@@ -391,11 +391,11 @@ fn memwire(amount: usize, mtu: usize) -> f64 {
         }
         a.pump(|f, _| wire.push(f));
         for f in wire.drain(..) {
-            b.receive_frame(&f, false);
+            b.receive_frame(&capnet_ipc::lent::Chain::from(capnet_ipc::lent::Lent::from_vec(f)), false);
         }
         b.pump(|f, _| wire.push(f));
         for f in wire.drain(..) {
-            a.receive_frame(&f, false);
+            a.receive_frame(&capnet_ipc::lent::Chain::from(capnet_ipc::lent::Lent::from_vec(f)), false);
         }
         if conn.is_none() {
             conn = b.tcp().accept(l).expect("accept");

@@ -100,7 +100,7 @@ impl Conn {
                 }
                 // Simultaneous open: the peer's SYN-ACK. Its SYN is old news; what
                 // is left (RFC 9293 §3.10.7.4: trim to the window) is its ACK.
-                trimmed = Segment { syn: false, seq: seg.seq.plus(1), ..*seg };
+                trimmed = Segment { syn: false, seq: seg.seq.plus(1), ..seg.clone() };
                 seg = &trimmed;
             }
         }
@@ -382,7 +382,7 @@ impl Conn {
     /// out-of-order queue. Returns whether a FIN is now next in sequence.
     pub(super) fn take_data(&mut self, cx: &mut Cx, now: Instant, seg: &Segment) -> bool {
         let mut seq = seg.seq;
-        let mut data = seg.payload;
+        let mut data = seg.payload.clone();
         let mut fin = seg.fin;
         // Trim what was received already.
         if seq.lt(self.rcv_nxt) {
@@ -390,19 +390,25 @@ impl Conn {
             if skip > data.len() {
                 return false;
             }
-            data = &data[skip..];
+            data = data.range(skip, data.len() - skip);
             seq = self.rcv_nxt;
         }
         // Trim what lies beyond the window (a trimmed FIN is not received).
         let room = self.rcv_adv.since(seq);
         if data.len() > room {
-            data = &data[..room];
+            data = data.range(0, room);
             fin = false;
+        }
+        // Past the loan quota the bytes are copied and the lender's buffer
+        // goes back at once (DESIGN: a borrower holds at most a quota).
+        if data.loans() > 0 && self.loans() + data.loans() > self.loan_room {
+            data.privatize();
+            cx.stats.loans_copied += 1;
         }
 
         if seq != self.rcv_nxt {
             // Ahead of a hole: hold it, and say at once what is missing.
-            if self.ooo.insert(seq, data, fin, self.rcv_adv.since(self.rcv_nxt)) {
+            if self.ooo.insert(seq, &data, fin, self.rcv_adv.since(self.rcv_nxt)) {
                 self.sack_recent.rotate_right(1);
                 self.sack_recent[0] = Some(seq);
             } else {
@@ -415,8 +421,8 @@ impl Conn {
             // Shut down for reading: acknowledged and discarded.
             self.rcv_nxt = self.rcv_nxt.plus(data.len());
         } else {
-            self.rcv_buf.extend(data);
             self.rcv_nxt = self.rcv_nxt.plus(data.len());
+            self.rcv_buf.append(data.clone());
         }
         let filled = !self.ooo.is_empty();
         let (nxt, ooo_fin) = self.ooo.drain_into(self.rcv_nxt, &mut self.rcv_buf);

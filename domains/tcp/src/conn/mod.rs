@@ -18,15 +18,18 @@ use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{IpAddress, IpProtocol, Ipv4Address, TcpControl, TcpPacket, TcpRepr, TcpTimestampRepr};
 
 use crate::cc::{Ack, Algorithm, CongestionControl};
+use capnet_ipc::lent::{Chain, Checksum};
+
 use crate::rtt::RttEstimator;
 use crate::rx::OutOfOrder;
 use crate::sack::Scoreboard;
 use crate::seq::Seq;
 use crate::{Config, DropReason, Keepalive, Output, Stats, TcpError};
 
-/// A parsed segment, borrowed from the datagram.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Segment<'a> {
+/// A parsed segment: its header copied out, its payload a handle on the
+/// datagram's buffer.
+#[derive(Debug, Clone)]
+pub(crate) struct Segment {
     pub src_port: u16,
     pub dst_port: u16,
     pub seq: Seq,
@@ -41,17 +44,38 @@ pub(crate) struct Segment<'a> {
     pub sack: [Option<(u32, u32)>; 3],
     /// (TSval, TSecr) of RFC 7323's Timestamps option.
     pub timestamp: Option<(u32, u32)>,
-    pub payload: &'a [u8],
+    pub payload: Chain,
 }
 
-impl<'a> Segment<'a> {
+impl Segment {
     /// Parses a segment from `src` to `dst`, checksum-checked unless the device
-    /// vouched for it (`vouched`: TAP checksum offload).
-    pub fn parse(src: Ipv4Address, dst: Ipv4Address, bytes: &'a [u8], vouched: bool) -> Result<Self, DropReason> {
-        let packet = TcpPacket::new_checked(bytes).map_err(|_| DropReason::Malformed)?;
+    /// vouched for it (`vouched`: TAP checksum offload). The header is copied
+    /// out before it is parsed; the checksum reads the payload where it lies.
+    pub fn parse(src: Ipv4Address, dst: Ipv4Address, bytes: &Chain, vouched: bool) -> Result<Self, DropReason> {
+        let mut hdr = [0u8; 60];
+        let got = bytes.peek(0, &mut hdr[..20]);
+        if got < 20 {
+            return Err(DropReason::Malformed);
+        }
+        let hlen = usize::from(hdr[12] >> 4) * 4;
+        if hlen < 20 || hlen > bytes.len() {
+            return Err(DropReason::Malformed);
+        }
+        bytes.peek(20, &mut hdr[20..hlen]);
+        let packet = TcpPacket::new_checked(&hdr[..hlen]).map_err(|_| DropReason::Malformed)?;
         let (s, d) = (IpAddress::Ipv4(src), IpAddress::Ipv4(dst));
-        if !vouched && !packet.verify_checksum(&s, &d) {
-            return Err(DropReason::BadChecksum);
+        let payload = bytes.range(hlen, bytes.len() - hlen);
+        if !vouched {
+            let mut sum = Checksum::default();
+            let len = (bytes.len() as u16).to_be_bytes();
+            sum.add(&src.octets());
+            sum.add(&dst.octets());
+            sum.add(&[0, 6, len[0], len[1]]);
+            sum.add(&hdr[..hlen]);
+            payload.sum_into(&mut sum);
+            if bytes.len() > usize::from(u16::MAX) || sum.fold() != 0xffff {
+                return Err(DropReason::BadChecksum);
+            }
         }
         let caps = ChecksumCapabilities::ignored();
         let repr = TcpRepr::parse(&packet, &s, &d, &caps).map_err(|_| DropReason::Malformed)?;
@@ -69,7 +93,7 @@ impl<'a> Segment<'a> {
             sack_permitted: repr.sack_permitted,
             sack: repr.sack_ranges,
             timestamp: repr.timestamp.map(|t| (t.tsval, t.tsecr)),
-            payload: repr.payload,
+            payload,
         })
     }
 
@@ -211,6 +235,12 @@ pub(crate) struct Conn {
     pub room: usize,
     /// What it held at the end of its last call, as the core counted it.
     pub charged: usize,
+    /// Loans it may hold now (the core's loan quota less what the others
+    /// hold), set by the core before each call; past it, data arriving on a
+    /// lender's buffer is copied and the buffer goes back.
+    pub loan_room: usize,
+    /// Loans it held at the end of its last call, as the core counted them.
+    pub loans_charged: usize,
     /// The application shut down writing: a FIN follows the data.
     fin_queued: bool,
     /// The sequence number our FIN took, once sent.
@@ -229,7 +259,7 @@ pub(crate) struct Conn {
     rcv_wscale: u8,
     /// Window scaling is on offer (active open) or agreed (RFC 7323 §2.2).
     wscale_ok: bool,
-    rcv_buf: VecDeque<u8>,
+    rcv_buf: Chain,
     rcv_cap: usize,
     ooo: OutOfOrder,
     fin_rcvd: bool,
@@ -358,6 +388,8 @@ impl Conn {
             // being set up reserves little.
             room: crate::MEMORY_FLOOR,
             charged: 0,
+            loan_room: 0,
+            loans_charged: 0,
             fin_queued: false,
             fin_seq: None,
             mss_base: mss,
@@ -367,7 +399,7 @@ impl Conn {
             rcv_adv: Seq(0),
             rcv_wscale: wscale_for(cfg.recv_buffer),
             wscale_ok: true,
-            rcv_buf: VecDeque::new(),
+            rcv_buf: Chain::new(),
             rcv_cap: cfg.recv_buffer,
             ooo: OutOfOrder::default(),
             fin_rcvd: false,
@@ -665,10 +697,7 @@ impl Conn {
     /// Takes up to `max` received bytes.
     pub fn recv(&mut self, cx: &mut Cx, now: Instant, max: usize) -> Result<crate::Received, TcpError> {
         if !self.rcv_buf.is_empty() {
-            let n = max.min(self.rcv_buf.len());
-            let [a, b] = deque_range(&self.rcv_buf, 0, n);
-            let data = [a, b].concat();
-            self.rcv_buf.drain(..n);
+            let data = self.rcv_buf.split_to(max);
             self.reopen(cx, now);
             return Ok(crate::Received::Data(data));
         }
@@ -691,7 +720,7 @@ impl Conn {
         }
         if read {
             self.rd_shut = true;
-            self.rcv_buf.clear();
+            self.rcv_buf = Chain::new();
         }
         if write && !self.fin_queued {
             self.fin_queued = true;
@@ -800,6 +829,11 @@ impl Conn {
             self.cc = algorithm.take_over(self.cc.cwnd(), self.cc.ssthresh());
             self.cc_algorithm = algorithm;
         }
+    }
+
+    /// Loans it holds: handles on lenders' buffers in its receive queues.
+    pub fn loans(&self) -> usize {
+        self.rcv_buf.loans() + self.ooo.loans()
     }
 
     /// Whether a SYN for these endpoints may replace this connection: TIME-WAIT and
