@@ -132,6 +132,8 @@ impl Env {
         let client_args: Vec<String> =
             [server_addr.to_owned(), port.to_string()].into_iter().chain(client_args).collect();
         let before = self.status(c);
+        // The capnet side's applications run in this process: their copies count too.
+        let app_before = capnet_ipc::pool::bytes_copied();
         let mut sample = match c {
             Comp::Capnet(..) | Comp::Wire(..) => {
                 let net = CapnetNet::server(self.netns(c));
@@ -173,7 +175,8 @@ impl Env {
             // after the run.
             std::thread::sleep(Duration::from_millis(150));
             if let Some(a) = self.status(c) {
-                costs(&mut sample, w, sizes, &b, &a);
+                let app = capnet_ipc::pool::bytes_copied() - app_before;
+                costs(&mut sample, w, sizes, &b, &a, app);
             }
         }
         Ok(sample)

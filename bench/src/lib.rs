@@ -346,8 +346,9 @@ fn sample_of(w: Work, figures: &[f64], udp: Option<(u64, f64)>) -> Sample {
     Sample { value, latency_us, ..Sample::default() }
 }
 
-/// The factored costs of a run, from the status before and after it.
-fn costs(s: &mut Sample, w: Work, sizes: &Sizes, before: &Status, after: &Status) {
+/// The factored costs of a run, from the status before and after it, and the
+/// bytes the applications (in this process) copied meanwhile.
+fn costs(s: &mut Sample, w: Work, sizes: &Sizes, before: &Status, after: &Status, app_copied: u64) {
     let total = |st: &Status, want: &dyn Fn(&str) -> bool| -> u64 {
         st.domains.iter().flat_map(|d| d.counters.iter()).filter(|(k, _)| want(k)).map(|(_, v)| *v).sum()
     };
@@ -360,7 +361,8 @@ fn costs(s: &mut Sample, w: Work, sizes: &Sizes, before: &Status, after: &Status
         Work::Udp(size) => s.value * sizes.udp_secs * size as f64,
     };
     if payload > 0.0 {
-        s.costs.copies_per_byte = Some(copied(after).saturating_sub(copied(before)) as f64 / payload);
+        let stack = copied(after).saturating_sub(copied(before));
+        s.costs.copies_per_byte = Some((stack + app_copied) as f64 / payload);
     }
     s.cpu_s = after
         .domains

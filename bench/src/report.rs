@@ -246,9 +246,12 @@ impl Report {
             let c = &f.costs;
             t += &format!(" {} | {} | {} |\n", opt(c.msgs, 2), opt(c.wakes_per_msg, 3), opt(c.ring_max, 0));
         }
-        t += "\nCopies per byte of payload the stack's processes made (medians): into and out of pool buffers \
-              between processes (the applications' channels included) and through the device's read and write \
-              calls; not the copies inside a protocol core.\n\n| workload |";
+        t += "\nCopies per byte of payload (medians): every copy of payload bytes the stack's processes and the \
+              capnet side's applications made — into and out of pool buffers, rkyv encoding and decoding, the \
+              protocol cores' queues and segments, an application call's copy into or out of its buffer, and the \
+              device's read and write calls (the kernel's copy) — over the payload moved. Headers copied out to \
+              be parsed are not payload and not counted; on the in-memory wire the peer instance's application \
+              runs in the bench's process too, so its copies are counted as well.\n\n| workload |";
         let capnets: Vec<Comp> =
             COMPS.iter().copied().filter(|c| matches!(c, Comp::Capnet(..) | Comp::Wire(..))).collect();
         for c in &capnets {

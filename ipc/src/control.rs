@@ -4,7 +4,9 @@
 //! archives. The sender is untrusted, so the bytes are first copied out of shared
 //! memory into a private, aligned buffer, and only then validated (bytecheck) and
 //! deserialised: a peer can neither change them between check and use nor make the
-//! receiver read outside them.
+//! receiver read outside them. Every byte an encode or a decode copies is counted
+//! ([`crate::pool::bytes_copied`]): while payload still travels inside messages,
+//! those are payload copies (the few header bytes beside them are counted too).
 
 use std::cell::RefCell;
 
@@ -58,6 +60,7 @@ where
     T: for<'a> Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, RancorError>>,
 {
     let bytes = rkyv::to_bytes::<RancorError>(msg).map_err(|e| ControlError::Encode(e.to_string()))?;
+    crate::pool::count_copy(bytes.len());
     if bytes.len() > MAX_CONTROL_LEN {
         return Err(ControlError::TooLarge(bytes.len()));
     }
@@ -85,6 +88,7 @@ where
     buf.clear();
     let bytes =
         rkyv::api::high::to_bytes_in::<_, RancorError>(msg, buf).map_err(|e| ControlError::Encode(e.to_string()))?;
+    crate::pool::count_copy(bytes.len());
     let r = if bytes.len() > MAX_CONTROL_LEN { Err(ControlError::TooLarge(bytes.len())) } else { Ok(f(&bytes)) };
     ENCODE_BUF.with_borrow_mut(|b| *b = bytes);
     r
@@ -101,12 +105,15 @@ where
     if bytes.len() > MAX_CONTROL_LEN {
         return Err(ControlError::TooLarge(bytes.len()));
     }
+    // Deserialising copies what the archive holds (payload bytes included).
+    crate::pool::count_copy(bytes.len());
     if bytes.as_ptr().align_offset(ARCHIVE_ALIGN) == 0 {
         return rkyv::from_bytes::<T, RancorError>(bytes).map_err(|e| ControlError::Invalid(e.to_string()));
     }
     let mut private = DECODE_BUF.with_borrow_mut(std::mem::take);
     private.clear();
     private.extend_from_slice(bytes);
+    crate::pool::count_copy(bytes.len());
     let r = rkyv::from_bytes::<T, RancorError>(&private).map_err(|e| ControlError::Invalid(e.to_string()));
     DECODE_BUF.with_borrow_mut(|b| *b = private);
     r

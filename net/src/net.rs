@@ -309,6 +309,7 @@ impl UdpSocket {
 
     /// Sends a datagram to `to`.
     pub fn send_to(&self, buf: &[u8], to: SocketAddrV4) -> io::Result<usize> {
+        capnet_ipc::pool::count_copy(buf.len());
         let call =
             Call::UdpSend { handle: self.sock.handle, to: Some((to.ip().octets(), to.port())), data: buf.to_vec() };
         self.sock.stack.call(call, None).map(|_| buf.len())
@@ -316,6 +317,7 @@ impl UdpSocket {
 
     /// Sends a datagram to the connected peer.
     pub fn send(&self, buf: &[u8]) -> io::Result<usize> {
+        capnet_ipc::pool::count_copy(buf.len());
         self.sock
             .stack
             .call(Call::UdpSend { handle: self.sock.handle, to: None, data: buf.to_vec() }, None)
@@ -331,6 +333,7 @@ impl UdpSocket {
             Reply::Datagram { from: (addr, port), data } => {
                 let n = data.len().min(buf.len());
                 buf[..n].copy_from_slice(&data[..n]);
+                capnet_ipc::pool::count_copy(n);
                 Ok((n, SocketAddrV4::new(Ipv4Addr::from(addr), port)))
             }
             r => Err(broken(format!("unexpected reply {r:?}"))),
@@ -673,6 +676,7 @@ impl TcpStream {
             Reply::Data { data } => {
                 let n = data.len().min(buf.len());
                 buf[..n].copy_from_slice(&data[..n]);
+                capnet_ipc::pool::count_copy(n);
                 Ok(n)
             }
             r => Err(broken(format!("unexpected reply {r:?}"))),
@@ -686,6 +690,7 @@ impl TcpStream {
         let chunk = &buf[..buf.len().min(MAX_WRITE_BYTES)];
         let deadline = self.write_timeout.get().map(|t| Instant::now() + t);
         loop {
+            capnet_ipc::pool::count_copy(chunk.len());
             match self.sock.stack.call(Call::TcpSend { handle: self.sock.handle, data: chunk.to_vec() }, None)? {
                 Reply::Sent { n } if n > 0 => return Ok(n as usize),
                 Reply::Sent { .. } => {}

@@ -313,6 +313,12 @@ pub enum EchoCall<P = Payload> {
     Send { dst: Addr, ident: u16, seq: u16, data: P },
 }
 
+/// Payload copied out of a caller's bytes to travel a link (counted).
+fn copied(data: &[u8]) -> Payload {
+    capnet_ipc::pool::count_copy(data.len());
+    data.to_vec().into()
+}
+
 impl TcpCall<&[u8]> {
     /// The call with its payload copied out, to travel a link.
     pub fn owned(self) -> TcpCall {
@@ -323,7 +329,7 @@ impl TcpCall<&[u8]> {
             TcpCall::Endpoints { s } => TcpCall::Endpoints { s },
             TcpCall::Connect { addr, port } => TcpCall::Connect { addr, port },
             TcpCall::Connected { s } => TcpCall::Connected { s },
-            TcpCall::Send { s, data } => TcpCall::Send { s, data: data.to_vec().into() },
+            TcpCall::Send { s, data } => TcpCall::Send { s, data: copied(data) },
             TcpCall::Shutdown { s, read, write } => TcpCall::Shutdown { s, read, write },
             TcpCall::Close { s } => TcpCall::Close { s },
             TcpCall::Abort { s } => TcpCall::Abort { s },
@@ -340,7 +346,7 @@ impl UdpCall<&[u8]> {
             UdpCall::Bind { port } => UdpCall::Bind { port },
             UdpCall::Port { s } => UdpCall::Port { s },
             UdpCall::Connect { s, addr, port } => UdpCall::Connect { s, addr, port },
-            UdpCall::Send { s, to, data } => UdpCall::Send { s, to, data: data.to_vec().into() },
+            UdpCall::Send { s, to, data } => UdpCall::Send { s, to, data: copied(data) },
             UdpCall::Recv { s, max } => UdpCall::Recv { s, max },
             UdpCall::Close { s } => UdpCall::Close { s },
         }
@@ -353,7 +359,7 @@ impl EchoCall<&[u8]> {
         match self {
             EchoCall::Claim { ident } => EchoCall::Claim { ident },
             EchoCall::Release { ident } => EchoCall::Release { ident },
-            EchoCall::Send { dst, ident, seq, data } => EchoCall::Send { dst, ident, seq, data: data.to_vec().into() },
+            EchoCall::Send { dst, ident, seq, data } => EchoCall::Send { dst, ident, seq, data: copied(data) },
         }
     }
 }

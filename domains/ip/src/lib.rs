@@ -863,6 +863,7 @@ impl IpCore {
         let mut buf = Vec::with_capacity(IP_HDR + data.len());
         buf.resize(IP_HDR, 0);
         buf.extend_from_slice(data);
+        capnet_ipc::pool::count_copy(data.len());
         self.write_ip_header(&mut buf, dst, protocol, ident, off, more, df);
         buf
     }
@@ -892,6 +893,7 @@ impl IpCore {
         let mut frame = Vec::with_capacity(ETH_HDR + room + data.len());
         frame.resize(ETH_HDR + room, 0);
         frame.extend_from_slice(data);
+        capnet_ipc::pool::count_copy(data.len());
         let mut eth = EthernetFrame::new_unchecked(&mut frame[..]);
         eth.set_dst_addr(mac);
         eth.set_src_addr(self.cfg.mac);

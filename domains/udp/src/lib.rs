@@ -326,6 +326,7 @@ impl UdpCore {
         seg[2..4].copy_from_slice(&dport.to_be_bytes());
         seg[4..6].copy_from_slice(&((HEADER + data.len()) as u16).to_be_bytes());
         seg[HEADER..].copy_from_slice(data);
+        capnet_ipc::pool::count_copy(data.len());
         let mut p = UdpPacket::new_unchecked(&mut seg[..]);
         // RFC 768: a computed checksum of zero is sent as all ones.
         p.fill_checksum(&IpAddress::Ipv4(local), &IpAddress::Ipv4(dst));
@@ -414,6 +415,7 @@ impl UdpCore {
             return self.drop(DropReason::QueueFull);
         }
         s.rx_bytes += n;
+        capnet_ipc::pool::count_copy(len - HEADER);
         s.rx.push_back(Datagram { src, src_port: sport, data: segment[HEADER..len].to_vec() });
         self.stats.queued_bytes += n as u64;
         self.stats.datagrams_in += 1;

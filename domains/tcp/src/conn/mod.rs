@@ -690,6 +690,7 @@ impl Conn {
         }
         let n = data.len().min(self.send_room(self.room));
         self.snd_buf.extend(&data[..n]);
+        capnet_ipc::pool::count_copy(n);
         self.output(cx, now);
         Ok(n)
     }
@@ -855,6 +856,7 @@ fn push_segment(cx: &mut Cx, ends: Endpoints, repr: &TcpRepr, payload: [&[u8]; 2
     buf.resize(hdr, 0);
     buf.extend_from_slice(payload[0]);
     buf.extend_from_slice(payload[1]);
+    capnet_ipc::pool::count_copy(payload[0].len() + payload[1].len());
     let mut packet = TcpPacket::new_unchecked(&mut buf[..]);
     let (src, dst) = (IpAddress::Ipv4(cx.cfg.local), IpAddress::Ipv4(ends.remote));
     // `repr` carries no payload: emit writes the header only, the checksum after.
