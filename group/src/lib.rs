@@ -31,7 +31,7 @@ use capnet_ip::{Config, EthernetAddress, Ipv4Cidr};
 use capnet_ipc::msg::{MsgGrant, MsgHalf};
 use capnet_ipc::region::Region;
 use capnet_ipc::End;
-use capnet_kernel_shim::cap::{recv_caps, send_caps, Cap, CapKind, Rights};
+use capnet_kernel_shim::cap::{recv_caps, send_caps, send_held, Cap, CapKind, Rights};
 use capnet_kernel_shim::sandbox::{self, StatsRegion};
 use capnet_runtime::domain::sockets::SocketsHost;
 use capnet_runtime::frames::{DriverHalf, HalfGrant, Peer, StackHalf};
@@ -300,7 +300,8 @@ fn run(sock: &UnixStream, spec: &GroupSpec, tune_tcp: fn(&mut capnet_tcp::Config
                 send_msg(sock, &Event::Drained)?;
             }
             let device = host.device_stats().or_else(|| driver.as_ref().map(|d| d.stats()));
-            let report = report(spec, host.cores(), device);
+            let loans = sockets.as_ref().map(|s| (s.loans_made, s.lent() as u64));
+            let report = report(spec, host.cores(), device, loans);
             capnet_ipc::blob::publish(&made.status, serde_json::to_string(&report)?.as_bytes());
         }
         if last_control.elapsed() >= CONTROL_TICK {
@@ -616,21 +617,30 @@ fn control(
             Control::AdoptApp(app) => {
                 let blank = take_pair(sock)?;
                 let half = MsgHalf::adopt(blank, End::A)?;
-                sockets.pending.push((app, half));
-                send_msg(sock, &Event::Adopted(app))?;
+                // The pools received data lies in here go to the application
+                // (read-only), so its data can be lent, not copied.
+                let lends = host.lend_pools();
+                let keys = lends.iter().map(|(k, _)| *k).collect();
+                let pools = lends.iter().map(|(k, _)| k.id).collect();
+                send_msg(sock, &Event::Adopted { app, pools })?;
+                if !lends.is_empty() {
+                    let held: Vec<_> = lends.iter().map(|(k, fd)| (CapKind::Pool, u32::from(k.id), *fd)).collect();
+                    send_held(sock.as_fd(), Rights::READ | Rights::MAP, &held)?;
+                }
+                sockets.pending.push((app, half, keys));
             }
             Control::AppGrant(app) => {
                 let theirs = take_pair(sock)?;
                 let k = sockets
                     .pending
                     .iter()
-                    .position(|(a, _)| *a == app)
+                    .position(|(a, _, _)| *a == app)
                     .ok_or_else(|| anyhow!("no pending application {app}"))?;
-                let (_, half) = sockets.pending.remove(k);
+                let (_, half, lends) = sockets.pending.remove(k);
                 // The application made its regions: a bad one is its failure alone.
                 match half.attach(End::A, theirs) {
                     Ok(end) => {
-                        sockets.add(app, end);
+                        sockets.add(app, end, lends);
                         tracing::info!("application {app} attached");
                     }
                     Err(e) => {
@@ -673,7 +683,13 @@ fn take_pair(sock: &UnixStream) -> Result<MsgGrant> {
 }
 
 /// The report this group publishes.
-fn report(spec: &GroupSpec, cores: &mut Cores, device: Option<DeviceStats>) -> GroupReport {
+/// `app_loans`: the sockets domain's loans to applications (made so far, held now).
+fn report(
+    spec: &GroupSpec,
+    cores: &mut Cores,
+    device: Option<DeviceStats>,
+    app_loans: Option<(u64, u64)>,
+) -> GroupReport {
     let mut r = GroupReport::default();
     for (name, k) in &spec.domains {
         let counters = match Kind::parse(k) {
@@ -681,6 +697,9 @@ fn report(spec: &GroupSpec, cores: &mut Cores, device: Option<DeviceStats>) -> G
             Some(Kind::Ip) => cores.ip.as_ref().map(|d| counters::ip_counters(&d.core)).unwrap_or_default(),
             Some(Kind::Udp) => cores.udp.as_ref().map(|d| counters::udp_counters(d.core.stats())).unwrap_or_default(),
             Some(Kind::Tcp) => cores.tcp.as_ref().map(|d| counters::tcp_counters(d.core.stats())).unwrap_or_default(),
+            Some(Kind::Sockets) => app_loans
+                .map(|(made, held)| BTreeMap::from([("app_loans".into(), made), ("app_loans_held".into(), held)]))
+                .unwrap_or_default(),
             _ => BTreeMap::new(),
         };
         let mut counters = counters;

@@ -69,8 +69,11 @@ impl Descriptor {
     /// On the first descriptor of a frame: a TSO frame, whose first two bytes
     /// (little-endian) are the segment size the device is to cut it into.
     pub const TSO: u16 = 1 << 3;
+    /// With [`Descriptor::RETURN`]: a loan made inside a message comes back —
+    /// its ticket in `index` (low 32 bits) and `offset` (high 32 bits).
+    pub const LOAN: u16 = 1 << 4;
     /// Every flag this version understands; others are a protocol violation.
-    pub const KNOWN_FLAGS: u16 = Self::MORE | Self::CONTROL | Self::RETURN | Self::TSO;
+    pub const KNOWN_FLAGS: u16 = Self::MORE | Self::CONTROL | Self::RETURN | Self::TSO | Self::LOAN;
 
     /// Whether `flag` is set.
     pub fn has(&self, flag: u16) -> bool {

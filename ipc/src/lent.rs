@@ -42,14 +42,16 @@ pub fn header_bytes() -> u64 {
     HEADER_BYTES.load(std::sync::atomic::Ordering::Relaxed)
 }
 
-/// A pool as loans name it: its graph-wide id and its generation (a pool
-/// re-made after its owner restarted is the same id, the next generation).
+/// A pool as loans name it: its id (what its owner numbers it) and its
+/// generation — the memfd's inode number ([`crate::region::inode`]), which
+/// every holder reads from the fd itself, so a pool re-made after its owner
+/// restarted is never taken for the one before.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Archive, Serialize, Deserialize)]
 pub struct PoolKey {
     /// Which pool.
     pub id: u16,
     /// Which generation of it.
-    pub gen: u16,
+    pub gen: u32,
 }
 
 /// A handle crossing a process boundary: bytes `offset..offset + len` of
@@ -187,6 +189,11 @@ impl Lent {
     /// Whether it holds none.
     pub fn is_empty(&self) -> bool {
         self.len == 0
+    }
+
+    /// The pool it is on, if it is on one.
+    pub fn pool_key(&self) -> Option<PoolKey> {
+        self.place().map(|(k, _, _)| k)
     }
 
     /// Whether it is on a pool (a loan to account for), not on private bytes.
@@ -597,18 +604,19 @@ pub struct LoanPool {
 }
 
 impl LoanPool {
-    /// Creates and seals pool `key`.
-    pub fn create(name: &str, key: PoolKey, layout: PoolLayout) -> Result<Self, PoolError> {
-        Ok(Self::over(BufferPool::create(name, key.id, layout)?, key))
+    /// Creates and seals pool `id`.
+    pub fn create(name: &str, id: u16, layout: PoolLayout) -> Result<Self, PoolError> {
+        Self::over(BufferPool::create(name, id, layout)?)
     }
 
-    /// Adopts a blank region (made by the supervisor) as pool `key`.
-    pub fn adopt(fd: std::os::fd::OwnedFd, key: PoolKey, layout: PoolLayout) -> Result<Self, PoolError> {
-        Ok(Self::over(BufferPool::adopt(fd, key.id, layout)?, key))
+    /// Adopts a blank region (made by the supervisor) as pool `id`.
+    pub fn adopt(fd: std::os::fd::OwnedFd, id: u16, layout: PoolLayout) -> Result<Self, PoolError> {
+        Self::over(BufferPool::adopt(fd, id, layout)?)
     }
 
-    fn over(pool: BufferPool, key: PoolKey) -> Self {
-        Self { pool, key, returns: Returns::new(), reaped: Vec::new() }
+    fn over(pool: BufferPool) -> Result<Self, PoolError> {
+        let key = PoolKey { id: pool.id(), gen: crate::region::inode(pool.region().fd())? };
+        Ok(Self { pool, key, returns: Returns::new(), reaped: Vec::new() })
     }
 
     /// The pool's key.
@@ -846,14 +854,26 @@ impl Views {
         Self::default()
     }
 
-    /// Adds (or replaces) the view of pool `key`, checking its header.
-    pub fn add(&mut self, key: PoolKey, fd: std::os::fd::OwnedFd) -> Result<(), PoolError> {
-        let view = PoolView::attach(fd, key.id)?;
+    /// Adds the view of pool `id` granted as `fd`, checking its header; its
+    /// key (the generation read from the fd).
+    pub fn add(&mut self, id: u16, fd: std::os::fd::OwnedFd) -> Result<PoolKey, PoolError> {
+        let key = PoolKey { id, gen: crate::region::inode(std::os::fd::AsFd::as_fd(&fd))? };
+        let view = PoolView::attach(fd, id)?;
         let layout = view.layout();
         let region = Arc::new(view.into_region());
         self.views.retain(|(k, _, _)| *k != key);
         self.views.push((key, region, layout));
-        Ok(())
+        Ok(key)
+    }
+
+    /// The fd of the view of `key` (to grant it on).
+    pub fn fd(&self, key: PoolKey) -> Option<BorrowedFd<'_>> {
+        self.views.iter().find(|(k, _, _)| *k == key).map(|(_, r, _)| r.fd())
+    }
+
+    /// Whether a view of `key` is here.
+    pub fn has(&self, key: PoolKey) -> bool {
+        self.views.iter().any(|(k, _, _)| *k == key)
     }
 
     /// Forgets the view of `key` (handles on it keep their mapping until they drop).
@@ -893,10 +913,10 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const KEY: PoolKey = PoolKey { id: 7, gen: 1 };
+    const ID: u16 = 7;
 
     fn pool(count: u32) -> LoanPool {
-        LoanPool::create("capnet-test-lent", KEY, PoolLayout { buf_size: 256, count, headroom: 0 }).expect("pool")
+        LoanPool::create("capnet-test-lent", ID, PoolLayout { buf_size: 256, count, headroom: 0 }).expect("pool")
     }
 
     #[test]
@@ -931,7 +951,8 @@ mod tests {
     fn a_borrowed_handle_reads_the_lenders_bytes_and_goes_back_by_ticket() {
         let mut p = pool(4);
         let mut views = Views::new();
-        views.add(KEY, p.region().fd().try_clone_to_owned().expect("dup")).expect("view");
+        let key = views.add(ID, p.region().fd().try_clone_to_owned().expect("dup")).expect("view");
+        assert_eq!(key, p.key(), "owner and viewer name the pool alike");
         let mut ledger = Ledger::new(8);
         let a = p.fill(b"0123456789").expect("buffer");
         let loan = ledger.lend(&a.slice(2..6)).expect("lend");
@@ -954,16 +975,18 @@ mod tests {
     fn loans_outside_the_pool_are_refused() {
         let p = pool(4);
         let mut views = Views::new();
-        views.add(KEY, p.region().fd().try_clone_to_owned().expect("dup")).expect("view");
+        let key = views.add(ID, p.region().fd().try_clone_to_owned().expect("dup")).expect("view");
+        assert_eq!(key, p.key(), "owner and viewer name the pool alike");
         let r = Returns::new();
-        let ok = Loan { ticket: 1, pool: KEY, index: 3, offset: 200, len: 56 };
+        let ok = Loan { ticket: 1, pool: p.key(), index: 3, offset: 200, len: 56 };
         assert!(views.borrow(&ok, &r).is_ok());
         for bad in [
             Loan { index: 4, ..ok },
             Loan { offset: 201, ..ok },
             Loan { len: u32::MAX, ..ok },
             Loan { offset: u32::MAX, len: 2, ..ok },
-            Loan { pool: PoolKey { id: 7, gen: 2 }, ..ok },
+            Loan { pool: PoolKey { id: 7, gen: p.key().gen + 1 }, ..ok },
+            Loan { pool: PoolKey { id: 8, gen: p.key().gen }, ..ok },
         ] {
             assert!(views.borrow(&bad, &r).is_err(), "{bad:?} accepted");
         }
@@ -999,6 +1022,56 @@ mod tests {
         assert!(ledger.returned(loan.ticket).is_err(), "twice");
         assert!(ledger.returned(99).is_err(), "no such buffer");
         assert_eq!(p.in_use(), 0);
+    }
+
+    #[test]
+    fn a_pool_made_again_is_another_generation() {
+        let (a, b) = (pool(2), pool(2));
+        assert_eq!(a.key().id, b.key().id);
+        assert_ne!(a.key(), b.key(), "two pools of one id are told apart by their memfds");
+        let mut views = Views::new();
+        views.add(ID, a.region().fd().try_clone_to_owned().expect("dup")).expect("view");
+        let r = Returns::new();
+        let loan = Loan { ticket: 1, pool: b.key(), index: 0, offset: 0, len: 8 };
+        assert!(views.borrow(&loan, &r).is_err(), "a loan of the new pool is not read from the old one");
+    }
+
+    /// A lender rewriting what it lent while the borrower reads: the reader
+    /// sees some bytes (torn, perhaps), never a fault or a read outside the
+    /// buffer, and the checksum and copies finish.
+    #[test]
+    fn a_lender_rewriting_a_loan_under_its_reader_corrupts_only_that_data() {
+        let mut p = pool(2);
+        let mut views = Views::new();
+        views.add(ID, p.region().fd().try_clone_to_owned().expect("dup")).expect("view");
+        let mine = p.fill(&[0u8; 256]).expect("buffer");
+        let mut ledger = Ledger::new(4);
+        let loan = ledger.lend(&mine).expect("lend");
+        let theirs = views.borrow(&loan, &Returns::new()).expect("borrow");
+        let (region, at) = match &mine.buf.mem {
+            Mem::Pool { map: Mapping::Own(r), at, .. } => (r.clone(), *at),
+            _ => unreachable!("a pool handle"),
+        };
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let writer = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut x = 0u8;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    x = x.wrapping_add(1);
+                    region.copy_in(at, &[x; 256]);
+                }
+            })
+        };
+        for _ in 0..2000 {
+            let v = theirs.to_vec();
+            assert_eq!(v.len(), 256);
+            let mut sum = Checksum::default();
+            theirs.sum_into(&mut sum);
+            let _ = sum.fold();
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        writer.join().expect("writer");
     }
 
     proptest! {

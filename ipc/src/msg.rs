@@ -5,7 +5,9 @@
 //! [`Descriptor::CONTROL`] descriptor, copied out by the receiver (which validates
 //! it — rkyv — only on that private copy) and returned at once with
 //! [`Descriptor::RETURN`]. Both directions share the channel; each side owns one
-//! pool.
+//! pool. Loans a message made ([`crate::lent::Loan`]) come back on the same
+//! ring under their tickets ([`Descriptor::LOAN`]): [`MsgEnd::return_loans`]
+//! sends them, [`MsgEnd::take_returned_loans`] collects what the peer sent.
 
 use std::os::fd::OwnedFd;
 
@@ -103,7 +105,16 @@ impl MsgHalf {
         if view.layout() != LAYOUT {
             return Err(MsgError::Pool(PoolError::Header("a message pool of another shape")));
         }
-        Ok(MsgEnd { chan, pool, reader, view, returns: Vec::new(), inbox: Vec::new(), scratch: Vec::new() })
+        Ok(MsgEnd {
+            chan,
+            pool,
+            reader,
+            view,
+            returns: Vec::new(),
+            inbox: Vec::new(),
+            scratch: Vec::new(),
+            loans_back: Vec::new(),
+        })
     }
 }
 
@@ -117,6 +128,8 @@ pub struct MsgEnd {
     returns: Vec<Descriptor>,
     inbox: Vec<Descriptor>,
     scratch: Vec<u8>,
+    /// Tickets of our loans the peer gave back, until taken.
+    loans_back: Vec<u64>,
 }
 
 impl MsgEnd {
@@ -161,7 +174,9 @@ impl MsgEnd {
                 break;
             }
             for d in &self.inbox {
-                if d.has(Descriptor::RETURN) {
+                if d.has(Descriptor::RETURN) && d.has(Descriptor::LOAN) {
+                    self.loans_back.push(u64::from(d.index) | (u64::from(d.offset) << 32));
+                } else if d.has(Descriptor::RETURN) {
                     self.pool.give_back(self.reader, d)?;
                 } else if d.has(Descriptor::CONTROL) {
                     if d.len > MAX_MESSAGE {
@@ -177,6 +192,21 @@ impl MsgEnd {
         }
         self.flush_returns()?;
         Ok(n)
+    }
+
+    /// Gives the peer back loans it made inside its messages, by ticket (sent
+    /// with the next returns if the ring is full now).
+    pub fn return_loans(&mut self, tickets: &[u64]) -> Result<(), MsgError> {
+        for &t in tickets {
+            let flags = Descriptor::RETURN | Descriptor::LOAN;
+            self.returns.push(Descriptor { pool: 0, flags, index: t as u32, offset: (t >> 32) as u32, len: 0 });
+        }
+        self.flush_returns()
+    }
+
+    /// The tickets of loans the peer gave back since the last call.
+    pub fn take_returned_loans(&mut self, out: &mut Vec<u64>) {
+        out.append(&mut self.loans_back);
     }
 
     /// Test-only hostile behaviour (the `hostile` feature only): takes back this end's

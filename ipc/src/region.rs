@@ -200,7 +200,7 @@ impl Region {
 /// A region granted to us: checked, then mapped read-only.
 #[derive(Debug)]
 pub struct RegionRo {
-    _fd: OwnedFd,
+    fd: OwnedFd,
     map: Mmap,
 }
 
@@ -212,7 +212,7 @@ impl RegionRo {
         // SAFETY: the SHRINK seal (checked above) keeps the file at least as long as
         // the mapping, so no access can SIGBUS; we map PROT_READ and read only atomically.
         let map = unsafe { MmapOptions::new().len(len).map(mfd.as_file()) }.map_err(RegionError::Map)?;
-        Ok(Self { _fd: mfd.into_file().into(), map })
+        Ok(Self { fd: mfd.into_file().into(), map })
     }
 
     /// Copies `dst.len()` bytes from byte offset `off` into private memory.
@@ -228,6 +228,19 @@ impl RegionRo {
     pub(crate) fn as_ptr(&self) -> *const u8 {
         self.map.as_ptr()
     }
+
+    /// The region's fd (to grant it on, read-only).
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
+/// A region's identity while it exists: its memfd's inode number, the same in
+/// every process that holds it (a pool re-made after its owner restarted is
+/// another inode: what tells its generations apart).
+pub fn inode(fd: BorrowedFd<'_>) -> Result<u32, RegionError> {
+    let st = rustix::fs::fstat(fd).map_err(|e| RegionError::Map(e.into()))?;
+    Ok(st.st_ino as u32)
 }
 
 /// `len` rounded up to whole pages (at least one).

@@ -170,58 +170,59 @@ impl Cap {
     /// multi-writer kind and must carry `SHRINK | GROW | SEAL`. Devices must be a
     /// character device or a packet socket; sockets must be sockets.
     pub fn check(&self) -> Result<(), CapError> {
-        let st = rustix::fs::fstat(&self.fd).map_err(|e| CapError::Io(nix::Error::from_raw(e.raw_os_error())))?;
-        let ft = rustix::fs::FileType::from_raw_mode(st.st_mode);
-        let found = match ft {
-            rustix::fs::FileType::RegularFile => "a regular file",
-            rustix::fs::FileType::CharacterDevice => "a character device",
-            rustix::fs::FileType::Socket => "a socket",
-            rustix::fs::FileType::Fifo => "a pipe",
-            rustix::fs::FileType::Directory => "a directory",
-            _ => "another kind of file",
-        };
-        let wrong = || CapError::WrongType { tag: self.tag, kind: self.kind, found };
-        match self.kind {
-            CapKind::Region | CapKind::ChannelEnd | CapKind::Pool | CapKind::Blank => {
-                if ft != rustix::fs::FileType::RegularFile {
-                    return Err(wrong());
-                }
-                let seals = rustix::fs::fcntl_get_seals(&self.fd).map_err(|_| CapError::WrongType {
-                    tag: self.tag,
-                    kind: self.kind,
-                    found: "a file that is not a sealable memfd",
-                })?;
-                if self.kind == CapKind::Blank {
-                    // To be owned by the receiver: nobody may have sealed it yet.
-                    return match seals.is_empty() {
-                        true => Ok(()),
-                        false => Err(CapError::WrongType {
-                            tag: self.tag,
-                            kind: self.kind,
-                            found: "an already sealed memfd",
-                        }),
-                    };
-                }
-                let need: &[memfd::FileSeal] = if self.kind == CapKind::Region && self.rights.contains(Rights::WRITE) {
-                    &MULTI_WRITER_SEALS
-                } else {
-                    &REQUIRED_SEALS
-                };
-                let have = seal_set(seals);
-                if let Some(missing) = need.iter().find(|s| !have.contains(s)) {
-                    return Err(CapError::Seals { tag: self.tag, kind: self.kind, missing: *missing });
-                }
-                Ok(())
+        check_fd(self.kind, self.rights, self.tag, self.fd.as_fd())
+    }
+}
+
+/// [`Cap::check`] for an fd of kind `kind` granted with `rights` (tagged `tag`).
+fn check_fd(kind: CapKind, rights: Rights, tag: u32, fd: BorrowedFd<'_>) -> Result<(), CapError> {
+    let st = rustix::fs::fstat(fd).map_err(|e| CapError::Io(nix::Error::from_raw(e.raw_os_error())))?;
+    let ft = rustix::fs::FileType::from_raw_mode(st.st_mode);
+    let found = match ft {
+        rustix::fs::FileType::RegularFile => "a regular file",
+        rustix::fs::FileType::CharacterDevice => "a character device",
+        rustix::fs::FileType::Socket => "a socket",
+        rustix::fs::FileType::Fifo => "a pipe",
+        rustix::fs::FileType::Directory => "a directory",
+        _ => "another kind of file",
+    };
+    let wrong = || CapError::WrongType { tag, kind, found };
+    match kind {
+        CapKind::Region | CapKind::ChannelEnd | CapKind::Pool | CapKind::Blank => {
+            if ft != rustix::fs::FileType::RegularFile {
+                return Err(wrong());
             }
-            CapKind::Device => match ft {
-                rustix::fs::FileType::CharacterDevice | rustix::fs::FileType::Socket => Ok(()),
-                _ => Err(wrong()),
-            },
-            CapKind::Socket => match ft {
-                rustix::fs::FileType::Socket => Ok(()),
-                _ => Err(wrong()),
-            },
+            let seals = rustix::fs::fcntl_get_seals(fd).map_err(|_| CapError::WrongType {
+                tag,
+                kind,
+                found: "a file that is not a sealable memfd",
+            })?;
+            if kind == CapKind::Blank {
+                // To be owned by the receiver: nobody may have sealed it yet.
+                return match seals.is_empty() {
+                    true => Ok(()),
+                    false => Err(CapError::WrongType { tag, kind, found: "an already sealed memfd" }),
+                };
+            }
+            let need: &[memfd::FileSeal] = if kind == CapKind::Region && rights.contains(Rights::WRITE) {
+                &MULTI_WRITER_SEALS
+            } else {
+                &REQUIRED_SEALS
+            };
+            let have = seal_set(seals);
+            if let Some(missing) = need.iter().find(|s| !have.contains(s)) {
+                return Err(CapError::Seals { tag, kind, missing: *missing });
+            }
+            Ok(())
         }
+        CapKind::Device => match ft {
+            rustix::fs::FileType::CharacterDevice | rustix::fs::FileType::Socket => Ok(()),
+            _ => Err(wrong()),
+        },
+        CapKind::Socket => match ft {
+            rustix::fs::FileType::Socket => Ok(()),
+            _ => Err(wrong()),
+        },
     }
 }
 
@@ -245,6 +246,27 @@ fn seal_set(flags: rustix::fs::SealFlags) -> Vec<memfd::FileSeal> {
 /// what the receiver gets is each capability with the rights given in `rights`
 /// (which must be a subset: narrowing is the only change allowed in passing).
 pub fn send_caps(sock: BorrowedFd<'_>, caps: &[(&Cap, Rights)]) -> Result<(), CapError> {
+    let entries: Vec<_> = caps.iter().map(|(c, r)| (c.kind, c.rights, *r, c.tag, c.fd.as_fd())).collect();
+    send_entries(sock, &entries)
+}
+
+/// Grants `rights` on fds this process keeps (kind, tag, fd each), checked as
+/// [`Cap::check`] checks: for a domain that may not duplicate an fd, handing
+/// on a read-only view of a region it holds.
+pub fn send_held(
+    sock: BorrowedFd<'_>,
+    rights: Rights,
+    caps: &[(CapKind, u32, BorrowedFd<'_>)],
+) -> Result<(), CapError> {
+    for (kind, tag, fd) in caps {
+        check_fd(*kind, rights, *tag, *fd)?;
+    }
+    let entries: Vec<_> = caps.iter().map(|(k, t, fd)| (*k, rights | Rights::GRANT, rights, *t, *fd)).collect();
+    send_entries(sock, &entries)
+}
+
+/// One capability message: (kind, rights held, rights given, tag, fd) each.
+fn send_entries(sock: BorrowedFd<'_>, caps: &[(CapKind, Rights, Rights, u32, BorrowedFd<'_>)]) -> Result<(), CapError> {
     if caps.is_empty() || caps.len() > MAX_CAPS_PER_MESSAGE {
         return Err(CapError::Malformed("a message carries 1 to 32 capabilities"));
     }
@@ -252,17 +274,17 @@ pub fn send_caps(sock: BorrowedFd<'_>, caps: &[(&Cap, Rights)]) -> Result<(), Ca
     payload.extend_from_slice(&MAGIC);
     payload.extend_from_slice(&(caps.len() as u16).to_le_bytes());
     let mut fds: Vec<RawFd> = Vec::with_capacity(caps.len());
-    for (cap, rights) in caps {
-        if !cap.rights.contains(Rights::GRANT) {
-            return Err(CapError::NoGrant { tag: cap.tag, kind: cap.kind });
+    for (kind, have, rights, tag, fd) in caps {
+        if !have.contains(Rights::GRANT) {
+            return Err(CapError::NoGrant { tag: *tag, kind: *kind });
         }
-        if !cap.rights.contains(*rights) {
-            return Err(CapError::Widen { have: cap.rights, asked: *rights });
+        if !have.contains(*rights) {
+            return Err(CapError::Widen { have: *have, asked: *rights });
         }
-        payload.push(cap.kind as u8);
+        payload.push(*kind as u8);
         payload.push(rights.bits());
-        payload.extend_from_slice(&cap.tag.to_le_bytes());
-        fds.push(cap.fd.as_raw_fd());
+        payload.extend_from_slice(&tag.to_le_bytes());
+        fds.push(fd.as_raw_fd());
     }
     let cmsg = [ControlMessage::ScmRights(&fds)];
     sendmsg::<()>(sock.as_raw_fd(), &[IoSlice::new(&payload)], &cmsg, MsgFlags::MSG_NOSIGNAL, None)?;

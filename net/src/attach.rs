@@ -15,7 +15,7 @@
 //! supervisor learns the application is gone (and how the application learns
 //! that it was cut off).
 
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
@@ -124,15 +124,18 @@ fn grant(sock: &UnixStream, half: &MsgHalf) -> Result<(), AttachError> {
     Ok(())
 }
 
-fn take(sock: &UnixStream) -> Result<MsgGrant, AttachError> {
-    let mut caps = recv_caps(sock.as_fd())?;
-    if caps.len() != 2 || caps[0].kind != CapKind::ChannelEnd || caps[1].kind != CapKind::Pool {
+/// A channel area and pool, then `pools` more pools, as capabilities.
+fn take(sock: &UnixStream, pools: usize) -> Result<(MsgGrant, Vec<OwnedFd>), AttachError> {
+    let caps = recv_caps(sock.as_fd())?;
+    let shape = caps.len() == 2 + pools
+        && caps[0].kind == CapKind::ChannelEnd
+        && caps[1..].iter().all(|c| c.kind == CapKind::Pool);
+    if !shape {
         return Err(AttachError::Shape(caps.len()));
     }
-    let pool = caps.pop().map(Cap::into_fd);
-    let area = caps.pop().map(Cap::into_fd);
-    match (area, pool) {
-        (Some(area), Some(pool)) => Ok(MsgGrant { area, pool }),
+    let mut fds = caps.into_iter().map(Cap::into_fd);
+    match (fds.next(), fds.next()) {
+        (Some(area), Some(pool)) => Ok((MsgGrant { area, pool }, fds.collect())),
         _ => Err(AttachError::Shape(0)),
     }
 }
@@ -140,8 +143,13 @@ fn take(sock: &UnixStream) -> Result<MsgGrant, AttachError> {
 /// What the supervisor answers an application that sent its side.
 #[derive(Debug, Clone, PartialEq, rkyv::Archive, rkyv::Serialize, rkyv::Deserialize)]
 pub enum AttachReply {
-    /// The sockets domain's area and pool follow as capabilities.
-    Accepted,
+    /// The sockets domain's area and pool follow as capabilities, then the
+    /// pools (numbered as listed) whose buffers it may lend the application:
+    /// granted read-only, read through ipc only.
+    Accepted {
+        /// The lent pools' ids, in the order their capabilities follow.
+        pools: Vec<u16>,
+    },
     /// Not attached, and why.
     Refused(String),
 }
@@ -149,31 +157,42 @@ pub enum AttachReply {
 /// The supervisor's first step, off its main loop: the application's area and
 /// pool (checked as capabilities: kinds and seals).
 pub fn take_app_side(sock: &UnixStream) -> Result<MsgGrant, AttachError> {
-    take(sock)
+    Ok(take(sock, 0)?.0)
 }
 
 /// The supervisor's last step: `Accepted`, then the sockets domain's area and
-/// pool (made by the supervisor, adopted and sealed by the sockets domain),
-/// read-only.
-pub fn accept(sock: &UnixStream, sockets_side: MsgGrant) -> Result<(), AttachError> {
-    capnet_proto::group::send_msg(sock, &AttachReply::Accepted).map_err(|e| AttachError::Refused(e.to_string()))?;
+/// pool (made by the supervisor, adopted and sealed by the sockets domain)
+/// and the pools it lends from (`lends`: id and fd), read-only.
+pub fn accept(sock: &UnixStream, sockets_side: MsgGrant, lends: Vec<(u16, OwnedFd)>) -> Result<(), AttachError> {
+    let pools = lends.iter().map(|(id, _)| *id).collect();
+    capnet_proto::group::send_msg(sock, &AttachReply::Accepted { pools })
+        .map_err(|e| AttachError::Refused(e.to_string()))?;
     let all = Rights::READ | Rights::MAP | Rights::GRANT;
-    let area = Cap::new(CapKind::ChannelEnd, all, 0, sockets_side.area)?;
-    let pool = Cap::new(CapKind::Pool, all, 1, sockets_side.pool)?;
+    let mut caps = vec![
+        Cap::new(CapKind::ChannelEnd, all, 0, sockets_side.area)?,
+        Cap::new(CapKind::Pool, all, 1, sockets_side.pool)?,
+    ];
+    for (i, (_, fd)) in lends.into_iter().enumerate() {
+        caps.push(Cap::new(CapKind::Pool, all, 2 + i as u32, fd)?);
+    }
     let ro = Rights::READ | Rights::MAP;
-    send_caps(sock.as_fd(), &[(&area, ro), (&pool, ro)])?;
+    send_caps(sock.as_fd(), &caps.iter().map(|c| (c, ro)).collect::<Vec<_>>())?;
     Ok(())
 }
 
-/// The application's side: grant first, then take (or hear why not).
-pub fn join(sock: &UnixStream, name: &str) -> Result<MsgEnd, AttachError> {
+/// The application's side: grant first, then take (or hear why not): its
+/// channel, and the pools the stack may lend it buffers of (id, fd).
+pub fn join(sock: &UnixStream, name: &str) -> Result<(MsgEnd, Vec<(u16, OwnedFd)>), AttachError> {
     let half = MsgHalf::new(name, End::B)?;
     grant(sock, &half)?;
-    match capnet_proto::group::recv_msg::<AttachReply>(sock) {
-        Ok(AttachReply::Accepted) => {}
+    let ids = match capnet_proto::group::recv_msg::<AttachReply>(sock) {
+        Ok(AttachReply::Accepted { pools }) => pools,
         Ok(AttachReply::Refused(why)) => return Err(AttachError::Refused(why)),
         Err(e) => return Err(AttachError::Refused(format!("the supervisor closed the attachment ({e})"))),
+    };
+    if ids.len() > 16 {
+        return Err(AttachError::Shape(ids.len()));
     }
-    let peer = take(sock)?;
-    Ok(half.attach(End::B, peer)?)
+    let (peer, pools) = take(sock, ids.len())?;
+    Ok((half.attach(End::B, peer)?, ids.into_iter().zip(pools).collect()))
 }

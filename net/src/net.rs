@@ -41,11 +41,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use capnet_ipc::control::{decode, encode, encode_with};
+use capnet_ipc::lent::{Chain, Lent, Returns, Views};
 use capnet_ipc::msg::MsgEnd;
 use capnet_ipc::notify::{SpinPolicy, SpinTokens};
 use capnet_ipc::region::Region;
 use capnet_ipc::{Interest, Waiter};
-use capnet_proto::app::{Call, Handle, Reply, Request, Response, SocketError, TcpOption};
+use capnet_proto::app::{AppData, Call, Handle, Reply, Request, Response, SocketError, TcpOption};
 pub use capnet_proto::app::{ERROR, HANGUP, READABLE, WRITABLE};
 
 fn io_err(e: SocketError) -> io::Error {
@@ -82,6 +83,12 @@ struct Conn {
     early: HashMap<u64, Reply>,
     /// Ids whose replies nobody waits for (a cancel's own acknowledgment).
     forget: Vec<u64>,
+    /// The stack's pools this application was granted at attach: a stream's
+    /// bytes may come as loans of their buffers.
+    views: Views,
+    /// Where those loans go when read (given back on the channel).
+    returns: Arc<Returns>,
+    tickets: Vec<u64>,
 }
 
 /// An attachment to a running stack. Cheap to clone; sockets keep it alive.
@@ -91,6 +98,15 @@ pub struct Stack {
 }
 
 impl Stack {
+    /// Copies a stream's bytes into `buf` (the one copy a read makes; a loan
+    /// goes back at once); how many.
+    fn read_into(&self, data: AppData, buf: &mut [u8]) -> io::Result<usize> {
+        let mut c = self.conn.lock().unwrap_or_else(|e| e.into_inner());
+        let n = c.bytes(data)?.copy_to(buf);
+        c.give_back()?;
+        Ok(n)
+    }
+
     /// Whether the stack went away (the supervisor exited or cut this
     /// application off): a `ConnectionReset` then is for good, where otherwise it
     /// may be a transport restarting.
@@ -109,10 +125,15 @@ impl Stack {
             }
         })?;
         sock.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let msg = crate::attach::join(&sock, &format!("capnet-app-{}", std::process::id())).map_err(|e| match e {
-            crate::attach::AttachError::Refused(_) => io::Error::new(io::ErrorKind::ConnectionRefused, e),
-            e => io::Error::other(e),
-        })?;
+        let (msg, pools) =
+            crate::attach::join(&sock, &format!("capnet-app-{}", std::process::id())).map_err(|e| match e {
+                crate::attach::AttachError::Refused(_) => io::Error::new(io::ErrorKind::ConnectionRefused, e),
+                e => io::Error::other(e),
+            })?;
+        let mut views = Views::new();
+        for (id, fd) in pools {
+            views.add(id, fd).map_err(|e| broken(format!("a pool it granted is no pool: {e}")))?;
+        }
         let conn = Conn {
             msg,
             sock,
@@ -120,6 +141,9 @@ impl Stack {
             waiter: Waiter::new(SpinPolicy::NEVER),
             early: HashMap::new(),
             forget: Vec::new(),
+            views,
+            returns: Returns::new(),
+            tickets: Vec::new(),
         };
         Ok(Self { conn: Arc::new(Mutex::new(conn)) })
     }
@@ -241,12 +265,16 @@ impl Stack {
 impl Conn {
     fn pump(&mut self) -> io::Result<()> {
         let mut bad = None;
-        let (forget, early) = (&mut self.forget, &mut self.early);
+        let (forget, early, tickets) = (&mut self.forget, &mut self.early, &mut self.tickets);
         self.msg
             .recv(|m| match decode::<Response>(m) {
                 Ok(r) => match forget.iter().position(|f| *f == r.id) {
                     Some(k) => {
                         forget.swap_remove(k);
+                        // Loans in a reply nobody reads go back unread.
+                        if let Reply::Data { data: AppData::Lent(loans) } = &r.reply {
+                            tickets.extend(loans.iter().map(|l| l.ticket));
+                        }
                     }
                     None => {
                         early.insert(r.id, r.reply);
@@ -255,9 +283,33 @@ impl Conn {
                 Err(e) => bad = Some(e),
             })
             .map_err(broken)?;
+        self.give_back()?;
         match bad {
             Some(e) => Err(broken(e)),
             None => Ok(()),
+        }
+    }
+
+    /// Gives the stack back every loan read (or never to be read).
+    fn give_back(&mut self) -> io::Result<()> {
+        self.returns.take(&mut self.tickets);
+        if !self.tickets.is_empty() {
+            self.msg.return_loans(&self.tickets).map_err(broken)?;
+            self.tickets.clear();
+        }
+        Ok(())
+    }
+
+    /// A stream's bytes as handles: what came in the message, or the stack's
+    /// buffers it lent (checked against the pools granted at attach).
+    fn bytes(&self, data: AppData) -> io::Result<Chain> {
+        match data {
+            AppData::Inline(b) => Ok(Chain::from(Lent::from_vec(b))),
+            AppData::Lent(loans) => loans
+                .iter()
+                .map(|l| self.views.borrow(l, &self.returns))
+                .collect::<Result<Chain, _>>()
+                .map_err(|e| broken(format!("it lent a buffer it may not: {e}"))),
         }
     }
 
@@ -673,12 +725,7 @@ impl TcpStream {
         let max = buf.len().min(MAX_READ_BYTES) as u32;
         let timeout = if wait { self.read_timeout.get() } else { None };
         match self.sock.stack.call(Call::Recv { handle: self.sock.handle, max, wait }, timeout)? {
-            Reply::Data { data } => {
-                let n = data.len().min(buf.len());
-                buf[..n].copy_from_slice(&data[..n]);
-                capnet_ipc::pool::count_copy(n);
-                Ok(n)
-            }
+            Reply::Data { data } => self.sock.stack.read_into(data, buf),
             r => Err(broken(format!("unexpected reply {r:?}"))),
         }
     }

@@ -1,7 +1,35 @@
 //! The application protocol: what crosses an application's channel, as rkyv
 //! archives validated on a private copy. Addresses travel as octets.
 
+use capnet_ipc::lent::Loan;
 use rkyv::{Archive, Deserialize, Serialize};
+
+/// A stream's bytes on an application's channel: in the message, or lent —
+/// buffers of pools the application was granted at attach, read in place and
+/// given back by ticket on the same channel. (The links between groups carry
+/// `edge::Payload`, inline until they lend too.)
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub enum AppData {
+    /// Carried in the message.
+    Inline(Vec<u8>),
+    /// Lent, in order.
+    Lent(Vec<Loan>),
+}
+
+impl AppData {
+    /// How many bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            AppData::Inline(b) => b.len(),
+            AppData::Lent(l) => l.iter().map(|l| l.len as usize).sum(),
+        }
+    }
+
+    /// Whether there are none (the end of a stream).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
 
 /// An unforgeable socket handle: slot, generation, and the owning application's
 /// secret.
@@ -174,18 +202,21 @@ pub enum TcpOption {
     CongestionControl(String),
 }
 
-/// A response to the request with the same id.
+/// A response to the request with the same id (generic over a stream's bytes
+/// as [`Reply`]).
 #[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
-pub struct Response {
+pub struct Response<D = AppData> {
     /// The request's id.
     pub id: u64,
     /// The outcome.
-    pub reply: Reply,
+    pub reply: Reply<D>,
 }
 
-/// Outcomes.
+/// Outcomes. Generic over a stream's bytes: [`AppData`] on the channel (the
+/// bytes, or loans of the stack's buffers the application reads them from), a
+/// chain of handles inside the sockets domain.
 #[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
-pub enum Reply {
+pub enum Reply<D = AppData> {
     /// Done, nothing to return.
     Done,
     /// A socket was made (`port`: its UDP port, or its echo identifier).
@@ -228,7 +259,7 @@ pub enum Reply {
     /// Bytes of a stream; empty means the peer finished (EOF).
     Data {
         /// The bytes.
-        data: Vec<u8>,
+        data: D,
     },
     /// Readiness: (index into the items, bits) for each ready one.
     Ready {
@@ -237,6 +268,23 @@ pub enum Reply {
     },
     /// The call failed.
     Err(SocketError),
+}
+
+impl<D> Reply<D> {
+    /// The same reply with a stream's bytes turned into `E`.
+    pub fn map_data<E>(self, f: impl FnOnce(D) -> E) -> Reply<E> {
+        match self {
+            Reply::Data { data } => Reply::Data { data: f(data) },
+            Reply::Done => Reply::Done,
+            Reply::Bound { handle, port } => Reply::Bound { handle, port },
+            Reply::Datagram { from, data } => Reply::Datagram { from, data },
+            Reply::EchoReply { from, seq, data } => Reply::EchoReply { from, seq, data },
+            Reply::Accepted { handle, port, peer } => Reply::Accepted { handle, port, peer },
+            Reply::Sent { n } => Reply::Sent { n },
+            Reply::Ready { events } => Reply::Ready { events },
+            Reply::Err(e) => Reply::Err(e),
+        }
+    }
 }
 
 /// Socket call errors; each maps to one `io::ErrorKind` in the client library.

@@ -114,8 +114,15 @@ pub const WIRE: &str = "wire";
 pub enum Event {
     /// Setup is done and the sandbox is entered.
     Ready,
-    /// The blank regions for application `app` are ours now (mapped and sealed).
-    Adopted(u64),
+    /// The blank regions for application `app` are ours now (mapped and
+    /// sealed); the pools `pools` (ids) whose buffers we may lend it follow as
+    /// capabilities (none follow when there are none), to grant it read-only.
+    Adopted {
+        /// The application.
+        app: u64,
+        /// The pools to grant it.
+        pools: Vec<u16>,
+    },
     /// This side of the fresh channel is ours now.
     Relinked(String),
     /// The new peer on this channel is joined (after `Peer`).

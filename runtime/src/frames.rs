@@ -66,7 +66,7 @@ pub(crate) fn returned(d: &Descriptor) -> Descriptor {
 #[derive(Debug)]
 pub struct FramesIn {
     pub(crate) end: ShmEnd,
-    pool: u16,
+    key: PoolKey,
     views: Views,
     returns: Arc<Returns>,
     tickets: Vec<u64>,
@@ -80,10 +80,10 @@ impl FramesIn {
     /// Frames lent on `end` from the pool `view` (numbered `pool`).
     pub(crate) fn new(end: ShmEnd, pool: u16, view: std::os::fd::OwnedFd) -> Result<Self, RuntimeError> {
         let mut views = Views::new();
-        views.add(PoolKey { id: pool, gen: 0 }, view).map_err(peer_err)?;
+        let key = views.add(pool, view).map_err(peer_err)?;
         Ok(Self {
             end,
-            pool,
+            key,
             views,
             returns: Returns::new(),
             tickets: Vec::new(),
@@ -93,12 +93,17 @@ impl FramesIn {
         })
     }
 
+    /// The lender's pool: its key and the fd of our view of it.
+    pub(crate) fn pool(&self) -> Option<(PoolKey, std::os::fd::BorrowedFd<'_>)> {
+        self.views.fd(self.key).map(|fd| (self.key, fd))
+    }
+
     /// Gives back every buffer whose last handle dropped (as far as the ring
     /// takes them; the rest next time).
     pub(crate) fn flush_returns(&mut self) -> Result<(), RuntimeError> {
         self.returns.take(&mut self.tickets);
         for t in self.tickets.drain(..) {
-            let d = Descriptor { pool: self.pool, flags: Descriptor::RETURN, index: t as u32, offset: 0, len: 0 };
+            let d = Descriptor { pool: self.key.id, flags: Descriptor::RETURN, index: t as u32, offset: 0, len: 0 };
             self.back.push(d);
         }
         while !self.back.is_empty() {
@@ -127,16 +132,11 @@ impl FramesIn {
             if d.has(Descriptor::RETURN) || d.flags & !Descriptor::MORE != 0 {
                 return Err(RuntimeError::Peer(format!("{d:?} on a channel that only lends frames")));
             }
-            let loan = Loan {
-                ticket: u64::from(d.index),
-                pool: PoolKey { id: d.pool, gen: 0 },
-                index: d.index,
-                offset: d.offset,
-                len: d.len,
-            };
-            if d.pool != self.pool {
-                return Err(RuntimeError::Peer(format!("{d:?} names another pool than {}", self.pool)));
+            if d.pool != self.key.id {
+                return Err(RuntimeError::Peer(format!("{d:?} names another pool than {}", self.key.id)));
             }
+            let loan =
+                Loan { ticket: u64::from(d.index), pool: self.key, index: d.index, offset: d.offset, len: d.len };
             self.frame.push(self.views.borrow(&loan, &self.returns).map_err(peer_err)?);
             if self.frame.len() > MAX_FRAME {
                 return Err(RuntimeError::Peer(format!("a chain of over {MAX_FRAME} bytes")));
@@ -282,8 +282,7 @@ pub struct StackHalf(pub(crate) Half<BufferPool>);
 impl DriverHalf {
     /// Creates (and seals) the driver's pool and areas.
     pub fn new() -> Result<Self, RuntimeError> {
-        let key = PoolKey { id: RX_POOL, gen: 0 };
-        let pool = LoanPool::create("capnet-driver-pool", key, FRAME_LAYOUT).map_err(ipc_err)?;
+        let pool = LoanPool::create("capnet-driver-pool", RX_POOL, FRAME_LAYOUT).map_err(ipc_err)?;
         let (r_area, t_area) = areas("driver", End::A, End::B)?;
         Ok(Self(Half { pool, r_area, t_area }))
     }
@@ -298,8 +297,7 @@ impl DriverHalf {
     /// restarted stack group with.
     pub fn adopt(blank: HalfGrant) -> Result<Self, RuntimeError> {
         let (r_area, t_area) = adopt_areas(blank.r_area, blank.t_area, End::A, End::B)?;
-        let key = PoolKey { id: RX_POOL, gen: 0 };
-        let pool = LoanPool::adopt(blank.pool, key, FRAME_LAYOUT).map_err(ipc_err)?;
+        let pool = LoanPool::adopt(blank.pool, RX_POOL, FRAME_LAYOUT).map_err(ipc_err)?;
         Ok(Self(Half { pool, r_area, t_area }))
     }
 }

@@ -103,6 +103,12 @@ pub trait AppHost: Stack {
     ) -> Result<(), RuntimeError>;
     /// Runs the cores' outputs now (after the application side called them).
     fn push(&mut self) -> Result<(), RuntimeError>;
+    /// The pools whose buffers received data lies in here (the frames read
+    /// into this group's pool, or lent to it by the driver): granted to an
+    /// application at attach, so the sockets domain can lend it them.
+    fn lend_pools(&self) -> Vec<(capnet_ipc::lent::PoolKey, std::os::fd::BorrowedFd<'_>)> {
+        Vec::new()
+    }
 }
 
 /// The most payload one TSO segment carries (its IP datagram stays under 64 KiB).

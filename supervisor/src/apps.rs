@@ -28,16 +28,28 @@ pub(crate) fn attach_app(sockets: &GroupProcess, id: u64, conn: &UnixStream, the
         Cap::new(CapKind::Blank, rw | Rights::GRANT, 1, blank.pool.try_clone()?)?,
     ];
     send_caps(sockets.sock.as_fd(), &caps.iter().map(|c| (c, rw)).collect::<Vec<_>>())?;
-    sockets
-        .expect(|e| matches!(e, Event::Adopted(a) if *a == id))
+    let adopted = sockets
+        .expect(|e| matches!(e, Event::Adopted { app, .. } if *app == id))
         .context("the sockets domain did not adopt the application's channel")?;
+    let Event::Adopted { pools, .. } = adopted else { anyhow::bail!("not an adoption") };
+    // The pools it may lend the application from, to grant it read-only.
+    let lends: Vec<(u16, std::os::fd::OwnedFd)> = if pools.is_empty() {
+        Vec::new()
+    } else {
+        let caps = capnet_kernel_shim::cap::recv_caps(sockets.sock.as_fd())
+            .context("the sockets domain did not send the pools it lends from")?;
+        if caps.len() != pools.len() || caps.iter().any(|c| c.kind != CapKind::Pool) {
+            anyhow::bail!("the sockets domain named {} pools and sent {} capabilities", pools.len(), caps.len());
+        }
+        pools.into_iter().zip(caps.into_iter().map(Cap::into_fd)).collect()
+    };
     send_msg(&sockets.sock, &Control::AppGrant(id))?;
     let all = Rights::READ | Rights::MAP | Rights::GRANT;
     let ro = Rights::READ | Rights::MAP;
     let caps = [Cap::new(CapKind::ChannelEnd, all, 0, theirs.area)?, Cap::new(CapKind::Pool, all, 1, theirs.pool)?];
     send_caps(sockets.sock.as_fd(), &caps.iter().map(|c| (c, ro)).collect::<Vec<_>>())?;
     // Sealed by the sockets domain now (recv_caps on the application's side checks).
-    capnet::attach::accept(conn, MsgGrant { area: blank.area, pool: blank.pool })?;
+    capnet::attach::accept(conn, MsgGrant { area: blank.area, pool: blank.pool }, lends)?;
     Ok(())
 }
 

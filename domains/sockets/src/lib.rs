@@ -18,9 +18,16 @@
 
 pub use std::collections::VecDeque;
 
+pub use capnet_ipc::lent::Chain;
 pub use capnet_proto::app::{
-    Call, Handle, Reply, Request, Response, SocketError, TcpOption, ERROR, HANGUP, MAX_TCP_READ, READABLE, WRITABLE,
+    Call, Handle, Request, SocketError, TcpOption, ERROR, HANGUP, MAX_TCP_READ, READABLE, WRITABLE,
 };
+
+/// An outcome as the core makes it: a stream's bytes are the handles tcp
+/// gave (the runtime lends them on to the application, or copies them).
+pub type Reply = capnet_proto::app::Reply<Chain>;
+/// A response as the core makes it (see [`Reply`]).
+pub type Response = capnet_proto::app::Response<Chain>;
 pub use capnet_tcp::{Endpoints, Ready, SocketId as TcpId};
 use capnet_tcp::{Keepalive, Received, SockOpt};
 pub use capnet_udp::Ipv4Address;
@@ -748,8 +755,8 @@ impl SocketsCore {
                 Ok(replies.pop_front().map(|(from, seq, data)| Reply::EchoReply { from: from.octets(), seq, data }))
             }
             Kind::Tcp(s) => match t.tcp_recv(*s, (max as usize).clamp(1, MAX_TCP_READ))? {
-                Received::Data(data) => Ok(Some(Reply::Data { data: data.to_vec() })),
-                Received::Eof => Ok(Some(Reply::Data { data: Vec::new() })),
+                Received::Data(data) => Ok(Some(Reply::Data { data })),
+                Received::Eof => Ok(Some(Reply::Data { data: Chain::new() })),
                 Received::Nothing => Ok(None),
             },
             Kind::TcpListener { .. } => Err(SocketError::WrongKind),

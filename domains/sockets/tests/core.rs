@@ -282,7 +282,7 @@ fn tcp_accept_connect_and_poll_park_until_ready() {
     t.loop_tcp();
     core.poll_ready(&mut t);
     let (_, r) = core.pop_response().expect("data");
-    assert_eq!(r, Response { id: 5, reply: Reply::Data { data: b"hello".to_vec() } });
+    assert_eq!(r, Response { id: 5, reply: Reply::Data { data: b"hello"[..].into() } });
     // Poll: writable now, readable after the peer's FIN.
     let items = vec![(c, capnet_sockets::READABLE)];
     assert_eq!(call(&mut core, &mut t, b, 7, Call::Poll { items: items.clone(), wait: true }), None);
@@ -296,7 +296,7 @@ fn tcp_accept_connect_and_poll_park_until_ready() {
     assert_eq!(r, Response { id: 7, reply: Reply::Ready { events: vec![(0, capnet_sockets::READABLE)] } });
     assert_eq!(
         call(&mut core, &mut t, b, 9, Call::Recv { handle: c, max: 100, wait: true }),
-        Some(Reply::Data { data: vec![] }),
+        Some(Reply::Data { data: capnet_sockets::Chain::new() }),
         "EOF"
     );
     // The other application cannot touch these sockets.

@@ -10,12 +10,12 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use capnet_ipc::control::{decode, encode_with};
-use capnet_ipc::lent::Lent;
+use capnet_ipc::lent::{Chain, Ledger, Lent, PoolKey};
 use capnet_ipc::msg::{MsgEnd, MsgHalf};
 use capnet_sockets::{AppId, SocketsCore};
 
 use capnet_ip::Ipv4Address;
-use capnet_proto::app::SocketError;
+use capnet_proto::app::{AppData, SocketError};
 use capnet_proto::edge::{
     Answer, EchoCall, IpToSockets, SocketsToIp, SocketsToTcp, SocketsToUdp, TcpCall, TcpToSockets, UdpCall,
     UdpToSockets,
@@ -435,7 +435,48 @@ struct App {
     /// Replies the channel had no room for, in order, and their bytes.
     outbox: std::collections::VecDeque<Vec<u8>>,
     outbox_bytes: usize,
+    /// The pools it was granted at attach: received data on them is lent.
+    lends: Vec<PoolKey>,
+    /// What it holds of them, by ticket.
+    ledger: Ledger,
+    tickets: Vec<u64>,
+    /// Since when it has held its quota of loans (cut off past
+    /// [`LOAN_DEADLINE`]).
+    full_since: Option<std::time::Instant>,
 }
+
+impl App {
+    /// A stream's bytes for the application: lent, when every handle is on a
+    /// pool it was granted and its quota and the domain's allow; else copied
+    /// into the reply.
+    fn lend(&mut self, data: Chain, lent_total: &mut usize) -> AppData {
+        let lendable = data.iter().all(|l| l.pool_key().is_some_and(|k| self.lends.contains(&k)))
+            && data.pieces() <= self.ledger.room()
+            && *lent_total + data.pieces() <= MAX_LENT_TO_APPS;
+        if !lendable {
+            if self.ledger.room() < data.pieces() {
+                self.full_since.get_or_insert_with(std::time::Instant::now);
+            }
+            return AppData::Inline(data.to_vec());
+        }
+        let loans: Result<Vec<_>, _> = data.iter().map(|l| self.ledger.lend(l)).collect();
+        match loans {
+            Ok(loans) => {
+                *lent_total += loans.len();
+                AppData::Lent(loans)
+            }
+            Err(_) => AppData::Inline(data.to_vec()),
+        }
+    }
+}
+
+/// Loans one application may hold at once (each read returns its own at once).
+pub const APP_LOAN_QUOTA: usize = 64;
+/// Loans all applications together may hold: a quarter of a frame pool, so
+/// applications that never give back cannot hold the stack's pool shut.
+pub const MAX_LENT_TO_APPS: usize = 256;
+/// How long an application may hold its quota of loans before it is cut off.
+pub const LOAN_DEADLINE: Duration = Duration::from_secs(2);
 
 /// Reply bytes waiting for an application that does not read them (beyond the
 /// channel's own sixteen message buffers): past this it is cut off, so one that
@@ -449,25 +490,44 @@ pub struct SocketsHost {
     /// The socket table.
     pub core: SocketsCore,
     list: Vec<App>,
-    /// Applications whose blank regions are adopted, waiting for their grant.
-    pub pending: Vec<(u64, MsgHalf)>,
+    /// Applications whose blank regions are adopted, waiting for their grant,
+    /// and the pools they are granted (see [`AppHost::lend_pools`]).
+    pub pending: Vec<(u64, MsgHalf, Vec<PoolKey>)>,
     /// Applications cut off since the supervisor last heard: (id, why).
     pub cut_off: Vec<(u64, String)>,
+    /// Buffers lent to applications so far (each read's chain counts each).
+    pub loans_made: u64,
 }
 
 impl Default for SocketsHost {
     fn default() -> Self {
-        Self { core: SocketsCore::new(), list: Vec::new(), pending: Vec::new(), cut_off: Vec::new() }
+        Self { core: SocketsCore::new(), list: Vec::new(), pending: Vec::new(), cut_off: Vec::new(), loans_made: 0 }
     }
 }
 
 impl SocketsHost {
-    /// Attaches application `id` over its channel `msg`.
-    pub fn add(&mut self, id: u64, msg: MsgEnd) {
+    /// Attaches application `id` over its channel `msg`, granted views of
+    /// the pools `lends`.
+    pub fn add(&mut self, id: u64, msg: MsgEnd, lends: Vec<PoolKey>) {
         let mut secret = [0u8; 8];
         let _ = rustix::rand::getrandom(&mut secret, rustix::rand::GetRandomFlags::empty());
         let core_id = self.core.attach(u64::from_ne_bytes(secret));
-        self.list.push(App { id, core_id, msg, outbox: Default::default(), outbox_bytes: 0 });
+        self.list.push(App {
+            id,
+            core_id,
+            msg,
+            outbox: Default::default(),
+            outbox_bytes: 0,
+            lends,
+            ledger: Ledger::new(APP_LOAN_QUOTA),
+            tickets: Vec::new(),
+            full_since: None,
+        });
+    }
+
+    /// Loans all applications hold now.
+    pub fn lent(&self) -> usize {
+        self.list.iter().map(|a| a.ledger.out()).sum()
     }
 
     /// Application `id` left: its sockets close.
@@ -501,6 +561,18 @@ impl SocketsHost {
             if let Some(why) = r.err().map(|e| e.to_string()).or(garbage) {
                 gone.push((i, format!("it broke its channel's protocol: {why}")));
             }
+            app.msg.take_returned_loans(&mut app.tickets);
+            for t in app.tickets.drain(..) {
+                if let Err(e) = app.ledger.returned(t) {
+                    gone.push((i, format!("it gave back a loan it does not hold: {e}")));
+                    break;
+                }
+            }
+            if app.ledger.room() > 0 {
+                app.full_since = None;
+            } else if app.full_since.is_some_and(|t| t.elapsed() > LOAN_DEADLINE) {
+                gone.push((i, format!("it held its {APP_LOAN_QUOTA} loans past {LOAN_DEADLINE:?}")));
+            }
         }
         let cores = host.cores();
         for (ident, from, seq, data) in std::mem::take(&mut cores.sockets.echo_replies) {
@@ -512,9 +584,13 @@ impl SocketsHost {
         if local || requests || std::mem::take(&mut cores.sockets.activity) {
             self.core.poll_ready(cores);
         }
+        let mut lent_total = self.lent();
+        let lent_before = lent_total;
         while let Some((id, resp)) = self.core.pop_response() {
             let Some(k) = self.list.iter().position(|a| a.core_id == id) else { continue };
             let app = &mut self.list[k];
+            let reply = resp.reply.map_data(|d| app.lend(d, &mut lent_total));
+            let resp = capnet_proto::app::Response { id: resp.id, reply };
             // Straight into the channel when nothing waits before it; else queued.
             let _ = encode_with(&resp, |bytes| {
                 if !app.outbox.is_empty() || !matches!(app.msg.send(bytes), Ok(true)) {
@@ -526,6 +602,7 @@ impl SocketsHost {
                 gone.push((k, format!("it leaves its replies unread (over {} MiB waiting)", MAX_APP_OUTBOX >> 20)));
             }
         }
+        self.loans_made += (lent_total - lent_before) as u64;
         for app in &mut self.list {
             while let Some(m) = app.outbox.front() {
                 match app.msg.send(m) {

@@ -4,7 +4,7 @@ use std::os::fd::OwnedFd;
 use std::time::Duration;
 
 use capnet_ip::Config;
-use capnet_ipc::lent::{LoanPool, PoolKey};
+use capnet_ipc::lent::LoanPool;
 use capnet_kernel_shim::device::Device as NetDevice;
 use capnet_proto::frames::FRAME_LAYOUT;
 
@@ -149,8 +149,8 @@ impl MonoStack {
             cores.use_tso();
         }
         let dev = Impaired::new(Captured::new(dev, tap), link)?;
-        let key = PoolKey { id: crate::frames::RX_POOL, gen: 0 };
-        let frames = LoanPool::create("capnet-mono-frames", key, FRAME_LAYOUT).map_err(crate::frames::ipc_err)?;
+        let frames = LoanPool::create("capnet-mono-frames", crate::frames::RX_POOL, FRAME_LAYOUT)
+            .map_err(crate::frames::ipc_err)?;
         let mut s = Self {
             watch: DeviceWatch::start(dev.fd())?,
             dev,
@@ -256,5 +256,9 @@ impl AppHost for MonoStack {
     fn push(&mut self) -> Result<(), RuntimeError> {
         self.flush();
         Ok(())
+    }
+
+    fn lend_pools(&self) -> Vec<(capnet_ipc::lent::PoolKey, std::os::fd::BorrowedFd<'_>)> {
+        vec![(self.frames.key(), self.frames.region().fd())]
     }
 }

@@ -221,6 +221,10 @@ impl crate::AppHost for StackGroup {
     fn push(&mut self) -> Result<(), RuntimeError> {
         StackGroup::push(self)
     }
+
+    fn lend_pools(&self) -> Vec<(capnet_ipc::lent::PoolKey, std::os::fd::BorrowedFd<'_>)> {
+        self.port.as_ref().and_then(|(input, _)| input.pool()).into_iter().collect()
+    }
 }
 
 impl Stack for StackGroup {

@@ -165,7 +165,7 @@ fn an_application_sending_garbage_is_cut_off_and_the_others_keep_working() {
     let ping = PingSocket::open(&good).expect("echo socket");
     // The rogue attaches like any application, then writes bytes that are not a call.
     let sock = std::os::unix::net::UnixStream::connect(capnet::attach::app_socket(up.name())).expect("connect");
-    let mut rogue = capnet::attach::join(&sock, "rogue").expect("handshake");
+    let (mut rogue, _pools) = capnet::attach::join(&sock, "rogue").expect("handshake");
     assert!(rogue.send(b"\xde\xad\xbe\xef not an rkyv archive").expect("send"), "the message went out");
     std::thread::sleep(Duration::from_millis(300));
     // Cut off: even a well-formed call gets no answer any more.
@@ -180,4 +180,55 @@ fn an_application_sending_garbage_is_cut_off_and_the_others_keep_working() {
     let (_, seq, data) = ping.recv(Duration::from_secs(3)).expect("echo reply");
     assert_eq!((seq, data.as_slice()), (1, &b"still here"[..]));
     assert!(capnet(&["status", "--netns", up.name()]).status.success());
+}
+
+/// A TCP stream from a Linux echo back to the application arrives lent: the
+/// sockets domain lends the buffers the frames were read into (no copy into
+/// the reply), the application reads them and gives every one back — on the
+/// monolithic stack (its own frame pool) and on two groups (the driver's pool,
+/// lent on twice). A rogue giving back a loan it never had is cut off alone.
+#[test]
+fn received_data_is_lent_to_the_application_and_comes_back() {
+    use std::io::{Read, Write};
+    for mode in [&["--mono"][..], &["--two-group"][..]] {
+        let up = Up::new(CAPNET, "app-lent", mode);
+        let _server = Killed(
+            Command::new("ip")
+                .args(["netns", "exec", up.name(), "socat", "TCP4-LISTEN:7778,bind=10.77.0.1,reuseaddr", "PIPE"])
+                .spawn()
+                .expect("socat echo"),
+        );
+        capnet_testkit::wait_bound(up.name(), false, 7778);
+        let stack = Stack::attach(up.name()).expect("attach");
+        let mut s = capnet::net::TcpStream::connect(&stack, SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), 7778))
+            .expect("connect");
+        let payload: Vec<u8> = (0..2_000_000).map(|i: usize| (i * 7 % 253) as u8).collect();
+        let mut back = vec![0u8; payload.len()];
+        for (out, got) in payload.chunks(65536).zip(back.chunks_mut(65536)) {
+            s.write_all(out).expect("write");
+            s.read_exact(got).expect("read the echo");
+        }
+        assert!(back == payload, "{mode:?}: the echo differs");
+        std::thread::sleep(Duration::from_millis(250));
+        let made = up.counter("sockets", "app_loans");
+        assert!(made > 0, "{mode:?}: nothing was lent to the application");
+        assert_eq!(up.counter("sockets", "app_loans_held"), 0, "{mode:?}: every loan came back");
+
+        // A rogue returns a ticket it was never given: cut off, and the good
+        // application's stream goes on.
+        let sock = std::os::unix::net::UnixStream::connect(capnet::attach::app_socket(up.name())).expect("connect");
+        let (mut rogue, _pools) = capnet::attach::join(&sock, "rogue").expect("handshake");
+        rogue.return_loans(&[0xdead_beef_0000_0007]).expect("send the return");
+        let call = capnet_proto::app::Request { id: 1, call: capnet_proto::app::Call::EchoOpen };
+        std::thread::sleep(Duration::from_millis(300));
+        let _ = rogue.send(&capnet_ipc::control::encode(&call).expect("encode"));
+        std::thread::sleep(Duration::from_millis(300));
+        let mut replies = 0;
+        let _ = rogue.recv(|_| replies += 1);
+        assert_eq!(replies, 0, "{mode:?}: the rogue is cut off");
+        s.write_all(b"still here").expect("write");
+        let mut more = [0u8; 10];
+        s.read_exact(&mut more).expect("read");
+        assert_eq!(&more, b"still here");
+    }
 }

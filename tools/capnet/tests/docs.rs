@@ -34,6 +34,11 @@ fn table() -> String {
         ("`runtime::domain::sockets::MAX_APP_OUTBOX`", bytes(capnet_runtime::domain::sockets::MAX_APP_OUTBOX), "replies the sockets domain holds for an application that does not read before it cuts it off"),
         ("`ipc::control::MAX_CONTROL_LEN`", bytes(capnet_ipc::control::MAX_CONTROL_LEN), "the largest control message (rkyv archive) accepted"),
         ("`ipc::msg::MAX_MESSAGE`", bytes(capnet_ipc::msg::MAX_MESSAGE as usize), "the largest message a message channel carries"),
+        ("`proto::frames::FRAME_LAYOUT`", format!("{} buffers of {} bytes", capnet_proto::frames::FRAME_LAYOUT.count, capnet_proto::frames::FRAME_LAYOUT.buf_size), "a frame pool (the monolithic stack's, and each side of the frame channel): one frame per buffer"),
+        ("`tcp::Config::max_loans` (default)", format!("{} handles", capnet_tcp::Config::new([10, 0, 0, 1].into(), [0, 0]).max_loans), "received payload tcp keeps on lenders' buffers over all connections; past it, copied and the buffer given back"),
+        ("`runtime::domain::sockets::APP_LOAN_QUOTA`", format!("{} loans", capnet_runtime::domain::sockets::APP_LOAN_QUOTA), "buffers one application may hold lent at once; past it, replies carry the bytes"),
+        ("`runtime::domain::sockets::MAX_LENT_TO_APPS`", format!("{} loans", capnet_runtime::domain::sockets::MAX_LENT_TO_APPS), "buffers all applications together may hold lent"),
+        ("`runtime::domain::sockets::LOAN_DEADLINE`", time(capnet_runtime::domain::sockets::LOAN_DEADLINE), "how long an application may hold its quota of loans before it is cut off"),
         ("`sockets::Quotas::default()`", format!("{} sockets, {} echo sockets, {} parked calls, {} polled items", q.sockets, q.echo, q.parked, q.polled), "what one application may hold in the sockets domain"),
     ];
     let mut t = String::from("| constant | value | what it bounds |\n|---|---|---|\n");
