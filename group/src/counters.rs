@@ -13,6 +13,7 @@ pub fn driver_counters(d: &capnet_runtime::DeviceStats) -> BTreeMap<String, u64>
     c.insert("write_errors".into(), d.write_errors);
     c.insert("wire_refused".into(), d.wire_refused);
     c.insert("rx_dropped".into(), d.rx_dropped);
+    c.insert("frame_pool_in_use".into(), d.pool_in_use);
     c.insert("device_bytes".into(), d.device_bytes);
     c.insert("checksums_vouched".into(), d.checksums_vouched);
     for (dir, s) in [("in", d.inbound), ("out", d.outbound)] {

@@ -176,6 +176,7 @@ fn run(sock: &UnixStream, spec: &GroupSpec, tune_tcp: fn(&mut capnet_tcp::Config
         Some(_) => Some(HalfGrant { pool: take("frames")?, r_area: take("frames")?, t_area: take("frames")? }),
         None => None,
     };
+    let frame_pool = if spec.frame_pool { Some(take("the driver's frame pool")?) } else { None };
 
     // 4. Join, start, confine.
     let o = spec.addr;
@@ -185,6 +186,9 @@ fn run(sock: &UnixStream, spec: &GroupSpec, tune_tcp: fn(&mut capnet_tcp::Config
         cfg.mtu = capnet_runtime::frames::WIRE_MTU;
     }
     let mut cores = Cores::group(&kinds, cfg, UDP_QUEUE);
+    if let Some(fd) = frame_pool {
+        cores.views.add(capnet_runtime::frames::RX_POOL, fd)?;
+    }
     if let Some(tcp) = cores.tcp.as_mut() {
         tcp.core.config_mut().congestion_control = spec.tcp_cc.parse().map_err(|e: String| anyhow!(e))?;
         tcp.core.config_mut().memory = spec.tcp_memory_mib as usize * (1 << 20);
@@ -482,6 +486,20 @@ fn control(
             }
             return Ok(());
         }
+        if msg == Control::FramePool {
+            let mut caps = recv_caps(sock.as_fd())?;
+            match (caps.pop(), caps.is_empty()) {
+                (Some(c), true) if c.kind == CapKind::Pool => {
+                    let cores = engine.host().cores();
+                    // The old generation stays readable through the handles on it.
+                    let key = cores.views.add(capnet_runtime::frames::RX_POOL, c.into_fd())?;
+                    tracing::info!("the driver's frame pool was made again: viewing {key:?}");
+                }
+                _ => bail!("a frame pool without exactly its pool"),
+            }
+            send_msg(sock, &Event::Relinked(capnet_proto::group::FRAME_POOL.into()))?;
+            return Ok(());
+        }
         if let Control::WireSide | Control::WirePeer = msg {
             let mut caps = recv_caps(sock.as_fd())?.into_iter().map(Cap::into_fd);
             let mut next = || caps.next().ok_or_else(|| anyhow!("too few capabilities for the wire"));
@@ -655,6 +673,7 @@ fn control(
                 tracing::info!("application {app} left: its sockets are closed");
             }
             Control::Capture
+            | Control::FramePool
             | Control::WireSide
             | Control::WirePeer
             | Control::Relink(_)

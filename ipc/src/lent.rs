@@ -196,6 +196,11 @@ impl Lent {
         self.place().map(|(k, _, _)| k)
     }
 
+    /// Whether it is on a pool another process lent us (not one of ours).
+    pub fn borrowed(&self) -> bool {
+        matches!(self.buf.mem, Mem::Pool { map: Mapping::View(_), .. })
+    }
+
     /// Whether it is on a pool (a loan to account for), not on private bytes.
     pub fn on_pool(&self) -> bool {
         matches!(self.buf.mem, Mem::Pool { .. })
@@ -646,6 +651,11 @@ impl LoanPool {
         self.pool.layout().count as usize - self.pool.free_count()
     }
 
+    /// Buffers out as of the last reap (no reap: for a `&self` look).
+    pub fn out(&self) -> usize {
+        self.pool.layout().count as usize - self.pool.free_count()
+    }
+
     /// Buffers free now.
     pub fn free(&mut self) -> usize {
         self.reap();
@@ -854,14 +864,15 @@ impl Views {
         Self::default()
     }
 
-    /// Adds the view of pool `id` granted as `fd`, checking its header; its
-    /// key (the generation read from the fd).
+    /// Adds the view of pool `id` granted as `fd`, checking its header, in
+    /// place of an older generation's (handles on that keep their mapping
+    /// until they drop); its key (the generation read from the fd).
     pub fn add(&mut self, id: u16, fd: std::os::fd::OwnedFd) -> Result<PoolKey, PoolError> {
         let key = PoolKey { id, gen: crate::region::inode(std::os::fd::AsFd::as_fd(&fd))? };
         let view = PoolView::attach(fd, id)?;
         let layout = view.layout();
         let region = Arc::new(view.into_region());
-        self.views.retain(|(k, _, _)| *k != key);
+        self.views.retain(|(k, _, _)| k.id != id);
         self.views.push((key, region, layout));
         Ok(key)
     }

@@ -20,8 +20,10 @@
 //! something (at once if it has): a receive that waits costs two messages, and
 //! the sockets domain never blocks on it.
 //!
-//! Payload travels as a [`Payload`]: its bytes inline today; the next step lends
-//! them (a pool descriptor) in the same place.
+//! Payload travels as a [`Payload`]: its bytes inline, or lent — loans of the
+//! sender's buffers (or buffers it was lent), named by pool and ticket, given
+//! back on the same channel (`capnet_runtime::link`). Today ip lends tcp the
+//! driver's frame buffers; the other edges carry their bytes inline.
 
 use rkyv::{Archive, Deserialize, Serialize};
 
@@ -39,26 +41,34 @@ pub type Flow = (u16, Addr, u16);
 pub enum Payload {
     /// Carried in the message itself.
     Inline(Vec<u8>),
+    /// Lent, in order (see the module docs).
+    Lent(Vec<capnet_ipc::lent::Loan>),
 }
 
 impl Payload {
-    /// The bytes.
-    pub fn bytes(&self) -> &[u8] {
+    /// The bytes, when they are in the message (a loan is not: it is read
+    /// through the link that brought it).
+    pub fn inline(&self) -> Option<&[u8]> {
         match self {
-            Payload::Inline(b) => b,
+            Payload::Inline(b) => Some(b),
+            Payload::Lent(_) => None,
         }
     }
 
-    /// The bytes, owned.
-    pub fn into_bytes(self) -> Vec<u8> {
+    /// The bytes, owned, when they are in the message.
+    pub fn into_inline(self) -> Option<Vec<u8>> {
         match self {
-            Payload::Inline(b) => b,
+            Payload::Inline(b) => Some(b),
+            Payload::Lent(_) => None,
         }
     }
 
     /// How many bytes.
     pub fn len(&self) -> usize {
-        self.bytes().len()
+        match self {
+            Payload::Inline(b) => b.len(),
+            Payload::Lent(l) => l.iter().map(|l| l.len as usize).sum(),
+        }
     }
 
     /// Whether there are none.
@@ -67,9 +77,12 @@ impl Payload {
     }
 }
 
+/// An inline payload's bytes; a loan reads as none. For the edges that carry
+/// their bytes inline: their receivers refuse a loan as a protocol error
+/// before they serve the call ([`Payload::inline`]).
 impl AsRef<[u8]> for Payload {
     fn as_ref(&self) -> &[u8] {
-        self.bytes()
+        self.inline().unwrap_or_default()
     }
 }
 
@@ -79,7 +92,7 @@ impl From<Vec<u8>> for Payload {
     }
 }
 
-/// ip → a transport: a datagram for it.
+/// ip → a transport: a datagram for it (to tcp: lent; to udp: inline).
 #[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
 pub struct Datagram {
     /// Source address.

@@ -65,6 +65,11 @@ pub struct GroupSpec {
     /// Spin tokens at most held at once (the machine's cores − 1); the region
     /// holding the count is the first capability granted.
     pub spin_limit: u32,
+    /// The group runs tcp apart from ip: ip lends it the driver's frame
+    /// buffers, and a read-only view of the driver's frame pool follows the
+    /// channels as the last capability (again, after a restart re-made it,
+    /// with [`Control::FramePool`]).
+    pub frame_pool: bool,
 }
 
 /// What the supervisor asks a running group.
@@ -104,7 +109,14 @@ pub enum Control {
     /// claims) for the sockets domain; `sockets` for a transport (every socket
     /// it held belonged to the old sockets domain's applications).
     Lost(String),
+    /// The driver's frame pool was made again (the driver or ip restarted): a
+    /// view of the new one follows as a capability (answer:
+    /// `Relinked("frame pool")`). Loans of the old one stay readable.
+    FramePool,
 }
+
+/// The name a frame pool's renewal is answered by, in `Relinked`.
+pub const FRAME_POOL: &str = "frame pool";
 
 /// The name the wire goes by in `Relinked` and `Joined`.
 pub const WIRE: &str = "wire";

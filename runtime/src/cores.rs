@@ -68,6 +68,10 @@ pub struct Cores {
     pub udp: Option<UdpDomain>,
     /// The sockets domain's side (its links to transports of other groups).
     pub sockets: SocketsSide,
+    /// The pools of other groups this one may be lent buffers of (the
+    /// driver's frame pool, for a tcp domain apart from ip), granted by the
+    /// supervisor.
+    pub views: capnet_ipc::lent::Views,
     clock: Clock,
 }
 
@@ -96,6 +100,7 @@ impl Cores {
             udp: kinds.contains(&Kind::Udp).then(|| UdpDomain::new(UdpCore::new(local, udp_queue_bytes))),
             tcp: kinds.contains(&Kind::Tcp).then(|| TcpDomain::new(TcpCore::new(tcp_cfg))),
             sockets: SocketsSide::default(),
+            views: capnet_ipc::lent::Views::new(),
             clock: Clock::Real(StdInstant::now()),
         }
     }
@@ -402,7 +407,7 @@ impl Cores {
             any |= ip.receive_links(now);
         }
         if let Some(tcp) = self.tcp.as_mut() {
-            any |= tcp.receive_links(now);
+            any |= tcp.receive_links(now, &self.views);
         }
         if let Some(udp) = self.udp.as_mut() {
             any |= udp.receive_links();

@@ -148,6 +148,9 @@ pub struct DeviceStats {
     pub wire_refused: u64,
     /// Frames from a wire dropped because the stack held every buffer it may.
     pub rx_dropped: u64,
+    /// Buffers of the frame pool out now (held here, or lent and not yet
+    /// given back): a gauge, the pool's occupancy.
+    pub pool_in_use: u64,
     /// What the inbound impairment did.
     pub inbound: ImpairStats,
     /// What the outbound impairment did.

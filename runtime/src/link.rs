@@ -15,14 +15,17 @@ use std::time::{Duration, Instant};
 
 use std::marker::PhantomData;
 
+use std::sync::Arc;
+
 use capnet_ipc::control::{decode, encode_with};
+use capnet_ipc::lent::{Chain, Ledger, Lent, Returns, Views};
 use capnet_ipc::msg::MsgEnd;
 use capnet_ipc::notify::SpinPolicy;
 use capnet_ipc::shm_channel::ShmEnd;
 use capnet_ipc::{Interest, Waiter};
 use capnet_proto::app::SocketError;
 
-use capnet_proto::edge::{Answer, Answers, Calls, EdgeMsg};
+use capnet_proto::edge::{Answer, Answers, Calls, EdgeMsg, Payload};
 use capnet_proto::Kind;
 
 /// How long a call waits for its answer before the link counts as broken: a
@@ -71,7 +74,16 @@ pub struct Link<O, I> {
     /// What a call does instead of sleeping while it waits for its answer: run
     /// the peer's group, when it lives in this thread ([`crate::fake`]).
     pub(crate) idle: Option<Idle>,
+    /// What we lent the peer, by ticket, until it gives each back.
+    lent: Ledger,
+    /// Where the loans the peer made us go when read.
+    returns: Arc<Returns>,
+    tickets: Vec<u64>,
 }
+
+/// Loans a peer may hold of one link at once: the driver's quota toward the
+/// stack group, which is what can be lent on.
+pub const LINK_LOAN_QUOTA: usize = 768;
 
 /// A fake graph's other groups, run one round while a call waits.
 #[derive(Clone)]
@@ -148,7 +160,41 @@ impl<O: EdgeMsg, I: EdgeMsg> Link<O, I> {
             tag: 0,
             retiring: false,
             idle: None,
+            lent: Ledger::new(LINK_LOAN_QUOTA),
+            returns: Returns::new(),
+            tickets: Vec::new(),
         }
+    }
+
+    /// `data` for the peer: lent on when every handle is on a pool lent to
+    /// us (the driver's frame pool, which the supervisor grants the peer too)
+    /// and the peer's quota allows (it keeps them until it gives them back),
+    /// else copied into the message.
+    pub fn lend(&mut self, data: &Chain) -> Payload {
+        if data.iter().all(Lent::borrowed) && data.pieces() <= self.lent.room() {
+            if let Ok(loans) = data.iter().map(|l| self.lent.lend(l)).collect::<Result<Vec<_>, _>>() {
+                return Payload::Lent(loans);
+            }
+        }
+        Payload::Inline(data.to_vec())
+    }
+
+    /// A payload from the peer as handles: its bytes, or the buffers it lent
+    /// us (checked against `views`), given back when the last handle drops.
+    pub fn borrow(&self, p: Payload, views: &Views) -> Result<Chain, String> {
+        match p {
+            Payload::Inline(b) => Ok(Chain::from(Lent::from_vec(b))),
+            Payload::Lent(loans) => loans
+                .iter()
+                .map(|l| views.borrow(l, &self.returns))
+                .collect::<Result<Chain, _>>()
+                .map_err(|e| format!("it lent a buffer we may not read: {e}")),
+        }
+    }
+
+    /// Loans the peer holds of ours now.
+    pub fn lent_out(&self) -> usize {
+        self.lent.out()
     }
 
     /// Why the link broke, if it did.
@@ -198,6 +244,7 @@ impl<O: EdgeMsg, I: EdgeMsg> Link<O, I> {
             (format!("link_{r}_violations"), st.violations),
             (format!("link_{r}_dropped"), self.dropped),
             (format!("link_{r}_calls"), self.asks),
+            (format!("link_{r}_lent"), self.lent.out() as u64),
         ]
     }
 
@@ -286,8 +333,16 @@ impl<O: EdgeMsg, I: EdgeMsg> Link<O, I> {
         }
     }
 
-    /// Pushes what waits in the outbox, as far as the channel takes it.
+    /// Pushes what waits in the outbox, as far as the channel takes it, and
+    /// gives back the loans we were made and have read.
     pub fn flush(&mut self) {
+        self.returns.take(&mut self.tickets);
+        if !self.tickets.is_empty() && self.broken.is_none() {
+            if let Err(e) = self.end.return_loans(&self.tickets) {
+                self.breaks(e.to_string());
+            }
+        }
+        self.tickets.clear();
         while let Some(m) = self.outbox.front() {
             match self.end.send(m) {
                 Ok(true) => {
@@ -325,6 +380,12 @@ impl<O: EdgeMsg, I: EdgeMsg> Link<O, I> {
             Err(e) => garbage = Some(e.to_string()),
         }) {
             self.breaks(e.to_string());
+        }
+        let mut back = Vec::new();
+        self.end.take_returned_loans(&mut back);
+        if let Some(e) = back.into_iter().find_map(|t| self.lent.returned(t).err()) {
+            self.breaks(format!("it gave back a loan it does not hold: {e}"));
+            return Vec::new();
         }
         if let Some(why) = garbage {
             self.breaks(format!("a message that is not one of {} → {}: {why}", I::FROM, I::TO));

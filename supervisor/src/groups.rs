@@ -115,6 +115,9 @@ pub(crate) struct Running {
     /// ([`check_binary`]): every start of a domain whose graph entry names one
     /// goes through its fd, never its path again.
     pub(crate) programs: std::collections::BTreeMap<String, OwnedFd>,
+    /// The driver's frame pool now (its side of the frame channel), granted
+    /// read-only to every group whose tcp ip lends it buffers of.
+    pub(crate) frame_pool: Option<OwnedFd>,
 }
 
 /// A tcp domain swapped out (`capnet swap tcp`): it keeps its process and its
@@ -181,12 +184,14 @@ impl Running {
             logs,
             draining: None,
             programs: Default::default(),
+            frame_pool: None,
         };
         let mut sides = Sides::new();
         for gi in 0..r.graph.groups.len() {
             let p = r.spawn(gi, &mut sides, true)?;
             r.groups.push(p);
         }
+        r.note_frame_pool(&sides)?;
         for gi in 0..r.groups.len() {
             r.grant(gi, &sides)?;
         }
@@ -194,6 +199,29 @@ impl Running {
             r.await_ready(gi)?;
         }
         Ok(r)
+    }
+
+    /// Whether group `gi` is lent the driver's frame buffers by ip in another
+    /// group (it runs tcp, not ip, and the driver and ip are apart: a frame
+    /// channel lends ip the driver's buffers).
+    pub(crate) fn borrows_frames(&self, gi: usize) -> bool {
+        let frames = (0..self.graph.groups.len()).any(|g| self.runs(g, Kind::Ip) && !self.runs(g, Kind::Driver));
+        frames && self.runs(gi, Kind::Tcp) && !self.runs(gi, Kind::Ip)
+    }
+
+    /// Keeps the driver's side of the frame channel in `sides` (made at a
+    /// start or a restart) as the frame pool; whether there was one.
+    pub(crate) fn note_frame_pool(&mut self, sides: &Sides) -> Result<bool> {
+        let Some((c, _, _)) = self.links_of(self.driver).into_iter().find(|(_, l, r)| is_frames(*l, *r)) else {
+            return Ok(false);
+        };
+        match sides.get(&(c, self.driver)).and_then(|fds| fds.first()) {
+            Some(pool) => {
+                self.frame_pool = Some(pool.try_clone()?);
+                Ok(true)
+            }
+            None => Ok(false),
+        }
     }
 
     /// The channels that leave group `gi`, in graph order: (channel, local kind, remote kind).
@@ -241,6 +269,7 @@ impl Running {
             links: links.iter().map(|(c, l, r)| (c.clone(), l.name().to_owned(), r.name().to_owned())).collect(),
             seccomp: group.sandbox.seccomp.clone(),
             vnet: self.vnet,
+            frame_pool: self.borrows_frames(gi),
             ..self.spec_base.clone()
         };
         let binary = self.graph.domains.iter().find(|d| group.domains.contains(&d.name)).map(|d| d.binary.clone());
@@ -346,7 +375,27 @@ impl Running {
                 caps.push((Cap::new(*k, all, 0, fd.try_clone()?)?, ro));
             }
         }
+        if self.borrows_frames(gi) {
+            let pool = self.frame_pool.as_ref().ok_or_else(|| anyhow::anyhow!("no frame pool to grant"))?;
+            caps.push((Cap::new(CapKind::Pool, all, 0, pool.try_clone()?)?, ro));
+        }
         send_caps(self.groups[gi].sock.as_fd(), &caps.iter().map(|(c, r)| (c, *r)).collect::<Vec<_>>())?;
+        Ok(())
+    }
+
+    /// Grants every group `set` does not hold that borrows frames the
+    /// frame pool made again, and waits until each took it.
+    pub(crate) fn renew_frame_pool(&self, outside: &[usize]) -> Result<()> {
+        let Some(pool) = self.frame_pool.as_ref() else { return Ok(()) };
+        let (all, ro) = (Rights::READ | Rights::MAP | Rights::GRANT, Rights::READ | Rights::MAP);
+        for &h in outside.iter().filter(|&&h| self.borrows_frames(h)) {
+            let g = &self.groups[h];
+            send_msg(&g.sock, &Control::FramePool)?;
+            let cap = Cap::new(CapKind::Pool, all, 0, pool.try_clone()?)?;
+            send_caps(g.sock.as_fd(), &[(&cap, ro)])?;
+            g.expect(|e| matches!(e, Event::Relinked(x) if x == capnet_proto::group::FRAME_POOL))
+                .with_context(|| format!("group {} did not take the new frame pool", g.name))?;
+        }
         Ok(())
     }
 
@@ -519,11 +568,17 @@ impl Running {
                 Some(if s == set[0] { cause.to_owned() } else { format!("restarted with {first} ({cause})") });
             self.groups[s] = p;
         }
+        // A driver or ip restarted: the driver's pool is made again, and the
+        // groups ip lends its buffers take a view of it before any is lent.
+        let renewed = self.note_frame_pool(&sides)?;
         for &s in set {
             self.grant(s, &sides)?;
         }
         for &s in set {
             self.await_ready(s)?;
+        }
+        if renewed {
+            self.renew_frame_pool(&outside)?;
         }
         for (h, c) in relinked {
             self.join_peer(h, &c, &sides)?;

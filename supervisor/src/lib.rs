@@ -318,6 +318,7 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
         vnet: false,
         wire: wired,
         spin_limit: spin_limit(graph.groups.len()),
+        frame_pool: false,
     };
     let mode = if graph.groups.len() == 1 { "mono" } else { "factored" };
     let logs = dir.join("logs");

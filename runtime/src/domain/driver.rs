@@ -229,7 +229,12 @@ impl Edge {
         match self {
             Edge::Device(d) => {
                 let dev = d.stats();
-                DeviceStats { rx_dropped: own.rx_dropped, wire_refused: own.wire_refused, ..dev }
+                DeviceStats {
+                    rx_dropped: own.rx_dropped,
+                    wire_refused: own.wire_refused,
+                    pool_in_use: own.pool_in_use,
+                    ..dev
+                }
             }
             Edge::Wire { impair, .. } if inbound => DeviceStats { inbound: impair.stage.stats, ..own },
             Edge::Wire { impair, .. } => DeviceStats { outbound: impair.stage.stats, ..own },
@@ -315,6 +320,7 @@ fn reader_loop(side: DeviceSide, pool: LoanPool, stack: Ledger, end: ShmEnd) -> 
             if scribble_once(garbage, &mut scribbled, &mut end, wire.as_mut().map(|w| &mut w.end)) {
                 wire = None;
             }
+            stats.pool_in_use = pool.in_use() as u64;
             *live.lock().unwrap_or_else(|e| e.into_inner()) = edge.stats(stats, true);
             inbox.clear();
             end.recv(&mut inbox, 1024).map_err(peer_err)?;

@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use capnet_ip::{Delivery, Instant, IpCore, IpProtocol, Ipv4Address};
 use capnet_proto::app::SocketError;
 use capnet_proto::edge::{
-    Answer, Datagram, EchoCall, Flow, IcmpError, IpToSockets, IpToTcp, IpToUdp, SocketsToIp, TcpToIp, UdpToIp,
+    Answer, Datagram, EchoCall, Flow, IcmpError, IpToSockets, IpToTcp, IpToUdp, Payload, SocketsToIp, TcpToIp, UdpToIp,
 };
 
 use crate::link::{self, Link};
@@ -40,7 +40,7 @@ pub(crate) struct IpLinks {
     /// During a tcp swap: segments for new connections, held until the old tcp
     /// domain has named the flows it keeps (at most [`link::CALL_DEADLINE`]
     /// from `held_since`: a silent old domain loses its flows to the new one).
-    pub held: Option<VecDeque<IpToTcp>>,
+    pub held: Option<VecDeque<((u16, u16), IpToTcp)>>,
     held_since: Option<Instant>,
     /// The flows the old tcp domain named, to apply once the links are back.
     flows_named: Option<Vec<Flow>>,
@@ -100,9 +100,8 @@ impl IpDomain {
     fn release_held(&mut self) {
         self.out.held_since = None;
         let Some(held) = self.out.held.take() else { return };
-        for m in held {
+        for ((src_port, dst_port), m) in held {
             let IpToTcp::Deliver(d) = &m else { continue };
-            let Some((src_port, dst_port)) = capnet_tcp::segment_ports(d.payload.bytes()) else { continue };
             let old = self.core.demux.lookup_flow(IpProtocol::Tcp, dst_port, d.src.into(), src_port) == Some(TCP_OLD);
             if let Some(l) = self.out.tcp.iter_mut().find(|l| l.retiring == old) {
                 l.send(&m);
@@ -121,7 +120,10 @@ impl IpDomain {
             l.recv(|l, m| {
                 any = true;
                 match m {
-                    TcpToIp::Send(s) => send(core, now, ip4(s.dst), true, s.segment.bytes(), s.tso),
+                    TcpToIp::Send(s) => match s.segment.inline() {
+                        Some(b) => send(core, now, ip4(s.dst), true, b, s.tso),
+                        None => l.protocol_error("it lent bytes on an edge that carries them inline".into()),
+                    },
                     // Named too late (the switch went ahead without them): nothing to keep.
                     TcpToIp::Flows(flows) if l.retiring => {
                         if held.is_some() {
@@ -133,10 +135,13 @@ impl IpDomain {
             });
         }
         for l in udp.iter_mut() {
-            l.recv(|_, m| {
+            l.recv(|l, m| {
                 any = true;
                 match m {
-                    UdpToIp::Send(s) => send(core, now, ip4(s.dst), false, s.segment.bytes(), None),
+                    UdpToIp::Send(s) => match s.segment.inline() {
+                        Some(b) => send(core, now, ip4(s.dst), false, b, None),
+                        None => l.protocol_error("it lent bytes on an edge that carries them inline".into()),
+                    },
                     UdpToIp::Unreachable { to, quote } => core.send_unreachable(now, ip4(to), 3, &quote),
                 }
             });
@@ -164,31 +169,43 @@ impl IpLinks {
     /// retiring one for the flows it keeps), or held during a swap's switch.
     /// `vouched`: its checksum is still partial, on the kernel's word — it is
     /// completed first, as the tcp domain there will verify it.
+    ///
+    /// The segment is lent: the tcp domain reads it out of the buffer it
+    /// arrived in (the driver's, lent to us). A vouched one is copied, to
+    /// complete its checksum, and so is one held during a swap's switch (it
+    /// may go to either domain, and a loan is the link's it was made on).
     pub(crate) fn deliver_tcp(&mut self, d: &Delivery, vouched: bool) {
-        let mut payload = d.payload.to_vec();
-        if vouched {
-            capnet_tcp::complete_checksum(d.src, d.dst, &mut payload);
-        }
+        let old = d.to == TCP_OLD;
+        let holding = self.held.is_some() && d.to == TCP;
+        let Some(l) = self.tcp.iter_mut().find(|l| l.retiring == old) else { return };
+        let payload = match vouched || holding {
+            true => {
+                let mut b = d.payload.to_vec();
+                if vouched {
+                    capnet_tcp::complete_checksum(d.src, d.dst, &mut b);
+                }
+                Payload::Inline(b)
+            }
+            false => l.lend(&d.payload),
+        };
         let m = IpToTcp::Deliver(datagram(d, payload));
         match self.held.as_mut() {
             Some(h) if d.to == TCP => {
+                let mut ports = [0u8; 4];
+                d.payload.peek(0, &mut ports);
+                let ports = (u16::from_be_bytes([ports[0], ports[1]]), u16::from_be_bytes([ports[2], ports[3]]));
                 if h.len() < MAX_HELD {
-                    h.push_back(m);
+                    h.push_back((ports, m));
                 }
             }
-            _ => {
-                let old = d.to == TCP_OLD;
-                if let Some(l) = self.tcp.iter_mut().find(|l| l.retiring == old) {
-                    l.send(&m);
-                }
-            }
+            _ => l.send(&m),
         }
     }
 
     /// A datagram for udp in another group.
     pub(crate) fn deliver_udp(&mut self, d: &Delivery) {
         if let Some(l) = self.udp.first_mut() {
-            l.send(&IpToUdp::Deliver(datagram(d, d.payload.to_vec())));
+            l.send(&IpToUdp::Deliver(datagram(d, Payload::Inline(d.payload.to_vec()))));
         }
     }
 
@@ -216,8 +233,8 @@ pub(crate) fn send(core: &mut IpCore, now: Instant, dst: Ipv4Address, tcp: bool,
     };
 }
 
-fn datagram(d: &Delivery, payload: Vec<u8>) -> Datagram {
-    Datagram { src: d.src.octets(), dst: d.dst.octets(), payload: payload.into(), ip_header: d.ip_header.to_vec() }
+fn datagram(d: &Delivery, payload: Payload) -> Datagram {
+    Datagram { src: d.src.octets(), dst: d.dst.octets(), payload, ip_header: d.ip_header.to_vec() }
 }
 
 /// Answers an echo-socket call of the sockets domain with the ip core (here or

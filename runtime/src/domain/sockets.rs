@@ -184,7 +184,10 @@ impl SocketsSide {
                 match m {
                     IpToSockets::EchoReply { ident, from, seq, data } => {
                         *activity = true; // a parked receive on an echo socket may complete
-                        echo_replies.push((ident, Ipv4Address::from(from), seq, data.into_bytes()))
+                        match data.into_inline() {
+                            Some(data) => echo_replies.push((ident, Ipv4Address::from(from), seq, data)),
+                            None => l.protocol_error("it lent bytes on an edge that carries them inline".into()),
+                        }
                     }
                     IpToSockets::Answer { id, .. } => l.protocol_error(no_call("ip", id)),
                 }
@@ -271,14 +274,17 @@ impl Transports for Cores {
         match self.udp_call(UdpCall::Recv { s: s.to_raw(), max: max as u32 })? {
             // More than asked for, or a datagram over the IP limit: the udp
             // domain broke the protocol.
-            Answer::Datagrams(d) if d.len() <= max && d.iter().all(|x| x.2.len() <= 65_535) => Ok(d
-                .into_iter()
-                .map(|(src, src_port, data)| capnet_udp::Datagram {
-                    src: Ipv4Address::from(src),
-                    src_port,
-                    data: data.into_bytes(),
-                })
-                .collect()),
+            Answer::Datagrams(d)
+                if d.len() <= max && d.iter().all(|x| x.2.len() <= 65_535 && x.2.inline().is_some()) =>
+            {
+                Ok(d.into_iter()
+                    .map(|(src, src_port, data)| capnet_udp::Datagram {
+                        src: Ipv4Address::from(src),
+                        src_port,
+                        data: data.into_inline().unwrap_or_default(),
+                    })
+                    .collect())
+            }
             a => Err(odd(a)),
         }
     }
@@ -341,8 +347,7 @@ impl Transports for Cores {
         // What tcp pushed first.
         if let Some(got) = side.pushed.remove(&key) {
             return match got? {
-                Answer::Data(d) => {
-                    let mut d = d.into_bytes();
+                Answer::Data(capnet_proto::edge::Payload::Inline(mut d)) => {
                     if d.len() > max {
                         side.pushed.insert(key, Ok(Answer::Data(d.split_off(max).into())));
                     }

@@ -8,8 +8,6 @@ use capnet_proto::app::SocketError;
 use capnet_proto::edge::{Answer, IpToTcp, SocketsToTcp, TcpCall, TcpToIp, TcpToSockets};
 use capnet_tcp::{ConnState, Instant, Received, SocketId, TcpCore};
 
-use capnet_ipc::lent::{Chain, Lent};
-
 use crate::edge;
 use crate::link::Link;
 
@@ -71,7 +69,7 @@ impl TcpDomain {
     }
 
     /// Takes what ip and the sockets domain sent; whether anything arrived.
-    pub(crate) fn receive_links(&mut self, now: Instant) -> bool {
+    pub(crate) fn receive_links(&mut self, now: Instant, views: &capnet_ipc::lent::Views) -> bool {
         let mut any = false;
         let Self { core, ip, sockets, retiring, push_wanted, touched } = self;
         for l in ip.iter_mut() {
@@ -81,7 +79,10 @@ impl TcpDomain {
                 match m {
                     IpToTcp::Deliver(d) => {
                         *touched = true;
-                        core.receive(now, ip4(d.src), ip4(d.dst), &Chain::from(Lent::from_vec(d.payload.into_bytes())));
+                        match l.borrow(d.payload, views) {
+                            Ok(segment) => core.receive(now, ip4(d.src), ip4(d.dst), &segment),
+                            Err(why) => l.protocol_error(why),
+                        }
                     }
                     IpToTcp::Icmp(e) => {
                         *touched = true;
@@ -101,6 +102,12 @@ impl TcpDomain {
                 any = true;
                 l.activity_sent = false;
                 match m {
+                    SocketsToTcp::Call {
+                        call: TcpCall::Send { data: capnet_proto::edge::Payload::Lent(_), .. },
+                        ..
+                    } => {
+                        l.protocol_error("it lent a send's bytes on an edge that carries them inline".into());
+                    }
                     SocketsToTcp::Call { id, call } => {
                         // A socket closed, or no longer read, gets nothing pushed.
                         if let TcpCall::Close { s } | TcpCall::Abort { s } | TcpCall::Shutdown { s, read: true, .. } =

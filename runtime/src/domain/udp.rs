@@ -32,11 +32,14 @@ impl UdpDomain {
         let Self { core, ip, sockets, touched } = self;
         let ip4 = capnet_ip::Ipv4Address::from;
         for l in ip.iter_mut() {
-            l.recv(|_, m| {
+            l.recv(|l, m| {
                 any = true;
                 *touched = true;
                 match m {
-                    IpToUdp::Deliver(d) => core.receive(ip4(d.src), ip4(d.dst), d.payload.bytes(), &d.ip_header),
+                    IpToUdp::Deliver(d) => match d.payload.inline() {
+                        Some(b) => core.receive(ip4(d.src), ip4(d.dst), b, &d.ip_header),
+                        None => l.protocol_error("it lent bytes on an edge that carries them inline".into()),
+                    },
                     IpToUdp::Icmp(e) => core.on_icmp(
                         e.local_port,
                         ip4(e.remote),

@@ -163,9 +163,10 @@ impl MonoStack {
         Ok(s)
     }
 
-    /// The device side's counters, with the impairment stages'.
+    /// The device side's counters, with the impairment stages' and the frame
+    /// pool's occupancy.
     pub fn device_stats(&self) -> DeviceStats {
-        self.dev.stats()
+        DeviceStats { pool_in_use: self.frames.out() as u64, ..self.dev.stats() }
     }
 
     /// Runs the cores and hands the device what they send (and what the
