@@ -733,6 +733,7 @@ fn report(
     // process: summing over domains counts them once).
     if let Some((_, c)) = r.domains.first_mut() {
         c.insert("bytes_copied".into(), capnet_ipc::pool::bytes_copied());
+        c.insert("header_bytes_copied".into(), capnet_ipc::lent::header_bytes());
     }
     if let Some(tcp) = cores.tcp.as_ref() {
         let (conns, listening) = tcp.core.sockets();

@@ -25,13 +25,14 @@
 //! lent: that corrupts only the data it produced, never this process).
 
 use std::collections::VecDeque;
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::fd::BorrowedFd;
 use std::sync::{Arc, Mutex};
 
 use rkyv::{Archive, Deserialize, Serialize};
 
 use crate::pool::{BufferPool, PoolError, PoolLayout, PoolView};
 use crate::region::{Region, RegionRo};
+use crate::shm::ShmRead;
 
 /// Header bytes copied out of handles for parsing ([`Lent::peek`]).
 static HEADER_BYTES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -176,11 +177,6 @@ impl Lent {
         Self::from_vec(bytes.to_vec())
     }
 
-    /// An empty handle.
-    pub fn empty() -> Self {
-        Self::from_vec(Vec::new())
-    }
-
     /// Bytes in the handle.
     pub fn len(&self) -> usize {
         self.len as usize
@@ -204,16 +200,6 @@ impl Lent {
     /// Whether it is on a pool (a loan to account for), not on private bytes.
     pub fn on_pool(&self) -> bool {
         matches!(self.buf.mem, Mem::Pool { .. })
-    }
-
-    /// The same bytes on private memory (a copy, counted), so the pool buffer
-    /// can go back: what a borrower past its quota does.
-    pub fn private(&self) -> Lent {
-        if self.on_pool() {
-            Lent::from_vec(self.to_vec())
-        } else {
-            self.clone()
-        }
     }
 
     /// The bytes `range` of this handle, as a handle on the same buffer.
@@ -285,17 +271,6 @@ impl Lent {
             Mem::Private(_) => None,
             Mem::Pool { key, index, start, .. } => Some((*key, *index, start + self.off)),
         }
-    }
-
-    /// The region pointer and length of these bytes, for a system call that
-    /// reads them (the kernel copies; no Rust reference is made).
-    fn raw(&self) -> (*const u8, usize) {
-        let base = match &self.buf.mem {
-            Mem::Private(b) => b.as_ptr(),
-            Mem::Pool { map: Mapping::Own(r), at, .. } => r.as_ptr().wrapping_add(*at),
-            Mem::Pool { map: Mapping::View(r), at, .. } => r.as_ptr().wrapping_add(*at),
-        };
-        (base.wrapping_add(self.off as usize), self.len())
     }
 }
 
@@ -567,32 +542,6 @@ impl FromIterator<Lent> for Chain {
     }
 }
 
-/// Writes `head` and then every handle of `chains` to `fd` with one `writev`;
-/// the bytes written. The kernel reads the buffers where they are.
-pub fn write_chain(fd: BorrowedFd<'_>, head: &[u8], chains: &[&Chain]) -> std::io::Result<usize> {
-    const MAX_IOV: usize = 1024;
-    let mut iov: Vec<nix::libc::iovec> = Vec::with_capacity(1 + chains.iter().map(|c| c.pieces()).sum::<usize>());
-    if !head.is_empty() {
-        iov.push(nix::libc::iovec { iov_base: head.as_ptr().cast_mut().cast(), iov_len: head.len() });
-    }
-    for l in chains.iter().flat_map(|c| c.iter()) {
-        let (p, n) = l.raw();
-        iov.push(nix::libc::iovec { iov_base: p.cast_mut().cast(), iov_len: n });
-    }
-    if iov.len() > MAX_IOV {
-        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "a frame of more than 1024 pieces"));
-    }
-    // SAFETY: every iovec names memory that stays mapped for the call: `head`
-    // is borrowed, and each handle holds its buffer's mapping (an Arc of the
-    // region) while `chains` is borrowed. The kernel only reads through them;
-    // no Rust reference to shared memory is made.
-    let n = unsafe { nix::libc::writev(fd.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
-    if n < 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(n as usize)
-}
-
 /// What [`LoanPool::fill_with`]'s writer reports: the range of the buffer it
 /// filled and a value to hand back with the handle, or nothing.
 pub type Filled<T> = Option<(std::ops::Range<usize>, T)>;
@@ -718,13 +667,15 @@ impl LoanPool {
         let base = self.pool.buf_offset(index) + layout.headroom as usize;
         let room = self.room();
         let region = self.pool.region_arc();
-        // SAFETY: buffer `index` was just taken off the free list, so no handle
-        // in this process refers to it and no other process holds a loan of it;
-        // this process is the region's one writer (sealed against any other
-        // writable mapping), so nothing else writes these bytes while the slice
-        // lives. Other processes may read them (they map the region), which
-        // does not make our exclusive access unsound.
-        let buf = unsafe { region.bytes_mut(base, room) };
+        assert!(base + room <= region.len(), "buffer {index} outside its pool's region");
+        // SAFETY: [base, base + room) lies inside our writable mapping (checked
+        // above; the Arc keeps it mapped). Buffer `index` was just taken off
+        // the free list, so no handle in this process refers to it and no other
+        // process holds a loan of it; this process is the region's one writer
+        // (sealed against any other writable mapping), so nothing else writes
+        // these bytes while the slice lives. Other processes may read them,
+        // which does not make our exclusive access unsound.
+        let buf = unsafe { std::slice::from_raw_parts_mut(region.as_ptr().cast_mut().add(base), room) };
         let (range, value) = match write(buf) {
             Ok(Some((r, v))) if r.start <= r.end && r.end <= room => (r, v),
             Ok(_) => {
@@ -770,6 +721,9 @@ pub enum LendError {
     /// A ledger by buffer lends each buffer once at a time.
     #[error("buffer {0} is lent already")]
     Twice(u32),
+    /// A ledger by buffer was handed a buffer of a larger pool than its own.
+    #[error("buffer {0} is outside the pool this ledger lends from")]
+    Foreign(u32),
 }
 
 impl Ledger {
@@ -801,7 +755,7 @@ impl Ledger {
             return Err(LendError::Quota(self.out));
         }
         if self.by_buffer {
-            let held = self.slots.get_mut(index as usize).ok_or(LendError::Private)?;
+            let held = self.slots.get_mut(index as usize).ok_or(LendError::Foreign(index))?;
             if held.1.is_some() {
                 return Err(LendError::Twice(index));
             }
@@ -822,6 +776,27 @@ impl Ledger {
         self.out += 1;
         let ticket = (u64::from(entry.0) << 32) | u64::from(slot);
         Ok(Loan { ticket, pool, index, offset, len: l.len() as u32 })
+    }
+
+    /// Lends every handle of `data`, or none: `None` when one is on private
+    /// bytes, or the quota has no room for them all.
+    pub fn lend_chain(&mut self, data: &Chain) -> Option<Vec<Loan>> {
+        if data.loans() != data.pieces() || data.pieces() > self.room() {
+            return None;
+        }
+        let mut loans = Vec::with_capacity(data.pieces());
+        for l in data.iter() {
+            match self.lend(l) {
+                Ok(loan) => loans.push(loan),
+                Err(_) => {
+                    for loan in &loans {
+                        let _ = self.returned(loan.ticket);
+                    }
+                    return None;
+                }
+            }
+        }
+        Some(loans)
     }
 
     /// The borrower gave `ticket` back: the handle goes. A ticket never issued,
@@ -882,14 +857,14 @@ impl Views {
         self.views.iter().find(|(k, _, _)| *k == key).map(|(_, r, _)| r.fd())
     }
 
-    /// Whether a view of `key` is here.
-    pub fn has(&self, key: PoolKey) -> bool {
-        self.views.iter().any(|(k, _, _)| *k == key)
-    }
-
     /// Forgets the view of `key` (handles on it keep their mapping until they drop).
     pub fn remove(&mut self, key: PoolKey) {
         self.views.retain(|(k, _, _)| *k != key);
+    }
+
+    /// Handles on what `loans` name, in order (see [`Views::borrow`]).
+    pub fn borrow_all(&self, loans: &[Loan], returns: &Arc<Returns>) -> Result<Chain, PoolError> {
+        loans.iter().map(|l| self.borrow(l, returns)).collect()
     }
 
     /// A handle on what `loan` names, checked against its pool: it goes back
@@ -1014,6 +989,14 @@ mod tests {
         ledger.returned(t1.ticket).expect("back");
         assert!(ledger.lend(&a).is_ok());
         assert_eq!(ledger.lend(&Lent::from_vec(vec![1])), Err(LendError::Private));
+        let mixed: Chain = [a.clone(), Lent::from_vec(vec![1])].into_iter().collect();
+        let out = ledger.out();
+        assert_eq!(ledger.lend_chain(&mixed), None, "a private piece: nothing lent");
+        assert_eq!(ledger.out(), out, "all or nothing");
+        let two: Chain = [a.slice(..1), a.slice(1..)].into_iter().collect();
+        assert_eq!(ledger.lend_chain(&two), None, "no room for both: nothing lent");
+        assert_eq!(ledger.out(), out);
+        drop((mixed, two));
         ledger.clear();
         drop(a);
         assert_eq!(p.in_use(), 0, "a borrower gone gives every loan back");

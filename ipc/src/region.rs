@@ -177,24 +177,6 @@ impl Region {
     pub(crate) fn as_ptr(&self) -> *const u8 {
         self.map.as_ptr()
     }
-
-    /// Bytes `off..off + len` as a private mutable slice.
-    ///
-    /// # Safety
-    /// Nothing else in this process may read or write that range while the
-    /// slice lives (the pool gives it only for a buffer just taken off its
-    /// free list).
-    ///
-    /// # Panics
-    /// If the range exceeds the region.
-    #[allow(clippy::mut_from_ref)]
-    pub(crate) unsafe fn bytes_mut(&self, off: usize, len: usize) -> &mut [u8] {
-        let end = off.checked_add(len).expect("offset overflow");
-        assert!(end <= self.map.len(), "bytes_mut out of bounds: {off}+{len} > {}", self.map.len());
-        // SAFETY: in bounds (checked), inside our writable mapping; exclusive
-        // per the caller's contract; other processes can only read it (sealed).
-        unsafe { std::slice::from_raw_parts_mut(self.map.as_ptr().cast_mut().add(off), len) }
-    }
 }
 
 /// A region granted to us: checked, then mapped read-only.
@@ -222,11 +204,6 @@ impl RegionRo {
     /// first and return an error instead.
     pub fn copy_out(&self, off: usize, dst: &mut [u8]) {
         copy_out_checked(self.map.as_ptr(), self.map.len(), off, dst)
-    }
-
-    /// The start of the mapping, for system calls that read it.
-    pub(crate) fn as_ptr(&self) -> *const u8 {
-        self.map.as_ptr()
     }
 
     /// The region's fd (to grant it on, read-only).
@@ -284,6 +261,7 @@ fn copy_out_checked(base: *const u8, len: usize, off: usize, dst: &mut [u8]) {
 ///
 /// # Safety
 /// `src..src+dst.len()` must be inside a live mapping for the whole call.
+// SAFETY: (the caller's) `copy_out_checked` bounds-checks the range first.
 unsafe fn atomic_copy_out(src: *const u8, dst: &mut [u8]) {
     let n = dst.len();
     let head = (src.align_offset(8)).min(n);

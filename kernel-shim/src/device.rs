@@ -132,9 +132,9 @@ impl Device {
         in_netns(netns, || {
             let sys = |what, e: std::io::Error| DeviceError::Sys { what, name: name.to_owned(), source: e };
             let proto = (libc::ETH_P_ALL as u16).to_be();
+            let (family, kind) = (libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC);
             // SAFETY: plain socket(2) call; the result is checked.
-            let raw =
-                unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW | libc::SOCK_CLOEXEC, libc::c_int::from(proto)) };
+            let raw = unsafe { libc::socket(family, kind, libc::c_int::from(proto)) };
             if raw < 0 {
                 return Err(sys("socket(AF_PACKET)", std::io::Error::last_os_error()));
             }

@@ -393,6 +393,7 @@ fn read_full(fd: &OwnedFd, buf: &mut [u8]) -> usize {
 ///
 /// # Safety
 /// Only for the child between `clone3` and `execve`.
+// SAFETY: (the callers') called only from `child_main`, in the child.
 unsafe fn die(fd: RawFd, step: usize) -> ! {
     // SAFETY: reading errno and write/_exit are async-signal-safe raw calls.
     unsafe {
@@ -411,6 +412,7 @@ unsafe fn die(fd: RawFd, step: usize) -> ! {
 /// Must be called only in the child of `clone3`/`fork`, with `p` prepared by the
 /// parent. It makes raw system calls only (no allocation, no locks) and never
 /// returns.
+// SAFETY: (the caller's) `spawn` calls it only in the clone3 child.
 unsafe fn child_main(p: &Prepared, sync_r: RawFd, err_w: RawFd, uid: u32, user_ns: bool) -> ! {
     // SAFETY: the whole block makes raw syscalls on integers, on stack arrays, and on
     // pointers into `p`, which stays alive in this copy of the parent's memory

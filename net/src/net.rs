@@ -41,13 +41,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use capnet_ipc::control::{decode, encode, encode_with};
-use capnet_ipc::lent::{Chain, Lent, Returns, Views};
+use capnet_ipc::lent::{Chain, Returns, Views};
 use capnet_ipc::msg::MsgEnd;
 use capnet_ipc::notify::{SpinPolicy, SpinTokens};
 use capnet_ipc::region::Region;
 use capnet_ipc::{Interest, Waiter};
-use capnet_proto::app::{AppData, Call, Handle, Reply, Request, Response, SocketError, TcpOption};
+use capnet_proto::app::{Call, Handle, Reply, Request, Response, SocketError, TcpOption};
 pub use capnet_proto::app::{ERROR, HANGUP, READABLE, WRITABLE};
+use capnet_proto::edge::Payload;
 
 fn io_err(e: SocketError) -> io::Error {
     use io::ErrorKind as K;
@@ -100,7 +101,7 @@ pub struct Stack {
 impl Stack {
     /// Copies a stream's bytes into `buf` (the one copy a read makes; a loan
     /// goes back at once); how many.
-    fn read_into(&self, data: AppData, buf: &mut [u8]) -> io::Result<usize> {
+    fn read_into(&self, data: Payload, buf: &mut [u8]) -> io::Result<usize> {
         let mut c = self.conn.lock().unwrap_or_else(|e| e.into_inner());
         let n = c.bytes(data)?.copy_to(buf);
         c.give_back()?;
@@ -272,7 +273,7 @@ impl Conn {
                     Some(k) => {
                         forget.swap_remove(k);
                         // Loans in a reply nobody reads go back unread.
-                        if let Reply::Data { data: AppData::Lent(loans) } = &r.reply {
+                        if let Reply::Data { data: Payload::Lent(loans) } = &r.reply {
                             tickets.extend(loans.iter().map(|l| l.ticket));
                         }
                     }
@@ -302,15 +303,8 @@ impl Conn {
 
     /// A stream's bytes as handles: what came in the message, or the stack's
     /// buffers it lent (checked against the pools granted at attach).
-    fn bytes(&self, data: AppData) -> io::Result<Chain> {
-        match data {
-            AppData::Inline(b) => Ok(Chain::from(Lent::from_vec(b))),
-            AppData::Lent(loans) => loans
-                .iter()
-                .map(|l| self.views.borrow(l, &self.returns))
-                .collect::<Result<Chain, _>>()
-                .map_err(|e| broken(format!("it lent a buffer it may not: {e}"))),
-        }
+    fn bytes(&self, data: Payload) -> io::Result<Chain> {
+        data.into_chain(&self.views, &self.returns).map_err(|e| broken(format!("it lent a buffer it may not: {e}")))
     }
 
     /// Whether the supervisor closed the attachment (it exited, or cut this

@@ -1,35 +1,8 @@
 //! The application protocol: what crosses an application's channel, as rkyv
 //! archives validated on a private copy. Addresses travel as octets.
 
-use capnet_ipc::lent::Loan;
+use crate::edge::Payload;
 use rkyv::{Archive, Deserialize, Serialize};
-
-/// A stream's bytes on an application's channel: in the message, or lent —
-/// buffers of pools the application was granted at attach, read in place and
-/// given back by ticket on the same channel. (The links between groups carry
-/// `edge::Payload`, inline until they lend too.)
-#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
-pub enum AppData {
-    /// Carried in the message.
-    Inline(Vec<u8>),
-    /// Lent, in order.
-    Lent(Vec<Loan>),
-}
-
-impl AppData {
-    /// How many bytes.
-    pub fn len(&self) -> usize {
-        match self {
-            AppData::Inline(b) => b.len(),
-            AppData::Lent(l) => l.iter().map(|l| l.len as usize).sum(),
-        }
-    }
-
-    /// Whether there are none (the end of a stream).
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
 
 /// An unforgeable socket handle: slot, generation, and the owning application's
 /// secret.
@@ -205,18 +178,19 @@ pub enum TcpOption {
 /// A response to the request with the same id (generic over a stream's bytes
 /// as [`Reply`]).
 #[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
-pub struct Response<D = AppData> {
+pub struct Response<D = Payload> {
     /// The request's id.
     pub id: u64,
     /// The outcome.
     pub reply: Reply<D>,
 }
 
-/// Outcomes. Generic over a stream's bytes: [`AppData`] on the channel (the
-/// bytes, or loans of the stack's buffers the application reads them from), a
+/// Outcomes. Generic over a stream's bytes: a [`Payload`] on the channel (the
+/// bytes, or loans of buffers of the pools the application was granted at
+/// attach, read in place and given back by ticket on the same channel), a
 /// chain of handles inside the sockets domain.
 #[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
-pub enum Reply<D = AppData> {
+pub enum Reply<D = Payload> {
     /// Done, nothing to return.
     Done,
     /// A socket was made (`port`: its UDP port, or its echo identifier).

@@ -77,6 +77,31 @@ impl Payload {
     }
 }
 
+impl Payload {
+    /// Copied into the message, or lent when `loans` (all of `data`'s
+    /// handles, lent by the caller's ledger) came.
+    pub fn lent_or_copied(data: &capnet_ipc::lent::Chain, loans: Option<Vec<capnet_ipc::lent::Loan>>) -> Self {
+        match loans {
+            Some(l) => Payload::Lent(l),
+            None => Payload::Inline(data.to_vec()),
+        }
+    }
+
+    /// The bytes as handles: the message's own, or the lender's buffers
+    /// (checked against `views`), given back to `returns` when the last
+    /// handle drops.
+    pub fn into_chain(
+        self,
+        views: &capnet_ipc::lent::Views,
+        returns: &std::sync::Arc<capnet_ipc::lent::Returns>,
+    ) -> Result<capnet_ipc::lent::Chain, capnet_ipc::pool::PoolError> {
+        match self {
+            Payload::Inline(b) => Ok(capnet_ipc::lent::Lent::from_vec(b).into()),
+            Payload::Lent(loans) => views.borrow_all(&loans, returns),
+        }
+    }
+}
+
 /// An inline payload's bytes; a loan reads as none. For the edges that carry
 /// their bytes inline: their receivers refuse a loan as a protocol error
 /// before they serve the call ([`Payload::inline`]).

@@ -171,30 +171,14 @@ impl<O: EdgeMsg, I: EdgeMsg> Link<O, I> {
     /// and the peer's quota allows (it keeps them until it gives them back),
     /// else copied into the message.
     pub fn lend(&mut self, data: &Chain) -> Payload {
-        if data.iter().all(Lent::borrowed) && data.pieces() <= self.lent.room() {
-            if let Ok(loans) = data.iter().map(|l| self.lent.lend(l)).collect::<Result<Vec<_>, _>>() {
-                return Payload::Lent(loans);
-            }
-        }
-        Payload::Inline(data.to_vec())
+        let loans = data.iter().all(Lent::borrowed).then(|| self.lent.lend_chain(data)).flatten();
+        Payload::lent_or_copied(data, loans)
     }
 
     /// A payload from the peer as handles: its bytes, or the buffers it lent
     /// us (checked against `views`), given back when the last handle drops.
     pub fn borrow(&self, p: Payload, views: &Views) -> Result<Chain, String> {
-        match p {
-            Payload::Inline(b) => Ok(Chain::from(Lent::from_vec(b))),
-            Payload::Lent(loans) => loans
-                .iter()
-                .map(|l| views.borrow(l, &self.returns))
-                .collect::<Result<Chain, _>>()
-                .map_err(|e| format!("it lent a buffer we may not read: {e}")),
-        }
-    }
-
-    /// Loans the peer holds of ours now.
-    pub fn lent_out(&self) -> usize {
-        self.lent.out()
+        p.into_chain(views, &self.returns).map_err(|e| format!("it lent a buffer we may not read: {e}"))
     }
 
     /// Why the link broke, if it did.

@@ -15,9 +15,9 @@ use capnet_ipc::msg::{MsgEnd, MsgHalf};
 use capnet_sockets::{AppId, SocketsCore};
 
 use capnet_ip::Ipv4Address;
-use capnet_proto::app::{AppData, SocketError};
+use capnet_proto::app::SocketError;
 use capnet_proto::edge::{
-    Answer, EchoCall, IpToSockets, SocketsToIp, SocketsToTcp, SocketsToUdp, TcpCall, TcpToSockets, UdpCall,
+    Answer, EchoCall, IpToSockets, Payload, SocketsToIp, SocketsToTcp, SocketsToUdp, TcpCall, TcpToSockets, UdpCall,
     UdpToSockets,
 };
 use capnet_sockets::Transports;
@@ -454,24 +454,16 @@ impl App {
     /// A stream's bytes for the application: lent, when every handle is on a
     /// pool it was granted and its quota and the domain's allow; else copied
     /// into the reply.
-    fn lend(&mut self, data: Chain, lent_total: &mut usize) -> AppData {
-        let lendable = data.iter().all(|l| l.pool_key().is_some_and(|k| self.lends.contains(&k)))
-            && data.pieces() <= self.ledger.room()
-            && *lent_total + data.pieces() <= MAX_LENT_TO_APPS;
-        if !lendable {
-            if self.ledger.room() < data.pieces() {
-                self.full_since.get_or_insert_with(std::time::Instant::now);
-            }
-            return AppData::Inline(data.to_vec());
+    fn lend(&mut self, data: Chain, lent_total: &mut usize) -> Payload {
+        if self.ledger.room() < data.pieces() {
+            self.full_since.get_or_insert_with(std::time::Instant::now);
         }
-        let loans: Result<Vec<_>, _> = data.iter().map(|l| self.ledger.lend(l)).collect();
-        match loans {
-            Ok(loans) => {
-                *lent_total += loans.len();
-                AppData::Lent(loans)
-            }
-            Err(_) => AppData::Inline(data.to_vec()),
-        }
+        let granted = data.iter().all(|l| l.pool_key().is_some_and(|k| self.lends.contains(&k)));
+        let loans = (granted && *lent_total + data.pieces() <= MAX_LENT_TO_APPS)
+            .then(|| self.ledger.lend_chain(&data))
+            .flatten();
+        *lent_total += loans.as_ref().map_or(0, Vec::len);
+        Payload::lent_or_copied(&data, loans)
     }
 }
 
