@@ -648,7 +648,17 @@ fn control(
                 sockets.pending.push((app, half, keys));
             }
             Control::AppGrant(app) => {
-                let theirs = take_pair(sock)?;
+                let mut caps = recv_caps(sock.as_fd())?.into_iter();
+                let shape = [CapKind::ChannelEnd, CapKind::Pool, CapKind::Pool];
+                let (Some(area), Some(pool), Some(send_pool), None) =
+                    (caps.next(), caps.next(), caps.next(), caps.next())
+                else {
+                    bail!("an application's grant is its channel's area and pool and its send pool");
+                };
+                if [area.kind, pool.kind, send_pool.kind] != shape {
+                    bail!("an application's grant is its channel's area and pool and its send pool");
+                }
+                let theirs = MsgGrant { area: area.into_fd(), pool: pool.into_fd() };
                 let k = sockets
                     .pending
                     .iter()
@@ -656,14 +666,13 @@ fn control(
                     .ok_or_else(|| anyhow!("no pending application {app}"))?;
                 let (_, half, lends) = sockets.pending.remove(k);
                 // The application made its regions: a bad one is its failure alone.
-                match half.attach(End::A, theirs) {
-                    Ok(end) => {
-                        sockets.add(app, end, lends);
-                        tracing::info!("application {app} attached");
-                    }
+                match half.attach(End::A, theirs).map_err(|e| e.to_string()).and_then(|end| {
+                    sockets.add(app, end, lends, send_pool.into_fd()).map_err(|e| format!("its send pool: {e}"))
+                }) {
+                    Ok(()) => tracing::info!("application {app} attached"),
                     Err(e) => {
-                        tracing::warn!("application {app} granted a channel that is not one ({e}): refused");
-                        let why = format!("its channel is not one: {e}");
+                        tracing::warn!("application {app} granted regions that are not what they claim ({e}): refused");
+                        let why = format!("it granted regions that are not what they claim: {e}");
                         send_msg(sock, &Event::CutOff { app, why })?;
                     }
                 }

@@ -247,6 +247,17 @@ impl Lent {
         v
     }
 
+    /// Where the handle's bytes are, for a system call that reads them (no
+    /// Rust reference to shared memory is made of it).
+    fn raw(&self) -> (*const u8, usize) {
+        let base = match &self.buf.mem {
+            Mem::Private(b) => b.as_ptr(),
+            Mem::Pool { map: Mapping::Own(r), at, .. } => r.as_ptr().wrapping_add(*at),
+            Mem::Pool { map: Mapping::View(r), at, .. } => r.as_ptr().wrapping_add(*at),
+        };
+        (base.wrapping_add(self.off as usize), self.len())
+    }
+
     fn read(&self, at: usize, dst: &mut [u8]) {
         assert!(at + dst.len() <= self.len(), "read {at}+{} of a {}-byte handle", dst.len(), self.len);
         self.buf.read(self.off as usize + at, dst);
@@ -465,6 +476,28 @@ impl Chain {
         v
     }
 
+    /// Copies the chain's bytes into our region `dst` from byte `at` on (a
+    /// frame into the frame channel's pool): a copy, counted.
+    ///
+    /// # Panics
+    /// If the bytes do not fit the region (a caller bug: offsets are ours).
+    pub(crate) fn copy_into(&self, dst: &Region, at: usize) {
+        assert!(at.checked_add(self.len).is_some_and(|end| end <= dst.len()), "copy_into out of bounds");
+        let mut to = at;
+        for l in &self.parts {
+            let (p, n) = l.raw();
+            // SAFETY: `p..p + n` stays mapped while `l` is borrowed (a handle
+            // holds its buffer: a private box, or an Arc of the pool's mapping,
+            // bounds-checked when the handle was made); `to..to + n` lies inside
+            // our writable mapping (asserted above), which in this process only
+            // the holder of that pool buffer writes. A peer rewriting its lent
+            // bytes under the copy tears only its own data (DESIGN, Distrust).
+            unsafe { std::ptr::copy_nonoverlapping(p, dst.as_ptr().cast_mut().add(to), n) };
+            to += n;
+        }
+        crate::pool::count_copy(self.len);
+    }
+
     /// Folds every byte into an Internet checksum (see [`Lent::sum_into`]).
     pub fn sum_into(&self, sum: &mut Checksum) {
         for l in &self.parts {
@@ -524,6 +557,27 @@ impl From<&[u8]> for Chain {
     }
 }
 
+impl<const N: usize> From<&[u8; N]> for Chain {
+    /// A private copy of `bytes` (counted).
+    fn from(bytes: &[u8; N]) -> Self {
+        Chain::from(&bytes[..])
+    }
+}
+
+impl From<&Vec<u8>> for Chain {
+    /// A private copy of `bytes` (counted).
+    fn from(bytes: &Vec<u8>) -> Self {
+        Chain::from(&bytes[..])
+    }
+}
+
+impl From<Vec<u8>> for Chain {
+    /// Private bytes as a chain (moved in, not copied).
+    fn from(bytes: Vec<u8>) -> Self {
+        Chain::from(Lent::from_vec(bytes))
+    }
+}
+
 impl From<Lent> for Chain {
     fn from(l: Lent) -> Self {
         let mut c = Chain::new();
@@ -540,6 +594,36 @@ impl FromIterator<Lent> for Chain {
         }
         c
     }
+}
+
+/// The most pieces one [`write_chain`] writes (Linux's `IOV_MAX`).
+pub const MAX_IOV: usize = 1024;
+
+/// Writes `head` and then every handle of `chain` to `fd` with one `writev`;
+/// the bytes written. The kernel reads the buffers where they are.
+pub fn write_chain(fd: BorrowedFd<'_>, head: &[u8], chain: &Chain) -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let mut iov: Vec<nix::libc::iovec> = Vec::with_capacity(1 + chain.pieces());
+    if !head.is_empty() {
+        iov.push(nix::libc::iovec { iov_base: head.as_ptr().cast_mut().cast(), iov_len: head.len() });
+    }
+    for l in chain.iter().filter(|l| !l.is_empty()) {
+        let (p, n) = l.raw();
+        iov.push(nix::libc::iovec { iov_base: p.cast_mut().cast(), iov_len: n });
+    }
+    if iov.len() > MAX_IOV {
+        return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "a frame of more than 1024 pieces"));
+    }
+    // SAFETY: every iovec names memory that stays mapped for the call: `head`
+    // is borrowed, and each handle holds its buffer (a private box, or an Arc
+    // of the pool's mapping, bounds-checked when the handle was made) while
+    // `chain` is borrowed. The kernel only reads through them; no Rust
+    // reference to shared memory is made.
+    let n = unsafe { nix::libc::writev(fd.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
+    if n < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(n as usize)
 }
 
 /// What [`LoanPool::fill_with`]'s writer reports: the range of the buffer it
@@ -827,6 +911,10 @@ impl Ledger {
     }
 }
 
+/// Generations of one pool a [`Views`] reads loans of: the current and the one
+/// before it.
+pub const GENERATIONS: usize = 2;
+
 /// The pools this process may be lent buffers of, read-only, by key.
 #[derive(Debug, Default)]
 pub struct Views {
@@ -839,22 +927,45 @@ impl Views {
         Self::default()
     }
 
-    /// Adds the view of pool `id` granted as `fd`, checking its header, in
-    /// place of an older generation's (handles on that keep their mapping
-    /// until they drop); its key (the generation read from the fd).
+    /// Adds the view of pool `id` granted as `fd`, checking its header, as
+    /// its current generation; the one before stays, so that loans a lender
+    /// made of it before it learnt of the new one are still read, and older
+    /// ones go (handles on them keep their mapping until they drop). Its key
+    /// (the generation read from the fd).
     pub fn add(&mut self, id: u16, fd: std::os::fd::OwnedFd) -> Result<PoolKey, PoolError> {
         let key = PoolKey { id, gen: crate::region::inode(std::os::fd::AsFd::as_fd(&fd))? };
         let view = PoolView::attach(fd, id)?;
         let layout = view.layout();
         let region = Arc::new(view.into_region());
-        self.views.retain(|(k, _, _)| k.id != id);
+        let mut kept = 0;
+        for i in (0..self.views.len()).rev() {
+            if self.views[i].0.id == id {
+                kept += 1;
+                if kept >= GENERATIONS {
+                    self.views.remove(i);
+                }
+            }
+        }
         self.views.push((key, region, layout));
         Ok(key)
+    }
+
+    /// Whether `key` is the current generation of its pool: only those are
+    /// lent on (a borrower viewing the pools as we do may have let an older
+    /// one go).
+    pub fn is_current(&self, key: PoolKey) -> bool {
+        self.views.iter().rev().find(|(k, _, _)| k.id == key.id).is_some_and(|(k, _, _)| *k == key)
     }
 
     /// The fd of the view of `key` (to grant it on).
     pub fn fd(&self, key: PoolKey) -> Option<BorrowedFd<'_>> {
         self.views.iter().find(|(k, _, _)| *k == key).map(|(_, r, _)| r.fd())
+    }
+
+    /// The current generation of every pool viewed: its key and the fd of
+    /// our view (to grant it on).
+    pub fn pools(&self) -> impl Iterator<Item = (PoolKey, BorrowedFd<'_>)> {
+        self.views.iter().filter(|(k, _, _)| self.is_current(*k)).map(|(k, r, _)| (*k, r.fd()))
     }
 
     /// Forgets the view of `key` (handles on it keep their mapping until they drop).

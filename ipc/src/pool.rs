@@ -333,6 +333,15 @@ impl BufferPool {
         Ok(Some(Descriptor { pool: self.id, flags: 0, index, offset: self.layout.headroom, len: payload.len() as u32 }))
     }
 
+    /// Like [`BufferPool::fill`], the bytes copied from the handles of
+    /// `chain` (at most one buffer's room): `None` when every buffer is out.
+    pub fn fill_from(&mut self, chain: &crate::lent::Chain) -> Result<Option<Descriptor>, PoolError> {
+        self.check_range(self.layout.headroom, chain.len())?;
+        let Some(index) = self.alloc() else { return Ok(None) };
+        chain.copy_into(&self.region, self.layout.buf_offset(index) + self.layout.headroom as usize);
+        Ok(Some(Descriptor { pool: self.id, flags: 0, index, offset: self.layout.headroom, len: chain.len() as u32 }))
+    }
+
     /// Like [`BufferPool::fill`] for a payload of any size: as many buffers as it
     /// needs, linked by [`Descriptor::MORE`], appended to `chain`. All or nothing:
     /// `false` (nothing allocated) when the pool has too few free buffers.

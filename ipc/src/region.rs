@@ -177,6 +177,11 @@ impl Region {
     pub(crate) fn as_ptr(&self) -> *const u8 {
         self.map.as_ptr()
     }
+
+    /// Bytes mapped.
+    pub(crate) fn len(&self) -> usize {
+        self.map.len()
+    }
 }
 
 /// A region granted to us: checked, then mapped read-only.
@@ -209,6 +214,11 @@ impl RegionRo {
     /// The region's fd (to grant it on, read-only).
     pub fn fd(&self) -> BorrowedFd<'_> {
         self.fd.as_fd()
+    }
+
+    /// The start of the mapping, for system calls that read it.
+    pub(crate) fn as_ptr(&self) -> *const u8 {
+        self.map.as_ptr()
     }
 }
 

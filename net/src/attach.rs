@@ -19,9 +19,11 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 
+use capnet_ipc::lent::LoanPool;
 use capnet_ipc::msg::{MsgEnd, MsgError, MsgGrant, MsgHalf};
 use capnet_ipc::End;
 use capnet_kernel_shim::cap::{recv_caps, send_caps, Cap, CapError, CapKind, Rights};
+use capnet_proto::app::{SEND_LAYOUT, SEND_POOL};
 
 /// Whether the other end closed the attachment socket `sock` (the application
 /// left, or the supervisor exited or cut it off). Never blocks.
@@ -114,13 +116,16 @@ pub enum AttachError {
     Refused(String),
 }
 
-fn grant(sock: &UnixStream, half: &MsgHalf) -> Result<(), AttachError> {
+fn grant(sock: &UnixStream, half: &MsgHalf, send: &LoanPool) -> Result<(), AttachError> {
     let g = half.grant()?;
     let all = Rights::READ | Rights::MAP | Rights::GRANT;
     let area = Cap::new(CapKind::ChannelEnd, all, 0, g.area)?;
     let pool = Cap::new(CapKind::Pool, all, 1, g.pool)?;
+    let sends =
+        send.region().fd().try_clone_to_owned().map_err(|e| AttachError::Refused(format!("the send pool: {e}")))?;
+    let sends = Cap::new(CapKind::Pool, all, 2, sends)?;
     let ro = Rights::READ | Rights::MAP;
-    send_caps(sock.as_fd(), &[(&area, ro), (&pool, ro)])?;
+    send_caps(sock.as_fd(), &[(&area, ro), (&pool, ro), (&sends, ro)])?;
     Ok(())
 }
 
@@ -154,10 +159,22 @@ pub enum AttachReply {
     Refused(String),
 }
 
-/// The supervisor's first step, off its main loop: the application's area and
-/// pool (checked as capabilities: kinds and seals).
-pub fn take_app_side(sock: &UnixStream) -> Result<MsgGrant, AttachError> {
-    Ok(take(sock, 0)?.0)
+/// What an application grants the stack: its channel's area and pool, and
+/// its send pool (the buffers it lends the bytes it writes in).
+#[derive(Debug)]
+pub struct AppSide {
+    /// Its side of the channel.
+    pub msg: MsgGrant,
+    /// Its send pool.
+    pub send_pool: OwnedFd,
+}
+
+/// The supervisor's first step, off its main loop: the application's side
+/// (checked as capabilities: kinds and seals).
+pub fn take_app_side(sock: &UnixStream) -> Result<AppSide, AttachError> {
+    let (msg, mut pools) = take(sock, 1)?;
+    let send_pool = pools.pop().ok_or(AttachError::Shape(2))?;
+    Ok(AppSide { msg, send_pool })
 }
 
 /// The supervisor's last step: `Accepted`, then the sockets domain's area and
@@ -180,11 +197,25 @@ pub fn accept(sock: &UnixStream, sockets_side: MsgGrant, lends: Vec<(u16, OwnedF
     Ok(())
 }
 
-/// The application's side: grant first, then take (or hear why not): its
-/// channel, and the pools the stack may lend it buffers of (id, fd).
-pub fn join(sock: &UnixStream, name: &str) -> Result<(MsgEnd, Vec<(u16, OwnedFd)>), AttachError> {
+/// What an application holds once attached.
+#[derive(Debug)]
+pub struct Joined {
+    /// Its channel to the sockets domain.
+    pub msg: MsgEnd,
+    /// The pools the stack may lend it buffers of (id, fd).
+    pub pools: Vec<(u16, OwnedFd)>,
+    /// Its send pool, granted to the stack read-only.
+    pub send_pool: LoanPool,
+}
+
+/// The application's side: grant first (its channel and its send pool), then
+/// take (or hear why not): its channel, and the pools the stack may lend it
+/// buffers of.
+pub fn join(sock: &UnixStream, name: &str) -> Result<Joined, AttachError> {
     let half = MsgHalf::new(name, End::B)?;
-    grant(sock, &half)?;
+    let send_pool = LoanPool::create(&format!("{name}-send"), SEND_POOL, SEND_LAYOUT)
+        .map_err(|e| AttachError::Refused(format!("no send pool: {e}")))?;
+    grant(sock, &half, &send_pool)?;
     let ids = match capnet_proto::group::recv_msg::<AttachReply>(sock) {
         Ok(AttachReply::Accepted { pools }) => pools,
         Ok(AttachReply::Refused(why)) => return Err(AttachError::Refused(why)),
@@ -194,5 +225,5 @@ pub fn join(sock: &UnixStream, name: &str) -> Result<(MsgEnd, Vec<(u16, OwnedFd)
         return Err(AttachError::Shape(ids.len()));
     }
     let (peer, pools) = take(sock, ids.len())?;
-    Ok((half.attach(End::B, peer)?, ids.into_iter().zip(pools).collect()))
+    Ok(Joined { msg: half.attach(End::B, peer)?, pools: ids.into_iter().zip(pools).collect(), send_pool })
 }

@@ -41,12 +41,12 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use capnet_ipc::control::{decode, encode, encode_with};
-use capnet_ipc::lent::{Chain, Returns, Views};
+use capnet_ipc::lent::{Chain, Ledger, LoanPool, Returns, Views};
 use capnet_ipc::msg::MsgEnd;
 use capnet_ipc::notify::{SpinPolicy, SpinTokens};
 use capnet_ipc::region::Region;
 use capnet_ipc::{Interest, Waiter};
-use capnet_proto::app::{Call, Handle, Reply, Request, Response, SocketError, TcpOption};
+use capnet_proto::app::{Call, Handle, Reply, Request, Response, SocketError, TcpOption, LEND_MIN};
 pub use capnet_proto::app::{ERROR, HANGUP, READABLE, WRITABLE};
 use capnet_proto::edge::Payload;
 
@@ -90,6 +90,12 @@ struct Conn {
     /// Where those loans go when read (given back on the channel).
     returns: Arc<Returns>,
     tickets: Vec<u64>,
+    /// The buffers this application writes the bytes it sends into, lent to
+    /// the stack (which keeps them until they are acknowledged).
+    send_pool: LoanPool,
+    /// What the stack holds of them, by ticket.
+    lent: Ledger,
+    back: Vec<u64>,
 }
 
 /// An attachment to a running stack. Cheap to clone; sockets keep it alive.
@@ -126,7 +132,7 @@ impl Stack {
             }
         })?;
         sock.set_read_timeout(Some(Duration::from_secs(10)))?;
-        let (msg, pools) =
+        let crate::attach::Joined { msg, pools, send_pool } =
             crate::attach::join(&sock, &format!("capnet-app-{}", std::process::id())).map_err(|e| match e {
                 crate::attach::AttachError::Refused(_) => io::Error::new(io::ErrorKind::ConnectionRefused, e),
                 e => io::Error::other(e),
@@ -145,6 +151,9 @@ impl Stack {
             views,
             returns: Returns::new(),
             tickets: Vec::new(),
+            lent: Ledger::new(send_pool.layout().count as usize),
+            send_pool,
+            back: Vec::new(),
         };
         Ok(Self { conn: Arc::new(Mutex::new(conn)) })
     }
@@ -184,7 +193,8 @@ impl Stack {
                     let cid = c.next_id;
                     c.next_id += 1;
                     c.forget.push(cid);
-                    let b = encode(&Request { id: cid, call: Call::Cancel { id } }).map_err(io::Error::other)?;
+                    let b =
+                        encode(&Request::<Payload> { id: cid, call: Call::Cancel { id } }).map_err(io::Error::other)?;
                     while !c.msg.send(&b).map_err(broken)? {
                         c.pump()?;
                         c.wait(Interest::BOTH, Some(Duration::from_millis(10)));
@@ -244,8 +254,9 @@ impl Stack {
             Hostile::RecvUnread(handle, count) => {
                 let max = MAX_READ_BYTES as u32;
                 for id in 0..u64::from(count) {
-                    let b = encode(&Request { id: 1 << 40 | id, call: Call::Recv { handle, max, wait: true } })
-                        .map_err(io::Error::other)?;
+                    let b =
+                        encode(&Request::<Payload> { id: 1 << 40 | id, call: Call::Recv { handle, max, wait: true } })
+                            .map_err(io::Error::other)?;
                     // Sent as room allows (the domain takes each request at once);
                     // replies are never taken, so the domain's outbox grows.
                     let deadline = Instant::now() + Duration::from_secs(10);
@@ -285,6 +296,11 @@ impl Conn {
             })
             .map_err(broken)?;
         self.give_back()?;
+        // The stack gave back buffers of ours it held (acknowledged, or not taken).
+        self.msg.take_returned_loans(&mut self.back);
+        for t in self.back.drain(..) {
+            self.lent.returned(t).map_err(|e| broken(format!("it gave back a loan it never had: {e}")))?;
+        }
         match bad {
             Some(e) => Err(broken(e)),
             None => Ok(()),
@@ -299,6 +315,22 @@ impl Conn {
             self.tickets.clear();
         }
         Ok(())
+    }
+
+    /// `bytes` to send, as the call carries them: written into buffers of our
+    /// send pool and lent (the one copy), or — short, or with every buffer out
+    /// — copied into the call.
+    fn lend(&mut self, bytes: &[u8]) -> Payload {
+        if bytes.len() >= LEND_MIN {
+            let mut chain = Chain::new();
+            if self.send_pool.fill_chain(bytes, &mut chain) {
+                if let Some(loans) = self.lent.lend_chain(&chain) {
+                    return Payload::Lent(loans);
+                }
+            }
+        }
+        capnet_ipc::pool::count_copy(bytes.len());
+        Payload::Inline(bytes.to_vec())
     }
 
     /// A stream's bytes as handles: what came in the message, or the stack's
@@ -731,8 +763,8 @@ impl TcpStream {
         let chunk = &buf[..buf.len().min(MAX_WRITE_BYTES)];
         let deadline = self.write_timeout.get().map(|t| Instant::now() + t);
         loop {
-            capnet_ipc::pool::count_copy(chunk.len());
-            match self.sock.stack.call(Call::TcpSend { handle: self.sock.handle, data: chunk.to_vec() }, None)? {
+            let data = self.sock.stack.conn.lock().unwrap_or_else(|e| e.into_inner()).lend(chunk);
+            match self.sock.stack.call(Call::TcpSend { handle: self.sock.handle, data }, None)? {
                 Reply::Sent { n } if n > 0 => return Ok(n as usize),
                 Reply::Sent { .. } => {}
                 r => return Err(broken(format!("unexpected reply {r:?}"))),

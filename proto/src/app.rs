@@ -16,18 +16,20 @@ pub struct Handle {
     pub secret: u64,
 }
 
-/// A call and the id its response will carry.
+/// A call and the id its response will carry: on the channel its bytes to
+/// send are a [`Payload`] (inline, or lent from the application's pool); the
+/// sockets domain takes them as handles (`Request<Chain>`).
 #[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
-pub struct Request {
+pub struct Request<D = Payload> {
     /// Chosen by the client; echoed in the response.
     pub id: u64,
     /// What to do.
-    pub call: Call,
+    pub call: Call<D>,
 }
 
 /// The calls.
 #[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
-pub enum Call {
+pub enum Call<D = Payload> {
     /// Bind a UDP socket (0: ephemeral).
     UdpBind {
         /// Port.
@@ -120,7 +122,7 @@ pub enum Call {
         /// The connection.
         handle: Handle,
         /// The bytes.
-        data: Vec<u8>,
+        data: D,
     },
     /// Shut down reading and/or writing.
     TcpShutdown {
@@ -151,6 +153,44 @@ pub enum Call {
         wait: bool,
     },
 }
+
+impl<D> Request<D> {
+    /// The same request with its bytes to send turned into `E` by `f` (which
+    /// may refuse them: a loan the caller may not make).
+    pub fn map_data<E, X>(self, f: impl FnOnce(D) -> Result<E, X>) -> Result<Request<E>, X> {
+        let call = match self.call {
+            Call::TcpSend { handle, data } => Call::TcpSend { handle, data: f(data)? },
+            Call::UdpBind { port } => Call::UdpBind { port },
+            Call::UdpConnect { handle, addr, port } => Call::UdpConnect { handle, addr, port },
+            Call::UdpSend { handle, to, data } => Call::UdpSend { handle, to, data },
+            Call::Recv { handle, max, wait } => Call::Recv { handle, max, wait },
+            Call::Cancel { id } => Call::Cancel { id },
+            Call::Close { handle } => Call::Close { handle },
+            Call::EchoOpen => Call::EchoOpen,
+            Call::EchoSend { handle, dst, seq, data } => Call::EchoSend { handle, dst, seq, data },
+            Call::TcpListen { port, backlog } => Call::TcpListen { port, backlog },
+            Call::TcpAccept { handle, wait } => Call::TcpAccept { handle, wait },
+            Call::TcpConnect { addr, port } => Call::TcpConnect { addr, port },
+            Call::TcpConnected { handle, wait } => Call::TcpConnected { handle, wait },
+            Call::TcpShutdown { handle, read, write } => Call::TcpShutdown { handle, read, write },
+            Call::TcpAbort { handle } => Call::TcpAbort { handle },
+            Call::TcpSetOption { handle, option } => Call::TcpSetOption { handle, option },
+            Call::Poll { items, wait } => Call::Poll { items, wait },
+        };
+        Ok(Request { id: self.id, call })
+    }
+}
+
+/// The id of an application's send pool: the buffers it fills with the bytes
+/// it writes and lends the sockets domain (granted at attach, read-only).
+pub const SEND_POOL: u16 = 16;
+/// An application's send pool: 256 buffers of 64 KiB (16 MiB of address
+/// space; pages are touched only as writes fill them).
+pub const SEND_LAYOUT: capnet_ipc::pool::PoolLayout =
+    capnet_ipc::pool::PoolLayout { buf_size: 64 << 10, count: 256, headroom: 0 };
+/// Writes shorter than this go inline in the call (a loan and its return
+/// cost two ring entries, more than copying a few KiB); longer ones are lent.
+pub const LEND_MIN: usize = 4096;
 
 /// Readable (data, EOF, a pending connection, or an error).
 pub const READABLE: u8 = 1;

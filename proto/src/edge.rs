@@ -357,9 +357,10 @@ fn copied(data: &[u8]) -> Payload {
     data.to_vec().into()
 }
 
-impl TcpCall<&[u8]> {
-    /// The call with its payload copied out, to travel a link.
-    pub fn owned(self) -> TcpCall {
+impl<P> TcpCall<P> {
+    /// The same call with its payload turned into `Q` (by `f`: copied or lent
+    /// to travel a link, taken as handles off one).
+    pub fn map_payload<Q>(self, f: impl FnOnce(P) -> Q) -> TcpCall<Q> {
         match self {
             TcpCall::Listen { port, backlog } => TcpCall::Listen { port, backlog },
             TcpCall::LocalPort { s } => TcpCall::LocalPort { s },
@@ -367,7 +368,7 @@ impl TcpCall<&[u8]> {
             TcpCall::Endpoints { s } => TcpCall::Endpoints { s },
             TcpCall::Connect { addr, port } => TcpCall::Connect { addr, port },
             TcpCall::Connected { s } => TcpCall::Connected { s },
-            TcpCall::Send { s, data } => TcpCall::Send { s, data: copied(data) },
+            TcpCall::Send { s, data } => TcpCall::Send { s, data: f(data) },
             TcpCall::Shutdown { s, read, write } => TcpCall::Shutdown { s, read, write },
             TcpCall::Close { s } => TcpCall::Close { s },
             TcpCall::Abort { s } => TcpCall::Abort { s },

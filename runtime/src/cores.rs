@@ -5,9 +5,11 @@
 use std::time::{Duration, Instant as StdInstant};
 
 use capnet_ip::{Config, Delivery, Instant, IpCore, IpProtocol, Output};
-use capnet_ipc::lent::Chain;
+use capnet_ipc::lent::{Chain, Lent};
 use capnet_ipc::msg::MsgEnd;
-use capnet_proto::edge::{EdgeMsg, IcmpError, IpToSockets, Segment, TcpToIp, TcpToSockets, UdpToIp, UdpToSockets};
+use capnet_proto::edge::{
+    EdgeMsg, IcmpError, IpToSockets, Payload, Segment, TcpToIp, TcpToSockets, UdpToIp, UdpToSockets,
+};
 use capnet_proto::Kind;
 use capnet_tcp::TcpCore;
 use capnet_udp::UdpCore;
@@ -258,9 +260,9 @@ impl Cores {
     /// Runs timers and moves every output between the cores and onto links;
     /// frames for the device go to `emit`, with the segment size a TSO frame is
     /// to be cut into (only when the tcp core's `Config::tso` is on).
-    pub fn pump(&mut self, mut emit: impl FnMut(Vec<u8>, Option<u16>)) {
+    pub fn pump(&mut self, mut emit: impl FnMut(Chain, Option<u16>)) {
         let now = self.now();
-        let pushed = self.tcp.as_mut().is_some_and(|t| !t.push_wanted.is_empty() && t.push_received(now));
+        let pushed = self.tcp.as_mut().is_some_and(|t| !t.push_wanted.is_empty() && t.push_received(now, &self.views));
         if let Some(ip) = self.ip.as_mut() {
             ip.release_if_late(now);
             ip.core.poll(now);
@@ -312,7 +314,14 @@ impl Cores {
                 progressed = true;
                 match out {
                     capnet_udp::Output::Send { dst, segment } => match (self.ip.as_mut(), self.udp.as_mut()) {
-                        (Some(ip), _) => crate::domain::ip::send(&mut ip.core, now, dst, false, &segment, None),
+                        (Some(ip), _) => crate::domain::ip::send(
+                            &mut ip.core,
+                            now,
+                            dst,
+                            false,
+                            &Lent::from_vec(segment).into(),
+                            None,
+                        ),
                         (None, Some(u)) => {
                             if let Some(l) = u.ip.first_mut() {
                                 l.send(&UdpToIp::Send(Segment {
@@ -343,7 +352,8 @@ impl Cores {
                     (Some(ip), _) => crate::domain::ip::send(&mut ip.core, now, dst, true, &segment, tso),
                     (None, Some(t)) => {
                         if let Some(l) = t.ip.first_mut() {
-                            l.send(&TcpToIp::Send(Segment { dst: dst.octets(), segment: segment.into(), tso }));
+                            let segment = Payload::lent_or_copied(&segment, None);
+                            l.send(&TcpToIp::Send(Segment { dst: dst.octets(), segment, tso }));
                         }
                     }
                     (None, None) => {}
@@ -412,7 +422,7 @@ impl Cores {
         if let Some(udp) = self.udp.as_mut() {
             any |= udp.receive_links();
         }
-        any |= self.sockets.receive_links();
+        any |= self.sockets.receive_links(&self.views);
         any
     }
 }

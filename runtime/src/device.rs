@@ -211,13 +211,22 @@ pub(crate) fn wait_readable(fd: &OwnedFd, wait: Duration) -> Result<(), RuntimeE
 
 /// Writes one frame to the device (behind a virtio-net header that asks for
 /// nothing, if the device wants one), counting the outcome.
-pub(crate) fn write_frame(fd: &OwnedFd, frame: &[u8], vnet: bool, tso: Option<u16>, stats: &mut DeviceStats) {
-    let r = if vnet {
-        let hdr = tso.and_then(|mss| capnet_driver::vnet::tso_header(frame, mss)).unwrap_or(capnet_driver::vnet::PLAIN);
-        rustix::io::writev(fd, &[std::io::IoSlice::new(&hdr), std::io::IoSlice::new(frame)])
-    } else {
-        rustix::io::write(fd, frame)
+/// Writes `frame` — its headers and the handles on its payload, where they
+/// are — to the device with one `writev`, behind the virtio-net header if the
+/// device takes one (asking for TSO when `tso` says so).
+pub(crate) fn write_frame(fd: &OwnedFd, frame: &Chain, vnet: bool, tso: Option<u16>, stats: &mut DeviceStats) {
+    let hdr = match vnet {
+        true => {
+            // Headers only: Ethernet, IPv4 and TCP with options.
+            let mut head = [0u8; 14 + 60 + 60];
+            let n = frame.peek(0, &mut head);
+            let tso = tso.and_then(|mss| capnet_driver::vnet::tso_header(&head[..n], mss));
+            Some(tso.unwrap_or(capnet_driver::vnet::PLAIN))
+        }
+        false => None,
     };
+    let r =
+        capnet_ipc::lent::write_chain(std::os::fd::AsFd::as_fd(fd), hdr.as_ref().map_or(&[][..], |h| &h[..]), frame);
     match r {
         Ok(n) => {
             stats.frames_written += 1;
@@ -253,7 +262,7 @@ pub trait Device {
     /// straight to a TCP core of this process).
     fn receive(&mut self, pool: &mut LoanPool, vouch: bool) -> Result<Option<(Chain, bool)>, RuntimeError>;
     /// Sends `frame` (`tso`: the segment size the device is to cut it into).
-    fn transmit(&mut self, frame: &[u8], tso: Option<u16>);
+    fn transmit(&mut self, frame: &Chain, tso: Option<u16>);
     /// Sends what a wrapper held back and is due now.
     fn transmit_due(&mut self) {}
     /// How long until a frame a wrapper holds is due (zero: one is), either way.
@@ -329,7 +338,7 @@ impl Device for FdDevice {
         }
     }
 
-    fn transmit(&mut self, frame: &[u8], tso: Option<u16>) {
+    fn transmit(&mut self, frame: &Chain, tso: Option<u16>) {
         write_frame(&self.fd, frame, self.vnet, tso, &mut self.stats);
     }
 
@@ -371,8 +380,10 @@ impl<D: Device> Device for Captured<D> {
         Ok(got)
     }
 
-    fn transmit(&mut self, frame: &[u8], tso: Option<u16>) {
-        self.tap.record(frame);
+    fn transmit(&mut self, frame: &Chain, tso: Option<u16>) {
+        if self.tap.active() {
+            self.tap.record(&frame.to_vec());
+        }
         self.inner.transmit(frame, tso);
     }
 
@@ -441,7 +452,7 @@ impl<D: Device> Device for Impaired<D> {
         Ok(stage.pop().map(|frame| (Chain::from(Lent::from_vec(frame)), false)))
     }
 
-    fn transmit(&mut self, frame: &[u8], tso: Option<u16>) {
+    fn transmit(&mut self, frame: &Chain, tso: Option<u16>) {
         if self.outbound.passthrough {
             self.outbound.passed();
             self.inner.transmit(frame, tso);
@@ -452,7 +463,7 @@ impl<D: Device> Device for Impaired<D> {
 
     fn transmit_due(&mut self) {
         while let Some(frame) = self.outbound.pop() {
-            self.inner.transmit(&frame, None);
+            self.inner.transmit(&Lent::from_vec(frame).into(), None);
         }
         self.inner.transmit_due();
     }

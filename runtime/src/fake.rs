@@ -114,13 +114,13 @@ impl World {
                     g.receive_frame(&Chain::from(Lent::from_vec(f)), false);
                 }
             }
-            g.pump(|f, _| to_peer.push(f));
+            g.pump(|f, _| to_peer.push(f.to_vec()));
         }
         for f in to_peer.drain(..) {
             any = true;
             peer.receive_frame(&Chain::from(Lent::from_vec(f)), false);
         }
-        peer.pump(|f, _| to_stack.push(f));
+        peer.pump(|f, _| to_stack.push(f.to_vec()));
         any |= !to_stack.is_empty();
         any
     }
@@ -305,7 +305,7 @@ impl FakeGraph {
             }
         }
         let mut out = Vec::new();
-        self.sockets.pump(|f, _| out.push(f));
+        self.sockets.pump(|f, _| out.push(f.to_vec()));
         w.to_peer.extend(out);
         any |= w.round();
         any

@@ -57,10 +57,6 @@ pub(crate) fn peer_err(e: impl std::fmt::Display) -> RuntimeError {
     RuntimeError::Peer(e.to_string())
 }
 
-pub(crate) fn returned(d: &Descriptor) -> Descriptor {
-    Descriptor { flags: Descriptor::RETURN, ..*d }
-}
-
 /// Frames lent to us on a channel: each a chain of handles on the lender's
 /// buffers, given back on the same channel when the last handle drops.
 #[derive(Debug)]
@@ -74,6 +70,8 @@ pub struct FramesIn {
     back: Vec<Descriptor>,
     /// Pieces of a chain gather here until the one without MORE.
     frame: Chain,
+    /// The segment size the chain's first piece asked for (TSO).
+    mss: Option<u16>,
 }
 
 impl FramesIn {
@@ -90,6 +88,7 @@ impl FramesIn {
             inbox: Vec::with_capacity(256),
             back: Vec::with_capacity(256),
             frame: Chain::new(),
+            mss: None,
         })
     }
 
@@ -116,20 +115,21 @@ impl FramesIn {
         Ok(())
     }
 
-    /// Takes descriptors and hands each whole frame to `each` — at most `max`
-    /// pieces of frames handed over, counting those of a chain begun in an
-    /// earlier call; the number of descriptors taken (0: nothing had arrived,
-    /// or `max` leaves no room beyond that chain).
+    /// Takes descriptors and hands each whole frame to `each`, with the
+    /// segment size a TSO chain's first piece asks for — at most `max` pieces
+    /// of frames handed over, counting those of a chain begun in an earlier
+    /// call; the number of descriptors taken (0: nothing had arrived, or `max`
+    /// leaves no room beyond that chain).
     pub(crate) fn recv(
         &mut self,
         max: usize,
-        mut each: impl FnMut(&Chain) -> Result<(), RuntimeError>,
+        mut each: impl FnMut(&Chain, Option<u16>) -> Result<(), RuntimeError>,
     ) -> Result<usize, RuntimeError> {
         self.flush_returns()?;
         self.inbox.clear();
         let k = self.end.recv(&mut self.inbox, max.saturating_sub(self.frame.pieces())).map_err(peer_err)?;
         for d in &self.inbox {
-            if d.has(Descriptor::RETURN) || d.flags & !Descriptor::MORE != 0 {
+            if d.has(Descriptor::RETURN) || d.flags & !(Descriptor::MORE | Descriptor::TSO) != 0 {
                 return Err(RuntimeError::Peer(format!("{d:?} on a channel that only lends frames")));
             }
             if d.pool != self.key.id {
@@ -137,13 +137,27 @@ impl FramesIn {
             }
             let loan =
                 Loan { ticket: u64::from(d.index), pool: self.key, index: d.index, offset: d.offset, len: d.len };
-            self.frame.push(self.views.borrow(&loan, &self.returns).map_err(peer_err)?);
+            let piece = self.views.borrow(&loan, &self.returns).map_err(peer_err)?;
+            if d.has(Descriptor::TSO) {
+                // A TSO chain is led by a piece holding its segment size.
+                let mut mss = [0u8; 2];
+                if !self.frame.is_empty()
+                    || self.mss.is_some()
+                    || !d.has(Descriptor::MORE)
+                    || piece.peek(0, &mut mss) != 2
+                {
+                    return Err(RuntimeError::Peer(format!("{d:?}: a TSO piece not leading a chain")));
+                }
+                self.mss = Some(u16::from_le_bytes(mss));
+                continue;
+            }
+            self.frame.push(piece);
             if self.frame.len() > MAX_FRAME {
                 return Err(RuntimeError::Peer(format!("a chain of over {MAX_FRAME} bytes")));
             }
             if !d.has(Descriptor::MORE) {
                 let frame = std::mem::take(&mut self.frame);
-                each(&frame)?;
+                each(&frame, self.mss.take())?;
             }
         }
         self.flush_returns()?;
@@ -167,8 +181,10 @@ impl FramesOut {
         Self { end, pool, peer, batch: Vec::with_capacity(BATCH), inbox: Vec::with_capacity(1024) }
     }
 
-    /// Lends the frames at the front of `backlog` and removes those sent.
-    pub fn send(&mut self, backlog: &mut VecDeque<(Vec<u8>, Option<u16>)>) -> Result<(), RuntimeError> {
+    /// Lends the frames at the front of `backlog` and removes those sent:
+    /// each copied from its handles into a buffer of our pool (the one copy
+    /// a frame makes to reach the driver).
+    pub fn send(&mut self, backlog: &mut VecDeque<(Chain, Option<u16>)>) -> Result<(), RuntimeError> {
         while !backlog.is_empty() {
             self.batch.clear();
             // Only whole chains, and only as many descriptors as the ring takes.
@@ -188,7 +204,11 @@ impl FramesOut {
                     d.flags |= Descriptor::TSO | Descriptor::MORE;
                     self.batch.push(d);
                 }
-                if !self.pool.fill_chain(f, &mut self.batch).map_err(ipc_err)? {
+                let filled = match pieces - usize::from(tso.is_some()) {
+                    1 => self.pool.fill_from(f).map_err(ipc_err)?.map(|d| self.batch.push(d)).is_some(),
+                    _ => self.pool.fill_chain(&f.to_vec(), &mut self.batch).map_err(ipc_err)?,
+                };
+                if !filled {
                     for d in self.batch.drain(start..) {
                         self.pool.release(d.index).map_err(ipc_err)?;
                     }

@@ -18,7 +18,7 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 
 use capnet_ipc::control::{decode, encode_with};
-use capnet_ipc::lent::{Chain, Ledger, Lent, Returns, Views};
+use capnet_ipc::lent::{Chain, Ledger, Lent, PoolKey, Returns, Views};
 use capnet_ipc::msg::MsgEnd;
 use capnet_ipc::notify::SpinPolicy;
 use capnet_ipc::shm_channel::ShmEnd;
@@ -167,11 +167,13 @@ impl<O: EdgeMsg, I: EdgeMsg> Link<O, I> {
     }
 
     /// `data` for the peer: lent on when every handle is on a pool lent to
-    /// us (the driver's frame pool, which the supervisor grants the peer too)
-    /// and the peer's quota allows (it keeps them until it gives them back),
-    /// else copied into the message.
-    pub fn lend(&mut self, data: &Chain) -> Payload {
-        let loans = data.iter().all(Lent::borrowed).then(|| self.lent.lend_chain(data)).flatten();
+    /// us whose generation `current` says the peer views (the driver's frame
+    /// pool, which the supervisor grants the peer too) and the peer's quota
+    /// allows (it keeps them until it gives them back), else copied into the
+    /// message.
+    pub fn lend(&mut self, data: &Chain, current: impl Fn(PoolKey) -> bool) -> Payload {
+        let lendable = |l: &Lent| l.borrowed() && l.pool_key().is_some_and(&current);
+        let loans = data.iter().all(lendable).then(|| self.lent.lend_chain(data)).flatten();
         Payload::lent_or_copied(data, loans)
     }
 

@@ -12,6 +12,7 @@
 use std::time::Duration;
 
 use capnet_ipc::control::encode;
+use capnet_ipc::lent::Chain;
 use capnet_proto::edge::{Answer, IpToSockets, IpToUdp, TcpToIp, TcpToSockets, UdpToSockets};
 use capnet_proto::Kind;
 use capnet_runtime::fake::{FakeGraph, EDGES, PEER, STACK};
@@ -91,7 +92,7 @@ fn tcp_transfer(name: &str, g: &mut FakeGraph) {
     let mut echoed = Vec::new();
     assert!(
         g.run_until(10 * SECOND, |g| {
-            back += g.cores().tcp_send(s, &got[back..]).expect("send");
+            back += g.cores().tcp_send(s, Chain::from(&got[back..])).expect("send");
             let now = g.clock.now();
             if let Ok(Received::Data(d)) = g.peer(|p| p.tcp().recv(now, c, 1 << 20)) {
                 echoed.extend(d.to_vec());

@@ -23,7 +23,8 @@ fn a_peer_faster_than_the_stack_never_stops_the_driver() {
     let (ours_grant, peer_grant) = (ours.grant().expect("grant"), peer.grant().expect("grant"));
     d.plug(ours, peer_grant).expect("plug the wire");
     let (_from_driver, mut to_driver) = peer.attach(ours_grant, Peer::Wire).expect("peer attaches");
-    let mut backlog: VecDeque<(Vec<u8>, Option<u16>)> = (0..2000).map(|i| (vec![i as u8; 50_000], None)).collect();
+    let mut backlog: VecDeque<(capnet_ipc::lent::Chain, Option<u16>)> =
+        (0..2000).map(|i| (vec![i as u8; 50_000].into(), None)).collect();
     for _ in 0..400 {
         to_driver.take_returns().expect("returns");
         to_driver.send(&mut backlog).expect("send");

@@ -9,6 +9,7 @@ use std::time::Duration;
 use crate::graph::{self};
 use crate::groups::GroupProcess;
 use anyhow::{Context, Result};
+use capnet::attach::AppSide;
 use capnet_ipc::msg::{MsgGrant, MsgHalf};
 use capnet_kernel_shim::cap::{send_caps, Cap, CapKind, Rights};
 use capnet_proto::group::{send_msg, Control, Event};
@@ -16,10 +17,11 @@ use capnet_proto::group::{send_msg, Control, Event};
 /// Gives application `id` its channel to the sockets domain, once the
 /// application's own area and pool (`theirs`) arrived: blank regions the
 /// sockets group adopts (it may not create memory) and seals, the
-/// application's regions granted to the group, then the group's granted to the
-/// application read-only. Only the group is waited on (trusted, and quick); the
-/// application was done with before.
-pub(crate) fn attach_app(sockets: &GroupProcess, id: u64, conn: &UnixStream, theirs: MsgGrant) -> Result<()> {
+/// application's regions (its channel's and its send pool) granted to the
+/// group, then the group's granted to the application read-only. Only the
+/// group is waited on (trusted, and quick); the application was done with
+/// before.
+pub(crate) fn attach_app(sockets: &GroupProcess, id: u64, conn: &UnixStream, theirs: AppSide) -> Result<()> {
     let blank = MsgHalf::blank(&format!("capnet-app-{id}"))?;
     let rw = Rights::READ | Rights::WRITE | Rights::MAP;
     send_msg(&sockets.sock, &Control::AdoptApp(id))?;
@@ -46,19 +48,23 @@ pub(crate) fn attach_app(sockets: &GroupProcess, id: u64, conn: &UnixStream, the
     send_msg(&sockets.sock, &Control::AppGrant(id))?;
     let all = Rights::READ | Rights::MAP | Rights::GRANT;
     let ro = Rights::READ | Rights::MAP;
-    let caps = [Cap::new(CapKind::ChannelEnd, all, 0, theirs.area)?, Cap::new(CapKind::Pool, all, 1, theirs.pool)?];
+    let caps = [
+        Cap::new(CapKind::ChannelEnd, all, 0, theirs.msg.area)?,
+        Cap::new(CapKind::Pool, all, 1, theirs.msg.pool)?,
+        Cap::new(CapKind::Pool, all, 2, theirs.send_pool)?,
+    ];
     send_caps(sockets.sock.as_fd(), &caps.iter().map(|c| (c, ro)).collect::<Vec<_>>())?;
     // Sealed by the sockets domain now (recv_caps on the application's side checks).
     capnet::attach::accept(conn, MsgGrant { area: blank.area, pool: blank.pool }, lends)?;
     Ok(())
 }
 
-/// How many applications the sockets group has fds for: each holds four (its
-/// channel area and pool, and the group's own two), beside the forty or so the
-/// group keeps for its channels and itself. One more would truncate a
-/// capability message (`MSG_CTRUNC`) and end the group.
+/// How many applications the sockets group has fds for: each holds five (its
+/// channel area and pool, its send pool, and the group's own two), beside the
+/// forty or so the group keeps for its channels and itself. One more would
+/// truncate a capability message (`MSG_CTRUNC`) and end the group.
 pub(crate) fn max_applications(group: &graph::Group) -> usize {
-    (group.sandbox.nofile.saturating_sub(40) / 4).max(1) as usize
+    (group.sandbox.nofile.saturating_sub(40) / 5).max(1) as usize
 }
 
 /// Handshakes with applications under way at once: the next waits for one of
@@ -74,7 +80,7 @@ pub(crate) const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(2);
 /// which attaches it. A handshake that fails or never finishes leaves nothing.
 pub(crate) fn serve_apps(
     listener: UnixListener,
-    to_loop: std::sync::mpsc::Sender<(UnixStream, MsgGrant)>,
+    to_loop: std::sync::mpsc::Sender<(UnixStream, AppSide)>,
     wake: std::sync::mpsc::Sender<()>,
 ) {
     let me = nix::unistd::geteuid().as_raw();

@@ -201,12 +201,14 @@ impl Running {
         Ok(r)
     }
 
-    /// Whether group `gi` is lent the driver's frame buffers by ip in another
-    /// group (it runs tcp, not ip, and the driver and ip are apart: a frame
-    /// channel lends ip the driver's buffers).
+    /// Whether group `gi` may be lent the driver's frame buffers from another
+    /// group: the driver and ip are apart (a frame channel lends ip the
+    /// driver's buffers), and it runs tcp or the sockets domain without ip (ip
+    /// lends them on to tcp, tcp to the sockets domain, which lends them on to
+    /// its applications).
     pub(crate) fn borrows_frames(&self, gi: usize) -> bool {
         let frames = (0..self.graph.groups.len()).any(|g| self.runs(g, Kind::Ip) && !self.runs(g, Kind::Driver));
-        frames && self.runs(gi, Kind::Tcp) && !self.runs(gi, Kind::Ip)
+        frames && (self.runs(gi, Kind::Tcp) || self.runs(gi, Kind::Sockets)) && !self.runs(gi, Kind::Ip)
     }
 
     /// Keeps the driver's side of the frame channel in `sides` (made at a
@@ -541,19 +543,29 @@ impl Running {
                 send_msg(&self.groups[h].sock, &Control::Lost("sockets".into()))?;
             }
         }
-        // Fresh sides of every channel between the set and the rest.
+        // Fresh sides of every channel between the set and the rest. A group
+        // that was lent frame buffers dies with what it lent on (to the sockets
+        // domain, to applications) still being read: the frame channel is made
+        // again too, so the driver never writes into the old pool again (its
+        // readers keep their mapping of it until they let go).
+        let renew = set.iter().any(|&s| self.borrows_frames(s));
         let mut sides = Sides::new();
         let mut relinked = Vec::new();
         for &h in &outside {
             for (c, l, r) in self.links_of(h) {
-                if !self.peer_of(h, &c).is_some_and(|p| set.contains(&p)) {
+                let frames_again = renew && is_frames(l, r);
+                if !frames_again && !self.peer_of(h, &c).is_some_and(|p| set.contains(&p)) {
                     continue;
                 }
                 let blanks = self.offer_blanks(h, &Control::Relink(c.clone()), is_frames(l, r))?;
                 sides.insert((c.clone(), h), blanks);
-                relinked.push((h, c));
+                relinked.push((h, c, is_frames(l, r)));
             }
         }
+        // The frame channel is joined first: until ip holds the new one, a
+        // loan it gives back (its links to the dead being dropped at their
+        // join) could reach the driver on the old pool, still being read.
+        relinked.sort_by_key(|(_, _, frames)| !frames);
         // Only now the old processes go (a swapped one was still serving until
         // its neighbours stopped waiting on it).
         for &s in set {
@@ -568,8 +580,9 @@ impl Running {
                 Some(if s == set[0] { cause.to_owned() } else { format!("restarted with {first} ({cause})") });
             self.groups[s] = p;
         }
-        // A driver or ip restarted: the driver's pool is made again, and the
-        // groups ip lends its buffers take a view of it before any is lent.
+        // A driver, ip or a group lent frames restarted: the driver's pool is
+        // made again, and the groups ip lends its buffers take a view of it
+        // before any is lent.
         let renewed = self.note_frame_pool(&sides)?;
         for &s in set {
             self.grant(s, &sides)?;
@@ -580,7 +593,7 @@ impl Running {
         if renewed {
             self.renew_frame_pool(&outside)?;
         }
-        for (h, c) in relinked {
+        for (h, c, _) in relinked {
             self.join_peer(h, &c, &sides)?;
         }
         Ok(())

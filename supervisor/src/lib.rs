@@ -29,7 +29,6 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use capnet_ipc::msg::MsgGrant;
 use capnet_kernel_shim::device::Device;
 use capnet_kernel_shim::{netns, userns};
 use capnet_proto::group::{send_msg, Control, Event, GroupSpec, WIRE};
@@ -362,7 +361,7 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
             .name("control".into())
             .spawn(move || serve_control(listener, snapshot, stop, capture_tx, restart_tx, wake))?;
     }
-    let (app_tx, app_rx) = std::sync::mpsc::channel::<(UnixStream, MsgGrant)>();
+    let (app_tx, app_rx) = std::sync::mpsc::channel::<(UnixStream, capnet::attach::AppSide)>();
     {
         let path = capnet::attach::app_socket(&name);
         let _ = std::fs::remove_file(&path);

@@ -1,6 +1,7 @@
 //! ARP (RFC 826): the neighbour cache, resolution with a bounded queue, retries and
 //! expiry.
 
+use capnet_ipc::lent::Chain;
 use std::collections::BTreeMap;
 
 use smoltcp::time::{Duration, Instant};
@@ -80,7 +81,7 @@ struct Entry {
 
 #[derive(Debug)]
 struct Pending {
-    packets: Vec<Vec<u8>>,
+    packets: Vec<Chain>,
     tries: u8,
     next: Instant,
 }
@@ -136,7 +137,7 @@ impl ArpCache {
 
     /// Records `ip` at `mac` (if already known, if we asked, or if `create`);
     /// returns the datagrams that were waiting for it.
-    pub(crate) fn learn(&mut self, now: Instant, ip: Ipv4Address, mac: EthernetAddress, create: bool) -> Vec<Vec<u8>> {
+    pub(crate) fn learn(&mut self, now: Instant, ip: Ipv4Address, mac: EthernetAddress, create: bool) -> Vec<Chain> {
         let waiting = self.pending.remove(&ip);
         if create || waiting.is_some() || self.entries.contains_key(&ip) {
             if !self.entries.contains_key(&ip) && self.entries.len() >= self.max {
@@ -153,7 +154,7 @@ impl ArpCache {
     }
 
     /// Queues datagrams for `ip`. Returns (this started a resolution, accepted).
-    pub(crate) fn enqueue(&mut self, now: Instant, ip: Ipv4Address, packets: Vec<Vec<u8>>) -> (bool, bool) {
+    pub(crate) fn enqueue(&mut self, now: Instant, ip: Ipv4Address, packets: Vec<Chain>) -> (bool, bool) {
         match self.pending.get_mut(&ip) {
             Some(p) => {
                 if p.packets.len() + packets.len() > self.queue {

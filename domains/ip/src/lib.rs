@@ -289,13 +289,13 @@ pub struct IcmpError {
 /// What the core produced.
 #[derive(Debug, Clone)]
 pub enum Output {
-    /// A frame for the driver.
-    Frame(Vec<u8>),
+    /// A frame for the driver: its headers, then the payload's handles.
+    Frame(Chain),
     /// A frame holding a TCP segment larger than the MTU, for the device to cut
     /// into `mss`-byte segments (TSO; see [`IpCore::send_tso`]).
     TsoFrame {
         /// The frame.
-        frame: Vec<u8>,
+        frame: Chain,
         /// The segment size to cut it into.
         mss: u16,
     },
@@ -567,7 +567,7 @@ impl IpCore {
             let released = self.arp.learn(now, a.sender_ip, a.sender_mac, for_us);
             self.stats.arp_evicted += std::mem::take(&mut self.arp.evicted);
             for packet in released {
-                self.emit_ip_frame(a.sender_mac, &packet);
+                self.emit_ip_frame(a.sender_mac, packet);
             }
         }
         if for_us && a.op == arp::ArpOp::Request {
@@ -710,7 +710,7 @@ impl IpCore {
                 let mut p = Icmpv4Packet::new_unchecked(&mut reply[..]);
                 p.fill_checksum();
                 self.stats.echo_replies += 1;
-                let _ = self.send(now, src, IpProtocol::Icmp, &reply, false);
+                let _ = self.send(now, src, IpProtocol::Icmp, &Lent::from_vec(reply).into(), false);
             }
             Icmpv4Message::EchoReply => match self.demux.lookup(IpProtocol::Icmp, icmp.echo_ident()) {
                 Some(to) => self.out.push_back(Output::EchoReply(EchoReply {
@@ -769,7 +769,7 @@ impl IpCore {
         m[6..8].copy_from_slice(&seq.to_be_bytes());
         m[8..].copy_from_slice(data);
         Icmpv4Packet::new_unchecked(&mut m[..]).fill_checksum();
-        self.send(now, dst, IpProtocol::Icmp, &m, false)
+        self.send(now, dst, IpProtocol::Icmp, &Lent::from_vec(m).into(), false)
     }
 
     /// ICMP destination unreachable with `code`, quoting `quote` (the offending
@@ -780,17 +780,18 @@ impl IpCore {
         msg[1] = code;
         msg[8..].copy_from_slice(quote);
         Icmpv4Packet::new_unchecked(&mut msg[..]).fill_checksum();
-        let _ = self.send(now, to, IpProtocol::Icmp, &msg, false);
+        let _ = self.send(now, to, IpProtocol::Icmp, &Lent::from_vec(msg).into(), false);
     }
 
     /// Sends `payload` (a transport header and data) to `dst`, fragmenting above the
     /// MTU unless `dont_frag`, resolving the next hop with ARP (queueing meanwhile).
+    /// The payload is not copied: each frame is its headers, then handles on it.
     pub fn send(
         &mut self,
         now: Instant,
         dst: Ipv4Address,
         protocol: IpProtocol,
-        payload: &[u8],
+        payload: &Chain,
         dont_frag: bool,
     ) -> Result<(), SendError> {
         if payload.len() > 65535 - IP_HDR {
@@ -816,7 +817,7 @@ impl IpCore {
                     return None;
                 }
                 let end = (off + per).min(payload.len());
-                let piece = (off, end < payload.len(), &payload[off..end]);
+                let piece = (off, end < payload.len(), payload.range(off, end - off));
                 off = end.max(1);
                 Some(piece)
             })
@@ -825,7 +826,7 @@ impl IpCore {
         let mac = if broadcast { Some(EthernetAddress::BROADCAST) } else { self.arp.lookup(now, hop) };
         match mac {
             Some(mac) => {
-                // Straight into frames: one copy of the payload.
+                // Straight into frames, the payload where it is.
                 for (off, more, data) in pieces() {
                     let frame = self.build_frame(mac, dst, protocol, ident, off, more, dont_frag, data);
                     self.out.push_back(Output::Frame(frame));
@@ -858,14 +859,13 @@ impl IpCore {
         off: usize,
         more: bool,
         df: bool,
-        data: &[u8],
-    ) -> Vec<u8> {
-        let mut buf = Vec::with_capacity(IP_HDR + data.len());
-        buf.resize(IP_HDR, 0);
-        buf.extend_from_slice(data);
-        capnet_ipc::pool::count_copy(data.len());
-        self.write_ip_header(&mut buf, dst, protocol, ident, off, more, df);
-        buf
+        data: Chain,
+    ) -> Chain {
+        let mut hdr = vec![0u8; IP_HDR];
+        self.write_ip_header(&mut hdr, IP_HDR + data.len(), dst, protocol, ident, off, more, df);
+        let mut packet = Chain::from(Lent::from_vec(hdr));
+        packet.append(data);
+        packet
     }
 
     /// An Ethernet frame to `mac` holding the datagram `build_ip` would build.
@@ -879,21 +879,20 @@ impl IpCore {
         off: usize,
         more: bool,
         df: bool,
-        data: &[u8],
-    ) -> Vec<u8> {
-        let mut frame = self.eth_frame(mac, IP_HDR, data);
-        self.write_ip_header(&mut frame[ETH_HDR..], dst, protocol, ident, off, more, df);
+        data: Chain,
+    ) -> Chain {
+        let mut hdr = self.eth_header(mac, IP_HDR);
+        self.write_ip_header(&mut hdr[ETH_HDR..], IP_HDR + data.len(), dst, protocol, ident, off, more, df);
+        let mut frame = Chain::from(Lent::from_vec(hdr));
+        frame.append(data);
         frame
     }
 
-    /// An IPv4 Ethernet frame to `mac`: the Ethernet header, `room` zeroed bytes
-    /// for the headers the caller writes, then `data` (copied once, not zeroed
-    /// first). Counted as a packet and a frame out.
-    fn eth_frame(&mut self, mac: EthernetAddress, room: usize, data: &[u8]) -> Vec<u8> {
-        let mut frame = Vec::with_capacity(ETH_HDR + room + data.len());
-        frame.resize(ETH_HDR + room, 0);
-        frame.extend_from_slice(data);
-        capnet_ipc::pool::count_copy(data.len());
+    /// The Ethernet header of an IPv4 frame to `mac`, and `room` zeroed bytes
+    /// for the headers the caller writes after it. Counted as a packet and a
+    /// frame out.
+    fn eth_header(&mut self, mac: EthernetAddress, room: usize) -> Vec<u8> {
+        let mut frame = vec![0u8; ETH_HDR + room];
         let mut eth = EthernetFrame::new_unchecked(&mut frame[..]);
         eth.set_dst_addr(mac);
         eth.set_src_addr(self.cfg.mac);
@@ -903,11 +902,12 @@ impl IpCore {
         frame
     }
 
-    /// Writes the IPv4 header in front of the payload `buf` already holds.
+    /// Writes into `buf` the IPv4 header of a datagram `total` bytes long.
     #[allow(clippy::too_many_arguments)]
     fn write_ip_header(
         &self,
         buf: &mut [u8],
+        total: usize,
         dst: Ipv4Address,
         protocol: IpProtocol,
         ident: u16,
@@ -915,8 +915,8 @@ impl IpCore {
         more: bool,
         df: bool,
     ) {
-        let total = buf.len() as u16;
-        let mut p = Ipv4Packet::new_unchecked(&mut buf[..]);
+        let total = total as u16;
+        let mut p = Ipv4Packet::new_unchecked(&mut buf[..IP_HDR]);
         p.set_version(4);
         p.set_header_len(IP_HDR as u8);
         p.set_total_len(total);
@@ -931,8 +931,9 @@ impl IpCore {
         p.fill_checksum();
     }
 
-    fn emit_ip_frame(&mut self, mac: EthernetAddress, packet: &[u8]) {
-        let frame = self.eth_frame(mac, 0, packet);
+    fn emit_ip_frame(&mut self, mac: EthernetAddress, packet: Chain) {
+        let mut frame = Chain::from(Lent::from_vec(self.eth_header(mac, 0)));
+        frame.append(packet);
         self.out.push_back(Output::Frame(frame));
     }
 
@@ -940,7 +941,7 @@ impl IpCore {
     /// the device to cut into `mss`-byte segments (TSO: [`Output::TsoFrame`]). A
     /// segment that fits the MTU, or one whose next hop is not resolved yet, goes
     /// as [`IpCore::send`] sends it.
-    pub fn send_tso(&mut self, now: Instant, dst: Ipv4Address, segment: &[u8], mss: u16) -> Result<(), SendError> {
+    pub fn send_tso(&mut self, now: Instant, dst: Ipv4Address, segment: &Chain, mss: u16) -> Result<(), SendError> {
         if IP_HDR + segment.len() <= self.cfg.mtu {
             return self.send(now, dst, IpProtocol::Tcp, segment, false);
         }
@@ -956,7 +957,7 @@ impl IpCore {
         };
         let ident = self.ident;
         self.ident = self.ident.wrapping_add(1);
-        let frame = self.build_frame(mac, dst, IpProtocol::Tcp, ident, 0, false, true, segment);
+        let frame = self.build_frame(mac, dst, IpProtocol::Tcp, ident, 0, false, true, segment.clone());
         self.out.push_back(Output::TsoFrame { frame, mss });
         Ok(())
     }
@@ -973,6 +974,6 @@ impl IpCore {
         if op == arp::ArpOp::Request {
             self.stats.arp_requests += 1;
         }
-        self.out.push_back(Output::Frame(frame));
+        self.out.push_back(Output::Frame(Lent::from_vec(frame).into()));
     }
 }

@@ -3,8 +3,8 @@
 
 use capnet_ip::Duration;
 use capnet_ip::{
-    Config, DropReason, EthernetAddress, Instant, IpCore, IpProtocol, Ipv4Address, Ipv4Cidr, Output, ReasmLimits,
-    SendError, TransportId,
+    Chain, Config, DropReason, EthernetAddress, Instant, IpCore, IpProtocol, Ipv4Address, Ipv4Cidr, Output,
+    ReasmLimits, SendError, TransportId,
 };
 use proptest::prelude::*;
 use smoltcp::wire::{ArpOperation, ArpPacket, ArpRepr, EthernetFrame, EthernetProtocol, Icmpv4Packet, Ipv4Packet};
@@ -41,7 +41,7 @@ fn frames(c: &mut IpCore) -> Vec<Vec<u8>> {
     drain(c)
         .into_iter()
         .filter_map(|o| match o {
-            Output::Frame(f) => Some(f),
+            Output::Frame(f) => Some(f.to_vec()),
             _ => None,
         })
         .collect()
@@ -369,11 +369,11 @@ fn reassembly_is_bounded_in_time_and_memory() {
 fn arp_entries_expire_and_silent_hosts_are_given_up() {
     let mut c = core();
     learn_peer(&mut c);
-    c.send(t(100), PEER_IP, IpProtocol::Udp, &[0u8; 8], false).expect("send");
+    c.send(t(100), PEER_IP, IpProtocol::Udp, &Chain::from(&[0u8; 8]), false).expect("send");
     assert_eq!(frames(&mut c).len(), 1, "resolved: sent at once");
     assert_eq!(c.arp().lookup(t(2001), PEER_IP), None, "expired after 2 s");
     c.poll(t(2001));
-    c.send(t(2001), PEER_IP, IpProtocol::Udp, &[0u8; 8], false).expect("send");
+    c.send(t(2001), PEER_IP, IpProtocol::Udp, &Chain::from(&[0u8; 8]), false).expect("send");
     let f = frames(&mut c);
     assert_eq!(EthernetFrame::new_checked(&f[0][..]).expect("eth").ethertype(), EthernetProtocol::Arp, "asks again");
     // Nobody answers: two retries, then the queued datagram is dropped.
@@ -395,9 +395,11 @@ fn arp_entries_expire_and_silent_hosts_are_given_up() {
 #[test]
 fn send_errors_are_clear() {
     let mut c = core();
-    let err = c.send(t(1), Ipv4Address::new(192, 0, 2, 1), IpProtocol::Udp, &[0; 8], false).expect_err("no gateway");
+    let err = c
+        .send(t(1), Ipv4Address::new(192, 0, 2, 1), IpProtocol::Udp, &Chain::from(&[0; 8]), false)
+        .expect_err("no gateway");
     assert_eq!(err, SendError::NoRoute(Ipv4Address::new(192, 0, 2, 1)));
-    let err = c.send(t(1), PEER_IP, IpProtocol::Udp, &[0; 2000], true).expect_err("DF");
+    let err = c.send(t(1), PEER_IP, IpProtocol::Udp, &Chain::from(&[0; 2000]), true).expect_err("DF");
     assert_eq!(err, SendError::TooBig { len: 2020, mtu: 1500 });
     assert_eq!(c.stats().dropped(DropReason::TooBigDf), 1);
 }
@@ -408,7 +410,7 @@ fn the_gateway_is_resolved_for_off_link_destinations() {
     cfg.gateway = Some(PEER_IP);
     let mut c = IpCore::new(cfg, t(0));
     drain(&mut c);
-    c.send(t(1), Ipv4Address::new(192, 0, 2, 1), IpProtocol::Udp, &[0; 8], false).expect("via gateway");
+    c.send(t(1), Ipv4Address::new(192, 0, 2, 1), IpProtocol::Udp, &Chain::from(&[0; 8]), false).expect("via gateway");
     let f = frames(&mut c);
     let e = EthernetFrame::new_checked(&f[0][..]).expect("eth");
     let ArpRepr::EthernetIpv4 { target_protocol_addr, .. } =
@@ -555,6 +557,6 @@ fn the_neighbour_cache_is_bounded_and_learns_only_its_link() {
     drain(&mut c);
     // The peer we talk to is still resolved and reached.
     learn_peer(&mut c);
-    c.send(t(3), PEER_IP, IpProtocol::Udp, &[0u8; 8], false).expect("send");
+    c.send(t(3), PEER_IP, IpProtocol::Udp, &Chain::from(&[0u8; 8]), false).expect("send");
     assert_eq!(frames(&mut c).len(), 1, "resolved: sent at once");
 }

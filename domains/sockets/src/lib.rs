@@ -19,9 +19,13 @@
 pub use std::collections::VecDeque;
 
 pub use capnet_ipc::lent::Chain;
-pub use capnet_proto::app::{
-    Call, Handle, Request, SocketError, TcpOption, ERROR, HANGUP, MAX_TCP_READ, READABLE, WRITABLE,
-};
+pub use capnet_proto::app::{Handle, SocketError, TcpOption, ERROR, HANGUP, MAX_TCP_READ, READABLE, WRITABLE};
+
+/// A call as the core takes it: bytes to send are handles (on the
+/// application's pool when it lent them, or its message's bytes).
+pub type Call = capnet_proto::app::Call<Chain>;
+/// A request as the core takes it (see [`Call`]).
+pub type Request = capnet_proto::app::Request<Chain>;
 
 /// An outcome as the core makes it: a stream's bytes are the handles tcp
 /// gave (the runtime lends them on to the application, or copies them).
@@ -72,8 +76,9 @@ pub trait Transports {
     fn tcp_connect(&mut self, addr: Ipv4Address, port: u16) -> Result<TcpId, SocketError>;
     /// TCP: has the handshake finished (or failed)?
     fn tcp_connected(&mut self, s: TcpId) -> Result<bool, SocketError>;
-    /// TCP: queue bytes; how many fit.
-    fn tcp_send(&mut self, s: TcpId, data: &[u8]) -> Result<usize, SocketError>;
+    /// TCP: queue what fits of `data` (its handles: tcp keeps them until they
+    /// are acknowledged); how much fit.
+    fn tcp_send(&mut self, s: TcpId, data: Chain) -> Result<usize, SocketError>;
     /// TCP: take received bytes.
     fn tcp_recv(&mut self, s: TcpId, max: usize) -> Result<Received, SocketError>;
     /// TCP: shut down reading and/or writing.
@@ -584,7 +589,7 @@ impl SocketsCore {
                 },
             },
             Call::TcpSend { handle, data } => {
-                self.tcp(app, handle).and_then(|(_, s)| t.tcp_send(s, &data)).map(|n| Reply::Sent { n: n as u32 })
+                self.tcp(app, handle).and_then(|(_, s)| t.tcp_send(s, data)).map(|n| Reply::Sent { n: n as u32 })
             }
             Call::TcpShutdown { handle, read, write } => {
                 self.tcp(app, handle).and_then(|(_, s)| t.tcp_shutdown(s, read, write)).map(|_| Reply::Done)

@@ -75,7 +75,7 @@ impl Transports for Fake {
     fn tcp_connected(&mut self, s: TcpId) -> Result<bool, SocketError> {
         self.tcp.connected(s).map_err(capnet_sockets::tcp_error)
     }
-    fn tcp_send(&mut self, s: TcpId, data: &[u8]) -> Result<usize, SocketError> {
+    fn tcp_send(&mut self, s: TcpId, data: capnet_sockets::Chain) -> Result<usize, SocketError> {
         self.tcp.send(NOW, s, data).map_err(capnet_sockets::tcp_error)
     }
     fn tcp_recv(&mut self, s: TcpId, max: usize) -> Result<Received, SocketError> {
@@ -104,7 +104,7 @@ impl Fake {
     /// Loops the tcp core's segments back into it (it talks to itself).
     fn loop_tcp(&mut self) {
         while let Some(capnet_tcp::Output::Send { segment, .. }) = self.tcp.pop_output() {
-            self.tcp.receive(NOW, US, US, &capnet_ipc::lent::Lent::from_vec(segment).into());
+            self.tcp.receive(NOW, US, US, &segment);
         }
     }
 }
@@ -276,7 +276,7 @@ fn tcp_accept_connect_and_poll_park_until_ready() {
     assert_eq!(got.len(), 2, "the receive stays parked");
     // A write on one side completes the other's parked receive.
     assert_eq!(
-        call(&mut core, &mut t, a, 6, Call::TcpSend { handle: s, data: b"hello".to_vec() }),
+        call(&mut core, &mut t, a, 6, Call::TcpSend { handle: s, data: b"hello".to_vec().into() }),
         Some(Reply::Sent { n: 5 })
     );
     t.loop_tcp();
@@ -301,7 +301,7 @@ fn tcp_accept_connect_and_poll_park_until_ready() {
     );
     // The other application cannot touch these sockets.
     assert_eq!(
-        call(&mut core, &mut t, a, 10, Call::TcpSend { handle: c, data: vec![1] }),
+        call(&mut core, &mut t, a, 10, Call::TcpSend { handle: c, data: vec![1].into() }),
         Some(Reply::Err(SocketError::BadHandle))
     );
 }

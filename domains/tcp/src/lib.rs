@@ -354,8 +354,8 @@ pub enum Output {
     Send {
         /// Destination address.
         dst: Ipv4Address,
-        /// The segment.
-        segment: Vec<u8>,
+        /// The segment: its header, then handles on the payload.
+        segment: Chain,
         /// `Some(mss)`: a segment of several MSS for the device to cut (TSO,
         /// [`Config::tso`]); its checksum field holds only the pseudo-header sum.
         tso: Option<u16>,
@@ -723,8 +723,11 @@ impl TcpCore {
         }
     }
 
-    /// Queues bytes to send; returns how many fit (0: the send buffer is full).
-    pub fn send(&mut self, now: Instant, id: SocketId, data: &[u8]) -> Result<usize, TcpError> {
+    /// Queues what fits of `data` to send, keeping its handles until they
+    /// are acknowledged (bytes given as a slice are copied once, here); returns
+    /// how many fit (0: the send buffer is full).
+    pub fn send(&mut self, now: Instant, id: SocketId, data: impl Into<Chain>) -> Result<usize, TcpError> {
+        let data = data.into();
         self.tick(now);
         self.with_conn(id, |c, cx| (c.send(cx, now, data), Disposition::Keep))?
     }

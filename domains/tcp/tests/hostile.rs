@@ -106,7 +106,7 @@ proptest! {
         let syn_opts = option_bytes(&Opts { sack: vec![], ts: Some((1, 0)) }, 0, true);
         b.receive(now, A, B, &Chain::from(&segment(port, isn, 0, 2, 65535, &syn_opts, &[])[..]));
         let Some(Output::Send { segment: synack, .. }) = b.pop_output() else { panic!("no SYN-ACK") };
-        let our = TcpPacket::new_checked(&synack[..]).unwrap().seq_number().0 as u32;
+        let our = TcpPacket::new_checked(&synack.to_vec()[..]).unwrap().seq_number().0 as u32;
         b.receive(now, A, B, &Chain::from(&segment(port, isn + 1, our.wrapping_add(1), 16, 65535, &[], &[])[..]));
         let conn = b.accept(l).unwrap().expect("established");
         let agreed = b.info(conn).unwrap();
@@ -130,12 +130,12 @@ proptest! {
                     prop_assert!(!matches!(r, Ok(Received::Data(ref d)) if d.is_empty()));
                 }
                 Action::Write(n) => {
-                    let _ = b.send(now, conn, &vec![0x55; usize::from(n)]);
+                    let _ = b.send(now, conn, vec![0x55; usize::from(n)]);
                 }
             }
             while let Some(Output::Send { dst, segment, .. }) = b.pop_output() {
                 prop_assert_eq!(dst, A);
-                prop_assert!(TcpPacket::new_checked(&segment[..]).unwrap().verify_checksum(&B.into(), &A.into()));
+                prop_assert!(TcpPacket::new_checked(&segment.to_vec()[..]).unwrap().verify_checksum(&B.into(), &A.into()));
             }
             if let Ok(info) = b.info(conn) {
                 prop_assert!(info.rcv_queued <= (1 << 20) + 65536, "receive queue bounded: {}", info.rcv_queued);

@@ -82,6 +82,7 @@ impl Net {
     fn collect(&mut self) {
         while let Some(Output::Send { dst, segment, .. }) = self.a.pop_output() {
             assert_eq!(dst, B);
+            let segment = segment.to_vec();
             if let Some(r) = &mut self.record_a {
                 r.push(segment.clone());
             }
@@ -95,6 +96,7 @@ impl Net {
         }
         while let Some(Output::Send { dst, segment, .. }) = self.b.pop_output() {
             assert_eq!(dst, A);
+            let segment = segment.to_vec();
             if self.silence_b {
                 continue;
             }
@@ -322,7 +324,7 @@ fn half_close_keeps_the_other_direction_open() {
 fn abort_resets_the_peer() {
     let mut net = Net::new(0.0, 0.0, 11);
     let (c, _, s) = connected(&mut net);
-    net.a.send(net.now, c, &pattern(10_000)).unwrap();
+    net.a.send(net.now, c, pattern(10_000)).unwrap();
     net.step();
     net.a.abort(c).unwrap();
     net.run_until(Duration::from_secs(5), |n| n.b.ready(s).unwrap().error);
@@ -441,7 +443,7 @@ fn an_in_window_rst_draws_a_challenge_ack_and_the_connection_survives() {
     let probe_seq = {
         net.a.send(net.now, c, b"!").unwrap();
         let Some(Output::Send { segment, .. }) = net.a.pop_output() else { panic!() };
-        smoltcp::wire::TcpPacket::new_checked(&segment[..]).unwrap().seq_number()
+        smoltcp::wire::TcpPacket::new_checked(&segment.to_vec()[..]).unwrap().seq_number()
     };
     p.set_seq_number(probe_seq + 1000);
     p.fill_checksum(&A.into(), &B.into());
@@ -455,7 +457,7 @@ fn isns_are_keyed_per_connection_and_advance_with_a_4_microsecond_clock() {
     // RFC 6528: ISN = M + F(4-tuple, secret).
     let syn_seq = |core: &mut TcpCore| {
         let Some(Output::Send { segment, .. }) = core.pop_output() else { panic!("no SYN") };
-        smoltcp::wire::TcpPacket::new_checked(&segment[..]).unwrap().seq_number().0 as u32
+        smoltcp::wire::TcpPacket::new_checked(&segment.to_vec()[..]).unwrap().seq_number().0 as u32
     };
     let mut a = TcpCore::new(cfg(A));
     let t0 = Instant::from_secs(10);
@@ -841,7 +843,7 @@ fn a_cookie_checks_the_peers_isn_exactly() {
     let (mut a, mut b) = (TcpCore::new(cfg(A)), TcpCore::new(cfg(B)));
     let now = Instant::from_millis(1000);
     let outs = |c: &mut TcpCore| {
-        std::iter::from_fn(|| c.pop_output()).map(|Output::Send { segment, .. }| segment).collect::<Vec<_>>()
+        std::iter::from_fn(|| c.pop_output()).map(|Output::Send { segment, .. }| segment.to_vec()).collect::<Vec<_>>()
     };
     let l = b.listen(80, 1).unwrap();
     // One half-open connection fills the SYN queue (its SYN-ACK goes nowhere).

@@ -11,7 +11,6 @@ use std::time::Duration;
 use capnet_ipc::channel::ChannelParams;
 use capnet_ipc::lent::{Chain, Ledger, LoanPool};
 use capnet_ipc::notify::SpinPolicy;
-use capnet_ipc::pool::PoolView;
 use capnet_ipc::shm_channel::{self, ShmEnd};
 use capnet_ipc::{Descriptor, End, Interest, Waiter};
 
@@ -66,11 +65,11 @@ impl Driver {
         let params = ChannelParams::default();
         let Half { pool: rx_pool, r_area, t_area } = half.0;
         let stack_reader = Ledger::by_buffer(FRAME_LAYOUT.count, QUOTA as usize);
-        let tx_view = PoolView::attach(stack.pool, TX_POOL).map_err(peer_err)?;
         let r = shm_channel::attach::<Descriptor>(r_area, stack.r_area, End::A, params).map_err(peer_err)?;
         let t = shm_channel::attach::<Descriptor>(t_area, stack.t_area, End::B, params).map_err(peer_err)?;
+        let input = FramesIn::new(t, TX_POOL, stack.pool)?;
         *self.rejoin.reader.lock().unwrap_or_else(|e| e.into_inner()) = Some((rx_pool, stack_reader, r));
-        *self.rejoin.writer.lock().unwrap_or_else(|e| e.into_inner()) = Some((tx_view, t));
+        *self.rejoin.writer.lock().unwrap_or_else(|e| e.into_inner()) = Some(input);
         self.rejoin.pending[0].store(true, Ordering::Release);
         self.rejoin.pending[1].store(true, Ordering::Release);
         Ok(())
@@ -126,9 +125,9 @@ impl DriverHalf {
         let params = ChannelParams::default();
         let Half { pool: rx_pool, r_area, t_area } = self.0;
         let stack_reader = Ledger::by_buffer(FRAME_LAYOUT.count, QUOTA as usize);
-        let tx_view = PoolView::attach(stack.pool, TX_POOL).map_err(peer_err)?;
         let r_driver = shm_channel::attach::<Descriptor>(r_area, stack.r_area, End::A, params).map_err(peer_err)?;
         let t_driver = shm_channel::attach::<Descriptor>(t_area, stack.t_area, End::B, params).map_err(peer_err)?;
+        let t_driver = FramesIn::new(t_driver, TX_POOL, stack.pool)?;
         let stop = Arc::new(AtomicBool::new(false));
         let scribble = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let rejoin = Arc::new(Rejoin::default());
@@ -151,7 +150,7 @@ impl DriverHalf {
             let side = DeviceSide { edge: tx, scribble: scribble.clone(), rejoin: rejoin.clone(), stop, live };
             std::thread::Builder::new().name("driver-tx".into()).spawn(move || {
                 started.wait();
-                writer_loop(side, tx_view, t_driver)
+                writer_loop(side, t_driver)
             })?
         };
         started.wait();
@@ -170,7 +169,7 @@ impl DriverHalf {
 #[derive(Default)]
 struct Rejoin {
     reader: std::sync::Mutex<Option<(LoanPool, Ledger, ShmEnd)>>,
-    writer: std::sync::Mutex<Option<(PoolView, ShmEnd)>>,
+    writer: std::sync::Mutex<Option<FramesIn>>,
     /// A wire's new peer: the reader's part and the writer's.
     wire: std::sync::Mutex<(Option<FramesIn>, Option<FramesOut>)>,
     /// Set for the reader and writer (channels to ip), then the same for the wire.
@@ -386,7 +385,7 @@ fn reader_loop(side: DeviceSide, pool: LoanPool, stack: Ledger, end: ShmEnd) -> 
                 (Edge::Wire { tap, impair }, Some(w)) => {
                     // From the peer's pool straight into ours (what is left waits
                     // in the wire's ring).
-                    let got = w.recv(room - batch.len(), |frame| {
+                    let got = w.recv(room - batch.len(), |frame, _| {
                         stats.frames_read += 1;
                         let bytes = frame.to_vec();
                         tap.record(&bytes);
@@ -435,27 +434,23 @@ fn reader_loop(side: DeviceSide, pool: LoanPool, stack: Ledger, end: ShmEnd) -> 
     Ok(edge.stats(stats, true))
 }
 
-/// Channel T → device; returns each loan once written.
-fn writer_loop(side: DeviceSide, view: PoolView, end: ShmEnd) -> Result<DeviceStats, RuntimeError> {
+/// Channel T → device: each frame a chain of handles on the stack's buffers,
+/// written where it lies (one `writev`); a buffer goes back when its last
+/// handle drops (at once, or once the wire's peer took its copy).
+fn writer_loop(side: DeviceSide, input: FramesIn) -> Result<DeviceStats, RuntimeError> {
     let DeviceSide { mut edge, scribble, rejoin, stop, live, .. } = side;
-    let (mut view, mut end) = (view, end);
+    let mut input = input;
     let mut scribbled = false;
     let mut broken = false;
     let mut stats = DeviceStats::default();
     let mut waiter = Waiter::new(SpinPolicy::DEFAULT);
-    let (mut inbox, mut returns, mut frame) =
-        (Vec::with_capacity(256), Vec::with_capacity(256), Vec::with_capacity(2048));
-    // Pieces of a chain gather in `frame` until the one without MORE; `tso`: the
-    // chain's first descriptor said TSO.
-    let mut tso = None;
     // Without a device: the wire's peer, and the frames waiting for room in it.
     let mut wire: Option<FramesOut> = None;
     let mut backlog = VecDeque::new();
     while !stop.load(Ordering::Relaxed) {
         if rejoin.pending[1].swap(false, Ordering::Acquire) {
-            if let Some((v, e)) = rejoin.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                (view, end, broken) = (v, e, false);
-                frame.clear();
+            if let Some(i) = rejoin.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                (input, broken) = (i, false);
             }
         }
         if rejoin.pending[3].swap(false, Ordering::Acquire) {
@@ -467,7 +462,7 @@ fn writer_loop(side: DeviceSide, view: PoolView, end: ShmEnd) -> Result<DeviceSt
         }
         let round = (|| -> Result<(), RuntimeError> {
             let garbage = scribble.load(Ordering::Relaxed);
-            if scribble_once(garbage, &mut scribbled, &mut end, wire.as_mut().map(|w| &mut w.end)) {
+            if scribble_once(garbage, &mut scribbled, &mut input.end, wire.as_mut().map(|w| &mut w.end)) {
                 wire = None;
             }
             *live.lock().unwrap_or_else(|e| e.into_inner()) = edge.stats(stats, false);
@@ -475,53 +470,35 @@ fn writer_loop(side: DeviceSide, view: PoolView, end: ShmEnd) -> Result<DeviceSt
                 Edge::Device(dev) => dev.transmit_due(),
                 Edge::Wire { tap, impair } => {
                     while let Some(frame) = impair.pop() {
-                        to_wire(&mut backlog, wire.is_some(), frame, &mut stats, tap);
+                        to_wire(&mut backlog, wire.is_some(), frame.into(), &mut stats, tap);
                     }
                 }
             }
-            inbox.clear();
-            if end.recv(&mut inbox, 256).map_err(peer_err)? == 0 {
+            let plugged = wire.is_some();
+            let got = input.recv(256, |frame, mss| {
+                match &mut edge {
+                    Edge::Device(dev) => dev.transmit(frame, mss),
+                    // No TSO on a wire: the frame goes whole, as handles until
+                    // the peer's pool takes its copy.
+                    Edge::Wire { tap, impair } if impair.passthrough => {
+                        impair.passed();
+                        to_wire(&mut backlog, plugged, frame.clone(), &mut stats, tap)
+                    }
+                    Edge::Wire { impair, .. } => impair.push(frame.to_vec()),
+                }
+                Ok(())
+            })?;
+            wire_round(&mut wire, &mut backlog, &mut stats);
+            if got == 0 {
                 let wait = edge.due_in().map_or(STOP_CHECK, |d| d.min(STOP_CHECK));
-                wire_round(&mut wire, &mut backlog, &mut stats);
                 match wire.as_mut() {
                     // Returns from the peer make room for the backlog.
                     Some(w) if !backlog.is_empty() => {
-                        waiter.wait(&mut [&mut end, &mut w.end], Some(wait), crate::tokens())
+                        waiter.wait(&mut [&mut input.end, &mut w.end], Some(wait), crate::tokens())
                     }
-                    _ => waiter.wait(&mut [&mut end], Some(wait), crate::tokens()),
+                    _ => waiter.wait(&mut [&mut input.end], Some(wait), crate::tokens()),
                 };
-                return Ok(());
             }
-            returns.clear();
-            for d in &inbox {
-                if frame.is_empty() {
-                    tso = d.has(Descriptor::TSO).then_some(());
-                }
-                view.read_into(d, &mut frame).map_err(peer_err)?;
-                returns.push(returned(d));
-                if frame.len() > MAX_FRAME + 2 {
-                    return Err(RuntimeError::Peer(format!("a chain of over {MAX_FRAME} bytes")));
-                }
-                if d.has(Descriptor::MORE) {
-                    continue;
-                }
-                let (body, mss) = match tso {
-                    Some(()) if frame.len() > 2 => (&frame[2..], Some(u16::from_le_bytes([frame[0], frame[1]]))),
-                    _ => (&frame[..], None),
-                };
-                match &mut edge {
-                    Edge::Device(dev) => dev.transmit(body, mss),
-                    Edge::Wire { tap, impair } if impair.passthrough => {
-                        impair.passed();
-                        // No TSO on a wire: the frame goes whole, without a copy.
-                        to_wire(&mut backlog, wire.is_some(), std::mem::take(&mut frame), &mut stats, tap)
-                    }
-                    Edge::Wire { impair, .. } => impair.push(body.to_vec()),
-                }
-                frame.clear();
-            }
-            send_all(&mut end, &returns, &mut waiter, &stop)?;
-            wire_round(&mut wire, &mut backlog, &mut stats);
             Ok(())
         })();
         match round {
@@ -536,13 +513,15 @@ fn writer_loop(side: DeviceSide, view: PoolView, end: ShmEnd) -> Result<DeviceSt
 /// Queues a frame for the wire's peer; without a peer it is dropped (no
 /// carrier), and beyond [`MAX_BACKLOG`] the oldest goes.
 fn to_wire(
-    backlog: &mut VecDeque<(Vec<u8>, Option<u16>)>,
+    backlog: &mut VecDeque<(Chain, Option<u16>)>,
     plugged: bool,
-    frame: Vec<u8>,
+    frame: Chain,
     stats: &mut DeviceStats,
     tap: &crate::FrameTap,
 ) {
-    tap.record(&frame);
+    if tap.active() {
+        tap.record(&frame.to_vec());
+    }
     if !plugged {
         stats.write_errors += 1;
         return;
@@ -557,7 +536,7 @@ fn to_wire(
 
 /// Takes the wire peer's returns and lends it what fits of the backlog; a peer
 /// that broke the protocol is dropped until its supervisor joins a new one.
-fn wire_round(wire: &mut Option<FramesOut>, backlog: &mut VecDeque<(Vec<u8>, Option<u16>)>, stats: &mut DeviceStats) {
+fn wire_round(wire: &mut Option<FramesOut>, backlog: &mut VecDeque<(Chain, Option<u16>)>, stats: &mut DeviceStats) {
     let Some(w) = wire.as_mut() else { return };
     if let Err(_why) = w.take_returns().and_then(|_| w.send(backlog)) {
         stats.wire_refused += 1;

@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 
-use capnet_ip::{Delivery, Instant, IpCore, IpProtocol, Ipv4Address};
+use capnet_ip::{Chain, Delivery, Instant, IpCore, IpProtocol, Ipv4Address, Lent};
 use capnet_proto::app::SocketError;
 use capnet_proto::edge::{
     Answer, Datagram, EchoCall, Flow, IcmpError, IpToSockets, IpToTcp, IpToUdp, Payload, SocketsToIp, TcpToIp, UdpToIp,
@@ -120,8 +120,8 @@ impl IpDomain {
             l.recv(|l, m| {
                 any = true;
                 match m {
-                    TcpToIp::Send(s) => match s.segment.inline() {
-                        Some(b) => send(core, now, ip4(s.dst), true, b, s.tso),
+                    TcpToIp::Send(s) => match s.segment.into_inline() {
+                        Some(b) => send(core, now, ip4(s.dst), true, &Lent::from_vec(b).into(), s.tso),
                         None => l.protocol_error("it lent bytes on an edge that carries them inline".into()),
                     },
                     // Named too late (the switch went ahead without them): nothing to keep.
@@ -138,8 +138,8 @@ impl IpDomain {
             l.recv(|l, m| {
                 any = true;
                 match m {
-                    UdpToIp::Send(s) => match s.segment.inline() {
-                        Some(b) => send(core, now, ip4(s.dst), false, b, None),
+                    UdpToIp::Send(s) => match s.segment.into_inline() {
+                        Some(b) => send(core, now, ip4(s.dst), false, &Lent::from_vec(b).into(), None),
                         None => l.protocol_error("it lent bytes on an edge that carries them inline".into()),
                     },
                     UdpToIp::Unreachable { to, quote } => core.send_unreachable(now, ip4(to), 3, &quote),
@@ -186,7 +186,9 @@ impl IpLinks {
                 }
                 Payload::Inline(b)
             }
-            false => l.lend(&d.payload),
+            // Its handles are on the frame channel's pool as it is now, which
+            // every group ip lends to views.
+            false => l.lend(&d.payload, |_| true),
         };
         let m = IpToTcp::Deliver(datagram(d, payload));
         match self.held.as_mut() {
@@ -225,7 +227,7 @@ impl IpLinks {
 /// A transport's segment, to send (TCP without DF: the ip core's ICMP errors
 /// do not carry the next-hop MTU yet, so path MTU discovery is not done,
 /// docs/tcp.md).
-pub(crate) fn send(core: &mut IpCore, now: Instant, dst: Ipv4Address, tcp: bool, segment: &[u8], tso: Option<u16>) {
+pub(crate) fn send(core: &mut IpCore, now: Instant, dst: Ipv4Address, tcp: bool, segment: &Chain, tso: Option<u16>) {
     let _ = match (tcp, tso) {
         (true, Some(mss)) => core.send_tso(now, dst, segment, mss),
         (true, None) => core.send(now, dst, IpProtocol::Tcp, segment, false),

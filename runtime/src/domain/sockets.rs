@@ -10,9 +10,10 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use capnet_ipc::control::{decode, encode_with};
-use capnet_ipc::lent::{Chain, Ledger, Lent, PoolKey};
+use capnet_ipc::lent::{Chain, Ledger, PoolKey, Returns, Views};
 use capnet_ipc::msg::{MsgEnd, MsgHalf};
 use capnet_sockets::{AppId, SocketsCore};
+use std::sync::Arc;
 
 use capnet_ip::Ipv4Address;
 use capnet_proto::app::SocketError;
@@ -31,6 +32,13 @@ use crate::{edge, AppHost, Cores, EchoReply, RuntimeError};
 const TAG_SHIFT: u32 = 24;
 const TAG_MASK: u64 = 0xff << TAG_SHIFT;
 
+/// What a push of tcp brought for a receive.
+#[derive(Debug)]
+enum Pushed {
+    Data(Chain),
+    Eof,
+}
+
 /// The sockets domain's side of a group's runtime.
 #[derive(Debug, Default)]
 pub struct SocketsSide {
@@ -45,8 +53,9 @@ pub struct SocketsSide {
     /// A transport of another group said readiness may have changed: the
     /// sockets core should look at its parked calls.
     pub activity: bool,
-    /// What tcp pushed, by (tagged) socket, until a receive takes it.
-    pushed: BTreeMap<u64, Result<Answer, SocketError>>,
+    /// What tcp pushed, by (tagged) socket, until a receive takes it: the
+    /// bytes as handles (on the buffers tcp lent us, or on its copy).
+    pushed: BTreeMap<u64, Result<Pushed, SocketError>>,
     /// Sockets whose receive found nothing (tcp will push), with that receive's
     /// `max`; a push for any other counts as an unasked notice.
     expect_push: BTreeMap<u64, u32>,
@@ -132,7 +141,8 @@ impl SocketsSide {
     }
 
     /// Takes what the transports and ip sent; whether anything arrived.
-    pub(crate) fn receive_links(&mut self) -> bool {
+    /// Buffers tcp lends are read through `views`.
+    pub(crate) fn receive_links(&mut self, views: &Views) -> bool {
         let mut any = false;
         let Self { tcp, udp, ip, echo_replies, activity, pushed, expect_push } = self;
         // A call waits for its answer (one at a time per link) and breaks the
@@ -156,6 +166,15 @@ impl SocketsSide {
                                 l.protocol_error(format!("tcp pushed {} bytes where {max} were asked", d.len()))
                             }
                             (Some(_), _) => {
+                                let got = match got {
+                                    Ok(Answer::Data(d)) => match l.borrow(d, views) {
+                                        Ok(c) => Ok(Pushed::Data(c)),
+                                        Err(why) => return l.protocol_error(why),
+                                    },
+                                    Ok(Answer::Eof) => Ok(Pushed::Eof),
+                                    Ok(a) => Err(odd(a)),
+                                    Err(e) => Err(e),
+                                };
                                 pushed.insert(key, got);
                                 *activity = true;
                             }
@@ -326,7 +345,7 @@ impl Transports for Cores {
     fn tcp_connected(&mut self, s: TcpId) -> Result<bool, SocketError> {
         self.tcp_call(Some(s), |s| TcpCall::Connected { s }).and_then(boolean)
     }
-    fn tcp_send(&mut self, s: TcpId, data: &[u8]) -> Result<usize, SocketError> {
+    fn tcp_send(&mut self, s: TcpId, data: Chain) -> Result<usize, SocketError> {
         match self.tcp_call(Some(s), |s| TcpCall::Send { s, data })? {
             Answer::Count(n) => Ok(n as usize),
             a => Err(odd(a)),
@@ -347,14 +366,14 @@ impl Transports for Cores {
         // What tcp pushed first.
         if let Some(got) = side.pushed.remove(&key) {
             return match got? {
-                Answer::Data(capnet_proto::edge::Payload::Inline(mut d)) => {
-                    if d.len() > max {
-                        side.pushed.insert(key, Ok(Answer::Data(d.split_off(max).into())));
+                Pushed::Data(mut d) => {
+                    let head = d.split_to(max);
+                    if !d.is_empty() {
+                        side.pushed.insert(key, Ok(Pushed::Data(d)));
                     }
-                    Ok(capnet_tcp::Received::Data(Lent::from_vec(d).into()))
+                    Ok(capnet_tcp::Received::Data(head))
                 }
-                Answer::Eof => Ok(capnet_tcp::Received::Eof),
-                a => Err(odd(a)),
+                Pushed::Eof => Ok(capnet_tcp::Received::Eof),
             };
         }
         // Nothing here: tcp pushes what the receive gets, now or when it comes
@@ -399,15 +418,13 @@ impl Cores {
     /// A call on the tcp domain: its core here, or over the link to the tcp
     /// domain socket `s` lives in (for a new socket, the one not retiring).
     /// `make` gets the socket's id as that domain knows it.
-    fn tcp_call<'a>(
-        &mut self,
-        s: Option<TcpId>,
-        make: impl FnOnce(u64) -> TcpCall<&'a [u8]>,
-    ) -> Result<Answer, SocketError> {
+    /// Bytes to send go as handles to a core here; to a tcp domain in another
+    /// group they are copied into the call.
+    fn tcp_call(&mut self, s: Option<TcpId>, make: impl FnOnce(u64) -> TcpCall<Chain>) -> Result<Answer, SocketError> {
         let now = self.now();
         match self.tcp.as_mut() {
             Some(t) => super::tcp::serve(&mut t.core, now, make(s.map_or(0, TcpId::to_raw))),
-            None => self.sockets.tcp_call(s, |raw| make(raw).owned()),
+            None => self.sockets.tcp_call(s, |raw| make(raw).map_payload(|c| Payload::lent_or_copied(&c, None))),
         }
     }
 
@@ -448,6 +465,12 @@ struct App {
     /// Since when it has held its quota of loans (cut off past
     /// [`LOAN_DEADLINE`]).
     full_since: Option<std::time::Instant>,
+    /// Its send pool: the bytes it sends come as loans of its buffers.
+    sends: Views,
+    /// Where those go when the last handle drops (tcp acknowledged them, or
+    /// did not take them), to be given back on its channel.
+    returns: Arc<Returns>,
+    back: Vec<u64>,
 }
 
 impl App {
@@ -504,8 +527,17 @@ impl Default for SocketsHost {
 
 impl SocketsHost {
     /// Attaches application `id` over its channel `msg`, granted views of
-    /// the pools `lends`.
-    pub fn add(&mut self, id: u64, msg: MsgEnd, lends: Vec<PoolKey>) {
+    /// the pools `lends`, with its send pool `send_pool` (refused if it is not
+    /// one).
+    pub fn add(
+        &mut self,
+        id: u64,
+        msg: MsgEnd,
+        lends: Vec<PoolKey>,
+        send_pool: std::os::fd::OwnedFd,
+    ) -> Result<(), capnet_ipc::pool::PoolError> {
+        let mut sends = Views::new();
+        sends.add(capnet_proto::app::SEND_POOL, send_pool)?;
         let mut secret = [0u8; 8];
         let _ = rustix::rand::getrandom(&mut secret, rustix::rand::GetRandomFlags::empty());
         let core_id = self.core.attach(u64::from_ne_bytes(secret));
@@ -519,7 +551,11 @@ impl SocketsHost {
             ledger: Ledger::new(APP_LOAN_QUOTA),
             tickets: Vec::new(),
             full_since: None,
+            sends,
+            returns: Returns::new(),
+            back: Vec::new(),
         });
+        Ok(())
     }
 
     /// Loans all applications hold now.
@@ -547,11 +583,15 @@ impl SocketsHost {
         for (i, app) in self.list.iter_mut().enumerate() {
             let mut garbage = None;
             let core = &mut self.core;
-            let r = app.msg.recv(|m| match decode::<capnet_sockets::Request>(m) {
-                Ok(req) if garbage.is_none() => {
-                    requests = true;
-                    core.request(app.core_id, req, host.cores());
-                }
+            let (sends, returns) = (&app.sends, &app.returns);
+            let r = app.msg.recv(|m| match decode::<capnet_proto::app::Request>(m) {
+                Ok(req) if garbage.is_none() => match req.map_data(|p| p.into_chain(sends, returns)) {
+                    Ok(req) => {
+                        requests = true;
+                        core.request(app.core_id, req, host.cores());
+                    }
+                    Err(e) => garbage = Some(format!("it lent a buffer it may not: {e}")),
+                },
                 Ok(_) => {}
                 Err(e) => garbage = Some(format!("a message that is not a request: {e}")),
             });
@@ -601,6 +641,13 @@ impl SocketsHost {
         }
         self.loans_made += (lent_total - lent_before) as u64;
         for app in &mut self.list {
+            // Its buffers tcp let go of go back.
+            app.returns.take(&mut app.back);
+            if !app.back.is_empty() {
+                // (A channel that broke is found broken by its next receive.)
+                let _ = app.msg.return_loans(&app.back);
+                app.back.clear();
+            }
             while let Some(m) = app.outbox.front() {
                 match app.msg.send(m) {
                     Ok(true) => {

@@ -4,6 +4,7 @@
 
 use std::collections::BTreeMap;
 
+use capnet_ipc::lent::Chain;
 use capnet_proto::app::SocketError;
 use capnet_proto::edge::{Answer, IpToTcp, SocketsToTcp, TcpCall, TcpToIp, TcpToSockets};
 use capnet_tcp::{ConnState, Instant, Received, SocketId, TcpCore};
@@ -50,14 +51,16 @@ impl TcpDomain {
 
     /// Pushes to the sockets domain what its receives that found nothing would
     /// find now; whether it pushed anything.
-    pub(crate) fn push_received(&mut self, now: Instant) -> bool {
+    /// What tcp lent us is lent on only on the pools' current generations
+    /// in `views`.
+    pub(crate) fn push_received(&mut self, now: Instant, views: &capnet_ipc::lent::Views) -> bool {
         let Some(l) = self.sockets.first_mut() else { return false };
         let core = &mut self.core;
         let mut any = false;
         self.push_wanted.retain(|&s, &mut max| {
             let got = match core.recv(now, SocketId::from_raw(s), max as usize) {
                 Ok(Received::Nothing) => return true,
-                Ok(Received::Data(d)) => Ok(Answer::Data(d.to_vec().into())),
+                Ok(Received::Data(d)) => Ok(Answer::Data(l.lend(&d, |k| views.is_current(k)))),
                 Ok(Received::Eof) => Ok(Answer::Eof),
                 Err(e) => Err(capnet_sockets::tcp_error(e)),
             };
@@ -109,6 +112,7 @@ impl TcpDomain {
                         l.protocol_error("it lent a send's bytes on an edge that carries them inline".into());
                     }
                     SocketsToTcp::Call { id, call } => {
+                        let call = call.map_payload(|p| Chain::from(p.into_inline().unwrap_or_default()));
                         // A socket closed, or no longer read, gets nothing pushed.
                         if let TcpCall::Close { s } | TcpCall::Abort { s } | TcpCall::Shutdown { s, read: true, .. } =
                             &call
@@ -131,7 +135,7 @@ impl TcpDomain {
 /// Answers a call of the sockets domain with the tcp core: the one place a
 /// `TcpCall` becomes the core's method, for a sockets domain here or in another
 /// group.
-pub fn serve<P: AsRef<[u8]>>(core: &mut TcpCore, now: Instant, call: TcpCall<P>) -> Result<Answer, SocketError> {
+pub fn serve(core: &mut TcpCore, now: Instant, call: TcpCall<Chain>) -> Result<Answer, SocketError> {
     let e = capnet_sockets::tcp_error;
     let id = SocketId::from_raw;
     Ok(match call {
@@ -144,7 +148,7 @@ pub fn serve<P: AsRef<[u8]>>(core: &mut TcpCore, now: Instant, call: TcpCall<P>)
         }
         TcpCall::Connect { addr, port } => Answer::Id(core.connect(now, addr.into(), port).map_err(e)?.to_raw()),
         TcpCall::Connected { s } => Answer::Bool(core.connected(id(s)).map_err(e)?),
-        TcpCall::Send { s, data } => Answer::Count(core.send(now, id(s), data.as_ref()).map_err(e)? as u32),
+        TcpCall::Send { s, data } => Answer::Count(core.send(now, id(s), data).map_err(e)? as u32),
         TcpCall::Shutdown { s, read, write } => {
             core.shutdown(now, id(s), read, write).map_err(e)?;
             Answer::Done

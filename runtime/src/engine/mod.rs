@@ -70,4 +70,10 @@ impl AppHost for Plain {
         self.pump();
         Ok(())
     }
+
+    /// The driver's frame pool, when it is lent to this group (tcp lends its
+    /// buffers on to the sockets domain, which lends them on to applications).
+    fn lend_pools(&self) -> Vec<(capnet_ipc::lent::PoolKey, std::os::fd::BorrowedFd<'_>)> {
+        self.cores.views.pools().collect()
+    }
 }

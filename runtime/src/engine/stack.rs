@@ -5,6 +5,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use capnet_ip::Config;
+use capnet_ipc::lent::Chain;
 use capnet_ipc::notify::SpinPolicy;
 use capnet_ipc::shm_channel::ShmEnd;
 use capnet_ipc::{Interest, Waiter};
@@ -24,7 +25,7 @@ pub struct StackGroup {
     waiter: Waiter,
     /// Frames waiting for pool buffers or ring slots, with the segment size of a
     /// TSO frame (while no port is joined too).
-    backlog: VecDeque<(Vec<u8>, Option<u16>)>,
+    backlog: VecDeque<(Chain, Option<u16>)>,
     /// Why the driver's channels are broken (the driver broke the protocol), or
     /// that none is joined yet: no frame moves until a new driver is joined
     /// ([`StackGroup::rejoin`]).
@@ -108,7 +109,7 @@ impl StackGroup {
         let Some((input, out)) = self.port.as_mut() else { return Ok(any) };
         loop {
             let cores = &mut self.cores;
-            if input.recv(256, |f| {
+            if input.recv(256, |f, _| {
                 cores.receive_frame(f, false);
                 Ok(())
             })? == 0
@@ -205,7 +206,7 @@ impl StackGroup {
 /// (a driver that died and is being restarted, a wire's peer gone) must not make
 /// us hold every frame since: the oldest go, as a full device queue would drop
 /// them.
-fn pump_to_backlog(cores: &mut Cores, backlog: &mut VecDeque<(Vec<u8>, Option<u16>)>) {
+fn pump_to_backlog(cores: &mut Cores, backlog: &mut VecDeque<(Chain, Option<u16>)>) {
     cores.pump(|f, tso| backlog.push_back((f, tso)));
     if backlog.len() > MAX_BACKLOG {
         let excess = backlog.len() - MAX_BACKLOG;

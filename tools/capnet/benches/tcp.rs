@@ -387,13 +387,13 @@ fn memwire(amount: usize, mtu: usize) -> f64 {
     while got < amount {
         let now = a.now();
         if conn.is_some() {
-            while a.tcp().send(now, c, &chunk).unwrap_or(0) > 0 {}
+            while a.tcp().send(now, c, &chunk[..]).unwrap_or(0) > 0 {}
         }
-        a.pump(|f, _| wire.push(f));
+        a.pump(|f, _| wire.push(f.to_vec()));
         for f in wire.drain(..) {
             b.receive_frame(&capnet_ipc::lent::Chain::from(capnet_ipc::lent::Lent::from_vec(f)), false);
         }
-        b.pump(|f, _| wire.push(f));
+        b.pump(|f, _| wire.push(f.to_vec()));
         for f in wire.drain(..) {
             a.receive_frame(&capnet_ipc::lent::Chain::from(capnet_ipc::lent::Lent::from_vec(f)), false);
         }

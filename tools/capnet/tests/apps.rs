@@ -165,11 +165,12 @@ fn an_application_sending_garbage_is_cut_off_and_the_others_keep_working() {
     let ping = PingSocket::open(&good).expect("echo socket");
     // The rogue attaches like any application, then writes bytes that are not a call.
     let sock = std::os::unix::net::UnixStream::connect(capnet::attach::app_socket(up.name())).expect("connect");
-    let (mut rogue, _pools) = capnet::attach::join(&sock, "rogue").expect("handshake");
+    let mut rogue = capnet::attach::join(&sock, "rogue").expect("handshake").msg;
     assert!(rogue.send(b"\xde\xad\xbe\xef not an rkyv archive").expect("send"), "the message went out");
     std::thread::sleep(Duration::from_millis(300));
     // Cut off: even a well-formed call gets no answer any more.
-    let call = capnet_proto::app::Request { id: 1, call: capnet_proto::app::Call::EchoOpen };
+    let call =
+        capnet_proto::app::Request::<capnet_proto::edge::Payload> { id: 1, call: capnet_proto::app::Call::EchoOpen };
     let _ = rogue.send(&capnet_ipc::control::encode(&call).expect("encode"));
     std::thread::sleep(Duration::from_millis(300));
     let mut replies = 0;
@@ -185,12 +186,14 @@ fn an_application_sending_garbage_is_cut_off_and_the_others_keep_working() {
 /// A TCP stream from a Linux echo back to the application arrives lent: the
 /// sockets domain lends the buffers the frames were read into (no copy into
 /// the reply), the application reads them and gives every one back — on the
-/// monolithic stack (its own frame pool) and on two groups (the driver's pool,
-/// lent on twice). A rogue giving back a loan it never had is cut off alone.
+/// monolithic stack (its own frame pool), on two groups (the driver's pool,
+/// lent on twice) and factored (the driver's pool lent by ip to tcp, by tcp to
+/// the sockets domain, by that to the application, each in its own process).
+/// A rogue giving back a loan it never had is cut off alone.
 #[test]
 fn received_data_is_lent_to_the_application_and_comes_back() {
     use std::io::{Read, Write};
-    for mode in [&["--mono"][..], &["--two-group"][..]] {
+    for mode in [&["--mono"][..], &["--two-group"][..], &[][..]] {
         let up = Up::new(CAPNET, "app-lent", mode);
         let _server = Killed(
             Command::new("ip")
@@ -213,13 +216,19 @@ fn received_data_is_lent_to_the_application_and_comes_back() {
         let made = up.counter("sockets", "app_loans");
         assert!(made > 0, "{mode:?}: nothing was lent to the application");
         assert_eq!(up.counter("sockets", "app_loans_held"), 0, "{mode:?}: every loan came back");
+        if mode.is_empty() {
+            assert_eq!(up.counter("tcp", "link_sockets_lent"), 0, "factored: tcp has every loan back");
+        }
 
         // A rogue returns a ticket it was never given: cut off, and the good
         // application's stream goes on.
         let sock = std::os::unix::net::UnixStream::connect(capnet::attach::app_socket(up.name())).expect("connect");
-        let (mut rogue, _pools) = capnet::attach::join(&sock, "rogue").expect("handshake");
+        let mut rogue = capnet::attach::join(&sock, "rogue").expect("handshake").msg;
         rogue.return_loans(&[0xdead_beef_0000_0007]).expect("send the return");
-        let call = capnet_proto::app::Request { id: 1, call: capnet_proto::app::Call::EchoOpen };
+        let call = capnet_proto::app::Request::<capnet_proto::edge::Payload> {
+            id: 1,
+            call: capnet_proto::app::Call::EchoOpen,
+        };
         std::thread::sleep(Duration::from_millis(300));
         let _ = rogue.send(&capnet_ipc::control::encode(&call).expect("encode"));
         std::thread::sleep(Duration::from_millis(300));

@@ -371,41 +371,52 @@ fn swap_runs_the_binary_it_checked_at_every_restart() {
 }
 
 /// Loans come back whatever dies: while a Linux sender floods a slow reader on
-/// the stack — so tcp holds the driver's frame buffers, lent on by ip —
+/// the stack — so tcp holds the driver's frame buffers, lent on by ip, and
+/// lends them on to the sockets domain, which lends them to the reader —
 /// `victim` is killed with SIGKILL twenty times (the stream goes on through
-/// the driver's and ip's deaths; a new one follows each of tcp's); afterwards
-/// the driver's frame pool holds what it held before, tcp holds no loans and
-/// ip's link to tcp has none out. (A dead driver or ip makes the pool again:
-/// what tcp held of the old one stays readable until it lets go.) Restarts
-/// back off (up to 5 s for a domain that keeps dying), so each victim has a
-/// test of its own.
+/// the driver's and ip's deaths; a new one, through a new attachment, follows
+/// each of tcp's and the sockets domain's); every byte read is the sender's
+/// zero. Afterwards the driver's frame pool holds what it held before, and no
+/// domain holds a loan or has one out. (Whenever a domain holding the
+/// driver's buffers dies, the pool is made again: what the others still read
+/// of the old one stays theirs until they let go.) Restarts back off (up to
+/// 5 s for a domain that keeps dying), so each victim has a test of its own.
 fn every_loan_comes_back_after_twenty_kill_9s_of(victim: &str) {
     use capnet::net::TcpListener;
     let up = Up::new(CAPNET, &format!("rs-loans-{victim}"), &[]);
-    let stack = Stack::attach(up.name()).expect("attach");
     std::thread::sleep(Duration::from_millis(300));
     let before = up.counter("driver", "frame_pool_in_use");
-    // A listener, a flooding sender and the accepted connection.
+    // An attachment, a listener, a flooding sender and the accepted
+    // connection (the attachment retried while a sockets domain restarts).
     let open = |round: usize| {
-        let listener = TcpListener::bind(&stack, 7200).expect("listen");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let (stack, listener) = loop {
+            match Stack::attach(up.name()).and_then(|st| TcpListener::bind(&st, 7200).map(|l| (st, l))) {
+                Ok(x) => break x,
+                Err(e) => assert!(Instant::now() < deadline, "{victim} round {round}: listen: {e}"),
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
         let sender = up.spawn_in_ns(&["socat", "-u", "/dev/zero", "TCP4:10.77.0.2:7200,retry=50,interval=0.1"]);
         let (conn, _) = listener.accept().unwrap_or_else(|e| panic!("{victim} round {round}: accept: {e}"));
-        (listener, sender, conn)
+        (stack, listener, sender, conn)
     };
     let mut buf = vec![0u8; 65536];
     let mut flow = None;
     for round in 0..20 {
-        let (_, _, conn) = flow.get_or_insert_with(|| open(round));
+        let (_, _, _, conn) = flow.get_or_insert_with(|| open(round));
         // Read a little, slowly: the rest queues in tcp, on the driver's buffers.
         for _ in 0..3 {
-            let _ = conn.read(&mut buf);
+            if let Ok(n) = conn.read(&mut buf) {
+                assert!(buf[..n].iter().all(|&b| b == 0), "{victim} round {round}: read bytes the sender never sent");
+            }
             std::thread::sleep(Duration::from_millis(10));
         }
         let old = domain(&up, victim)["pid"].as_i64().expect("pid");
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(old as i32), nix::sys::signal::Signal::SIGKILL)
             .expect("kill -9");
         restarted(&up, victim, old);
-        if victim == "tcp" {
+        if victim == "tcp" || victim == "sockets" {
             flow = None; // its connections and listener died with it
         }
     }
@@ -414,17 +425,20 @@ fn every_loan_comes_back_after_twenty_kill_9s_of(victim: &str) {
     // Every sender gone and every connection closed: what was lent comes back.
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {
-        let now = (
+        let now = [
             up.counter("driver", "frame_pool_in_use"),
             up.counter("tcp", "loans_held"),
             up.counter("ip", "link_tcp_lent"),
-        );
-        if now == (before, 0, 0) {
+            up.counter("tcp", "link_sockets_lent"),
+            up.counter("sockets", "app_loans_held"),
+        ];
+        if now == [before, 0, 0, 0, 0] {
             break;
         }
         assert!(
             Instant::now() < deadline,
-            "{victim}: pool occupancy {before} before, (pool, tcp's loans, ip's loans) {now:?} after"
+            "{victim}: pool occupancy {before} before; (pool, tcp's loans, ip's out, tcp's out, \
+             the applications') {now:?} after"
         );
         std::thread::sleep(Duration::from_millis(200));
     }
@@ -443,4 +457,9 @@ fn every_loan_comes_back_after_twenty_kill_9s_of_ip() {
 #[test]
 fn every_loan_comes_back_after_twenty_kill_9s_of_tcp() {
     every_loan_comes_back_after_twenty_kill_9s_of("tcp");
+}
+
+#[test]
+fn every_loan_comes_back_after_twenty_kill_9s_of_sockets() {
+    every_loan_comes_back_after_twenty_kill_9s_of("sockets");
 }

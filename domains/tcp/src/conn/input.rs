@@ -265,7 +265,7 @@ impl Conn {
         let acked = ack.since(self.snd_una);
         if acked > 0 {
             let data = ack.since(self.buf_seq).min(self.snd_buf.len());
-            self.snd_buf.drain(..data);
+            self.snd_buf.advance(data);
             self.buf_seq = self.buf_seq.plus(data);
             self.snd_una = ack;
             if self.snd_nxt.lt(ack) {

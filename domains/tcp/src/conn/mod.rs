@@ -18,7 +18,7 @@ use smoltcp::time::{Duration, Instant};
 use smoltcp::wire::{IpAddress, IpProtocol, Ipv4Address, TcpControl, TcpPacket, TcpRepr, TcpTimestampRepr};
 
 use crate::cc::{Ack, Algorithm, CongestionControl};
-use capnet_ipc::lent::{Chain, Checksum};
+use capnet_ipc::lent::{Chain, Checksum, Lent};
 
 use crate::rtt::RttEstimator;
 use crate::rx::OutOfOrder;
@@ -226,7 +226,9 @@ pub(crate) struct Conn {
     /// The peer's window scale (applied to windows it sends).
     snd_wscale: u8,
     /// Bytes from `buf_seq` on: sent-unacknowledged, then unsent.
-    snd_buf: VecDeque<u8>,
+    /// Queued to send, from `buf_seq` on: handles on what the caller gave
+    /// (kept until acknowledged; a retransmission reads them again).
+    snd_buf: Chain,
     buf_seq: Seq,
     snd_cap: usize,
     /// Bytes this connection may hold now (its share of the core's memory
@@ -380,7 +382,7 @@ impl Conn {
             snd_wl1: Seq(0),
             snd_wl2: iss,
             snd_wscale: 0,
-            snd_buf: VecDeque::new(),
+            snd_buf: Chain::new(),
             buf_seq: iss.plus(1),
             snd_cap: cfg.send_buffer,
             // Until the core says what the budget leaves (its first call on the
@@ -680,8 +682,9 @@ impl Conn {
 
     // ---------------------------------------------------------------- calls
 
-    /// Queues `data` for sending; returns how much fit.
-    pub fn send(&mut self, cx: &mut Cx, now: Instant, data: &[u8]) -> Result<usize, TcpError> {
+    /// Queues what fits of `data` for sending (its handles: no copy); returns
+    /// how much fit.
+    pub fn send(&mut self, cx: &mut Cx, now: Instant, mut data: Chain) -> Result<usize, TcpError> {
         match &self.state {
             State::Closed(c) => return Err(c.error.clone().unwrap_or(TcpError::NotConnected)),
             _ if self.fin_queued => return Err(TcpError::BrokenPipe),
@@ -689,8 +692,7 @@ impl Conn {
             _ => return Err(TcpError::BrokenPipe),
         }
         let n = data.len().min(self.send_room(self.room));
-        self.snd_buf.extend(&data[..n]);
-        capnet_ipc::pool::count_copy(n);
+        self.snd_buf.append(data.split_to(n));
         self.output(cx, now);
         Ok(n)
     }
@@ -845,34 +847,47 @@ impl Conn {
     }
 }
 
-/// Emits a segment from us to the endpoints' peer:
-/// `repr`'s header, then `payload` (the two pieces of a ring buffer's range), then
-/// one checksum pass: the payload is copied once, from the send buffer into the
-/// segment.
-fn push_segment(cx: &mut Cx, ends: Endpoints, repr: &TcpRepr, payload: [&[u8]; 2], tso: Option<u16>) {
-    let hdr = repr.header_len();
-    // Only the header is zeroed: the payload is written once, by the copy.
-    let mut buf = Vec::with_capacity(hdr + payload[0].len() + payload[1].len());
-    buf.resize(hdr, 0);
-    buf.extend_from_slice(payload[0]);
-    buf.extend_from_slice(payload[1]);
-    capnet_ipc::pool::count_copy(payload[0].len() + payload[1].len());
-    let mut packet = TcpPacket::new_unchecked(&mut buf[..]);
+/// Pieces a segment's payload may be made of: past this (a stream of tiny
+/// writes), it is copied into one, so a frame stays far inside a `writev`'s
+/// limit.
+pub const MAX_SEGMENT_PIECES: usize = 64;
+
+/// Emits a segment from us to the endpoints' peer: `repr`'s header, then
+/// `payload` — handles on the send buffer, not a copy — and the checksum,
+/// read over both.
+fn push_segment(cx: &mut Cx, ends: Endpoints, repr: &TcpRepr, mut payload: Chain, tso: Option<u16>) {
+    if payload.pieces() > MAX_SEGMENT_PIECES {
+        payload = Lent::from_vec(payload.to_vec()).into();
+    }
+    let mut head = vec![0u8; repr.header_len()];
+    let mut packet = TcpPacket::new_unchecked(&mut head[..]);
     let (src, dst) = (IpAddress::Ipv4(cx.cfg.local), IpAddress::Ipv4(ends.remote));
     // `repr` carries no payload: emit writes the header only, the checksum after.
     repr.emit(&mut packet, &src, &dst, &ChecksumCapabilities::ignored());
+    packet.set_checksum(0);
+    let len = packet.as_ref().len() + payload.len();
+    let (s, d) = (cx.cfg.local, ends.remote);
     match tso {
-        None => packet.fill_checksum(&src, &dst),
+        None => {
+            let mut sum = Checksum::default();
+            let total = (len as u16).to_be_bytes();
+            sum.add(&s.octets());
+            sum.add(&d.octets());
+            sum.add(&[0, 6, total[0], total[1]]);
+            sum.add(packet.as_ref());
+            payload.sum_into(&mut sum);
+            packet.set_checksum(!sum.fold());
+        }
         // The device finishes each piece's checksum from the pseudo-header sum
         // (CHECKSUM_PARTIAL, as Linux's own TSO leaves it).
         Some(_) => {
-            let len = packet.as_ref().len() as u32;
-            let (s, d) = (cx.cfg.local, ends.remote);
-            packet.set_checksum(smoltcp::wire::checksum::pseudo_header_v4(&s, &d, IpProtocol::Tcp, len));
+            packet.set_checksum(smoltcp::wire::checksum::pseudo_header_v4(&s, &d, IpProtocol::Tcp, len as u32));
         }
     }
     cx.stats.segments_out += 1;
-    cx.out.push_back(Output::Send { dst: ends.remote, segment: buf, tso });
+    let mut segment = Chain::from(Lent::from_vec(head));
+    segment.append(payload);
+    cx.out.push_back(Output::Send { dst: ends.remote, segment, tso });
 }
 
 /// RFC 9293 §3.10.7.1: the reset for a segment no connection wants. With an ACK,
@@ -900,37 +915,5 @@ pub(crate) fn reset_for(cx: &mut Cx, ends: Endpoints, seg: &Segment) {
         payload: &[],
     };
     cx.stats.resets_out += 1;
-    push_segment(cx, ends, &repr, [&[], &[]], None);
-}
-
-/// Bytes `off..off + len` of `dq`, as the (at most) two contiguous pieces they
-/// occupy.
-fn deque_range(dq: &VecDeque<u8>, off: usize, len: usize) -> [&[u8]; 2] {
-    let (a, b) = dq.as_slices();
-    if off >= a.len() {
-        return [&b[off - a.len()..off - a.len() + len], &[]];
-    }
-    let first = (a.len() - off).min(len);
-    [&a[off..off + first], &b[..len - first]]
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn deque_ranges_span_the_wrap() {
-        let mut dq: VecDeque<u8> = VecDeque::with_capacity(8);
-        dq.extend(0..8u8);
-        dq.drain(..5);
-        dq.extend(8..13u8); // now wrapped: 5 6 7 | 8 9 10 11 12
-        for off in 0..8 {
-            for len in 0..=(8 - off) {
-                let [a, b] = deque_range(&dq, off, len);
-                let got: Vec<u8> = a.iter().chain(b).copied().collect();
-                let want: Vec<u8> = dq.range(off..off + len).copied().collect();
-                assert_eq!(got, want, "off {off} len {len}");
-            }
-        }
-    }
+    push_segment(cx, ends, &repr, Chain::new(), None);
 }

@@ -28,8 +28,8 @@ impl Conn {
             TcpControl::None
         };
         let payload = match payload_at {
-            Some((off, len)) => deque_range(&self.snd_buf, off, len),
-            None => [&[][..], &[][..]],
+            Some((off, len)) => self.snd_buf.range(off, len),
+            None => Chain::new(),
         };
         let offer_wscale = syn && self.wscale_ok;
         // RFC 7323 §3.2: TSecr echoes TS.Recent once the peer's TSval is known (a
