@@ -486,12 +486,11 @@ impl Chain {
         let mut to = at;
         for l in &self.parts {
             let (p, n) = l.raw();
-            // SAFETY: `p..p + n` stays mapped while `l` is borrowed (a handle
-            // holds its buffer: a private box, or an Arc of the pool's mapping,
-            // bounds-checked when the handle was made); `to..to + n` lies inside
-            // our writable mapping (asserted above), which in this process only
-            // the holder of that pool buffer writes. A peer rewriting its lent
-            // bytes under the copy tears only its own data (DESIGN, Distrust).
+            // A handle holds its buffer mapped (a private box, or an Arc of the
+            // pool's mapping, bounds-checked when it was made); a peer rewriting
+            // its lent bytes under the copy tears only its own data (Distrust).
+            // SAFETY: `p..p + n` is mapped while `l` is borrowed; `to..to + n` is
+            // inside our writable mapping (asserted), written here by its holder only.
             unsafe { std::ptr::copy_nonoverlapping(p, dst.as_ptr().cast_mut().add(to), n) };
             to += n;
         }
@@ -614,11 +613,10 @@ pub fn write_chain(fd: BorrowedFd<'_>, head: &[u8], chain: &Chain) -> std::io::R
     if iov.len() > MAX_IOV {
         return Err(std::io::Error::new(std::io::ErrorKind::InvalidInput, "a frame of more than 1024 pieces"));
     }
-    // SAFETY: every iovec names memory that stays mapped for the call: `head`
-    // is borrowed, and each handle holds its buffer (a private box, or an Arc
-    // of the pool's mapping, bounds-checked when the handle was made) while
-    // `chain` is borrowed. The kernel only reads through them; no Rust
-    // reference to shared memory is made.
+    // Each handle holds its buffer (a private box, or an Arc of the pool's
+    // mapping, bounds-checked when the handle was made); the kernel only reads.
+    // SAFETY: every iovec names memory mapped for the call (`head` and `chain`
+    // are borrowed); no Rust reference to shared memory is made.
     let n = unsafe { nix::libc::writev(fd.as_raw_fd(), iov.as_ptr(), iov.len() as i32) };
     if n < 0 {
         return Err(std::io::Error::last_os_error());
@@ -752,13 +750,11 @@ impl LoanPool {
         let room = self.room();
         let region = self.pool.region_arc();
         assert!(base + room <= region.len(), "buffer {index} outside its pool's region");
-        // SAFETY: [base, base + room) lies inside our writable mapping (checked
-        // above; the Arc keeps it mapped). Buffer `index` was just taken off
-        // the free list, so no handle in this process refers to it and no other
-        // process holds a loan of it; this process is the region's one writer
-        // (sealed against any other writable mapping), so nothing else writes
-        // these bytes while the slice lives. Other processes may read them,
-        // which does not make our exclusive access unsound.
+        // Buffer `index` was just taken off the free list: no handle here refers
+        // to it, no process holds a loan of it, and this process is the region's
+        // one writer (sealed); others may read it, which leaves our access sound.
+        // SAFETY: [base, base + room) is inside our writable mapping (checked,
+        // kept mapped by the Arc) and nothing else writes it while `buf` lives.
         let buf = unsafe { std::slice::from_raw_parts_mut(region.as_ptr().cast_mut().add(base), room) };
         let (range, value) = match write(buf) {
             Ok(Some((r, v))) if r.start <= r.end && r.end <= room => (r, v),

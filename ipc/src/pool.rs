@@ -342,31 +342,6 @@ impl BufferPool {
         Ok(Some(Descriptor { pool: self.id, flags: 0, index, offset: self.layout.headroom, len: chain.len() as u32 }))
     }
 
-    /// Like [`BufferPool::fill`] for a payload of any size: as many buffers as it
-    /// needs, linked by [`Descriptor::MORE`], appended to `chain`. All or nothing:
-    /// `false` (nothing allocated) when the pool has too few free buffers.
-    pub fn fill_chain(&mut self, payload: &[u8], chain: &mut Vec<Descriptor>) -> Result<bool, PoolError> {
-        let room = (self.layout.buf_size - self.layout.headroom) as usize;
-        let pieces = payload.len().div_ceil(room).max(1);
-        if pieces > self.free_count() {
-            return Ok(false);
-        }
-        let start = chain.len();
-        for (i, piece) in payload.chunks(room).chain(payload.is_empty().then_some(&[][..])).enumerate() {
-            let Some(mut d) = self.fill(piece)? else {
-                for d in chain.drain(start..) {
-                    self.release(d.index)?;
-                }
-                return Ok(false);
-            };
-            if i + 1 < pieces {
-                d.flags |= Descriptor::MORE;
-            }
-            chain.push(d);
-        }
-        Ok(true)
-    }
-
     /// Lends the buffer `d` names to `reader`: from now on only that reader may give
     /// it back. Refused if the reader is at its quota.
     pub fn lend(&mut self, reader: ReaderId, d: &Descriptor) -> Result<(), PoolError> {

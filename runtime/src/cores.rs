@@ -5,7 +5,7 @@
 use std::time::{Duration, Instant as StdInstant};
 
 use capnet_ip::{Config, Delivery, Instant, IpCore, IpProtocol, Output};
-use capnet_ipc::lent::{Chain, Lent};
+use capnet_ipc::lent::Chain;
 use capnet_ipc::msg::MsgEnd;
 use capnet_proto::edge::{
     EdgeMsg, IcmpError, IpToSockets, Payload, Segment, TcpToIp, TcpToSockets, UdpToIp, UdpToSockets,
@@ -314,14 +314,7 @@ impl Cores {
                 progressed = true;
                 match out {
                     capnet_udp::Output::Send { dst, segment } => match (self.ip.as_mut(), self.udp.as_mut()) {
-                        (Some(ip), _) => crate::domain::ip::send(
-                            &mut ip.core,
-                            now,
-                            dst,
-                            false,
-                            &Lent::from_vec(segment).into(),
-                            None,
-                        ),
+                        (Some(ip), _) => crate::domain::ip::send(&mut ip.core, now, dst, false, &segment.into(), None),
                         (None, Some(u)) => {
                             if let Some(l) = u.ip.first_mut() {
                                 l.send(&UdpToIp::Send(Segment {

@@ -192,9 +192,9 @@ impl FramesOut {
             let mut frames = 0;
             for (f, tso) in backlog.iter() {
                 let start = self.batch.len();
-                let layout = self.pool.layout();
-                let pieces = f.len().div_ceil((layout.buf_size - layout.headroom) as usize).max(1);
-                let pieces = pieces + usize::from(tso.is_some());
+                // A frame is one buffer (FRAME_LAYOUT holds the largest), a TSO
+                // frame's segment size one more.
+                let pieces = 1 + usize::from(tso.is_some());
                 if start + pieces > room || self.pool.held_by(self.peer) as usize + pieces > QUOTA as usize {
                     break; // the ring or the peer's quota is full: wait for returns
                 }
@@ -204,16 +204,13 @@ impl FramesOut {
                     d.flags |= Descriptor::TSO | Descriptor::MORE;
                     self.batch.push(d);
                 }
-                let filled = match pieces - usize::from(tso.is_some()) {
-                    1 => self.pool.fill_from(f).map_err(ipc_err)?.map(|d| self.batch.push(d)).is_some(),
-                    _ => self.pool.fill_chain(&f.to_vec(), &mut self.batch).map_err(ipc_err)?,
-                };
-                if !filled {
+                let Some(d) = self.pool.fill_from(f).map_err(ipc_err)? else {
                     for d in self.batch.drain(start..) {
                         self.pool.release(d.index).map_err(ipc_err)?;
                     }
                     break; // every buffer is out: wait for returns
-                }
+                };
+                self.batch.push(d);
                 for d in &self.batch[start..] {
                     self.pool.lend(self.peer, d).map_err(ipc_err)?;
                 }

@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 
-use capnet_ip::{Chain, Delivery, Instant, IpCore, IpProtocol, Ipv4Address, Lent};
+use capnet_ip::{Chain, Delivery, Instant, IpCore, IpProtocol, Ipv4Address};
 use capnet_proto::app::SocketError;
 use capnet_proto::edge::{
     Answer, Datagram, EchoCall, Flow, IcmpError, IpToSockets, IpToTcp, IpToUdp, Payload, SocketsToIp, TcpToIp, UdpToIp,
@@ -121,7 +121,7 @@ impl IpDomain {
                 any = true;
                 match m {
                     TcpToIp::Send(s) => match s.segment.into_inline() {
-                        Some(b) => send(core, now, ip4(s.dst), true, &Lent::from_vec(b).into(), s.tso),
+                        Some(b) => send(core, now, ip4(s.dst), true, &b.into(), s.tso),
                         None => l.protocol_error("it lent bytes on an edge that carries them inline".into()),
                     },
                     // Named too late (the switch went ahead without them): nothing to keep.
@@ -139,7 +139,7 @@ impl IpDomain {
                 any = true;
                 match m {
                     UdpToIp::Send(s) => match s.segment.into_inline() {
-                        Some(b) => send(core, now, ip4(s.dst), false, &Lent::from_vec(b).into(), None),
+                        Some(b) => send(core, now, ip4(s.dst), false, &b.into(), None),
                         None => l.protocol_error("it lent bytes on an edge that carries them inline".into()),
                     },
                     UdpToIp::Unreachable { to, quote } => core.send_unreachable(now, ip4(to), 3, &quote),
