@@ -248,6 +248,7 @@ fn run(sock: &UnixStream, spec: &GroupSpec, tune_tcp: fn(&mut capnet_tcp::Config
         links: links.clone(),
         pending: Vec::new(),
         reported: Vec::new(),
+        app_pools: Default::default(),
     };
     let mut drained = false;
     #[cfg(feature = "hostile")]
@@ -442,6 +443,8 @@ struct Relinks {
     /// Channels whose breaking was reported (until they are joined again), and
     /// whether it was the swapped-out tcp domain's.
     reported: Vec<(String, bool)>,
+    /// The applications' send pools viewed here, by application.
+    app_pools: std::collections::BTreeMap<u64, capnet_ipc::lent::PoolKey>,
 }
 
 /// This group's side of a fresh channel.
@@ -498,6 +501,31 @@ fn control(
                 _ => bail!("a frame pool without exactly its pool"),
             }
             send_msg(sock, &Event::Relinked(capnet_proto::group::FRAME_POOL.into()))?;
+            return Ok(());
+        }
+        if let Control::AppPool(app) = msg {
+            let mut caps = recv_caps(sock.as_fd())?;
+            match (caps.pop(), caps.is_empty()) {
+                (Some(c), true) if c.kind == CapKind::Pool => {
+                    let cores = engine.host().cores();
+                    // The application made it: a bad one is its failure alone
+                    // (the sockets domain, granted it next, refuses it too).
+                    match cores.views.add_beside(capnet_proto::app::SEND_POOL, c.into_fd()) {
+                        Ok(key) => {
+                            relinks.app_pools.insert(app, key);
+                        }
+                        Err(e) => tracing::warn!("application {app}'s send pool is refused: {e}"),
+                    }
+                }
+                _ => bail!("an application's send pool without exactly its pool"),
+            }
+            send_msg(sock, &Event::Relinked(capnet_proto::group::APP_POOL.into()))?;
+            return Ok(());
+        }
+        if let Control::AppPoolGone(app) = msg {
+            if let Some(key) = relinks.app_pools.remove(&app) {
+                engine.host().cores().views.remove(key);
+            }
             return Ok(());
         }
         if let Control::WireSide | Control::WirePeer = msg {
@@ -683,6 +711,8 @@ fn control(
             }
             Control::Capture
             | Control::FramePool
+            | Control::AppPool(_)
+            | Control::AppPoolGone(_)
             | Control::WireSide
             | Control::WirePeer
             | Control::Relink(_)

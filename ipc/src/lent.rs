@@ -670,6 +670,18 @@ impl LoanPool {
         self.pool.region()
     }
 
+    /// Writes `byte` over every buffer, lent or not: what an owner may do to
+    /// its own pool while borrowers read it (the hostile mode of a test).
+    #[cfg(feature = "hostile")]
+    #[doc(hidden)]
+    pub fn hostile_scribble(&self, byte: u8) {
+        let l = self.pool.layout();
+        let junk = vec![byte; l.buf_size as usize];
+        for i in 0..l.count {
+            self.pool.region().copy_in(l.buf_offset(i), &junk);
+        }
+    }
+
     /// Bytes a buffer holds after its headroom.
     pub fn room(&self) -> usize {
         let l = self.pool.layout();
@@ -915,6 +927,8 @@ pub const GENERATIONS: usize = 2;
 #[derive(Debug, Default)]
 pub struct Views {
     views: Vec<(PoolKey, Arc<RegionRo>, PoolLayout)>,
+    /// The keys added with [`Views::add_beside`]: each current while viewed.
+    beside: Vec<PoolKey>,
 }
 
 impl Views {
@@ -929,13 +943,10 @@ impl Views {
     /// ones go (handles on them keep their mapping until they drop). Its key
     /// (the generation read from the fd).
     pub fn add(&mut self, id: u16, fd: std::os::fd::OwnedFd) -> Result<PoolKey, PoolError> {
-        let key = PoolKey { id, gen: crate::region::inode(std::os::fd::AsFd::as_fd(&fd))? };
-        let view = PoolView::attach(fd, id)?;
-        let layout = view.layout();
-        let region = Arc::new(view.into_region());
+        let (key, region, layout) = Self::view(id, fd)?;
         let mut kept = 0;
         for i in (0..self.views.len()).rev() {
-            if self.views[i].0.id == id {
+            if self.views[i].0.id == id && !self.beside.contains(&self.views[i].0) {
                 kept += 1;
                 if kept >= GENERATIONS {
                     self.views.remove(i);
@@ -946,11 +957,31 @@ impl Views {
         Ok(key)
     }
 
+    /// Adds the view of one more pool that goes by `id` (every application's
+    /// send pool is the same pool id, each its own memfd, so its own key),
+    /// keeping every other: it goes only with [`Views::remove`]. Its key.
+    pub fn add_beside(&mut self, id: u16, fd: std::os::fd::OwnedFd) -> Result<PoolKey, PoolError> {
+        let (key, region, layout) = Self::view(id, fd)?;
+        if !self.views.iter().any(|(k, _, _)| *k == key) {
+            self.views.push((key, region, layout));
+            self.beside.push(key);
+        }
+        Ok(key)
+    }
+
+    fn view(id: u16, fd: std::os::fd::OwnedFd) -> Result<(PoolKey, Arc<RegionRo>, PoolLayout), PoolError> {
+        let key = PoolKey { id, gen: crate::region::inode(std::os::fd::AsFd::as_fd(&fd))? };
+        let view = PoolView::attach(fd, id)?;
+        let layout = view.layout();
+        Ok((key, Arc::new(view.into_region()), layout))
+    }
+
     /// Whether `key` is the current generation of its pool: only those are
     /// lent on (a borrower viewing the pools as we do may have let an older
     /// one go).
     pub fn is_current(&self, key: PoolKey) -> bool {
-        self.views.iter().rev().find(|(k, _, _)| k.id == key.id).is_some_and(|(k, _, _)| *k == key)
+        self.beside.contains(&key)
+            || self.views.iter().rev().find(|(k, _, _)| k.id == key.id).is_some_and(|(k, _, _)| *k == key)
     }
 
     /// The fd of the view of `key` (to grant it on).
@@ -967,6 +998,7 @@ impl Views {
     /// Forgets the view of `key` (handles on it keep their mapping until they drop).
     pub fn remove(&mut self, key: PoolKey) {
         self.views.retain(|(k, _, _)| *k != key);
+        self.beside.retain(|k| *k != key);
     }
 
     /// Handles on what `loans` name, in order (see [`Views::borrow`]).
@@ -1135,6 +1167,22 @@ mod tests {
         let r = Returns::new();
         let loan = Loan { ticket: 1, pool: b.key(), index: 0, offset: 0, len: 8 };
         assert!(views.borrow(&loan, &r).is_err(), "a loan of the new pool is not read from the old one");
+    }
+
+    #[test]
+    fn pools_of_one_id_viewed_beside_each_other_are_all_current_until_removed() {
+        let (a, b, c) = (pool(2), pool(2), pool(2));
+        let mut views = Views::new();
+        let fd = |p: &LoanPool| p.region().fd().try_clone_to_owned().expect("dup");
+        let (ka, kb) = (views.add_beside(ID, fd(&a)).expect("a"), views.add_beside(ID, fd(&b)).expect("b"));
+        views.add_beside(ID, fd(&c)).expect("c");
+        assert!(views.is_current(ka) && views.is_current(kb), "none evicts another");
+        let r = Returns::new();
+        let loan = |k| Loan { ticket: 1, pool: k, index: 0, offset: 0, len: 8 };
+        assert!(views.borrow(&loan(ka), &r).is_ok(), "the first is read still");
+        views.remove(ka);
+        assert!(!views.is_current(ka) && views.borrow(&loan(ka), &r).is_err(), "a removed one is gone");
+        assert!(views.is_current(kb));
     }
 
     /// A lender rewriting what it lent while the borrower reads: the reader

@@ -236,6 +236,9 @@ pub enum Hostile {
     /// Asks to receive up to 1000 KiB on this TCP socket this many times and
     /// never reads the replies.
     RecvUnread(Handle, u32),
+    /// Writes this byte over every buffer of its send pool, among them those
+    /// it lent and the stack still holds.
+    ScribbleSends(u8),
 }
 
 #[cfg(feature = "hostile")]
@@ -251,6 +254,7 @@ impl Stack {
                 let d = capnet_ipc::Descriptor { pool, flags, index: 0, offset: 0, len };
                 c.msg.channel().send(&[d]).map_err(broken)?;
             }
+            Hostile::ScribbleSends(byte) => c.send_pool.hostile_scribble(byte),
             Hostile::RecvUnread(handle, count) => {
                 let max = MAX_READ_BYTES as u32;
                 for id in 0..u64::from(count) {

@@ -22,8 +22,10 @@
 //!
 //! Payload travels as a [`Payload`]: its bytes inline, or lent — loans of the
 //! sender's buffers (or buffers it was lent), named by pool and ticket, given
-//! back on the same channel (`capnet_runtime::link`). Today ip lends tcp the
-//! driver's frame buffers; the other edges carry their bytes inline.
+//! back on the same channel (`capnet_runtime::link`). ip lends tcp the
+//! driver's frame buffers and tcp lends them on to the sockets domain; the
+//! sockets domain lends tcp the applications' send buffers and tcp lends them
+//! on to ip. The udp and echo edges carry their bytes inline.
 
 use rkyv::{Archive, Deserialize, Serialize};
 
@@ -152,7 +154,10 @@ pub struct IcmpError {
 pub struct Segment {
     /// Destination.
     pub dst: Addr,
-    /// The transport's bytes.
+    /// The transport's header, inline (the bytes it wrote itself).
+    pub head: Vec<u8>,
+    /// The rest of the transport's bytes: from tcp lent (the applications'
+    /// send buffers, which ip views), from udp inline.
     pub segment: Payload,
     /// For a TCP segment to be cut by the device: its segment size.
     pub tso: Option<u16>,
@@ -544,7 +549,12 @@ mod tests {
         round_trip(vec![IpToTcp::Deliver(datagram.clone()), IpToTcp::Retire]);
         round_trip(vec![IpToUdp::Deliver(datagram)]);
         round_trip(vec![
-            TcpToIp::Send(Segment { dst: [10, 77, 0, 1], segment: vec![2; 64_000].into(), tso: Some(1448) }),
+            TcpToIp::Send(Segment {
+                dst: [10, 77, 0, 1],
+                head: vec![1; 32],
+                segment: vec![2; 64_000].into(),
+                tso: Some(1448),
+            }),
             TcpToIp::Flows(vec![(80, [10, 77, 0, 1], 40000)]),
         ]);
         round_trip(vec![

@@ -113,10 +113,23 @@ pub enum Control {
     /// view of the new one follows as a capability (answer:
     /// `Relinked("frame pool")`). Loans of the old one stay readable.
     FramePool,
+    /// Application `app`'s send pool follows as a capability: view it, for
+    /// the loans of its buffers that reach this group (the tcp or ip domain
+    /// apart from the sockets domain; answer: `Relinked(APP_POOL)`). Sent
+    /// before the sockets domain is granted the application, and to a
+    /// restarted group before its channels are joined: nobody is lent a
+    /// buffer of a pool it does not view yet.
+    AppPool(u64),
+    /// Application `app` is gone: forget its send pool (handles on it keep
+    /// their mapping until they drop).
+    AppPoolGone(u64),
 }
 
 /// The name a frame pool's renewal is answered by, in `Relinked`.
 pub const FRAME_POOL: &str = "frame pool";
+
+/// The name an application's send pool's view is answered by, in `Relinked`.
+pub const APP_POOL: &str = "application send pool";
 
 /// The name the wire goes by in `Relinked` and `Joined`.
 pub const WIRE: &str = "wire";

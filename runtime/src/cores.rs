@@ -7,9 +7,7 @@ use std::time::{Duration, Instant as StdInstant};
 use capnet_ip::{Config, Delivery, Instant, IpCore, IpProtocol, Output};
 use capnet_ipc::lent::Chain;
 use capnet_ipc::msg::MsgEnd;
-use capnet_proto::edge::{
-    EdgeMsg, IcmpError, IpToSockets, Payload, Segment, TcpToIp, TcpToSockets, UdpToIp, UdpToSockets,
-};
+use capnet_proto::edge::{EdgeMsg, IcmpError, IpToSockets, Segment, TcpToIp, TcpToSockets, UdpToIp, UdpToSockets};
 use capnet_proto::Kind;
 use capnet_tcp::TcpCore;
 use capnet_udp::UdpCore;
@@ -71,8 +69,9 @@ pub struct Cores {
     /// The sockets domain's side (its links to transports of other groups).
     pub sockets: SocketsSide,
     /// The pools of other groups this one may be lent buffers of (the
-    /// driver's frame pool, for a tcp domain apart from ip), granted by the
-    /// supervisor.
+    /// driver's frame pool, for a tcp domain apart from ip; the
+    /// applications' send pools, for tcp or ip apart from the sockets
+    /// domain), granted by the supervisor.
     pub views: capnet_ipc::lent::Views,
     clock: Clock,
 }
@@ -319,6 +318,7 @@ impl Cores {
                             if let Some(l) = u.ip.first_mut() {
                                 l.send(&UdpToIp::Send(Segment {
                                     dst: dst.octets(),
+                                    head: Vec::new(),
                                     segment: segment.into(),
                                     tso: None,
                                 }));
@@ -345,8 +345,11 @@ impl Cores {
                     (Some(ip), _) => crate::domain::ip::send(&mut ip.core, now, dst, true, &segment, tso),
                     (None, Some(t)) => {
                         if let Some(l) = t.ip.first_mut() {
-                            let segment = Payload::lent_or_copied(&segment, None);
-                            l.send(&TcpToIp::Send(Segment { dst: dst.octets(), segment, tso }));
+                            // The header inline, the payload lent (buffers of
+                            // the applications' send pools, which ip views).
+                            let views = &self.views;
+                            let (head, segment) = l.lend_headed(segment, |k| views.is_current(k));
+                            l.send(&TcpToIp::Send(Segment { dst: dst.octets(), head, segment, tso }));
                         }
                     }
                     (None, None) => {}
@@ -407,7 +410,7 @@ impl Cores {
         let now = self.now();
         let mut any = false;
         if let Some(ip) = self.ip.as_mut() {
-            any |= ip.receive_links(now);
+            any |= ip.receive_links(now, &self.views);
         }
         if let Some(tcp) = self.tcp.as_mut() {
             any |= tcp.receive_links(now, &self.views);

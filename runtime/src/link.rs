@@ -76,6 +76,8 @@ pub struct Link<O, I> {
     pub(crate) idle: Option<Idle>,
     /// What we lent the peer, by ticket, until it gives each back.
     lent: Ledger,
+    /// Loans made to the peer so far.
+    loans_made: u64,
     /// Where the loans the peer made us go when read.
     returns: Arc<Returns>,
     tickets: Vec<u64>,
@@ -161,6 +163,7 @@ impl<O: EdgeMsg, I: EdgeMsg> Link<O, I> {
             retiring: false,
             idle: None,
             lent: Ledger::new(LINK_LOAN_QUOTA),
+            loans_made: 0,
             returns: Returns::new(),
             tickets: Vec::new(),
         }
@@ -174,7 +177,19 @@ impl<O: EdgeMsg, I: EdgeMsg> Link<O, I> {
     pub fn lend(&mut self, data: &Chain, current: impl Fn(PoolKey) -> bool) -> Payload {
         let lendable = |l: &Lent| l.borrowed() && l.pool_key().is_some_and(&current);
         let loans = data.iter().all(lendable).then(|| self.lent.lend_chain(data)).flatten();
+        self.loans_made += loans.as_ref().map_or(0, |l| l.len() as u64);
         Payload::lent_or_copied(data, loans)
+    }
+
+    /// A segment for the peer as its header and its payload: the leading
+    /// handles of our own (the header we wrote) copied out to go inline
+    /// (counted as header bytes), the rest lent or copied as [`Link::lend`]
+    /// does.
+    pub fn lend_headed(&mut self, mut data: Chain, current: impl Fn(PoolKey) -> bool) -> (Vec<u8>, Payload) {
+        let n = data.iter().take_while(|l| !l.borrowed()).map(Lent::len).sum();
+        let mut head = vec![0; n];
+        data.split_to(n).peek(0, &mut head);
+        (head, self.lend(&data, current))
     }
 
     /// A payload from the peer as handles: its bytes, or the buffers it lent
@@ -211,8 +226,8 @@ impl<O: EdgeMsg, I: EdgeMsg> Link<O, I> {
 
     /// Its counters for `capnet status`, named `link_REMOTE_…`: messages sent and
     /// received, futex wakes made for the peer, messages waiting in the ring for
-    /// us and in our outbox for room, our sleeps while a call waited, and the
-    /// calls and asks we sent.
+    /// us and in our outbox for room, our sleeps while a call waited, the
+    /// calls and asks we sent, and the loans the peer holds and we made.
     pub fn counters(&mut self) -> Vec<(String, u64)> {
         let outbox = self.outbox.len() as u64;
         let sleeps = self.waiter.stats.sleeps;
@@ -231,6 +246,7 @@ impl<O: EdgeMsg, I: EdgeMsg> Link<O, I> {
             (format!("link_{r}_dropped"), self.dropped),
             (format!("link_{r}_calls"), self.asks),
             (format!("link_{r}_lent"), self.lent.out() as u64),
+            (format!("link_{r}_loans_made"), self.loans_made),
         ]
     }
 

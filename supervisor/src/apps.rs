@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use crate::graph::{self};
-use crate::groups::GroupProcess;
+use crate::groups::Running;
 use anyhow::{Context, Result};
 use capnet::attach::AppSide;
 use capnet_ipc::msg::{MsgGrant, MsgHalf};
@@ -18,10 +18,15 @@ use capnet_proto::group::{send_msg, Control, Event};
 /// application's own area and pool (`theirs`) arrived: blank regions the
 /// sockets group adopts (it may not create memory) and seals, the
 /// application's regions (its channel's and its send pool) granted to the
-/// group, then the group's granted to the application read-only. Only the
+/// group, then the group's granted to the application read-only. The groups
+/// running tcp or ip apart view its send pool before all of this. Only the
 /// group is waited on (trusted, and quick); the application was done with
 /// before.
-pub(crate) fn attach_app(sockets: &GroupProcess, id: u64, conn: &UnixStream, theirs: AppSide) -> Result<()> {
+pub(crate) fn attach_app(running: &mut Running, id: u64, conn: &UnixStream, theirs: AppSide) -> Result<()> {
+    // The tcp and ip domains apart view its send pool first: the sockets
+    // domain lends them its buffers from its first send on.
+    running.app_pool_granted(id, theirs.send_pool.try_clone()?)?;
+    let sockets = &running.groups[running.sockets];
     let blank = MsgHalf::blank(&format!("capnet-app-{id}"))?;
     let rw = Rights::READ | Rights::WRITE | Rights::MAP;
     send_msg(&sockets.sock, &Control::AdoptApp(id))?;

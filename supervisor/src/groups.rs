@@ -118,6 +118,9 @@ pub(crate) struct Running {
     /// The driver's frame pool now (its side of the frame channel), granted
     /// read-only to every group whose tcp ip lends it buffers of.
     pub(crate) frame_pool: Option<OwnedFd>,
+    /// Each attached application's send pool, granted read-only to every
+    /// group [`Running::views_sends`] (and again to one that restarts).
+    pub(crate) app_pools: Vec<(u64, OwnedFd)>,
 }
 
 /// A tcp domain swapped out (`capnet swap tcp`): it keeps its process and its
@@ -185,6 +188,7 @@ impl Running {
             draining: None,
             programs: Default::default(),
             frame_pool: None,
+            app_pools: Vec::new(),
         };
         let mut sides = Sides::new();
         for gi in 0..r.graph.groups.len() {
@@ -209,6 +213,56 @@ impl Running {
     pub(crate) fn borrows_frames(&self, gi: usize) -> bool {
         let frames = (0..self.graph.groups.len()).any(|g| self.runs(g, Kind::Ip) && !self.runs(g, Kind::Driver));
         frames && (self.runs(gi, Kind::Tcp) || self.runs(gi, Kind::Sockets)) && !self.runs(gi, Kind::Ip)
+    }
+
+    /// Whether group `gi` is lent buffers of the applications' send pools:
+    /// it runs tcp or ip apart from the sockets domain (which lends them on
+    /// to tcp, tcp to ip).
+    pub(crate) fn views_sends(&self, gi: usize) -> bool {
+        !self.runs(gi, Kind::Sockets) && (self.runs(gi, Kind::Tcp) || self.runs(gi, Kind::Ip))
+    }
+
+    /// Grants group `gi` a view of application `app`'s send pool `pool` and
+    /// waits until it took it.
+    fn grant_app_pool(&self, gi: usize, app: u64, pool: &OwnedFd) -> Result<()> {
+        let g = &self.groups[gi];
+        send_msg(&g.sock, &Control::AppPool(app))?;
+        let cap = Cap::new(CapKind::Pool, Rights::READ | Rights::MAP | Rights::GRANT, 0, pool.try_clone()?)?;
+        send_caps(g.sock.as_fd(), &[(&cap, Rights::READ | Rights::MAP)])?;
+        g.expect(|e| matches!(e, Event::Relinked(x) if x == capnet_proto::group::APP_POOL))
+            .with_context(|| format!("group {} did not take application {app}'s send pool", g.name))?;
+        Ok(())
+    }
+
+    /// Application `app` attaches with send pool `pool`: every group lent
+    /// its buffers views it first (the sockets domain is granted the
+    /// application only after this).
+    pub(crate) fn app_pool_granted(&mut self, app: u64, pool: OwnedFd) -> Result<()> {
+        for gi in (0..self.groups.len()).filter(|&g| self.views_sends(g)) {
+            self.grant_app_pool(gi, app, &pool)?;
+        }
+        self.app_pools.push((app, pool));
+        Ok(())
+    }
+
+    /// Application `app` is gone (or never attached): the groups viewing its
+    /// send pool forget it.
+    pub(crate) fn app_pool_gone(&mut self, app: u64) {
+        self.app_pools.retain(|(a, _)| *a != app);
+        for g in (0..self.groups.len()).filter(|&g| self.views_sends(g)) {
+            let _ = send_msg(&self.groups[g].sock, &Control::AppPoolGone(app));
+        }
+    }
+
+    /// A (re)started group `gi` lent send-pool buffers views every
+    /// application's pool before its channels are joined.
+    fn grant_app_pools(&self, gi: usize) -> Result<()> {
+        if self.views_sends(gi) {
+            for (app, pool) in &self.app_pools {
+                self.grant_app_pool(gi, *app, pool)?;
+            }
+        }
+        Ok(())
     }
 
     /// Keeps the driver's side of the frame channel in `sides` (made at a
@@ -589,6 +643,7 @@ impl Running {
         }
         for &s in set {
             self.await_ready(s)?;
+            self.grant_app_pools(s)?;
         }
         if renewed {
             self.renew_frame_pool(&outside)?;
@@ -701,7 +756,9 @@ impl Running {
             }
         };
         let old = std::mem::replace(&mut self.groups[gi], p);
-        if let Err(e) = self.grant(gi, &sides).and_then(|()| self.await_ready(gi)) {
+        if let Err(e) =
+            self.grant(gi, &sides).and_then(|()| self.await_ready(gi)).and_then(|()| self.grant_app_pools(gi))
+        {
             let _ = self.groups[gi].child.kill();
             self.groups[gi] = old;
             back(self);

@@ -400,10 +400,12 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
         // Applications that closed their attach socket are gone (first: their
         // places are free for those attaching now).
         let sockets = &running.groups[running.sockets];
+        let mut left = Vec::new();
         apps.retain(|(id, conn)| {
             let gone = capnet::attach::closed_by_peer(conn);
             if gone {
                 let _ = send_msg(&sockets.sock, &Control::Detach(*id));
+                left.push(*id);
             }
             !gone
         });
@@ -416,10 +418,13 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
                 continue;
             }
             next_app += 1;
-            match attach_app(&running.groups[running.sockets], next_app, &conn, theirs) {
+            match attach_app(&mut running, next_app, &conn, theirs) {
                 // One that left meanwhile is found closed and detached below.
                 Ok(()) => apps.push((next_app, conn)),
-                Err(e) => eprintln!("capnet: an application failed to attach: {e:#}"),
+                Err(e) => {
+                    eprintln!("capnet: an application failed to attach: {e:#}");
+                    left.push(next_app);
+                }
             }
         }
         while let Ok(conn) = capture_rx.try_recv() {
@@ -440,6 +445,7 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
                 if let Event::CutOff { app, why } = &e {
                     eprintln!("capnet: the sockets domain cut application {app} off: {why}");
                     apps.retain(|(id, _)| id != app); // closing its socket tells it
+                    left.push(*app);
                 }
                 if let Event::Broken { channel, why, old } = e {
                     if channel == WIRE {
@@ -520,7 +526,7 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
             if set.contains(&running.sockets) {
                 // Their channels died with the sockets domain: the applications
                 // see the stack go away (ConnectionReset) and may attach again.
-                apps.clear();
+                left.extend(apps.drain(..).map(|(id, _)| id));
             }
             if let Err(e) = running.restart(&set, &cause) {
                 eprintln!("capnet: restarting {} failed: {e:#}; taking the stack down", names.join(", "));
@@ -530,6 +536,9 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
             if set.contains(&running.driver) {
                 running.rewire(&name);
             }
+        }
+        for app in left {
+            running.app_pool_gone(app);
         }
         *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = render(&base, &running)?;
         let _ = wake_rx.recv_timeout(Duration::from_millis(100));

@@ -6,6 +6,7 @@
 use std::collections::VecDeque;
 
 use capnet_ip::{Chain, Delivery, Instant, IpCore, IpProtocol, Ipv4Address};
+use capnet_ipc::lent::Views;
 use capnet_proto::app::SocketError;
 use capnet_proto::edge::{
     Answer, Datagram, EchoCall, Flow, IcmpError, IpToSockets, IpToTcp, IpToUdp, Payload, SocketsToIp, TcpToIp, UdpToIp,
@@ -111,7 +112,8 @@ impl IpDomain {
 
     /// Takes what the transports and the sockets domain sent; whether anything
     /// arrived.
-    pub(crate) fn receive_links(&mut self, now: Instant) -> bool {
+    /// What tcp lends (the applications' send buffers) is read through `views`.
+    pub(crate) fn receive_links(&mut self, now: Instant, views: &Views) -> bool {
         let mut any = false;
         let ip4 = Ipv4Address::from;
         let Self { core, out, .. } = self;
@@ -120,9 +122,13 @@ impl IpDomain {
             l.recv(|l, m| {
                 any = true;
                 match m {
-                    TcpToIp::Send(s) => match s.segment.into_inline() {
-                        Some(b) => send(core, now, ip4(s.dst), true, &b.into(), s.tso),
-                        None => l.protocol_error("it lent bytes on an edge that carries them inline".into()),
+                    TcpToIp::Send(s) => match l.borrow(s.segment, views) {
+                        Ok(payload) => {
+                            let mut segment = Chain::from(s.head);
+                            segment.append(payload);
+                            send(core, now, ip4(s.dst), true, &segment, s.tso)
+                        }
+                        Err(why) => l.protocol_error(why),
                     },
                     // Named too late (the switch went ahead without them): nothing to keep.
                     TcpToIp::Flows(flows) if l.retiring => {
@@ -139,7 +145,11 @@ impl IpDomain {
                 any = true;
                 match m {
                     UdpToIp::Send(s) => match s.segment.into_inline() {
-                        Some(b) => send(core, now, ip4(s.dst), false, &b.into(), None),
+                        Some(b) => {
+                            let mut segment = Chain::from(s.head);
+                            segment.append(b.into());
+                            send(core, now, ip4(s.dst), false, &segment, None)
+                        }
                         None => l.protocol_error("it lent bytes on an edge that carries them inline".into()),
                     },
                     UdpToIp::Unreachable { to, quote } => core.send_unreachable(now, ip4(to), 3, &quote),

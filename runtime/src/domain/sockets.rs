@@ -122,7 +122,10 @@ impl SocketsSide {
     /// A call to a tcp domain in another group: the one socket `s` lives in (by
     /// its tag), or for a new socket the one not retiring. Socket ids in the
     /// answer come back tagged with that domain's link.
-    fn tcp_call(&mut self, s: Option<TcpId>, make: impl FnOnce(u64) -> TcpCall) -> Result<Answer, SocketError> {
+    /// Bytes to send are lent when they are all in an application's send
+    /// pool (the supervisor grants it to tcp before the application attaches),
+    /// else copied into the call.
+    fn tcp_call(&mut self, s: Option<TcpId>, make: impl FnOnce(u64) -> TcpCall<Chain>) -> Result<Answer, SocketError> {
         let raw = s.map(TcpId::to_raw);
         let l = self.tcp_link(raw)?;
         let tag = u64::from(l.tag) << TAG_SHIFT;
@@ -133,7 +136,9 @@ impl SocketsSide {
                 Err(SocketError::Invalid(format!("the tcp domain named socket {id:#x}, beyond any table")))
             }
         };
-        Ok(match l.call(make(raw.map_or(0, |r| r & !TAG_MASK)))? {
+        let call = make(raw.map_or(0, |r| r & !TAG_MASK))
+            .map_payload(|c| l.lend(&c, |k| k.id == capnet_proto::app::SEND_POOL));
+        Ok(match l.call(call)? {
             Answer::Id(id) => Answer::Id(retag(id)?),
             Answer::Accepted(Some(id)) => Answer::Accepted(Some(retag(id)?)),
             a => a,
@@ -419,12 +424,12 @@ impl Cores {
     /// domain socket `s` lives in (for a new socket, the one not retiring).
     /// `make` gets the socket's id as that domain knows it.
     /// Bytes to send go as handles to a core here; to a tcp domain in another
-    /// group they are copied into the call.
+    /// group as loans (see [`SocketsSide::tcp_call`]).
     fn tcp_call(&mut self, s: Option<TcpId>, make: impl FnOnce(u64) -> TcpCall<Chain>) -> Result<Answer, SocketError> {
         let now = self.now();
         match self.tcp.as_mut() {
             Some(t) => super::tcp::serve(&mut t.core, now, make(s.map_or(0, TcpId::to_raw))),
-            None => self.sockets.tcp_call(s, |raw| make(raw).map_payload(|c| Payload::lent_or_copied(&c, None))),
+            None => self.sockets.tcp_call(s, make),
         }
     }
 

@@ -105,14 +105,19 @@ impl TcpDomain {
                 any = true;
                 l.activity_sent = false;
                 match m {
-                    SocketsToTcp::Call {
-                        call: TcpCall::Send { data: capnet_proto::edge::Payload::Lent(_), .. },
-                        ..
-                    } => {
-                        l.protocol_error("it lent a send's bytes on an edge that carries them inline".into());
-                    }
                     SocketsToTcp::Call { id, call } => {
-                        let call = call.map_payload(|p| Chain::from(p.into_inline().unwrap_or_default()));
+                        // A send's bytes: the application's send buffers, lent
+                        // on (or inline, for a small one).
+                        let mut refused = None;
+                        let call = call.map_payload(|p| {
+                            l.borrow(p, views).unwrap_or_else(|why| {
+                                refused = Some(why);
+                                Chain::new()
+                            })
+                        });
+                        if let Some(why) = refused {
+                            return l.protocol_error(why);
+                        }
                         // A socket closed, or no longer read, gets nothing pushed.
                         if let TcpCall::Close { s } | TcpCall::Abort { s } | TcpCall::Shutdown { s, read: true, .. } =
                             &call

@@ -189,9 +189,11 @@ fn an_application_sending_garbage_is_cut_off_and_the_others_keep_working() {
 /// monolithic stack (its own frame pool), on two groups (the driver's pool,
 /// lent on twice) and factored (the driver's pool lent by ip to tcp, by tcp to
 /// the sockets domain, by that to the application, each in its own process).
-/// A rogue giving back a loan it never had is cut off alone.
+/// What the application sends goes the other way as loans of its send pool
+/// (factored: the sockets domain lends them to tcp, tcp to ip), and every one
+/// comes back. A rogue giving back a loan it never had is cut off alone.
 #[test]
-fn received_data_is_lent_to_the_application_and_comes_back() {
+fn data_is_lent_both_ways_and_comes_back() {
     use std::io::{Read, Write};
     for mode in [&["--mono"][..], &["--two-group"][..], &[][..]] {
         let up = Up::new(CAPNET, "app-lent", mode);
@@ -218,6 +220,12 @@ fn received_data_is_lent_to_the_application_and_comes_back() {
         assert_eq!(up.counter("sockets", "app_loans_held"), 0, "{mode:?}: every loan came back");
         if mode.is_empty() {
             assert_eq!(up.counter("tcp", "link_sockets_lent"), 0, "factored: tcp has every loan back");
+            // And what the application sent went as loans of its send pool:
+            // the sockets domain lent them to tcp, tcp lent them on to ip.
+            assert!(up.counter("sockets", "link_tcp_loans_made") > 0, "factored: the sockets domain lent tcp nothing");
+            assert!(up.counter("tcp", "link_ip_loans_made") > 0, "factored: tcp lent ip nothing");
+            assert_eq!(up.counter("sockets", "link_tcp_lent"), 0, "factored: tcp gave back every send loan");
+            assert_eq!(up.counter("tcp", "link_ip_lent"), 0, "factored: ip gave back every send loan");
         }
 
         // A rogue returns a ticket it was never given: cut off, and the good

@@ -137,6 +137,24 @@ fn a_tcp_or_sockets_crash_is_connection_reset_and_new_connections_work() {
         s.1.write_all(b"after!").expect("write");
         s.1.read_exact(&mut buf).expect("echo after the restart");
         assert_eq!(&buf, b"after!");
+        if victim == "tcp" {
+            // The application attached before the crash sends through the
+            // new tcp domain as loans of its send pool: the supervisor
+            // granted the new process the pool before it joined the sockets
+            // domain (else tcp would refuse the first loan as a protocol
+            // error and the sockets domain would be cut off).
+            let mut c = TcpStream::connect(&stack, peer).expect("connect from the first attachment");
+            let big: Vec<u8> = (0..1 << 20).map(|i: usize| (i % 251) as u8).collect();
+            let mut echoed = vec![0u8; big.len()];
+            for (out, back) in big.chunks(65536).zip(echoed.chunks_mut(65536)) {
+                c.write_all(out).expect("write");
+                c.read_exact(back).expect("echo");
+            }
+            assert!(echoed == big, "the echo through the new tcp domain differs");
+            std::thread::sleep(Duration::from_millis(250)); // the groups' next report
+            assert!(up.counter("sockets", "link_tcp_loans_made") > 0, "the new tcp domain was lent nothing");
+            assert_eq!(domain(&up, "sockets")["restarts"], 0, "the sockets domain kept running");
+        }
     }
 }
 
