@@ -16,6 +16,8 @@ pub fn driver_counters(d: &capnet_runtime::DeviceStats) -> BTreeMap<String, u64>
     c.insert("frame_pool_in_use".into(), d.pool_in_use);
     c.insert("device_bytes".into(), d.device_bytes);
     c.insert("checksums_vouched".into(), d.checksums_vouched);
+    c.insert("send_pieces_in_place".into(), d.send_pieces_in_place);
+    c.insert("frames_dropped_pool_gone".into(), d.frames_dropped_pool_gone);
     for (dir, s) in [("in", d.inbound), ("out", d.outbound)] {
         c.insert(format!("impair_{dir}_dropped"), s.dropped);
         c.insert(format!("impair_{dir}_duplicated"), s.duplicated);

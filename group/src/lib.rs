@@ -444,7 +444,7 @@ struct Relinks {
     /// whether it was the swapped-out tcp domain's.
     reported: Vec<(String, bool)>,
     /// The applications' send pools viewed here, by application.
-    app_pools: std::collections::BTreeMap<u64, capnet_ipc::lent::PoolKey>,
+    app_pools: std::collections::BTreeMap<u64, (Option<capnet_ipc::lent::PoolKey>, u16)>,
 }
 
 /// This group's side of a fresh channel.
@@ -503,18 +503,32 @@ fn control(
             send_msg(sock, &Event::Relinked(capnet_proto::group::FRAME_POOL.into()))?;
             return Ok(());
         }
-        if let Control::AppPool(app) = msg {
+        if let Control::AppPool { app, alias } = msg {
             let mut caps = recv_caps(sock.as_fd())?;
             match (caps.pop(), caps.is_empty()) {
                 (Some(c), true) if c.kind == CapKind::Pool => {
-                    let cores = engine.host().cores();
+                    let fd = c.into_fd();
                     // The application made it: a bad one is its failure alone
-                    // (the sockets domain, granted it next, refuses it too).
-                    match cores.views.add_beside(capnet_proto::app::SEND_POOL, c.into_fd()) {
-                        Ok(key) => {
-                            relinks.app_pools.insert(app, key);
+                    // (every group refuses it alike; the sockets domain,
+                    // granted it last, cuts the application off).
+                    match (driver, engine.host().cores().views.add_beside(capnet_proto::app::SEND_POOL, fd)) {
+                        // The driver's writer reads ip's frames from it (its
+                        // view only: the fd budget is one per application).
+                        (Some(d), Ok(key)) => {
+                            let cores = engine.host().cores();
+                            let fd = cores.views.fd(key).map(|f| f.try_clone_to_owned()).transpose()?;
+                            cores.views.remove(key);
+                            d.app_pool(alias, fd);
+                            relinks.app_pools.insert(app, (None, alias));
                         }
-                        Err(e) => tracing::warn!("application {app}'s send pool is refused: {e}"),
+                        (None, Ok(key)) => {
+                            relinks.app_pools.insert(app, (Some(key), alias));
+                            // ip lends the driver frames in place from it.
+                            if let Engine::Stack(stack) = engine {
+                                stack.lend_to_driver(key, alias);
+                            }
+                        }
+                        (_, Err(e)) => tracing::warn!("application {app}'s send pool is refused: {e}"),
                     }
                 }
                 _ => bail!("an application's send pool without exactly its pool"),
@@ -523,8 +537,16 @@ fn control(
             return Ok(());
         }
         if let Control::AppPoolGone(app) = msg {
-            if let Some(key) = relinks.app_pools.remove(&app) {
-                engine.host().cores().views.remove(key);
+            if let Some((key, alias)) = relinks.app_pools.remove(&app) {
+                if let Some(key) = key {
+                    engine.host().cores().views.remove(key);
+                }
+                if let Engine::Stack(stack) = engine {
+                    stack.forget_driver_alias(alias);
+                }
+                if let Some(d) = driver {
+                    d.app_pool(alias, None);
+                }
             }
             return Ok(());
         }
@@ -711,7 +733,7 @@ fn control(
             }
             Control::Capture
             | Control::FramePool
-            | Control::AppPool(_)
+            | Control::AppPool { .. }
             | Control::AppPoolGone(_)
             | Control::WireSide
             | Control::WirePeer

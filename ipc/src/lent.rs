@@ -276,8 +276,9 @@ impl Lent {
         }
     }
 
-    /// The pool, buffer and range this handle names, if it is on a pool.
-    fn place(&self) -> Option<(PoolKey, u32, u32)> {
+    /// The pool, the buffer and the offset in it this handle's bytes start
+    /// at, if it is on a pool (to name it in a descriptor).
+    pub fn place(&self) -> Option<(PoolKey, u32, u32)> {
         match &self.buf.mem {
             Mem::Private(_) => None,
             Mem::Pool { key, index, start, .. } => Some((*key, *index, start + self.off)),

@@ -23,6 +23,12 @@ pub const FRAME_BUF: u32 = 65600;
 /// The shape of a frame pool (each side's, and the monolithic stack's).
 pub const FRAME_LAYOUT: PoolLayout = PoolLayout { buf_size: FRAME_BUF, count: POOL_BUFFERS, headroom: 0 };
 
+/// The pool ids channel T names the applications' send pools by: ip lends
+/// the driver a frame's payload where it lies, in the application's buffer,
+/// behind headers copied into the stack's own pool. The supervisor gives each
+/// attached application one, unused by any other attached one.
+pub const APP_POOL_ALIASES: std::ops::RangeInclusive<u16> = 0x100..=0xffff;
+
 /// The fds one group grants the other: its pool and its areas of channels R
 /// (frames in) and T (frames out).
 #[derive(Debug)]

@@ -114,12 +114,19 @@ pub enum Control {
     /// `Relinked("frame pool")`). Loans of the old one stay readable.
     FramePool,
     /// Application `app`'s send pool follows as a capability: view it, for
-    /// the loans of its buffers that reach this group (the tcp or ip domain
-    /// apart from the sockets domain; answer: `Relinked(APP_POOL)`). Sent
-    /// before the sockets domain is granted the application, and to a
-    /// restarted group before its channels are joined: nobody is lent a
-    /// buffer of a pool it does not view yet.
-    AppPool(u64),
+    /// the loans of its buffers that reach this group (tcp or ip apart from
+    /// the sockets domain; the driver apart from ip, which names it `alias`
+    /// on the frame channel, `frames::APP_POOL_ALIASES`; answer:
+    /// `Relinked(APP_POOL)`). Sent before the sockets domain is granted the
+    /// application (to the driver first), and to a restarted group before
+    /// its channels are joined: nobody is lent a buffer of a pool it does not
+    /// view yet.
+    AppPool {
+        /// The application.
+        app: u64,
+        /// The pool id the frame channel names its pool by.
+        alias: u16,
+    },
     /// Application `app` is gone: forget its send pool (handles on it keep
     /// their mapping until they drop).
     AppPoolGone(u64),

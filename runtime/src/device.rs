@@ -151,6 +151,11 @@ pub struct DeviceStats {
     /// Buffers of the frame pool out now (held here, or lent and not yet
     /// given back): a gauge, the pool's occupancy.
     pub pool_in_use: u64,
+    /// Pieces of ip's frames read in place from applications' send pools.
+    pub send_pieces_in_place: u64,
+    /// ip's frames dropped for naming an application's pool just forgotten
+    /// (lent before ip heard the application left).
+    pub frames_dropped_pool_gone: u64,
     /// What the inbound impairment did.
     pub inbound: ImpairStats,
     /// What the outbound impairment did.

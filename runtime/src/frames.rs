@@ -23,7 +23,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 
 use capnet_ipc::channel::ChannelParams;
-use capnet_ipc::lent::{Chain, Loan, LoanPool, PoolKey, Returns, Views};
+use capnet_ipc::lent::{Chain, Lent, Loan, LoanPool, PoolKey, Returns, Views};
 use capnet_ipc::pool::{BufferPool, ReaderId};
 use capnet_ipc::region::Region;
 use capnet_ipc::shm_channel::{self, ShmEnd};
@@ -72,7 +72,30 @@ pub struct FramesIn {
     frame: Chain,
     /// The segment size the chain's first piece asked for (TSO).
     mss: Option<u16>,
+    /// The applications' send pools the lender may name (the driver's
+    /// channel T: ip lends a frame's payload where it lies), by alias.
+    aliases: Vec<(u16, PoolKey)>,
+    /// Aliases forgotten lately: a piece naming one (lent before the lender
+    /// heard) drops its frame, given back unread.
+    gone: VecDeque<u16>,
+    /// The chain being gathered names a forgotten alias: it is dropped whole.
+    doomed: bool,
+    /// Pieces read in place from an application's send pool, so far.
+    pub(crate) borrowed_pieces: u64,
+    /// Frames dropped for naming a forgotten alias, so far.
+    pub(crate) dropped_gone: u64,
+    /// Pools to read (`Some`) or forget (`None`) by alias, queued by the
+    /// group's control thread: taken before each batch, and again before a
+    /// piece naming an alias we do not know yet is refused (the pool's
+    /// grant is answered before the lender may name it).
+    pub(crate) incoming: Arc<AliasQueue>,
 }
+
+/// Aliased pools queued for a [`FramesIn`] (see `FramesIn::incoming`).
+pub(crate) type AliasQueue = std::sync::Mutex<Vec<(u16, Option<std::os::fd::OwnedFd>)>>;
+
+/// Aliases a [`FramesIn`] remembers as forgotten.
+const GONE_KEPT: usize = 64;
 
 impl FramesIn {
     /// Frames lent on `end` from the pool `view` (numbered `pool`).
@@ -89,7 +112,67 @@ impl FramesIn {
             back: Vec::with_capacity(256),
             frame: Chain::new(),
             mss: None,
+            aliases: Vec::new(),
+            gone: VecDeque::new(),
+            doomed: false,
+            borrowed_pieces: 0,
+            dropped_gone: 0,
+            incoming: Arc::default(),
         })
+    }
+
+    /// Reads or forgets the pools queued in `incoming`; whether any came.
+    fn take_incoming(&mut self) -> bool {
+        let queued = std::mem::take(&mut *self.incoming.lock().unwrap_or_else(|e| e.into_inner()));
+        let any = !queued.is_empty();
+        for (alias, fd) in queued {
+            match fd {
+                // The application made it: a bad one is refused alone (ip,
+                // refusing it too, never lends it).
+                Some(fd) => {
+                    if let Err(e) = self.add_alias(alias, fd) {
+                        tracing::warn!("an application's send pool is refused: {e}");
+                    }
+                }
+                None => self.forget_alias(alias),
+            }
+        }
+        any
+    }
+
+    /// Reads application send pool `fd` too, named `alias` on this channel.
+    pub(crate) fn add_alias(&mut self, alias: u16, fd: std::os::fd::OwnedFd) -> Result<(), RuntimeError> {
+        let key = self.views.add_beside(capnet_proto::app::SEND_POOL, fd).map_err(ipc_err)?;
+        self.aliases.retain(|(a, _)| *a != alias);
+        self.aliases.push((alias, key));
+        self.gone.retain(|a| *a != alias);
+        Ok(())
+    }
+
+    /// Forgets the pool named `alias` (handles on it keep their mapping
+    /// until they drop).
+    pub(crate) fn forget_alias(&mut self, alias: u16) {
+        if let Some(k) = self.aliases.iter().position(|(a, _)| *a == alias) {
+            let (_, key) = self.aliases.remove(k);
+            self.views.remove(key);
+            self.gone.push_back(alias);
+            if self.gone.len() > GONE_KEPT {
+                self.gone.pop_front();
+            }
+        }
+    }
+
+    /// Takes over the aliased pools `old` read and its queue (a fresh
+    /// channel to a restarted lender: the applications' pools are the same).
+    pub(crate) fn inherit_aliases(&mut self, old: &FramesIn) -> Result<(), RuntimeError> {
+        self.incoming = old.incoming.clone();
+        for (alias, key) in &old.aliases {
+            if let Some(fd) = old.views.fd(*key) {
+                self.add_alias(*alias, fd.try_clone_to_owned().map_err(ipc_err)?)?;
+            }
+        }
+        self.gone = old.gone.clone();
+        Ok(())
     }
 
     /// The lender's pool: its key and the fd of our view of it.
@@ -102,7 +185,12 @@ impl FramesIn {
     pub(crate) fn flush_returns(&mut self) -> Result<(), RuntimeError> {
         self.returns.take(&mut self.tickets);
         for t in self.tickets.drain(..) {
-            let d = Descriptor { pool: self.key.id, flags: Descriptor::RETURN, index: t as u32, offset: 0, len: 0 };
+            // A ticket is the buffer's index, above it an alias's pool id.
+            let pool = match (t >> 32) as u16 {
+                0 => self.key.id,
+                alias => alias,
+            };
+            let d = Descriptor { pool, flags: Descriptor::RETURN, index: t as u32, offset: 0, len: 0 };
             self.back.push(d);
         }
         while !self.back.is_empty() {
@@ -128,15 +216,54 @@ impl FramesIn {
         self.flush_returns()?;
         self.inbox.clear();
         let k = self.end.recv(&mut self.inbox, max.saturating_sub(self.frame.pieces())).map_err(peer_err)?;
-        for d in &self.inbox {
+        self.take_incoming();
+        let inbox = std::mem::take(&mut self.inbox);
+        let r = self.take_pieces(&inbox, &mut each);
+        self.inbox = inbox;
+        r?;
+        self.flush_returns()?;
+        Ok(k)
+    }
+
+    /// Gathers `inbox`'s pieces into chains, handing each whole one to `each`.
+    fn take_pieces(
+        &mut self,
+        inbox: &[Descriptor],
+        each: &mut impl FnMut(&Chain, Option<u16>) -> Result<(), RuntimeError>,
+    ) -> Result<(), RuntimeError> {
+        for d in inbox {
             if d.has(Descriptor::RETURN) || d.flags & !(Descriptor::MORE | Descriptor::TSO) != 0 {
                 return Err(RuntimeError::Peer(format!("{d:?} on a channel that only lends frames")));
             }
-            if d.pool != self.key.id {
-                return Err(RuntimeError::Peer(format!("{d:?} names another pool than {}", self.key.id)));
-            }
-            let loan =
-                Loan { ticket: u64::from(d.index), pool: self.key, index: d.index, offset: d.offset, len: d.len };
+            let known = |me: &Self| me.aliases.iter().find(|(a, _)| *a == d.pool).map(|(_, k)| *k);
+            let alias = match known(self) {
+                None if d.pool != self.key.id && self.take_incoming() => known(self),
+                k => k,
+            };
+            let (key, ticket) = if d.pool == self.key.id {
+                (self.key, u64::from(d.index))
+            } else if let Some(key) = alias {
+                self.borrowed_pieces += 1;
+                (key, u64::from(d.pool) << 32 | u64::from(d.index))
+            } else if self.gone.contains(&d.pool) && !d.has(Descriptor::TSO) {
+                // Lent before the lender heard the application left: its frame
+                // goes unsent, this piece back at once.
+                self.back.push(Descriptor {
+                    pool: d.pool,
+                    flags: Descriptor::RETURN,
+                    index: d.index,
+                    offset: 0,
+                    len: 0,
+                });
+                self.doomed = true;
+                if !d.has(Descriptor::MORE) {
+                    self.drop_doomed();
+                }
+                continue;
+            } else {
+                return Err(RuntimeError::Peer(format!("{d:?} names a pool it may not lend")));
+            };
+            let loan = Loan { ticket, pool: key, index: d.index, offset: d.offset, len: d.len };
             let piece = self.views.borrow(&loan, &self.returns).map_err(peer_err)?;
             if d.has(Descriptor::TSO) {
                 // A TSO chain is led by a piece holding its segment size.
@@ -156,12 +283,23 @@ impl FramesIn {
                 return Err(RuntimeError::Peer(format!("a chain of over {MAX_FRAME} bytes")));
             }
             if !d.has(Descriptor::MORE) {
+                if self.doomed {
+                    self.drop_doomed();
+                    continue;
+                }
                 let frame = std::mem::take(&mut self.frame);
                 each(&frame, self.mss.take())?;
             }
         }
-        self.flush_returns()?;
-        Ok(k)
+        Ok(())
+    }
+
+    /// Drops the chain gathered so far (it named a forgotten pool).
+    fn drop_doomed(&mut self) {
+        self.frame = Chain::new();
+        self.mss = None;
+        self.doomed = false;
+        self.dropped_gone += 1;
     }
 }
 
@@ -174,17 +312,36 @@ pub struct FramesOut {
     pub(crate) peer: ReaderId,
     pub(crate) batch: Vec<Descriptor>,
     pub(crate) inbox: Vec<Descriptor>,
+    /// The peer is the driver (not a wire's other instance): it views the
+    /// applications' send pools, so a frame's payload is lent where it lies.
+    to_driver: bool,
+    /// Handles on applications' buffers lent in place, by (alias, buffer),
+    /// in the order lent, until the peer gives each back.
+    lent: VecDeque<(u16, u32, Lent)>,
 }
 
+/// The most header bytes a frame lent in place may have (Ethernet, IPv4 and
+/// TCP with all their options: 14 + 60 + 60).
+const MAX_HEAD: usize = 134;
+
 impl FramesOut {
-    pub(crate) fn new(end: ShmEnd, pool: BufferPool, peer: ReaderId) -> Self {
-        Self { end, pool, peer, batch: Vec::with_capacity(BATCH), inbox: Vec::with_capacity(1024) }
+    pub(crate) fn new(end: ShmEnd, pool: BufferPool, peer: ReaderId, to_driver: bool) -> Self {
+        let (batch, inbox) = (Vec::with_capacity(BATCH), Vec::with_capacity(1024));
+        Self { end, pool, peer, batch, inbox, to_driver, lent: VecDeque::new() }
     }
 
-    /// Lends the frames at the front of `backlog` and removes those sent:
-    /// each copied from its handles into a buffer of our pool (the one copy
-    /// a frame makes to reach the driver).
-    pub fn send(&mut self, backlog: &mut VecDeque<(Chain, Option<u16>)>) -> Result<(), RuntimeError> {
+    /// Lends the frames at the front of `backlog` and removes those sent. A
+    /// frame whose payload lies in applications' send pools the driver views
+    /// (`aliases`: each pool's key and the id channel T names it by) goes as
+    /// its headers, copied into a buffer of our pool, then its payload's
+    /// buffers, lent in place; any other is copied from its handles into one
+    /// buffer of our pool (the one copy a frame makes to reach the driver).
+    pub fn send(
+        &mut self,
+        backlog: &mut VecDeque<(Chain, Option<u16>)>,
+        aliases: &[(PoolKey, u16)],
+    ) -> Result<(), RuntimeError> {
+        let aliases = if self.to_driver { aliases } else { &[] };
         while !backlog.is_empty() {
             self.batch.clear();
             // Only whole chains, and only as many descriptors as the ring takes.
@@ -192,10 +349,16 @@ impl FramesOut {
             let mut frames = 0;
             for (f, tso) in backlog.iter() {
                 let start = self.batch.len();
-                // A frame is one buffer (FRAME_LAYOUT holds the largest), a TSO
-                // frame's segment size one more.
-                let pieces = 1 + usize::from(tso.is_some());
-                if start + pieces > room || self.pool.held_by(self.peer) as usize + pieces > QUOTA as usize {
+                // A frame is one buffer (FRAME_LAYOUT holds the largest), or
+                // its headers' and its payload's in place; a TSO frame's
+                // segment size one more.
+                let in_place = in_place(f, aliases);
+                let mine = 1 + usize::from(tso.is_some());
+                let pieces = mine + in_place.as_ref().map_or(0, |(_, p)| p.len());
+                if start + pieces > room
+                    || self.pool.held_by(self.peer) as usize + mine > QUOTA as usize
+                    || self.lent.len() + (pieces - mine) > QUOTA as usize
+                {
                     break; // the ring or the peer's quota is full: wait for returns
                 }
                 // A TSO frame's chain is led by a piece holding its segment size.
@@ -204,15 +367,36 @@ impl FramesOut {
                     d.flags |= Descriptor::TSO | Descriptor::MORE;
                     self.batch.push(d);
                 }
-                let Some(d) = self.pool.fill_from(f).map_err(ipc_err)? else {
+                let filled = match &in_place {
+                    Some((head, _)) => {
+                        // The headers only: parsed bytes, not payload.
+                        let mut bytes = [0u8; MAX_HEAD];
+                        let n = f.peek(0, &mut bytes[..*head]);
+                        self.pool.fill(&bytes[..n])
+                    }
+                    None => self.pool.fill_from(f),
+                };
+                let Some(mut d) = filled.map_err(ipc_err)? else {
                     for d in self.batch.drain(start..) {
                         self.pool.release(d.index).map_err(ipc_err)?;
                     }
                     break; // every buffer is out: wait for returns
                 };
+                if in_place.is_some() {
+                    d.flags |= Descriptor::MORE;
+                }
                 self.batch.push(d);
                 for d in &self.batch[start..] {
                     self.pool.lend(self.peer, d).map_err(ipc_err)?;
+                }
+                if let Some((_, payload)) = in_place {
+                    let last = payload.len() - 1;
+                    for (i, (alias, piece)) in payload.into_iter().enumerate() {
+                        let (_, index, offset) = piece.place().ok_or_else(|| ipc_err("a lent piece off its pool"))?;
+                        let flags = if i < last { Descriptor::MORE } else { 0 };
+                        self.batch.push(Descriptor { pool: alias, flags, index, offset, len: piece.len() as u32 });
+                        self.lent.push_back((alias, index, piece));
+                    }
                 }
                 frames += 1;
             }
@@ -241,10 +425,50 @@ impl FramesOut {
                 if !d.has(Descriptor::RETURN) {
                     return Err(RuntimeError::Peer(format!("peer sent {d:?} on the channel it only returns on")));
                 }
-                self.pool.give_back(self.peer, d).map_err(peer_err)?;
+                if d.pool == self.pool.id() {
+                    self.pool.give_back(self.peer, d).map_err(peer_err)?;
+                    continue;
+                }
+                // A buffer lent in place (the first lent of it: any of its
+                // loans frees the same buffer).
+                match self.lent.iter().position(|(a, i, _)| (*a, *i) == (d.pool, d.index)) {
+                    Some(k) => drop(self.lent.remove(k)),
+                    None => return Err(RuntimeError::Peer(format!("peer returned {d:?}, which it was never lent"))),
+                }
             }
         }
     }
+}
+
+/// How frame `f` goes to the driver in place, if it can: the length of its
+/// headers (the leading handles of our own, at most [`MAX_HEAD`] bytes) and
+/// each of its payload's handles with the alias of the pool it lies in —
+/// when every one lies in a pool of `aliases`.
+fn in_place(f: &Chain, aliases: &[(PoolKey, u16)]) -> Option<(usize, Vec<(u16, Lent)>)> {
+    if aliases.is_empty() {
+        return None;
+    }
+    let mut pieces = f.iter();
+    let mut head = 0;
+    let mut payload = Vec::new();
+    for l in pieces.by_ref() {
+        if l.borrowed() {
+            payload.push(l);
+            break;
+        }
+        head += l.len();
+    }
+    payload.extend(pieces);
+    // With its header's and a TSO piece, one frame fits a batch.
+    if head == 0 || head > MAX_HEAD || payload.is_empty() || payload.len() + 2 > BATCH {
+        return None;
+    }
+    let alias = |l: &Lent| {
+        let key = l.pool_key()?;
+        aliases.iter().find(|(k, _)| *k == key).map(|(_, a)| (*a, l.clone()))
+    };
+    let lent: Option<Vec<(u16, Lent)>> = payload.into_iter().map(alias).collect();
+    lent.map(|l| (head, l))
 }
 
 /// What one group owns before the two are joined: its pool (a
@@ -361,7 +585,8 @@ impl StackHalf {
         };
         let rx = shm_channel::attach::<Descriptor>(r_area, their_r, End::B, params).map_err(peer_err)?;
         let tx = shm_channel::attach::<Descriptor>(t_area, their_t, End::A, params).map_err(peer_err)?;
-        Ok((FramesIn::new(rx, view_id, peer.pool)?, FramesOut::new(tx, tx_pool, peer_reader)))
+        let to_driver = kind == Peer::Driver;
+        Ok((FramesIn::new(rx, view_id, peer.pool)?, FramesOut::new(tx, tx_pool, peer_reader, to_driver)))
     }
 }
 
@@ -373,4 +598,105 @@ pub enum Peer {
     /// Another capnet instance's stack half (the in-memory wire): the two lend
     /// each other frames from their tx pools.
     Wire,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use capnet_ipc::lent::Ledger;
+    use capnet_ipc::pool::PoolLayout;
+    use capnet_proto::app::SEND_POOL;
+
+    const ALIAS: u16 = 0x100;
+
+    /// ip's end of channel T and the driver's, joined here.
+    fn channel_t() -> (FramesOut, FramesIn) {
+        let (driver, stack) = (DriverHalf::new().expect("driver half"), StackHalf::new().expect("stack half"));
+        let (to_stack, to_driver) = (driver.grant().expect("grant"), stack.grant().expect("grant"));
+        let (_from_driver, out) = stack.attach(to_stack, Peer::Driver).expect("stack attaches");
+        let t = shm_channel::attach::<Descriptor>(driver.0.t_area, to_driver.t_area, End::B, ChannelParams::default())
+            .expect("driver attaches");
+        (out, FramesIn::new(t, TX_POOL, to_driver.pool).expect("driver's end"))
+    }
+
+    /// An application's send pool, and ip's view of it: a borrowed handle on
+    /// `payload` in one of its buffers (as tcp lends it on), with the key.
+    fn lent_payload(payload: &[u8]) -> (LoanPool, PoolKey, Lent, Views) {
+        let layout = PoolLayout { buf_size: 65536, count: 4, headroom: 0 };
+        let mut app = LoanPool::create("capnet-test-app-send", SEND_POOL, layout).expect("app pool");
+        let mut views = Views::new();
+        let fd = app.region().fd().try_clone_to_owned().expect("dup");
+        let key = views.add_beside(SEND_POOL, fd).expect("ip's view");
+        let mine = app.fill(payload).expect("a buffer");
+        let loan = Ledger::new(4).lend(&mine).expect("lent");
+        let theirs = views.borrow(&loan, &Returns::new()).expect("borrowed");
+        (app, key, theirs, views)
+    }
+
+    fn frame(header: &[u8], payload: Lent) -> VecDeque<(Chain, Option<u16>)> {
+        let mut f = Chain::from(header.to_vec());
+        f.push(payload);
+        VecDeque::from([(f, None)])
+    }
+
+    #[test]
+    fn a_payload_in_an_application_pool_reaches_the_driver_in_place_and_comes_back() {
+        let (mut out, mut input) = channel_t();
+        let (app, key, piece, _views) = lent_payload(&[7; 3000]);
+        input.add_alias(ALIAS, app.region().fd().try_clone_to_owned().expect("dup")).expect("driver's view");
+        let mut backlog = frame(&[1; 54], piece);
+        out.send(&mut backlog, &[(key, ALIAS)]).expect("send");
+        assert!(backlog.is_empty());
+        assert_eq!(out.lent.len(), 1, "the payload's buffer is lent, not copied");
+        let mut got = Vec::new();
+        input.recv(256, |f, _| Ok(got.push(f.to_vec()))).expect("recv");
+        assert_eq!(got, vec![[vec![1; 54], vec![7; 3000]].concat()], "headers then the payload");
+        assert_eq!(input.borrowed_pieces, 1);
+        input.flush_returns().expect("returns");
+        out.take_returns().expect("returns");
+        assert_eq!((out.lent.len(), out.pool.held_by(out.peer)), (0, 0), "both buffers came back");
+    }
+
+    #[test]
+    fn without_the_drivers_view_a_frame_is_copied_whole() {
+        let (mut out, mut input) = channel_t();
+        let (_app, _key, piece, _views) = lent_payload(&[7; 3000]);
+        let mut backlog = frame(&[1; 54], piece);
+        out.send(&mut backlog, &[]).expect("send");
+        assert_eq!(out.lent.len(), 0);
+        let mut got = Vec::new();
+        input.recv(256, |f, _| Ok(got.push(f.len()))).expect("recv");
+        assert_eq!((got, input.borrowed_pieces), (vec![3054], 0));
+    }
+
+    #[test]
+    fn a_driver_refuses_an_unknown_pool_and_drops_a_forgotten_ones_frame() {
+        // ip names a pool the driver was never granted: ip broke the channel.
+        let (mut out, mut input) = channel_t();
+        let (_app, key, piece, _views) = lent_payload(&[7; 3000]);
+        out.send(&mut frame(&[1; 54], piece), &[(key, ALIAS)]).expect("send");
+        assert!(input.recv(256, |_, _| Ok(())).is_err(), "a pool it may not lend");
+
+        // Forgotten since (the application left): the frame is dropped, its
+        // pieces given back.
+        let (mut out, mut input) = channel_t();
+        let (app, key, piece, _views) = lent_payload(&[7; 3000]);
+        input.add_alias(ALIAS, app.region().fd().try_clone_to_owned().expect("dup")).expect("view");
+        input.forget_alias(ALIAS);
+        out.send(&mut frame(&[1; 54], piece), &[(key, ALIAS)]).expect("send");
+        let mut frames = 0;
+        input.recv(256, |_, _| Ok(frames += 1)).expect("recv");
+        assert_eq!((frames, input.dropped_gone), (0, 1));
+        input.flush_returns().expect("returns");
+        out.take_returns().expect("returns");
+        assert_eq!((out.lent.len(), out.pool.held_by(out.peer)), (0, 0), "both came back");
+    }
+
+    #[test]
+    fn ip_refuses_a_return_of_a_buffer_it_never_lent() {
+        let (mut out, mut input) = channel_t();
+        let bogus = Descriptor { pool: ALIAS, flags: Descriptor::RETURN, index: 3, offset: 0, len: 0 };
+        input.end.send(&[bogus]).expect("send the return");
+        assert!(out.take_returns().is_err());
+    }
 }

@@ -6,7 +6,6 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::graph::{self};
 use crate::groups::Running;
 use anyhow::{Context, Result};
 use capnet::attach::AppSide;
@@ -64,12 +63,19 @@ pub(crate) fn attach_app(running: &mut Running, id: u64, conn: &UnixStream, thei
     Ok(())
 }
 
-/// How many applications the sockets group has fds for: each holds five (its
-/// channel area and pool, its send pool, and the group's own two), beside the
-/// forty or so the group keeps for its channels and itself. One more would
+/// How many applications every group has fds for: the sockets group holds
+/// five for each (its channel area and pool, its send pool, and the group's
+/// own two), a group viewing the send pools one more (its view), beside the
+/// forty or so each keeps for its channels and itself. One more would
 /// truncate a capability message (`MSG_CTRUNC`) and end the group.
-pub(crate) fn max_applications(group: &graph::Group) -> usize {
-    (group.sandbox.nofile.saturating_sub(40) / 5).max(1) as usize
+pub(crate) fn max_applications(running: &Running) -> usize {
+    let each = |gi: usize| 5 * u64::from(gi == running.sockets) + u64::from(running.views_sends(gi));
+    (0..running.groups.len())
+        .filter(|&gi| each(gi) > 0)
+        .map(|gi| running.graph.groups[gi].sandbox.nofile.saturating_sub(40) / each(gi))
+        .min()
+        .unwrap_or(1)
+        .max(1) as usize
 }
 
 /// Handshakes with applications under way at once: the next waits for one of

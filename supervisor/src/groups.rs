@@ -118,9 +118,12 @@ pub(crate) struct Running {
     /// The driver's frame pool now (its side of the frame channel), granted
     /// read-only to every group whose tcp ip lends it buffers of.
     pub(crate) frame_pool: Option<OwnedFd>,
-    /// Each attached application's send pool, granted read-only to every
-    /// group [`Running::views_sends`] (and again to one that restarts).
-    pub(crate) app_pools: Vec<(u64, OwnedFd)>,
+    /// Each attached application's send pool and the pool id the frame
+    /// channel names it by, granted read-only to every group
+    /// [`Running::views_sends`] (and again to one that restarts).
+    pub(crate) app_pools: Vec<(u64, u16, OwnedFd)>,
+    /// The alias the next application's pool is given (the next unused from here).
+    pub(crate) next_alias: u16,
 }
 
 /// A tcp domain swapped out (`capnet swap tcp`): it keeps its process and its
@@ -189,6 +192,7 @@ impl Running {
             programs: Default::default(),
             frame_pool: None,
             app_pools: Vec::new(),
+            next_alias: *capnet_proto::frames::APP_POOL_ALIASES.start(),
         };
         let mut sides = Sides::new();
         for gi in 0..r.graph.groups.len() {
@@ -217,16 +221,26 @@ impl Running {
 
     /// Whether group `gi` is lent buffers of the applications' send pools:
     /// it runs tcp or ip apart from the sockets domain (which lends them on
-    /// to tcp, tcp to ip).
+    /// to tcp, tcp to ip), or it is one end of the frame channel (ip lends
+    /// them on to the driver, naming each by its alias).
     pub(crate) fn views_sends(&self, gi: usize) -> bool {
-        !self.runs(gi, Kind::Sockets) && (self.runs(gi, Kind::Tcp) || self.runs(gi, Kind::Ip))
+        (!self.runs(gi, Kind::Sockets) && (self.runs(gi, Kind::Tcp) || self.runs(gi, Kind::Ip)))
+            || self.runs(gi, Kind::Ip) != self.runs(gi, Kind::Driver)
     }
 
-    /// Grants group `gi` a view of application `app`'s send pool `pool` and
-    /// waits until it took it.
-    fn grant_app_pool(&self, gi: usize, app: u64, pool: &OwnedFd) -> Result<()> {
+    /// The groups [`Running::views_sends`], the driver's first (ip may lend
+    /// it a pool as soon as ip views it).
+    fn send_viewers(&self) -> Vec<usize> {
+        let mut v: Vec<usize> = (0..self.groups.len()).filter(|&g| self.views_sends(g)).collect();
+        v.sort_by_key(|&g| g != self.driver);
+        v
+    }
+
+    /// Grants group `gi` a view of application `app`'s send pool `pool`
+    /// (`alias` on the frame channel) and waits until it took it.
+    fn grant_app_pool(&self, gi: usize, app: u64, alias: u16, pool: &OwnedFd) -> Result<()> {
         let g = &self.groups[gi];
-        send_msg(&g.sock, &Control::AppPool(app))?;
+        send_msg(&g.sock, &Control::AppPool { app, alias })?;
         let cap = Cap::new(CapKind::Pool, Rights::READ | Rights::MAP | Rights::GRANT, 0, pool.try_clone()?)?;
         send_caps(g.sock.as_fd(), &[(&cap, Rights::READ | Rights::MAP)])?;
         g.expect(|e| matches!(e, Event::Relinked(x) if x == capnet_proto::group::APP_POOL))
@@ -238,18 +252,26 @@ impl Running {
     /// its buffers views it first (the sockets domain is granted the
     /// application only after this).
     pub(crate) fn app_pool_granted(&mut self, app: u64, pool: OwnedFd) -> Result<()> {
-        for gi in (0..self.groups.len()).filter(|&g| self.views_sends(g)) {
-            self.grant_app_pool(gi, app, &pool)?;
+        let aliases = capnet_proto::frames::APP_POOL_ALIASES;
+        let mut alias = self.next_alias;
+        while self.app_pools.iter().any(|(_, a, _)| *a == alias) {
+            alias = if alias == *aliases.end() { *aliases.start() } else { alias + 1 };
         }
-        self.app_pools.push((app, pool));
+        self.next_alias = if alias == *aliases.end() { *aliases.start() } else { alias + 1 };
+        // Recorded first: a grant that fails half-way is taken back by app_pool_gone.
+        self.app_pools.push((app, alias, pool.try_clone()?));
+        for gi in self.send_viewers() {
+            self.grant_app_pool(gi, app, alias, &pool)?;
+        }
         Ok(())
     }
 
     /// Application `app` is gone (or never attached): the groups viewing its
     /// send pool forget it.
     pub(crate) fn app_pool_gone(&mut self, app: u64) {
-        self.app_pools.retain(|(a, _)| *a != app);
-        for g in (0..self.groups.len()).filter(|&g| self.views_sends(g)) {
+        self.app_pools.retain(|(a, _, _)| *a != app);
+        // The driver last: ip stops lending the pool before the driver lets go.
+        for g in self.send_viewers().into_iter().rev() {
             let _ = send_msg(&self.groups[g].sock, &Control::AppPoolGone(app));
         }
     }
@@ -258,8 +280,8 @@ impl Running {
     /// application's pool before its channels are joined.
     fn grant_app_pools(&self, gi: usize) -> Result<()> {
         if self.views_sends(gi) {
-            for (app, pool) in &self.app_pools {
-                self.grant_app_pool(gi, *app, pool)?;
+            for (app, alias, pool) in &self.app_pools {
+                self.grant_app_pool(gi, *app, *alias, pool)?;
             }
         }
         Ok(())

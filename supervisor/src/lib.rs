@@ -395,7 +395,7 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
 
     let mut apps: Vec<(u64, UnixStream)> = Vec::new();
     let mut next_app = 0u64;
-    let max_apps = max_applications(&running.graph.groups[running.sockets]);
+    let max_apps = max_applications(&running);
     while !stop.load(Ordering::Relaxed) {
         // Applications that closed their attach socket are gone (first: their
         // places are free for those attaching now).
@@ -412,7 +412,7 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
         while let Ok((conn, theirs)) = app_rx.try_recv() {
             if apps.len() >= max_apps {
                 let why = format!(
-                    "the stack serves at most {max_apps} applications at once (the sockets group's rlimits.nofile in the graph bounds them)"
+                    "the stack serves at most {max_apps} applications at once (the groups' rlimits.nofile in the graph bound them)"
                 );
                 let _ = send(&conn, &capnet::attach::AttachReply::Refused(why));
                 continue;

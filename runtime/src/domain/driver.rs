@@ -75,6 +75,12 @@ impl Driver {
         Ok(())
     }
 
+    /// The writer reads frames ip lends from application send pool `fd`
+    /// (`Some`), named `alias` on channel T, or forgets it (`None`).
+    pub fn app_pool(&self, alias: u16, fd: Option<OwnedFd>) {
+        self.rejoin.app_pools.lock().unwrap_or_else(|e| e.into_inner()).push((alias, fd));
+    }
+
     /// Joins a wire's peer (our side adopted from blanks, the peer's side as
     /// its supervisor granted it) in place of the old peer, if any.
     pub fn plug(&self, ours: StackHalf, peer: HalfGrant) -> Result<(), RuntimeError> {
@@ -100,6 +106,8 @@ fn combine(r: DeviceStats, w: DeviceStats) -> DeviceStats {
     DeviceStats {
         frames_written: w.frames_written,
         write_errors: w.write_errors,
+        send_pieces_in_place: w.send_pieces_in_place,
+        frames_dropped_pool_gone: w.frames_dropped_pool_gone,
         outbound: w.outbound,
         wire_refused: r.wire_refused + w.wire_refused,
         device_bytes: r.device_bytes + w.device_bytes,
@@ -127,10 +135,11 @@ impl DriverHalf {
         let stack_reader = Ledger::by_buffer(FRAME_LAYOUT.count, QUOTA as usize);
         let r_driver = shm_channel::attach::<Descriptor>(r_area, stack.r_area, End::A, params).map_err(peer_err)?;
         let t_driver = shm_channel::attach::<Descriptor>(t_area, stack.t_area, End::B, params).map_err(peer_err)?;
-        let t_driver = FramesIn::new(t_driver, TX_POOL, stack.pool)?;
+        let mut t_driver = FramesIn::new(t_driver, TX_POOL, stack.pool)?;
         let stop = Arc::new(AtomicBool::new(false));
         let scribble = Arc::new(std::sync::atomic::AtomicU32::new(0));
         let rejoin = Arc::new(Rejoin::default());
+        t_driver.incoming = rejoin.app_pools.clone();
         let wfd = fd.as_ref().map(OwnedFd::try_clone).transpose()?;
         let none = capnet_driver::impair::Impairment::NONE;
         let rx = Edge::new(fd, vnet, &tap, LinkImpairment { inbound: link.inbound, outbound: none })?;
@@ -172,6 +181,9 @@ struct Rejoin {
     writer: std::sync::Mutex<Option<FramesIn>>,
     /// A wire's new peer: the reader's part and the writer's.
     wire: std::sync::Mutex<(Option<FramesIn>, Option<FramesOut>)>,
+    /// Applications' send pools the writer reads ip's frames from (`Some`:
+    /// a view of it) or forgets (`None`), by alias: its channel T's queue.
+    app_pools: Arc<AliasQueue>,
     /// Set for the reader and writer (channels to ip), then the same for the wire.
     pending: [AtomicBool; 4],
 }
@@ -449,7 +461,9 @@ fn writer_loop(side: DeviceSide, input: FramesIn) -> Result<DeviceStats, Runtime
     let mut backlog = VecDeque::new();
     while !stop.load(Ordering::Relaxed) {
         if rejoin.pending[1].swap(false, Ordering::Acquire) {
-            if let Some(i) = rejoin.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            if let Some(mut i) = rejoin.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                // The applications' pools stay ours across a new ip.
+                i.inherit_aliases(&input)?;
                 (input, broken) = (i, false);
             }
         }
@@ -465,6 +479,7 @@ fn writer_loop(side: DeviceSide, input: FramesIn) -> Result<DeviceStats, Runtime
             if scribble_once(garbage, &mut scribbled, &mut input.end, wire.as_mut().map(|w| &mut w.end)) {
                 wire = None;
             }
+            (stats.send_pieces_in_place, stats.frames_dropped_pool_gone) = (input.borrowed_pieces, input.dropped_gone);
             *live.lock().unwrap_or_else(|e| e.into_inner()) = edge.stats(stats, false);
             match &mut edge {
                 Edge::Device(dev) => dev.transmit_due(),
@@ -538,7 +553,7 @@ fn to_wire(
 /// that broke the protocol is dropped until its supervisor joins a new one.
 fn wire_round(wire: &mut Option<FramesOut>, backlog: &mut VecDeque<(Chain, Option<u16>)>, stats: &mut DeviceStats) {
     let Some(w) = wire.as_mut() else { return };
-    if let Err(_why) = w.take_returns().and_then(|_| w.send(backlog)) {
+    if let Err(_why) = w.take_returns().and_then(|_| w.send(backlog, &[])) {
         stats.wire_refused += 1;
         *wire = None;
     }

@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::time::Duration;
 
 use capnet_ip::Config;
-use capnet_ipc::lent::Chain;
+use capnet_ipc::lent::{Chain, PoolKey};
 use capnet_ipc::notify::SpinPolicy;
 use capnet_ipc::shm_channel::ShmEnd;
 use capnet_ipc::{Interest, Waiter};
@@ -30,6 +30,9 @@ pub struct StackGroup {
     /// that none is joined yet: no frame moves until a new driver is joined
     /// ([`StackGroup::rejoin`]).
     broken: Option<String>,
+    /// The applications' send pools the driver views, each with the pool id
+    /// channel T names it by: frames whose payload lies there are lent in place.
+    aliases: Vec<(PoolKey, u16)>,
 }
 
 /// Frames a peer lends over a channel (the driver's rx pool, or a wire peer's
@@ -44,7 +47,21 @@ impl StackGroup {
             waiter: Waiter::new(SpinPolicy::DEFAULT),
             backlog: VecDeque::new(),
             broken: Some("no peer has joined yet".into()),
+            aliases: Vec::new(),
         }
+    }
+
+    /// The driver views application send pool `key` as `alias`: frames whose
+    /// payload lies there go to it in place from now on.
+    pub fn lend_to_driver(&mut self, key: PoolKey, alias: u16) {
+        self.aliases.retain(|(k, a)| *k != key && *a != alias);
+        self.aliases.push((key, alias));
+    }
+
+    /// The pool named `alias` is gone: its frames are copied again (first:
+    /// the driver forgets it next).
+    pub fn forget_driver_alias(&mut self, alias: u16) {
+        self.aliases.retain(|(_, a)| *a != alias);
     }
 
     /// Joins frame channels (from [`StackHalf::attach`]) in place of whatever
@@ -97,7 +114,7 @@ impl StackGroup {
         match self.port.as_mut() {
             Some((input, out)) => {
                 input.flush_returns()?;
-                out.send(&mut self.backlog)
+                out.send(&mut self.backlog, &self.aliases)
             }
             None => Ok(()),
         }
@@ -119,7 +136,7 @@ impl StackGroup {
             any = true;
             // Answer what arrived (ACKs) before taking more.
             pump_to_backlog(cores, &mut self.backlog);
-            out.send(&mut self.backlog)?;
+            out.send(&mut self.backlog, &self.aliases)?;
         }
         any |= out.take_returns()?;
         Ok(any)

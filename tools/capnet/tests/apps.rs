@@ -190,8 +190,8 @@ fn an_application_sending_garbage_is_cut_off_and_the_others_keep_working() {
 /// lent on twice) and factored (the driver's pool lent by ip to tcp, by tcp to
 /// the sockets domain, by that to the application, each in its own process).
 /// What the application sends goes the other way as loans of its send pool
-/// (factored: the sockets domain lends them to tcp, tcp to ip), and every one
-/// comes back. A rogue giving back a loan it never had is cut off alone.
+/// (factored: the sockets domain lends them to tcp, tcp to ip; with the driver
+/// apart, ip lends the driver the payload in place), and every one comes back. A rogue giving back a loan it never had is cut off alone.
 #[test]
 fn data_is_lent_both_ways_and_comes_back() {
     use std::io::{Read, Write};
@@ -218,6 +218,11 @@ fn data_is_lent_both_ways_and_comes_back() {
         let made = up.counter("sockets", "app_loans");
         assert!(made > 0, "{mode:?}: nothing was lent to the application");
         assert_eq!(up.counter("sockets", "app_loans_held"), 0, "{mode:?}: every loan came back");
+        if mode != ["--mono"] {
+            // The driver apart wrote the application's buffers in place (ip
+            // lent them, behind headers in its own pool).
+            assert!(up.counter("driver", "send_pieces_in_place") > 0, "{mode:?}: the driver copied every frame");
+        }
         if mode.is_empty() {
             assert_eq!(up.counter("tcp", "link_sockets_lent"), 0, "factored: tcp has every loan back");
             // And what the application sent went as loans of its send pool:

@@ -96,6 +96,9 @@ fn a_tcp_transfer_survives_kill_9_of_the_driver_ip_or_udp() {
         assert!(at < LEN as u64, "{victim}: the kill landed before the end");
         let copy = std::fs::read(&got).expect("curl's copy");
         assert!(copy == data, "{victim}: the copy differs ({} bytes of {LEN})", copy.len());
+        // The driver (a new one, too) wrote the server's buffers in place:
+        // it views every application's send pool again after its restart.
+        assert!(up.counter("driver", "send_pieces_in_place") > 0, "{victim}: the driver copied every frame");
         // Only the victim restarted: the others joined fresh channels in place.
         for n in ["driver", "ip", "tcp", "udp", "sockets"] {
             if n != victim {
