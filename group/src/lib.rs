@@ -511,24 +511,22 @@ fn control(
                     // The application made it: a bad one is its failure alone
                     // (every group refuses it alike; the sockets domain,
                     // granted it last, cuts the application off).
-                    match (driver, engine.host().cores().views.add_beside(capnet_proto::app::SEND_POOL, fd)) {
-                        // The driver's writer reads ip's frames from it (its
-                        // view only: the fd budget is one per application).
-                        (Some(d), Ok(key)) => {
-                            let cores = engine.host().cores();
-                            let fd = cores.views.fd(key).map(|f| f.try_clone_to_owned()).transpose()?;
-                            cores.views.remove(key);
-                            d.app_pool(alias, fd);
-                            relinks.app_pools.insert(app, (None, alias));
-                        }
-                        (None, Ok(key)) => {
-                            relinks.app_pools.insert(app, (Some(key), alias));
-                            // ip lends the driver frames in place from it.
-                            if let Engine::Stack(stack) = engine {
-                                stack.lend_to_driver(key, alias);
+                    if let Some(d) = driver {
+                        // The driver's writer reads ip's frames from it (and
+                        // checks it, as every view does).
+                        d.app_pool(alias, Some(fd));
+                        relinks.app_pools.insert(app, (None, alias));
+                    } else {
+                        match engine.host().cores().views.add_beside(capnet_proto::app::SEND_POOL, fd) {
+                            Ok(key) => {
+                                relinks.app_pools.insert(app, (Some(key), alias));
+                                // ip lends the driver frames in place from it.
+                                if let Engine::Stack(stack) = engine {
+                                    stack.lend_to_driver(key, alias);
+                                }
                             }
+                            Err(e) => tracing::warn!("application {app}'s send pool is refused: {e}"),
                         }
-                        (_, Err(e)) => tracing::warn!("application {app}'s send pool is refused: {e}"),
                     }
                 }
                 _ => bail!("an application's send pool without exactly its pool"),

@@ -73,8 +73,10 @@ pub struct FramesIn {
     /// The segment size the chain's first piece asked for (TSO).
     mss: Option<u16>,
     /// The applications' send pools the lender may name (the driver's
-    /// channel T: ip lends a frame's payload where it lies), by alias.
+    /// channel T: ip lends a frame's payload where it lies), by alias, and
+    /// our views of them.
     aliases: Vec<(u16, PoolKey)>,
+    app_views: Views,
     /// Aliases forgotten lately: a piece naming one (lent before the lender
     /// heard) drops its frame, given back unread.
     gone: VecDeque<u16>,
@@ -113,6 +115,7 @@ impl FramesIn {
             frame: Chain::new(),
             mss: None,
             aliases: Vec::new(),
+            app_views: Views::new(),
             gone: VecDeque::new(),
             doomed: false,
             borrowed_pieces: 0,
@@ -142,7 +145,7 @@ impl FramesIn {
 
     /// Reads application send pool `fd` too, named `alias` on this channel.
     pub(crate) fn add_alias(&mut self, alias: u16, fd: std::os::fd::OwnedFd) -> Result<(), RuntimeError> {
-        let key = self.views.add_beside(capnet_proto::app::SEND_POOL, fd).map_err(ipc_err)?;
+        let key = self.app_views.add_beside(capnet_proto::app::SEND_POOL, fd).map_err(ipc_err)?;
         self.aliases.retain(|(a, _)| *a != alias);
         self.aliases.push((alias, key));
         self.gone.retain(|a| *a != alias);
@@ -154,7 +157,7 @@ impl FramesIn {
     pub(crate) fn forget_alias(&mut self, alias: u16) {
         if let Some(k) = self.aliases.iter().position(|(a, _)| *a == alias) {
             let (_, key) = self.aliases.remove(k);
-            self.views.remove(key);
+            self.app_views.remove(key);
             self.gone.push_back(alias);
             if self.gone.len() > GONE_KEPT {
                 self.gone.pop_front();
@@ -164,15 +167,11 @@ impl FramesIn {
 
     /// Takes over the aliased pools `old` read and its queue (a fresh
     /// channel to a restarted lender: the applications' pools are the same).
-    pub(crate) fn inherit_aliases(&mut self, old: &FramesIn) -> Result<(), RuntimeError> {
+    pub(crate) fn inherit_aliases(&mut self, old: &mut FramesIn) {
         self.incoming = old.incoming.clone();
-        for (alias, key) in &old.aliases {
-            if let Some(fd) = old.views.fd(*key) {
-                self.add_alias(*alias, fd.try_clone_to_owned().map_err(ipc_err)?)?;
-            }
-        }
-        self.gone = old.gone.clone();
-        Ok(())
+        self.aliases = std::mem::take(&mut old.aliases);
+        self.app_views = std::mem::take(&mut old.app_views);
+        self.gone = std::mem::take(&mut old.gone);
     }
 
     /// The lender's pool: its key and the fd of our view of it.
@@ -264,7 +263,8 @@ impl FramesIn {
                 return Err(RuntimeError::Peer(format!("{d:?} names a pool it may not lend")));
             };
             let loan = Loan { ticket, pool: key, index: d.index, offset: d.offset, len: d.len };
-            let piece = self.views.borrow(&loan, &self.returns).map_err(peer_err)?;
+            let views = if key == self.key { &self.views } else { &self.app_views };
+            let piece = views.borrow(&loan, &self.returns).map_err(peer_err)?;
             if d.has(Descriptor::TSO) {
                 // A TSO chain is led by a piece holding its segment size.
                 let mut mss = [0u8; 2];
@@ -649,7 +649,12 @@ mod tests {
         assert!(backlog.is_empty());
         assert_eq!(out.lent.len(), 1, "the payload's buffer is lent, not copied");
         let mut got = Vec::new();
-        input.recv(256, |f, _| Ok(got.push(f.to_vec()))).expect("recv");
+        input
+            .recv(256, |f, _| {
+                got.push(f.to_vec());
+                Ok(())
+            })
+            .expect("recv");
         assert_eq!(got, vec![[vec![1; 54], vec![7; 3000]].concat()], "headers then the payload");
         assert_eq!(input.borrowed_pieces, 1);
         input.flush_returns().expect("returns");
@@ -665,7 +670,12 @@ mod tests {
         out.send(&mut backlog, &[]).expect("send");
         assert_eq!(out.lent.len(), 0);
         let mut got = Vec::new();
-        input.recv(256, |f, _| Ok(got.push(f.len()))).expect("recv");
+        input
+            .recv(256, |f, _| {
+                got.push(f.len());
+                Ok(())
+            })
+            .expect("recv");
         assert_eq!((got, input.borrowed_pieces), (vec![3054], 0));
     }
 
@@ -685,7 +695,12 @@ mod tests {
         input.forget_alias(ALIAS);
         out.send(&mut frame(&[1; 54], piece), &[(key, ALIAS)]).expect("send");
         let mut frames = 0;
-        input.recv(256, |_, _| Ok(frames += 1)).expect("recv");
+        input
+            .recv(256, |_, _| {
+                frames += 1;
+                Ok(())
+            })
+            .expect("recv");
         assert_eq!((frames, input.dropped_gone), (0, 1));
         input.flush_returns().expect("returns");
         out.take_returns().expect("returns");

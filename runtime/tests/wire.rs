@@ -27,7 +27,7 @@ fn a_peer_faster_than_the_stack_never_stops_the_driver() {
         (0..2000).map(|i| (vec![i as u8; 50_000].into(), None)).collect();
     for _ in 0..400 {
         to_driver.take_returns().expect("returns");
-        to_driver.send(&mut backlog).expect("send");
+        to_driver.send(&mut backlog, &[]).expect("send");
         std::thread::sleep(Duration::from_millis(2));
     }
     assert!(!d.ended(), "the driver's threads are running");

@@ -244,6 +244,8 @@ impl Edge {
                     rx_dropped: own.rx_dropped,
                     wire_refused: own.wire_refused,
                     pool_in_use: own.pool_in_use,
+                    send_pieces_in_place: own.send_pieces_in_place,
+                    frames_dropped_pool_gone: own.frames_dropped_pool_gone,
                     ..dev
                 }
             }
@@ -463,7 +465,7 @@ fn writer_loop(side: DeviceSide, input: FramesIn) -> Result<DeviceStats, Runtime
         if rejoin.pending[1].swap(false, Ordering::Acquire) {
             if let Some(mut i) = rejoin.writer.lock().unwrap_or_else(|e| e.into_inner()).take() {
                 // The applications' pools stay ours across a new ip.
-                i.inherit_aliases(&input)?;
+                i.inherit_aliases(&mut input);
                 (input, broken) = (i, false);
             }
         }
