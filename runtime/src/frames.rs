@@ -352,13 +352,12 @@ impl FramesOut {
                 // A frame is one buffer (FRAME_LAYOUT holds the largest), or
                 // its headers' and its payload's in place; a TSO frame's
                 // segment size one more.
-                let in_place = in_place(f, aliases);
+                // Past the driver's quota of loans in place the frame is copied
+                // (a driver that keeps them holds only its quota).
+                let in_place = in_place(f, aliases).filter(|(_, p)| self.lent.len() + p.len() <= QUOTA as usize);
                 let mine = 1 + usize::from(tso.is_some());
                 let pieces = mine + in_place.as_ref().map_or(0, |(_, p)| p.len());
-                if start + pieces > room
-                    || self.pool.held_by(self.peer) as usize + mine > QUOTA as usize
-                    || self.lent.len() + (pieces - mine) > QUOTA as usize
-                {
+                if start + pieces > room || self.pool.held_by(self.peer) as usize + mine > QUOTA as usize {
                     break; // the ring or the peer's quota is full: wait for returns
                 }
                 // A TSO frame's chain is led by a piece holding its segment size.
@@ -705,6 +704,36 @@ mod tests {
         input.flush_returns().expect("returns");
         out.take_returns().expect("returns");
         assert_eq!((out.lent.len(), out.pool.held_by(out.peer)), (0, 0), "both came back");
+    }
+
+    #[test]
+    fn past_the_drivers_quota_of_loans_in_place_frames_are_copied() {
+        let (mut out, mut input) = channel_t();
+        let (app, key, piece, _views) = lent_payload(&[7; 3000]);
+        input.add_alias(ALIAS, app.region().fd().try_clone_to_owned().expect("dup")).expect("driver's view");
+        let n = QUOTA as usize / 2 + 8;
+        let frame = || {
+            let mut f = Chain::from(vec![1u8; 54]);
+            f.push(piece.slice(0..1000));
+            f.push(piece.slice(1000..2000));
+            (f, None)
+        };
+        let mut backlog: VecDeque<_> = (0..n).map(|_| frame()).collect();
+        // The driver takes every frame and gives nothing back.
+        let mut held = Vec::new();
+        for _ in 0..100 {
+            out.send(&mut backlog, &[(key, ALIAS)]).expect("send");
+            input
+                .recv(1024, |f, _| {
+                    held.push(f.clone());
+                    Ok(())
+                })
+                .expect("recv");
+        }
+        assert!(backlog.is_empty(), "no frame waits for the driver's returns");
+        assert_eq!(out.lent.len(), QUOTA as usize, "lent in place up to the quota, then copied");
+        assert_eq!(held.len(), n);
+        assert!(held.iter().all(|f| f.to_vec() == [vec![1; 54], vec![7; 2000]].concat()));
     }
 
     #[test]
