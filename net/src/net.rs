@@ -239,6 +239,9 @@ pub enum Hostile {
     /// Writes this byte over every buffer of its send pool, among them those
     /// it lent and the stack still holds.
     ScribbleSends(u8),
+    /// Sends on this TCP socket a loan of its send pool past the pool's end
+    /// (`false`), or of a pool it was never granted (`true`).
+    LendBeyond(Handle, bool),
 }
 
 #[cfg(feature = "hostile")]
@@ -255,6 +258,17 @@ impl Stack {
                 c.msg.channel().send(&[d]).map_err(broken)?;
             }
             Hostile::ScribbleSends(byte) => c.send_pool.hostile_scribble(byte),
+            Hostile::LendBeyond(handle, foreign) => {
+                let mut pool = c.send_pool.key();
+                if foreign {
+                    pool.gen = pool.gen.wrapping_add(1);
+                }
+                let index = if foreign { 0 } else { c.send_pool.layout().count };
+                let loan = capnet_ipc::lent::Loan { ticket: 1, pool, index, offset: 0, len: 4096 };
+                let call = Call::TcpSend { handle, data: Payload::Lent(vec![loan]) };
+                let b = encode(&Request::<Payload> { id: 1 << 41, call }).map_err(io::Error::other)?;
+                c.msg.send(&b).map_err(broken)?;
+            }
             Hostile::RecvUnread(handle, count) => {
                 let max = MAX_READ_BYTES as u32;
                 for id in 0..u64::from(count) {

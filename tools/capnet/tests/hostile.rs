@@ -250,6 +250,38 @@ print(json.dumps({'bytes': n, 'scribbled': e}))
     }
 }
 
+/// Issue 20, distrust: an application lending a buffer past its send pool's
+/// end, or of a pool it was never granted, is cut off alone, on the
+/// monolithic stack and the factored one; the other application's stream and
+/// every domain carry on.
+#[test]
+fn an_application_lending_beyond_its_send_pool_is_cut_off_alone() {
+    use capnet::net::Hostile;
+    for (tag, mode) in [("ho-beyond", &[][..]), ("ho-beyondm", &["--mono"][..])] {
+        let up = Up::new(CAPNET, tag, mode);
+        let _echo = capnet_testkit::tcp_echo_server(&up, 7212);
+        let good = Stack::attach(up.name()).expect("attach");
+        let peer = SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), 7212);
+        let mut conn = TcpStream::connect(&good, peer).expect("connect");
+        conn.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let before = domains(&up);
+        for foreign in [false, true] {
+            let bad = Stack::attach(up.name()).expect("attach the hostile one");
+            let s = TcpStream::connect(&bad, peer).expect("connect");
+            bad.hostile(Hostile::LendBeyond(s.hostile_handle(), foreign)).expect("lend it");
+            let_go(&bad);
+            assert!(capnet::net::UdpSocket::bind(&bad, 0).is_err(), "{tag} {foreign}: it is cut off");
+        }
+        nobody_restarted(&up, &before, tag);
+        let mut buf = [0u8; 6];
+        conn.write_all(b"after!").expect("write after");
+        conn.read_exact(&mut buf).expect("echo after");
+        assert_eq!(&buf, b"after!", "{tag}: the other application's connection goes on");
+        let logs = String::from_utf8_lossy(&up.capnet(&["logs", "supervisor"]).stdout).into_owned();
+        assert!(logs.contains("lent a buffer it may not"), "{tag}: the log says why: {logs}");
+    }
+}
+
 /// `capnet echo-serve --tcp` on `port`, once it says it is serving.
 fn echo_serve_tcp(up: &Up, port: u16) -> capnet_testkit::Killed {
     use std::io::BufRead;
