@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use capnet_proto::report::Status;
 use serde::Serialize;
 
@@ -244,6 +244,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     let total =
         rounds * works.iter().map(|w| COMPS.iter().filter(|c| w.runs_on(**c) && chosen(c)).count()).sum::<usize>();
     let mut done = 0;
+    let mut failed = Vec::new();
     let started = Instant::now();
     for round in 0..rounds {
         for &w in &works {
@@ -256,7 +257,16 @@ pub fn run(args: &BenchArgs) -> Result<()> {
                 }
                 done += 1;
                 eprint!("\r[{done}/{total}] round {}/{rounds}: {} on {:<40}", round + 1, w.name(), c.label());
-                let s = env.measure(c, w, &sizes).with_context(|| format!("{} on {}", w.name(), c.label()))?;
+                // A run that fails is reported, and the others go on.
+                let s = match env.measure(c, w, &sizes) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let why = format!("{} on {}: {e:#}", w.name(), c.label());
+                        eprintln!("\rcapnet bench: failed: {why}");
+                        failed.push(why);
+                        continue;
+                    }
+                };
                 match results.iter_mut().find(|r| r.0 == w && r.1 == c) {
                     Some(r) => r.2.push(s),
                     None => results.push((w, c, vec![s])),
@@ -267,7 +277,7 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     eprintln!("\rcapnet bench: {total} runs in {:.0} s{:60}", started.elapsed().as_secs_f64(), "");
     drop(env);
     let wake_us = wake_cost_us(if args.quick { 500 } else { 5000 })?;
-    let report = Report::new(rounds, args.quick, sizes, &results, wake_us);
+    let report = Report::new(rounds, args.quick, sizes, &results, wake_us, failed);
     if args.json {
         println!("{}", serde_json::to_string_pretty(&report.json())?);
     } else {
@@ -275,6 +285,9 @@ pub fn run(args: &BenchArgs) -> Result<()> {
     }
     if let Some(dir) = &args.write_docs {
         report.write_docs(dir)?;
+    }
+    if !report.failed.is_empty() {
+        bail!("{} of {total} runs failed (listed with the tables)", report.failed.len());
     }
     Ok(())
 }

@@ -42,6 +42,9 @@ pub(crate) struct Report {
     /// What waking a sleeping domain on the same core costs here, µs (measured
     /// in this run: [`wake_cost_us`]).
     pub(crate) wake_us: f64,
+    /// Runs that failed, each "WORKLOAD on COMPOSITION: why" (their cells
+    /// hold only the other rounds' figures, or none).
+    pub(crate) failed: Vec<String>,
 }
 
 pub(crate) fn med(v: Vec<f64>) -> f64 {
@@ -55,6 +58,7 @@ impl Report {
         sizes: Sizes,
         results: &[(Work, Comp, Vec<Sample>)],
         wake_us: f64,
+        failed: Vec<String>,
     ) -> Self {
         let figures: Vec<Figure> = results
             .iter()
@@ -117,6 +121,7 @@ impl Report {
             factored_over_mono,
             factored_over_mono_wire,
             wake_us,
+            failed,
         }
     }
 
@@ -158,7 +163,7 @@ impl Report {
         json!({
             "machine": self.machine, "date": self.date, "command": self.command, "rounds": self.rounds,
             "quick": self.quick, "sizes": self.sizes, "wake_us": self.wake_us,
-            "compositions": compositions, "runs": runs, "ratios": ratios,
+            "compositions": compositions, "runs": runs, "ratios": ratios, "failed": self.failed,
         })
     }
 
@@ -277,6 +282,12 @@ impl Report {
             self.sizes.connects,
             self.sizes.udp_secs
         );
+        if !self.failed.is_empty() {
+            t += "\nRuns that failed (their cells hold only the other rounds' figures, or none):\n\n";
+            for f in &self.failed {
+                t += &format!("- {f}\n");
+            }
+        }
         t
     }
 
