@@ -249,6 +249,7 @@ fn run(sock: &UnixStream, spec: &GroupSpec, tune_tcp: fn(&mut capnet_tcp::Config
         pending: Vec::new(),
         reported: Vec::new(),
         app_pools: Default::default(),
+        retiring: Vec::new(),
     };
     let mut drained = false;
     #[cfg(feature = "hostile")]
@@ -311,6 +312,14 @@ fn run(sock: &UnixStream, spec: &GroupSpec, tune_tcp: fn(&mut capnet_tcp::Config
         }
         if last_control.elapsed() >= CONTROL_TICK {
             last_control = Instant::now();
+            let views = &mut engine.host().cores().views;
+            relinks.retiring.retain(|(at, key)| {
+                let keep = at.elapsed() < RETIRE_GRACE;
+                if !keep {
+                    views.remove(*key);
+                }
+                keep
+            });
             if !control(sock, sockets.as_mut(), &mut engine, driver.as_ref(), &tap, &mut relinks)? {
                 tracing::info!("the supervisor is gone: exiting");
                 return Ok(());
@@ -445,7 +454,14 @@ struct Relinks {
     reported: Vec<(String, bool)>,
     /// The applications' send pools viewed here, by application.
     app_pools: std::collections::BTreeMap<u64, (Option<capnet_ipc::lent::PoolKey>, u16)>,
+    /// Send pools of applications gone, retired since when (forgotten after
+    /// [`RETIRE_GRACE`]).
+    retiring: Vec<(Instant, capnet_ipc::lent::PoolKey)>,
 }
+
+/// How long a departed application's send pool is still read: longer than
+/// any loan of it takes to cross a ring.
+const RETIRE_GRACE: Duration = Duration::from_secs(10);
 
 /// This group's side of a fresh channel.
 enum Side {
@@ -537,7 +553,11 @@ fn control(
         if let Control::AppPoolGone(app) = msg {
             if let Some((key, alias)) = relinks.app_pools.remove(&app) {
                 if let Some(key) = key {
-                    engine.host().cores().views.remove(key);
+                    // Lent on no more from now; loans of it already on their
+                    // way here (a tcp lending before it heard) are still read
+                    // until the grace is over.
+                    engine.host().cores().views.retire(key);
+                    relinks.retiring.push((Instant::now(), key));
                 }
                 if let Engine::Stack(stack) = engine {
                     stack.forget_driver_alias(alias);

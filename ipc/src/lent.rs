@@ -930,6 +930,8 @@ pub struct Views {
     views: Vec<(PoolKey, Arc<RegionRo>, PoolLayout)>,
     /// The keys added with [`Views::add_beside`]: each current while viewed.
     beside: Vec<PoolKey>,
+    /// Keys retired ([`Views::retire`]): read still, lent on no more.
+    retired: Vec<PoolKey>,
 }
 
 impl Views {
@@ -981,8 +983,9 @@ impl Views {
     /// lent on (a borrower viewing the pools as we do may have let an older
     /// one go).
     pub fn is_current(&self, key: PoolKey) -> bool {
-        self.beside.contains(&key)
-            || self.views.iter().rev().find(|(k, _, _)| k.id == key.id).is_some_and(|(k, _, _)| *k == key)
+        !self.retired.contains(&key)
+            && (self.beside.contains(&key)
+                || self.views.iter().rev().find(|(k, _, _)| k.id == key.id).is_some_and(|(k, _, _)| *k == key))
     }
 
     /// The fd of the view of `key` (to grant it on).
@@ -1000,6 +1003,17 @@ impl Views {
     pub fn remove(&mut self, key: PoolKey) {
         self.views.retain(|(k, _, _)| *k != key);
         self.beside.retain(|k| *k != key);
+        self.retired.retain(|k| *k != key);
+    }
+
+    /// Lends on nothing of pool `key` from now on, while loans of it already
+    /// made to us (in flight on a ring) are still read: its owner is gone, and
+    /// those who lend us its buffers stop at about the same time. Removed
+    /// later with [`Views::remove`].
+    pub fn retire(&mut self, key: PoolKey) {
+        if !self.retired.contains(&key) {
+            self.retired.push(key);
+        }
     }
 
     /// Handles on what `loans` name, in order (see [`Views::borrow`]).
@@ -1181,6 +1195,8 @@ mod tests {
         let r = Returns::new();
         let loan = |k| Loan { ticket: 1, pool: k, index: 0, offset: 0, len: 8 };
         assert!(views.borrow(&loan(ka), &r).is_ok(), "the first is read still");
+        views.retire(ka);
+        assert!(!views.is_current(ka) && views.borrow(&loan(ka), &r).is_ok(), "a retired one is read, not lent on");
         views.remove(ka);
         assert!(!views.is_current(ka) && views.borrow(&loan(ka), &r).is_err(), "a removed one is gone");
         assert!(views.is_current(kb));
