@@ -532,6 +532,21 @@ fn control(
                         // checks it, as every view does).
                         d.app_pool(alias, Some(fd));
                         relinks.app_pools.insert(app, (None, alias));
+                    } else if sockets.is_some() {
+                        // The sockets domain here views it already (granted
+                        // with its application, after this): ip, lent nothing
+                        // of it by another group, needs only its key, to name
+                        // it to the driver.
+                        match capnet_ipc::region::inode(fd.as_fd()) {
+                            Ok(gen) => {
+                                let key = capnet_ipc::lent::PoolKey { id: capnet_proto::app::SEND_POOL, gen };
+                                relinks.app_pools.insert(app, (None, alias));
+                                if let Engine::Stack(stack) = engine {
+                                    stack.lend_to_driver(key, alias);
+                                }
+                            }
+                            Err(e) => tracing::warn!("application {app}'s send pool is refused: {e}"),
+                        }
                     } else {
                         match engine.host().cores().views.add_beside(capnet_proto::app::SEND_POOL, fd) {
                             Ok(key) => {

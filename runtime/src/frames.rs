@@ -354,9 +354,9 @@ impl FramesOut {
                 // segment size one more.
                 // Past the driver's quota of loans in place the frame is copied
                 // (a driver that keeps them holds only its quota).
-                let in_place = in_place(f, aliases).filter(|(_, p)| self.lent.len() + p.len() <= QUOTA as usize);
+                let in_place = in_place(f, aliases).filter(|(_, n)| self.lent.len() + n <= QUOTA as usize);
                 let mine = 1 + usize::from(tso.is_some());
-                let pieces = mine + in_place.as_ref().map_or(0, |(_, p)| p.len());
+                let pieces = mine + in_place.map_or(0, |(_, n)| n);
                 if start + pieces > room || self.pool.held_by(self.peer) as usize + mine > QUOTA as usize {
                     break; // the ring or the peer's quota is full: wait for returns
                 }
@@ -366,11 +366,11 @@ impl FramesOut {
                     d.flags |= Descriptor::TSO | Descriptor::MORE;
                     self.batch.push(d);
                 }
-                let filled = match &in_place {
+                let filled = match in_place {
                     Some((head, _)) => {
                         // The headers only: parsed bytes, not payload.
                         let mut bytes = [0u8; MAX_HEAD];
-                        let n = f.peek(0, &mut bytes[..*head]);
+                        let n = f.peek(0, &mut bytes[..head]);
                         self.pool.fill(&bytes[..n])
                     }
                     None => self.pool.fill_from(f),
@@ -388,13 +388,15 @@ impl FramesOut {
                 for d in &self.batch[start..] {
                     self.pool.lend(self.peer, d).map_err(ipc_err)?;
                 }
-                if let Some((_, payload)) = in_place {
-                    let last = payload.len() - 1;
-                    for (i, (alias, piece)) in payload.into_iter().enumerate() {
-                        let (_, index, offset) = piece.place().ok_or_else(|| ipc_err("a lent piece off its pool"))?;
-                        let flags = if i < last { Descriptor::MORE } else { 0 };
+                if let Some((_, n)) = in_place {
+                    for (i, piece) in f.iter().skip(f.pieces() - n).enumerate() {
+                        let lent_as = alias_of(piece, aliases).zip(piece.place());
+                        let Some((alias, (_, index, offset))) = lent_as else {
+                            return Err(ipc_err("a piece in_place took is off its pool"));
+                        };
+                        let flags = if i + 1 < n { Descriptor::MORE } else { 0 };
                         self.batch.push(Descriptor { pool: alias, flags, index, offset, len: piece.len() as u32 });
-                        self.lent.push_back((alias, index, piece));
+                        self.lent.push_back((alias, index, piece.clone()));
                     }
                 }
                 frames += 1;
@@ -441,33 +443,26 @@ impl FramesOut {
 
 /// How frame `f` goes to the driver in place, if it can: the length of its
 /// headers (the leading handles of our own, at most [`MAX_HEAD`] bytes) and
-/// each of its payload's handles with the alias of the pool it lies in —
-/// when every one lies in a pool of `aliases`.
-fn in_place(f: &Chain, aliases: &[(PoolKey, u16)]) -> Option<(usize, Vec<(u16, Lent)>)> {
+/// how many handles its payload is — when every one of those lies in a pool
+/// of `aliases`.
+fn in_place(f: &Chain, aliases: &[(PoolKey, u16)]) -> Option<(usize, usize)> {
     if aliases.is_empty() {
         return None;
     }
-    let mut pieces = f.iter();
-    let mut head = 0;
-    let mut payload = Vec::new();
-    for l in pieces.by_ref() {
-        if l.borrowed() {
-            payload.push(l);
-            break;
-        }
-        head += l.len();
-    }
-    payload.extend(pieces);
+    let head_pieces = f.iter().take_while(|l| !l.borrowed()).count();
+    let head: usize = f.iter().take(head_pieces).map(Lent::len).sum();
+    let payload = f.pieces() - head_pieces;
     // With its header's and a TSO piece, one frame fits a batch.
-    if head == 0 || head > MAX_HEAD || payload.is_empty() || payload.len() + 2 > BATCH {
+    if head == 0 || head > MAX_HEAD || payload == 0 || payload + 2 > BATCH {
         return None;
     }
-    let alias = |l: &Lent| {
-        let key = l.pool_key()?;
-        aliases.iter().find(|(k, _)| *k == key).map(|(_, a)| (*a, l.clone()))
-    };
-    let lent: Option<Vec<(u16, Lent)>> = payload.into_iter().map(alias).collect();
-    lent.map(|l| (head, l))
+    f.iter().skip(head_pieces).all(|l| alias_of(l, aliases).is_some()).then_some((head, payload))
+}
+
+/// The alias of the pool handle `l` lies in, if `aliases` names it.
+fn alias_of(l: &Lent, aliases: &[(PoolKey, u16)]) -> Option<u16> {
+    let key = l.pool_key()?;
+    aliases.iter().find(|(k, _)| *k == key).map(|(_, a)| *a)
 }
 
 /// What one group owns before the two are joined: its pool (a
@@ -632,6 +627,19 @@ mod tests {
         (app, key, theirs, views)
     }
 
+    /// The driver's writer views the application's pool as [`ALIAS`].
+    fn driver_views(input: &mut FramesIn, app: &LoanPool) {
+        input.add_alias(ALIAS, app.region().fd().try_clone_to_owned().expect("dup")).expect("driver's view");
+    }
+
+    /// The driver gives back all it holds: ip has both its header buffers and
+    /// the application's buffers back.
+    fn all_back(out: &mut FramesOut, input: &mut FramesIn) {
+        input.flush_returns().expect("returns");
+        out.take_returns().expect("returns");
+        assert_eq!((out.lent.len(), out.pool.held_by(out.peer)), (0, 0), "everything came back");
+    }
+
     fn frame(header: &[u8], payload: Lent) -> VecDeque<(Chain, Option<u16>)> {
         let mut f = Chain::from(header.to_vec());
         f.push(payload);
@@ -642,7 +650,7 @@ mod tests {
     fn a_payload_in_an_application_pool_reaches_the_driver_in_place_and_comes_back() {
         let (mut out, mut input) = channel_t();
         let (app, key, piece, _views) = lent_payload(&[7; 3000]);
-        input.add_alias(ALIAS, app.region().fd().try_clone_to_owned().expect("dup")).expect("driver's view");
+        driver_views(&mut input, &app);
         let mut backlog = frame(&[1; 54], piece);
         out.send(&mut backlog, &[(key, ALIAS)]).expect("send");
         assert!(backlog.is_empty());
@@ -656,9 +664,7 @@ mod tests {
             .expect("recv");
         assert_eq!(got, vec![[vec![1; 54], vec![7; 3000]].concat()], "headers then the payload");
         assert_eq!(input.borrowed_pieces, 1);
-        input.flush_returns().expect("returns");
-        out.take_returns().expect("returns");
-        assert_eq!((out.lent.len(), out.pool.held_by(out.peer)), (0, 0), "both buffers came back");
+        all_back(&mut out, &mut input);
     }
 
     #[test]
@@ -690,7 +696,7 @@ mod tests {
         // pieces given back.
         let (mut out, mut input) = channel_t();
         let (app, key, piece, _views) = lent_payload(&[7; 3000]);
-        input.add_alias(ALIAS, app.region().fd().try_clone_to_owned().expect("dup")).expect("view");
+        driver_views(&mut input, &app);
         input.forget_alias(ALIAS);
         out.send(&mut frame(&[1; 54], piece), &[(key, ALIAS)]).expect("send");
         let mut frames = 0;
@@ -701,16 +707,14 @@ mod tests {
             })
             .expect("recv");
         assert_eq!((frames, input.dropped_gone), (0, 1));
-        input.flush_returns().expect("returns");
-        out.take_returns().expect("returns");
-        assert_eq!((out.lent.len(), out.pool.held_by(out.peer)), (0, 0), "both came back");
+        all_back(&mut out, &mut input);
     }
 
     #[test]
     fn past_the_drivers_quota_of_loans_in_place_frames_are_copied() {
         let (mut out, mut input) = channel_t();
         let (app, key, piece, _views) = lent_payload(&[7; 3000]);
-        input.add_alias(ALIAS, app.region().fd().try_clone_to_owned().expect("dup")).expect("driver's view");
+        driver_views(&mut input, &app);
         let n = QUOTA as usize / 2 + 8;
         let frame = || {
             let mut f = Chain::from(vec![1u8; 54]);

@@ -65,11 +65,12 @@ pub(crate) fn attach_app(running: &mut Running, id: u64, conn: &UnixStream, thei
 
 /// How many applications every group has fds for: the sockets group holds
 /// five for each (its channel area and pool, its send pool, and the group's
-/// own two), a group viewing the send pools one more (its view), beside the
+/// own two), another group viewing the send pools one (its view), beside the
 /// forty or so each keeps for its channels and itself. One more would
 /// truncate a capability message (`MSG_CTRUNC`) and end the group.
 pub(crate) fn max_applications(running: &Running) -> usize {
-    let each = |gi: usize| 5 * u64::from(gi == running.sockets) + u64::from(running.views_sends(gi));
+    let sockets = |gi: usize| gi == running.sockets;
+    let each = |gi: usize| 5 * u64::from(sockets(gi)) + u64::from(running.views_sends(gi) && !sockets(gi));
     (0..running.groups.len())
         .filter(|&gi| each(gi) > 0)
         .map(|gi| running.graph.groups[gi].sandbox.nofile.saturating_sub(40) / each(gi))

@@ -253,11 +253,12 @@ impl Running {
     /// application only after this).
     pub(crate) fn app_pool_granted(&mut self, app: u64, pool: OwnedFd) -> Result<()> {
         let aliases = capnet_proto::frames::APP_POOL_ALIASES;
+        let after = |a: u16| if a == *aliases.end() { *aliases.start() } else { a + 1 };
         let mut alias = self.next_alias;
         while self.app_pools.iter().any(|(_, a, _)| *a == alias) {
-            alias = if alias == *aliases.end() { *aliases.start() } else { alias + 1 };
+            alias = after(alias);
         }
-        self.next_alias = if alias == *aliases.end() { *aliases.start() } else { alias + 1 };
+        self.next_alias = after(alias);
         // Recorded first: a grant that fails half-way is taken back by app_pool_gone.
         self.app_pools.push((app, alias, pool.try_clone()?));
         for gi in self.send_viewers() {

@@ -143,6 +143,24 @@ fn let_go(stack: &Stack) {
     }
 }
 
+/// A good application and its connection to the Linux side's echo on `port`
+/// (the echo server and the attachment live as long as the values).
+fn a_good_connection(up: &Up, port: u16) -> (capnet_testkit::Killed, Stack, TcpStream) {
+    let echo = capnet_testkit::tcp_echo_server(up, port);
+    let good = Stack::attach(up.name()).expect("attach");
+    let conn = TcpStream::connect(&good, SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), port)).expect("connect");
+    conn.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+    (echo, good, conn)
+}
+
+/// The good application's connection still echoes, byte-exact.
+fn still_echoes(conn: &mut TcpStream, tag: &str) {
+    let mut buf = [0u8; 6];
+    conn.write_all(b"after!").expect("write after");
+    conn.read_exact(&mut buf).expect("echo after");
+    assert_eq!(&buf, b"after!", "{tag}: the other application's connection goes on");
+}
+
 /// Every domain still runs in the process it ran in before, never restarted.
 fn nobody_restarted(up: &Up, before: &[Value], what: &str) {
     for d in domains(up) {
@@ -160,11 +178,7 @@ fn an_application_lending_a_huge_descriptor_is_cut_off_alone() {
     use capnet::net::Hostile;
     for (tag, mode) in [("ho-len", &[][..]), ("ho-lenm", &["--mono"][..])] {
         let up = Up::new(CAPNET, tag, mode);
-        let _echo = capnet_testkit::tcp_echo_server(&up, 7201);
-        let good = Stack::attach(up.name()).expect("attach");
-        let mut conn =
-            TcpStream::connect(&good, SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), 7201)).expect("connect");
-        conn.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let (_echo, _good, mut conn) = a_good_connection(&up, 7201);
         let mut buf = [0u8; 6];
         conn.write_all(b"before").expect("write");
         conn.read_exact(&mut buf).expect("echo before");
@@ -176,9 +190,7 @@ fn an_application_lending_a_huge_descriptor_is_cut_off_alone() {
         assert!(capnet::net::UdpSocket::bind(&bad, 0).is_err(), "{tag}: a cut-off application's calls fail");
 
         nobody_restarted(&up, &before, tag);
-        conn.write_all(b"after!").expect("write after");
-        conn.read_exact(&mut buf).expect("echo after");
-        assert_eq!(&buf, b"after!", "{tag}: the other application's connection goes on");
+        still_echoes(&mut conn, tag);
         let logs = String::from_utf8_lossy(&up.capnet(&["logs", "supervisor"]).stdout).into_owned();
         assert!(logs.contains("cut application") && logs.contains("too large"), "{tag}: the log says why: {logs}");
     }
@@ -215,11 +227,7 @@ print(json.dumps({'bytes': n, 'scribbled': e}))
 ";
     for (tag, mode) in [("ho-scr", &[][..]), ("ho-scrm", &["--mono"][..])] {
         let up = Up::new(CAPNET, tag, mode);
-        let _echo = capnet_testkit::tcp_echo_server(&up, 7210);
-        let good = Stack::attach(up.name()).expect("attach");
-        let mut conn =
-            TcpStream::connect(&good, SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), 7210)).expect("connect");
-        conn.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
+        let (_echo, _good, mut conn) = a_good_connection(&up, 7210);
         let before = domains(&up);
         let reading = std::process::Command::new("ip")
             .args(["netns", "exec", up.name(), "python3", "-c", reader])
@@ -242,10 +250,7 @@ print(json.dumps({'bytes': n, 'scribbled': e}))
         assert!(r["scribbled"].as_u64() > Some(0), "{tag}: what tcp held was read in place: {r}");
 
         nobody_restarted(&up, &before, tag);
-        let mut buf = [0u8; 6];
-        conn.write_all(b"after!").expect("write after");
-        conn.read_exact(&mut buf).expect("echo after");
-        assert_eq!(&buf, b"after!", "{tag}: the other application's connection goes on");
+        still_echoes(&mut conn, tag);
         drop(bad);
     }
 }
@@ -259,11 +264,8 @@ fn an_application_lending_beyond_its_send_pool_is_cut_off_alone() {
     use capnet::net::Hostile;
     for (tag, mode) in [("ho-beyond", &[][..]), ("ho-beyondm", &["--mono"][..])] {
         let up = Up::new(CAPNET, tag, mode);
-        let _echo = capnet_testkit::tcp_echo_server(&up, 7212);
-        let good = Stack::attach(up.name()).expect("attach");
+        let (_echo, _good, mut conn) = a_good_connection(&up, 7212);
         let peer = SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), 7212);
-        let mut conn = TcpStream::connect(&good, peer).expect("connect");
-        conn.set_read_timeout(Some(Duration::from_secs(10))).expect("timeout");
         let before = domains(&up);
         for foreign in [false, true] {
             let bad = Stack::attach(up.name()).expect("attach the hostile one");
@@ -273,10 +275,7 @@ fn an_application_lending_beyond_its_send_pool_is_cut_off_alone() {
             assert!(capnet::net::UdpSocket::bind(&bad, 0).is_err(), "{tag} {foreign}: it is cut off");
         }
         nobody_restarted(&up, &before, tag);
-        let mut buf = [0u8; 6];
-        conn.write_all(b"after!").expect("write after");
-        conn.read_exact(&mut buf).expect("echo after");
-        assert_eq!(&buf, b"after!", "{tag}: the other application's connection goes on");
+        still_echoes(&mut conn, tag);
         let logs = String::from_utf8_lossy(&up.capnet(&["logs", "supervisor"]).stdout).into_owned();
         assert!(logs.contains("lent a buffer it may not"), "{tag}: the log says why: {logs}");
     }
