@@ -23,6 +23,8 @@ pub(crate) trait Net: Sync {
     fn recv(u: &mut Self::Udp, buf: &mut [u8], idle: Duration) -> io::Result<Option<usize>>;
     fn connect(&self, to: SocketAddrV4) -> io::Result<Self::Stream>;
     fn shutdown_write(s: &Self::Stream) -> io::Result<()>;
+    /// Reads and writes on `s` fail after `t` without progress.
+    fn stall_after(s: &Self::Stream, t: Duration) -> io::Result<()>;
     /// A UDP socket on any port, sending to `to`.
     fn udp_to(&self, to: SocketAddrV4) -> io::Result<Self::Udp>;
     fn send(u: &Self::Udp, d: &[u8]) -> io::Result<usize>;
@@ -92,6 +94,10 @@ impl Net for CapnetNet {
     fn shutdown_write(s: &Self::Stream) -> io::Result<()> {
         s.shutdown(std::net::Shutdown::Write)
     }
+    fn stall_after(s: &Self::Stream, t: Duration) -> io::Result<()> {
+        s.set_read_timeout(Some(t))?;
+        s.set_write_timeout(Some(t))
+    }
     fn udp_to(&self, to: SocketAddrV4) -> io::Result<Self::Udp> {
         let u = capnet::net::UdpSocket::bind(&self.next()?, 0)?;
         u.connect(to)?;
@@ -130,6 +136,10 @@ impl Net for StdNet {
     }
     fn shutdown_write(s: &Self::Stream) -> io::Result<()> {
         s.shutdown(std::net::Shutdown::Write)
+    }
+    fn stall_after(s: &Self::Stream, t: Duration) -> io::Result<()> {
+        s.set_read_timeout(Some(t))?;
+        s.set_write_timeout(Some(t))
     }
     fn udp_to(&self, to: SocketAddrV4) -> io::Result<Self::Udp> {
         let u = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, 0))?;
@@ -332,12 +342,19 @@ pub(crate) fn write_bytes(w: &mut impl Write, mut n: usize, buf: &[u8]) -> io::R
     Ok(())
 }
 
+/// How long a client's connection may make no progress before its run fails
+/// (a stalled run is reported, not waited for).
+const STALL: Duration = Duration::from_secs(60);
+
 /// Connects, retrying while the server is not up yet (a bench's own setup race).
 pub(crate) fn connect<N: Net>(net: &N, to: SocketAddrV4) -> Result<N::Stream> {
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         match net.connect(to) {
-            Ok(s) => return Ok(s),
+            Ok(s) => {
+                N::stall_after(&s, STALL).context("setting the stall timeouts")?;
+                return Ok(s);
+            }
             Err(e) if Instant::now() > deadline => return Err(e).context(format!("connecting to {to}")),
             Err(_) => std::thread::sleep(Duration::from_millis(20)),
         }

@@ -743,6 +743,49 @@ fn peers_that_never_read_pin_at_most_the_memory_budget() {
     assert!(got.iter().all(|g| g[..] == data[..]), "byte-exact on every connection");
 }
 
+/// A connection that heard the peer's FIN can receive nothing more, so the
+/// window it offered no longer holds memory. Before, every TIME-WAIT kept its
+/// window charged: the server end of a connection-setup bench over the
+/// 64 KiB-MTU wire (windows of ~500 KB) spent a 256 MiB budget after ~540
+/// connections and the next ones stalled until they were reset.
+#[test]
+fn time_wait_connections_hold_no_window() {
+    let mut net = Net::with_config(0.0, 0.0, 11, |c| {
+        c.memory = 1 << 20;
+        c.recv_buffer = 256 << 10;
+    });
+    let l = net.b.listen(80, 16).unwrap();
+    for i in 0..24 {
+        let c = net.a.connect(net.now, B, 80).unwrap();
+        let mut s = None;
+        net.run_until(Duration::from_secs(5), |n| {
+            s = s.or_else(|| n.b.accept(l).unwrap());
+            s.is_some() && n.a.connected(c) == Ok(true)
+        });
+        let s = s.unwrap();
+        // A sends a byte; B reads it and closes first (it ends in TIME-WAIT),
+        // as the bench's server does; A closes when it hears B's FIN.
+        assert_eq!(net.a.send(net.now, c, b"c").unwrap(), 1);
+        let mut got = Vec::new();
+        net.run_until(Duration::from_secs(5), |n| {
+            if let Received::Data(d) = n.b.recv(n.now, s, 16).unwrap() {
+                got.extend(d.to_vec());
+            }
+            !got.is_empty()
+        });
+        assert_eq!(got, b"c", "connection {i} carries its byte");
+        net.b.close(net.now, s).unwrap();
+        net.run_until(Duration::from_secs(5), |n| matches!(n.a.recv(n.now, c, 16), Ok(Received::Eof)));
+        net.a.close(net.now, c).unwrap();
+        net.run_until(Duration::from_secs(5), |n| {
+            n.b.info(s).is_ok_and(|i| i.state == capnet_tcp::ConnState::TimeWait)
+        });
+    }
+    let waiting = net.b.sockets().0.iter().filter(|i| i.state == capnet_tcp::ConnState::TimeWait).count();
+    assert_eq!(waiting, 24, "B keeps every TIME-WAIT");
+    assert_eq!(net.b.memory_used(), 0, "and charges none of their windows");
+}
+
 /// Issue 18, finding 8: a peer that holds its window shut kept a connection its
 /// application had closed, and the data queued on it, for ever. A closed
 /// connection now gives up after `orphan_retries` probes (Linux's

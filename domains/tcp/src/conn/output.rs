@@ -379,7 +379,9 @@ impl Conn {
     /// the windows of all connections within the budget, so no data inside a
     /// window offered is ever dropped for want of memory.
     pub fn held(&self) -> usize {
-        let window = if self.rcv_adv.lt(self.rcv_nxt) { 0 } else { self.rcv_adv.since(self.rcv_nxt) };
+        // After the peer's FIN nothing more can arrive: the window it was
+        // offered is no longer a promise (a TIME-WAIT holds only itself).
+        let window = if self.fin_rcvd || self.rcv_adv.lt(self.rcv_nxt) { 0 } else { self.rcv_adv.since(self.rcv_nxt) };
         self.snd_buf.len() + self.rcv_buf.len() + window
     }
 
