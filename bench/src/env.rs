@@ -123,8 +123,10 @@ impl Env {
         let port = 5001;
         let server_addr = if c == Comp::Linux { VETH_SERVER } else { SERVER };
         let client_args: Vec<String> = match w {
-            Work::BulkSend(n) => vec!["read".into(), n.to_string(), sizes.bulk_bytes.to_string()],
-            Work::BulkRecv(n) => vec!["write".into(), n.to_string(), sizes.bulk_bytes.to_string()],
+            Work::BulkSend(_) | Work::BulkRecv(_) | Work::Borrowing { .. } => {
+                let (n, send) = w.bulk().expect("a bulk workload");
+                vec![if send { "read" } else { "write" }.into(), n.to_string(), sizes.bulk_bytes.to_string()]
+            }
             Work::Rr(size) => vec!["rr".into(), size.to_string(), sizes.rr_count.to_string()],
             Work::Connect => vec!["connect".into(), sizes.connects.to_string()],
             Work::Udp(size) => vec!["udp".into(), size.to_string(), sizes.udp_secs.to_string()],
@@ -136,13 +138,15 @@ impl Env {
         let app_before = capnet_ipc::pool::bytes_copied();
         let mut sample = match c {
             Comp::Capnet(..) | Comp::Wire(..) => {
-                let net = CapnetNet::server(self.netns(c));
+                let in_place = matches!(w, Work::Borrowing { .. });
+                let net = CapnetNet::server(self.netns(c)).in_place(in_place);
                 let server = serve(&net, w, port, sizes)?;
                 let rings = RingWatch::start(self.netns(c));
                 let figures = match c {
                     Comp::Wire(..) => {
                         let to = SocketAddrV4::new(server_addr.parse()?, port);
-                        client(&CapnetNet::client(&format!("{}-peer", self.netns(c)))?, to, &client_args[2..])?
+                        let peer = CapnetNet::client(&format!("{}-peer", self.netns(c)))?.in_place(in_place);
+                        client(&peer, to, &client_args[2..])?
                     }
                     _ => self.client(self.netns(c), &client_args)?,
                 };

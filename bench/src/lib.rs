@@ -130,6 +130,10 @@ enum Work {
     BulkSend(usize),
     /// Linux sends to the stack.
     BulkRecv(usize),
+    /// One stream like `BulkSend(1)` (`send`) or `BulkRecv(1)`, the capnet
+    /// side's applications using the borrowing calls: the stack's buffers
+    /// read in place, the bytes to send made in the send buffers.
+    Borrowing { send: bool },
     /// TCP request/response of `size` bytes each way, one transaction at a time.
     Rr(usize),
     /// TCP connections opened, one byte each way, closed.
@@ -138,9 +142,11 @@ enum Work {
     Udp(usize),
 }
 
-const WORKS: [Work; 9] = [
+const WORKS: [Work; 11] = [
     Work::BulkSend(1),
     Work::BulkRecv(1),
+    Work::Borrowing { send: true },
+    Work::Borrowing { send: false },
     Work::BulkSend(8),
     Work::BulkRecv(8),
     Work::Rr(1),
@@ -155,6 +161,8 @@ impl Work {
         match self {
             Work::BulkSend(n) => format!("TCP bulk, stack sends, {n} stream{}", if n > 1 { "s" } else { "" }),
             Work::BulkRecv(n) => format!("TCP bulk, stack receives, {n} stream{}", if n > 1 { "s" } else { "" }),
+            Work::Borrowing { send: true } => "TCP bulk, stack sends, 1 stream, borrowing calls".into(),
+            Work::Borrowing { send: false } => "TCP bulk, stack receives, 1 stream, borrowing calls".into(),
             Work::Rr(1) => "TCP request/response, 1 B".into(),
             Work::Rr(s) => format!("TCP request/response, {} KiB", s / 1024),
             Work::Connect => "TCP connection setup".into(),
@@ -164,7 +172,7 @@ impl Work {
 
     fn unit(self) -> &'static str {
         match self {
-            Work::BulkSend(_) | Work::BulkRecv(_) => "Gbit/s",
+            Work::BulkSend(_) | Work::BulkRecv(_) | Work::Borrowing { .. } => "Gbit/s",
             Work::Rr(_) => "transactions/s",
             Work::Connect => "connections/s",
             Work::Udp(_) => "datagrams/s",
@@ -172,7 +180,21 @@ impl Work {
     }
 
     fn runs_on(self, c: Comp) -> bool {
-        matches!(self, Work::Udp(_)) || c != Comp::Device
+        match self {
+            Work::Udp(_) => true,
+            Work::Borrowing { .. } => matches!(c, Comp::Capnet(..) | Comp::Wire(..)),
+            _ => c != Comp::Device,
+        }
+    }
+
+    /// A bulk workload's streams, and whether the stack sends.
+    fn bulk(self) -> Option<(usize, bool)> {
+        match self {
+            Work::BulkSend(n) => Some((n, true)),
+            Work::BulkRecv(n) => Some((n, false)),
+            Work::Borrowing { send } => Some((1, send)),
+            _ => None,
+        }
     }
 }
 
@@ -368,7 +390,7 @@ fn costs(s: &mut Sample, w: Work, sizes: &Sizes, before: &Status, after: &Status
     let sum = |st: &Status, suffix: &str| total(st, &|k| k.starts_with("link_") && k.ends_with(suffix));
     let copied = |st: &Status| total(st, &|k| k == "bytes_copied" || k == "device_bytes");
     let payload = match w {
-        Work::BulkSend(_) | Work::BulkRecv(_) => sizes.bulk_bytes as f64,
+        Work::BulkSend(_) | Work::BulkRecv(_) | Work::Borrowing { .. } => sizes.bulk_bytes as f64,
         Work::Rr(size) => (2 * size * sizes.rr_count) as f64,
         Work::Connect => 0.0,
         Work::Udp(size) => s.value * sizes.udp_secs * size as f64,
@@ -390,7 +412,7 @@ fn costs(s: &mut Sample, w: Work, sizes: &Sizes, before: &Status, after: &Status
     if msgs > 0 {
         s.costs.wakes_per_msg = Some(wakes as f64 / msgs as f64);
         let units = match w {
-            Work::BulkSend(_) | Work::BulkRecv(_) => sizes.bulk_bytes as f64 / 1000.0,
+            Work::BulkSend(_) | Work::BulkRecv(_) | Work::Borrowing { .. } => sizes.bulk_bytes as f64 / 1000.0,
             Work::Rr(_) => sizes.rr_count as f64,
             Work::Connect => sizes.connects as f64,
             Work::Udp(_) => (s.value * sizes.udp_secs).max(1.0),

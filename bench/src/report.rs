@@ -252,10 +252,12 @@ impl Report {
             t += &format!(" {} | {} | {} |\n", opt(c.msgs, 2), opt(c.wakes_per_msg, 3), opt(c.ring_max, 0));
         }
         t += "\nCopies per byte of payload (medians): every copy of payload bytes the stack's processes and the \
-              capnet side's applications made — into and out of pool buffers, rkyv encoding and decoding, the \
-              protocol cores' queues and segments, an application call's copy into or out of its buffer, and the \
-              device's read and write calls (the kernel's copy) — over the payload moved. Headers copied out to \
-              be parsed are not payload and not counted; on the in-memory wire the peer instance's application \
+              capnet side's applications made — into and out of pool buffers, the payload a message carries inline \
+              (into the archive and the channel's buffer, out of them again), the protocol cores' queues and \
+              segments, an application call's copy into or out of its buffer, and the device's read and write \
+              calls (the kernel's copy) — over the payload moved. Headers copied out to be parsed, and the rest \
+              of a message (a call, the loans naming lent buffers), are not payload and not counted; a borrowing \
+              read's checksum reads every byte in place and copies none; on the in-memory wire the peer instance's application \
               runs in the bench's process too, so its copies are counted as well.\n\n| workload |";
         let capnets: Vec<Comp> =
             COMPS.iter().copied().filter(|c| matches!(c, Comp::Capnet(..) | Comp::Wire(..))).collect();

@@ -28,6 +28,26 @@ pub(crate) trait Net: Sync {
     /// A UDP socket on any port, sending to `to`.
     fn udp_to(&self, to: SocketAddrV4) -> io::Result<Self::Udp>;
     fn send(u: &Self::Udp, d: &[u8]) -> io::Result<usize>;
+    /// Writes `n` bytes (`buf`'s, over and over): a bulk sender.
+    fn write_bulk(s: &mut Self::Stream, n: usize, buf: &[u8]) -> io::Result<()> {
+        write_bytes(s, n, buf)
+    }
+    /// Reads to the end of the stream (into `buf`, over and over): a bulk
+    /// receiver; how many bytes.
+    fn read_bulk(s: &mut Self::Stream, buf: &mut [u8]) -> io::Result<usize> {
+        read_all(s, buf)
+    }
+}
+
+/// Reads `r` to its end into `buf`, over and over; how many bytes.
+fn read_all(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut done = 0;
+    loop {
+        match r.read(buf)? {
+            0 => return Ok(done),
+            k => done += k,
+        }
+    }
 }
 
 /// A receive that timed out is `None`.
@@ -44,6 +64,8 @@ pub(crate) fn quiet(r: io::Result<usize>) -> io::Result<Option<usize>> {
 /// on attachments made beforehand (attaching is no part of what a run times).
 pub(crate) struct CapnetNet {
     pub(crate) netns: String,
+    /// Bulk streams use the borrowing calls (`write_in_place`, `read_in_place`).
+    pub(crate) in_place: bool,
     /// A client's attachments, taken in turn (none: attach per socket).
     pub(crate) clients: Vec<capnet::net::Stack>,
     pub(crate) turn: std::sync::atomic::AtomicUsize,
@@ -51,13 +73,18 @@ pub(crate) struct CapnetNet {
 
 impl CapnetNet {
     pub(crate) fn server(netns: &str) -> Self {
-        Self { netns: netns.to_owned(), clients: Vec::new(), turn: Default::default() }
+        Self { netns: netns.to_owned(), in_place: false, clients: Vec::new(), turn: Default::default() }
+    }
+
+    /// Bulk streams use the borrowing calls (or not).
+    pub(crate) fn in_place(self, on: bool) -> Self {
+        Self { in_place: on, ..self }
     }
 
     /// With an attachment for each of up to 8 connections at once.
     pub(crate) fn client(netns: &str) -> io::Result<Self> {
         let clients = (0..8).map(|_| capnet::net::Stack::attach(netns)).collect::<io::Result<_>>()?;
-        Ok(Self { netns: netns.to_owned(), clients, turn: Default::default() })
+        Ok(Self { netns: netns.to_owned(), in_place: false, clients, turn: Default::default() })
     }
 
     pub(crate) fn next(&self) -> io::Result<capnet::net::Stack> {
@@ -68,18 +95,40 @@ impl CapnetNet {
     }
 }
 
+/// A capnet connection, and whether its bulk calls borrow.
+pub(crate) struct CapnetStream {
+    s: capnet::net::TcpStream,
+    in_place: bool,
+}
+
+impl Read for CapnetStream {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        self.s.read(buf)
+    }
+}
+
+impl Write for CapnetStream {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        self.s.write(buf)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
 impl Net for CapnetNet {
-    type Listener = capnet::net::TcpListener;
-    type Stream = capnet::net::TcpStream;
+    type Listener = (capnet::net::TcpListener, bool);
+    type Stream = CapnetStream;
     type Udp = capnet::net::UdpSocket;
     fn listen(&self, port: u16) -> io::Result<Self::Listener> {
-        capnet::net::TcpListener::bind_with_backlog(&capnet::net::Stack::attach(&self.netns)?, port, 64)
+        let l = capnet::net::TcpListener::bind_with_backlog(&capnet::net::Stack::attach(&self.netns)?, port, 64)?;
+        Ok((l, self.in_place))
     }
-    fn accept(l: &Self::Listener) -> io::Result<Self::Stream> {
-        l.accept().map(|(s, _)| s)
+    fn accept((l, in_place): &Self::Listener) -> io::Result<Self::Stream> {
+        l.accept().map(|(s, _)| CapnetStream { s, in_place: *in_place })
     }
     fn nodelay(s: &Self::Stream) {
-        let _ = s.set_nodelay(true);
+        let _ = s.s.set_nodelay(true);
     }
     fn udp(&self, port: u16) -> io::Result<Self::Udp> {
         capnet::net::UdpSocket::bind(&capnet::net::Stack::attach(&self.netns)?, port)
@@ -89,14 +138,15 @@ impl Net for CapnetNet {
         quiet(u.recv_from(buf).map(|(n, _)| n))
     }
     fn connect(&self, to: SocketAddrV4) -> io::Result<Self::Stream> {
-        capnet::net::TcpStream::connect_timeout(&self.next()?, to, Duration::from_secs(5))
+        let s = capnet::net::TcpStream::connect_timeout(&self.next()?, to, Duration::from_secs(5))?;
+        Ok(CapnetStream { s, in_place: self.in_place })
     }
     fn shutdown_write(s: &Self::Stream) -> io::Result<()> {
-        s.shutdown(std::net::Shutdown::Write)
+        s.s.shutdown(std::net::Shutdown::Write)
     }
     fn stall_after(s: &Self::Stream, t: Duration) -> io::Result<()> {
-        s.set_read_timeout(Some(t))?;
-        s.set_write_timeout(Some(t))
+        s.s.set_read_timeout(Some(t))?;
+        s.s.set_write_timeout(Some(t))
     }
     fn udp_to(&self, to: SocketAddrV4) -> io::Result<Self::Udp> {
         let u = capnet::net::UdpSocket::bind(&self.next()?, 0)?;
@@ -105,6 +155,33 @@ impl Net for CapnetNet {
     }
     fn send(u: &Self::Udp, d: &[u8]) -> io::Result<usize> {
         u.send(d)
+    }
+    /// Borrowing: the bytes are made in the send buffers (zeros, as `buf`
+    /// holds), not copied there.
+    fn write_bulk(s: &mut Self::Stream, mut n: usize, buf: &[u8]) -> io::Result<()> {
+        if !s.in_place {
+            return write_bytes(s, n, buf);
+        }
+        while n > 0 {
+            n -= s.s.write_in_place(n, |_, piece| piece.fill(0))?;
+        }
+        Ok(())
+    }
+    /// Borrowing: every byte is read where the stack's buffers hold it (its
+    /// checksum taken), none copied out.
+    fn read_bulk(s: &mut Self::Stream, buf: &mut [u8]) -> io::Result<usize> {
+        if !s.in_place {
+            return read_all(s, buf);
+        }
+        let mut done = 0;
+        loop {
+            let b = s.s.read_in_place(buf.len())?;
+            if b.is_empty() {
+                return Ok(done);
+            }
+            std::hint::black_box(b.checksum());
+            done += b.len();
+        }
     }
 }
 
@@ -160,9 +237,9 @@ pub(crate) fn serve<N: Net>(net: &N, w: Work, port: u16, sizes: &Sizes) -> Resul
     const CHUNK: usize = 1 << 20;
     let (bulk, udp_secs) = (sizes.bulk_bytes, sizes.udp_secs);
     Ok(match w {
-        Work::BulkSend(n) | Work::BulkRecv(n) => {
+        Work::BulkSend(_) | Work::BulkRecv(_) | Work::Borrowing { .. } => {
+            let (n, send) = w.bulk().expect("a bulk workload");
             let listeners = (0..n).map(|i| net.listen(port + i as u16)).collect::<io::Result<Vec<_>>>()?;
-            let send = matches!(w, Work::BulkSend(_));
             std::thread::spawn(move || {
                 let threads: Vec<_> = listeners
                     .into_iter()
@@ -171,9 +248,9 @@ pub(crate) fn serve<N: Net>(net: &N, w: Work, port: u16, sizes: &Sizes) -> Resul
                             let mut s = N::accept(&l)?;
                             let mut buf = vec![0u8; CHUNK];
                             if send {
-                                write_bytes(&mut s, bulk / n, &buf)?;
+                                N::write_bulk(&mut s, bulk / n, &buf)?;
                             } else {
-                                while s.read(&mut buf)? > 0 {}
+                                N::read_bulk(&mut s, &mut buf)?;
                             }
                             Ok(())
                         })
@@ -288,6 +365,8 @@ pub(crate) fn work_arg(w: Work) -> String {
     match w {
         Work::BulkSend(n) => format!("bulk-send:{n}"),
         Work::BulkRecv(n) => format!("bulk-recv:{n}"),
+        Work::Borrowing { send: true } => "borrowing-send".into(),
+        Work::Borrowing { send: false } => "borrowing-recv".into(),
         Work::Rr(s) => format!("rr:{s}"),
         Work::Connect => "connect".into(),
         Work::Udp(s) => format!("udp:{s}"),
@@ -300,6 +379,8 @@ pub(crate) fn parse_work(s: &str) -> Result<Work> {
     Ok(match kind {
         "bulk-send" => Work::BulkSend(n),
         "bulk-recv" => Work::BulkRecv(n),
+        "borrowing-send" => Work::Borrowing { send: true },
+        "borrowing-recv" => Work::Borrowing { send: false },
         "rr" => Work::Rr(n),
         "connect" => Work::Connect,
         "udp" => Work::Udp(n),
@@ -378,22 +459,16 @@ pub(crate) fn client<N: Net>(net: &N, to: SocketAddrV4, args: &[String]) -> Resu
                         scope.spawn(move || -> Result<usize> {
                             let mut s = connect(net, to)?;
                             let mut buf = vec![0u8; CHUNK];
-                            let mut done = 0;
                             if write {
-                                done = amount / streams;
-                                write_bytes(&mut s, done, &buf)?;
+                                let done = amount / streams;
+                                N::write_bulk(&mut s, done, &buf)?;
                                 N::shutdown_write(&s)?;
                                 // Timed to the server's end: it closes once it read everything.
-                                while s.read(&mut buf)? > 0 {}
+                                N::read_bulk(&mut s, &mut buf)?;
+                                Ok(done)
                             } else {
-                                loop {
-                                    match s.read(&mut buf)? {
-                                        0 => break,
-                                        k => done += k,
-                                    }
-                                }
+                                Ok(N::read_bulk(&mut s, &mut buf)?)
                             }
-                            Ok(done)
                         })
                     })
                     .collect();

@@ -4,18 +4,76 @@
 //! archives. The sender is untrusted, so the bytes are first copied out of shared
 //! memory into a private, aligned buffer, and only then validated (bytecheck) and
 //! deserialised: a peer can neither change them between check and use nor make the
-//! receiver read outside them. Every byte an encode or a decode copies is counted
-//! ([`crate::pool::bytes_copied`]): while payload still travels inside messages,
-//! those are payload copies (the few header bytes beside them are counted too).
+//! receiver read outside them.
+//!
+//! Payload a message carries inline — the fields marked
+//! `#[rkyv(with = PayloadBytes)]` — is counted as it is copied
+//! ([`crate::pool::bytes_copied`]): twice when encoded (serialised into the
+//! archive, and the archive into the channel's buffer or a socket), twice when
+//! decoded (the copy that brought the archive out of shared memory or a
+//! socket, and the deserialisation), three times if the archive had to be
+//! copied again to its alignment. The rest of a message (calls, handles,
+//! loans naming lent buffers) is not payload and is not counted.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 
 use rkyv::api::high::{HighDeserializer, HighSerializer, HighValidator};
 use rkyv::bytecheck::CheckBytes;
 use rkyv::rancor::Error as RancorError;
 use rkyv::ser::allocator::ArenaHandle;
+use rkyv::rancor::Fallible;
 use rkyv::util::AlignedVec;
-use rkyv::{Archive, Deserialize, Serialize};
+use rkyv::vec::ArchivedVec;
+use rkyv::with::{ArchiveWith, DeserializeWith, SerializeWith};
+use rkyv::{Archive, Deserialize, Place, Serialize};
+
+thread_local! {
+    /// Payload bytes the message this thread is encoding or decoding holds.
+    static PAYLOAD: Cell<usize> = const { Cell::new(0) };
+}
+
+/// The rkyv wrapper for a message field holding payload bytes
+/// (`#[rkyv(with = PayloadBytes)] data: Vec<u8>`): archived as a `Vec<u8>`
+/// is, and counted by [`encode`] and [`decode`] (see the module docs).
+#[derive(Debug)]
+pub struct PayloadBytes;
+
+impl ArchiveWith<Vec<u8>> for PayloadBytes {
+    type Archived = ArchivedVec<u8>;
+    type Resolver = <Vec<u8> as Archive>::Resolver;
+    fn resolve_with(field: &Vec<u8>, resolver: Self::Resolver, out: Place<Self::Archived>) {
+        field.resolve(resolver, out);
+    }
+}
+
+impl<S: Fallible + ?Sized> SerializeWith<Vec<u8>, S> for PayloadBytes
+where
+    Vec<u8>: Serialize<S>,
+{
+    fn serialize_with(field: &Vec<u8>, s: &mut S) -> Result<Self::Resolver, S::Error> {
+        PAYLOAD.set(PAYLOAD.get() + field.len());
+        field.serialize(s)
+    }
+}
+
+impl<D: Fallible + ?Sized> DeserializeWith<ArchivedVec<u8>, Vec<u8>, D> for PayloadBytes
+where
+    ArchivedVec<u8>: Deserialize<Vec<u8>, D>,
+{
+    fn deserialize_with(field: &ArchivedVec<u8>, d: &mut D) -> Result<Vec<u8>, D::Error> {
+        PAYLOAD.set(PAYLOAD.get() + field.len());
+        field.deserialize(d)
+    }
+}
+
+/// Runs `f` (an encode or a decode) and counts `copies` copies of the payload
+/// bytes it met.
+fn counting<R>(copies: usize, f: impl FnOnce() -> R) -> R {
+    PAYLOAD.set(0);
+    let r = f();
+    crate::pool::count_copy(copies * PAYLOAD.replace(0));
+    r
+}
 
 /// The largest control message accepted.
 pub const MAX_CONTROL_LEN: usize = 1024 * 1024;
@@ -59,8 +117,7 @@ pub fn encode<T>(msg: &T) -> Result<AlignedVec, ControlError>
 where
     T: for<'a> Serialize<HighSerializer<AlignedVec, ArenaHandle<'a>, RancorError>>,
 {
-    let bytes = rkyv::to_bytes::<RancorError>(msg).map_err(|e| ControlError::Encode(e.to_string()))?;
-    crate::pool::count_copy(bytes.len());
+    let bytes = counting(2, || rkyv::to_bytes::<RancorError>(msg)).map_err(|e| ControlError::Encode(e.to_string()))?;
     if bytes.len() > MAX_CONTROL_LEN {
         return Err(ControlError::TooLarge(bytes.len()));
     }
@@ -86,9 +143,8 @@ where
     // Taken out while `f` runs, so an `f` that encodes too gets a buffer of its own.
     let mut buf = ENCODE_BUF.with_borrow_mut(std::mem::take);
     buf.clear();
-    let bytes =
-        rkyv::api::high::to_bytes_in::<_, RancorError>(msg, buf).map_err(|e| ControlError::Encode(e.to_string()))?;
-    crate::pool::count_copy(bytes.len());
+    let bytes = counting(2, || rkyv::api::high::to_bytes_in::<_, RancorError>(msg, buf))
+        .map_err(|e| ControlError::Encode(e.to_string()))?;
     let r = if bytes.len() > MAX_CONTROL_LEN { Err(ControlError::TooLarge(bytes.len())) } else { Ok(f(&bytes)) };
     ENCODE_BUF.with_borrow_mut(|b| *b = bytes);
     r
@@ -105,16 +161,15 @@ where
     if bytes.len() > MAX_CONTROL_LEN {
         return Err(ControlError::TooLarge(bytes.len()));
     }
-    // Deserialising copies what the archive holds (payload bytes included).
-    crate::pool::count_copy(bytes.len());
     if bytes.as_ptr().align_offset(ARCHIVE_ALIGN) == 0 {
-        return rkyv::from_bytes::<T, RancorError>(bytes).map_err(|e| ControlError::Invalid(e.to_string()));
+        return counting(2, || rkyv::from_bytes::<T, RancorError>(bytes))
+            .map_err(|e| ControlError::Invalid(e.to_string()));
     }
     let mut private = DECODE_BUF.with_borrow_mut(std::mem::take);
     private.clear();
     private.extend_from_slice(bytes);
-    crate::pool::count_copy(bytes.len());
-    let r = rkyv::from_bytes::<T, RancorError>(&private).map_err(|e| ControlError::Invalid(e.to_string()));
+    let r = counting(3, || rkyv::from_bytes::<T, RancorError>(&private))
+        .map_err(|e| ControlError::Invalid(e.to_string()));
     DECODE_BUF.with_borrow_mut(|b| *b = private);
     r
 }

@@ -734,15 +734,33 @@ impl LoanPool {
     /// Copies `bytes` into as many fresh buffers as they need, appended to
     /// `chain`; all or nothing (`false`: too few buffers free).
     pub fn fill_chain(&mut self, bytes: &[u8], chain: &mut Chain) -> bool {
+        self.fill_chain_with(bytes.len(), chain, |at, buf| {
+            buf.copy_from_slice(&bytes[at..at + buf.len()]);
+            crate::pool::count_copy(buf.len());
+        })
+    }
+
+    /// Lets `write` fill `len` bytes in place in as many fresh buffers as they
+    /// need (called once per buffer with the offset of its piece in the
+    /// `len`, and the piece), appended to `chain`; all or nothing (`false`:
+    /// too few buffers free, `write` is not called).
+    pub fn fill_chain_with(&mut self, len: usize, chain: &mut Chain, mut write: impl FnMut(usize, &mut [u8])) -> bool {
         let room = self.room();
-        if bytes.len().div_ceil(room) > self.free() {
+        if len.div_ceil(room) > self.free() {
             return false;
         }
-        for piece in bytes.chunks(room) {
-            match self.fill(piece) {
-                Some(l) => chain.push(l),
-                None => return false,
+        let mut at = 0;
+        while at < len {
+            let n = room.min(len - at);
+            let filled = self.fill_with(|buf| {
+                write(at, &mut buf[..n]);
+                Ok::<_, std::convert::Infallible>(Some((0..n, ())))
+            });
+            match filled {
+                Ok(Some((l, ()))) => chain.push(l),
+                _ => return false,
             }
+            at += n;
         }
         true
     }

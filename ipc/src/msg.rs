@@ -153,7 +153,7 @@ impl MsgEnd {
         if self.chan.space()? == 0 {
             return Ok(false);
         }
-        let Some(mut d) = self.pool.fill(bytes)? else { return Ok(false) };
+        let Some(mut d) = self.pool.fill_message(bytes)? else { return Ok(false) };
         d.flags = Descriptor::CONTROL;
         self.pool.lend(self.reader, &d)?;
         if self.chan.send(&[d])? == 0 {

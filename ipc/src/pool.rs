@@ -33,9 +33,10 @@ const DATA: usize = 4096;
 /// Bytes this process copied into pool buffers and out of pools it views.
 static COPIED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
-/// Bytes this process has copied into its pools' buffers and out of the pools
-/// it views ([`BufferPool::write`], [`PoolView::read_into`]): every copy a
-/// message or frame takes between processes, on either side.
+/// Payload bytes this process has copied: into its pools' buffers and out of
+/// the pools it views ([`BufferPool::write`], [`PoolView::read_into`]), the
+/// payload a message carries inline as it is encoded and decoded
+/// ([`crate::control`]), and every other copy counted with [`count_copy`].
 pub fn bytes_copied() -> u64 {
     COPIED.load(std::sync::atomic::Ordering::Relaxed)
 }
@@ -327,10 +328,22 @@ impl BufferPool {
     /// Allocates a buffer, writes `payload` after the headroom and returns its
     /// descriptor (still held by the owner). `None` when the pool is exhausted.
     pub fn fill(&mut self, payload: &[u8]) -> Result<Option<Descriptor>, PoolError> {
-        self.check_range(self.layout.headroom, payload.len())?;
+        let d = self.fill_message(payload)?;
+        if d.is_some() {
+            COPIED.fetch_add(payload.len() as u64, std::sync::atomic::Ordering::Relaxed);
+        }
+        Ok(d)
+    }
+
+    /// [`BufferPool::fill`] for an encoded message: the copy is not counted
+    /// here, since the encode counted the payload the message holds (and the
+    /// rest of it is not payload; see [`crate::control`]).
+    pub fn fill_message(&mut self, bytes: &[u8]) -> Result<Option<Descriptor>, PoolError> {
+        self.check_range(self.layout.headroom, bytes.len())?;
         let Some(index) = self.alloc() else { return Ok(None) };
-        self.write(index, self.layout.headroom, payload)?;
-        Ok(Some(Descriptor { pool: self.id, flags: 0, index, offset: self.layout.headroom, len: payload.len() as u32 }))
+        self.expect_owned(index)?;
+        self.region.copy_in(self.layout.buf_offset(index) + self.layout.headroom as usize, bytes);
+        Ok(Some(Descriptor { pool: self.id, flags: 0, index, offset: self.layout.headroom, len: bytes.len() as u32 }))
     }
 
     /// Like [`BufferPool::fill`], the bytes copied from the handles of
@@ -456,13 +469,15 @@ impl PoolView {
         let start = out.len();
         out.resize(start + d.len as usize, 0);
         self.copy_checked(d, &mut out[start..]);
+        COPIED.fetch_add(u64::from(d.len), std::sync::atomic::Ordering::Relaxed);
         Ok(())
     }
 
     /// Checks `d`, then copies its bytes into `scratch` (a buffer reused from
     /// message to message, grown only after the check and never zeroed again)
     /// and returns them. The length is the peer's word: it is bounded by this
-    /// pool's buffer size before a byte is allocated.
+    /// pool's buffer size before a byte is allocated. Not counted: this is how
+    /// a message comes out, and its decode counts the payload it holds.
     pub fn read_reusing<'s>(&self, d: &Descriptor, scratch: &'s mut Vec<u8>) -> Result<&'s [u8], PoolError> {
         self.check(d)?; // before the scratch grows by a peer's length
         let len = d.len as usize;
@@ -473,10 +488,9 @@ impl PoolView {
         Ok(&scratch[..len])
     }
 
-    /// Copies a checked descriptor's bytes into `dst` (its length), counted.
+    /// Copies a checked descriptor's bytes into `dst` (its length).
     fn copy_checked(&self, d: &Descriptor, dst: &mut [u8]) {
         self.region.copy_out(self.layout.buf_offset(d.index) + d.offset as usize, dst);
-        COPIED.fetch_add(u64::from(d.len), std::sync::atomic::Ordering::Relaxed);
     }
 
     /// Gathers a chain (every descriptor but the last has [`Descriptor::MORE`]) into

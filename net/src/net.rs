@@ -779,9 +779,66 @@ impl TcpStream {
             return Ok(0);
         }
         let chunk = &buf[..buf.len().min(MAX_WRITE_BYTES)];
+        self.send_until_taken(|c| c.lend(chunk))
+    }
+
+    /// A borrowing read: up to `max` bytes of the stream (`max` is capped as a
+    /// read's is), as the stack's buffers lent to this application, read
+    /// where they lie — no copy is made until the caller makes one. Empty at
+    /// the end of the stream. Blocks, times out and reports errors as `read`
+    /// does. Drop it soon: an application holding the stack's buffers past its
+    /// quota for seconds is cut off (docs/architecture.md, "Bounds").
+    pub fn read_in_place(&self, max: usize) -> io::Result<Borrowed> {
+        let wait = !self.nonblocking.get();
+        let max = max.clamp(1, MAX_READ_BYTES) as u32;
+        let timeout = if wait { self.read_timeout.get() } else { None };
+        match self.sock.stack.call(Call::Recv { handle: self.sock.handle, max, wait }, timeout)? {
+            Reply::Data { data } => {
+                let chain = self.sock.stack.conn.lock().unwrap_or_else(|e| e.into_inner()).bytes(data)?;
+                Ok(Borrowed { chain, stack: self.sock.stack.clone() })
+            }
+            r => Err(broken(format!("unexpected reply {r:?}"))),
+        }
+    }
+
+    /// A borrowing write: `fill` writes the bytes straight into this
+    /// application's send buffers (called once per buffer, with the offset of
+    /// its piece among the `len` bytes, and the piece), which are lent to the
+    /// stack — no copy. `len` is capped as a write's is; how many of the bytes
+    /// were taken, as `write` says (the rest were not sent: fill them again).
+    /// With every send buffer out the bytes are filled into the call instead
+    /// (a copy, counted). Blocks, times out and reports errors as `write` does.
+    pub fn write_in_place(&self, len: usize, mut fill: impl FnMut(usize, &mut [u8])) -> io::Result<usize> {
+        let len = len.min(MAX_WRITE_BYTES);
+        if len == 0 {
+            return Ok(0);
+        }
+        let mut chain = Chain::new();
+        let in_place = self.sock.stack.conn.lock().unwrap_or_else(|e| e.into_inner()).send_pool.fill_chain_with(
+            len,
+            &mut chain,
+            &mut fill,
+        );
+        if !in_place {
+            let mut bytes = vec![0; len];
+            fill(0, &mut bytes);
+            return self.write_some(&bytes);
+        }
+        self.send_until_taken(|c| match c.lent.lend_chain(&chain) {
+            Some(loans) => Payload::Lent(loans),
+            None => {
+                capnet_ipc::pool::count_copy(chain.len());
+                Payload::Inline(chain.to_vec())
+            }
+        })
+    }
+
+    /// Sends what `payload` makes of the bytes, again (made anew) after
+    /// waiting for room while the stack takes none of them; how many it took.
+    fn send_until_taken(&self, mut payload: impl FnMut(&mut Conn) -> Payload) -> io::Result<usize> {
         let deadline = self.write_timeout.get().map(|t| Instant::now() + t);
         loop {
-            let data = self.sock.stack.conn.lock().unwrap_or_else(|e| e.into_inner()).lend(chunk);
+            let data = payload(&mut self.sock.stack.conn.lock().unwrap_or_else(|e| e.into_inner()));
             match self.sock.stack.call(Call::TcpSend { handle: self.sock.handle, data }, None)? {
                 Reply::Sent { n } if n > 0 => return Ok(n as usize),
                 Reply::Sent { .. } => {}
@@ -796,6 +853,78 @@ impl TcpStream {
             }
             // Wait for room (or an error, which the next send reports).
             self.sock.stack.poll(&[(self, WRITABLE)], left.or(Some(Duration::from_secs(3600))))?;
+        }
+    }
+}
+
+/// What a borrowing read ([`TcpStream::read_in_place`]) got: the stack's
+/// buffers lent to this application, read where they lie. They go back to
+/// the stack when this drops.
+#[derive(Debug)]
+pub struct Borrowed {
+    chain: Chain,
+    stack: Stack,
+}
+
+impl Borrowed {
+    /// How many bytes.
+    pub fn len(&self) -> usize {
+        self.chain.len()
+    }
+
+    /// No bytes: the end of the stream.
+    pub fn is_empty(&self) -> bool {
+        self.chain.is_empty()
+    }
+
+    /// Copies the first `dst.len()` bytes (at most all) into `dst` (a copy,
+    /// counted, as a read's); how many.
+    pub fn copy_to(&self, dst: &mut [u8]) -> usize {
+        self.chain.copy_to(dst)
+    }
+
+    /// The Internet checksum (RFC 1071, the folded ones'-complement sum, not
+    /// inverted) of the bytes, read in place: every byte is read, none is
+    /// kept.
+    pub fn checksum(&self) -> u16 {
+        let mut sum = capnet_ipc::lent::Checksum::default();
+        self.chain.sum_into(&mut sum);
+        sum.fold()
+    }
+
+    /// Writes every byte to `fd` (a file, a pipe, a kernel socket) with
+    /// `writev`, the kernel reading the buffers where they lie: no copy in
+    /// this process (the kernel's copy is counted, as a device write's is).
+    pub fn write_all_to(&self, fd: impl std::os::fd::AsFd) -> io::Result<()> {
+        let mut done = 0;
+        while done < self.chain.len() {
+            let rest = self.chain.range(done, self.chain.len() - done);
+            match capnet_ipc::lent::write_chain(fd.as_fd(), &[], &rest) {
+                Ok(0) => return Err(io::Error::from(io::ErrorKind::WriteZero)),
+                Ok(n) => {
+                    capnet_ipc::pool::count_copy(n);
+                    done += n;
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Borrowed {
+    fn drop(&mut self) {
+        drop(std::mem::take(&mut self.chain));
+        // Given back now; or, while another thread's call holds the channel,
+        // by that call (every call gives back what was read).
+        let c = match self.stack.conn.try_lock() {
+            Ok(c) => Some(c),
+            Err(std::sync::TryLockError::Poisoned(e)) => Some(e.into_inner()),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+        };
+        if let Some(mut c) = c {
+            let _ = c.give_back();
         }
     }
 }

@@ -51,6 +51,7 @@ pub enum Call<D = Payload> {
         /// Destination.
         to: Option<([u8; 4], u16)>,
         /// Payload.
+        #[rkyv(with = capnet_ipc::control::PayloadBytes)]
         data: Vec<u8>,
     },
     /// Receive the next datagram or echo reply, or up to `max` bytes of a TCP
@@ -85,6 +86,7 @@ pub enum Call<D = Payload> {
         /// Sequence number.
         seq: u16,
         /// Payload.
+        #[rkyv(with = capnet_ipc::control::PayloadBytes)]
         data: Vec<u8>,
     },
     /// Listen for TCP connections on `port` (0: ephemeral).
@@ -245,6 +247,7 @@ pub enum Reply<D = Payload> {
         /// Sender.
         from: ([u8; 4], u16),
         /// Payload.
+        #[rkyv(with = capnet_ipc::control::PayloadBytes)]
         data: Vec<u8>,
     },
     /// An echo reply.
@@ -254,6 +257,7 @@ pub enum Reply<D = Payload> {
         /// Its sequence number.
         seq: u16,
         /// Its payload.
+        #[rkyv(with = capnet_ipc::control::PayloadBytes)]
         data: Vec<u8>,
     },
     /// A connection taken from a listener.

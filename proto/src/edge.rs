@@ -42,7 +42,7 @@ pub type Flow = (u16, Addr, u16);
 #[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
 pub enum Payload {
     /// Carried in the message itself.
-    Inline(Vec<u8>),
+    Inline(#[rkyv(with = capnet_ipc::control::PayloadBytes)] Vec<u8>),
     /// Lent, in order (see the module docs).
     Lent(Vec<capnet_ipc::lent::Loan>),
 }

@@ -214,6 +214,36 @@ fn data_is_lent_both_ways_and_comes_back() {
             s.read_exact(got).expect("read the echo");
         }
         assert!(back == payload, "{mode:?}: the echo differs");
+        // The borrowing calls: the bytes are written into the send buffers in
+        // place and read where the stack's buffers hold them. Neither makes a
+        // copy in this process (each test is its own process under nextest);
+        // the check after copies them out, counted apart.
+        // (What fills the buffers here is the test's own copy_from_slice, not
+        // counted: the library's copies are.)
+        let (mut echoed, mut made) = (Vec::new(), 0);
+        for out in payload.chunks(65536) {
+            let mut sent = 0;
+            while sent < out.len() {
+                let before = capnet_ipc::pool::bytes_copied();
+                sent += s
+                    .write_in_place(out.len() - sent, |at, buf| buf.copy_from_slice(&out[sent + at..][..buf.len()]))
+                    .expect("write in place");
+                made += capnet_ipc::pool::bytes_copied() - before;
+            }
+            let mut read = 0;
+            while read < out.len() {
+                let before = capnet_ipc::pool::bytes_copied();
+                let b = s.read_in_place(out.len() - read).expect("read in place");
+                made += capnet_ipc::pool::bytes_copied() - before;
+                assert!(!b.is_empty(), "{mode:?}: the echo ended early");
+                read += b.len();
+                let mut v = vec![0u8; b.len()];
+                b.copy_to(&mut v);
+                echoed.extend(v);
+            }
+        }
+        assert!(echoed == payload, "{mode:?}: the echo in place differs");
+        assert_eq!(made, 0, "{mode:?}: the borrowing calls copied bytes");
         std::thread::sleep(Duration::from_millis(250));
         let made = up.counter("sockets", "app_loans");
         assert!(made > 0, "{mode:?}: nothing was lent to the application");
