@@ -20,8 +20,8 @@ use std::cell::{Cell, RefCell};
 use rkyv::api::high::{HighDeserializer, HighSerializer, HighValidator};
 use rkyv::bytecheck::CheckBytes;
 use rkyv::rancor::Error as RancorError;
-use rkyv::ser::allocator::ArenaHandle;
 use rkyv::rancor::Fallible;
+use rkyv::ser::allocator::ArenaHandle;
 use rkyv::util::AlignedVec;
 use rkyv::vec::ArchivedVec;
 use rkyv::with::{ArchiveWith, DeserializeWith, SerializeWith};
@@ -168,8 +168,8 @@ where
     let mut private = DECODE_BUF.with_borrow_mut(std::mem::take);
     private.clear();
     private.extend_from_slice(bytes);
-    let r = counting(3, || rkyv::from_bytes::<T, RancorError>(&private))
-        .map_err(|e| ControlError::Invalid(e.to_string()));
+    let r =
+        counting(3, || rkyv::from_bytes::<T, RancorError>(&private)).map_err(|e| ControlError::Invalid(e.to_string()));
     DECODE_BUF.with_borrow_mut(|b| *b = private);
     r
 }

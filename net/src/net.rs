@@ -814,11 +814,14 @@ impl TcpStream {
             return Ok(0);
         }
         let mut chain = Chain::new();
-        let in_place = self.sock.stack.conn.lock().unwrap_or_else(|e| e.into_inner()).send_pool.fill_chain_with(
-            len,
-            &mut chain,
-            &mut fill,
-        );
+        let in_place = self
+            .sock
+            .stack
+            .conn
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .send_pool
+            .fill_chain_with(len, &mut chain, &mut fill);
         if !in_place {
             let mut bytes = vec![0; len];
             fill(0, &mut bytes);
