@@ -808,8 +808,13 @@ impl IpCore {
         }
         let ident = self.ident;
         self.ident = self.ident.wrapping_add(1);
-        // RFC 791: every fragment but the last carries a multiple of 8 bytes.
-        let per = (mtu - IP_HDR) / 8 * 8;
+        // RFC 791: every fragment but the last carries a multiple of 8 bytes;
+        // a datagram that fits the MTU is not cut (at an MTU of 65535 the
+        // largest, 65515 bytes, is not a multiple of 8).
+        let per = match IP_HDR + payload.len() <= mtu {
+            true => payload.len(),
+            false => (mtu - IP_HDR) / 8 * 8,
+        };
         let pieces = || {
             let mut off = 0;
             std::iter::from_fn(move || {

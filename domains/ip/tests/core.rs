@@ -267,6 +267,28 @@ fn fragments_in_any_order_reassemble_and_big_replies_fragment() {
     assert_eq!(c.reassembly_bytes(), 0);
 }
 
+/// A datagram that fits the MTU goes whole. At the in-memory wire's MTU of
+/// 65535 the largest datagram's payload, 65515 bytes, is not a multiple of 8,
+/// and every full-size TCP segment left in two fragments (65512 + 3 bytes):
+/// the receiver reassembled each one into a copy.
+#[test]
+fn a_datagram_that_fits_the_mtu_is_not_fragmented() {
+    let mut cfg = Config::new(OUR_MAC, Ipv4Cidr::new(OUR_IP, 24));
+    cfg.mtu = 65535;
+    let mut c = IpCore::new(cfg, t(0));
+    learn_peer(&mut c);
+    for len in [65515usize, 65514, 1481] {
+        let data = Chain::from(vec![7u8; len]);
+        c.send(t(2), PEER_IP, IpProtocol::Udp, &data, false).expect("send");
+        let f = frames(&mut c);
+        assert_eq!(f.len(), 1, "{len} bytes go as one datagram");
+        let (p, _) = parse_ip(&f[0]);
+        assert!(!p.more_frags() && p.frag_offset() == 0);
+        assert_eq!(p.payload().len(), len);
+    }
+    c.send(t(3), PEER_IP, IpProtocol::Udp, &Chain::from(vec![7u8; 65516]), false).expect_err("past the largest");
+}
+
 #[test]
 fn overlapping_fragments_drop_the_datagram_and_pings_keep_working() {
     let mut c = core();

@@ -375,6 +375,14 @@ fn reader_loop(side: DeviceSide, pool: LoanPool, stack: Ledger, end: ShmEnd) -> 
                 let mut c = Chain::new();
                 pool.fill_chain(bytes, &mut c).then_some(c)
             };
+            // One from the wire's peer, straight out of its buffers (one copy).
+            let copy_chain_in = |pool: &mut LoanPool, frame: &Chain| -> Option<Chain> {
+                let mut c = Chain::new();
+                pool.fill_chain_with(frame.len(), &mut c, |at, buf| {
+                    frame.range(at, buf.len()).copy_to(buf);
+                })
+                .then_some(c)
+            };
             match (&mut edge, wire.as_mut()) {
                 (Edge::Device(dev), _) => {
                     dev.wait(due)?;
@@ -401,16 +409,17 @@ fn reader_loop(side: DeviceSide, pool: LoanPool, stack: Ledger, end: ShmEnd) -> 
                     // in the wire's ring).
                     let got = w.recv(room - batch.len(), |frame, _| {
                         stats.frames_read += 1;
-                        let bytes = frame.to_vec();
-                        tap.record(&bytes);
+                        if tap.active() {
+                            tap.record(&frame.to_vec());
+                        }
                         if impair.passthrough {
                             impair.passed();
-                            match copy_in(&mut pool, &bytes) {
+                            match copy_chain_in(&mut pool, frame) {
                                 Some(c) => lend(&c, &mut stack, &mut batch)?,
                                 None => stats.rx_dropped += 1,
                             }
                         } else {
-                            impair.push(bytes);
+                            impair.push(frame.to_vec());
                         }
                         Ok(())
                     });
