@@ -46,8 +46,8 @@ use capnet_ipc::msg::MsgEnd;
 use capnet_ipc::notify::{SpinPolicy, SpinTokens};
 use capnet_ipc::region::Region;
 use capnet_ipc::{Interest, Waiter};
-use capnet_proto::app::{Call, Handle, Reply, Request, Response, SocketError, TcpOption, LEND_MIN};
-pub use capnet_proto::app::{ERROR, HANGUP, READABLE, WRITABLE};
+use capnet_proto::app::{Call, Handle, Outgoing, Reply, Request, Response, SocketError, TcpOption, LEND_MIN};
+pub use capnet_proto::app::{ERROR, HANGUP, READABLE, UDP_BATCH, WRITABLE};
 use capnet_proto::edge::Payload;
 
 fn io_err(e: SocketError) -> io::Error {
@@ -405,33 +405,65 @@ impl UdpSocket {
 
     /// Sends a datagram to `to`.
     pub fn send_to(&self, buf: &[u8], to: SocketAddrV4) -> io::Result<usize> {
-        capnet_ipc::pool::count_copy(buf.len());
-        let call =
-            Call::UdpSend { handle: self.sock.handle, to: Some((to.ip().octets(), to.port())), data: buf.to_vec() };
-        self.sock.stack.call(call, None).map(|_| buf.len())
+        self.send_many(&[(buf, Some(to))]).map(|_| buf.len())
     }
 
     /// Sends a datagram to the connected peer.
     pub fn send(&self, buf: &[u8]) -> io::Result<usize> {
-        capnet_ipc::pool::count_copy(buf.len());
-        self.sock
-            .stack
-            .call(Call::UdpSend { handle: self.sock.handle, to: None, data: buf.to_vec() }, None)
-            .map(|_| buf.len())
+        self.send_many(&[(buf, None)]).map(|_| buf.len())
+    }
+
+    /// Sends datagrams in order, each to its address (`None`: the connected
+    /// peer), as few calls as fit ([`UDP_BATCH`] at most in one, like
+    /// `sendmmsg`); how many went. An error only when the first could not go:
+    /// after that the count says where sending stopped.
+    pub fn send_many(&self, datagrams: &[(&[u8], Option<SocketAddrV4>)]) -> io::Result<usize> {
+        let mut sent = 0;
+        for batch in datagrams.chunks(UDP_BATCH) {
+            let datagrams = batch
+                .iter()
+                .map(|(d, to)| {
+                    capnet_ipc::pool::count_copy(d.len());
+                    Outgoing { to: to.map(|a| (a.ip().octets(), a.port())), data: d.to_vec() }
+                })
+                .collect();
+            match self.sock.stack.call(Call::UdpSend { handle: self.sock.handle, datagrams }, None) {
+                Ok(Reply::Sent { n }) => {
+                    sent += n as usize;
+                    if (n as usize) < batch.len() {
+                        break;
+                    }
+                }
+                Ok(r) => return Err(broken(format!("unexpected reply {r:?}"))),
+                Err(e) if sent == 0 => return Err(e),
+                Err(_) => break,
+            }
+        }
+        Ok(sent)
     }
 
     /// Receives a datagram (truncated to `buf`, as std does).
     pub fn recv_from(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddrV4)> {
+        let (data, from) = self.recv_many(1)?.pop().ok_or_else(|| broken("an empty batch of datagrams"))?;
+        let n = data.len().min(buf.len());
+        buf[..n].copy_from_slice(&data[..n]);
+        capnet_ipc::pool::count_copy(n);
+        Ok((n, from))
+    }
+
+    /// Receives up to `max` datagrams in one call (like `recvmmsg`; at most
+    /// [`UDP_BATCH`], and about 128 KiB of payload): at least one, in
+    /// order, each its bytes (no copy beyond the message's) and its sender.
+    /// Blocks, times out and reports as `recv_from` does.
+    pub fn recv_many(&self, max: usize) -> io::Result<Vec<(Vec<u8>, SocketAddrV4)>> {
         let wait = !self.nonblocking;
-        let call = Call::Recv { handle: self.sock.handle, max: 0, wait };
+        let max = max.clamp(1, UDP_BATCH) as u32;
         let timeout = if wait { self.read_timeout } else { None };
-        match self.sock.stack.call(call, timeout)? {
-            Reply::Datagram { from: (addr, port), data } => {
-                let n = data.len().min(buf.len());
-                buf[..n].copy_from_slice(&data[..n]);
-                capnet_ipc::pool::count_copy(n);
-                Ok((n, SocketAddrV4::new(Ipv4Addr::from(addr), port)))
-            }
+        match self.sock.stack.call(Call::Recv { handle: self.sock.handle, max, wait }, timeout)? {
+            Reply::Datagrams { datagrams } if !datagrams.is_empty() => Ok(datagrams
+                .into_iter()
+                .map(|d| (d.data, SocketAddrV4::new(Ipv4Addr::from(d.from.0), d.from.1)))
+                .collect()),
             r => Err(broken(format!("unexpected reply {r:?}"))),
         }
     }

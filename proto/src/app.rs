@@ -27,6 +27,26 @@ pub struct Request<D = Payload> {
     pub call: Call<D>,
 }
 
+/// A datagram to send.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub struct Outgoing {
+    /// Destination (`None`: the connected peer).
+    pub to: Option<([u8; 4], u16)>,
+    /// Payload.
+    #[rkyv(with = capnet_ipc::control::PayloadBytes)]
+    pub data: Vec<u8>,
+}
+
+/// A datagram received.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub struct Incoming {
+    /// Sender.
+    pub from: ([u8; 4], u16),
+    /// Payload.
+    #[rkyv(with = capnet_ipc::control::PayloadBytes)]
+    pub data: Vec<u8>,
+}
+
 /// The calls.
 #[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
 pub enum Call<D = Payload> {
@@ -44,22 +64,22 @@ pub enum Call<D = Payload> {
         /// Peer port.
         port: u16,
     },
-    /// Send a datagram (to the connected peer if `to` is `None`).
+    /// Send datagrams, in order (like `sendmmsg`): answered with how many
+    /// went (`Sent`; an error only when the first could not).
     UdpSend {
         /// Socket.
         handle: Handle,
-        /// Destination.
-        to: Option<([u8; 4], u16)>,
-        /// Payload.
-        #[rkyv(with = capnet_ipc::control::PayloadBytes)]
-        data: Vec<u8>,
+        /// The datagrams.
+        datagrams: Vec<Outgoing>,
     },
-    /// Receive the next datagram or echo reply, or up to `max` bytes of a TCP
-    /// stream; with `wait`, park until something comes.
+    /// Receive up to `max` datagrams (0 counts as 1; at most
+    /// [`UDP_BATCH`], about `capnet_sockets::UDP_BATCH_BYTES` of payload), the
+    /// next echo reply, or up to `max` bytes of a TCP stream; with `wait`,
+    /// park until something comes.
     Recv {
         /// Socket.
         handle: Handle,
-        /// Most bytes to return (TCP).
+        /// Most datagrams (UDP) or bytes (TCP) to return.
         max: u32,
         /// Park instead of answering WouldBlock.
         wait: bool,
@@ -164,7 +184,7 @@ impl<D> Request<D> {
             Call::TcpSend { handle, data } => Call::TcpSend { handle, data: f(data)? },
             Call::UdpBind { port } => Call::UdpBind { port },
             Call::UdpConnect { handle, addr, port } => Call::UdpConnect { handle, addr, port },
-            Call::UdpSend { handle, to, data } => Call::UdpSend { handle, to, data },
+            Call::UdpSend { handle, datagrams } => Call::UdpSend { handle, datagrams },
             Call::Recv { handle, max, wait } => Call::Recv { handle, max, wait },
             Call::Cancel { id } => Call::Cancel { id },
             Call::Close { handle } => Call::Close { handle },
@@ -242,13 +262,10 @@ pub enum Reply<D = Payload> {
         /// Its port or identifier.
         port: u16,
     },
-    /// A datagram.
-    Datagram {
-        /// Sender.
-        from: ([u8; 4], u16),
-        /// Payload.
-        #[rkyv(with = capnet_ipc::control::PayloadBytes)]
-        data: Vec<u8>,
+    /// Datagrams received, in order (at least one; like `recvmmsg`).
+    Datagrams {
+        /// The datagrams.
+        datagrams: Vec<Incoming>,
     },
     /// An echo reply.
     EchoReply {
@@ -295,7 +312,7 @@ impl<D> Reply<D> {
             Reply::Data { data } => Reply::Data { data: f(data) },
             Reply::Done => Reply::Done,
             Reply::Bound { handle, port } => Reply::Bound { handle, port },
-            Reply::Datagram { from, data } => Reply::Datagram { from, data },
+            Reply::Datagrams { datagrams } => Reply::Datagrams { datagrams },
             Reply::EchoReply { from, seq, data } => Reply::EchoReply { from, seq, data },
             Reply::Accepted { handle, port, peer } => Reply::Accepted { handle, port, peer },
             Reply::Sent { n } => Reply::Sent { n },
@@ -362,6 +379,11 @@ pub enum SocketError {
         limit: u32,
     },
 }
+
+/// The most datagrams one call moves each way (`Call::Recv` on a UDP socket,
+/// `Call::UdpSend`), and one receive of the sockets domain takes from the udp
+/// domain.
+pub const UDP_BATCH: usize = 64;
 
 /// The most bytes one TCP receive returns (a message must stay under the
 /// channel's message size). About 1 MiB rather than 256 KiB: an application

@@ -188,8 +188,10 @@ pub enum TcpToIp {
 /// ip → udp.
 #[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
 pub enum IpToUdp {
-    /// A datagram for it.
-    Deliver(Datagram),
+    /// Datagrams for it, in order: what one round of ip's brought (at most
+    /// [`crate::app::UDP_BATCH`], about `UDP_BATCH_BYTES` of payload), one
+    /// message for many.
+    Deliver(Vec<Datagram>),
     /// An ICMP error about one of its flows.
     Icmp(IcmpError),
 }
@@ -547,7 +549,7 @@ mod tests {
             ip_header: vec![0x45; 20],
         };
         round_trip(vec![IpToTcp::Deliver(datagram.clone()), IpToTcp::Retire]);
-        round_trip(vec![IpToUdp::Deliver(datagram)]);
+        round_trip(vec![IpToUdp::Deliver(vec![datagram])]);
         round_trip(vec![
             TcpToIp::Send(Segment {
                 dst: [10, 77, 0, 1],

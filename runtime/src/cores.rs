@@ -378,6 +378,9 @@ impl Cores {
                 }
             }
         }
+        if let Some(ip) = self.ip.as_mut() {
+            ip.out.flush_udp();
+        }
         for l in self.links() {
             l.flush();
         }

@@ -19,7 +19,9 @@
 pub use std::collections::VecDeque;
 
 pub use capnet_ipc::lent::Chain;
-pub use capnet_proto::app::{Handle, SocketError, TcpOption, ERROR, HANGUP, MAX_TCP_READ, READABLE, WRITABLE};
+pub use capnet_proto::app::{
+    Handle, Incoming, Outgoing, SocketError, TcpOption, ERROR, HANGUP, MAX_TCP_READ, READABLE, UDP_BATCH, WRITABLE,
+};
 
 /// A call as the core takes it: bytes to send are handles (on the
 /// application's pool when it lent them, or its message's bytes).
@@ -104,8 +106,6 @@ struct UdpMeta {
     queue: VecDeque<capnet_udp::Datagram>,
 }
 
-/// Datagrams one receive call takes from the udp domain.
-pub const UDP_BATCH: usize = 64;
 /// Payload bytes after which a receive call stops taking datagrams (one more
 /// may pass it: an answer stays under a message's size).
 pub const UDP_BATCH_BYTES: usize = 128 * 1024;
@@ -536,9 +536,17 @@ impl SocketsCore {
                 }
                 Ok(Reply::Done)
             }),
-            Call::UdpSend { handle, to, data } => self.udp(app, handle).and_then(|s| {
-                let to = to.map(|(a, p)| (Ipv4Address::from(a), p));
-                t.udp_send(s, to, &data).map(|_| Reply::Done)
+            Call::UdpSend { handle, datagrams } => self.udp(app, handle).and_then(|s| {
+                let mut sent = 0;
+                for d in &datagrams {
+                    let to = d.to.map(|(a, p)| (Ipv4Address::from(a), p));
+                    match t.udp_send(s, to, &d.data) {
+                        Ok(()) => sent += 1,
+                        Err(e) if sent == 0 => return Err(e),
+                        Err(_) => break,
+                    }
+                }
+                Ok(Reply::Sent { n: sent })
             }),
             Call::Recv { handle, max, wait } => match self.check(app, handle) {
                 Err(e) => Err(e),
@@ -754,7 +762,14 @@ impl SocketsCore {
                 if meta.queue.is_empty() {
                     meta.queue.extend(t.udp_recv(*s, UDP_BATCH)?);
                 }
-                Ok(meta.queue.pop_front().map(|d| Reply::Datagram { from: (d.src.octets(), d.src_port), data: d.data }))
+                let (most, mut bytes) = ((max as usize).clamp(1, UDP_BATCH), 0);
+                let mut datagrams = Vec::new();
+                while datagrams.len() < most && bytes < UDP_BATCH_BYTES {
+                    let Some(d) = meta.queue.pop_front() else { break };
+                    bytes += d.data.len();
+                    datagrams.push(Incoming { from: (d.src.octets(), d.src_port), data: d.data });
+                }
+                Ok((!datagrams.is_empty()).then_some(Reply::Datagrams { datagrams }))
             }
             Kind::Echo { replies, .. } => {
                 Ok(replies.pop_front().map(|(from, seq, data)| Reply::EchoReply { from: from.octets(), seq, data }))

@@ -3,7 +3,8 @@
 //! connection of the tcp core to itself.
 
 use capnet_sockets::{
-    AppId, Call, Handle, Ipv4Address, Reply, Request, Response, SocketError, SocketsCore, Transports,
+    AppId, Call, Handle, Incoming, Ipv4Address, Outgoing, Reply, Request, Response, SocketError, SocketsCore,
+    Transports,
 };
 use capnet_tcp::{Endpoints, Instant, Ready, Received, SockOpt, TcpCore};
 use capnet_udp::{Datagram, SocketId, UdpCore};
@@ -173,7 +174,7 @@ fn a_parked_receive_completes_when_data_arrives_or_is_cancelled() {
     core.poll_ready(&mut t);
     let (to, r) = core.pop_response().expect("completed");
     assert_eq!((to, r.id), (a, 10));
-    assert_eq!(r.reply, Reply::Datagram { from: (PEER.octets(), 9), data: b"hello".to_vec() });
+    assert_eq!(r.reply, datagrams(&[b"hello"]));
     assert_eq!(call(&mut core, &mut t, a, 11, Call::Recv { handle: h, max: 0, wait: true }), None);
     core.request(a, Request { id: 12, call: Call::Cancel { id: 11 } }, &mut t);
     let (_, parked) = core.pop_response().expect("the parked receive's answer");
@@ -191,7 +192,7 @@ fn one_receive_takes_every_queued_datagram_and_the_next_ones_are_answered_from_t
     }
     for i in 0..5u8 {
         let r = call(&mut core, &mut t, a, 20 + u64::from(i), Call::Recv { handle: h, max: 0, wait: false });
-        assert_eq!(r, Some(Reply::Datagram { from: (PEER.octets(), 9), data: vec![i; 3] }), "in order");
+        assert_eq!(r, Some(datagrams(&[&[i; 3]])), "in order");
         // The first receive took all five from the udp side in one call.
         assert_eq!(t.udp_recvs, 1, "receive {i}");
         if i == 0 {
@@ -209,15 +210,60 @@ fn one_receive_takes_every_queued_datagram_and_the_next_ones_are_answered_from_t
     assert_eq!(t.udp_recvs, 2, "the empty queue asked the udp side again");
 }
 
+/// What a receive of these datagrams from the peer's port 9 answers.
+fn datagrams(data: &[&[u8]]) -> Reply {
+    let datagrams = data.iter().map(|d| Incoming { from: (PEER.octets(), 9), data: d.to_vec() }).collect();
+    Reply::Datagrams { datagrams }
+}
+
+/// A send of these datagrams, all to `to`.
+fn send(to: Option<([u8; 4], u16)>, handle: Handle, data: &[&[u8]]) -> Call {
+    Call::UdpSend { handle, datagrams: data.iter().map(|d| Outgoing { to, data: d.to_vec() }).collect() }
+}
+
+/// One call moves several datagrams each way (like `recvmmsg` and
+/// `sendmmsg`); a batched send reports how many went, an error only when the
+/// first could not.
+#[test]
+fn datagrams_move_in_batches_both_ways() {
+    let (mut core, mut t, a, _) = setup();
+    let h = bind(&mut core, &mut t, a, 7);
+    for i in 0..5u8 {
+        t.udp.receive(PEER, US, &segment(7, &[i; 3]), &[0x45; 20]);
+    }
+    let r = call(&mut core, &mut t, a, 1, Call::Recv { handle: h, max: 3, wait: false });
+    assert_eq!(r, Some(datagrams(&[&[0; 3], &[1; 3], &[2; 3]])), "the first three, in order");
+    let r = call(&mut core, &mut t, a, 2, Call::Recv { handle: h, max: 64, wait: false });
+    assert_eq!(r, Some(datagrams(&[&[3; 3], &[4; 3]])), "what is left");
+    let to = Some((PEER.octets(), 9));
+    let r = call(&mut core, &mut t, a, 3, send(to, h, &[b"one", b"two", b"six"]));
+    assert_eq!(r, Some(Reply::Sent { n: 3 }));
+    let mut sent = Vec::new();
+    while let Some(capnet_udp::Output::Send { segment, .. }) = t.udp.pop_output() {
+        sent.push(segment[8..].to_vec());
+    }
+    assert_eq!(sent, [b"one", b"two", b"six"], "each its own datagram, in order");
+    // The second has no destination: the first went, the rest did not.
+    let mixed = Call::UdpSend {
+        handle: h,
+        datagrams: vec![
+            Outgoing { to, data: vec![1] },
+            Outgoing { to: None, data: vec![2] },
+            Outgoing { to, data: vec![3] },
+        ],
+    };
+    assert_eq!(call(&mut core, &mut t, a, 4, mixed), Some(Reply::Sent { n: 1 }));
+}
+
 #[test]
 fn sends_go_out_and_detach_closes_everything() {
     let (mut core, mut t, a, b) = setup();
     let h = bind(&mut core, &mut t, a, 5000);
     let data = vec![7u8; 1000];
-    let r = call(&mut core, &mut t, a, 2, Call::UdpSend { handle: h, to: Some((PEER.octets(), 9)), data });
-    assert_eq!(r, Some(Reply::Done));
+    let r = call(&mut core, &mut t, a, 2, send(Some((PEER.octets(), 9)), h, &[&data]));
+    assert_eq!(r, Some(Reply::Sent { n: 1 }));
     assert!(matches!(t.udp.pop_output(), Some(capnet_udp::Output::Send { dst, .. }) if dst == PEER));
-    let r = call(&mut core, &mut t, a, 3, Call::UdpSend { handle: h, to: None, data: vec![1] });
+    let r = call(&mut core, &mut t, a, 3, send(None, h, &[&[1]]));
     assert_eq!(r, Some(Reply::Err(SocketError::NoDestination)));
     assert_eq!(call(&mut core, &mut t, b, 4, Call::UdpBind { port: 5000 }), Some(Reply::Err(SocketError::AddrInUse)));
     core.detach(a, &mut t);
@@ -325,8 +371,8 @@ fn a_restarted_transport_resets_its_sockets_and_spares_the_others() {
     );
     assert_eq!(call(&mut core, &mut t, a, 4, Call::Close { handle: l }), Some(Reply::Done), "it can be closed");
     // The UDP socket is untouched.
-    let r = call(&mut core, &mut t, a, 5, Call::UdpSend { handle: u, to: Some((PEER.octets(), 9)), data: vec![1] });
-    assert_eq!(r, Some(Reply::Done));
+    let r = call(&mut core, &mut t, a, 5, send(Some((PEER.octets(), 9)), u, &[&[1]]));
+    assert_eq!(r, Some(Reply::Sent { n: 1 }));
 }
 
 #[test]
@@ -338,8 +384,8 @@ fn a_replaced_udp_domain_gets_every_socket_bound_again() {
     // A new udp domain with none of the old one's sockets.
     t.udp = UdpCore::new(US, 1 << 16);
     core.udp_replaced(&mut t);
-    let r = call(&mut core, &mut t, a, 2, Call::UdpSend { handle: h, to: None, data: b"again".to_vec() });
-    assert_eq!(r, Some(Reply::Done), "the same handle, connected as before");
+    let r = call(&mut core, &mut t, a, 2, send(None, h, &[b"again"]));
+    assert_eq!(r, Some(Reply::Sent { n: 1 }), "the same handle, connected as before");
     match t.udp.pop_output() {
         Some(capnet_udp::Output::Send { dst, segment }) => {
             assert_eq!(dst, PEER);

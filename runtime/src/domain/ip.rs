@@ -45,6 +45,9 @@ pub(crate) struct IpLinks {
     held_since: Option<Instant>,
     /// The flows the old tcp domain named, to apply once the links are back.
     flows_named: Option<Vec<Flow>>,
+    /// Datagrams for udp this round, sent as one message ([`IpLinks::flush_udp`]).
+    udp_batch: Vec<Datagram>,
+    udp_batch_bytes: usize,
 }
 
 impl IpDomain {
@@ -214,10 +217,25 @@ impl IpLinks {
         }
     }
 
-    /// A datagram for udp in another group.
+    /// A datagram for udp in another group: batched with the round's others.
     pub(crate) fn deliver_udp(&mut self, d: &Delivery) {
-        if let Some(l) = self.udp.first_mut() {
-            l.send(&IpToUdp::Deliver(datagram(d, Payload::Inline(d.payload.to_vec()))));
+        if self.udp.is_empty() {
+            return;
+        }
+        if self.udp_batch.len() == capnet_proto::app::UDP_BATCH
+            || self.udp_batch_bytes + d.payload.len() > capnet_sockets::UDP_BATCH_BYTES
+        {
+            self.flush_udp();
+        }
+        self.udp_batch_bytes += d.payload.len();
+        self.udp_batch.push(datagram(d, Payload::Inline(d.payload.to_vec())));
+    }
+
+    /// Sends udp the datagrams batched so far.
+    pub(crate) fn flush_udp(&mut self) {
+        self.udp_batch_bytes = 0;
+        if let (Some(l), false) = (self.udp.first_mut(), self.udp_batch.is_empty()) {
+            l.send(&IpToUdp::Deliver(std::mem::take(&mut self.udp_batch)));
         }
     }
 

@@ -36,10 +36,17 @@ impl UdpDomain {
                 any = true;
                 *touched = true;
                 match m {
-                    IpToUdp::Deliver(d) => match d.payload.inline() {
-                        Some(b) => core.receive(ip4(d.src), ip4(d.dst), b, &d.ip_header),
-                        None => l.protocol_error("it lent bytes on an edge that carries them inline".into()),
-                    },
+                    IpToUdp::Deliver(batch) => {
+                        for d in batch {
+                            match d.payload.inline() {
+                                Some(b) => core.receive(ip4(d.src), ip4(d.dst), b, &d.ip_header),
+                                None => {
+                                    l.protocol_error("it lent bytes on an edge that carries them inline".into());
+                                    break;
+                                }
+                            }
+                        }
+                    }
                     IpToUdp::Icmp(e) => core.on_icmp(
                         e.local_port,
                         ip4(e.remote),

@@ -78,6 +78,18 @@ fn the_library_behaves_like_std_net() {
     }
 }
 
+/// A Linux UDP service on `port` of the namespace's peer address that answers
+/// `count` datagrams, each with its bytes upper-cased, then exits.
+fn linux_udp_shouter(up: &Up, port: u16, count: usize) -> std::process::Child {
+    let script = format!(
+        "import socket\ns=socket.socket(2,2)\ns.bind(('10.77.0.1',{port}))\nfor _ in range({count}):\n d,a=s.recvfrom(65535)\n s.sendto(d.upper(),a)\n"
+    );
+    let child =
+        Command::new("ip").args(["netns", "exec", up.name(), "python3", "-c", &script]).spawn().expect("python");
+    capnet_testkit::wait_bound(up.name(), true, port);
+    child
+}
+
 fn library_case(mode: &[&str]) {
     let up = Up::new(CAPNET, "app-lib", mode);
     let stack = Stack::attach(up.name()).expect("attach");
@@ -93,16 +105,23 @@ fn library_case(mode: &[&str]) {
     assert_eq!(sock.recv_from(&mut buf).expect_err("nothing arrives").kind(), ErrorKind::TimedOut);
     assert!(t.elapsed() >= Duration::from_millis(250), "waited for the timeout");
     // A Linux UDP service answers; a closed Linux port refuses.
-    let mut echo = Command::new("ip")
-        .args(["netns", "exec", up.name(), "python3", "-c"])
-        .arg("import socket\ns=socket.socket(2,2)\ns.bind(('10.77.0.1',7777))\nd,a=s.recvfrom(65535)\ns.sendto(d.upper(),a)\n")
-        .spawn()
-        .expect("python");
-    capnet_testkit::wait_bound(up.name(), true, 7777);
+    let mut echo = linux_udp_shouter(&up, 7777, 1);
     sock.send_to(b"shout", SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), 7777)).expect("send");
     let (n, from) = sock.recv_from(&mut buf).expect("reply");
     assert_eq!((&buf[..n], from), (&b"SHOUT"[..], SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), 7777)));
     let _ = echo.wait();
+    // Batches: twenty datagrams out in one call, their echoes (queued in the
+    // stack meanwhile) back in one call, in order.
+    let mut echo = linux_udp_shouter(&up, 7779, 20);
+    let to = SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), 7779);
+    let out: Vec<Vec<u8>> = (0..20).map(|i| format!("datagram {i}").into_bytes()).collect();
+    let batch: Vec<(&[u8], Option<SocketAddrV4>)> = out.iter().map(|d| (&d[..], Some(to))).collect();
+    assert_eq!(sock.send_many(&batch).expect("send many"), 20, "{mode:?}: every datagram went");
+    let _ = echo.wait();
+    std::thread::sleep(Duration::from_millis(200));
+    let got = sock.recv_many(64).expect("receive many");
+    let want: Vec<(Vec<u8>, SocketAddrV4)> = out.iter().map(|d| (d.to_ascii_uppercase(), to)).collect();
+    assert_eq!(got, want, "{mode:?}: all twenty echoes in one call, in order");
     let refused = UdpSocket::bind(&stack, 0).expect("bind");
     refused.connect(SocketAddrV4::new(Ipv4Addr::new(10, 77, 0, 1), 9)).expect("connect");
     refused.send(b"x").expect("send");
