@@ -750,7 +750,9 @@ fn control(
                 let (_, half, lends) = sockets.pending.remove(k);
                 // The application made its regions: a bad one is its failure alone.
                 match half.attach(End::A, theirs).map_err(|e| e.to_string()).and_then(|end| {
-                    sockets.add(app, end, lends, send_pool.into_fd()).map_err(|e| format!("its send pool: {e}"))
+                    sockets
+                        .add(app, end, lends, send_pool.into_fd(), host.cores())
+                        .map_err(|e| format!("its send pool: {e}"))
                 }) {
                     Ok(()) => tracing::info!("application {app} attached"),
                     Err(e) => {

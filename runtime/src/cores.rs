@@ -73,6 +73,11 @@ pub struct Cores {
     /// applications' send pools, for tcp or ip apart from the sockets
     /// domain), granted by the supervisor.
     pub views: capnet_ipc::lent::Views,
+    /// The send pools of the applications the sockets domain here serves
+    /// (read through its own views of them): a tcp domain here lends their
+    /// buffers on to ip in another group, which the supervisor granted them
+    /// before the application was attached.
+    pub app_sends: Vec<capnet_ipc::lent::PoolKey>,
     clock: Clock,
 }
 
@@ -102,6 +107,7 @@ impl Cores {
             tcp: kinds.contains(&Kind::Tcp).then(|| TcpDomain::new(TcpCore::new(tcp_cfg))),
             sockets: SocketsSide::default(),
             views: capnet_ipc::lent::Views::new(),
+            app_sends: Vec::new(),
             clock: Clock::Real(StdInstant::now()),
         }
     }
@@ -347,8 +353,8 @@ impl Cores {
                         if let Some(l) = t.ip.first_mut() {
                             // The header inline, the payload lent (buffers of
                             // the applications' send pools, which ip views).
-                            let views = &self.views;
-                            let (head, segment) = l.lend_headed(segment, |k| views.is_current(k));
+                            let (views, apps) = (&self.views, &self.app_sends);
+                            let (head, segment) = l.lend_headed(segment, |k| views.is_current(k) || apps.contains(&k));
                             l.send(&TcpToIp::Send(Segment { dst: dst.octets(), head, segment, tso }));
                         }
                     }

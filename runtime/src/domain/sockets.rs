@@ -472,6 +472,8 @@ struct App {
     full_since: Option<std::time::Instant>,
     /// Its send pool: the bytes it sends come as loans of its buffers.
     sends: Views,
+    /// That pool's key (in [`Cores::app_sends`] while it is attached).
+    send_key: PoolKey,
     /// Where those go when the last handle drops (tcp acknowledged them, or
     /// did not take them), to be given back on its channel.
     returns: Arc<Returns>,
@@ -533,16 +535,18 @@ impl Default for SocketsHost {
 impl SocketsHost {
     /// Attaches application `id` over its channel `msg`, granted views of
     /// the pools `lends`, with its send pool `send_pool` (refused if it is not
-    /// one).
+    /// one; recorded in `cores`' [`Cores::app_sends`]).
     pub fn add(
         &mut self,
         id: u64,
         msg: MsgEnd,
         lends: Vec<PoolKey>,
         send_pool: std::os::fd::OwnedFd,
+        cores: &mut Cores,
     ) -> Result<(), capnet_ipc::pool::PoolError> {
         let mut sends = Views::new();
-        sends.add(capnet_proto::app::SEND_POOL, send_pool)?;
+        let send_key = sends.add(capnet_proto::app::SEND_POOL, send_pool)?;
+        cores.app_sends.push(send_key);
         let mut secret = [0u8; 8];
         let _ = rustix::rand::getrandom(&mut secret, rustix::rand::GetRandomFlags::empty());
         let core_id = self.core.attach(u64::from_ne_bytes(secret));
@@ -557,6 +561,7 @@ impl SocketsHost {
             tickets: Vec::new(),
             full_since: None,
             sends,
+            send_key,
             returns: Returns::new(),
             back: Vec::new(),
         });
@@ -572,6 +577,7 @@ impl SocketsHost {
     pub fn detach(&mut self, id: u64, cores: &mut Cores) {
         if let Some(k) = self.list.iter().position(|a| a.id == id) {
             let app = self.list.remove(k);
+            cores.app_sends.retain(|k| *k != app.send_key);
             self.core.detach(app.core_id, cores);
         }
     }
@@ -668,6 +674,7 @@ impl SocketsHost {
         for (i, why) in gone.into_iter().rev() {
             let app = self.list.remove(i);
             tracing::warn!("application {} cut off: {why}", app.id);
+            host.cores().app_sends.retain(|k| *k != app.send_key);
             self.core.detach(app.core_id, host.cores());
             self.cut_off.push((app.id, why));
         }
