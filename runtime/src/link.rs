@@ -87,6 +87,12 @@ pub struct Link<O, I> {
 /// stack group, which is what can be lent on.
 pub const LINK_LOAN_QUOTA: usize = 768;
 
+/// Payload shorter than this crosses a link inside the message, not lent: a
+/// loan and its return are two ring entries more, dearer than copying a few
+/// hundred bytes (a 1-byte request/response took 14 entries a transaction
+/// with every segment lent).
+pub const INLINE_BELOW: usize = 256;
+
 /// A fake graph's other groups, run one round while a call waits.
 #[derive(Clone)]
 pub(crate) struct Idle(pub std::sync::Arc<dyn Fn() + Send + Sync>);
@@ -172,11 +178,12 @@ impl<O: EdgeMsg, I: EdgeMsg> Link<O, I> {
     /// `data` for the peer: lent on when every handle is on a pool lent to
     /// us whose generation `current` says the peer views (the driver's frame
     /// pool, which the supervisor grants the peer too) and the peer's quota
-    /// allows (it keeps them until it gives them back), else copied into the
-    /// message.
+    /// allows (it keeps them until it gives them back), else — or when it is
+    /// shorter than [`INLINE_BELOW`] — copied into the message.
     pub fn lend(&mut self, data: &Chain, current: impl Fn(PoolKey) -> bool) -> Payload {
         let lendable = |l: &Lent| l.borrowed() && l.pool_key().is_some_and(&current);
-        let loans = data.iter().all(lendable).then(|| self.lent.lend_chain(data)).flatten();
+        let lend = data.len() >= INLINE_BELOW && data.iter().all(lendable);
+        let loans = lend.then(|| self.lent.lend_chain(data)).flatten();
         self.loans_made += loans.as_ref().map_or(0, |l| l.len() as u64);
         Payload::lent_or_copied(data, loans)
     }
