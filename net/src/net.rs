@@ -105,15 +105,6 @@ pub struct Stack {
 }
 
 impl Stack {
-    /// Copies a stream's bytes into `buf` (the one copy a read makes; a loan
-    /// goes back at once); how many.
-    fn read_into(&self, data: Payload, buf: &mut [u8]) -> io::Result<usize> {
-        let mut c = self.conn.lock().unwrap_or_else(|e| e.into_inner());
-        let n = c.bytes(data)?.copy_to(buf);
-        c.give_back()?;
-        Ok(n)
-    }
-
     /// Whether the stack went away (the supervisor exited or cut this
     /// application off): a `ConnectionReset` then is for good, where otherwise it
     /// may be a transport restarting.
@@ -342,13 +333,17 @@ impl Conn {
         if bytes.len() >= LEND_MIN {
             let mut chain = Chain::new();
             if self.send_pool.fill_chain(bytes, &mut chain) {
-                if let Some(loans) = self.lent.lend_chain(&chain) {
-                    return Payload::Lent(loans);
-                }
+                return self.lend_chain(&chain);
             }
         }
         capnet_ipc::pool::count_copy(bytes.len());
         Payload::Inline(bytes.to_vec())
+    }
+
+    /// `chain` (buffers of our send pool) lent, or — the stack holds its
+    /// quota of them — copied into the call (counted).
+    fn lend_chain(&mut self, chain: &Chain) -> Payload {
+        Payload::lent_or_copied(chain, self.lent.lend_chain(chain))
     }
 
     /// A stream's bytes as handles: what came in the message, or the stack's
@@ -793,17 +788,13 @@ impl TcpStream {
         self.sock.stack.call(Call::TcpAbort { handle: self.sock.handle }, None).map(drop)
     }
 
+    /// A borrowing read copied into `buf` (the one copy a read makes; the
+    /// loans go back as it drops); how many.
     fn read_some(&self, buf: &mut [u8]) -> io::Result<usize> {
         if buf.is_empty() {
             return Ok(0);
         }
-        let wait = !self.nonblocking.get();
-        let max = buf.len().min(MAX_READ_BYTES) as u32;
-        let timeout = if wait { self.read_timeout.get() } else { None };
-        match self.sock.stack.call(Call::Recv { handle: self.sock.handle, max, wait }, timeout)? {
-            Reply::Data { data } => self.sock.stack.read_into(data, buf),
-            r => Err(broken(format!("unexpected reply {r:?}"))),
-        }
+        Ok(self.read_in_place(buf.len())?.copy_to(buf))
     }
 
     fn write_some(&self, buf: &[u8]) -> io::Result<usize> {
@@ -859,13 +850,7 @@ impl TcpStream {
             fill(0, &mut bytes);
             return self.write_some(&bytes);
         }
-        self.send_until_taken(|c| match c.lent.lend_chain(&chain) {
-            Some(loans) => Payload::Lent(loans),
-            None => {
-                capnet_ipc::pool::count_copy(chain.len());
-                Payload::Inline(chain.to_vec())
-            }
-        })
+        self.send_until_taken(|c| c.lend_chain(&chain))
     }
 
     /// Sends what `payload` makes of the bytes, again (made anew) after

@@ -234,8 +234,9 @@ impl IpLinks {
     /// Sends udp the datagrams batched so far.
     pub(crate) fn flush_udp(&mut self) {
         self.udp_batch_bytes = 0;
-        if let (Some(l), false) = (self.udp.first_mut(), self.udp_batch.is_empty()) {
-            l.send(&IpToUdp::Deliver(std::mem::take(&mut self.udp_batch)));
+        let batch = std::mem::take(&mut self.udp_batch);
+        if let (Some(l), false) = (self.udp.first_mut(), batch.is_empty()) {
+            l.send(&IpToUdp::Deliver(batch));
         }
     }
 
