@@ -71,6 +71,40 @@ pub struct Loan {
     pub len: u32,
 }
 
+/// One piece of a payload crossing a channel, in order with the others: a
+/// loan, or bytes its sender could not lend (its own private bytes) carried
+/// in the message between the loans.
+#[derive(Debug, Clone, PartialEq, Eq, Archive, Serialize, Deserialize)]
+pub enum Piece {
+    /// Lent: the borrower reads it where it lies and gives it back.
+    Loan(Loan),
+    /// Carried in the message (copied, and counted as payload).
+    Bytes(#[rkyv(with = crate::control::PayloadBytes)] Vec<u8>),
+}
+
+impl Piece {
+    /// How many bytes.
+    pub fn len(&self) -> usize {
+        match self {
+            Piece::Loan(l) => l.len as usize,
+            Piece::Bytes(b) => b.len(),
+        }
+    }
+
+    /// Whether it holds none.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// The loan, when it is one.
+    pub fn loan(&self) -> Option<&Loan> {
+        match self {
+            Piece::Loan(l) => Some(l),
+            Piece::Bytes(_) => None,
+        }
+    }
+}
+
 /// Tickets of loans given back, collected for their lender: a link's borrower
 /// side pushes here as handles drop, and the link sends them on.
 #[derive(Debug, Default)]
@@ -889,25 +923,39 @@ impl Ledger {
         Ok(Loan { ticket, pool, index, offset, len: l.len() as u32 })
     }
 
-    /// Lends every handle of `data`, or none: `None` when one is on private
-    /// bytes, or the quota has no room for them all.
-    pub fn lend_chain(&mut self, data: &Chain) -> Option<Vec<Loan>> {
-        if data.loans() != data.pieces() || data.pieces() > self.room() {
+    /// `data` as pieces for the wire: every handle `lendable` says may be
+    /// lent is, the others are copied (counted) into the pieces between the
+    /// loans. All or nothing: `None` when none may be lent, or the quota has
+    /// no room for them all.
+    pub fn lend_chain(&mut self, data: &Chain, lendable: impl Fn(&Lent) -> bool) -> Option<Vec<Piece>> {
+        let n = data.iter().filter(|l| lendable(l)).count();
+        if n == 0 || n > self.room() {
             return None;
         }
-        let mut loans = Vec::with_capacity(data.pieces());
+        let mut pieces: Vec<Piece> = Vec::with_capacity(data.pieces());
         for l in data.iter() {
+            if !lendable(l) {
+                if !matches!(pieces.last(), Some(Piece::Bytes(_))) {
+                    pieces.push(Piece::Bytes(Vec::new()));
+                }
+                if let Some(Piece::Bytes(b)) = pieces.last_mut() {
+                    let from = b.len();
+                    b.resize(from + l.len(), 0);
+                    l.copy_to(0, &mut b[from..]);
+                }
+                continue;
+            }
             match self.lend(l) {
-                Ok(loan) => loans.push(loan),
+                Ok(loan) => pieces.push(Piece::Loan(loan)),
                 Err(_) => {
-                    for loan in &loans {
+                    for loan in pieces.iter().filter_map(Piece::loan) {
                         let _ = self.returned(loan.ticket);
                     }
                     return None;
                 }
             }
         }
-        Some(loans)
+        Some(pieces)
     }
 
     /// The borrower gave `ticket` back: the handle goes. A ticket never issued,
@@ -1035,8 +1083,14 @@ impl Views {
     }
 
     /// Handles on what `loans` name, in order (see [`Views::borrow`]).
-    pub fn borrow_all(&self, loans: &[Loan], returns: &Arc<Returns>) -> Result<Chain, PoolError> {
-        loans.iter().map(|l| self.borrow(l, returns)).collect()
+    pub fn borrow_all(&self, pieces: Vec<Piece>, returns: &Arc<Returns>) -> Result<Chain, PoolError> {
+        pieces
+            .into_iter()
+            .map(|p| match p {
+                Piece::Loan(l) => self.borrow(&l, returns),
+                Piece::Bytes(b) => Ok(Lent::from_vec(b)),
+            })
+            .collect()
     }
 
     /// A handle on what `loan` names, checked against its pool: it goes back
@@ -1161,14 +1215,25 @@ mod tests {
         ledger.returned(t1.ticket).expect("back");
         assert!(ledger.lend(&a).is_ok());
         assert_eq!(ledger.lend(&Lent::from_vec(vec![1])), Err(LendError::Private));
-        let mixed: Chain = [a.clone(), Lent::from_vec(vec![1])].into_iter().collect();
+        let private: Chain = Lent::from_vec(vec![1]).into();
         let out = ledger.out();
-        assert_eq!(ledger.lend_chain(&mixed), None, "a private piece: nothing lent");
-        assert_eq!(ledger.out(), out, "all or nothing");
+        assert_eq!(ledger.lend_chain(&private, Lent::on_pool), None, "nothing to lend: nothing lent");
         let two: Chain = [a.slice(..1), a.slice(1..)].into_iter().collect();
-        assert_eq!(ledger.lend_chain(&two), None, "no room for both: nothing lent");
-        assert_eq!(ledger.out(), out);
-        drop((mixed, two));
+        assert_eq!(ledger.lend_chain(&two, Lent::on_pool), None, "no room for both: nothing lent");
+        assert_eq!(ledger.out(), out, "all or nothing");
+        drop(two);
+        ledger.clear();
+        // Private bytes go between the loans, in order, runs of them as one.
+        let mixed: Chain = [Lent::from_vec(vec![1]), Lent::from_vec(vec![2]), a.clone(), Lent::from_vec(vec![3])]
+            .into_iter()
+            .collect();
+        let pieces = ledger.lend_chain(&mixed, Lent::on_pool).expect("lent");
+        assert_eq!(pieces.len(), 3);
+        assert_eq!(pieces[0], Piece::Bytes(vec![1, 2]));
+        assert!(matches!(pieces[1], Piece::Loan(Loan { len: 3, .. })));
+        assert_eq!(pieces[2], Piece::Bytes(vec![3]));
+        assert_eq!(ledger.out(), 1, "one loan out");
+        drop(mixed);
         ledger.clear();
         drop(a);
         assert_eq!(p.in_use(), 0, "a borrower gone gives every loan back");

@@ -41,7 +41,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use capnet_ipc::control::{decode, encode, encode_with};
-use capnet_ipc::lent::{Chain, Ledger, LoanPool, Returns, Views};
+use capnet_ipc::lent::{Chain, Ledger, Lent, LoanPool, Piece, Returns, Views};
 use capnet_ipc::msg::MsgEnd;
 use capnet_ipc::notify::{SpinPolicy, SpinTokens};
 use capnet_ipc::region::Region;
@@ -256,7 +256,7 @@ impl Stack {
                 }
                 let index = if foreign { 0 } else { c.send_pool.layout().count };
                 let loan = capnet_ipc::lent::Loan { ticket: 1, pool, index, offset: 0, len: 4096 };
-                let call = Call::TcpSend { handle, data: Payload::Lent(vec![loan]) };
+                let call = Call::TcpSend { handle, data: Payload::Lent(vec![Piece::Loan(loan)]) };
                 let b = encode(&Request::<Payload> { id: 1 << 41, call }).map_err(io::Error::other)?;
                 c.msg.send(&b).map_err(broken)?;
             }
@@ -293,8 +293,8 @@ impl Conn {
                     Some(k) => {
                         forget.swap_remove(k);
                         // Loans in a reply nobody reads go back unread.
-                        if let Reply::Data { data: Payload::Lent(loans) } = &r.reply {
-                            tickets.extend(loans.iter().map(|l| l.ticket));
+                        if let Reply::Data { data: Payload::Lent(pieces) } = &r.reply {
+                            tickets.extend(pieces.iter().filter_map(Piece::loan).map(|l| l.ticket));
                         }
                     }
                     None => {
@@ -343,7 +343,7 @@ impl Conn {
     /// `chain` (buffers of our send pool) lent, or — the stack holds its
     /// quota of them — copied into the call (counted).
     fn lend_chain(&mut self, chain: &Chain) -> Payload {
-        Payload::lent_or_copied(chain, self.lent.lend_chain(chain))
+        Payload::lent_or_copied(chain, self.lent.lend_chain(chain, Lent::on_pool))
     }
 
     /// A stream's bytes as handles: what came in the message, or the stack's
@@ -895,6 +895,13 @@ impl Borrowed {
     /// No bytes: the end of the stream.
     pub fn is_empty(&self) -> bool {
         self.chain.is_empty()
+    }
+
+    /// How many of the bytes are the stack's buffers, read where they lie;
+    /// the rest came inside the reply (short pieces, or past a quota: copied
+    /// by the library as it decoded the reply, counted).
+    pub fn lent(&self) -> usize {
+        self.chain.iter().filter(|l| l.borrowed()).map(Lent::len).sum()
     }
 
     /// Copies the first `dst.len()` bytes (at most all) into `dst` (a copy,

@@ -43,8 +43,9 @@ pub type Flow = (u16, Addr, u16);
 pub enum Payload {
     /// Carried in the message itself.
     Inline(#[rkyv(with = capnet_ipc::control::PayloadBytes)] Vec<u8>),
-    /// Lent, in order (see the module docs).
-    Lent(Vec<capnet_ipc::lent::Loan>),
+    /// Lent, in order (see the module docs), with what the sender could not
+    /// lend carried between the loans.
+    Lent(Vec<capnet_ipc::lent::Piece>),
 }
 
 impl Payload {
@@ -69,7 +70,7 @@ impl Payload {
     pub fn len(&self) -> usize {
         match self {
             Payload::Inline(b) => b.len(),
-            Payload::Lent(l) => l.iter().map(|l| l.len as usize).sum(),
+            Payload::Lent(p) => p.iter().map(capnet_ipc::lent::Piece::len).sum(),
         }
     }
 
@@ -80,11 +81,11 @@ impl Payload {
 }
 
 impl Payload {
-    /// Copied into the message, or lent when `loans` (all of `data`'s
-    /// handles, lent by the caller's ledger) came.
-    pub fn lent_or_copied(data: &capnet_ipc::lent::Chain, loans: Option<Vec<capnet_ipc::lent::Loan>>) -> Self {
-        match loans {
-            Some(l) => Payload::Lent(l),
+    /// Copied into the message, or lent when `pieces` (`data` as the
+    /// caller's ledger lent it) came.
+    pub fn lent_or_copied(data: &capnet_ipc::lent::Chain, pieces: Option<Vec<capnet_ipc::lent::Piece>>) -> Self {
+        match pieces {
+            Some(p) => Payload::Lent(p),
             None => Payload::Inline(data.to_vec()),
         }
     }
@@ -99,7 +100,7 @@ impl Payload {
     ) -> Result<capnet_ipc::lent::Chain, capnet_ipc::pool::PoolError> {
         match self {
             Payload::Inline(b) => Ok(capnet_ipc::lent::Lent::from_vec(b).into()),
-            Payload::Lent(loans) => views.borrow_all(&loans, returns),
+            Payload::Lent(pieces) => views.borrow_all(pieces, returns),
         }
     }
 }

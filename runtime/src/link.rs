@@ -175,16 +175,16 @@ impl<O: EdgeMsg, I: EdgeMsg> Link<O, I> {
         }
     }
 
-    /// `data` for the peer: lent on when every handle is on a pool lent to
-    /// us whose generation `current` says the peer views (the driver's frame
-    /// pool, which the supervisor grants the peer too) and the peer's quota
-    /// allows (it keeps them until it gives them back), else — or when it is
-    /// shorter than [`INLINE_BELOW`] — copied into the message.
+    /// `data` for the peer: each handle on a pool lent to us whose generation
+    /// `current` says the peer views (the driver's frame pool, which the
+    /// supervisor grants the peer too) lent on, the others (our own bytes)
+    /// copied between the loans, when the peer's quota allows (it keeps them
+    /// until it gives them back); else — or when it is shorter than
+    /// [`INLINE_BELOW`] — all copied into the message.
     pub fn lend(&mut self, data: &Chain, current: impl Fn(PoolKey) -> bool) -> Payload {
         let lendable = |l: &Lent| l.borrowed() && l.pool_key().is_some_and(&current);
-        let lend = data.len() >= INLINE_BELOW && data.iter().all(lendable);
-        let loans = lend.then(|| self.lent.lend_chain(data)).flatten();
-        self.loans_made += loans.as_ref().map_or(0, |l| l.len() as u64);
+        let loans = (data.len() >= INLINE_BELOW).then(|| self.lent.lend_chain(data, lendable)).flatten();
+        self.loans_made += loans.as_ref().map_or(0, |p| p.iter().filter(|p| p.loan().is_some()).count() as u64);
         Payload::lent_or_copied(data, loans)
     }
 

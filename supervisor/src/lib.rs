@@ -345,22 +345,11 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
     };
     let snapshot = Arc::new(Mutex::new(String::new()));
     *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = render(&base, &running)?;
-    let sock = socket_path(&name);
-    let _ = std::fs::remove_file(&sock);
-    let listener = UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
-    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
-    std::fs::write(dir.join("pid"), format!("{}\n", std::process::id()))?;
-    let (capture_tx, capture_rx) = std::sync::mpsc::channel::<UnixStream>();
-    let (restart_tx, restart_rx) = std::sync::mpsc::channel::<(Change, UnixStream)>();
     // The threads serving the sockets wake the loop when they hand it something
     // (an application attaching waits for no tick).
     let (wake_tx, wake_rx) = std::sync::mpsc::channel::<()>();
-    {
-        let (snapshot, stop, wake) = (snapshot.clone(), stop.clone(), wake_tx.clone());
-        std::thread::Builder::new()
-            .name("control".into())
-            .spawn(move || serve_control(listener, snapshot, stop, capture_tx, restart_tx, wake))?;
-    }
+    // Applications' socket first: the control socket answering is what says
+    // the stack is up (`up -d` waits for it), so attaching works from then on.
     let (app_tx, app_rx) = std::sync::mpsc::channel::<(UnixStream, capnet::attach::AppSide)>();
     {
         let path = capnet::attach::app_socket(&name);
@@ -369,6 +358,19 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
         let wake = wake_tx.clone();
         std::thread::Builder::new().name("apps".into()).spawn(move || serve_apps(apps, app_tx, wake))?;
+    }
+    let sock = socket_path(&name);
+    let _ = std::fs::remove_file(&sock);
+    let listener = UnixListener::bind(&sock).with_context(|| format!("binding {}", sock.display()))?;
+    std::fs::set_permissions(&sock, std::fs::Permissions::from_mode(0o600))?;
+    std::fs::write(dir.join("pid"), format!("{}\n", std::process::id()))?;
+    let (capture_tx, capture_rx) = std::sync::mpsc::channel::<UnixStream>();
+    let (restart_tx, restart_rx) = std::sync::mpsc::channel::<(Change, UnixStream)>();
+    {
+        let (snapshot, stop, wake) = (snapshot.clone(), stop.clone(), wake_tx.clone());
+        std::thread::Builder::new()
+            .name("control".into())
+            .spawn(move || serve_control(listener, snapshot, stop, capture_tx, restart_tx, wake))?;
     }
     let groups: Vec<String> =
         running.groups.iter().map(|g| format!("{} (pid {})", g.domains.join("+"), g.child.pid())).collect();
@@ -437,6 +439,8 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
         // at most 5 s), counted from its last start.
         let mut due: Vec<(usize, String)> =
             running.groups.iter().enumerate().filter_map(|(i, g)| g.ended().map(|c| (i, c.to_string()))).collect();
+        // Who asked for a restart (answered when it is done), and what failed.
+        let (mut asked, mut failed) = (Vec::new(), Vec::new());
         // A group that reports its peer broke a channel: the peer is cut off.
         let mut old_broke = None;
         let mut wire_broke = None;
@@ -486,8 +490,13 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
                 continue;
             }
             match running.change(&change) {
-                Ok(restart) => {
-                    due.extend(restart);
+                // A restart (a swap of udp is one) is answered once it is done
+                // and `status` shows it.
+                Ok(Some(restart)) => {
+                    asked.push((restart.0, conn));
+                    due.push(restart);
+                }
+                Ok(None) => {
                     let _ = send(&conn, &Reply::Ok);
                 }
                 Err(e) => {
@@ -531,6 +540,7 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
             if let Err(e) = running.restart(&set, &cause) {
                 eprintln!("capnet: restarting {} failed: {e:#}; taking the stack down", names.join(", "));
                 stop.store(true, Ordering::Relaxed);
+                failed.extend(set.iter().map(|&g| (g, format!("restarting {} failed: {e:#}", names.join(", ")))));
             }
             // A new driver on a wire: both instances give it fresh sides.
             if set.contains(&running.driver) {
@@ -541,6 +551,13 @@ fn run(args: UpArgs, graph: Graph) -> Result<()> {
             running.app_pool_gone(app);
         }
         *snapshot.lock().unwrap_or_else(|e| e.into_inner()) = render(&base, &running)?;
+        for (g, conn) in asked {
+            let reply = match failed.iter().find(|(f, _)| *f == g) {
+                Some((_, why)) => Reply::Refused(why.clone()),
+                None => Reply::Ok,
+            };
+            let _ = send(&conn, &reply);
+        }
         let _ = wake_rx.recv_timeout(Duration::from_millis(100));
         while wake_rx.try_recv().is_ok() {}
     }

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use capnet_ipc::control::{decode, encode_with};
-use capnet_ipc::lent::{Chain, Ledger, PoolKey, Returns, Views};
+use capnet_ipc::lent::{Chain, Ledger, Lent, PoolKey, Returns, Views};
 use capnet_ipc::msg::{MsgEnd, MsgHalf};
 use capnet_sockets::{AppId, SocketsCore};
 use std::sync::Arc;
@@ -481,18 +481,17 @@ struct App {
 }
 
 impl App {
-    /// A stream's bytes for the application: lent, when every handle is on a
-    /// pool it was granted and its quota and the domain's allow; else copied
-    /// into the reply.
+    /// A stream's bytes for the application: each handle on a pool it was
+    /// granted lent (the others copied between the loans), when its quota and
+    /// the domain's allow; else copied into the reply.
     fn lend(&mut self, data: Chain, lent_total: &mut usize) -> Payload {
-        if self.ledger.room() < data.pieces() {
+        let granted = |l: &Lent| l.pool_key().is_some_and(|k| self.lends.contains(&k));
+        let n = data.iter().filter(|l| granted(l)).count();
+        if self.ledger.room() < n {
             self.full_since.get_or_insert_with(std::time::Instant::now);
         }
-        let granted = data.iter().all(|l| l.pool_key().is_some_and(|k| self.lends.contains(&k)));
-        let loans = (granted && *lent_total + data.pieces() <= MAX_LENT_TO_APPS)
-            .then(|| self.ledger.lend_chain(&data))
-            .flatten();
-        *lent_total += loans.as_ref().map_or(0, Vec::len);
+        let loans = (*lent_total + n <= MAX_LENT_TO_APPS).then(|| self.ledger.lend_chain(&data, granted)).flatten();
+        *lent_total += loans.as_ref().map_or(0, |p| p.iter().filter(|p| p.loan().is_some()).count());
         Payload::lent_or_copied(&data, loans)
     }
 }
